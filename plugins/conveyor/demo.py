@@ -1,0 +1,104 @@
+"""Demo data the project generates itself (nothing is downloaded): a customer-churn table.
+
+Binary label ``churned`` (``yes``/``no``) driven by contract, tenure, charges and support calls
+through a logistic model with noise, numeric and categorical columns, and some nulls.
+
+Command line: ``python -m conveyor.demo drop --rows 5000 --drop 2026-01-01`` writes a complete
+drop (data file and ``_SUCCESS`` marker) into ``landing/churn/`` of the configured lake.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+CONTRACTS = ["month-to-month", "one-year", "two-year"]
+PAYMENTS = ["card", "bank-transfer", "electronic-check", "mailed-check"]
+INTERNET = ["dsl", "fiber", "none"]
+REGIONS = ["north", "south", "east", "west"]
+
+
+def churn_frame(rows: int, seed: int = 7) -> Any:
+    """A churn table of ``rows`` customers (pandas DataFrame), the same for the same seed."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    contract = rng.choice(CONTRACTS, rows, p=[0.55, 0.25, 0.20])
+    tenure = rng.integers(0, 73, rows)
+    internet = rng.choice(INTERNET, rows, p=[0.35, 0.45, 0.20])
+    monthly = np.round(rng.normal(65, 25, rows).clip(18, 120) + np.where(internet == "fiber", 15, 0), 2)
+    support_calls = rng.poisson(1.5, rows).clip(0, 12)
+    age = rng.integers(18, 91, rows)
+    logit = (
+        -1.2
+        + np.select([contract == "month-to-month", contract == "one-year"], [1.6, 0.2], -1.0)
+        - 0.045 * tenure
+        + 0.018 * (monthly - 65)
+        + 0.35 * support_calls
+        + np.where(internet == "fiber", 0.4, 0.0)
+        - 0.01 * (age - 45)
+        + rng.normal(0, 0.6, rows)
+    )
+    churned = np.where(rng.random(rows) < 1 / (1 + np.exp(-logit)), "yes", "no")
+    total = np.round(monthly * np.maximum(tenure, 1) * rng.uniform(0.95, 1.05, rows), 2)
+    frame = pd.DataFrame(
+        {
+            "customer_id": [f"C{seed:02d}{i:08d}" for i in range(rows)],
+            "tenure_months": tenure,
+            "monthly_charges": monthly,
+            "total_charges": total,
+            "contract": contract,
+            "payment_method": rng.choice(PAYMENTS, rows),
+            "internet_service": internet,
+            "support_calls": support_calls,
+            "age": age,
+            "region": rng.choice(REGIONS, rows),
+            "churned": churned,
+        }
+    )
+    # Realistic gaps: new customers have no total yet, some regions were never recorded.
+    frame.loc[rng.random(rows) < 0.02, "total_charges"] = np.nan
+    frame.loc[rng.random(rows) < 0.05, "region"] = None
+    return frame
+
+
+def write_drop(rows: int, drop: str, seed: int = 7, pipeline: str = "churn", fmt: str = "csv") -> str:
+    """Write a complete drop (data, then its ``_SUCCESS`` marker) into the configured lake.
+
+    :param rows: rows to generate.
+    :param drop: the drop's folder name in ``landing/<pipeline>/``.
+    :param seed: the generator seed.
+    :param pipeline: the pipeline whose landing zone receives it.
+    :param fmt: ``csv`` or ``parquet``.
+    :return: the drop's URI.
+    """
+    from conveyor.lake import Lake
+
+    lake = Lake.from_env()
+    target = lake.landing(pipeline, drop)
+    target.mkdir(parents=True, exist_ok=True)
+    frame = churn_frame(rows, seed)
+    with (target / f"customers.{fmt}").open("wb") as handle:
+        if fmt == "csv":
+            frame.to_csv(handle, index=False)
+        else:
+            frame.to_parquet(handle, index=False)
+    (target / "_SUCCESS").write_bytes(b"")
+    return str(target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    drop = sub.add_parser("drop", help="write a complete churn drop into landing")
+    drop.add_argument("--rows", type=int, default=5000, help="rows to generate")
+    drop.add_argument("--drop", default="demo-0001", help="drop folder name")
+    drop.add_argument("--seed", type=int, default=7, help="generator seed")
+    drop.add_argument("--format", choices=["csv", "parquet"], default="csv", help="file format")
+    args = parser.parse_args(argv)
+    print(write_drop(args.rows, args.drop, args.seed, fmt=args.format))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The pipeline YAML model: one file in ``include/pipelines/`` declares one ML use case.
+
+Every field a later capability needs is declared here, so the file format is designed once.
+Unknown keys are refused, so a typo'd field is an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from conveyor import settings
+from conveyor.exceptions import SpecError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+ProblemType = Literal["binary", "multiclass", "regression", "image_classification"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CsvOptions(_Strict):
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    encoding: Literal["utf-8"] = "utf-8"
+    header: bool = True
+
+
+class DataSpec(_Strict):
+    format: Literal["csv", "parquet", "images"]
+    label: str
+    problem_type: ProblemType
+    id_column: str | None = None
+    features: list[str] | None = None
+    marker: str = "_SUCCESS"
+    csv: CsvOptions = CsvOptions()
+    # Share of image files allowed to be bad before the drop is rejected (image pipelines).
+    max_bad_file_share: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class IngestSpec(_Strict):
+    schedule: str | None = "@hourly"
+    poke_interval: float = Field(30.0, gt=0)
+    timeout: float = Field(3600.0, gt=0)
+    chunk_bytes: int = Field(8 * 1024 * 1024, ge=4096)
+
+
+class SplitSpec(_Strict):
+    validation: float = Field(0.15, gt=0, lt=0.5)
+    test: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+    stratify: bool = True
+
+
+class TrainerSpec(_Strict):
+    kind: Literal["autogluon", "resnet"]
+    time_limit: int = Field(300, ge=0)
+    presets: str = "medium_quality"
+    eval_metric: str | None = None
+    excluded_model_types: list[str] = ["NN_TORCH", "FASTAI"]
+    hyperparameters: dict[str, Any] = {}
+    gpu: bool = False
+    refit_full: bool = False
+    infer_limit: float | None = None
+    # ResNet only: a local file or URI of pretrained weights; never downloaded.
+    pretrained_weights: str | None = None
+
+
+class RetrainSpec(_Strict):
+    schedule: str | None = None
+    on_new_data: bool = True
+
+
+class GateSpec(_Strict):
+    metric: str
+    thresholds: dict[str, float] = {}
+    min_improvement: float = 0.0
+    on_reject: Literal["fail", "skip"] = "fail"
+
+
+class EndpointSpec(_Strict):
+    enabled: bool = False
+    name: str | None = None
+    instance_type: str = "ml.m5.large"
+    instance_count: int = Field(1, ge=1)
+    workers: int = Field(2, ge=1)
+    port: int = Field(8080, ge=1, le=65535)
+    capture_share: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class BatchSpec(_Strict):
+    enabled: bool = False
+    schedule: str | None = None
+    input: str | None = None
+    table: str | None = None
+    chunk_rows: int = Field(50_000, ge=1)
+    workers: int = Field(2, ge=1)
+
+
+class DeploySpec(_Strict):
+    endpoint: EndpointSpec = EndpointSpec()
+    batch: BatchSpec = BatchSpec()
+
+
+class SageMakerSpec(_Strict):
+    role_arn: str | None = None
+    training_instance_type: str = "ml.m5.xlarge"
+    training_instance_count: int = Field(1, ge=1)
+    use_spot: bool = False
+    max_run_seconds: int = Field(3600, ge=60)
+    image_uri: str | None = None
+    inference_image_uri: str | None = None
+
+
+class MonitorSpec(_Strict):
+    schedule: str | None = "@daily"
+    psi_threshold: float = Field(0.2, gt=0)
+    ks_pvalue: float = Field(0.01, gt=0, lt=1)
+    min_live_metric: float | None = None
+    min_new_labels: int = Field(100, ge=1)
+    cooldown_hours: float = Field(24.0, ge=0)
+
+
+class PipelineSpec(_Strict):
+    name: str
+    description: str = ""
+    owner: str = "conveyor"
+    tags: list[str] = []
+    retries: int = Field(2, ge=0)
+    data: DataSpec
+    expectations: str | None = None
+    ingest: IngestSpec = IngestSpec()
+    split: SplitSpec = SplitSpec()
+    trainer: TrainerSpec
+    retrain: RetrainSpec = RetrainSpec()
+    gate: GateSpec
+    approval: Literal["auto", "manual"] = "auto"
+    compute: Literal["local", "sagemaker"] = "local"
+    registry: Literal["mlflow", "sagemaker"] = "mlflow"
+    deploy: DeploySpec = DeploySpec()
+    sagemaker: SageMakerSpec = SageMakerSpec()
+    monitor: MonitorSpec = MonitorSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("must be lower-case letters, digits and '_', starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineSpec":
+        images = self.data.format == "images"
+        if images != (self.data.problem_type == "image_classification"):
+            raise ValueError("data.format 'images' goes with problem_type 'image_classification'")
+        if images != (self.trainer.kind == "resnet"):
+            raise ValueError("trainer.kind 'resnet' is for image pipelines, 'autogluon' for tables")
+        if self.data.features is not None and self.data.label in self.data.features:
+            raise ValueError(f"data.features must not contain the label {self.data.label!r}")
+        return self
+
+    @property
+    def suite_name(self) -> str:
+        """The expectation suite's name (``include/expectations/<suite_name>.json``)."""
+        return self.expectations or self.name
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def load_spec(path: Path) -> PipelineSpec:
+    """Read and validate one pipeline file.
+
+    :param path: the YAML file.
+    :raises SpecError: naming the file and the field that broke a rule.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: not a readable YAML file: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a pipeline file must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{_field_path(err['loc'])}': {err['msg']}" for err in exc.errors()
+        )
+        raise SpecError(f"{path}: {problems}") from None
+    if spec.name != path.stem:
+        raise SpecError(f"{path}: field 'name': {spec.name!r} must match the file name {path.stem!r}")
+    return spec
+
+
+def load_specs(folder: Path) -> tuple[dict[str, PipelineSpec], dict[Path, SpecError]]:
+    """Load every ``*.yaml`` pipeline in a folder; a bad file does not stop the others.
+
+    :param folder: the pipelines folder.
+    :return: the valid specs by name, and the error of every invalid file.
+    """
+    specs: dict[str, PipelineSpec] = {}
+    errors: dict[Path, SpecError] = {}
+    for path in sorted(folder.glob("*.y*ml")):
+        try:
+            specs[path.stem] = load_spec(path)
+        except SpecError as exc:
+            errors[path] = exc
+    return specs, errors
+
+
+def get_spec(name: str) -> PipelineSpec:
+    """The spec of one pipeline by name, read from the pipelines folder."""
+    return load_spec(settings.pipelines_dir() / f"{name}.yaml")
