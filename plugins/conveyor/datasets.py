@@ -81,6 +81,13 @@ def _profile_csv(rel: str, handle: _HashingReader, spec: "PipelineSpec") -> dict
         if "UTF8" in message or "utf8" in message.lower():
             raise DropRejected(f"{rel}: rule 'encoding {options.encoding}': {message}") from None
         raise DropRejected(f"{rel}: rule 'readable CSV (delimiter {options.delimiter!r})': {message}") from None
+    # Arrow types a column whose bytes are not valid text as binary instead of failing.
+    not_text = [name for name, kind in schema.items() if "binary" in kind]
+    if not_text:
+        raise DropRejected(
+            f"{rel}: rule 'encoding {options.encoding}': column(s) {not_text} hold bytes that are not valid "
+            f"{options.encoding}"
+        )
     if len(schema) == 1:
         only = next(iter(schema))
         for other in (";", "\t", "|", ","):

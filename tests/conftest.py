@@ -1,0 +1,60 @@
+"""Test set-up: a private state folder (Airflow home, SQLite DB, lake) for the whole session.
+
+Environment variables are set before Airflow is imported, so Airflow's configuration reads them.
+Each test that touches the lake gets its own empty lake root through the ``lake`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+_SESSION_STATE = Path(tempfile.mkdtemp(prefix="conveyor-test-"))
+
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_SESSION_STATE / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        "CONVEYOR_STATE_DIR": str(_SESSION_STATE),
+        "GX_ANALYTICS_ENABLED": "False",
+        "MLFLOW_ENABLE_TELEMETRY": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT / "plugins"), os.environ.get("PYTHONPATH")])),
+    }
+)
+os.environ.pop("CONVEYOR_LAKE_URI", None)
+os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database (SQLite) for tests that run DAGs."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    if not (home / "airflow.db").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+            check=True, capture_output=True, env=os.environ.copy(),
+        )
+    return home / "airflow.db"
+
+
+@pytest.fixture
+def lake(tmp_path, monkeypatch):
+    """An empty local lake for one test; returns the ``Lake``."""
+    from conveyor.lake import Lake
+
+    root = tmp_path / "lake"
+    root.mkdir()
+    monkeypatch.setenv("CONVEYOR_LAKE_URI", root.as_uri())
+    monkeypatch.delenv("CONVEYOR_LAKE_CONN_ID", raising=False)
+    return Lake.from_env()

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests: writing drops and running the ingest steps outside a DAG run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any
+
+
+def write_drop(lake: Any, name: str, files: dict[str, bytes], pipeline: str = "churn", marker: bool = True) -> None:
+    """Write files (and, unless told not to, the ``_SUCCESS`` marker) as a drop in landing."""
+    target = lake.landing(pipeline, name)
+    target.mkdir(parents=True, exist_ok=True)
+    for rel, payload in files.items():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).write_bytes(payload)
+    if marker:
+        (target / "_SUCCESS").write_bytes(b"")
+
+
+def churn_csv(rows: int = 300, seed: int = 7, **changes: Any) -> bytes:
+    """The demo churn table as CSV bytes, with optional column changes (name=values or None to drop)."""
+    from conveyor.demo import churn_frame
+
+    frame = churn_frame(rows, seed)
+    for column, values in changes.items():
+        if values is None:
+            frame = frame.drop(columns=[column])
+        else:
+            frame[column] = values
+    return frame.to_csv(index=False).encode()
+
+
+def context(run_id: str = "manual__test") -> dict[str, Any]:
+    """The parts of a task context Conveyor's operators read."""
+    return {"run_id": run_id, "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
+
+
+def ingest_and_validate(drop: str, run_id: str = "manual__test", pipeline: str = "churn") -> tuple[dict, dict | None]:
+    """Run the ingest and validate operators on a drop, as the ingest DAG does."""
+    from conveyor.operators.ingest import IngestDropOperator
+    from conveyor.operators.validate import ValidateDatasetOperator
+
+    ctx = context(run_id)
+    ingested = IngestDropOperator(task_id="ingest", pipeline=pipeline, drop=drop).execute(ctx)
+    validated = ValidateDatasetOperator(
+        task_id="validate", pipeline=pipeline, drop=drop, version=ingested["version"]
+    ).execute(ctx)
+    return ingested, validated
