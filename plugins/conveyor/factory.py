@@ -84,7 +84,90 @@ def ingest_dag(spec: PipelineSpec) -> DAG:
     return dag
 
 
-BUILDERS = (ingest_dag,)
+def train_schedule(spec: PipelineSpec) -> Any:
+    """New validated data (the dataset Asset), the retrain schedule, both, or neither."""
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from conveyor.assets import dataset_asset
+
+    assets = [dataset_asset(spec.name)] if spec.retrain.on_new_data else []
+    cron = spec.retrain.schedule
+    if assets and cron:
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=assets[0])
+    return assets or cron
+
+
+def train_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__train``: split, train, evaluate, gate, register, approve."""
+    from airflow.sdk import Param
+
+    from conveyor.operators.gate import GateModelOperator
+    from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
+    from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
+
+    presets = ["medium_quality", "good_quality", "high_quality", "best_quality", "optimize_for_deployment"]
+    if spec.trainer.presets not in presets:
+        presets.append(spec.trainer.presets)
+    xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
+    with DAG(
+        dag_id=f"{spec.name}__train",
+        description=f"Train, evaluate, gate, register and approve a {spec.name} model",
+        schedule=train_schedule(spec),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        tags=tags(spec, "train"),
+        default_args=default_args(spec),
+        params={
+            "dataset_version": Param("", type="string", title="Dataset version",
+                                     description="Empty: the version that triggered the run, else the latest validated"),
+            "time_limit": Param(spec.trainer.time_limit, type="integer", minimum=1, title="Time budget (seconds)"),
+            "presets": Param(spec.trainer.presets, enum=presets, title="Presets"),
+            "deploy": Param(spec.deploy.endpoint.enabled, type="boolean", title="Deploy once approved"),
+        },
+        doc_md=f"""
+### {spec.name}: train
+Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain schedule
+(`{spec.retrain.schedule}`), or by hand with the form (dataset version, time budget, presets, deploy).
+
+1. **split** — seeded ({spec.split.seed}), stratified train/validation/test split under
+   `models/{spec.name}/<run>/split/`.
+2. **train** — `include/training/` script in SageMaker script mode, as a child process; writes
+   `models/{spec.name}/<run>/model.tar.gz`.
+3. **evaluate** — test-set metrics and plots: `reports/{spec.name}/<run>/evaluation/index.html`.
+4. **gate** — thresholds {dict(spec.gate.thresholds)} and a gain of at least {spec.gate.min_improvement}
+   in `{spec.gate.metric}` over the champion, both scored on this test set:
+   `reports/{spec.name}/<run>/gate/index.html`. On reject: **{spec.gate.on_reject}**.
+5. **register** — a new version of the MLflow model `{spec.name}` (`PendingManualApproval`).
+6. **approve** — **{spec.approval}**: approval sets `Approved` and moves the `champion` alias.
+""",
+    ) as dag:
+        split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}")
+        train = TrainModelOperator(
+            task_id="train", pipeline=spec.name, split=xcom("split"),
+            time_limit="{{ params.time_limit }}", presets="{{ params.presets }}",
+            execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
+        )
+        evaluate = EvaluateModelOperator(task_id="evaluate", pipeline=spec.name, model=xcom("train"))
+        gate = GateModelOperator(task_id="gate", pipeline=spec.name, model=xcom("train"), evaluation=xcom("evaluate"))
+        register = RegisterModelOperator(task_id="register", pipeline=spec.name, model=xcom("train"),
+                                         gate=xcom("gate"), deploy="{{ params.deploy }}")
+        if spec.approval == "auto":
+            approve = AutoApproveOperator(task_id="approve", registration=xcom("register"))
+        else:
+            approve = ModelApprovalOperator(
+                task_id="approve",
+                subject=f"Approve {spec.name} model version {{{{ ti.xcom_pull(task_ids='register')['version'] }}}}?",
+                body="{{ ti.xcom_pull(task_ids='gate')['summary_md'] }}\n\nReports: "
+                     "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
+                retries=0,
+            )
+        split >> train >> evaluate >> gate >> register >> approve
+    return dag
+
+
+BUILDERS = (ingest_dag, train_dag)
 
 
 class InvalidPipelinesDag(DAG):

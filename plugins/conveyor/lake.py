@@ -130,3 +130,17 @@ def upload_tree(local_dir: Path, target: "ObjectStoragePath") -> list[str]:
                     writer.write(chunk)
             names.append(rel)
     return names
+
+
+def as_local_folder(path: "ObjectStoragePath", scratch: Path) -> Path:
+    """A local folder with what a lake folder holds: the folder itself on a local lake, else a copy."""
+    if path.protocol in ("file", "local", ""):
+        return Path(path.path)
+    from airflow.sdk import ObjectStoragePath
+
+    target = scratch / path.name
+    base = path.path.rstrip("/")
+    for item in path.rglob("*"):
+        if item.is_file():
+            copy_verified(item, ObjectStoragePath((target / item.path[len(base) + 1 :]).as_uri()), 1 << 20)
+    return target

@@ -1,0 +1,695 @@
+"""Train an AutoGluon tabular model (SageMaker script mode).
+
+Reads the ``train`` and ``validation`` channels (folders of ``.parquet`` / ``.csv`` files), fits a
+``TabularPredictor`` with neural networks excluded, optionally refits the best model on
+train + validation, and writes a small deployment clone of the predictor:
+
+    <model_dir>/predictor/        the predictor, pruned to what the best model needs to predict
+    <model_dir>/metadata.json     feature schema, class labels, scores, training baseline statistics
+    <output_data_dir>/leaderboard.csv, fit_summary.json
+
+Every path defaults to its SageMaker environment variable (``SM_CHANNEL_TRAIN``,
+``SM_CHANNEL_VALIDATION``, ``SM_MODEL_DIR``, ``SM_OUTPUT_DATA_DIR``, ``SM_NUM_GPUS``) and every
+hyperparameter is a flag. This script imports nothing from Airflow or Conveyor: it runs as a child
+process on a laptop and unchanged inside a SageMaker training container.
+
+Bad input ends the process with ``train.py: <what is wrong>`` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+TRAINER = "autogluon_tabular"
+PROBLEM_TYPES = ("binary", "multiclass", "regression")
+DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz")
+QUANTILES = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p95": 0.95, "p99": 0.99}
+HISTOGRAM_BINS = 10
+TOP_VALUES = 50
+OTHER = "__other__"
+INFER_LIMIT_BATCH_SIZE = 10_000
+
+
+class TrainingInputError(ValueError):
+    """Bad input data or options: the CLI reports it as ``train.py: <message>`` and exits 1."""
+
+
+def log(message: str) -> None:
+    """Print one progress line to stdout at once, so a parent process can stream it.
+
+    :param message: the line to print.
+    """
+    print(f"[train.py] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------- options
+
+
+def _positive_int(text: str) -> int:
+    """Parse an integer greater than 0 (argparse ``type``).
+
+    :param text: the option's value.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """Parse a number greater than 0 (argparse ``type``).
+
+    :param text: the option's value.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """Parse an integer of 0 or more (argparse ``type``).
+
+    :param text: the option's value.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """Parse a JSON object (argparse ``type``).
+
+    :param text: the option's value, e.g. ``'{"GBM": {}, "CAT": {"iterations": 200}}'``.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _comma_list(text: str) -> list[str]:
+    """Parse a comma-separated list; an empty string or ``none`` gives an empty list.
+
+    :param text: the option's value, e.g. ``NN_TORCH,FASTAI``.
+    """
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line of this script; paths default to the SageMaker environment variables."""
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train an AutoGluon TabularPredictor (SageMaker script mode).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    paths = parser.add_argument_group("paths (default: the SageMaker environment variables)")
+    paths.add_argument("--train", type=Path, default=env.get("SM_CHANNEL_TRAIN"),
+                       help="folder of .parquet/.csv training files (SM_CHANNEL_TRAIN)")
+    paths.add_argument("--validation", type=Path, default=env.get("SM_CHANNEL_VALIDATION"),
+                       help="folder of .parquet/.csv validation files (SM_CHANNEL_VALIDATION); "
+                            "without one AutoGluon holds out part of the training data")
+    paths.add_argument("--model-dir", type=Path, default=env.get("SM_MODEL_DIR"),
+                       help="where the predictor and metadata.json are written (SM_MODEL_DIR)")
+    paths.add_argument("--output-data-dir", type=Path, default=env.get("SM_OUTPUT_DATA_DIR"),
+                       help="where leaderboard.csv and fit_summary.json are written (SM_OUTPUT_DATA_DIR)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--label", required=True, help="name of the label column")
+    model.add_argument("--problem-type", required=True, choices=PROBLEM_TYPES, help="kind of prediction")
+    model.add_argument("--eval-metric", default=None,
+                       help="AutoGluon metric name (e.g. roc_auc, f1, accuracy, rmse); AutoGluon's default if unset")
+    model.add_argument("--presets", default="medium_quality",
+                       help="AutoGluon presets, comma-separated (e.g. medium_quality, good_quality)")
+    model.add_argument("--time-limit", type=_positive_int, default=600, help="fit time budget in seconds (> 0)")
+    model.add_argument("--excluded-model-types", type=_comma_list, default="NN_TORCH,FASTAI",
+                       help="comma-separated AutoGluon model types never trained ('none' for none); "
+                            "neural nets are excluded because AutoGluon's torch extras are not installed")
+    model.add_argument("--hyperparameters", type=_json_object, default=None,
+                       help='AutoGluon hyperparameters as a JSON object, e.g. \'{"GBM": {}, "CAT": {}}\'; '
+                            "the presets' model set if unset")
+    model.add_argument("--id-column", default=None, help="row identifier column: dropped, never a feature")
+    model.add_argument("--refit-full", action="store_true",
+                       help="refit the best model on train + validation and serve the refit model")
+    model.add_argument("--infer-limit", type=_positive_float, default=None,
+                       help=f"max prediction seconds per row (measured on batches of {INFER_LIMIT_BATCH_SIZE})")
+    model.add_argument("--seed", type=int, default=0, help="random seed of data splits and folds")
+    model.add_argument("--num-gpus", type=_non_negative_int, default=int(env.get("SM_NUM_GPUS") or 0),
+                       help="GPUs AutoGluon may use (SM_NUM_GPUS)")
+    model.add_argument("--verbosity", type=int, default=2, choices=range(5), metavar="{0..4}",
+                       help="AutoGluon log verbosity")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def list_data_files(folder: Path | None, channel: str, env_name: str) -> list[Path]:
+    """The data files of a channel folder, sorted, searched recursively; hidden files skipped.
+
+    :param folder: the channel folder.
+    :param channel: the channel's name, for messages.
+    :param env_name: the environment variable that names it, for messages.
+    """
+    if folder is None:
+        raise TrainingInputError(f"{channel} channel: no folder given (set {env_name} or pass --{channel})")
+    if not folder.is_dir():
+        raise TrainingInputError(f"{channel} channel: folder {folder} does not exist")
+    files = sorted(
+        path for path in folder.rglob("*")
+        if path.is_file() and path.name.lower().endswith(DATA_SUFFIXES)
+        and not any(part.startswith((".", "_")) for part in path.relative_to(folder).parts)
+    )
+    if not files:
+        raise TrainingInputError(
+            f"{channel} channel: folder {folder} holds no data file ({', '.join(DATA_SUFFIXES)})"
+        )
+    return files
+
+
+def read_channel(folder: Path | None, channel: str, env_name: str) -> pd.DataFrame:
+    """Read and concatenate every data file of a channel; all files must have the same columns.
+
+    :param folder: the channel folder.
+    :param channel: the channel's name, for messages.
+    :param env_name: the environment variable that names it, for messages.
+    """
+    frames = []
+    for path in list_data_files(folder, channel, env_name):
+        try:
+            if path.name.lower().endswith((".parquet", ".pq")):
+                frame = pd.read_parquet(path)
+            else:
+                frame = pd.read_csv(path, low_memory=False)
+        except Exception as error:  # noqa: BLE001 - any reader failure is bad input here
+            raise TrainingInputError(f"{channel} channel: cannot read {path}: {error}") from error
+        if frames and list(frame.columns) != list(frames[0].columns):
+            if set(frame.columns) != set(frames[0].columns):
+                raise TrainingInputError(
+                    f"{channel} channel: {path.name} has columns {list(frame.columns)}, "
+                    f"but the first file has {list(frames[0].columns)}"
+                )
+            frame = frame[list(frames[0].columns)]
+        frames.append(frame)
+    data = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if data.empty:
+        raise TrainingInputError(f"{channel} data is empty: {folder} holds no rows")
+    return data
+
+
+def _class_list(values: pd.Series, limit: int = 10) -> str:
+    """A short, readable list of distinct values.
+
+    :param values: the distinct values.
+    :param limit: how many to show at most.
+    """
+    shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in list(values)[:limit])
+    return shown + (", ..." if len(values) > limit else "")
+
+
+def check_label(data: pd.DataFrame, label: str, problem_type: str, channel: str) -> pd.DataFrame:
+    """Check the label column of one channel; rows without a label are dropped (with a note).
+
+    :param data: the channel's rows.
+    :param label: the label column.
+    :param problem_type: binary, multiclass or regression.
+    :param channel: the channel's name, for messages.
+    """
+    if label not in data.columns:
+        shown = ", ".join(map(str, list(data.columns)[:20])) + (", ..." if data.shape[1] > 20 else "")
+        raise TrainingInputError(f"label '{label}' is not a column of the {channel} data (columns: {shown})")
+    missing = int(data[label].isna().sum())
+    if missing:
+        if missing == len(data):
+            raise TrainingInputError(f"{channel} data: label '{label}' is missing in every row")
+        log(f"{channel}: dropping {missing} rows without a label")
+        data = data[data[label].notna()].reset_index(drop=True)
+    if problem_type == "regression":
+        if not pd.api.types.is_numeric_dtype(data[label]) or pd.api.types.is_bool_dtype(data[label]):
+            raise TrainingInputError(
+                f"label '{label}' has dtype {data[label].dtype} in the {channel} data: "
+                "problem type 'regression' needs a numeric label"
+            )
+    elif channel == "train":
+        classes = data[label].unique()
+        if len(classes) < 2:
+            value = classes[0].item() if hasattr(classes[0], "item") else classes[0]
+            raise TrainingInputError(
+                f"label '{label}' has a single class {value!r}: a classifier needs at least 2"
+            )
+        if problem_type == "binary" and len(classes) > 2:
+            raise TrainingInputError(
+                f"label '{label}' has {len(classes)} classes ({_class_list(classes)}): "
+                "problem type 'binary' needs exactly 2 (use multiclass)"
+            )
+    return data
+
+
+def prepare_data(
+    train: pd.DataFrame, validation: pd.DataFrame | None, label: str, problem_type: str, id_column: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Check both channels and return them without the id column, validation in training's column order.
+
+    :param train: the training rows.
+    :param validation: the validation rows, if any.
+    :param label: the label column.
+    :param problem_type: binary, multiclass or regression.
+    :param id_column: the row identifier column, if any.
+    """
+    train = check_label(train, label, problem_type, "train")
+    if id_column is not None:
+        if id_column == label:
+            raise TrainingInputError(f"id column '{id_column}' is also the label")
+        if id_column not in train.columns:
+            raise TrainingInputError(f"id column '{id_column}' is not a column of the train data")
+        train = train.drop(columns=[id_column])
+    if train.shape[1] < 2:
+        raise TrainingInputError("train data has no feature column besides the label and the id column")
+    if validation is None:
+        return train, None
+    validation = check_label(validation, label, problem_type, "validation")
+    missing = [c for c in train.columns if c not in validation.columns]
+    if missing:
+        raise TrainingInputError(f"validation data lacks columns of the train data: {', '.join(map(str, missing))}")
+    extra = [c for c in validation.columns if c not in train.columns and c != id_column]
+    if extra:
+        log(f"validation: ignoring columns absent from train: {', '.join(map(str, extra))}")
+    validation = validation[list(train.columns)]
+    if problem_type != "regression":
+        unseen = pd.Index(validation[label].unique()).difference(pd.Index(train[label].unique()))
+        if len(unseen):
+            raise TrainingInputError(
+                f"label '{label}' has classes in the validation data never seen in training: {_class_list(unseen)}"
+            )
+    return train, validation
+
+
+# -------------------------------------------------------------------------------------- baseline
+
+
+def feature_kind(dtype: Any) -> str:
+    """How a column is summarised and coerced: ``numeric``, ``boolean``, ``datetime`` or ``categorical``.
+
+    :param dtype: the column's pandas dtype.
+    """
+    if pd.api.types.is_bool_dtype(dtype):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(dtype):
+        return "numeric"
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return "datetime"
+    return "categorical"
+
+
+def _number(value: Any) -> float | None:
+    """A JSON-safe float: None for NaN or infinity.
+
+    :param value: a number.
+    """
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def numeric_baseline(series: pd.Series) -> dict[str, Any]:
+    """Count, missing rate, moments, quantiles and a decile histogram of a numeric column.
+
+    The histogram's edges are the distinct deciles of the non-missing values (10 bins, fewer when
+    deciles coincide); ``counts[i]`` counts values in ``[edges[i], edges[i+1])``, the last bin closed.
+
+    :param series: the column.
+    """
+    values = pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
+    rows = len(values)
+    values = values[np.isfinite(values)]
+    stats: dict[str, Any] = {
+        "kind": "numeric",
+        "count": int(len(values)),
+        "missing_rate": _number((rows - len(values)) / rows) if rows else None,
+    }
+    if not len(values):
+        return stats | {"mean": None, "std": None, "min": None, "max": None, "quantiles": {}, "histogram": None}
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)))
+    if len(edges) == 1:
+        edges = np.array([edges[0], edges[0]])
+        counts = np.array([len(values)])
+    else:
+        counts, _ = np.histogram(values, bins=edges)
+    return stats | {
+        "mean": _number(values.mean()),
+        "std": _number(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "min": _number(values.min()),
+        "max": _number(values.max()),
+        "quantiles": {name: _number(np.quantile(values, q)) for name, q in QUANTILES.items()},
+        "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
+    }
+
+
+def categorical_baseline(series: pd.Series, kind: str = "categorical") -> dict[str, Any]:
+    """Missing rate and the shares of the top values of a categorical column.
+
+    ``frequencies`` holds the share of each of the ``TOP_VALUES`` most frequent values among the
+    non-missing values (keys as strings), plus ``__other__`` for the rest (0.0 when there is none).
+
+    :param series: the column.
+    :param kind: the kind written into the summary (``categorical`` or ``boolean``).
+    """
+    rows = len(series)
+    present = series.dropna()
+    counts = present.astype(str).value_counts()
+    top = counts.iloc[:TOP_VALUES]
+    total = int(counts.sum())
+    frequencies = {str(k): float(v / total) for k, v in top.items()} if total else {}
+    if total:
+        frequencies[OTHER] = float(counts.iloc[TOP_VALUES:].sum() / total)
+    return {
+        "kind": kind,
+        "count": total,
+        "missing_rate": _number((rows - total) / rows) if rows else None,
+        "distinct": int(len(counts)),
+        "frequencies": frequencies,
+    }
+
+
+def datetime_baseline(series: pd.Series) -> dict[str, Any]:
+    """Count, missing rate and range of a datetime column.
+
+    :param series: the column.
+    """
+    rows = len(series)
+    present = series.dropna()
+    return {
+        "kind": "datetime",
+        "count": int(len(present)),
+        "missing_rate": _number((rows - len(present)) / rows) if rows else None,
+        "min": present.min().isoformat() if len(present) else None,
+        "max": present.max().isoformat() if len(present) else None,
+    }
+
+
+def build_baseline(train: pd.DataFrame, label: str, problem_type: str) -> dict[str, Any]:
+    """Training-data statistics the drift monitor compares live data with.
+
+    :param train: the training rows (label included, id column excluded).
+    :param label: the label column.
+    :param problem_type: binary, multiclass or regression.
+    """
+    features: dict[str, Any] = {}
+    for name in train.columns:
+        if name == label:
+            continue
+        kind = feature_kind(train[name].dtype)
+        if kind == "numeric":
+            features[str(name)] = numeric_baseline(train[name])
+        elif kind == "datetime":
+            features[str(name)] = datetime_baseline(train[name])
+        else:
+            features[str(name)] = categorical_baseline(train[name], kind)
+    baseline: dict[str, Any] = {"rows": int(len(train)), "features": features}
+    if problem_type == "regression":
+        baseline["label"] = numeric_baseline(train[label])
+    else:
+        shares = train[label].value_counts(normalize=True)
+        baseline["label_distribution"] = {str(k): float(v) for k, v in shares.items()}
+    return baseline
+
+
+def _native(value: Any) -> Any:
+    """A numpy scalar as the Python value JSON can hold.
+
+    :param value: any value.
+    """
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def _presets(text: str) -> str | list[str]:
+    """One preset name, or a list for a comma-separated value.
+
+    :param text: the ``--presets`` value.
+    """
+    names = _comma_list(text)
+    return names[0] if len(names) == 1 else names
+
+
+def _bags(presets: str | list[str]) -> bool:
+    """Whether these presets turn on bagging (then validation data needs ``use_bag_holdout``).
+
+    :param presets: the presets given to ``fit``.
+    """
+    from autogluon.tabular.configs.presets_configs import tabular_presets_alias, tabular_presets_dict
+
+    for name in [presets] if isinstance(presets, str) else presets:
+        config = tabular_presets_dict.get(tabular_presets_alias.get(name, name), {})
+        if config.get("auto_stack") or config.get("num_bag_folds"):
+            return True
+    return False
+
+
+def check_eval_metric(name: str | None, problem_type: str) -> None:
+    """Refuse a metric name AutoGluon does not know for this problem type.
+
+    :param name: the ``--eval-metric`` value.
+    :param problem_type: binary, multiclass or regression.
+    """
+    if name is None:
+        return
+    from autogluon.core.metrics import METRICS
+
+    if name not in METRICS[problem_type]:
+        known = ", ".join(sorted(METRICS[problem_type]))
+        raise TrainingInputError(f"eval metric '{name}' is not an AutoGluon {problem_type} metric (known: {known})")
+
+
+def fit_predictor(args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None, path: Path) -> Any:
+    """Fit a TabularPredictor in ``path`` with the options of the command line.
+
+    :param args: the parsed command line.
+    :param train: the training rows (label included).
+    :param validation: the validation rows, if any.
+    :param path: the predictor's working folder.
+    """
+    from autogluon.tabular import TabularPredictor
+
+    presets = _presets(args.presets)
+    predictor = TabularPredictor(
+        label=args.label,
+        problem_type=args.problem_type,
+        eval_metric=args.eval_metric,
+        path=str(path),
+        verbosity=args.verbosity,
+        learner_kwargs={"random_state": args.seed},
+    )
+    fit_kwargs: dict[str, Any] = {
+        "tuning_data": validation,
+        "time_limit": args.time_limit,
+        "presets": presets,
+        "excluded_model_types": args.excluded_model_types,
+        "num_gpus": args.num_gpus,
+    }
+    if args.hyperparameters is not None:
+        fit_kwargs["hyperparameters"] = args.hyperparameters
+    if args.infer_limit is not None:
+        fit_kwargs.update(infer_limit=args.infer_limit, infer_limit_batch_size=INFER_LIMIT_BATCH_SIZE)
+    if validation is not None and _bags(presets):
+        fit_kwargs["use_bag_holdout"] = True  # bagged fits refuse tuning_data without it
+    return predictor.fit(train, **fit_kwargs)
+
+
+def refit_best(predictor: Any) -> str:
+    """Refit the best model (and its ancestors) on train + validation and make it the served model.
+
+    :param predictor: the fitted predictor.
+    :return: the refit model's name.
+    """
+    best = predictor.model_best
+    if best in predictor.model_refit_map().values():
+        return best  # the presets already refit it
+    refit = predictor.refit_full(model="best", set_best_to_refit_full=True)
+    name = refit.get(best, best)
+    predictor.set_model_best(name, save_trainer=True)
+    return name
+
+
+def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame:
+    """The leaderboard, scored on the validation data when there is some (``score_validation``).
+
+    :param predictor: the fitted predictor.
+    :param validation: the validation rows, if any.
+    """
+    if validation is None:
+        board = predictor.leaderboard(silent=True)
+        board["score_validation"] = board["score_val"]
+    else:
+        board = predictor.leaderboard(validation, silent=True).rename(columns={"score_test": "score_validation"})
+    refits = set(predictor.model_refit_map().values())
+    board["trained_on_validation"] = board["model"].isin(refits)
+    return board
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _reset_dir(path: Path) -> None:
+    """Remove a folder this script writes, so a re-run replaces it instead of failing.
+
+    :param path: the folder.
+    """
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the inputs, train, write the artifact and reports; return the metadata written.
+
+    :param args: the parsed command line.
+    """
+    started = time.time()
+    if args.model_dir is None:
+        raise TrainingInputError("model dir: none given (set SM_MODEL_DIR or pass --model-dir)")
+    if args.output_data_dir is None:
+        raise TrainingInputError("output data dir: none given (set SM_OUTPUT_DATA_DIR or pass --output-data-dir)")
+    log(f"start: label={args.label!r} problem_type={args.problem_type} presets={args.presets} "
+        f"time_limit={args.time_limit}s")
+
+    train = read_channel(args.train, "train", "SM_CHANNEL_TRAIN")
+    validation = None
+    if args.validation is not None:
+        validation = read_channel(args.validation, "validation", "SM_CHANNEL_VALIDATION")
+    train, validation = prepare_data(train, validation, args.label, args.problem_type, args.id_column)
+    log(f"data: train {train.shape[0]} rows x {train.shape[1] - 1} features; "
+        + (f"validation {validation.shape[0]} rows" if validation is not None else "no validation channel"))
+    check_eval_metric(args.eval_metric, args.problem_type)
+
+    model_dir, output_dir = Path(args.model_dir), Path(args.output_data_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    work_dir, final_dir = model_dir / "predictor-work", model_dir / "predictor"
+    _reset_dir(work_dir)
+    _reset_dir(final_dir)
+
+    predictor = fit_predictor(args, train, validation, work_dir)
+    fitted_best = predictor.model_best
+    board = score_table(predictor, validation)
+    scored_model = predictor.model_refit_map(inverse=True).get(fitted_best, fitted_best)
+    score = board.set_index("model").loc[scored_model, "score_validation"]
+    metric = predictor.eval_metric.name
+    log(f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation {metric} = {score:.6g}")
+
+    best = fitted_best
+    if args.refit_full:
+        best = refit_best(predictor)
+        board = score_table(predictor, validation)
+        log(f"refit: {scored_model} refit on train + validation as {best}")
+
+    predictor.clone_for_deployment(path=str(final_dir))
+    _reset_dir(work_dir)
+    size_mb = sum(p.stat().st_size for p in final_dir.rglob("*") if p.is_file()) / 2**20
+    log(f"saved: {final_dir} ({size_mb:.1f} MB), serving model {best}")
+
+    features = [{"name": str(c), "dtype": str(train[c].dtype)} for c in train.columns if c != args.label]
+    metadata: dict[str, Any] = {
+        "trainer": TRAINER,
+        "label": args.label,
+        "problem_type": args.problem_type,
+        "eval_metric": metric,
+        "id_column": args.id_column,
+        "features": features,
+    }
+    if args.problem_type != "regression":
+        metadata["class_labels"] = [_native(c) for c in predictor.class_labels]
+        if args.problem_type == "binary":
+            metadata["positive_class"] = _native(predictor.positive_class)
+            metadata["decision_threshold"] = _number(predictor.decision_threshold)
+    metadata |= {
+        "best_model": best,
+        "validation_score": _number(score),
+        "validation_metric": metric,
+        "validation_model": scored_model,
+        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": {"train": int(len(train)), "validation": int(len(validation)) if validation is not None else 0},
+        "training_seconds": round(time.time() - started, 1),
+        "artifact_mb": round(size_mb, 2),
+        "versions": _versions(),
+        "baseline": build_baseline(train, args.label, args.problem_type),
+    }
+    (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, allow_nan=False))
+    write_reports(board, metadata, output_dir)
+    log(f"wrote {model_dir / 'metadata.json'}, {output_dir / 'leaderboard.csv'}, {output_dir / 'fit_summary.json'}")
+    return metadata
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the libraries the artifact needs to load."""
+    from autogluon.tabular import __version__ as autogluon_version
+
+    return {"autogluon": autogluon_version, "pandas": pd.__version__, "python": platform.python_version()}
+
+
+def write_reports(board: pd.DataFrame, metadata: dict[str, Any], output_dir: Path) -> None:
+    """Write ``leaderboard.csv`` and a small ``fit_summary.json``.
+
+    :param board: the leaderboard from :func:`score_table`.
+    :param metadata: the metadata written next to the model.
+    :param output_dir: the output data folder.
+    """
+    board.to_csv(output_dir / "leaderboard.csv", index=False)
+    models = [
+        {
+            "model": str(row["model"]),
+            "score_validation": _number(row["score_validation"]) if pd.notna(row["score_validation"]) else None,
+            "score_val": _number(row["score_val"]) if pd.notna(row["score_val"]) else None,
+            "fit_time": _number(row["fit_time"]) if pd.notna(row["fit_time"]) else None,
+            "stack_level": int(row["stack_level"]),
+            "trained_on_validation": bool(row["trained_on_validation"]),
+        }
+        for _, row in board.iterrows()
+    ]
+    summary = {
+        key: metadata[key]
+        for key in ("best_model", "eval_metric", "validation_score", "validation_model", "rows", "training_seconds")
+    } | {"models": models}
+    (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the training; bad input exits with ``train.py: <message>`` and status 1.
+
+    :param args: the parsed command line (see :func:`get_args_parser`).
+    """
+    try:
+        run(args)
+    except TrainingInputError as error:
+        sys.exit(f"train.py: {error}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,107 @@
+"""Register a model that passed the gate, and approve it (automatically or by a person)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import BaseOperator
+
+
+class RegisterModelOperator(BaseOperator):
+    """Make the model a new version of the pipeline's registered model, ``PendingManualApproval``.
+
+    A retry of the same run returns the version it registered before (no duplicates).
+    Returns ``{"model_name", "version", "mlflow_run_id", "model_uri"}``.
+
+    :param pipeline: the pipeline's name (= the registered model's name).
+    :param model: the train task's result (templated XCom).
+    :param gate: the gate task's result (templated XCom).
+    :param deploy: whether the approved model should be rolled out (templated; recorded as a tag).
+    :param tracking_uri: the MLflow tracking URI (the default store when None).
+    """
+
+    template_fields = ("pipeline", "model", "gate", "deploy")
+
+    def __init__(self, *, pipeline: str, model: Any, gate: Any, deploy: Any = True, tracking_uri: str | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.model = model
+        self.gate = gate
+        self.deploy = deploy
+        self.tracking_uri = tracking_uri
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.spec import get_spec
+
+        spec = get_spec(self.pipeline)
+        hook = MlflowRegistryHook(self.tracking_uri)
+        version = hook.register(
+            self.pipeline, self.model["model_uri"], self.gate["mlflow_run_id"],
+            tags={"dataset_version": self.model["dataset_version"], "code_version": self.model["code_version"],
+                  "backend": spec.compute, "gate_decision": "passed", "conveyor_run_id": context["run_id"],
+                  "deploy": str(self.deploy).lower()},
+        )
+        hook.finish_run(self.gate["mlflow_run_id"])
+        self.log.info("Registered %s version %s (PendingManualApproval) from %s", self.pipeline, version.version,
+                      self.model["model_uri"])
+        return {"model_name": self.pipeline, "version": str(version.version),
+                "mlflow_run_id": self.gate["mlflow_run_id"], "model_uri": self.model["model_uri"]}
+
+
+class AutoApproveOperator(BaseOperator):
+    """``approval: auto``: approve a registered version that passed the gate and make it champion.
+
+    :param registration: the register task's result (templated XCom).
+    :param tracking_uri: the MLflow tracking URI (the default store when None).
+    """
+
+    template_fields = ("registration",)
+
+    def __init__(self, *, registration: Any, tracking_uri: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.registration = registration
+        self.tracking_uri = tracking_uri
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from conveyor.hooks.mlflow_registry import APPROVED, MlflowRegistryHook
+
+        name, version = self.registration["model_name"], self.registration["version"]
+        MlflowRegistryHook(self.tracking_uri).promote(name, version)
+        self.log.info("Approved %s version %s automatically; alias 'champion' now points at it", name, version)
+        return {"model_name": name, "version": version, "status": APPROVED, "approved_by": "auto"}
+
+
+class ModelApprovalOperator(ApprovalOperator):
+    """``approval: manual``: a person approves or rejects in the Airflow UI (Required Actions).
+
+    The request shows the gate's comparison. Approve sets ``Approved`` and moves ``champion``;
+    reject sets ``Rejected`` and skips what follows.
+
+    :param registration_task: the task whose XCom holds the registration.
+    :param tracking_uri: the MLflow tracking URI (the default store when None).
+    """
+
+    def __init__(self, *, registration_task: str = "register", tracking_uri: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.registration_task = registration_task
+        self.tracking_uri = tracking_uri
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from conveyor.hooks.mlflow_registry import REJECTED, MlflowRegistryHook
+
+        result = super().execute_complete(context=context, event=event)  # validates the answer
+        registration = context["ti"].xcom_pull(task_ids=self.registration_task)
+        name, version = registration["model_name"], registration["version"]
+        hook = MlflowRegistryHook(self.tracking_uri)
+        who = str(event.get("responded_by_user") or "unknown")
+        if result["chosen_options"][0] == self.APPROVE:
+            hook.promote(name, version)
+            self.log.info("%s version %s approved by %s; alias 'champion' now points at it", name, version, who)
+        else:
+            hook.set_status(name, version, REJECTED)
+            self.log.info("%s version %s rejected by %s", name, version, who)
+        hook.set_version_tags(name, version, {"approved_by": who})
+        return result

@@ -1,0 +1,307 @@
+"""Evaluation metrics against hand-computed and scikit-learn values, and the report they write."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from conveyor.reports.evaluation import COUNT_KEYS, HIGHER_IS_BETTER, compute_metrics, write_evaluation_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Binary: tp=3, fn=2, fp=1, tn=4 with "pos" the positive class.
+B_TRUE = ["pos", "pos", "pos", "pos", "pos", "neg", "neg", "neg", "neg", "neg"]
+B_PRED = ["pos", "pos", "pos", "neg", "neg", "pos", "neg", "neg", "neg", "neg"]
+B_P_POS = [0.9, 0.8, 0.7, 0.4, 0.35, 0.6, 0.3, 0.2, 0.1, 0.05]
+B_PROBA = pd.DataFrame({"neg": [1 - p for p in B_P_POS], "pos": B_P_POS})
+
+# Multiclass over three classes, one of them ("c") never predicted correctly.
+M_TRUE = ["a", "a", "a", "b", "b", "c", "c", "a"]
+M_PRED = ["a", "a", "b", "b", "b", "a", "b", "a"]
+M_PROBA = pd.DataFrame(
+    {
+        "a": [0.7, 0.6, 0.3, 0.1, 0.2, 0.5, 0.2, 0.8],
+        "b": [0.2, 0.3, 0.5, 0.8, 0.7, 0.3, 0.5, 0.1],
+        "c": [0.1, 0.1, 0.2, 0.1, 0.1, 0.2, 0.3, 0.1],
+    }
+)
+
+# Regression: errors (pred - true) are 1, 0, -1, 2; one zero target.
+R_TRUE = [0.0, 2.0, 4.0, 5.0]
+R_PRED = [1.0, 2.0, 3.0, 7.0]
+
+
+def _binary() -> dict:
+    return compute_metrics("binary", B_TRUE, B_PRED, B_PROBA)
+
+
+def _multiclass() -> dict:
+    return compute_metrics("multiclass", M_TRUE, M_PRED, M_PROBA)
+
+
+def _regression() -> dict:
+    return compute_metrics("regression", R_TRUE, R_PRED)
+
+
+def _image(n_classes: int) -> dict:
+    rng = np.random.default_rng(7)
+    truth = np.arange(12) % n_classes
+    proba = rng.dirichlet(np.ones(n_classes), size=12)
+    labels = list(range(n_classes))
+    return compute_metrics("image_classification", truth, proba.argmax(axis=1), proba, class_labels=labels)
+
+
+# ------------------------------------------------------------------------------------ binary
+
+
+def test_binary_metrics_match_the_confusion_matrix_and_sklearn():
+    m = _binary()
+    assert m["labels"] == ["neg", "pos"] and m["positive_class"] == "pos"
+    assert m["confusion_matrix"] == [[4, 1], [2, 3]]
+    assert m["support"] == {"neg": 5, "pos": 5}
+    assert m["n"] == 10
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["recall"] == pytest.approx(0.6)
+    assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(B_TRUE, B_PRED))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(B_TRUE, B_PRED))
+    is_pos = [t == "pos" for t in B_TRUE]
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(is_pos, B_P_POS))
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(is_pos, B_P_POS))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(B_TRUE, B_PROBA.to_numpy(), labels=["neg", "pos"]))
+    assert m["notes"] == []
+
+
+def test_binary_positive_class_can_be_chosen():
+    m = compute_metrics("binary", B_TRUE, B_PRED, B_PROBA, positive_class="neg")
+    assert m["positive_class"] == "neg"
+    assert m["precision"] == pytest.approx(4 / 6)
+    assert m["recall"] == pytest.approx(0.8)
+    assert m["roc_auc"] == pytest.approx(_binary()["roc_auc"])  # the same ranking, seen from the other side
+
+
+def test_binary_integer_labels_become_strings_and_default_positive_is_the_larger():
+    m = compute_metrics("binary", np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]), np.array([0.2, 0.9, 0.4, 0.1]))
+    assert m["labels"] == ["0", "1"] and m["positive_class"] == "1"
+    assert m["support"] == {"0": 2, "1": 2}
+    assert m["recall"] == pytest.approx(0.5) and m["precision"] == pytest.approx(1.0)
+
+
+def test_proba_as_dataframe_array_in_class_label_order_and_1d_agree():
+    as_frame = _binary()
+    reordered = B_PROBA[["pos", "neg"]].to_numpy()
+    as_array = compute_metrics("binary", B_TRUE, B_PRED, reordered, class_labels=["pos", "neg"])
+    as_vector = compute_metrics("binary", B_TRUE, B_PRED, np.array(B_P_POS), class_labels=["neg", "pos"])
+    for name in ("roc_auc", "pr_auc", "log_loss", "precision", "recall"):
+        assert as_array[name] == pytest.approx(as_frame[name])
+        assert as_vector[name] == pytest.approx(as_frame[name])
+    assert as_array["labels"] == ["pos", "neg"]  # the model's order is kept
+
+
+def test_single_class_test_set_leaves_out_ranking_metrics_with_a_note():
+    m = compute_metrics("binary", ["neg"] * 4, ["neg", "pos", "neg", "neg"], B_PROBA.iloc[:4])
+    assert "roc_auc" not in m and "pr_auc" not in m
+    assert any("roc_auc" in note and "only class 'neg'" in note for note in m["notes"])
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["confusion_matrix"] == [[3, 1], [0, 0]]
+    json.dumps(m, allow_nan=False)
+
+
+def test_binary_without_proba_notes_what_is_missing():
+    m = compute_metrics("binary", B_TRUE, B_PRED)
+    assert not {"roc_auc", "pr_auc", "log_loss"} & set(m)
+    assert m["notes"] == ["no class probabilities were given: roc_auc, pr_auc and log_loss left out"]
+
+
+# -------------------------------------------------------------------------------- multiclass
+
+
+def test_multiclass_matches_sklearn_including_per_class():
+    m = _multiclass()
+    labels = ["a", "b", "c"]
+    assert m["labels"] == labels
+    assert m["confusion_matrix"] == skm.confusion_matrix(M_TRUE, M_PRED, labels=labels).tolist()
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(M_TRUE, M_PRED))
+    for average in ("macro", "weighted"):
+        kwargs = {"labels": labels, "average": average, "zero_division": 0}
+        assert m[f"f1_{average}"] == pytest.approx(skm.f1_score(M_TRUE, M_PRED, **kwargs))
+        assert m[f"precision_{average}"] == pytest.approx(skm.precision_score(M_TRUE, M_PRED, **kwargs))
+        assert m[f"recall_{average}"] == pytest.approx(skm.recall_score(M_TRUE, M_PRED, **kwargs))
+    assert m["log_loss"] == pytest.approx(skm.log_loss(M_TRUE, M_PROBA.to_numpy(), labels=labels))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(M_TRUE, M_PRED, labels=labels, zero_division=0)
+    for i, label in enumerate(labels):
+        row = m["per_class"][label]
+        expected = {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]}
+        assert row == pytest.approx(expected)
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert "top_3_accuracy" not in m  # top-k is for image classification
+
+
+def test_multiclass_proba_missing_a_seen_class_leaves_out_log_loss():
+    m = compute_metrics("multiclass", ["a", "b", "z"], ["a", "b", "b"], M_PROBA.iloc[:3])
+    assert "log_loss" not in m
+    assert m["labels"] == ["a", "b", "c", "z"]
+    assert any("no column" in note and "'z'" in note for note in m["notes"])
+
+
+# ---------------------------------------------------------------------------- image classification
+
+
+def test_image_classification_top_k_by_hand():
+    labels = ["cat", "dog", "cow", "owl"]
+    proba = np.array(
+        [
+            [0.10, 0.20, 0.30, 0.40],  # cat ranked 4th
+            [0.40, 0.30, 0.20, 0.10],  # dog ranked 2nd
+            [0.10, 0.40, 0.20, 0.30],  # cow ranked 3rd
+            [0.40, 0.30, 0.20, 0.10],  # owl ranked 4th
+        ]
+    )
+    m = compute_metrics("image_classification", labels, ["owl", "cat", "dog", "cat"], proba, class_labels=labels)
+    assert m["top_3_accuracy"] == pytest.approx(0.5)
+    assert m["top_3_accuracy"] == pytest.approx(skm.top_k_accuracy_score([0, 1, 2, 3], proba, k=3, labels=[0, 1, 2, 3]))
+    assert "top_5_accuracy" not in m
+    assert m["accuracy"] == 0.0 and "per_class" in m
+
+
+def test_image_classification_top_k_thresholds():
+    assert "top_3_accuracy" not in _image(2)
+    assert "top_3_accuracy" in _image(3) and "top_5_accuracy" not in _image(5)
+    six = _image(6)
+    assert six["top_3_accuracy"] <= six["top_5_accuracy"] <= 1.0
+    assert six["accuracy"] <= six["top_3_accuracy"]
+
+
+# -------------------------------------------------------------------------------- regression
+
+
+def test_regression_by_hand_with_a_zero_target():
+    m = _regression()
+    assert m["n"] == 4
+    assert m["rmse"] == pytest.approx(math.sqrt(6 / 4))
+    assert m["mae"] == pytest.approx(1.0)
+    assert m["r2"] == pytest.approx(1 - 6 / 14.75)
+    assert m["r2"] == pytest.approx(skm.r2_score(R_TRUE, R_PRED))
+    assert m["mape"] == pytest.approx((0 / 2 + 1 / 4 + 2 / 5) / 3)
+    assert m["mape_ignored_rows"] == 1
+    assert m["notes"] == ["mape ignores 1 row(s) where y_true is 0"]
+
+
+def test_regression_undefined_r2_and_mape_are_left_out_with_notes():
+    m = compute_metrics("regression", pd.Series([0.0, 0.0]), pd.Series([1.0, -1.0]))
+    assert m["rmse"] == pytest.approx(1.0)
+    assert "r2" not in m and "mape" not in m
+    assert len(m["notes"]) == 3
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("ranking", [1], [1]), {}, "unknown problem_type 'ranking'"),
+        (("binary", [1, 0, 1], [1, 0]), {}, "length mismatch: y_true has 3 rows but y_pred has 2"),
+        (("regression", [], []), {}, "empty"),
+        (("regression", [1.0, None], [1.0, 2.0]), {}, "y_true has 1 missing value"),
+        (("regression", ["x", "y"], ["x", "y"]), {}, "numeric"),
+        (("binary", ["a", "b", "c"], ["a", "b", "c"]), {}, "at most 2 classes"),
+        (("binary", ["a", "b"], ["a", "b"]), {"positive_class": "z"}, "positive_class 'z'"),
+        (("multiclass", ["a", "b"], ["a", "b"], np.full((2, 2), 0.5)), {}, "pass class_labels"),
+        (("multiclass", ["a", "b"], ["a", "b"], np.full((3, 2), 0.5)), {"class_labels": ["a", "b"]}, "shape (3, 2)"),
+        (("multiclass", ["a", "b"], ["a", "b"], np.full((2, 2), 1.5)), {"class_labels": ["a", "b"]}, "[0, 1]"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(args, kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        compute_metrics(*args, **kwargs)
+    assert message in str(caught.value)
+
+
+def test_report_refuses_bad_input_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown problem_type 'ranking'"):
+        write_evaluation_report(tmp_path / "report", {}, "ranking", [1], [1])
+    with pytest.raises(ValueError, match="length mismatch"):
+        write_evaluation_report(tmp_path / "report", _binary(), "binary", B_TRUE, B_PRED[:3], B_PROBA)
+    assert not (tmp_path / "report").exists()
+
+
+# ------------------------------------------------------------------- serialisable and gateable
+
+
+@pytest.mark.parametrize(
+    "make", [_binary, _multiclass, _regression, lambda: _image(6)], ids=["binary", "multiclass", "regression", "image"]
+)
+def test_metrics_are_json_and_every_scalar_has_a_direction(make):
+    m = make()
+    assert json.loads(json.dumps(m, allow_nan=False)) == m
+    scalars = {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert scalars - COUNT_KEYS <= HIGHER_IS_BETTER.keys()
+    assert all(isinstance(m[k], float) for k in scalars - COUNT_KEYS)
+    assert all(isinstance(m[k], int) for k in scalars & COUNT_KEYS)
+
+
+def test_lower_is_better_for_errors_and_losses():
+    assert {k for k, better in HIGHER_IS_BETTER.items() if not better} == {"rmse", "mae", "mape", "log_loss"}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _assert_png(path: str) -> None:
+    with open(path, "rb") as handle:
+        assert handle.read(8) == PNG_MAGIC
+
+
+def test_binary_report_writes_plots_json_and_an_escaped_page(tmp_path):
+    out = tmp_path / "report"
+    paths = write_evaluation_report(
+        out, _binary(), "binary", B_TRUE, B_PRED, B_PROBA,
+        feature_importance={"age": 0.4, "income$": -0.2, "<b>zip</b>": 0.1},
+        title="<script>alert(1)</script>",
+        context={"model": "churn", "version": 3, "run_id": "manual__<x>"},
+        extra_sections=[("Misclassified", "<div class='grid'>ok</div>")],
+    )
+    assert set(paths) == {"html", "metrics", "confusion_matrix", "roc_curve", "pr_curve", "feature_importance"}
+    for name in ("confusion_matrix", "roc_curve", "pr_curve", "feature_importance"):
+        assert paths[name] == str(out / f"{name}.png")
+        _assert_png(paths[name])
+
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;b&gt;zip&lt;/b&gt;" in html and "manual__&lt;x&gt;" in html
+    for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "mcc", "log_loss", "churn"):
+        assert name in html
+    for name in ("confusion_matrix", "roc_curve", "pr_curve", "feature_importance"):
+        assert f'<img src="{name}.png"' in html
+    assert "<h2>Misclassified</h2>\n<div class='grid'>ok</div>" in html
+
+    document = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert document["accuracy"] == pytest.approx(0.7)
+    assert document["context"] == {"model": "churn", "version": 3, "run_id": "manual__<x>"}
+    assert document["feature_importance"]["age"] == 0.4
+
+
+def test_multiclass_report_has_a_per_class_table_and_drops_stale_plots(tmp_path):
+    (tmp_path / "roc_curve.png").write_bytes(b"from an earlier run")
+    paths = write_evaluation_report(tmp_path, _multiclass(), "multiclass", M_TRUE, M_PRED, M_PROBA)
+    assert set(paths) == {"html", "metrics", "confusion_matrix"}
+    assert not (tmp_path / "roc_curve.png").exists()
+    html = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<h2>Per class</h2>" in html and "f1_macro" in html and "Feature importance" not in html
+
+
+def test_regression_report_plots_residuals(tmp_path):
+    paths = write_evaluation_report(tmp_path, _regression(), "regression", R_TRUE, R_PRED, title="Prices")
+    assert set(paths) == {"html", "metrics", "residuals", "predicted_vs_actual"}
+    _assert_png(paths["residuals"])
+    _assert_png(paths["predicted_vs_actual"])
+    html = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert all(name in html for name in ("rmse", "mae", "r2", "mape", "mape ignores 1 row(s)"))
