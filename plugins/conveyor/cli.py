@@ -1,6 +1,7 @@
 """Conveyor's command line: ``python -m conveyor.cli demo`` runs the demo pipeline end to end.
 
-The demo drops generated churn data into the landing zone, then runs the pipeline's DAGs with
+The demo drops generated churn data into the landing zone, then runs the pipeline's DAGs (ingest,
+then train: evaluate, gate, register, approve) with
 ``airflow dags test`` (real Airflow, SQLite metadata DB, deferrable sensors run inline), and
 prints where everything it made is.
 """
@@ -41,8 +42,9 @@ def run_dag(dag_id: str, log_dir: Path, conf: str | None = None) -> str:
     say(f"Running {dag_id} (airflow dags test; full log: {log_path})")
     state = "unknown"
     started = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy()
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -69,9 +71,12 @@ def next_drop_name(pipeline: str) -> str:
     return f"demo-{n:04d}"
 
 
-def demo(rows: int) -> None:
+def demo(rows: int, time_limit: int) -> None:
+    import json
+
     from conveyor.datasets import latest_version, load_manifest
     from conveyor.demo import write_drop
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
     from conveyor.lake import Lake, read_json
 
     lake = Lake.from_env()
@@ -84,11 +89,26 @@ def demo(rows: int) -> None:
         raise SystemExit("The ingest run succeeded but published no dataset version")
     manifest = load_manifest(lake, "churn", version)
     validated = read_json(lake.raw("churn", version) / "validation.json")
-    say("Done.")
     print(f"    dataset version : {version} ({manifest['rows']} rows, {manifest['bytes']} bytes)")
-    print(f"    manifest        : {lake.uri('raw', 'churn', version, 'manifest.json')}")
     print(f"    data docs       : {validated['report']}")
-    print(f"    validated by run: {validated['run_id']}")
+
+    say(f"Training on {version} with AutoGluon ({time_limit}s budget), then evaluate, gate, register, approve")
+    run_dag("churn__train", settings.state_dir() / "logs", conf=json.dumps({"time_limit": time_limit}))
+    hook = MlflowRegistryHook()
+    champion = hook.champion("churn")
+    if champion is None:
+        raise SystemExit("The train run succeeded but no model is champion: see the gate report")
+    run_id = champion.tags.get("conveyor_run_id", "")
+    reports = lake.reports("churn", run_id)
+    metrics = read_json(reports / "evaluation" / "metrics.json")
+    shown = {k: round(metrics[k], 4) for k in ("roc_auc", "accuracy", "balanced_accuracy", "f1") if k in metrics}
+    say("Done.")
+    print(f"    registered model: churn version {champion.version} ({champion.tags.get('approval_status')}, alias champion)")
+    print(f"    test metrics    : {shown}")
+    print(f"    evaluation      : {reports / 'evaluation' / 'index.html'}")
+    print(f"    gate            : {reports / 'gate' / 'index.html'}")
+    print(f"    model artifact  : {champion.source}")
+    print(f"    MLflow store    : {hook.tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {hook.tracking_uri})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     demo_cmd = sub.add_parser("demo", help="run the demo pipeline on the embedded default")
     demo_cmd.add_argument("--rows", type=int, default=5000, help="rows of demo data to generate")
+    demo_cmd.add_argument("--time-limit", type=int, default=60, help="training budget in seconds")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        demo(args.rows)
+        demo(args.rows, args.time_limit)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,12 @@ def _json_object(text: str) -> dict[str, Any]:
 
     :param text: the option's value, e.g. ``'{"GBM": {}, "CAT": {"iterations": 200}}'``.
     """
+    def refuse_constant(name: str) -> None:
+        raise ValueError(f"{name} is not allowed")
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
+        value = json.loads(text, parse_constant=refuse_constant)
+    except ValueError as error:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
@@ -549,13 +552,43 @@ def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame
         board = predictor.leaderboard(silent=True)
         board["score_validation"] = board["score_val"]
     else:
-        board = predictor.leaderboard(validation, silent=True).rename(columns={"score_test": "score_validation"})
+        board = predictor.leaderboard(validation, silent=True)
+        board = board.rename(columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c)
     refits = set(predictor.model_refit_map().values())
     board["trained_on_validation"] = board["model"].isin(refits)
     return board
 
 
 # ------------------------------------------------------------------------------------------ main
+
+
+def train_and_clone(
+    args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None, work_dir: Path, final_dir: Path
+) -> tuple[Any, pd.DataFrame, str, str, Any]:
+    """Fit, score on validation, refit if asked, and write the deployment clone.
+
+    :param args: the parsed command line.
+    :param train: the training rows (label included).
+    :param validation: the validation rows, if any.
+    :param work_dir: the predictor's working folder.
+    :param final_dir: where the deployment clone goes.
+    :return: the predictor, the leaderboard, the served model, the scored model and its validation score.
+    """
+    started = time.time()
+    predictor = fit_predictor(args, train, validation, work_dir)
+    fitted_best = predictor.model_best
+    board = score_table(predictor, validation)
+    scored_model = predictor.model_refit_map(inverse=True).get(fitted_best, fitted_best)
+    score = board.set_index("model").loc[scored_model, "score_validation"]
+    log(f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation "
+        f"{predictor.eval_metric.name} = {_number(score) if pd.notna(score) else None} ({scored_model})")
+    best = fitted_best
+    if args.refit_full:
+        best = refit_best(predictor)
+        board = score_table(predictor, validation)
+        log(f"refit: {scored_model} refit on train + validation as {best}")
+    predictor.clone_for_deployment(path=str(final_dir))
+    return predictor, board, best, scored_model, score
 
 
 def _reset_dir(path: Path) -> None:
@@ -589,29 +622,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + (f"validation {validation.shape[0]} rows" if validation is not None else "no validation channel"))
     check_eval_metric(args.eval_metric, args.problem_type)
 
-    model_dir, output_dir = Path(args.model_dir), Path(args.output_data_dir)
+    model_dir, output_dir = Path(args.model_dir).resolve(), Path(args.output_data_dir).resolve()
     model_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir, final_dir = model_dir / "predictor-work", model_dir / "predictor"
     _reset_dir(work_dir)
     _reset_dir(final_dir)
+    (model_dir / "metadata.json").unlink(missing_ok=True)
 
-    predictor = fit_predictor(args, train, validation, work_dir)
-    fitted_best = predictor.model_best
-    board = score_table(predictor, validation)
-    scored_model = predictor.model_refit_map(inverse=True).get(fitted_best, fitted_best)
-    score = board.set_index("model").loc[scored_model, "score_validation"]
-    metric = predictor.eval_metric.name
-    log(f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation {metric} = {score:.6g}")
-
-    best = fitted_best
-    if args.refit_full:
-        best = refit_best(predictor)
-        board = score_table(predictor, validation)
-        log(f"refit: {scored_model} refit on train + validation as {best}")
-
-    predictor.clone_for_deployment(path=str(final_dir))
+    try:
+        predictor, board, best, scored_model, score = train_and_clone(args, train, validation, work_dir, final_dir)
+    except BaseException:
+        _reset_dir(work_dir)  # nothing half-written stays behind
+        _reset_dir(final_dir)
+        raise
     _reset_dir(work_dir)
+    metric = predictor.eval_metric.name
     size_mb = sum(p.stat().st_size for p in final_dir.rglob("*") if p.is_file()) / 2**20
     log(f"saved: {final_dir} ({size_mb:.1f} MB), serving model {best}")
 
@@ -631,7 +657,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             metadata["decision_threshold"] = _number(predictor.decision_threshold)
     metadata |= {
         "best_model": best,
-        "validation_score": _number(score),
+        "validation_score": _number(score) if pd.notna(score) else None,
         "validation_metric": metric,
         "validation_model": scored_model,
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -1,0 +1,326 @@
+"""The AutoGluon tabular training script: a real (tiny) training run as a child process, its
+artifact and reports, and the command-line checks that refuse bad input before any training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conveyor.demo import churn_frame
+
+PROJECT = Path(__file__).resolve().parents[3]
+TRAIN_PY = PROJECT / "include" / "training" / "autogluon_tabular" / "train.py"
+FEATURES = [
+    "tenure_months", "monthly_charges", "total_charges", "contract", "payment_method",
+    "internet_service", "support_calls", "age", "region",
+]
+TINY_GBM = '{"GBM": {"num_boost_round": 40}}'
+
+
+def load_train_module() -> ModuleType:
+    """Import train.py from its file (include/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("autogluon_tabular_train", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_py = load_train_module()
+
+
+def run_train(channels: dict[str, Path], model_dir: Path, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Run train.py as the local backend does: a fresh child process, paths in SM_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    env |= {f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()}
+    env |= {"SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir), "SM_NUM_GPUS": "0"}
+    return subprocess.run(
+        [sys.executable, str(TRAIN_PY), *flags], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def parse(*argv: str):
+    """Parse a command line without reading the SM_* environment of the test process."""
+    return train_py.get_args_parser().parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def churn() -> pd.DataFrame:
+    return churn_frame(300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, churn):
+    """One binary training with refit, on 2 train files (parquet + csv) and a validation file."""
+    root = tmp_path_factory.mktemp("ag-binary")
+    (root / "train").mkdir()
+    (root / "validation").mkdir()
+    churn.iloc[:120].to_parquet(root / "train" / "part-0.parquet", index=False)
+    churn.iloc[120:230].to_csv(root / "train" / "part-1.csv", index=False)
+    (root / "train" / "_SUCCESS").write_text("")  # a drop marker is not data
+    churn.iloc[230:].to_csv(root / "validation" / "validation.csv", index=False)
+    result = run_train(
+        {"train": root / "train", "validation": root / "validation"}, root / "model", root / "output",
+        "--label", "churned", "--problem-type", "binary", "--eval-metric", "roc_auc",
+        "--id-column", "customer_id", "--time-limit", "15", "--hyperparameters", TINY_GBM, "--refit-full",
+    )
+    return result, root / "model", root / "output"
+
+
+@pytest.fixture(scope="module")
+def metadata(trained) -> dict:
+    result, model_dir, _ = trained
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((model_dir / "metadata.json").read_text())
+
+
+# ----------------------------------------------------------------------------- a real training
+
+
+@pytest.mark.slow
+def test_training_succeeds_and_streams_progress(trained):
+    result, model_dir, _ = trained
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = [line for line in result.stdout.splitlines() if line.startswith("[train.py]")]
+    text = "\n".join(progress)
+    for step in ("start:", "data: train 230 rows x 9 features; validation 70 rows", "fit done", "refit:", "saved:"):
+        assert step in text
+    assert (model_dir / "predictor" / "predictor.pkl").is_file()
+    assert not (model_dir / "predictor-work").exists()
+
+
+@pytest.mark.slow
+def test_metadata_describes_the_model(metadata):
+    assert metadata["trainer"] == "autogluon_tabular"
+    assert metadata["label"] == "churned"
+    assert metadata["problem_type"] == "binary"
+    assert metadata["eval_metric"] == metadata["validation_metric"] == "roc_auc"
+    assert metadata["id_column"] == "customer_id"
+    assert [f["name"] for f in metadata["features"]] == FEATURES
+    dtypes = {f["name"]: f["dtype"] for f in metadata["features"]}
+    assert dtypes["tenure_months"] == "int64" and dtypes["monthly_charges"] == "float64"
+    assert dtypes["contract"] == "object"
+    assert metadata["class_labels"] == ["no", "yes"]
+    assert metadata["positive_class"] == "yes"
+    assert metadata["best_model"].endswith("_FULL")
+    assert metadata["validation_model"] == metadata["best_model"].removesuffix("_FULL")
+    assert 0.5 < metadata["validation_score"] <= 1.0
+    hyperparameters = metadata["hyperparameters"]
+    assert hyperparameters["time_limit"] == 15
+    assert hyperparameters["excluded_model_types"] == ["NN_TORCH", "FASTAI"]
+    assert hyperparameters["hyperparameters"] == json.loads(TINY_GBM)
+    assert hyperparameters["refit_full"] is True
+    assert metadata["rows"] == {"train": 230, "validation": 70}
+
+
+@pytest.mark.slow
+def test_metadata_baseline_holds_training_statistics(metadata, churn):
+    baseline = metadata["baseline"]
+    train = churn.iloc[:230]
+    assert baseline["rows"] == 230
+    assert list(baseline["features"]) == FEATURES
+
+    total = baseline["features"]["total_charges"]
+    assert total["kind"] == "numeric"
+    assert total["count"] == int(train["total_charges"].notna().sum())
+    assert total["missing_rate"] == pytest.approx(train["total_charges"].isna().mean())
+    assert total["mean"] == pytest.approx(train["total_charges"].mean())
+    assert total["min"] == pytest.approx(train["total_charges"].min())
+    assert list(total["quantiles"]) == ["p01", "p05", "p25", "p50", "p75", "p95", "p99"]
+    assert total["quantiles"]["p50"] == pytest.approx(train["total_charges"].median())
+    histogram = total["histogram"]
+    assert len(histogram["edges"]) == 11 and len(histogram["counts"]) == 10
+    assert sum(histogram["counts"]) == total["count"]
+    assert histogram["edges"] == sorted(histogram["edges"])
+
+    region = baseline["features"]["region"]
+    assert region["kind"] == "categorical"
+    assert region["missing_rate"] == pytest.approx(train["region"].isna().mean())
+    assert set(region["frequencies"]) == {"north", "south", "east", "west", "__other__"}
+    assert sum(region["frequencies"].values()) == pytest.approx(1.0)
+    assert region["frequencies"]["__other__"] == 0.0
+
+    shares = train["churned"].value_counts(normalize=True)
+    assert baseline["label_distribution"] == pytest.approx(shares.to_dict())
+    assert "customer_id" not in baseline["features"]
+
+
+@pytest.mark.slow
+def test_reports_are_written(trained, metadata):
+    _, _, output_dir = trained
+    board = pd.read_csv(output_dir / "leaderboard.csv")
+    assert {"model", "score_validation", "fit_time", "trained_on_validation"} <= set(board.columns)
+    assert metadata["best_model"] in set(board["model"])
+    summary = json.loads((output_dir / "fit_summary.json").read_text())
+    assert summary["best_model"] == metadata["best_model"]
+    assert summary["validation_score"] == metadata["validation_score"]
+    assert {m["model"] for m in summary["models"]} == set(board["model"])
+
+
+@pytest.mark.slow
+def test_regression_without_validation_channel(tmp_path, churn):
+    train = tmp_path / "train"
+    train.mkdir()
+    churn.drop(columns=["churned"]).to_csv(train / "data.csv", index=False)
+    result = run_train(
+        {"train": train}, tmp_path / "model", tmp_path / "output",
+        "--label", "monthly_charges", "--problem-type", "regression", "--id-column", "customer_id",
+        "--time-limit", "15", "--hyperparameters", TINY_GBM,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    assert metadata["problem_type"] == "regression"
+    assert metadata["eval_metric"] == "root_mean_squared_error"
+    assert "class_labels" not in metadata and "label_distribution" not in metadata["baseline"]
+    assert metadata["baseline"]["label"]["kind"] == "numeric"
+    assert metadata["validation_score"] < 0  # AutoGluon's higher-is-better sign: -RMSE
+    assert "monthly_charges" not in [f["name"] for f in metadata["features"]]
+    assert metadata["rows"]["validation"] == 0
+
+
+# ---------------------------------------------------------------------- bad input, no training
+
+
+@pytest.fixture
+def channel(tmp_path):
+    """Write a frame as the only file of a train channel; returns the writer."""
+    def write(frame: pd.DataFrame, name: str = "data.csv") -> Path:
+        folder = tmp_path / "train"
+        folder.mkdir(exist_ok=True)
+        frame.to_csv(folder / name, index=False)
+        return folder
+    return write
+
+
+def refused(tmp_path, *argv: str) -> str:
+    """Run main() in-process on arguments that must be refused; return the exit message."""
+    args = parse("--model-dir", str(tmp_path / "model"), "--output-data-dir", str(tmp_path / "out"), *argv)
+    with pytest.raises(SystemExit) as exit_info:
+        train_py.main(args)
+    assert isinstance(exit_info.value.code, str), exit_info.value.code
+    assert not (tmp_path / "model" / "predictor").exists()
+    return exit_info.value.code
+
+
+def test_single_class_label_exits_non_zero_with_the_rule(tmp_path, channel):
+    frame = churn_frame(40).assign(churned="yes")
+    folder = channel(frame)
+    result = run_train(
+        {"train": folder}, tmp_path / "model", tmp_path / "out",
+        "--label", "churned", "--problem-type", "binary", "--time-limit", "10",
+    )
+    assert result.returncode == 1
+    assert "train.py: label 'churned' has a single class 'yes': a classifier needs at least 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_label_column_is_named(tmp_path, channel):
+    folder = channel(churn_frame(40).drop(columns=["churned"]))
+    message = refused(tmp_path, "--train", str(folder), "--label", "churned", "--problem-type", "binary")
+    assert message.startswith("train.py: label 'churned' is not a column of the train data")
+    assert "tenure_months" in message
+
+
+def test_empty_channel_folder_is_refused(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "_SUCCESS").write_text("")
+    message = refused(tmp_path, "--train", str(folder), "--label", "churned", "--problem-type", "binary")
+    assert message.startswith(f"train.py: train channel: folder {folder} holds no data file")
+
+
+def test_missing_channel_folder_is_refused(tmp_path):
+    message = refused(tmp_path, "--train", str(tmp_path / "nowhere"), "--label", "y", "--problem-type", "binary")
+    assert message == f"train.py: train channel: folder {tmp_path / 'nowhere'} does not exist"
+
+
+def test_train_data_without_rows_is_refused(tmp_path, channel):
+    folder = channel(churn_frame(5).iloc[:0])
+    message = refused(tmp_path, "--train", str(folder), "--label", "churned", "--problem-type", "binary")
+    assert message == f"train.py: train data is empty: {folder} holds no rows"
+
+
+def test_binary_with_three_classes_is_refused(tmp_path, channel):
+    folder = channel(churn_frame(40))
+    message = refused(tmp_path, "--train", str(folder), "--label", "contract", "--problem-type", "binary")
+    assert "label 'contract' has 3 classes" in message and "needs exactly 2" in message
+
+
+def test_validation_with_unknown_class_is_refused(tmp_path, channel):
+    frame = churn_frame(40)
+    folder = channel(frame)
+    validation = tmp_path / "validation"
+    validation.mkdir()
+    frame.assign(churned="maybe").to_parquet(validation / "v.parquet")
+    message = refused(
+        tmp_path, "--train", str(folder), "--validation", str(validation),
+        "--label", "churned", "--problem-type", "binary",
+    )
+    assert "never seen in training: 'maybe'" in message
+
+
+def test_unknown_eval_metric_is_refused(tmp_path, channel):
+    folder = channel(churn_frame(40))
+    message = refused(
+        tmp_path, "--train", str(folder), "--label", "churned", "--problem-type", "binary", "--eval-metric", "nope",
+    )
+    assert message.startswith("train.py: eval metric 'nope' is not an AutoGluon binary metric")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_time_limit_must_be_a_positive_whole_number(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--label", "y", "--problem-type", "binary", "--time-limit", value)
+    assert exit_info.value.code == 2
+    assert "argument --time-limit" in capsys.readouterr().err
+
+
+def test_unknown_option_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--label", "y", "--problem-type", "binary", "--epochs", "3")
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --epochs 3" in capsys.readouterr().err
+
+
+def test_hyperparameters_must_be_a_json_object(capsys):
+    with pytest.raises(SystemExit):
+        parse("--label", "y", "--problem-type", "binary", "--hyperparameters", "[1, 2]")
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_paths_default_to_the_sagemaker_environment(monkeypatch):
+    monkeypatch.setenv("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
+    monkeypatch.setenv("SM_MODEL_DIR", "/opt/ml/model")
+    monkeypatch.setenv("SM_NUM_GPUS", "1")
+    monkeypatch.delenv("SM_CHANNEL_VALIDATION", raising=False)
+    args = parse("--label", "y", "--problem-type", "multiclass", "--excluded-model-types", "none")
+    assert args.train == Path("/opt/ml/input/data/train") and args.model_dir == Path("/opt/ml/model")
+    assert args.validation is None and args.num_gpus == 1
+    assert args.excluded_model_types == [] and args.presets == "medium_quality" and args.seed == 0
+    assert parse("--label", "y", "--problem-type", "binary").excluded_model_types == ["NN_TORCH", "FASTAI"]
+
+
+def test_numeric_baseline_of_a_constant_and_an_empty_column():
+    constant = train_py.numeric_baseline(pd.Series([3.0, 3.0, np.nan]))
+    assert constant["histogram"] == {"edges": [3.0, 3.0], "counts": [2]}
+    assert constant["missing_rate"] == pytest.approx(1 / 3) and constant["std"] == 0.0
+    empty = train_py.numeric_baseline(pd.Series([np.nan, np.nan]))
+    assert empty["count"] == 0 and empty["mean"] is None and empty["histogram"] is None
+
+
+def test_categorical_baseline_keeps_the_top_values_and_an_other_share():
+    values = pd.Series([f"v{i}" for i in range(60)] * 2 + ["v0"] * 10 + [None] * 10)
+    stats = train_py.categorical_baseline(values)
+    assert len(stats["frequencies"]) == 51
+    assert stats["frequencies"]["v0"] == pytest.approx(12 / 130)
+    assert stats["frequencies"]["__other__"] == pytest.approx(20 / 130)
+    assert stats["missing_rate"] == pytest.approx(10 / 140)
