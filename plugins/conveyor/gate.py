@@ -74,7 +74,7 @@ def decide(
     else:
         higher = _better(gate.metric)
         gain = (challenger[gate.metric] - champion[gate.metric]) * (1 if higher else -1)
-        ok = gain >= gate.min_improvement
+        ok = gain >= gate.min_improvement - 1e-9  # a gain of exactly the minimum passes despite rounding
         decision.checks.append({
             "check": f"{gate.metric} improves on champion v{champion_version} by >= {gate.min_improvement}",
             "value": round(gain, 6), "passed": ok,
@@ -85,7 +85,7 @@ def decide(
             f"{champion[gate.metric]:.4f} by the required {gate.min_improvement} (gain {gain:+.4f})"
         )
         decision.passed = decision.passed and ok
-    if decision.passed and not any("threshold" in r for r in decision.reasons):
+    if all(check["passed"] for check in decision.checks if "improves on champion" not in check["check"]):
         decision.reasons.insert(0, "all thresholds met")
     return decision
 

@@ -60,21 +60,30 @@ def check_splittable(frame: Any, spec: "PipelineSpec", version: str) -> None:
             )
 
 
-def split_frame(frame: Any, spec: "PipelineSpec") -> dict[str, Any]:
-    """Split a labelled table into train, validation and test parts (seeded, stratified)."""
+def split_frame(frame: Any, spec: "PipelineSpec", version: str = "") -> dict[str, Any]:
+    """Split a labelled table into train, validation and test parts (seeded, stratified).
+
+    :raises SplitError: when a class is too rare to reach every part.
+    """
     from sklearn.model_selection import train_test_split
 
     frame = frame[frame[spec.data.label].notna()].reset_index(drop=True)
     seed = spec.split.seed
     stratify = _classification(spec) and spec.split.stratify
     holdout = spec.split.validation + spec.split.test
-    train, rest = train_test_split(
-        frame, test_size=holdout, random_state=seed, stratify=frame[spec.data.label] if stratify else None
-    )
-    validation, test = train_test_split(
-        rest, test_size=spec.split.test / holdout, random_state=seed,
-        stratify=rest[spec.data.label] if stratify else None,
-    )
+    try:
+        train, rest = train_test_split(
+            frame, test_size=holdout, random_state=seed, stratify=frame[spec.data.label] if stratify else None
+        )
+        validation, test = train_test_split(
+            rest, test_size=spec.split.test / holdout, random_state=seed,
+            stratify=rest[spec.data.label] if stratify else None,
+        )
+    except ValueError as exc:
+        raise SplitError(
+            f"dataset {version}: rule 'enough rows of every class to stratify into train, validation and "
+            f"test': {exc}"
+        ) from None
     return {"train": train, "validation": validation, "test": test}
 
 
@@ -98,7 +107,7 @@ def write_split(lake: Lake, spec: "PipelineSpec", version: str, run_id: str, fra
     :param frame: the dataset as a pandas DataFrame.
     """
     check_splittable(frame, spec, version)
-    parts = split_frame(frame, spec)
+    parts = split_frame(frame, spec, version)
     for name, part in parts.items():
         if _classification(spec) and part[spec.data.label].nunique() < 2:
             raise SplitError(f"dataset {version}: rule 'every part holds 2 classes': the {name} part does not")

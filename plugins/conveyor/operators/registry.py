@@ -96,12 +96,13 @@ class ModelApprovalOperator(ApprovalOperator):
         registration = context["ti"].xcom_pull(task_ids=self.registration_task)
         name, version = registration["model_name"], registration["version"]
         hook = MlflowRegistryHook(self.tracking_uri)
-        who = str(event.get("responded_by_user") or "unknown")
+        user = event.get("responded_by_user") or {}
+        who = str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) else str(user)
         if result["chosen_options"][0] == self.APPROVE:
             hook.promote(name, version)
             self.log.info("%s version %s approved by %s; alias 'champion' now points at it", name, version, who)
         else:
             hook.set_status(name, version, REJECTED)
             self.log.info("%s version %s rejected by %s", name, version, who)
-        hook.set_version_tags(name, version, {"approved_by": who})
+        hook.set_version_tags(name, version, {"decided_by": who})
         return result

@@ -1,0 +1,146 @@
+"""The train DAG end to end with ``dag.test()``: real AutoGluon, real MLflow (SQLite), local lake."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conveyor import settings
+from helpers import churn_csv, ingest_and_validate, write_drop
+
+pytestmark = pytest.mark.slow
+
+
+def train_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["churn__train"]
+
+
+def states(run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A private MLflow store; returns the hook."""
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
+    return MlflowRegistryHook()
+
+
+@pytest.fixture
+def dataset(lake):
+    write_drop(lake, "d1", {"customers.csv": churn_csv(1200)})
+    ingested, _ = ingest_and_validate("d1", run_id="ingest-run")
+    return ingested["version"]
+
+
+def versions(registry) -> list:
+    return registry.client.search_model_versions("name='churn'")
+
+
+def pipeline_variant(tmp_path, monkeypatch, old: str, new: str) -> None:
+    """Point Conveyor at a copy of include/ whose churn.yaml has one change."""
+    include = tmp_path / "include"
+    shutil.copytree(settings.include_dir(), include)
+    spec = (include / "pipelines" / "churn.yaml").read_text()
+    assert old in spec
+    (include / "pipelines" / "churn.yaml").write_text(spec.replace(old, new))
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+
+
+def test_train_twice_registers_gates_against_the_champion_and_promotes(airflow_db, lake, registry, dataset,
+                                                                       tmp_path, monkeypatch):
+    # Two short trainings can differ a little; let the second pass as long as it is within 0.5.
+    pipeline_variant(tmp_path, monkeypatch, "min_improvement: 0.0", "min_improvement: -0.5")
+    dag = train_dag()
+    first = dag.test(run_conf={"time_limit": 15})
+    assert str(first.state) == "success", states(first)
+    champion = registry.champion("churn")
+    assert champion is not None and str(champion.version) == "1"
+    assert champion.tags["approval_status"] == "Approved"
+    assert champion.tags["dataset_version"] == dataset and champion.tags["code_version"].startswith("c-")
+    reports = lake.reports("churn", first.run_id)
+    metrics = json.loads((reports / "evaluation" / "metrics.json").read_text())
+    assert 0.6 < metrics["roc_auc"] <= 1.0
+    assert (reports / "evaluation" / "index.html").exists() and (reports / "evaluation" / "confusion_matrix.png").exists()
+    gate = json.loads((reports / "gate" / "gate.json").read_text())
+    assert gate["passed"] and gate["champion"] is None
+    split = json.loads((lake.models("churn", first.run_id) / "split" / "split.json").read_text())
+    assert split["dataset_version"] == dataset and split["seed"] == 42
+    run = registry.client.get_run(champion.run_id)
+    assert run.data.tags["gate_decision"] == "passed" and "test_roc_auc" in run.data.metrics
+
+    second = dag.test(run_conf={"time_limit": 15, "dataset_version": dataset})
+    assert str(second.state) == "success", states(second)
+    gate = json.loads((lake.reports("churn", second.run_id) / "gate" / "gate.json").read_text())
+    assert gate["champion_version"] == "1" and gate["champion"]["roc_auc"] > 0.6
+    assert any("champion v1" in reason for reason in gate["reasons"])
+    assert str(registry.champion("churn").version) == "2"
+    assert len(versions(registry)) == 2
+
+
+def test_rejected_model_is_not_registered(airflow_db, lake, registry, dataset, tmp_path, monkeypatch):
+    pipeline_variant(tmp_path, monkeypatch, "roc_auc: 0.70", "roc_auc: 0.999")
+    run = train_dag().test(run_conf={"time_limit": 10})
+    assert str(run.state) == "success"  # on_reject: skip
+    assert states(run)["gate"] == "skipped" and states(run)["register"] == "skipped"
+    assert versions(registry) == []
+    gate = json.loads((lake.reports("churn", run.run_id) / "gate" / "gate.json").read_text())
+    assert not gate["passed"] and "roc_auc" in gate["reasons"][0] and "0.999" in gate["reasons"][0]
+    (mlflow_run,) = registry.client.search_runs([registry.experiment_id("churn")])
+    assert mlflow_run.data.tags["gate_decision"] == "rejected"
+
+
+def test_crashing_training_script_fails_the_run_and_registers_nothing(airflow_db, lake, registry, dataset, tmp_path,
+                                                                      monkeypatch):
+    include = tmp_path / "include"
+    shutil.copytree(settings.include_dir(), include)
+    script = include / "training" / "autogluon_tabular" / "train.py"
+    script.write_text("import sys\nfor i in range(40):\n    print(f'epoch {i}')\nraise RuntimeError('disk on fire')\n")
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    run = train_dag().test(run_conf={"time_limit": 10})
+    assert str(run.state) == "failed"
+    assert states(run)["train"] == "failed"
+    assert states(run)["register"] in {"upstream_failed", "None"}
+    assert versions(registry) == []
+    assert not (lake.models("churn", run.run_id) / "model.tar.gz").exists()
+
+
+def test_crash_message_carries_the_log_tail(lake, registry, dataset, tmp_path, monkeypatch):
+    from conveyor.backends.local import TrainingFailed
+    from conveyor.operators.train import SplitDatasetOperator, TrainModelOperator
+    from helpers import context
+
+    include = tmp_path / "include"
+    shutil.copytree(settings.include_dir(), include)
+    (include / "training" / "autogluon_tabular" / "train.py").write_text(
+        "for i in range(40):\n    print(f'step {i}')\nraise RuntimeError('disk on fire')\n"
+    )
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    split = SplitDatasetOperator(task_id="split", pipeline="churn").execute(context("r1"))
+    with pytest.raises(TrainingFailed) as err:
+        TrainModelOperator(task_id="train", pipeline="churn", split=split, time_limit=10).execute(context("r1"))
+    message = str(err.value)
+    assert "exit code 1" in message and "RuntimeError: disk on fire" in message and "step 39" in message
+    assert "step 0\n" not in message  # the tail, not the whole log
+
+
+def test_time_budget_of_zero_is_refused(airflow_db, lake, registry, dataset):
+    from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
+
+    from conveyor.operators.train import TrainModelOperator
+    from helpers import context
+
+    with pytest.raises(ParamValidationError, match="time_limit"):
+        train_dag().test(run_conf={"time_limit": 0})
+    split = {"dataset_version": dataset, "parts": {}}
+    with pytest.raises(AirflowFailException, match="rule 'time_limit > 0'"):
+        TrainModelOperator(task_id="train", pipeline="churn", split=split, time_limit=0).execute(context("r0"))

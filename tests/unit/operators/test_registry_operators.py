@@ -1,0 +1,208 @@
+"""Register and approve operators against a real MLflow SQLite store (one per test, copied from a template)."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from conveyor.hooks.mlflow_registry import APPROVED, PENDING, REJECTED, STATUS_TAG, MlflowRegistryHook
+from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
+from helpers import context
+
+MODEL = {
+    "model_uri": "file:///lake/models/churn/manual__1/model.tar.gz",
+    "dataset_version": "v-0123456789abcdef0123",
+    "code_version": "c0ffee",
+}
+ANA = {"id": "1", "name": "ana"}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """An initialised, empty MLflow SQLite database (MLflow's first initialisation takes seconds)."""
+    root = tmp_path_factory.mktemp("mlflow-template")
+    MlflowRegistryHook(f"sqlite:///{root}/mlflow.db").client.search_experiments()
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def store(template, tmp_path, monkeypatch):
+    """This test's own MLflow store: (tracking URI, hook)."""
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copy(template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return SimpleNamespace(uri=uri, hook=MlflowRegistryHook(uri))
+
+
+def gate_result(store, run_id: str) -> dict[str, Any]:
+    """What the gate task returns: at least the MLflow run it opened for this Airflow run."""
+    mlflow_run = store.hook.ensure_run("churn", run_id, run_name=run_id, tags={"pipeline": "churn"})
+    return {"passed": True, "mlflow_run_id": mlflow_run}
+
+
+def register(store, run_id: str = "manual__1", **kwargs: Any) -> dict[str, Any]:
+    op = RegisterModelOperator(task_id="register", pipeline="churn", model=MODEL, gate=gate_result(store, run_id),
+                               tracking_uri=store.uri, **kwargs)
+    return op.execute(context(run_id))
+
+
+def versions(store) -> list:
+    return store.hook.client.search_model_versions("name='churn'")
+
+
+def champion_version(store) -> str | None:
+    champion = store.hook.champion("churn")
+    return None if champion is None else str(champion.version)
+
+
+# --- RegisterModelOperator -------------------------------------------------------------------------
+
+
+def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
+    gate = gate_result(store, "manual__1")
+    op = RegisterModelOperator(task_id="register", pipeline="churn", model=MODEL, gate=gate, deploy=False,
+                               tracking_uri=store.uri)
+    result = op.execute(context("manual__1"))
+    assert result == {"model_name": "churn", "version": "1", "mlflow_run_id": gate["mlflow_run_id"],
+                      "model_uri": MODEL["model_uri"]}
+    version = store.hook.version("churn", "1")
+    assert version.source == MODEL["model_uri"] and version.run_id == gate["mlflow_run_id"]
+    assert version.tags == {
+        STATUS_TAG: PENDING, "dataset_version": MODEL["dataset_version"], "code_version": "c0ffee",
+        "backend": "local", "gate_decision": "passed", "conveyor_run_id": "manual__1", "deploy": "false",
+    }
+    assert store.hook.client.get_run(gate["mlflow_run_id"]).info.status == "FINISHED"
+    assert champion_version(store) is None
+
+
+def test_register_twice_in_one_run_is_one_version(store):
+    first = register(store, "manual__1")
+    second = register(store, "manual__1")
+    assert first == second and first["version"] == "1"
+    assert len(versions(store)) == 1
+
+
+def test_a_later_run_registers_the_next_version(store):
+    assert register(store, "manual__1")["version"] == "1"
+    assert register(store, "manual__2")["version"] == "2"
+    assert len(versions(store)) == 2
+
+
+# --- AutoApproveOperator ---------------------------------------------------------------------------
+
+
+def test_auto_approve_promotes_the_version(store):
+    registration = register(store)
+    result = AutoApproveOperator(task_id="approve", registration=registration, tracking_uri=store.uri).execute(
+        context("manual__1")
+    )
+    assert result == {"model_name": "churn", "version": "1", "status": APPROVED, "approved_by": "auto"}
+    assert champion_version(store) == "1"
+    assert store.hook.version("churn", "1").tags[STATUS_TAG] == APPROVED
+
+
+def test_auto_approve_of_a_later_version_moves_the_champion(store):
+    for run_id in ("manual__1", "manual__2"):
+        registration = register(store, run_id)
+        AutoApproveOperator(task_id="approve", registration=registration, tracking_uri=store.uri).execute(
+            context(run_id)
+        )
+    assert champion_version(store) == "2"
+
+
+# --- ModelApprovalOperator -------------------------------------------------------------------------
+
+
+class FakeTI:
+    def __init__(self, registration: dict[str, Any]):
+        self.registration = registration
+        self.pulled: list[Any] = []
+
+    def xcom_pull(self, task_ids: Any = None, **kwargs: Any) -> Any:
+        self.pulled.append(task_ids)
+        return self.registration if task_ids == "register" else None
+
+
+def approval_op(store, **kwargs: Any) -> ModelApprovalOperator:
+    return ModelApprovalOperator(task_id="approve", subject="Approve churn model version 1?", body="gate PASSED",
+                                 tracking_uri=store.uri, **kwargs)
+
+
+def answer(option: str, user: dict[str, str] | None = ANA) -> dict[str, Any]:
+    return {"chosen_options": [option], "params_input": {}, "responded_by_user": user,
+            "responded_at": datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)}
+
+
+def approval_context(op: ModelApprovalOperator, registration: dict[str, Any]) -> dict[str, Any]:
+    return {**context("manual__1"), "ti": FakeTI(registration), "task": op}
+
+
+def test_a_person_approving_promotes_the_version(store):
+    registration = register(store)
+    op = approval_op(store)
+    ctx = approval_context(op, registration)
+    result = op.execute_complete(ctx, answer("Approve"))
+    assert result["chosen_options"] == ["Approve"]
+    assert ctx["ti"].pulled == ["register"]
+    tags = store.hook.version("churn", "1").tags
+    assert tags[STATUS_TAG] == APPROVED
+    assert tags["decided_by"] == "ana"
+    assert champion_version(store) == "1"
+
+
+def test_decided_by_is_the_persons_name(store):
+    registration = register(store)
+    op = approval_op(store)
+    op.execute_complete(approval_context(op, registration), answer("Approve"))
+    assert store.hook.version("churn", "1").tags["decided_by"] == "ana"
+
+
+def test_a_person_rejecting_leaves_the_champion_alone_and_skips_downstream(store, monkeypatch):
+    from airflow.sdk import DAG
+    from airflow.providers.standard.operators.empty import EmptyOperator
+
+    first = register(store, "manual__1")
+    AutoApproveOperator(task_id="approve", registration=first, tracking_uri=store.uri).execute(context("manual__1"))
+    second = register(store, "manual__2")
+    with DAG("churn__train_test", schedule=None):
+        op = approval_op(store)
+        deploy = EmptyOperator(task_id="deploy")
+        op >> deploy
+    skipped: list[dict[str, Any]] = []
+    monkeypatch.setattr(op, "skip", lambda **kwargs: skipped.append(kwargs))
+    ctx = approval_context(op, second)
+    result = op.execute_complete(ctx, answer("Reject"))
+    assert result["chosen_options"] == ["Reject"]
+    assert store.hook.version("churn", "2").tags[STATUS_TAG] == REJECTED
+    assert "ana" in store.hook.version("churn", "2").tags["decided_by"]
+    assert champion_version(store) == "1"
+    assert store.hook.version("churn", "1").tags[STATUS_TAG] == APPROVED
+    assert len(skipped) == 1 and skipped[0]["ti"] is ctx["ti"]
+    assert [task.task_id for task in skipped[0]["tasks"]] == ["deploy"]
+
+
+def test_a_timed_out_request_changes_nothing_in_the_registry(store):
+    from airflow.providers.standard.exceptions import HITLTimeoutError
+
+    registration = register(store)
+    op = approval_op(store)
+    event = {"error": "no answer within 1 day", "error_type": "timeout"}
+    with pytest.raises(HITLTimeoutError):
+        op.execute_complete(approval_context(op, registration), event)
+    tags = store.hook.version("churn", "1").tags
+    assert tags[STATUS_TAG] == PENDING and "decided_by" not in tags
+    assert champion_version(store) is None
+
+
+def test_an_answer_that_is_not_an_option_changes_nothing(store):
+    registration = register(store)
+    op = approval_op(store)
+    with pytest.raises(ValueError, match="Maybe"):
+        op.execute_complete(approval_context(op, registration), answer("Maybe"))
+    assert store.hook.version("churn", "1").tags[STATUS_TAG] == PENDING
+    assert champion_version(store) is None
