@@ -59,7 +59,7 @@ class GateModelOperator(BaseOperator):
                     self.log.warning("Champion v%s cannot score this test set (%s): judged on thresholds only",
                                      champion.version, exc)
             decision = decide(spec.gate, self.evaluation["metrics"], champion_metrics,
-                              champion.version if champion is not None else None)
+                              str(champion.version) if champion is not None else None)
             report_context = {"pipeline": self.pipeline, "run": run_id, "model": self.model["model_uri"],
                               "dataset version": self.model["dataset_version"]}
             write_report(scratch / "gate", decision, report_context)
