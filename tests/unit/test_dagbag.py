@@ -72,3 +72,27 @@ def test_invalid_pipeline_is_one_import_error_and_others_still_load(tmp_path, mo
     assert len(bag.import_errors) == 1
     (message,) = bag.import_errors.values()
     assert "typo.yaml" in message and "trainer.time_limt" in message
+
+
+def test_train_dag_shape_params_and_schedule():
+    dag = dagbag().dags["churn__train"]
+    assert [t.task_id for t in dag.topological_sort()] == ["split", "train", "evaluate", "gate", "register", "approve"]
+    assert set(dag.params) == {"dataset_version", "time_limit", "presets", "deploy"}
+    assert dag.params.get_param("time_limit").schema["minimum"] == 1
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert "churn.dataset" in repr(dag.timetable.asset_condition)
+    assert type(dag.get_task("approve")).__name__ == "AutoApproveOperator"
+    assert dag.get_task("train").execution_timeout is not None
+
+
+def test_manual_approval_waits_for_a_person(tmp_path, monkeypatch):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    include = tmp_path / "include"
+    shutil.copytree(PROJECT / "include" / "pipelines", include / "pipelines")
+    path = include / "pipelines" / "churn.yaml"
+    path.write_text(path.read_text().replace("approval: auto", "approval: manual"))
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    approve = dagbag().dags["churn__train"].get_task("approve")
+    assert isinstance(approve, ApprovalOperator)
+    assert "register" in approve.subject and "summary_md" in approve.body
