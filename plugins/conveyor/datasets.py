@@ -155,13 +155,14 @@ def version_of(entries: list[dict[str, Any]]) -> str:
 
 def copy_drop(
     lake: Lake, spec: "PipelineSpec", drop: str, files: list[tuple[str, "ObjectStoragePath"]],
-    entries: list[dict[str, Any]], version: str, run_id: str,
+    entries: list[dict[str, Any]], version: str, run_id: str, extra: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Copy a profiled drop into ``raw/<pipeline>/<version>/`` and write its manifest last.
 
     Every copy is hashed as it is written and compared with the profile; a mismatch means the
     landing bytes changed under us, which a retry repairs (the same names are written again).
 
+    :param extra: derived files written beside ``data/`` before the manifest (e.g. the image table).
     :return: the manifest.
     """
     target = lake.raw(spec.name, version)
@@ -171,7 +172,9 @@ def copy_drop(
         expected = by_rel[rel]
         if sha != expected["sha256"] or size != expected["bytes"]:
             raise ConveyorError(f"{path}: changed while being ingested (sha256 {sha} != {expected['sha256']})")
-    schema = entries[0]["schema"]
+    for name, payload in (extra or {}).items():
+        (target / name).write_bytes(payload)
+    schema = entries[0]["schema"] if spec.data.format != "images" else {"image_table": "images.parquet"}
     manifest = {
         "pipeline": spec.name,
         "version": version,
@@ -215,6 +218,9 @@ def read_table(lake: Lake, manifest: dict[str, Any], spec: "PipelineSpec", colum
     """
     import pandas as pd
 
+    if manifest["format"] == "images":
+        with (lake.raw(manifest["pipeline"], manifest["version"]) / "images.parquet").open("rb") as handle:
+            return pd.read_parquet(handle, columns=columns)
     base = lake.raw(manifest["pipeline"], manifest["version"]) / "data"
     frames = []
     for entry in manifest["files"]:

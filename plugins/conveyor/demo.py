@@ -3,8 +3,12 @@
 Binary label ``churned`` (``yes``/``no``) driven by contract, tenure, charges and support calls
 through a logistic model with noise, numeric and categorical columns, and some nulls.
 
+And a small image-classification set, ``shapes``: circles, squares and triangles of random size,
+colour and position on noisy backgrounds, as PNG and JPEG files in an ImageFolder layout.
+
 Command line: ``python -m conveyor.demo drop --rows 5000 --drop 2026-01-01`` writes a complete
-drop (data file and ``_SUCCESS`` marker) into ``landing/churn/`` of the configured lake.
+drop (data file and ``_SUCCESS`` marker) into ``landing/churn/`` of the configured lake;
+``python -m conveyor.demo images --per-class 60`` does the same for ``landing/shapes/``.
 """
 
 from __future__ import annotations
@@ -88,6 +92,61 @@ def write_drop(rows: int, drop: str, seed: int = 7, pipeline: str = "churn", fmt
     return str(target)
 
 
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(shape: str, size: int, rng: Any) -> Any:
+    """One RGB PIL image of a shape on a noisy background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    background = rng.integers(0, 90, 3)
+    pixels = np.clip(background + rng.normal(0, 18, (size, size, 3)), 0, 255).astype("uint8")
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    extent = int(rng.integers(size // 3, int(size * 0.8)))
+    x0, y0 = (int(v) for v in rng.integers(0, size - extent, 2))
+    box = (x0, y0, x0 + extent, y0 + extent)
+    colour = tuple(int(v) for v in rng.integers(120, 256, 3))
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(x0 + extent // 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=colour)
+    return image
+
+
+def write_image_drop(per_class: int, drop: str, seed: int = 11, size: int = 64, pipeline: str = "shapes") -> str:
+    """Write a complete ImageFolder drop (``<class>/<n>.png|jpg``, then ``_SUCCESS``) into landing.
+
+    :param per_class: images per class.
+    :param drop: the drop's folder name.
+    :param seed: the generator seed.
+    :param size: image width and height in pixels.
+    :param pipeline: the pipeline whose landing zone receives it.
+    :return: the drop's URI.
+    """
+    import io
+
+    import numpy as np
+
+    from conveyor.lake import Lake
+
+    rng = np.random.default_rng(seed)
+    target = Lake.from_env().landing(pipeline, drop)
+    for shape in SHAPES:
+        (target / shape).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            image = shape_image(shape, size, rng)
+            buffer = io.BytesIO()
+            fmt = "JPEG" if n % 3 == 0 else "PNG"
+            image.save(buffer, fmt, quality=92) if fmt == "JPEG" else image.save(buffer, fmt)
+            (target / shape / f"{n:04d}.{'jpg' if fmt == 'JPEG' else 'png'}").write_bytes(buffer.getvalue())
+    (target / "_SUCCESS").write_bytes(b"")
+    return str(target)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,8 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     drop.add_argument("--drop", default="demo-0001", help="drop folder name")
     drop.add_argument("--seed", type=int, default=7, help="generator seed")
     drop.add_argument("--format", choices=["csv", "parquet"], default="csv", help="file format")
+    images = sub.add_parser("images", help="write a complete shapes image drop into landing")
+    images.add_argument("--per-class", type=int, default=60, help="images per class")
+    images.add_argument("--drop", default="demo-0001", help="drop folder name")
+    images.add_argument("--seed", type=int, default=11, help="generator seed")
     args = parser.parse_args(argv)
-    print(write_drop(args.rows, args.drop, args.seed, fmt=args.format))
+    if args.command == "images":
+        print(write_image_drop(args.per_class, args.drop, args.seed))
+    else:
+        print(write_drop(args.rows, args.drop, args.seed, fmt=args.format))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = {"csv": (".csv",), "parquet": (".parquet", ".pq")}
 
 
 def find_complete_drops(landing: "ObjectStoragePath", marker: str) -> list[str]:

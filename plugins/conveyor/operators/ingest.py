@@ -44,7 +44,14 @@ class IngestDropOperator(BaseOperator):
             files = drop_files(source, spec.data.marker)
             if not files:
                 raise DropRejected(f"{source}: rule 'data files': the drop holds nothing but its marker")
-            entries = profile_drop(files, spec, spec.ingest.chunk_bytes)
+            extra = None
+            if spec.data.format == "images":
+                from conveyor.images import TABLE, profile_image_drop, table_bytes
+
+                entries, table = profile_image_drop(files, spec, source)
+                extra = {TABLE: table_bytes(table)}
+            else:
+                entries = profile_drop(files, spec, spec.ingest.chunk_bytes)
         except DropRejected as exc:
             where = quarantine_drop(
                 lake, self.pipeline, self.drop, run_id,
@@ -55,7 +62,7 @@ class IngestDropOperator(BaseOperator):
         manifest = load_manifest(lake, self.pipeline, version)
         if manifest is None:
             self.log.info("Copying %s file(s) to dataset version %s", len(files), version)
-            manifest = copy_drop(lake, spec, self.drop, files, entries, version, run_id)
+            manifest = copy_drop(lake, spec, self.drop, files, entries, version, run_id, extra)
         else:
             self.log.info("Version %s already holds these bytes (from drop %s): not copied again", version, manifest["drop"])
         self.log.info("Dataset version %s: %s rows, %s bytes", version, manifest["rows"], manifest["bytes"])

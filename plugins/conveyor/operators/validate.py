@@ -59,13 +59,20 @@ class ValidateDatasetOperator(BaseOperator):
         suite = load_suite(spec.suite_name)
         self.log.info("Validating %s (%s rows) against suite %s", self.version, manifest["rows"], suite["name"])
         frame = read_table(lake, manifest, spec)
+        extra: dict[str, Any] = {}
+        problems: list[str] = []
+        if spec.data.format == "images":
+            frame, extra, problems = self.judge_images(frame, spec)
         report_dir = lake.reports(self.pipeline, run_id) / "validation"
         with tempfile.TemporaryDirectory(prefix="conveyor-docs-") as tmp:
             outcome = validate_frame(frame, suite, run_name=f"{self.pipeline}-{self.version}", docs_dir=Path(tmp))
             upload_tree(Path(tmp), report_dir)
         del frame
+        if problems:
+            outcome.success = False
+            outcome.failures = problems + outcome.failures
         report = {"pipeline": self.pipeline, "drop": self.drop, "version": self.version, "run_id": run_id,
-                  "suite": suite["name"], **outcome.to_dict()}
+                  "suite": suite["name"], **extra, **outcome.to_dict()}
         write_json(report_dir / "result.json", report)
         report_uri = str(report_dir / "index.html")
         self.log.info("Validation report: %s", report_uri)
@@ -83,3 +90,29 @@ class ValidateDatasetOperator(BaseOperator):
         mark_processed(lake, self.pipeline, self.drop, receipt)
         context["outlet_events"][dataset_asset(self.pipeline)].extra = {"version": self.version, "rows": manifest["rows"]}
         return {"version": self.version, "rows": manifest["rows"], "report": report_uri, "statistics": outcome.statistics}
+
+    def judge_images(self, frame: Any, spec: Any) -> tuple[Any, dict[str, Any], list[str]]:
+        """Add the per-image checks, apply the tolerated share of bad files, keep the decodable rows.
+
+        :return: the rows GX validates, report sections (classes, corrupt files), problems found.
+        """
+        from conveyor.images import class_report, with_checks
+
+        frame = with_checks(frame)
+        bad = frame[~frame["decodes"]]
+        corrupt = [{"path": p, "error": e} for p, e in zip(bad["path"], bad["error"])]
+        good = frame[frame["decodes"]].reset_index(drop=True)
+        extra = {"classes": class_report(good), "corrupt_files": corrupt}
+        self.log.info("Images per class: %s", extra["classes"])
+        share = len(bad) / max(len(frame), 1)
+        problems = []
+        if share > spec.data.max_bad_file_share:
+            problems.append(
+                f"{len(bad)} of {len(frame)} image(s) ({share:.1%}) do not decode; tolerated: "
+                f"{spec.data.max_bad_file_share:.1%}"
+            )
+            problems += [f"corrupt image {item['path']}: {item['error']}" for item in corrupt]
+        elif corrupt:
+            self.log.warning("%s corrupt image(s) within the tolerated share; they are left out: %s",
+                             len(corrupt), [item["path"] for item in corrupt])
+        return good, extra, problems
