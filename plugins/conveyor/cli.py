@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from conveyor import settings
 
@@ -71,44 +72,62 @@ def next_drop_name(pipeline: str) -> str:
     return f"demo-{n:04d}"
 
 
-def demo(rows: int, time_limit: int) -> None:
-    import json
-
+def ingest_demo(pipeline: str, write: Any) -> str:
+    """Drop generated data into a pipeline's landing zone and run its ingest DAG; returns the version."""
     from conveyor.datasets import latest_version, load_manifest
-    from conveyor.demo import write_drop
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
     from conveyor.lake import Lake, read_json
 
     lake = Lake.from_env()
-    drop = next_drop_name("churn")
-    say(f"Writing {rows} rows of generated churn data as drop {drop} into {lake.uri('landing', 'churn')}")
-    write_drop(rows, drop)
-    run_dag("churn__ingest", settings.state_dir() / "logs")
-    version = latest_version(lake, "churn")
+    drop = next_drop_name(pipeline)
+    say(f"Writing generated {pipeline} data as drop {drop} into {lake.uri('landing', pipeline)}")
+    write(drop)
+    run_dag(f"{pipeline}__ingest", settings.state_dir() / "logs")
+    version = latest_version(lake, pipeline)
     if version is None:
-        raise SystemExit("The ingest run succeeded but published no dataset version")
-    manifest = load_manifest(lake, "churn", version)
-    validated = read_json(lake.raw("churn", version) / "validation.json")
+        raise SystemExit(f"The {pipeline} ingest run succeeded but published no dataset version")
+    manifest = load_manifest(lake, pipeline, version)
+    validated = read_json(lake.raw(pipeline, version) / "validation.json")
     print(f"    dataset version : {version} ({manifest['rows']} rows, {manifest['bytes']} bytes)")
     print(f"    data docs       : {validated['report']}")
+    return version
 
-    say(f"Training on {version} with AutoGluon ({time_limit}s budget), then evaluate, gate, register, approve")
-    run_dag("churn__train", settings.state_dir() / "logs", conf=json.dumps({"time_limit": time_limit}))
+
+def train_demo(pipeline: str, version: str, time_limit: int, shown: tuple[str, ...]) -> None:
+    """Run a pipeline's train DAG and print the registered model, its metrics and its reports."""
+    import json
+
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.lake import Lake, read_json
+
+    say(f"Training {pipeline} on {version} ({time_limit}s budget), then evaluate, gate, register, approve")
+    run_dag(f"{pipeline}__train", settings.state_dir() / "logs", conf=json.dumps({"time_limit": time_limit}))
     hook = MlflowRegistryHook()
-    champion = hook.champion("churn")
+    champion = hook.champion(pipeline)
     if champion is None:
-        raise SystemExit("The train run succeeded but no model is champion: see the gate report")
-    run_id = champion.tags.get("conveyor_run_id", "")
-    reports = lake.reports("churn", run_id)
+        raise SystemExit(f"The {pipeline} train run succeeded but no model is champion: see the gate report")
+    reports = Lake.from_env().reports(pipeline, champion.tags.get("conveyor_run_id", ""))
     metrics = read_json(reports / "evaluation" / "metrics.json")
-    shown = {k: round(metrics[k], 4) for k in ("roc_auc", "accuracy", "balanced_accuracy", "f1") if k in metrics}
-    say("Done.")
-    print(f"    registered model: churn version {champion.version} ({champion.tags.get('approval_status')}, alias champion)")
-    print(f"    test metrics    : {shown}")
+    print(f"    registered model: {pipeline} version {champion.version} ({champion.tags.get('approval_status')}, "
+          "alias champion)")
+    print(f"    test metrics    : {({k: round(metrics[k], 4) for k in shown if k in metrics})}")
     print(f"    evaluation      : {reports / 'evaluation' / 'index.html'}")
     print(f"    gate            : {reports / 'gate' / 'index.html'}")
     print(f"    model artifact  : {champion.source}")
-    print(f"    MLflow store    : {hook.tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {hook.tracking_uri})")
+
+
+def demo(rows: int, time_limit: int, images: bool) -> None:
+    from conveyor.demo import write_drop, write_image_drop
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+
+    version = ingest_demo("churn", lambda drop: write_drop(rows, drop))
+    train_demo("churn", version, time_limit, ("roc_auc", "accuracy", "balanced_accuracy", "f1"))
+    if images:
+        version = ingest_demo("shapes", lambda drop: write_image_drop(40, drop))
+        train_demo("shapes", version, 180, ("accuracy", "balanced_accuracy", "f1_macro"))
+    uri = MlflowRegistryHook().tracking_uri
+    say("Done.")
+    print(f"    MLflow store    : {uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {uri})")
+    print("    Airflow UI      : make ui  (trigger runs by hand, approve models)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     demo_cmd = sub.add_parser("demo", help="run the demo pipeline on the embedded default")
     demo_cmd.add_argument("--rows", type=int, default=5000, help="rows of demo data to generate")
-    demo_cmd.add_argument("--time-limit", type=int, default=60, help="training budget in seconds")
+    demo_cmd.add_argument("--time-limit", type=int, default=45, help="tabular training budget in seconds")
+    demo_cmd.add_argument("--no-images", action="store_true", help="skip the image pipeline")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        demo(args.rows, args.time_limit)
+        demo(args.rows, args.time_limit, not args.no_images)
 
 
 if __name__ == "__main__":

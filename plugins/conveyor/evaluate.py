@@ -68,6 +68,46 @@ def permutation_importance(model: Any, frame: Any, spec: "PipelineSpec", metric:
     return importance
 
 
+def read_image_part(lake: Lake, pipeline: str, run_id: str, part: str, scratch: Path) -> Any:
+    """An image part of a run's split as a frame of local image paths and labels."""
+    import pandas as pd
+
+    from conveyor.lake import as_local_folder
+
+    folder = as_local_folder(lake.models(pipeline, run_id) / "split" / part, scratch)
+    frame = pd.read_csv(folder / "manifest.csv")
+    frame["path"] = [str(folder / rel) for rel in frame["path"]]
+    return frame
+
+
+def misclassified_grid(test: Any, y_pred: Any, proba: Any, out: Path, limit: int = 16) -> str:
+    """Save a grid of the most confidently misclassified images; returns the HTML that shows it."""
+    import html
+
+    from PIL import Image, ImageDraw
+
+    wrong = [i for i, (truth, guess) in enumerate(zip(test["label"], y_pred)) if str(truth) != str(guess)]
+    if not wrong:
+        return "<p>No test image was misclassified.</p>"
+    confidence = {i: float(proba.iloc[i].max()) if proba is not None else 0.0 for i in wrong}
+    worst = sorted(wrong, key=lambda i: -confidence[i])[:limit]
+    tile, columns = 96, 4
+    rows = (len(worst) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * tile, rows * (tile + 28)), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, i in enumerate(worst):
+        with Image.open(test["path"].iloc[i]) as image:
+            thumb = image.convert("RGB").resize((tile, tile))
+        x, y = (n % columns) * tile, (n // columns) * (tile + 28)
+        grid.paste(thumb, (x, y))
+        draw.text((x + 2, y + tile + 1), f"true {test['label'].iloc[i]}"[:16], fill="black")
+        draw.text((x + 2, y + tile + 13), f"pred {y_pred[i]} {confidence[i]:.2f}"[:16], fill="darkred")
+    out.mkdir(parents=True, exist_ok=True)
+    grid.save(out / "misclassified.png")
+    names = ", ".join(html.escape(str(test["path"].iloc[i]).rsplit("/", 1)[-1]) for i in worst)
+    return f'<img src="misclassified.png" alt="misclassified test images"><p>{names}</p>'
+
+
 def evaluate_model(
     lake: Lake, spec: "PipelineSpec", run_id: str, model_uri: str, workdir: Path, title: str,
     report: bool = True,
@@ -88,7 +128,11 @@ def evaluate_model(
     from conveyor.splits import read_part
 
     model = LoadedModel(fetch(model_uri, workdir / "model", lake.conn_id))
-    test = read_part(lake, spec.name, run_id, "test")
+    images = spec.data.format == "images"
+    if images:
+        test = read_image_part(lake, spec.name, run_id, "test", workdir / "test")
+    else:
+        test = read_part(lake, spec.name, run_id, "test")
     y_true = test[spec.data.label].to_numpy()
     y_pred, proba = predictions(model, test)
     classes = model.metadata.get("class_labels")
@@ -96,7 +140,8 @@ def evaluate_model(
     metrics = compute_metrics(spec.data.problem_type, y_true, y_pred, proba, classes, positive)
     out = workdir / "report"
     if report:
-        importance = permutation_importance(model, test, spec, spec.gate.metric)
+        importance = {} if images else permutation_importance(model, test, spec, spec.gate.metric)
+        sections = [("Worst misclassified test images", misclassified_grid(test, y_pred, proba, out))] if images else None
         context = {
             "pipeline": spec.name,
             "run": run_id,
@@ -106,5 +151,6 @@ def evaluate_model(
             "test rows": len(test),
         }
         write_evaluation_report(out, metrics, spec.data.problem_type, y_true, y_pred, proba, classes, positive,
-                                feature_importance=importance or None, title=f"{spec.name}: {title}", context=context)
+                                feature_importance=importance or None, title=f"{spec.name}: {title}", context=context,
+                                extra_sections=sections)
     return {"metrics": metrics, "metadata": model.metadata, "report_dir": out}

@@ -97,17 +97,30 @@ def train_schedule(spec: PipelineSpec) -> Any:
     return assets or cron
 
 
-def train_dag(spec: PipelineSpec) -> DAG:
-    """``<name>__train``: split, train, evaluate, gate, register, approve."""
+def train_params(spec: PipelineSpec) -> dict[str, Any]:
+    """The form a person fills in to train by hand."""
     from airflow.sdk import Param
 
+    params = {
+        "dataset_version": Param("", type="string", title="Dataset version",
+                                 description="Empty: the version that triggered the run, else the latest validated"),
+        "time_limit": Param(spec.trainer.time_limit, type="integer", minimum=1, title="Time budget (seconds)"),
+        "deploy": Param(spec.deploy.endpoint.enabled, type="boolean", title="Deploy once approved"),
+    }
+    if spec.trainer.kind == "autogluon":
+        presets = ["medium_quality", "good_quality", "high_quality", "best_quality", "optimize_for_deployment"]
+        if spec.trainer.presets not in presets:
+            presets.append(spec.trainer.presets)
+        params["presets"] = Param(spec.trainer.presets, enum=presets, title="AutoGluon presets")
+    return params
+
+
+def train_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__train``: split, train, evaluate, gate, register, approve."""
     from conveyor.operators.gate import GateModelOperator
     from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
     from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
 
-    presets = ["medium_quality", "good_quality", "high_quality", "best_quality", "optimize_for_deployment"]
-    if spec.trainer.presets not in presets:
-        presets.append(spec.trainer.presets)
     xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
     with DAG(
         dag_id=f"{spec.name}__train",
@@ -119,13 +132,7 @@ def train_dag(spec: PipelineSpec) -> DAG:
         render_template_as_native_obj=True,
         tags=tags(spec, "train"),
         default_args=default_args(spec),
-        params={
-            "dataset_version": Param("", type="string", title="Dataset version",
-                                     description="Empty: the version that triggered the run, else the latest validated"),
-            "time_limit": Param(spec.trainer.time_limit, type="integer", minimum=1, title="Time budget (seconds)"),
-            "presets": Param(spec.trainer.presets, enum=presets, title="Presets"),
-            "deploy": Param(spec.deploy.endpoint.enabled, type="boolean", title="Deploy once approved"),
-        },
+        params=train_params(spec),
         doc_md=f"""
 ### {spec.name}: train
 Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain schedule
@@ -146,7 +153,7 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
         split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}")
         train = TrainModelOperator(
             task_id="train", pipeline=spec.name, split=xcom("split"),
-            time_limit="{{ params.time_limit }}", presets="{{ params.presets }}",
+            time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
             execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
         )
         evaluate = EvaluateModelOperator(task_id="evaluate", pipeline=spec.name, model=xcom("train"))

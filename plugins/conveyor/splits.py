@@ -106,6 +106,8 @@ def write_split(lake: Lake, spec: "PipelineSpec", version: str, run_id: str, fra
     :param run_id: the Airflow run.
     :param frame: the dataset as a pandas DataFrame.
     """
+    if spec.data.format == "images":
+        frame = frame[frame["decodes"]].reset_index(drop=True)  # corrupt images within tolerance stay out
     check_splittable(frame, spec, version)
     parts = split_frame(frame, spec, version)
     for name, part in parts.items():
@@ -113,6 +115,9 @@ def write_split(lake: Lake, spec: "PipelineSpec", version: str, run_id: str, fra
             raise SplitError(f"dataset {version}: rule 'every part holds 2 classes': the {name} part does not")
     root = lake.models(spec.name, run_id) / "split"
     for name, part in parts.items():
+        if spec.data.format == "images":
+            write_image_channel(lake, spec.name, version, part, root / name)
+            continue
         buffer = io.BytesIO()
         part.to_parquet(buffer, index=False)
         target = root / name / "data.parquet"
@@ -131,6 +136,16 @@ def write_split(lake: Lake, spec: "PipelineSpec", version: str, run_id: str, fra
     write_json(root / "split.json", record)
     log.info("Split %s: %s", version, {k: v["rows"] for k, v in record["parts"].items()})
     return record
+
+
+def write_image_channel(lake: Lake, pipeline: str, version: str, part: Any, target: Any) -> None:
+    """An image part as a training channel: the images and a ``manifest.csv`` (``path,label``)."""
+    from conveyor.lake import copy_verified
+
+    source = lake.raw(pipeline, version) / "data"
+    for rel in part["path"]:
+        copy_verified(source / rel, target / rel, 1 << 20)
+    (target / "manifest.csv").write_bytes(part[["path", "label"]].to_csv(index=False).encode())
 
 
 def read_part(lake: Lake, pipeline: str, run_id: str, part: str) -> Any:

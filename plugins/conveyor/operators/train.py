@@ -86,7 +86,19 @@ class TrainModelOperator(BaseOperator):
         self._backend: Any = None
 
     def trainer_args(self, spec: Any, time_limit: int, presets: str, num_gpus: int) -> list[str]:
+        """The training script's flags, from the spec (every hyperparameter is a flag)."""
         trainer = spec.trainer
+        if trainer.kind == "resnet":
+            args = ["--time-limit", str(time_limit), "--seed", str(spec.split.seed)]
+            for key, value in trainer.hyperparameters.items():
+                flag = "--" + key.replace("_", "-")
+                if value is True:
+                    args.append(flag)
+                elif value not in (False, None):
+                    args += [flag, str(value)]
+            if trainer.pretrained_weights:
+                args += ["--pretrained-weights", trainer.pretrained_weights]
+            return args
         args = [
             "--label", spec.data.label,
             "--problem-type", spec.data.problem_type,
