@@ -16,6 +16,7 @@ export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := False
 export MLFLOW_ENABLE_TELEMETRY := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help install demo test ui stop bench clean constraints
 
