@@ -51,7 +51,8 @@ def pack(model_dir: Path, code_dir: Path, metadata: dict[str, Any], target: Path
     :param target: the archive to write.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(target, "w:gz") as tar:
+    # Level 6, not tarfile's 9: forests pack ~15x faster for ~4% more bytes.
+    with tarfile.open(target, "w:gz", compresslevel=6) as tar:
         for path in sorted(model_dir.iterdir()):
             if path.name not in {"metadata.json", "code"}:
                 tar.add(path, arcname=path.name)

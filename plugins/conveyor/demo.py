@@ -34,14 +34,18 @@ def churn_frame(rows: int, seed: int = 7) -> Any:
     monthly = np.round(rng.normal(65, 25, rows).clip(18, 120) + np.where(internet == "fiber", 15, 0), 2)
     support_calls = rng.poisson(1.5, rows).clip(0, 12)
     age = rng.integers(18, 91, rows)
+    # Churn as it behaves in real subscription data: most of it in the first months, a jump once
+    # support calls pile up, expensive fibre plans on monthly contracts most at risk, and the
+    # youngest and oldest customers least loyal.
+    month_to_month = contract == "month-to-month"
     logit = (
-        -1.2
-        + np.select([contract == "month-to-month", contract == "one-year"], [1.6, 0.2], -1.0)
-        - 0.045 * tenure
-        + 0.018 * (monthly - 65)
-        + 0.35 * support_calls
-        + np.where(internet == "fiber", 0.4, 0.0)
-        - 0.01 * (age - 45)
+        -0.9
+        + np.select([month_to_month, contract == "one-year"], [1.4, 0.1], -1.2)
+        - 1.1 * np.log1p(tenure) / np.log(73) * 2
+        + 0.012 * (monthly - 65)
+        + np.where(support_calls >= 4, 1.3, 0.15 * support_calls)
+        + np.where((internet == "fiber") & (monthly > 85) & month_to_month, 1.1, 0.0)
+        + 0.0012 * (age - 45) ** 2 - 0.4
         + rng.normal(0, 0.6, rows)
     )
     churned = np.where(rng.random(rows) < 1 / (1 + np.exp(-logit)), "yes", "no")

@@ -169,7 +169,7 @@ class TrainModelOperator(BaseOperator):
             target = run_dir / "model.tar.gz"
             copy_verified(ObjectStoragePath(archive.as_uri()), target, 1 << 20)
             upload_tree(job.output_dir, run_dir / "output")
-        self.log.info("Model artifact: %s (%.1f MB)", target, archive.stat().st_size / 1e6 if archive.exists() else 0)
+            self.log.info("Model artifact: %s (%.1f MB)", target, archive.stat().st_size / 1e6)
         return {
             "model_uri": str(target),
             "code_version": metadata["code_version"],
