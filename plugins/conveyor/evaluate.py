@@ -108,6 +108,21 @@ def misclassified_grid(test: Any, y_pred: Any, proba: Any, out: Path, limit: int
     return f'<img src="misclassified.png" alt="misclassified test images"><p>{names}</p>'
 
 
+def save_predictions(path: Path, test: Any, spec: "PipelineSpec", y_pred: Any, proba: Any) -> None:
+    """The test set's predictions (id, truth, prediction, probabilities): what a deploy's smoke test
+    compares the endpoint's answers with."""
+    import pandas as pd
+
+    key = "path" if spec.data.format == "images" else spec.data.id_column
+    frame = pd.DataFrame({"row": range(len(test)), "truth": test[spec.data.label].to_numpy(), "prediction": y_pred})
+    if key and key in test:
+        frame.insert(1, "id", [str(v).rsplit("/", 1)[-1] if key == "path" else v for v in test[key]])
+    if proba is not None:
+        for label in proba.columns:
+            frame[f"proba_{label}"] = proba[label].to_numpy()
+    frame.to_parquet(path, index=False)
+
+
 def evaluate_model(
     lake: Lake, spec: "PipelineSpec", run_id: str, model_uri: str, workdir: Path, title: str,
     report: bool = True,
@@ -140,6 +155,8 @@ def evaluate_model(
     metrics = compute_metrics(spec.data.problem_type, y_true, y_pred, proba, classes, positive)
     out = workdir / "report"
     if report:
+        out.mkdir(parents=True, exist_ok=True)
+        save_predictions(out / "predictions.parquet", test, spec, y_pred, proba)
         importance = {} if images else permutation_importance(model, test, spec, spec.gate.metric)
         sections = [("Worst misclassified test images", misclassified_grid(test, y_pred, proba, out))] if images else None
         context = {

@@ -118,7 +118,13 @@ def train_params(spec: PipelineSpec) -> dict[str, Any]:
 def train_dag(spec: PipelineSpec) -> DAG:
     """``<name>__train``: split, train, evaluate, gate, register, approve."""
     from conveyor.operators.gate import GateModelOperator
-    from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
+    from conveyor.assets import model_asset
+    from conveyor.operators.registry import (
+        AutoApproveOperator,
+        ModelApprovalOperator,
+        PublishModelOperator,
+        RegisterModelOperator,
+    )
     from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
 
     xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
@@ -148,6 +154,7 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
    `reports/{spec.name}/<run>/gate/index.html`. On reject: **{spec.gate.on_reject}**.
 5. **register** — a new version of the MLflow model `{spec.name}` (`PendingManualApproval`).
 6. **approve** — **{spec.approval}**: approval sets `Approved` and moves the `champion` alias.
+7. **publish** — updates the `{spec.name}.model` Asset (version, deploy flag): it starts `{spec.name}__deploy`.
 """,
     ) as dag:
         split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}")
@@ -170,11 +177,115 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
                      "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
                 retries=0,
             )
-        split >> train >> evaluate >> gate >> register >> approve
+        publish = PublishModelOperator(task_id="publish", pipeline=spec.name, registration=xcom("register"),
+                                       deploy="{{ params.deploy }}", outlets=[model_asset(spec.name)])
+        split >> train >> evaluate >> gate >> register >> approve >> publish
     return dag
 
 
-BUILDERS = (ingest_dag, train_dag)
+def deploy_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__deploy``: roll an approved version out to the endpoint (smoke test, rollback)."""
+    from airflow.sdk import Param
+
+    from conveyor.assets import model_asset
+    from conveyor.operators.deploy import DeployEndpointOperator, ResolveModelOperator
+
+    endpoint = spec.deploy.endpoint.name or spec.name
+    with DAG(
+        dag_id=f"{spec.name}__deploy",
+        description=f"Roll an approved {spec.name} model out to the {endpoint} endpoint",
+        schedule=[model_asset(spec.name)],
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        tags=tags(spec, "deploy"),
+        default_args=default_args(spec),
+        params={"version": Param("champion", type="string", title="Version or alias",
+                                 description="A registered version number, or an alias such as champion")},
+        doc_md=f"""
+### {spec.name}: deploy
+Starts when a version is approved (the `{spec.name}.model` Asset, unless the training run said not
+to deploy), or by hand with a version number or alias.
+
+1. **resolve** — the registered version (it must be `Approved`).
+2. **deploy** — the `{endpoint}` endpoint (port {spec.deploy.endpoint.port}) keeps serving while
+   the new version loads beside the old one in every worker; held-out rows are scored on it and
+   compared with its evaluation; then traffic switches. Any failure rolls back and fails the run.
+""",
+    ) as dag:
+        resolve = ResolveModelOperator(task_id="resolve", pipeline=spec.name, version="{{ params.version }}")
+        deploy = DeployEndpointOperator(task_id="deploy", pipeline=spec.name,
+                                        model="{{ ti.xcom_pull(task_ids='resolve') }}")
+        resolve >> deploy
+    return dag
+
+
+def batch_schedule(spec: PipelineSpec) -> Any:
+    """Its schedule, or new inference data (the inference Asset), or either."""
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from conveyor.assets import inference_asset
+
+    cron = spec.deploy.batch.schedule
+    if cron:
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=inference_asset(spec.name))
+    return [inference_asset(spec.name)]
+
+
+def batch_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__batch_predict``: score new data with the live model into Parquet and a SQL table."""
+    from airflow.sdk import Param
+
+    from conveyor.assets import predictions_asset
+    from conveyor.operators.batch import BatchPredictOperator
+    from conveyor.operators.deploy import ResolveModelOperator
+
+    batch = spec.deploy.batch
+    table = batch.table or f"{spec.name}_predictions"
+    with DAG(
+        dag_id=f"{spec.name}__batch_predict",
+        description=f"Score new {spec.name} data in batch into Parquet and the {table} table",
+        schedule=batch_schedule(spec),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        tags=tags(spec, "batch"),
+        default_args=default_args(spec),
+        params={
+            "input": Param(batch.input or "", type="string", title="Input location",
+                           description="A file or folder URI; empty: the oldest complete drop in landing/"
+                                       f"{spec.name}/inference/ not scored yet"),
+            "model": Param("champion", type="string", title="Model version or alias"),
+        },
+        doc_md=f"""
+### {spec.name}: batch predict
+Runs on `{batch.schedule}`, when new inference data is announced (the `{spec.name}.inference`
+Asset), or by hand (input location, model version or alias).
+
+1. **resolve** — the model version (default: the `champion`).
+2. **score** — streams the input in chunks of {batch.chunk_rows} rows to {batch.workers} worker
+   processes, writes `predictions/{spec.name}/<run>/part-*.parquet` (then `_SUCCESS.json`) and
+   replaces this run's rows in the `{table}` table in one transaction; report in
+   `reports/{spec.name}/<run>/batch/`. Updates the `{spec.name}.predictions` Asset.
+""",
+    ) as dag:
+        resolve = ResolveModelOperator(task_id="resolve", pipeline=spec.name, version="{{ params.model }}")
+        score = BatchPredictOperator(task_id="score", pipeline=spec.name, input_uri="{{ params.input }}",
+                                     model="{{ ti.xcom_pull(task_ids='resolve') }}", outlets=[predictions_asset(spec.name)])
+        resolve >> score
+    return dag
+
+
+def build_for(spec: PipelineSpec) -> list[DAG]:
+    """The DAG family of one pipeline: what its spec turns on."""
+    dags = [ingest_dag(spec), train_dag(spec)]
+    if spec.deploy.endpoint.enabled:
+        dags.append(deploy_dag(spec))
+    if spec.deploy.batch.enabled:
+        dags.append(batch_dag(spec))
+    return dags
 
 
 class InvalidPipelinesDag(DAG):
@@ -200,8 +311,7 @@ def build_all(folder: Path | None = None) -> dict[str, DAG]:
     specs, errors = load_specs(folder or settings.pipelines_dir())
     dags: dict[str, DAG] = {}
     for spec in specs.values():
-        for builder in BUILDERS:
-            dag = builder(spec)
+        for dag in build_for(spec):
             dags[dag.dag_id] = dag
     if errors:
         dags["conveyor__invalid_pipelines"] = InvalidPipelinesDag(errors)

@@ -76,7 +76,10 @@ def test_invalid_pipeline_is_one_import_error_and_others_still_load(tmp_path, mo
 
 def test_train_dag_shape_params_and_schedule():
     dag = dagbag().dags["churn__train"]
-    assert [t.task_id for t in dag.topological_sort()] == ["split", "train", "evaluate", "gate", "register", "approve"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "split", "train", "evaluate", "gate", "register", "approve", "publish"]
+    (outlet,) = dag.get_task("publish").outlets
+    assert outlet.name == "churn.model"
     assert set(dag.params) == {"dataset_version", "time_limit", "presets", "deploy"}
     assert dag.params.get_param("time_limit").schema["minimum"] == 1
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
@@ -96,3 +99,16 @@ def test_manual_approval_waits_for_a_person(tmp_path, monkeypatch):
     approve = dagbag().dags["churn__train"].get_task("approve")
     assert isinstance(approve, ApprovalOperator)
     assert "register" in approve.subject and "summary_md" in approve.body
+
+
+def test_deploy_and_batch_dags_follow_the_spec():
+    dags = dagbag().dags
+    deploy, batch = dags["churn__deploy"], dags["churn__batch_predict"]
+    assert [t.task_id for t in deploy.topological_sort()] == ["resolve", "deploy"]
+    assert deploy.params["version"] == "champion"
+    assert "churn.model" in repr(deploy.timetable.asset_condition)
+    assert [t.task_id for t in batch.topological_sort()] == ["resolve", "score"]
+    assert set(batch.params) == {"input", "model"}
+    (outlet,) = batch.get_task("score").outlets
+    assert outlet.name == "churn.predictions"
+    assert "shapes__deploy" not in dags and "shapes__batch_predict" not in dags  # turned off in its spec

@@ -152,3 +152,29 @@ class MlflowRegistryHook(BaseHook):
 
     def version(self, model_name: str, version: str) -> Any:
         return self._call("read model version", self.client.get_model_version, model_name, version)
+
+    def record_deployment(self, model_name: str, version: str, endpoint: str) -> str | None:
+        """Record which version is live on an endpoint; returns the version it replaced.
+
+        The registered model keeps ``live_on_<endpoint>``; the version gets ``live_on`` and the one
+        it replaced loses it.
+        """
+        key = f"live_on_{endpoint}"
+        model = self._call("read registered model", self.client.get_registered_model, model_name)
+        previous = model.tags.get(key)
+        if previous and previous != str(version):
+            self._call("tag model version", self.client.delete_model_version_tag, model_name, previous, "live_on")
+        self._call("tag model version", self.client.set_model_version_tag, model_name, version, "live_on", endpoint)
+        self._call("tag registered model", self.client.set_registered_model_tag, model_name, key, str(version))
+        return previous
+
+    def live_version(self, model_name: str, endpoint: str) -> str | None:
+        """The version the registry records as live on an endpoint."""
+        model = self._call("read registered model", self.client.get_registered_model, model_name)
+        return model.tags.get(f"live_on_{endpoint}")
+
+    def resolve(self, model_name: str, version_or_alias: str) -> Any:
+        """A model version by number, or by alias (``champion``)."""
+        if str(version_or_alias).isdigit():
+            return self.version(model_name, str(version_or_alias))
+        return self._call("read alias", self.client.get_model_version_by_alias, model_name, version_or_alias)

@@ -106,3 +106,32 @@ class ModelApprovalOperator(ApprovalOperator):
             self.log.info("%s version %s rejected by %s", name, version, who)
         hook.set_version_tags(name, version, {"decided_by": who})
         return result
+
+
+class PublishModelOperator(BaseOperator):
+    """Announce an approved version: updates the ``<name>.model`` Asset, which starts the deploy DAG.
+
+    Runs only after an approval (a rejection skips it). The event's extra carries the version and
+    the run's ``deploy`` choice.
+
+    :param pipeline: the pipeline's name.
+    :param registration: the register task's result (templated XCom).
+    :param deploy: whether the version should be rolled out (templated).
+    """
+
+    template_fields = ("pipeline", "registration", "deploy")
+
+    def __init__(self, *, pipeline: str, registration: Any, deploy: Any = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.registration = registration
+        self.deploy = deploy
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from conveyor.assets import model_asset
+
+        deploy = str(self.deploy).lower() not in {"false", "0", "no", "none"}
+        extra = {"version": self.registration["version"], "deploy": deploy}
+        context["outlet_events"][model_asset(self.pipeline)].extra = extra
+        self.log.info("Published %s version %s (deploy: %s)", self.pipeline, extra["version"], deploy)
+        return extra

@@ -1,0 +1,130 @@
+"""Batch predictions for analysts: Parquet files and a SQL table, with the model behind every row."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from conveyor.lake import Lake
+
+WAREHOUSE_CONN_ID = "conveyor_warehouse"
+SCORED_MARKER = "_SCORED.json"
+
+
+def warehouse_url() -> str:
+    """The predictions warehouse: ``CONVEYOR_WAREHOUSE_URL``, the Airflow connection
+    ``conveyor_warehouse``, or SQLite in the state folder."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from conveyor.batch import default_warehouse_url
+
+    if os.environ.get("CONVEYOR_WAREHOUSE_URL"):
+        return os.environ["CONVEYOR_WAREHOUSE_URL"]
+    try:
+        uri = BaseHook.get_connection(WAREHOUSE_CONN_ID).get_uri()
+    except AirflowNotFoundException:
+        return default_warehouse_url()
+    return uri.replace("postgres://", "postgresql://", 1)
+
+
+def pending_inference_drop(lake: Lake, pipeline: str, marker: str) -> str | None:
+    """The oldest complete drop in ``landing/<pipeline>/inference/`` not scored yet."""
+    from conveyor.drops import find_complete_drops
+
+    root = lake.landing(pipeline, "inference")
+    for drop in find_complete_drops(root, marker):
+        if not (root / drop / SCORED_MARKER).exists():
+            return drop
+    return None
+
+
+def report_html(summary: dict[str, Any], context: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in context.items())
+    dist = summary.get("prediction_distribution") or summary.get("predictions") or {}
+    body = html.escape(json.dumps(dist, indent=2, default=str))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Batch predictions</title>"
+            f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 10px;"
+            f"text-align:left}}table{{border-collapse:collapse}}</style></head><body><h1>Batch predictions</h1>"
+            f"<table>{rows}</table><h2>Prediction distribution</h2><pre>{body}</pre>"
+            f"<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre></body></html>")
+
+
+class BatchPredictOperator(BaseOperator):
+    """Score an input with a registered model into ``predictions/<pipeline>/<run>/`` and a SQL table.
+
+    The input streams in chunks to worker processes (bounded memory). Rows carry the input's id,
+    the prediction, class probabilities, the model's name and version, the run and one scoring
+    time. A re-run of the same run replaces its own files and rows; a crash leaves no
+    ``_SUCCESS.json`` and no rows of the run visible. Writes a report to
+    ``reports/<pipeline>/<run>/batch/`` and updates the predictions Asset.
+
+    :param pipeline: the pipeline's name.
+    :param model: the resolve task's result (templated XCom).
+    :param input_uri: a file or folder URI (templated); empty: the oldest complete, unscored drop
+        in ``landing/<pipeline>/inference/``.
+    """
+
+    template_fields = ("pipeline", "model", "input_uri")
+
+    def __init__(self, *, pipeline: str, model: Any, input_uri: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.model = model
+        self.input_uri = input_uri
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from conveyor.artifacts import fetch
+        from conveyor.assets import predictions_asset
+        from conveyor.batch import BatchInputError, score_file, summarize, write_table
+        from conveyor.lake import upload_tree, write_json
+        from conveyor.spec import get_spec
+
+        spec = get_spec(self.pipeline)
+        lake = Lake.from_env()
+        run_id = context["run_id"]
+        drop = None
+        source = self.input_uri or None
+        if not source:
+            drop = pending_inference_drop(lake, self.pipeline, spec.data.marker)
+            if drop is None:
+                raise AirflowSkipException(f"no complete, unscored drop in {lake.uri('landing', self.pipeline, 'inference')}")
+            source = lake.uri("landing", self.pipeline, "inference", drop)
+        table = spec.deploy.batch.table or f"{self.pipeline}_predictions"
+        scored_at = context.get("logical_date") or context.get("data_interval_end") or context["dag_run"].run_after
+        out = lake.predictions(self.pipeline, run_id)
+        self.log.info("Scoring %s with %s version %s into %s and table %s", source, self.pipeline,
+                      self.model["version"], out, table)
+        with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as tmp:
+            model_dir = fetch(self.model["model_uri"], Path(tmp) / "model", lake.conn_id)
+            try:
+                result = score_file(source, model_dir, out, run_id=run_id, model_name=self.pipeline,
+                                    model_version=self.model["version"], scored_at=scored_at,
+                                    chunk_rows=spec.deploy.batch.chunk_rows, workers=spec.deploy.batch.workers,
+                                    conn_id=lake.conn_id)
+            except BatchInputError as exc:
+                raise AirflowFailException(str(exc)) from None
+            rows = write_table(warehouse_url(), table, result.parts, run_id, conn_id=lake.conn_id)
+            summary = summarize(result.parts, conn_id=lake.conn_id)
+            report = Path(tmp) / "report"
+            report.mkdir()
+            report_context = {"pipeline": self.pipeline, "run": run_id, "input": source,
+                              "model": f"{self.pipeline} v{self.model['version']}", "rows": rows,
+                              "parquet": result.uri, "table": table, "seconds": result.seconds}
+            (report / "summary.json").write_text(json.dumps({**report_context, **summary}, indent=2, default=str))
+            (report / "index.html").write_text(report_html(summary, report_context))
+            upload_tree(report, lake.reports(self.pipeline, run_id) / "batch")
+        if drop is not None:
+            write_json(lake.landing(self.pipeline, "inference", drop) / SCORED_MARKER, {"run_id": run_id, "rows": rows})
+        context["outlet_events"][predictions_asset(self.pipeline)].extra = {
+            "run_id": run_id, "rows": rows, "model_version": self.model["version"], "table": table}
+        report_uri = str(lake.reports(self.pipeline, run_id) / "batch" / "index.html")
+        self.log.info("Scored %s rows in %.1fs; report: %s", rows, result.seconds, report_uri)
+        return {"rows": rows, "parquet": result.uri, "table": table, "report": report_uri, "model_version": self.model["version"]}

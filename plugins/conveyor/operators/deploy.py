@@ -1,0 +1,121 @@
+"""Roll an approved model out to the pipeline's endpoint with a smoke test and automatic rollback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from conveyor.lake import Lake
+
+
+class ResolveModelOperator(BaseOperator):
+    """Find the registered version to use: a version number or an alias (``champion``).
+
+    Returns ``{"model_name", "version", "model_uri", "train_run", "status"}``. Refuses a version
+    that is not ``Approved``. When the run was started by an approval whose ``deploy`` flag is
+    off, the task is skipped with everything after it.
+
+    :param pipeline: the pipeline (= registered model) name.
+    :param version: a version number or an alias (templated).
+    :param require_approved: refuse versions that are not approved.
+    :param tracking_uri: the MLflow tracking URI (the default store when None).
+    """
+
+    template_fields = ("pipeline", "version")
+
+    def __init__(self, *, pipeline: str, version: str = "champion", require_approved: bool = True,
+                 tracking_uri: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.version = version
+        self.require_approved = require_approved
+        self.tracking_uri = tracking_uri
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from mlflow.exceptions import MlflowException
+
+        from conveyor.hooks.mlflow_registry import APPROVED, STATUS_TAG, MlflowRegistryHook
+
+        for events in (context.get("triggering_asset_events") or {}).values():
+            for event in events:
+                if (event.extra or {}).get("deploy") is False:
+                    raise AirflowSkipException(f"version {event.extra.get('version')} was approved with deploy off")
+        hook = MlflowRegistryHook(self.tracking_uri)
+        wanted = str(self.version or "champion")
+        try:
+            found = hook.resolve(self.pipeline, wanted)
+        except MlflowException as exc:
+            raise AirflowFailException(f"model {self.pipeline!r} has no version or alias {wanted!r}: {exc.message}") from None
+        status = found.tags.get(STATUS_TAG)
+        if self.require_approved and status != APPROVED:
+            raise AirflowFailException(f"{self.pipeline} version {found.version} is {status}, not {APPROVED}: not deployed")
+        self.log.info("Resolved %s %r to version %s (%s)", self.pipeline, wanted, found.version, found.source)
+        return {"model_name": self.pipeline, "version": str(found.version), "model_uri": found.source,
+                "train_run": found.tags.get("conveyor_run_id"), "status": status}
+
+
+class DeployEndpointOperator(BaseOperator):
+    """Zero-downtime rollout of a model version to the pipeline's local endpoint.
+
+    The endpoint keeps its name and address across retrains (started if it is not running). The
+    new version loads beside the live one in every server worker; a smoke test scores held-out
+    rows on it and compares them with its evaluation; then traffic switches. If loading or the
+    smoke test fails, the candidate is dropped (the old version never stopped serving) and the
+    task fails with the reason. The registry records the live version.
+
+    :param pipeline: the pipeline's name.
+    :param model: the resolve task's result (templated XCom).
+    :param load_timeout: seconds every worker has to load the new version.
+    :param tracking_uri: the MLflow tracking URI (the default store when None).
+    """
+
+    template_fields = ("pipeline", "model")
+
+    def __init__(self, *, pipeline: str, model: Any, load_timeout: float = 300, tracking_uri: str | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.model = model
+        self.load_timeout = load_timeout
+        self.tracking_uri = tracking_uri
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from conveyor.artifacts import fetch
+        from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.serving import endpoint_state as state
+        from conveyor.serving.process import ensure_endpoint
+        from conveyor.serving.smoke import smoke_test
+        from conveyor.spec import get_spec
+
+        spec = get_spec(self.pipeline)
+        settings = spec.deploy.endpoint
+        name = settings.name or spec.name
+        lake = Lake.from_env()
+        version = self.model["version"]
+        url = ensure_endpoint(name, settings.port, settings.workers)
+        control = state.read_control(name)
+        live = (control.get("live") or {}).get("version")
+        if live == version:
+            self.log.info("Version %s is already live on %s (%s)", version, name, url)
+            smoke = smoke_test(url, spec, lake, self.model["train_run"], target="live")
+            MlflowRegistryHook(self.tracking_uri).record_deployment(self.pipeline, version, name)
+            return {"endpoint": name, "url": url, "version": version, "previous": live, "smoke": smoke}
+        model_dir = state.model_folder(name, version)
+        if not (model_dir / "metadata.json").exists():
+            fetch(self.model["model_uri"], model_dir, lake.conn_id)
+        self.log.info("Loading version %s beside live version %s on %s", version, live, url)
+        state.stage_candidate(name, version, str(model_dir))
+        try:
+            state.wait_for_workers(name, version, self.load_timeout)
+            smoke = smoke_test(url, spec, lake, self.model["train_run"])
+            self.log.info("Smoke test passed: %s", smoke)
+        except Exception as exc:
+            state.drop_candidate(name)
+            self.log.error("Rolled back: version %s dropped, version %s keeps serving", version, live)
+            raise AirflowFailException(f"rollout of {self.pipeline} version {version} to {name} rolled back: {exc}") from exc
+        state.promote_candidate(name)
+        previous = MlflowRegistryHook(self.tracking_uri).record_deployment(self.pipeline, version, name)
+        self.log.info("Version %s is live on %s (%s); it replaced %s", version, name, url, previous or live)
+        return {"endpoint": name, "url": url, "version": version, "previous": live, "smoke": smoke}
