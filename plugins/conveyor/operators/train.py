@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,8 @@ class TrainModelOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.sdk import ObjectStoragePath
 
-        from conveyor import __version__, artifacts
+        from conveyor import __version__, artifacts, settings
+        from conveyor.lake import safe_name
         from conveyor.backends.local import LocalTrainingBackend, TrainingJob, available_gpus
         from conveyor.lake import as_local_folder, copy_verified, upload_tree
         from conveyor.spec import get_spec
@@ -141,9 +143,15 @@ class TrainModelOperator(BaseOperator):
         num_gpus = available_gpus() if spec.trainer.gpu else 0
         with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
             scratch = Path(tmp)
+            args = self.trainer_args(spec, time_limit, presets, num_gpus)
+            checkpoints = None
+            if spec.trainer.kind == "resnet":
+                # Outside the scratch folder, so a retry of this task resumes from the last epoch.
+                checkpoints = settings.state_dir() / "checkpoints" / self.pipeline / safe_name(run_id)
+                args += ["--checkpoint-dir", str(checkpoints)]
             job = TrainingJob(
                 script=artifacts.training_script(spec.trainer.kind),
-                args=self.trainer_args(spec, time_limit, presets, num_gpus),
+                args=args,
                 channels={part: as_local_folder(run_dir / "split" / part, scratch) for part in ("train", "validation")},
                 model_dir=scratch / "model",
                 output_dir=scratch / "output",
@@ -169,6 +177,8 @@ class TrainModelOperator(BaseOperator):
             target = run_dir / "model.tar.gz"
             copy_verified(ObjectStoragePath(archive.as_uri()), target, 1 << 20)
             upload_tree(job.output_dir, run_dir / "output")
+            if checkpoints is not None:
+                shutil.rmtree(checkpoints, ignore_errors=True)
             self.log.info("Model artifact: %s (%.1f MB)", target, archive.stat().st_size / 1e6)
         return {
             "model_uri": str(target),
