@@ -122,8 +122,8 @@ def demo(rows: int, time_limit: int, images: bool) -> None:
     version = ingest_demo("churn", lambda drop: write_drop(rows, drop))
     train_demo("churn", version, time_limit, ("roc_auc", "accuracy", "balanced_accuracy", "f1"))
     if images:
-        version = ingest_demo("shapes", lambda drop: write_image_drop(40, drop))
-        train_demo("shapes", version, 180, ("accuracy", "balanced_accuracy", "f1_macro"))
+        version = ingest_demo("shapes", lambda drop: write_image_drop(80, drop, size=48))
+        train_demo("shapes", version, 240, ("accuracy", "balanced_accuracy", "f1_macro"))
     uri = MlflowRegistryHook().tracking_uri
     say("Done.")
     print(f"    MLflow store    : {uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {uri})")
