@@ -115,12 +115,70 @@ def train_demo(pipeline: str, version: str, time_limit: int, shown: tuple[str, .
     print(f"    model artifact  : {champion.source}")
 
 
+def deploy_demo(pipeline: str) -> None:
+    """Roll the champion out to the pipeline's endpoint and answer a sample request through boto3."""
+    import boto3
+
+    from conveyor.serving.process import endpoint_status
+    from conveyor.spec import get_spec
+    from conveyor.splits import read_part
+
+    run_dag(f"{pipeline}__deploy", settings.state_dir() / "logs")
+    spec = get_spec(pipeline)
+    name = spec.deploy.endpoint.name or pipeline
+    status = endpoint_status(name)
+    url = status["url"]
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.lake import Lake
+
+    champion = MlflowRegistryHook().champion(pipeline)
+    sample = read_part(Lake.from_env(), pipeline, champion.tags["conveyor_run_id"], "test").head(2)
+    body = sample.drop(columns=[spec.data.label]).to_csv(index=False)
+    client = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
+                          aws_access_key_id="local", aws_secret_access_key="local")
+    answer = client.invoke_endpoint(EndpointName=name, ContentType="text/csv", Accept="application/json", Body=body)
+    print(f"    endpoint        : {name} at {url} (version {MlflowRegistryHook().live_version(pipeline, name)} live)")
+    print(f"    sample answer   : {answer['Body'].read().decode()[:300]}")
+    first = body.splitlines()
+    print("    call it yourself: curl -s " + f"{url}/invocations -H 'Content-Type: text/csv' "
+          + "--data-binary $'" + "\\n".join(first[:2]) + "'")
+
+
+def batch_demo(pipeline: str, rows: int) -> None:
+    """Drop unlabelled rows into the inference landing zone and score them in batch."""
+    import sqlalchemy as sa
+
+    from conveyor.demo import churn_frame
+    from conveyor.lake import Lake
+    from conveyor.operators.batch import warehouse_url
+
+    lake = Lake.from_env()
+    drop = next_drop_name(f"{pipeline}/inference")
+    target = lake.landing(pipeline, "inference", drop)
+    target.mkdir(parents=True, exist_ok=True)
+    frame = churn_frame(rows, seed=1000 + int(drop.rsplit("-", 1)[-1])).drop(columns=["churned"])
+    (target / "customers.parquet").write_bytes(frame.to_parquet(index=False))
+    (target / "_SUCCESS").write_bytes(b"")
+    say(f"Scoring {rows} new customers in batch (drop {drop} in {lake.uri('landing', pipeline, 'inference')})")
+    run_dag(f"{pipeline}__batch_predict", settings.state_dir() / "logs")
+    url = warehouse_url()
+    with sa.create_engine(url).connect() as conn:
+        counts = conn.execute(sa.text(
+            f"SELECT run_id, model_version, COUNT(*) FROM {pipeline}_predictions GROUP BY run_id, model_version "
+            "ORDER BY run_id DESC LIMIT 1")).fetchall()
+    print(f"    warehouse       : {url}, table {pipeline}_predictions: {counts}")
+    print(f"    parquet         : {lake.uri('predictions', pipeline)}/<run>/part-*.parquet")
+
+
 def demo(rows: int, time_limit: int, images: bool) -> None:
     from conveyor.demo import write_drop, write_image_drop
     from conveyor.hooks.mlflow_registry import MlflowRegistryHook
 
     version = ingest_demo("churn", lambda drop: write_drop(rows, drop))
     train_demo("churn", version, time_limit, ("roc_auc", "accuracy", "balanced_accuracy", "f1"))
+    say("Deploying the champion to the churn endpoint (smoke test, then switch)")
+    deploy_demo("churn")
+    batch_demo("churn", 20000)
     if images:
         version = ingest_demo("shapes", lambda drop: write_image_drop(80, drop, size=48))
         train_demo("shapes", version, 240, ("accuracy", "balanced_accuracy", "f1_macro"))
@@ -128,6 +186,20 @@ def demo(rows: int, time_limit: int, images: bool) -> None:
     say("Done.")
     print(f"    MLflow store    : {uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {uri})")
     print("    Airflow UI      : make ui  (trigger runs by hand, approve models)")
+    print("    the endpoint keeps running: make stop")
+
+
+def stop() -> None:
+    """Stop every endpoint this project's state folder knows of."""
+    from conveyor.serving.process import stop_endpoint
+
+    root = settings.state_dir() / "endpoints"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    for name in names:
+        if stop_endpoint(name):
+            say(f"Stopped endpoint {name}")
+    if not names:
+        say("No endpoint to stop")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,9 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     demo_cmd.add_argument("--rows", type=int, default=5000, help="rows of demo data to generate")
     demo_cmd.add_argument("--time-limit", type=int, default=45, help="tabular training budget in seconds")
     demo_cmd.add_argument("--no-images", action="store_true", help="skip the image pipeline")
+    sub.add_parser("stop", help="stop the endpoints the demo left running")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.rows, args.time_limit, not args.no_images)
+    elif args.command == "stop":
+        stop()
 
 
 if __name__ == "__main__":

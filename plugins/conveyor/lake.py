@@ -56,8 +56,10 @@ class Lake:
         """The URI of a path below the root, as text (for XCom, logs and reports)."""
         return "/".join([self.root, *parts])
 
-    def landing(self, pipeline: str, drop: str | None = None) -> "ObjectStoragePath":
-        return self.path("landing", pipeline, *([drop] if drop else []))
+    def landing(self, pipeline: str, *parts: str) -> "ObjectStoragePath":
+        """``landing/<pipeline>/…``: a drop (``landing(p, drop)``) or an inference drop
+        (``landing(p, "inference", drop)``)."""
+        return self.path("landing", pipeline, *parts)
 
     def raw(self, pipeline: str, version: str | None = None) -> "ObjectStoragePath":
         return self.path("raw", pipeline, *([version] if version else []))

@@ -94,7 +94,12 @@ class DeployEndpointOperator(BaseOperator):
         name = settings.name or spec.name
         lake = Lake.from_env()
         version = self.model["version"]
-        url = ensure_endpoint(name, settings.port, settings.workers)
+        env = {}
+        if settings.capture_share > 0:
+            env = {"CONVEYOR_CAPTURE_DIR": str(lake.capture(self.pipeline).path) if lake.conn_id is None else "",
+                   "CONVEYOR_CAPTURE_SHARE": str(settings.capture_share)}
+            env = {k: v for k, v in env.items() if v}
+        url = ensure_endpoint(name, settings.port, settings.workers, env=env)["url"]
         control = state.read_control(name)
         live = (control.get("live") or {}).get("version")
         if live == version:
@@ -102,7 +107,7 @@ class DeployEndpointOperator(BaseOperator):
             smoke = smoke_test(url, spec, lake, self.model["train_run"], target="live")
             MlflowRegistryHook(self.tracking_uri).record_deployment(self.pipeline, version, name)
             return {"endpoint": name, "url": url, "version": version, "previous": live, "smoke": smoke}
-        model_dir = state.model_folder(name, version)
+        model_dir = state.endpoint_dir(name) / "models" / version
         if not (model_dir / "metadata.json").exists():
             fetch(self.model["model_uri"], model_dir, lake.conn_id)
         self.log.info("Loading version %s beside live version %s on %s", version, live, url)

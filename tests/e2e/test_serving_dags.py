@@ -1,0 +1,142 @@
+"""Deploy and batch-predict DAGs end to end: train, roll out (and back), score in batch."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+import time
+
+import httpx
+import pytest
+
+from conveyor import settings
+from helpers import churn_csv, ingest_and_validate, write_drop
+
+pytestmark = pytest.mark.slow
+
+
+def dags():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags
+
+
+def states(run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+@pytest.fixture
+def served(airflow_db, lake, tmp_path, monkeypatch):
+    """A trained, approved churn model and a private registry, endpoint port and warehouse."""
+    import socket
+
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.serving.process import stop_endpoint
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    include = tmp_path / "include"
+    import shutil
+
+    shutil.copytree(settings.include_dir(), include)
+    spec = include / "pipelines" / "churn.yaml"
+    spec.write_text(spec.read_text().replace("port: 8080", f"port: {port}").replace("workers: 2, port", "workers: 2, port"))
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
+    write_drop(lake, "d1", {"customers.csv": churn_csv(1200)})
+    ingest_and_validate("d1", run_id="ingest-run")
+    run = dags()["churn__train"].test(run_conf={"time_limit": 15})
+    assert str(run.state) == "success", states(run)
+    yield {"port": port, "url": f"http://127.0.0.1:{port}", "hook": MlflowRegistryHook(), "lake": lake}
+    stop_endpoint("churn")
+
+
+def broken_copy(source_uri: str, target, predict_body: str) -> str:
+    """A copy of a model.tar.gz whose predict_fn is replaced (the model still loads)."""
+    from conveyor.artifacts import fetch
+
+    folder = fetch(source_uri, target.parent / "unpacked")
+    code = folder / "code" / "inference.py"
+    code.write_text(code.read_text() + "\n\n" + predict_body)
+    with tarfile.open(target, "w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    return target.as_uri()
+
+
+def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException  # noqa: F401  (the deploy task fails with one)
+
+    hook, url = served["hook"], served["url"]
+    deploy = dags()["churn__deploy"]
+    run = deploy.test()
+    assert str(run.state) == "success", states(run)
+    assert httpx.get(f"{url}/ping").status_code == 200
+    assert hook.live_version("churn", "churn") == "1"
+
+    # A second version whose answers differ from its evaluation: the smoke test must roll it back
+    # while a client keeps calling the endpoint.
+    v1 = hook.version("churn", "1")
+    source = broken_copy(v1.source, tmp_path / "broken" / "model.tar.gz",
+                         "_original_predict = predict_fn\n"
+                         "def predict_fn(data, model):\n"
+                         "    out = _original_predict(data, model)\n"
+                         "    out['prediction'] = 'no'\n"
+                         "    return out\n")
+    mlflow_run = hook.ensure_run("churn", "broken-run", "broken-run", {})
+    v2 = hook.register("churn", source, mlflow_run, {"conveyor_run_id": v1.tags["conveyor_run_id"]})
+    hook.promote("churn", str(v2.version))
+    row = "3,99.5,298.5,month-to-month,card,fiber,5,23,north"  # the 9 features, in metadata order
+    failures, answers, stop = [], [], threading.Event()
+
+    def client():
+        deadline = time.monotonic() + 240
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                response = httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}, timeout=30)
+                if response.status_code == 200:
+                    answers.append(response.headers.get("X-Conveyor-Model-Version"))
+                else:
+                    failures.append(f"{response.status_code}: {response.text[:200]}")
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+            time.sleep(0.05)
+
+    caller = threading.Thread(target=client, daemon=True)
+    caller.start()
+    run = deploy.test(run_conf={"version": str(v2.version)})
+    stop.set()
+    caller.join(timeout=60)
+    assert str(run.state) == "failed" and states(run)["deploy"] == "failed"
+    assert failures == [] and answers and set(answers) == {"1"}
+    assert hook.live_version("churn", "churn") == "1"
+    assert httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}).headers[
+        "X-Conveyor-Model-Version"] == "1"
+
+    # Batch: score an inference drop with version 1, twice for the same run id, no duplicates.
+    import sqlalchemy as sa
+    from conveyor.demo import churn_frame
+
+    lake = served["lake"]
+    target = lake.landing("churn", "inference", "batch-1")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "customers.parquet").write_bytes(churn_frame(3000, seed=5).drop(columns=["churned"]).to_parquet(index=False))
+    (target / "_SUCCESS").write_bytes(b"")
+    batch = dags()["churn__batch_predict"]
+    run = batch.test(run_conf={"model": "1"})
+    assert str(run.state) == "success", states(run)
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/warehouse.db")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT run_id, model_version, COUNT(*) FROM churn_predictions GROUP BY 1, 2")).fetchall()
+    assert [(r[1], r[2]) for r in rows] == [("1", 3000)]
+    assert (lake.predictions("churn", run.run_id) / "_SUCCESS.json").exists()
+    assert (lake.landing("churn", "inference", "batch-1") / "_SCORED.json").exists()
+    summary = json.loads((lake.reports("churn", run.run_id) / "batch" / "summary.json").read_text())
+    assert summary["rows"] == 3000 and summary["model"] == "churn v1"
