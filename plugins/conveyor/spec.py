@@ -89,7 +89,7 @@ class EndpointSpec(_Strict):
     instance_type: str = "ml.m5.large"
     instance_count: int = Field(1, ge=1)
     workers: int = Field(2, ge=1)
-    port: int = Field(8080, ge=1, le=65535)
+    port: int = Field(8090, ge=1, le=65535)
     capture_share: float = Field(0.0, ge=0.0, le=1.0)
 
 

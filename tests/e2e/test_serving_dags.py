@@ -45,7 +45,7 @@ def served(airflow_db, lake, tmp_path, monkeypatch):
 
     shutil.copytree(settings.include_dir(), include)
     spec = include / "pipelines" / "churn.yaml"
-    spec.write_text(spec.read_text().replace("port: 8080", f"port: {port}").replace("workers: 2, port", "workers: 2, port"))
+    spec.write_text(spec.read_text().replace("port: 8090", f"port: {port}").replace("workers: 2, port", "workers: 2, port"))
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
