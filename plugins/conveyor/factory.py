@@ -29,6 +29,13 @@ def tags(spec: PipelineSpec, kind: str) -> list[str]:
     return sorted({"conveyor", spec.name, kind, *spec.tags})
 
 
+def pipeline_dag(spec: PipelineSpec, kind: str, **kwargs: Any) -> DAG:
+    """A DAG of a pipeline's family: ``<name>__<kind>``, tagged, owned, retried, one run at a time."""
+    settings_ = {"start_date": START, "catchup": False, "max_active_runs": 1, "render_template_as_native_obj": True,
+                 "tags": tags(spec, kind.split("_")[0]), "default_args": default_args(spec), **kwargs}
+    return DAG(dag_id=f"{spec.name}__{kind}", **settings_)
+
+
 def ingest_dag(spec: PipelineSpec) -> DAG:
     """``<name>__ingest``: wait for a complete drop, version it, validate it, publish the dataset."""
     from conveyor.assets import dataset_asset
@@ -36,15 +43,11 @@ def ingest_dag(spec: PipelineSpec) -> DAG:
     from conveyor.operators.validate import ValidateDatasetOperator
     from conveyor.sensors.drop import DropSensor
 
-    with DAG(
-        dag_id=f"{spec.name}__ingest",
+    with pipeline_dag(
+        spec, "ingest",
         description=f"Ingest and validate {spec.name} drops",
         schedule=spec.ingest.schedule,
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        tags=tags(spec, "ingest"),
-        default_args=default_args(spec),
+        render_template_as_native_obj=False,
         doc_md=f"""
 ### {spec.name}: ingest
 {spec.description}
@@ -128,16 +131,10 @@ def train_dag(spec: PipelineSpec) -> DAG:
     from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
 
     xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
-    with DAG(
-        dag_id=f"{spec.name}__train",
+    with pipeline_dag(
+        spec, "train",
         description=f"Train, evaluate, gate, register and approve a {spec.name} model",
         schedule=train_schedule(spec),
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        render_template_as_native_obj=True,
-        tags=tags(spec, "train"),
-        default_args=default_args(spec),
         params=train_params(spec),
         doc_md=f"""
 ### {spec.name}: train
@@ -191,16 +188,10 @@ def deploy_dag(spec: PipelineSpec) -> DAG:
     from conveyor.operators.deploy import DeployEndpointOperator, ResolveModelOperator
 
     endpoint = spec.deploy.endpoint.name or spec.name
-    with DAG(
-        dag_id=f"{spec.name}__deploy",
+    with pipeline_dag(
+        spec, "deploy",
         description=f"Roll an approved {spec.name} model out to the {endpoint} endpoint",
         schedule=[model_asset(spec.name)],
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        render_template_as_native_obj=True,
-        tags=tags(spec, "deploy"),
-        default_args=default_args(spec),
         params={"version": Param("champion", type="string", title="Version or alias",
                                  description="A registered version number, or an alias such as champion")},
         doc_md=f"""
@@ -243,16 +234,10 @@ def batch_dag(spec: PipelineSpec) -> DAG:
 
     batch = spec.deploy.batch
     table = batch.table or f"{spec.name}_predictions"
-    with DAG(
-        dag_id=f"{spec.name}__batch_predict",
+    with pipeline_dag(
+        spec, "batch_predict",
         description=f"Score new {spec.name} data in batch into Parquet and the {table} table",
         schedule=batch_schedule(spec),
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        render_template_as_native_obj=True,
-        tags=tags(spec, "batch"),
-        default_args=default_args(spec),
         params={
             "input": Param(batch.input or "", type="string", title="Input location",
                            description="A file or folder URI; empty: the oldest complete drop in landing/"

@@ -3,8 +3,9 @@
 The server is ``python -m uvicorn conveyor.serving.app:create_app --factory --workers N`` in a
 new session (its own process group), logging to ``<endpoint folder>/server.log``;
 ``server.json`` records its pid, host, port, workers and URL. With ``workers >= 2`` uvicorn's
-supervisor (0.54) starts a new worker when one dies (checked every 0.5 s); the new worker loads the
-live model before it takes connections, while the others keep serving. With one worker nothing
+supervisor (0.54) starts a new worker when one dies (checked every 0.5 s, at worst after the
+health-check timeout, see ``HEALTHCHECK_TIMEOUT_S``); the new worker loads the live model before it
+takes connections, while the others keep serving. With one worker nothing
 restarts a crashed server until :func:`ensure_endpoint` runs again.
 
 Policies: :func:`start_endpoint` refuses an endpoint that already runs; :func:`ensure_endpoint`
@@ -32,7 +33,11 @@ from conveyor import settings
 from conveyor.serving.endpoint_state import EndpointError, endpoint_dir, pid_alive, worker_states, write_json_atomic
 
 APP = "conveyor.serving.app:create_app"
-HEALTHCHECK_TIMEOUT_S = 30  # uvicorn's parent kills a worker that does not answer its ping in time
+# uvicorn's supervisor pings each worker every 0.5 s and kills one that does not answer within this
+# time (a busy worker answers from a thread, well under a second even while loading a model). It
+# is also how late a dead worker may be replaced: a worker killed while still exiting can be pinged
+# once more, and that ping only gives up after this timeout (observed with uvicorn 0.54).
+HEALTHCHECK_TIMEOUT_S = 10
 LOG_TAIL_CHARS = 3000
 
 
@@ -160,15 +165,19 @@ def start_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1",
 def endpoint_status(name: str) -> dict[str, Any]:
     """Whether the endpoint's server runs, where, what ``/ping`` says and what each worker has loaded.
 
+    ``server.json``'s fields (``pid``, ``host``, ``port``, ``workers``, ``url``, ``started_at``)
+    plus ``running``, ``ping`` (the status of ``GET /ping``, None when nothing answers) and
+    ``worker_states`` (the running workers' heartbeats).
+
     :param name: the endpoint name.
     """
     server = _read_server(name)
     if server is None:
-        return {"name": name, "running": False, "pid": None, "url": None, "ping": None, "workers": []}
+        return {"name": name, "running": False, "pid": None, "url": None, "ping": None, "worker_states": []}
     running = _is_server(int(server["pid"]))
     return {
         **server, "running": running, "ping": _ping(server["url"]) if running else None,
-        "workers": worker_states(name) if running else [], "configured_workers": server.get("workers"),
+        "worker_states": worker_states(name) if running else [],
     }
 
 
