@@ -141,7 +141,11 @@ def start_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1",
     folder = endpoint_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     plugins = str(settings.PROJECT_ROOT / "plugins")
-    child_env = {**os.environ, **(env or {}), "CONVEYOR_ENDPOINT": name, "CONVEYOR_STATE_DIR": str(settings.state_dir())}
+    # The workers share the cores: one math-library thread pool each, sized so they don't fight.
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    defaults = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    child_env = {**defaults, **os.environ, **(env or {}), "CONVEYOR_ENDPOINT": name,
+                 "CONVEYOR_STATE_DIR": str(settings.state_dir())}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [plugins, child_env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "uvicorn", APP, "--factory", "--workers", str(workers), "--host", host,

@@ -1,0 +1,302 @@
+"""Conveyor's model server as it runs: real uvicorn processes (2 workers) on free 127.0.0.1 ports,
+the real churn model, the SageMaker runtime client, a rollout and a rollback under continuous
+traffic, and a worker killed with SIGKILL. Every loop is bounded; the server is always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from conveyor import artifacts
+from conveyor.serving import endpoint_state as es
+from conveyor.serving.process import endpoint_status, ensure_endpoint, stop_endpoint
+
+pytestmark = pytest.mark.slow  # trains the churn model once and runs real server processes
+
+NAME = "churn-it"
+MAX_BODY = 64 * 1024
+TRAFFIC_LIMIT_S = 45.0  # hard bound of any traffic thread
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str):
+    """Poll ``check`` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def features(model_dir: Path) -> list[str]:
+    return [f["name"] for f in json.loads((model_dir / "metadata.json").read_text())["features"]]
+
+
+def csv_body(frame: pd.DataFrame, columns: list[str]) -> bytes:
+    return frame[columns].to_csv(header=False, index=False).encode()
+
+
+def live_version() -> str:
+    return es.read_control(NAME)["live"]["version"]
+
+
+@pytest.fixture(scope="module")
+def endpoint(churn_model):
+    """The churn endpoint with 2 workers: started empty (its /ping recorded), then v1 staged and promoted."""
+    port = free_port()
+    try:
+        status = ensure_endpoint(NAME, port, workers=2, timeout=120, env={"CONVEYOR_MAX_BODY_BYTES": str(MAX_BODY)})
+        ping_before = status["ping"]
+        es.stage_candidate(NAME, "v1", churn_model["dir"])
+        es.wait_for_workers(NAME, "v1", timeout=120)
+        es.promote_candidate(NAME)
+        url = status["url"]
+        wait_until(lambda: all((w["live"] or {}).get("version") == "v1" for w in es.worker_states(NAME)), 30, "v1 live")
+        yield {"url": url, "ping_before": ping_before, "port": port}
+    finally:
+        stop_endpoint(NAME)
+
+
+@pytest.fixture(scope="module")
+def in_process(churn_model):
+    return artifacts.LoadedModel(churn_model["dir"])
+
+
+@pytest.fixture
+def client(endpoint):
+    with httpx.Client(base_url=endpoint["url"], timeout=30) as client:
+        yield client
+
+
+class Traffic:
+    """A client thread sending single-row CSV requests back to back (no retries) until stopped.
+
+    With ``keep_alive`` every request goes over one connection (one worker, as a pooled client);
+    without, each request opens a connection, which either worker may accept. Records every
+    outcome: ``(seconds since start, status or None, version or None, error or None)``.
+    """
+
+    def __init__(self, url: str, body: bytes, keep_alive: bool = False):
+        self.url, self.body = url, body
+        self.limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
+        self.outcomes: list[tuple[float, int | None, str | None, str | None]] = []
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30, limits=self.limits) as client:
+            while not self.stop.is_set() and time.monotonic() - self.started < TRAFFIC_LIMIT_S:
+                at = time.monotonic() - self.started
+                try:
+                    answer = client.post("/invocations", content=self.body, headers={"Content-Type": "text/csv"})
+                    ok = answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+                    self.outcomes.append((at, answer.status_code, answer.headers.get("X-Conveyor-Model-Version"),
+                                          None if ok else answer.text[:200]))
+                except httpx.HTTPError as error:
+                    self.outcomes.append((at, None, None, f"{type(error).__name__}: {error}"))
+                time.sleep(0.005)
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        wait_until(lambda: len(self.outcomes) >= 5, 30, "the first answers")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+    @property
+    def failures(self) -> list[tuple]:
+        return [o for o in self.outcomes if o[3] is not None]
+
+    @property
+    def versions(self) -> set[str]:
+        return {o[2] for o in self.outcomes if o[2]}
+
+
+def test_ping_then_predictions_equal_in_process(endpoint, client, churn_model, in_process):
+    assert endpoint["ping_before"] == 503  # no model yet
+    assert client.get("/ping").status_code == 200
+    test = churn_model["test"].head(25)
+    expected = in_process.predict_frame(test)
+
+    answer = client.post("/invocations", content=csv_body(test, in_process.feature_names),
+                         headers={"Content-Type": "text/csv", "Accept": "application/json"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    predictions = answer.json()["predictions"]
+    assert [p["prediction"] for p in predictions] == expected["prediction"].tolist()
+    classes = [c[len("proba_"):] for c in expected.columns if c.startswith("proba_")]
+    assert classes and all(list(p["probabilities"]) == classes for p in predictions)
+    for label in classes:
+        got = [p["probabilities"][label] for p in predictions]
+        assert got == pytest.approx(expected[f"proba_{label}"].tolist(), abs=1e-12)
+
+    records = json.loads(test.drop(columns=["churned"]).to_json(orient="records"))
+    answer = client.post("/invocations", json={"instances": records}, headers={"Accept": "text/csv"})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/csv")
+    frame = pd.read_csv(io.StringIO(answer.text), header=None, names=["customer_id", "prediction", "p0", "p1"])
+    assert frame["customer_id"].tolist() == test["customer_id"].tolist()
+    assert frame["prediction"].tolist() == expected["prediction"].tolist()
+
+
+def test_sagemaker_runtime_client_invokes_the_endpoint(endpoint, churn_model, in_process):
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint["url"], region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x", config=Config(retries={"max_attempts": 1}))
+    test = churn_model["test"].head(10)
+    response = runtime.invoke_endpoint(EndpointName=NAME, ContentType="text/csv",
+                                       Body=csv_body(test, in_process.feature_names))
+    assert response["ContentType"] == "application/json"
+    assert response["InvokedProductionVariant"] == live_version()
+    predictions = json.loads(response["Body"].read())["predictions"]
+    assert [p["prediction"] for p in predictions] == in_process.predict_frame(test)["prediction"].tolist()
+    with pytest.raises(ClientError) as refused:
+        runtime.invoke_endpoint(EndpointName="another", ContentType="text/csv", Body=b"1")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(endpoint, client, churn_model, in_process):
+    csv = {"Content-Type": "text/csv"}
+    row = csv_body(churn_model["test"].head(1), in_process.feature_names)
+
+    big = client.post("/invocations", content=row * (MAX_BODY // len(row) + 1), headers=csv)
+    assert big.status_code == 413 and f"larger than the limit of {MAX_BODY} bytes" in big.json()["error"]
+    chunked = client.post("/invocations", content=iter([row] * (MAX_BODY // len(row) + 1)), headers=csv)
+    assert chunked.status_code == 413 and "larger than the limit" in chunked.json()["error"]
+    unsupported = client.post("/invocations", content=row, headers={"Content-Type": "text/plain"})
+    assert unsupported.status_code == 415 and "'text/plain' is not supported" in unsupported.json()["error"]
+    malformed_csv = client.post("/invocations", content=b'1,"unterminated\n', headers=csv)
+    assert malformed_csv.status_code == 400 and "malformed CSV" in malformed_csv.json()["error"]
+    malformed_json = client.post("/invocations", content=b'{"instances": [', headers={"Content-Type": "application/json"})
+    assert malformed_json.status_code == 400 and "application/json" in malformed_json.json()["error"]
+    short = client.post("/invocations", content=b"1,2,3\n", headers=csv)
+    message = short.json()["error"]
+    assert short.status_code == 400 and "has 3 values" in message and f"expects {len(in_process.feature_names)} features" in message
+    assert client.post("/invocations", content=row, headers={**csv, "X-Conveyor-Target": "candidate"}).status_code == 409
+
+    good = client.post("/invocations", content=row, headers=csv)
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 1
+
+
+def test_rollout_under_traffic_drops_no_request(endpoint, client, churn_model, in_process, tmp_path_factory):
+    before = live_version()
+    new = f"{before}-next"
+    new_dir = artifacts.unpack(churn_model["archive"], tmp_path_factory.mktemp("rollout") / new)
+    row = csv_body(churn_model["test"].head(1), in_process.feature_names)
+    with Traffic(endpoint["url"], row) as traffic:  # a connection per request: both workers answer
+        es.stage_candidate(NAME, new, new_dir)
+        es.wait_for_workers(NAME, new, timeout=90)
+        smoke = client.post("/invocations", content=row, headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"})
+        assert (smoke.status_code, smoke.headers["X-Conveyor-Model-Version"]) == (200, new)
+        es.promote_candidate(NAME)
+        wait_until(lambda: all(w["live"]["version"] == new and w["candidate"] is None for w in es.worker_states(NAME)),
+                   30, "every worker swapped")
+        seen = len(traffic.outcomes)
+        wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the swap")
+    print(f"\nrollout: {len(traffic.outcomes)} requests in {traffic.outcomes[-1][0]:.1f}s, failures {traffic.failures}")
+    assert traffic.failures == []
+    assert traffic.versions == {before, new}
+    assert traffic.outcomes[-1][2] == new
+
+
+def test_a_broken_candidate_is_rolled_back_under_traffic(endpoint, churn_model, in_process, tmp_path):
+    live = live_version()
+    broken = tmp_path / "broken"
+    (broken / "code").mkdir(parents=True)
+    shutil.copy(churn_model["dir"] / "metadata.json", broken / "metadata.json")
+    (broken / "code" / "inference.py").write_text(
+        "def model_fn(model_dir):\n    raise RuntimeError('model_fn failed on purpose: no predictor in ' + model_dir)\n"
+    )
+    row = csv_body(churn_model["test"].head(1), in_process.feature_names)
+    with Traffic(endpoint["url"], row) as traffic:
+        es.stage_candidate(NAME, "v-broken", broken)
+        with pytest.raises(es.RolloutFailed, match="v-broken failed to load .*RuntimeError: model_fn failed on purpose"):
+            es.wait_for_workers(NAME, "v-broken", timeout=60)
+        es.drop_candidate(NAME)
+        wait_until(lambda: all(w["error"] is None and w["candidate"] is None for w in es.worker_states(NAME)), 30,
+                   "the candidate dropped everywhere")
+        seen = len(traffic.outcomes)
+        wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the rollback")
+    assert traffic.failures == []
+    assert traffic.versions == {live}
+    assert es.read_control(NAME)["candidate"] is None
+
+
+def connection_holder(pids: set[int], port: int) -> int | None:
+    """The worker that holds an established connection on the server port (the keep-alive client's)."""
+    import psutil
+
+    for pid in sorted(pids):
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections("tcp")):
+                return pid
+    return None
+
+
+def test_a_killed_worker_is_restarted_and_the_endpoint_keeps_answering(endpoint, churn_model, in_process):
+    live = live_version()
+    before = {w["pid"] for w in es.worker_states(NAME)}
+    assert len(before) == 2
+    row = csv_body(churn_model["test"].head(1), in_process.feature_names)
+    with Traffic(endpoint["url"], row, keep_alive=True) as traffic:
+        victim = connection_holder(before, endpoint["port"]) or min(before)  # the worst case: the client's worker
+        killed_at = time.monotonic() - traffic.started
+        os.kill(victim, signal.SIGKILL)
+        states = wait_until(
+            lambda: (s := es.worker_states(NAME)) and len(s) == 2 and victim not in {w["pid"] for w in s}
+            and all((w["live"] or {}).get("version") == live for w in s) and s,
+            60, "a replacement worker with the live model",
+        )
+        restarted_at = time.monotonic() - traffic.started
+        seen = len(traffic.outcomes)
+        wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the restart")
+    during = [o for o in traffic.outcomes if killed_at <= o[0] <= restarted_at]
+    print(f"\nkill: worker {victim} killed at {killed_at:.2f}s, replacement {sorted({w['pid'] for w in states} - before)} "
+          f"serving at {restarted_at:.2f}s; {len(during)} requests answered meanwhile; "
+          f"{len(traffic.outcomes)} requests, failures {traffic.failures}")
+    # The request in flight on the killed worker dies with it (SIGKILL leaves no time to answer); the client is
+    # sequential, so at most one can; it shows as a dropped connection, never as an HTTP error. Its next request
+    # opens a new connection, which the surviving worker accepts.
+    assert len(traffic.failures) <= 1 and all(f[1] is None for f in traffic.failures)
+    assert all(f[0] >= killed_at - 0.5 for f in traffic.failures)
+    assert len(during) >= 1 and all(o[2] == live for o in traffic.outcomes if o[1] == 200)
+    status = endpoint_status(NAME)
+    assert status["running"] and status["ping"] == 200
+    assert {w["pid"] for w in status["worker_states"]} == {w["pid"] for w in states}
+
+
+def test_a_server_that_cannot_start_is_reported(churn_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            with pytest.raises(es.EndpointError, match=r"exited while starting(.|\n)*already in use"):
+                ensure_endpoint("churn-it-taken", port, workers=2, timeout=60)
+        finally:
+            stop_endpoint("churn-it-taken")
+    assert endpoint_status("churn-it-taken")["running"] is False
