@@ -207,23 +207,14 @@ def fit_and_score(model: Any, train: Any, test: Any, label: str, positive: Any) 
 
 
 def oracle_logit(frame: Any) -> Any:
-    """The generator's own logit without its noise term (mirrors ``conveyor.demo.churn_frame``).
+    """The generator's own logit without its noise term (``conveyor.demo.churn_logit``).
 
     P(churn | features) is the mean of sigmoid(logit + noise) over the noise, which rises with this
     value, so ranking by it is the best roc_auc any model of these features can reach: a ceiling.
     """
-    import numpy as np
+    from conveyor.demo import churn_logit
 
-    contract = frame["contract"].to_numpy()
-    return (
-        -1.2
-        + np.select([contract == "month-to-month", contract == "one-year"], [1.6, 0.2], -1.0)
-        - 0.045 * frame["tenure_months"].to_numpy()
-        + 0.018 * (frame["monthly_charges"].to_numpy() - 65)
-        + 0.35 * frame["support_calls"].to_numpy()
-        + np.where(frame["internet_service"].to_numpy() == "fiber", 0.4, 0.0)
-        - 0.01 * (frame["age"].to_numpy() - 45)
-    )
+    return churn_logit(frame)
 
 
 def paired_bootstrap(y_true: Any, ours: Any, other: Any, positive: Any) -> dict[str, float]:

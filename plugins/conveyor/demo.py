@@ -22,6 +22,36 @@ INTERNET = ["dsl", "fiber", "none"]
 REGIONS = ["north", "south", "east", "west"]
 
 
+def churn_logit(columns: Any) -> Any:
+    """The generator's churn log-odds without its noise (a ceiling for any model of these columns).
+
+    Churn as it behaves in real subscription data: most of it in the first months, a jump once
+    support calls pile up, expensive fibre plans on monthly contracts most at risk, and the
+    youngest and oldest customers least loyal.
+
+    :param columns: a DataFrame or mapping with contract, tenure_months, monthly_charges,
+        support_calls, internet_service and age.
+    """
+    import numpy as np
+
+    contract = np.asarray(columns["contract"])
+    tenure = np.asarray(columns["tenure_months"], dtype=float)
+    monthly = np.asarray(columns["monthly_charges"], dtype=float)
+    calls = np.asarray(columns["support_calls"], dtype=float)
+    fibre = np.asarray(columns["internet_service"]) == "fiber"
+    age = np.asarray(columns["age"], dtype=float)
+    month_to_month = contract == "month-to-month"
+    return (
+        -0.9
+        + np.select([month_to_month, contract == "one-year"], [1.4, 0.1], -1.2)
+        - 1.1 * np.log1p(tenure) / np.log(73) * 2
+        + 0.012 * (monthly - 65)
+        + np.where(calls >= 4, 1.3, 0.15 * calls)
+        + np.where(fibre & (monthly > 85) & month_to_month, 1.1, 0.0)
+        + 0.0012 * (age - 45) ** 2 - 0.4
+    )
+
+
 def churn_frame(rows: int, seed: int = 7) -> Any:
     """A churn table of ``rows`` customers (pandas DataFrame), the same for the same seed."""
     import numpy as np
@@ -34,20 +64,9 @@ def churn_frame(rows: int, seed: int = 7) -> Any:
     monthly = np.round(rng.normal(65, 25, rows).clip(18, 120) + np.where(internet == "fiber", 15, 0), 2)
     support_calls = rng.poisson(1.5, rows).clip(0, 12)
     age = rng.integers(18, 91, rows)
-    # Churn as it behaves in real subscription data: most of it in the first months, a jump once
-    # support calls pile up, expensive fibre plans on monthly contracts most at risk, and the
-    # youngest and oldest customers least loyal.
-    month_to_month = contract == "month-to-month"
-    logit = (
-        -0.9
-        + np.select([month_to_month, contract == "one-year"], [1.4, 0.1], -1.2)
-        - 1.1 * np.log1p(tenure) / np.log(73) * 2
-        + 0.012 * (monthly - 65)
-        + np.where(support_calls >= 4, 1.3, 0.15 * support_calls)
-        + np.where((internet == "fiber") & (monthly > 85) & month_to_month, 1.1, 0.0)
-        + 0.0012 * (age - 45) ** 2 - 0.4
-        + rng.normal(0, 0.6, rows)
-    )
+    columns = {"contract": contract, "tenure_months": tenure, "monthly_charges": monthly,
+               "support_calls": support_calls, "internet_service": internet, "age": age}
+    logit = churn_logit(columns) + rng.normal(0, 0.6, rows)
     churned = np.where(rng.random(rows) < 1 / (1 + np.exp(-logit)), "yes", "no")
     total = np.round(monthly * np.maximum(tenure, 1) * rng.uniform(0.95, 1.05, rows), 2)
     frame = pd.DataFrame(
