@@ -124,7 +124,8 @@ class BatchPredictOperator(BaseOperator):
         if drop is not None:
             write_json(lake.landing(self.pipeline, "inference", drop) / SCORED_MARKER, {"run_id": run_id, "rows": rows})
         context["outlet_events"][predictions_asset(self.pipeline)].extra = {
-            "run_id": run_id, "rows": rows, "model_version": self.model["version"], "table": table}
+            "run_id": run_id, "rows": rows, "model_version": self.model["version"], "table": table,
+            "parquet": result.uri}
         report_uri = str(lake.reports(self.pipeline, run_id) / "batch" / "index.html")
         self.log.info("Scored %s rows in %.1fs; report: %s", rows, result.seconds, report_uri)
         return {"rows": rows, "parquet": result.uri, "table": table, "report": report_uri, "model_version": self.model["version"]}

@@ -131,7 +131,8 @@ class PublishModelOperator(BaseOperator):
         from conveyor.assets import model_asset
 
         deploy = str(self.deploy).lower() not in {"false", "0", "no", "none"}
-        extra = {"version": self.registration["version"], "deploy": deploy}
+        extra = {"version": self.registration["version"], "deploy": deploy,
+                 "model_uri": self.registration["model_uri"]}
         context["outlet_events"][model_asset(self.pipeline)].extra = extra
         self.log.info("Published %s version %s (deploy: %s)", self.pipeline, extra["version"], deploy)
         return extra

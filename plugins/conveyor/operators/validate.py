@@ -88,7 +88,8 @@ class ValidateDatasetOperator(BaseOperator):
         write_json(lake.raw(self.pipeline, self.version) / VALIDATED, document)
         write_json(lake.raw(self.pipeline) / LATEST, document)
         mark_processed(lake, self.pipeline, self.drop, receipt)
-        context["outlet_events"][dataset_asset(self.pipeline)].extra = {"version": self.version, "rows": manifest["rows"]}
+        context["outlet_events"][dataset_asset(self.pipeline)].extra = {
+            "version": self.version, "rows": manifest["rows"], "uri": manifest["uri"]}
         return {"version": self.version, "rows": manifest["rows"], "report": report_uri, "statistics": outcome.statistics}
 
     def judge_images(self, frame: Any, spec: Any) -> tuple[Any, dict[str, Any], list[str]]:
