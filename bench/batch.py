@@ -1,0 +1,485 @@
+"""Benchmark: the local batch transform (``score_file``) against one in-memory predict of the whole frame.
+
+What is compared, in one run, with the same small churn model (AutoGluon, LightGBM + weighted
+ensemble, trained here as ``tests/conftest.py``'s ``churn_model`` fixture trains it) on the same
+input file: ``churn_frame(1,000,000)`` without its label (200,000 with ``--quick``), written once as
+one Parquet file (``--format csv``: one CSV file):
+
+* ours: ``conveyor.batch.score_file(source, model_dir, out, ..., chunk_rows=50,000, workers=2)``
+  (and again with ``workers=1``): chunks read with pyarrow, scored in spawned worker processes that
+  each load the model once, written as Parquet parts with the id, prediction, probabilities and
+  the run's constant columns (model, version, run id, timestamp), then ``_SUCCESS.json``;
+* baseline: ``pandas.read_parquet`` (``read_csv``) of the whole file, ``LoadedModel(model_dir)``,
+  one ``predict_frame`` on the whole frame, and its result (id, prediction, probabilities; no
+  constant columns) written with ``to_parquet``.
+
+Each side runs in a fresh child process; its clock starts after the libraries that are not the
+model are imported (pandas/pyarrow; for ours also ``conveyor.batch`` and Airflow's
+``ObjectStoragePath``, which ``score_file`` uses) and includes loading the model (AutoGluon's
+import and the predictor: in ours that happens in every worker, inside ``score_file``).
+``*_rows_per_s`` = rows / that time.
+
+Peak memory counts every process of a side: while a child runs, this process polls its process
+tree every 50 ms and keeps each process's last-seen peak RSS (``VmHWM`` in ``/proc/<pid>/status``);
+the child reports its own exact ``VmHWM`` at its end. ``*_peak_bytes`` is the sum of the peaks of
+all processes (child, workers, multiprocessing's resource tracker) - an upper bound of what was
+resident at once, since peaks need not coincide; the peak of the summed RSS as sampled is reported
+beside it. Each worker also reports when it was spawned and when its model was loaded (worker
+start-up), and the child when each part was written.
+
+Before the figures are reported, ours (workers=2) and the baseline must agree on every row (same
+id and prediction, probabilities within 1e-9).
+
+Output: progress lines, then as the last line one JSON object. ``ratio`` = ours (workers=2) rows/s /
+baseline rows/s (target >= 0.9); ``memory_ratio`` = ours peak / baseline peak (target <= 0.3).
+
+Usage: ``python bench/batch.py [--quick] [--rows N] [--format parquet|csv] [--chunk-rows N]
+[--model-dir DIR]`` (``--model-dir``: an extracted ``model.tar.gz`` of the churn model, to skip
+training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+if str(PLUGINS) not in sys.path:
+    sys.path.insert(0, str(PLUGINS))
+
+FULL_ROWS, QUICK_ROWS = 1_000_000, 200_000
+CHUNK_ROWS = 50_000
+WORKERS = 2
+TARGET_RATIO = 0.9
+TARGET_MEMORY = 0.3
+POLL_S = 0.05
+CHILD_FLAG = "--child"
+WORKER_LOG_ENV = "CONVEYOR_BENCH_WORKER_LOG"
+LABEL = "churned"
+
+
+def progress(message: str) -> None:
+    """Print one progress line at once."""
+    print(f"[batch bench] {message}", flush=True)
+
+
+def isolate(tmp: Path) -> None:
+    """Point Conveyor and Airflow at a temporary folder (before either is imported); children inherit it."""
+    os.environ.update(
+        {
+            "CONVEYOR_STATE_DIR": str(tmp / "state"),
+            "CONVEYOR_LAKE_URI": (tmp / "lake").as_uri(),
+            "AIRFLOW_HOME": str(tmp / "airflow"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "MLFLOW_ENABLE_TELEMETRY": "false",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])),
+        }
+    )
+    os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
+    (tmp / "lake").mkdir(parents=True, exist_ok=True)
+
+
+def status_kib(pid: int | str = "self") -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of a process in KiB from ``/proc/<pid>/status``; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = [re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE) for field in ("VmRSS", "VmHWM")]
+    return (int(found[0].group(1)), int(found[1].group(1))) if all(found) else None
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def train_model(root: Path) -> Path:
+    """Train and pack the small churn model as ``tests/conftest.py`` does; the extracted folder.
+
+    :param root: a scratch folder.
+    """
+    from conveyor import artifacts
+    from conveyor.backends.local import LocalTrainingBackend, TrainingJob
+    from conveyor.demo import churn_frame
+
+    frame = churn_frame(1500, seed=3)
+    for name, part in (("train", frame.iloc[:1000]), ("validation", frame.iloc[1000:1200])):
+        (root / name).mkdir(parents=True)
+        part.to_parquet(root / name / "data.parquet", index=False)
+    job = TrainingJob(
+        script=artifacts.training_script("autogluon"),
+        args=["--label", LABEL, "--problem-type", "binary", "--eval-metric", "roc_auc", "--time-limit", "20",
+              "--id-column", "customer_id", "--hyperparameters", '{"GBM": {}}'],
+        channels={"train": root / "train", "validation": root / "validation"},
+        model_dir=root / "model", output_dir=root / "output", timeout_s=300,
+    )
+    LocalTrainingBackend().run(job)
+    metadata = {**json.loads((job.model_dir / "metadata.json").read_text()), "pipeline": "churn",
+                "run_id": "bench", "dataset_version": "v-bench", "code_version": artifacts.code_version("autogluon")}
+    archive = artifacts.pack(job.model_dir, artifacts.inference_code("autogluon"), metadata, root / "model.tar.gz")
+    return artifacts.unpack(archive, root / "extracted")
+
+
+# --- the children (each side runs in a fresh process) -------------------------------------------
+
+
+def _timed_start_worker(model_dir: str, threads: int) -> None:
+    """``conveyor.batch._start_worker`` with timestamps written for the bench (runs in each worker).
+
+    The bench puts it in place of the initializer inside the ours child only; it calls the real
+    initializer unchanged and then records when the process was spawned, when the initializer
+    began and ended (model loaded), and the worker's RSS then.
+    """
+    began = time.time()
+    from conveyor import batch
+
+    batch._start_worker(model_dir, threads)
+    ended = time.time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[-1].split()
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+    spawned = boot + int(stat[19]) / ticks
+    memory = status_kib() or (0, 0)
+    record = {"pid": os.getpid(), "spawned": spawned, "init_began": began, "model_loaded": ended,
+              "rss_after_load_bytes": memory[0] * 1024, "threads": threads}
+    folder = Path(os.environ[WORKER_LOG_ENV])
+    (folder / f"{os.getpid()}.json").write_text(json.dumps(record))
+
+
+class PartClock:
+    """Records when ``score_file`` logs each part written (a logging handler on ``conveyor.batch``)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.times: list[float] = []
+        handler = logging.Handler()
+        handler.emit = self._emit  # type: ignore[method-assign]
+        logger = logging.getLogger("conveyor.batch")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+    def _emit(self, record: Any) -> None:
+        if record.getMessage().startswith("wrote part-"):
+            self.times.append(record.created)
+
+
+def child_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: ``score_file`` once, timed; worker start-up and part times."""
+    import datetime as dt
+
+    import pyarrow  # noqa: F401 - imported before the clock, as pandas/pyarrow on the baseline side
+    from airflow.sdk import ObjectStoragePath  # noqa: F401 - score_file's path type, imported before the clock
+
+    from conveyor import batch
+
+    memory_after_imports = status_kib() or (0, 0)
+    worker_log = Path(args.work) / f"workers-{os.getpid()}"
+    worker_log.mkdir(parents=True)
+    os.environ[WORKER_LOG_ENV] = str(worker_log)
+    batch._start_worker = _timed_start_worker  # instrumentation only: it calls the real initializer
+    parts = PartClock()
+    started_wall, started = time.time(), time.perf_counter()
+    result = batch.score_file(
+        args.source, Path(args.model_dir), args.out, run_id="bench", model_name="churn", model_version="1",
+        scored_at=dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc), chunk_rows=args.chunk_rows, workers=args.workers,
+    )
+    seconds = time.perf_counter() - started
+    workers = [json.loads(path.read_text()) for path in sorted(worker_log.glob("*.json"))]
+    startup = [{"pid": w["pid"], "spawned_s": w["spawned"] - started_wall, "model_loaded_s": w["model_loaded"] - started_wall,
+                "start_up_s": w["model_loaded"] - w["spawned"], "initializer_s": w["model_loaded"] - w["init_began"],
+                "rss_after_load_bytes": w["rss_after_load_bytes"]} for w in workers]
+    memory = status_kib() or (0, 0)
+    return {
+        "side": f"ours_w{args.workers}", "seconds": seconds, "rows": result.rows, "parts": len(result.parts),
+        "workers": startup, "part_written_s": [t - started_wall for t in parts.times],
+        "self_peak_bytes": memory[1] * 1024, "self_rss_after_imports_bytes": memory_after_imports[0] * 1024,
+        "children_max_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
+
+
+def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: read the whole file, load the model, one predict_frame, write; timed by step."""
+    import pandas as pd
+    import pyarrow  # noqa: F401
+
+    from conveyor.artifacts import LoadedModel
+
+    memory_after_imports = status_kib() or (0, 0)
+    marks: dict[str, Any] = {}
+    started = time.perf_counter()
+    frame = pd.read_csv(args.source) if args.source.endswith(".csv") else pd.read_parquet(args.source)
+    marks["read_s"] = time.perf_counter() - started
+    marks["rss_after_read_bytes"] = (status_kib() or (0, 0))[0] * 1024
+    loaded = LoadedModel(Path(args.model_dir))
+    marks["model_load_s"] = time.perf_counter() - started - marks["read_s"]
+    marks["rss_after_model_load_bytes"] = (status_kib() or (0, 0))[0] * 1024
+    before = time.perf_counter()
+    predicted = loaded.predict_frame(frame)
+    marks["predict_s"] = time.perf_counter() - before
+    before = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    predicted.to_parquet(Path(args.out) / "predictions.parquet", index=False)
+    marks["write_s"] = time.perf_counter() - before
+    seconds = time.perf_counter() - started
+    memory = status_kib() or (0, 0)
+    return {
+        "side": "baseline", "seconds": seconds, "rows": len(predicted), "steps": marks,
+        "frame_bytes": int(frame.memory_usage(deep=True).sum()),
+        "self_peak_bytes": memory[1] * 1024, "self_rss_after_imports_bytes": memory_after_imports[0] * 1024,
+        "children_max_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
+
+
+# --- running a side and watching its memory -----------------------------------------------------
+
+
+class TreeWatcher:
+    """Polls a process tree: each process's last-seen peak RSS and the peak of the summed RSS."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peaks: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.peak_sum = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            total = 0
+            for proc in procs:
+                memory = status_kib(proc.pid)
+                if memory is None:
+                    continue
+                total += memory[0] * 1024
+                self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), memory[1] * 1024)
+                if proc.pid not in self.names:
+                    try:
+                        self.names[proc.pid] = " ".join(proc.cmdline()[1:4])[:80]
+                    except psutil.Error:
+                        self.names[proc.pid] = "?"
+            self.peak_sum = max(self.peak_sum, total)
+            self._stop.wait(POLL_S)
+
+
+def run_side(side: str, args: argparse.Namespace, source: Path, model_dir: Path, out: Path, work: Path,
+             workers: int = WORKERS) -> dict[str, Any]:
+    """Run one side in a fresh child process while watching its memory; the figures."""
+    command = [sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, side, "--source", str(source),
+               "--model-dir", str(model_dir), "--out", str(out), "--work", str(work),
+               "--workers", str(workers), "--chunk-rows", str(args.chunk_rows)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with TreeWatcher(process.pid) as watcher:
+            stdout, stderr = process.communicate(timeout=args.side_timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise SystemExit(f"{side}: did not finish within {args.side_timeout:g} s") from None
+    wall = time.perf_counter() - started
+    lines = stdout.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        raise SystemExit(f"{side} failed ({process.returncode}):\n{stderr[-3000:]}\n{stdout[-2000:]}")
+    report = json.loads(lines[-1])
+    peaks = dict(watcher.peaks)
+    peaks[process.pid] = max(peaks.get(process.pid, 0), report["self_peak_bytes"])  # exact for the child itself
+    others = {pid: peak for pid, peak in peaks.items() if pid != process.pid}
+    report.update(
+        process_wall_s=wall,
+        peak_bytes=sum(peaks.values()),
+        peak_of_sum_bytes=max(watcher.peak_sum, report["self_peak_bytes"]),
+        processes={str(pid): {"peak_bytes": peak, "command": watcher.names.get(pid, "child" if pid == process.pid else "?")}
+                   for pid, peak in sorted(peaks.items())},
+        other_processes_peak_bytes=sum(others.values()),
+        max_other_process_peak_seen_bytes=max(others.values(), default=0),
+    )
+    # ru_maxrss of the children is exact for the largest one: the poll must not have missed its peak
+    if report["children_max_peak_bytes"] > report["max_other_process_peak_seen_bytes"] * 1.02 + (4 << 20):
+        report["poll_missed_peak_bytes"] = report["children_max_peak_bytes"] - report["max_other_process_peak_seen_bytes"]
+    return report
+
+
+def check_agreement(ours_out: Path, baseline_out: Path, rows: int) -> dict[str, Any]:
+    """Ours (all parts, in order) and the baseline's output hold the same ids, predictions and probabilities."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conveyor.batch import completed_parts
+
+    baseline = pq.read_table(baseline_out / "predictions.parquet")
+    columns = baseline.column_names
+    ours = pa.concat_tables([pq.read_table(part.path, columns=columns) for part in completed_parts(str(ours_out))])
+    if ours.num_rows != rows or baseline.num_rows != rows:
+        raise SystemExit(f"row counts differ: ours {ours.num_rows}, baseline {baseline.num_rows}, input {rows}")
+    for name in columns:
+        mine, theirs = ours.column(name).to_numpy(), baseline.column(name).to_numpy()
+        if name.startswith("proba_"):
+            worst = float(np.max(np.abs(mine.astype("float64") - theirs.astype("float64"))))
+            if worst > 1e-9:
+                raise SystemExit(f"{name}: ours and the baseline differ by up to {worst}")
+        elif not np.array_equal(mine, theirs):
+            raise SystemExit(f"{name}: ours and the baseline differ on {int(np.sum(mine != theirs))} rows")
+    return {"rows": rows, "columns": columns}
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS:,} rows instead of {FULL_ROWS:,}")
+    parser.add_argument("--rows", type=int, default=None, help="rows to generate (overrides --quick)")
+    parser.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="the input file's format")
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="score_file's chunk_rows")
+    parser.add_argument("--model-dir", type=Path, default=None, help="an extracted churn model.tar.gz (skip training)")
+    parser.add_argument("--side-timeout", type=float, default=900.0, help="seconds one side may run at most")
+    parser.add_argument(CHILD_FLAG, choices=("ours", "baseline"), default=None, help=argparse.SUPPRESS)
+    for hidden in ("--source", "--out", "--work"):
+        parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=WORKERS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the comparison and return the figures (the JSON line)."""
+    rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
+    with tempfile.TemporaryDirectory(prefix="conveyor-bench-batch-") as tmp_name:
+        tmp = Path(tmp_name)
+        isolate(tmp)
+        if args.model_dir is not None:
+            model_dir = args.model_dir.resolve()
+            progress(f"using the model at {model_dir}")
+        else:
+            progress("training the churn model (AutoGluon GBM, 20 s budget, as the churn_model fixture)")
+            started = time.perf_counter()
+            model_dir = train_model(tmp / "train")
+            progress(f"trained and packed in {time.perf_counter() - started:.1f} s")
+        from conveyor.demo import churn_frame
+
+        progress(f"generating {rows:,} rows and writing them as one {args.format} file")
+        frame = churn_frame(rows).drop(columns=[LABEL])
+        source = tmp / "input" / f"churn.{args.format}"
+        source.parent.mkdir()
+        if args.format == "csv":
+            frame.to_csv(source, index=False)
+        else:
+            frame.to_parquet(source, index=False)
+        frame_bytes = int(frame.memory_usage(deep=True).sum())
+        del frame
+        progress(f"input: {source.stat().st_size / 2**20:.1f} MiB on disk, {frame_bytes / 2**20:.1f} MiB as a pandas frame")
+
+        sides: dict[str, dict[str, Any]] = {}
+        plan = [("baseline", "baseline", WORKERS), ("ours_w2", "ours", 2), ("ours_w1", "ours", 1)]
+        for name, side, workers in plan:
+            progress(f"{name}: running in a fresh process")
+            sides[name] = run_side(side, args, source, model_dir, tmp / f"out-{name}", tmp, workers)
+            report = sides[name]
+            progress(f"{name}: {report['seconds']:.2f} s, {report['rows'] / report['seconds']:,.0f} rows/s; peak memory "
+                     f"{report['peak_bytes'] / 2**20:.0f} MiB summed over {len(report['processes'])} process(es) "
+                     f"(peak of the sampled sum {report['peak_of_sum_bytes'] / 2**20:.0f} MiB)")
+            for worker in report.get("workers", []):
+                progress(f"  worker {worker['pid']}: spawned at {worker['spawned_s']:.2f} s, model loaded at "
+                         f"{worker['model_loaded_s']:.2f} s (start-up {worker['start_up_s']:.2f} s), "
+                         f"RSS then {worker['rss_after_load_bytes'] / 2**20:.0f} MiB")
+            if "steps" in report:
+                steps = report["steps"]
+                progress(f"  read {steps['read_s']:.2f} s, model load {steps['model_load_s']:.2f} s, "
+                         f"predict {steps['predict_s']:.2f} s, write {steps['write_s']:.2f} s")
+            if "poll_missed_peak_bytes" in report:
+                progress(f"  note: the poll missed up to {report['poll_missed_peak_bytes'] / 2**20:.0f} MiB of a worker's peak")
+        agreement = check_agreement(tmp / "out-ours_w2", tmp / "out-baseline", rows)
+        progress(f"ours and the baseline agree on all {rows:,} rows ({', '.join(agreement['columns'])})")
+
+    def rate(name: str) -> float:
+        return sides[name]["rows"] / sides[name]["seconds"]
+
+    def startup(name: str) -> dict[str, float] | None:
+        workers = sides[name].get("workers") or []
+        if not workers:
+            return None
+        ready = max(w["model_loaded_s"] for w in workers)
+        first_part = min(sides[name]["part_written_s"], default=float("nan"))
+        return {"workers_ready_s": ready, "max_worker_start_up_s": max(w["start_up_s"] for w in workers),
+                "first_part_written_s": first_part,
+                "rows_per_s_after_workers_ready": sides[name]["rows"] / (sides[name]["seconds"] - ready)}
+
+    baseline_rate = rate("baseline")
+    baseline_after_load = sides["baseline"]["rows"] / (sides["baseline"]["seconds"] - sides["baseline"]["steps"]["model_load_s"])
+    ratio = rate("ours_w2") / baseline_rate
+    memory_ratio = sides["ours_w2"]["peak_bytes"] / sides["baseline"]["peak_bytes"]
+    figures = {
+        "ratio": ratio,
+        "memory_ratio": memory_ratio,
+        "ratio_w1": rate("ours_w1") / baseline_rate,
+        "memory_ratio_w1": sides["ours_w1"]["peak_bytes"] / sides["baseline"]["peak_bytes"],
+        "memory_ratio_peak_of_sum": sides["ours_w2"]["peak_of_sum_bytes"] / sides["baseline"]["peak_of_sum_bytes"],
+        "rows": rows,
+        "format": args.format,
+        "chunk_rows": args.chunk_rows,
+        "ours_rows_per_s": rate("ours_w2"),
+        "ours_w1_rows_per_s": rate("ours_w1"),
+        "baseline_rows_per_s": baseline_rate,
+        "ours_seconds": sides["ours_w2"]["seconds"],
+        "ours_w1_seconds": sides["ours_w1"]["seconds"],
+        "baseline_seconds": sides["baseline"]["seconds"],
+        "ours_peak_bytes": sides["ours_w2"]["peak_bytes"],
+        "ours_w1_peak_bytes": sides["ours_w1"]["peak_bytes"],
+        "baseline_peak_bytes": sides["baseline"]["peak_bytes"],
+        "ours_start_up": startup("ours_w2"),
+        "ours_w1_start_up": startup("ours_w1"),
+        "ratio_after_model_load": startup("ours_w2")["rows_per_s_after_workers_ready"] / baseline_after_load,
+        "baseline_steps": sides["baseline"]["steps"],
+        "frame_bytes": frame_bytes,
+        "sides": sides,
+        "agreement_rows": agreement["rows"],
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_end": os.getloadavg()[0],
+    }
+    return {
+        "bench": "batch",
+        "baseline": "pandas read of the whole file + one LoadedModel.predict_frame + to_parquet, in one process",
+        **figures,
+        "targets": {"ratio": f">= {TARGET_RATIO}", "memory_ratio": f"<= {TARGET_MEMORY}"},
+        "met": {"ratio": ratio >= TARGET_RATIO, "memory_ratio": memory_ratio <= TARGET_MEMORY},
+    }
+
+
+if __name__ == "__main__":
+    cli = get_args_parser().parse_args()
+    if cli.child == "ours":
+        print(json.dumps(child_ours(cli)), flush=True)
+    elif cli.child == "baseline":
+        print(json.dumps(child_baseline(cli)), flush=True)
+    else:
+        print(json.dumps(main(cli)), flush=True)
