@@ -278,8 +278,9 @@ def _score_chunk(payload: bytes, start: int, context: dict[str, Any]) -> pa.Tabl
     table = pa.Table.from_pandas(pd.DataFrame(out), preserve_index=False).replace_schema_metadata(None)
     n = len(frame)
     for name in ("model_name", "model_version", "run_id"):
-        table = table.append_column(name, pa.array([context[name]] * n, pa.string()))
-    return table.append_column("scored_at", pa.array([context["scored_at"]] * n, pa.timestamp("us", tz="UTC")))
+        table = table.append_column(name, pa.repeat(pa.scalar(context[name], pa.string()), n))
+    stamp = pa.scalar(context["scored_at"], pa.timestamp("us", tz="UTC"))
+    return table.append_column("scored_at", pa.repeat(stamp, n))
 
 
 def _publish(target: ObjectStoragePath, staging: ObjectStoragePath, names: list[str], manifest: dict[str, Any]) -> None:
