@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
 if str(PLUGINS) not in sys.path:
     sys.path.insert(0, str(PLUGINS))
+from _common import isolate, train_model  # noqa: E402
 
 FULL_ROWS, QUICK_ROWS = 1_000_000, 200_000
 CHUNK_ROWS = 50_000
@@ -74,20 +75,6 @@ def progress(message: str) -> None:
     print(f"[batch bench] {message}", flush=True)
 
 
-def isolate(tmp: Path) -> None:
-    """Point Conveyor and Airflow at a temporary folder (before either is imported); children inherit it."""
-    os.environ.update(
-        {
-            "CONVEYOR_STATE_DIR": str(tmp / "state"),
-            "CONVEYOR_LAKE_URI": (tmp / "lake").as_uri(),
-            "AIRFLOW_HOME": str(tmp / "airflow"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "MLFLOW_ENABLE_TELEMETRY": "false",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])),
-        }
-    )
-    os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
-    (tmp / "lake").mkdir(parents=True, exist_ok=True)
 
 
 def status_kib(pid: int | str = "self") -> tuple[int, int] | None:
@@ -103,31 +90,6 @@ def status_kib(pid: int | str = "self") -> tuple[int, int] | None:
 # --- the model ----------------------------------------------------------------------------------
 
 
-def train_model(root: Path) -> Path:
-    """Train and pack the small churn model as ``tests/conftest.py`` does; the extracted folder.
-
-    :param root: a scratch folder.
-    """
-    from conveyor import artifacts
-    from conveyor.backends.local import LocalTrainingBackend, TrainingJob
-    from conveyor.demo import churn_frame
-
-    frame = churn_frame(1500, seed=3)
-    for name, part in (("train", frame.iloc[:1000]), ("validation", frame.iloc[1000:1200])):
-        (root / name).mkdir(parents=True)
-        part.to_parquet(root / name / "data.parquet", index=False)
-    job = TrainingJob(
-        script=artifacts.training_script("autogluon"),
-        args=["--label", LABEL, "--problem-type", "binary", "--eval-metric", "roc_auc", "--time-limit", "20",
-              "--id-column", "customer_id", "--hyperparameters", '{"GBM": {}}'],
-        channels={"train": root / "train", "validation": root / "validation"},
-        model_dir=root / "model", output_dir=root / "output", timeout_s=300,
-    )
-    LocalTrainingBackend().run(job)
-    metadata = {**json.loads((job.model_dir / "metadata.json").read_text()), "pipeline": "churn",
-                "run_id": "bench", "dataset_version": "v-bench", "code_version": artifacts.code_version("autogluon")}
-    archive = artifacts.pack(job.model_dir, artifacts.inference_code("autogluon"), metadata, root / "model.tar.gz")
-    return artifacts.unpack(archive, root / "extracted")
 
 
 # --- the children (each side runs in a fresh process) -------------------------------------------

@@ -66,6 +66,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
 sys.path.insert(0, str(PLUGINS))
+from _common import isolate, train_model  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 FULL_REQUESTS, QUICK_REQUESTS = 600, 150
@@ -108,51 +109,11 @@ def progress(message: str) -> None:
     print(f"[endpoint bench] {message}", flush=True)
 
 
-def isolate(tmp: Path) -> None:
-    """Point Conveyor, Airflow and MLflow at a temporary folder (before any of them is imported)."""
-    os.environ.update(
-        {
-            "CONVEYOR_STATE_DIR": str(tmp / "state"),
-            "CONVEYOR_LAKE_URI": (tmp / "lake").as_uri(),
-            "AIRFLOW_HOME": str(tmp / "airflow"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "MLFLOW_ENABLE_TELEMETRY": "false",
-            "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri(),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])),
-        }
-    )
-    os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
-    (tmp / "lake").mkdir(parents=True, exist_ok=True)
 
 
 # --- the model ----------------------------------------------------------------------------------
 
 
-def train_model(root: Path) -> Path:
-    """Train and pack the small churn model as ``tests/conftest.py`` does; the extracted folder.
-
-    :param root: a scratch folder.
-    """
-    from conveyor import artifacts
-    from conveyor.backends.local import LocalTrainingBackend, TrainingJob
-    from conveyor.demo import churn_frame
-
-    frame = churn_frame(1500, seed=3)
-    for name, part in (("train", frame.iloc[:1000]), ("validation", frame.iloc[1000:1200])):
-        (root / name).mkdir(parents=True)
-        part.to_parquet(root / name / "data.parquet", index=False)
-    job = TrainingJob(
-        script=artifacts.training_script("autogluon"),
-        args=["--label", "churned", "--problem-type", "binary", "--eval-metric", "roc_auc", "--time-limit", "20",
-              "--id-column", "customer_id", "--hyperparameters", '{"GBM": {}}'],
-        channels={"train": root / "train", "validation": root / "validation"},
-        model_dir=root / "model", output_dir=root / "output", timeout_s=300,
-    )
-    LocalTrainingBackend().run(job)
-    metadata = {**json.loads((job.model_dir / "metadata.json").read_text()), "pipeline": "churn",
-                "run_id": "bench", "dataset_version": "v-bench", "code_version": artifacts.code_version("autogluon")}
-    archive = artifacts.pack(job.model_dir, artifacts.inference_code("autogluon"), metadata, root / "model.tar.gz")
-    return artifacts.unpack(archive, root / "extracted")
 
 
 def save_mlflow_model(model_dir: Path, features: Any, target: Path, scratch: Path) -> Path:
@@ -621,7 +582,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ours_env = dict(item.split("=", 1) for item in args.ours_env)
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-endpoint-") as tmp_name:
         tmp = Path(tmp_name)
-        isolate(tmp)
+        isolate(tmp, mlflow=True)
         if args.model_dir is not None:
             model_dir = args.model_dir.resolve()
             progress(f"using the model at {model_dir}")

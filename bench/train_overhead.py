@@ -57,6 +57,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+from _common import isolate  # noqa: E402
 
 PIPELINE = "churn"
 FULL_ROWS, QUICK_ROWS = 20_000, 5_000
@@ -70,20 +71,6 @@ def progress(message: str) -> None:
     print(f"[train_overhead bench] {message}", flush=True)
 
 
-def isolate(tmp: Path) -> None:
-    """Point Conveyor and Airflow at a temporary state folder and lake (before Airflow is imported)."""
-    os.environ.update(
-        {
-            "CONVEYOR_STATE_DIR": str(tmp / "state"),
-            "CONVEYOR_LAKE_URI": (tmp / "lake").as_uri(),
-            "AIRFLOW_HOME": str(tmp / "airflow"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "GX_ANALYTICS_ENABLED": "False",
-            "MLFLOW_ENABLE_TELEMETRY": "false",
-        }
-    )
-    os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
-    (tmp / "lake").mkdir(parents=True, exist_ok=True)
 
 
 def tree_bytes(folder: Path) -> int:

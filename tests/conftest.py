@@ -68,26 +68,9 @@ def churn_model(tmp_path_factory) -> dict:
     Trained once per test session; tests must not modify it.
     """
     from conveyor import artifacts
-    from conveyor.backends.local import LocalTrainingBackend, TrainingJob
-    from conveyor.demo import churn_frame
+    from conveyor.demo import churn_frame, quick_churn_model
 
     root = tmp_path_factory.mktemp("churn-model")
-    frame = churn_frame(1500, seed=3)
-    train, validation, test = frame.iloc[:1000], frame.iloc[1000:1200], frame.iloc[1200:]
-    for name, part in (("train", train), ("validation", validation)):
-        (root / name).mkdir()
-        part.to_parquet(root / name / "data.parquet", index=False)
-    job = TrainingJob(
-        script=artifacts.training_script("autogluon"),
-        args=["--label", "churned", "--problem-type", "binary", "--eval-metric", "roc_auc", "--time-limit", "20",
-              "--id-column", "customer_id", "--hyperparameters", '{"GBM": {}}'],
-        channels={"train": root / "train", "validation": root / "validation"},
-        model_dir=root / "model", output_dir=root / "output", timeout_s=300,
-    )
-    LocalTrainingBackend().run(job)
-    import json
-
-    metadata = {**json.loads((job.model_dir / "metadata.json").read_text()), "pipeline": "churn",
-                "run_id": "fixture", "dataset_version": "v-fixture", "code_version": artifacts.code_version("autogluon")}
-    archive = artifacts.pack(job.model_dir, artifacts.inference_code("autogluon"), metadata, root / "model.tar.gz")
+    archive = quick_churn_model(root)
+    test = churn_frame(1500, seed=3).iloc[1200:]
     return {"archive": archive, "dir": artifacts.unpack(archive, root / "extracted"), "test": test.reset_index(drop=True)}
