@@ -121,6 +121,7 @@ class DeployEndpointOperator(BaseOperator):
             self.log.error("Rolled back: version %s dropped, version %s keeps serving", version, live)
             raise AirflowFailException(f"rollout of {self.pipeline} version {version} to {name} rolled back: {exc}") from exc
         state.promote_candidate(name)
+        state.wait_for_workers(name, version, timeout=60, live=True)  # every worker has switched
         previous = MlflowRegistryHook(self.tracking_uri).record_deployment(self.pipeline, version, name)
         self.log.info("Version %s is live on %s (%s); it replaced %s", version, name, url, previous or live)
         return {"endpoint": name, "url": url, "version": version, "previous": live, "smoke": smoke}

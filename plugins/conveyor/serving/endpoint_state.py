@@ -291,7 +291,8 @@ def _expected_workers(name: str) -> int:
         return 1
 
 
-def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: float = 0.1) -> list[dict[str, Any]]:
+def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: float = 0.1,
+                     live: bool = False) -> list[dict[str, Any]]:
     """Wait until every running worker has loaded ``version`` (as candidate or live); their states.
 
     Waits for as many workers as ``server.json`` says the server runs (a restarting worker is
@@ -302,6 +303,7 @@ def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: floa
     :param version: the staged candidate's version.
     :param timeout: seconds to wait at most.
     :param poll: seconds between looks at the heartbeats.
+    :param live: wait until every worker serves ``version`` as live (after a promotion).
     """
     deadline = time.monotonic() + timeout
     expected = _expected_workers(name)
@@ -318,7 +320,8 @@ def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: floa
                 f"endpoint {name}: version {version} failed to load on {len(errors)} of {len(states)} worker(s): {shown}",
                 errors,
             )
-        ready = [state for state in states if version in (_version(state.get("candidate")), _version(state.get("live")))]
+        roles = ("live",) if live else ("candidate", "live")
+        ready = [state for state in states if version in {_version(state.get(role)) for role in roles}]
         if states and len(ready) == len(states) and len(states) >= expected:
             return states
         if time.monotonic() >= deadline:
