@@ -28,36 +28,6 @@ PG_URL = os.environ.get("CONVEYOR_TEST_POSTGRES_URL", "postgres@127.0.0.1:5432/t
 
 
 @pytest.fixture(scope="module")
-def moto_server():
-    """moto's S3 server on loopback; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_lake(moto_server, monkeypatch):
-    """A fresh bucket on moto as the lake, reached through an Airflow AWS connection."""
-    import boto3
-
-    from conveyor.lake import Lake
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    bucket = f"batch-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
-    connection = {"conn_type": "aws", "login": "testing", "password": "testing",
-                  "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"}}
-    monkeypatch.setenv("AIRFLOW_CONN_BATCH_S3", json.dumps(connection))
-    return Lake(root=f"s3://{bucket}/conveyor", conn_id="batch_s3")
-
-
-@pytest.fixture(scope="module")
 def loaded(churn_model):
     """The churn model loaded in the test process: what every worker must reproduce."""
     from conveyor.artifacts import LoadedModel
