@@ -34,8 +34,10 @@ $(STAMP): requirements.txt requirements-test.txt constraints.txt
 	@echo "==> Installing Conveyor's packages into $(VENV) (first run takes a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade "pip>=25" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(PY) -m pip install --progress-bar off -r requirements.txt -r requirements-test.txt -c constraints.txt \
-		2>&1 | grep -E "^(Successfully|ERROR|error)" || true
+	@set -o pipefail; $(PY) -m pip install --progress-bar off -r requirements.txt -r requirements-test.txt \
+		-c constraints.txt > $(VENV)/pip-install.log 2>&1 \
+		|| { grep -E -A12 "^(ERROR|error)" $(VENV)/pip-install.log; echo "pip install failed: see $(VENV)/pip-install.log"; exit 1; }
+	@grep -E "^Successfully" $(VENV)/pip-install.log || true
 	@$(PY) -m pip check >/dev/null && $(PY) -c "import airflow, great_expectations, autogluon.tabular, mlflow" \
 		|| { echo "Install failed: see the messages above"; exit 1; }
 	@touch $(STAMP)

@@ -118,12 +118,23 @@ class SageMakerSpec(_Strict):
 
 
 class MonitorSpec(_Strict):
+    """``<name>__monitor``: drift of batch runs and endpoint traffic, live accuracy, retraining triggers."""
+
+    enabled: bool = True
     schedule: str | None = "@daily"
+    # A feature drifts past these (see conveyor.drift); retraining fires when the share of drifted
+    # features exceeds max_drift_share, or the prediction distribution drifted.
     psi_threshold: float = Field(0.2, gt=0)
     ks_pvalue: float = Field(0.01, gt=0, lt=1)
+    missing_rate: float = Field(0.1, gt=0, le=1)
+    max_drift_share: float = Field(0.25, ge=0, le=1)
+    retrain_on_prediction_drift: bool = True
+    # Live accuracy: the gate metric (or this one) over feedback labels joined with predictions.
+    metric: str | None = None
     min_live_metric: float | None = None
     min_new_labels: int = Field(100, ge=1)
     cooldown_hours: float = Field(24.0, ge=0)
+    feedback_marker: str = "_SUCCESS"
 
 
 class PipelineSpec(_Strict):
