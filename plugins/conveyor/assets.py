@@ -32,3 +32,9 @@ def predictions_asset(pipeline: str) -> Asset:
 def inference_asset(pipeline: str) -> Asset:
     """Updated by producers (or their DAGs) when new data to score lands in ``landing/<name>/inference/``."""
     return _asset(pipeline, "inference")
+
+
+def retrain_asset(pipeline: str) -> Asset:
+    """Updated by ``<name>__monitor`` when drift or live accuracy calls for retraining (extra: the reasons
+    and the newly labelled rows); it schedules ``<name>__train``."""
+    return _asset(pipeline, "retrain")

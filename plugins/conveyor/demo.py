@@ -22,6 +22,20 @@ INTERNET = ["dsl", "fiber", "none"]
 REGIONS = ["north", "south", "east", "west"]
 
 
+def shifted_churn_logit(columns: Any) -> Any:
+    """The churn log-odds after a market shift (the demo's drift): a competitor's fibre offer makes
+    fibre customers leave whatever their contract, long contracts included; the old drivers
+    (:func:`churn_logit`) keep less than a third of their weight.
+
+    :param columns: as for :func:`churn_logit`.
+    """
+    import numpy as np
+
+    fibre = np.asarray(columns["internet_service"]) == "fiber"
+    two_year = np.asarray(columns["contract"]) == "two-year"
+    return 0.3 * churn_logit(columns) + np.where(fibre, 2.0, -1.5) + 0.8 * two_year - 0.8
+
+
 def churn_logit(columns: Any) -> Any:
     """The generator's churn log-odds without its noise (a ceiling for any model of these columns).
 
@@ -52,21 +66,27 @@ def churn_logit(columns: Any) -> Any:
     )
 
 
-def churn_frame(rows: int, seed: int = 7) -> Any:
-    """A churn table of ``rows`` customers (pandas DataFrame), the same for the same seed."""
+def churn_frame(rows: int, seed: int = 7, shifted: bool = False) -> Any:
+    """A churn table of ``rows`` customers (pandas DataFrame), the same for the same seed.
+
+    :param rows: customers.
+    :param seed: the generator seed.
+    :param shifted: after the demo's market shift: more fibre, higher charges, more long contracts
+        and more support calls (data drift), and churn driven by :func:`shifted_churn_logit` (concept drift).
+    """
     import numpy as np
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    contract = rng.choice(CONTRACTS, rows, p=[0.55, 0.25, 0.20])
+    contract = rng.choice(CONTRACTS, rows, p=[0.25, 0.30, 0.45] if shifted else [0.55, 0.25, 0.20])
     tenure = rng.integers(0, 73, rows)
-    internet = rng.choice(INTERNET, rows, p=[0.35, 0.45, 0.20])
-    monthly = np.round(rng.normal(65, 25, rows).clip(18, 120) + np.where(internet == "fiber", 15, 0), 2)
-    support_calls = rng.poisson(1.5, rows).clip(0, 12)
+    internet = rng.choice(INTERNET, rows, p=[0.15, 0.75, 0.10] if shifted else [0.35, 0.45, 0.20])
+    monthly = np.round(rng.normal(85 if shifted else 65, 25, rows).clip(18, 140 if shifted else 120) + np.where(internet == "fiber", 15, 0), 2)
+    support_calls = rng.poisson(3.5 if shifted else 1.5, rows).clip(0, 12)
     age = rng.integers(18, 91, rows)
     columns = {"contract": contract, "tenure_months": tenure, "monthly_charges": monthly,
                "support_calls": support_calls, "internet_service": internet, "age": age}
-    logit = churn_logit(columns) + rng.normal(0, 0.6, rows)
+    logit = (shifted_churn_logit if shifted else churn_logit)(columns) + rng.normal(0, 0.6, rows)
     churned = np.where(rng.random(rows) < 1 / (1 + np.exp(-logit)), "yes", "no")
     total = np.round(monthly * np.maximum(tenure, 1) * rng.uniform(0.95, 1.05, rows), 2)
     frame = pd.DataFrame(

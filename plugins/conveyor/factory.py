@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,22 @@ from conveyor.exceptions import SpecError
 from conveyor.spec import PipelineSpec, load_specs
 
 START = datetime(2024, 1, 1)
+# The Celery queue of tasks that need a GPU (docker-compose.yaml's airflow-worker-gpu serves it).
+GPU_QUEUE_ENV = "CONVEYOR_GPU_QUEUE"
+GPU_QUEUE_DEFAULT = "gpu"
+
+
+def gpu_queue() -> str:
+    """The Celery queue of tasks that need a GPU: ``CONVEYOR_GPU_QUEUE``, ``gpu`` by default."""
+    return os.environ.get(GPU_QUEUE_ENV) or GPU_QUEUE_DEFAULT
 
 
 def default_args(spec: PipelineSpec) -> dict[str, Any]:
     return {
         "owner": spec.owner,
         "retries": spec.retries,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
+        "retry_delay": timedelta(seconds=spec.retry_delay),
+        "retry_exponential_backoff": 2.0,  # a multiplier since Airflow 3.3 (True would mean 1: no backoff)
         "max_retry_delay": timedelta(minutes=10),
     }
 
@@ -91,12 +100,17 @@ def train_schedule(spec: PipelineSpec) -> Any:
     """New validated data (the dataset Asset), the retrain schedule, both, or neither."""
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
-    from conveyor.assets import dataset_asset
+    from conveyor.assets import dataset_asset, retrain_asset
 
     assets = [dataset_asset(spec.name)] if spec.retrain.on_new_data else []
+    if monitored(spec):
+        assets.append(retrain_asset(spec.name))
     cron = spec.retrain.schedule
     if assets and cron:
-        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=assets[0])
+        condition = assets[0] if len(assets) == 1 else assets[0] | assets[1]
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=condition)
+    if len(assets) > 1:
+        return assets[0] | assets[1]  # either event starts a run (a list would wait for both)
     return assets or cron
 
 
@@ -105,8 +119,11 @@ def train_params(spec: PipelineSpec) -> dict[str, Any]:
     from airflow.sdk import Param
 
     params = {
-        "dataset_version": Param("", type="string", title="Dataset version",
+        "dataset_version": Param("", type=["null", "string"], title="Dataset version",
                                  description="Empty: the version that triggered the run, else the latest validated"),
+        "labelled_rows": Param("", type=["null", "string"], title="Newly labelled rows",
+                               description="Empty: those of the retraining event that started the run, if any; "
+                                           "else a Parquet URI of labelled rows added to the dataset"),
         "time_limit": Param(spec.trainer.time_limit, type="integer", minimum=1, title="Time budget (seconds)"),
         "deploy": Param(spec.deploy.endpoint.enabled, type="boolean", title="Deploy once approved"),
     }
@@ -143,27 +160,40 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
 
 1. **split** — seeded ({spec.split.seed}), stratified train/validation/test split under
    `models/{spec.name}/<run>/split/`.
-2. **train** — `include/training/` script in SageMaker script mode, as a child process; writes
-   `models/{spec.name}/<run>/model.tar.gz`.
+2. **train** — `include/training/` script in SageMaker script mode, {"as a SageMaker training job"
+   if spec.compute == "sagemaker" else "as a child process"}; writes `models/{spec.name}/<run>/model.tar.gz`.
 3. **evaluate** — test-set metrics and plots: `reports/{spec.name}/<run>/evaluation/index.html`.
 4. **gate** — thresholds {dict(spec.gate.thresholds)} and a gain of at least {spec.gate.min_improvement}
    in `{spec.gate.metric}` over the champion, both scored on this test set:
    `reports/{spec.name}/<run>/gate/index.html`. On reject: **{spec.gate.on_reject}**.
-5. **register** — a new version of the MLflow model `{spec.name}` (`PendingManualApproval`).
-6. **approve** — **{spec.approval}**: approval sets `Approved` and moves the `champion` alias.
+5. **register** — a new version of `{spec.name}` in the {"SageMaker Model Registry" if spec.registry == "sagemaker"
+   else "MLflow registry"} (`PendingManualApproval`).
+6. **approve** — **{spec.approval}**: approval sets `Approved` and makes it the champion.
 7. **publish** — updates the `{spec.name}.model` Asset (version, deploy flag): it starts `{spec.name}__deploy`.
 """,
     ) as dag:
-        split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}")
-        train = TrainModelOperator(
-            task_id="train", pipeline=spec.name, split=xcom("split"),
-            time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
-            execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
-        )
+        split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}",
+                                     labelled_rows="{{ params.get('labelled_rows') or '' }}")
+        if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
+            from conveyor.backends.sagemaker import wait_limit_seconds
+            from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
+
+            train = SageMakerTrainModelOperator(
+                task_id="train", pipeline=spec.name, split=xcom("split"),
+                time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
+                execution_timeout=timedelta(seconds=wait_limit_seconds(spec) + 1800),
+            )
+        else:
+            train = TrainModelOperator(
+                task_id="train", pipeline=spec.name, split=xcom("split"),
+                time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
+                execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
+                **({"queue": gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
+            )
         evaluate = EvaluateModelOperator(task_id="evaluate", pipeline=spec.name, model=xcom("train"))
         gate = GateModelOperator(task_id="gate", pipeline=spec.name, model=xcom("train"), evaluation=xcom("evaluate"))
         register = RegisterModelOperator(task_id="register", pipeline=spec.name, model=xcom("train"),
-                                         gate=xcom("gate"), deploy="{{ params.deploy }}")
+                                         gate=xcom("gate"), deploy="{{ params.deploy }}", evaluation=xcom("evaluate"))
         if spec.approval == "auto":
             approve = AutoApproveOperator(task_id="approve", registration=xcom("register"))
         else:
@@ -206,8 +236,14 @@ to deploy), or by hand with a version number or alias.
 """,
     ) as dag:
         resolve = ResolveModelOperator(task_id="resolve", pipeline=spec.name, version="{{ params.version }}")
-        deploy = DeployEndpointOperator(task_id="deploy", pipeline=spec.name,
-                                        model="{{ ti.xcom_pull(task_ids='resolve') }}")
+        if spec.compute == "sagemaker":  # blue/green SageMaker endpoint, deferred wait (docs/aws.md)
+            from conveyor.operators.deploy_sagemaker import SageMakerDeployEndpointOperator
+
+            deploy = SageMakerDeployEndpointOperator(task_id="deploy", pipeline=spec.name,
+                                                     model="{{ ti.xcom_pull(task_ids='resolve') }}")
+        else:
+            deploy = DeployEndpointOperator(task_id="deploy", pipeline=spec.name,
+                                            model="{{ ti.xcom_pull(task_ids='resolve') }}")
         resolve >> deploy
     return dag
 
@@ -239,7 +275,7 @@ def batch_dag(spec: PipelineSpec) -> DAG:
         description=f"Score new {spec.name} data in batch into Parquet and the {table} table",
         schedule=batch_schedule(spec),
         params={
-            "input": Param(batch.input or "", type="string", title="Input location",
+            "input": Param(batch.input or "", type=["null", "string"], title="Input location",
                            description="A file or folder URI; empty: the oldest complete drop in landing/"
                                        f"{spec.name}/inference/ not scored yet"),
             "model": Param("champion", type="string", title="Model version or alias"),
@@ -257,9 +293,85 @@ Asset), or by hand (input location, model version or alias).
 """,
     ) as dag:
         resolve = ResolveModelOperator(task_id="resolve", pipeline=spec.name, version="{{ params.model }}")
-        score = BatchPredictOperator(task_id="score", pipeline=spec.name, input_uri="{{ params.input }}",
-                                     model="{{ ti.xcom_pull(task_ids='resolve') }}", outlets=[predictions_asset(spec.name)])
+        if spec.compute == "sagemaker":  # a SageMaker batch transform job, then the same files and table
+            from conveyor.operators.batch_sagemaker import SageMakerBatchPredictOperator
+
+            score = SageMakerBatchPredictOperator(task_id="score", pipeline=spec.name, input_uri="{{ params.input }}",
+                                                  model="{{ ti.xcom_pull(task_ids='resolve') }}",
+                                                  outlets=[predictions_asset(spec.name)])
+        else:
+            score = BatchPredictOperator(task_id="score", pipeline=spec.name, input_uri="{{ params.input }}",
+                                         model="{{ ti.xcom_pull(task_ids='resolve') }}", outlets=[predictions_asset(spec.name)])
         resolve >> score
+    return dag
+
+
+def monitored(spec: PipelineSpec) -> bool:
+    """A tabular pipeline with monitoring on and something to watch (an endpoint or batch runs)."""
+    watched = spec.deploy.endpoint.enabled or spec.deploy.batch.enabled
+    return spec.monitor.enabled and watched and spec.data.format != "images"
+
+
+def monitor_schedule(spec: PipelineSpec) -> Any:
+    """Its schedule (captured endpoint traffic, feedback drops), or a finished batch run, or either."""
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from conveyor.assets import predictions_asset
+
+    cron = spec.monitor.schedule
+    if not spec.deploy.batch.enabled:
+        return cron
+    if cron:
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=predictions_asset(spec.name))
+    return [predictions_asset(spec.name)]
+
+
+def monitor_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__monitor``: drift, feedback labels, live metric, and the event that retrains."""
+    from airflow.sdk import Param
+
+    from conveyor.assets import retrain_asset
+    from conveyor.operators.monitor import (
+        CheckDriftOperator,
+        IngestFeedbackOperator,
+        RetrainDecisionOperator,
+        TriggerRetrainOperator,
+    )
+
+    xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
+    m = spec.monitor
+    live_rule = (f"below {m.min_live_metric} over at least {m.min_new_labels} new labels"
+                 if m.min_live_metric is not None else "not used (no `monitor.min_live_metric`)")
+    with pipeline_dag(
+        spec, "monitor",
+        description=f"Drift, feedback and live {m.metric or spec.gate.metric} of {spec.name}; retrains when needed",
+        schedule=monitor_schedule(spec),
+        params={"input": Param("", type=["null", "string"], title="Also check this input",
+                               description="Optional: a CSV/Parquet file or folder URI compared with the live "
+                                           "model's training baseline")},
+        doc_md=f"""
+### {spec.name}: monitor
+Runs on `{m.schedule}` and after every batch prediction run, or by hand.
+
+1. **drift** — every new batch run and new slice of captured endpoint traffic is compared with the
+   training baseline of the model version that scored it (PSI {m.psi_threshold}, KS/chi-square
+   p < {m.ks_pvalue}, missing rate ± {m.missing_rate}).
+2. **feedback** — label drops in `landing/{spec.name}/feedback/<drop>/` (`id,label`, marker
+   `{m.feedback_marker}`) and `POST /feedback` on the endpoint; bad rows are kept in quarantine.
+3. **decide** — live `{m.metric or spec.gate.metric}` per day; retrain when more than
+   {m.max_drift_share:.0%} of features drift, the predictions drift, or the live metric is {live_rule};
+   at most once per {m.cooldown_hours} h. Report: `reports/{spec.name}/<run>/monitor/index.html`.
+4. **trigger_retrain** — updates the `{spec.name}.retrain` Asset, which starts `{spec.name}__train` on the
+   latest dataset plus the newly labelled rows.
+""",
+    ) as dag:
+        drift = CheckDriftOperator(task_id="drift", pipeline=spec.name, input_uri="{{ params.input }}")
+        feedback = IngestFeedbackOperator(task_id="feedback", pipeline=spec.name)
+        decide = RetrainDecisionOperator(task_id="decide", pipeline=spec.name, drift=xcom("drift"),
+                                         feedback=xcom("feedback"), trigger_rule="none_failed")
+        trigger = TriggerRetrainOperator(task_id="trigger_retrain", pipeline=spec.name, decision=xcom("decide"),
+                                         outlets=[retrain_asset(spec.name)])
+        drift >> feedback >> decide >> trigger
     return dag
 
 
@@ -270,6 +382,8 @@ def build_for(spec: PipelineSpec) -> list[DAG]:
         dags.append(deploy_dag(spec))
     if spec.deploy.batch.enabled:
         dags.append(batch_dag(spec))
+    if monitored(spec):
+        dags.append(monitor_dag(spec))
     return dags
 
 

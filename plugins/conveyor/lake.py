@@ -79,6 +79,10 @@ class Lake:
     def capture(self, pipeline: str) -> "ObjectStoragePath":
         return self.path("capture", pipeline)
 
+    def monitor(self, pipeline: str, *parts: str) -> "ObjectStoragePath":
+        """``monitor/<pipeline>/…``: the monitor's records (observations, labels, history, triggers)."""
+        return self.path("monitor", pipeline, *parts)
+
 
 def read_json(path: "ObjectStoragePath") -> Any:
     """Read a JSON document from the lake."""

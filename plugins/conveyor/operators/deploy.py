@@ -20,7 +20,7 @@ class ResolveModelOperator(BaseOperator):
     :param pipeline: the pipeline (= registered model) name.
     :param version: a version number or an alias (templated).
     :param require_approved: refuse versions that are not approved.
-    :param tracking_uri: the MLflow tracking URI (the default store when None).
+    :param tracking_uri: the MLflow tracking URI (the default store when None; ``registry: mlflow``).
     """
 
     template_fields = ("pipeline", "version")
@@ -34,20 +34,21 @@ class ResolveModelOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from mlflow.exceptions import MlflowException
-
-        from conveyor.hooks.mlflow_registry import APPROVED, STATUS_TAG, MlflowRegistryHook
+        from conveyor.hooks.mlflow_registry import APPROVED, STATUS_TAG
+        from conveyor.registry import lookup_errors, registry_hook
+        from conveyor.spec import get_spec
 
         for events in (context.get("triggering_asset_events") or {}).values():
             for event in events:
                 if (event.extra or {}).get("deploy") is False:
                     raise AirflowSkipException(f"version {event.extra.get('version')} was approved with deploy off")
-        hook = MlflowRegistryHook(self.tracking_uri)
+        hook = registry_hook(get_spec(self.pipeline), self.tracking_uri)
         wanted = str(self.version or "champion")
         try:
             found = hook.resolve(self.pipeline, wanted)
-        except MlflowException as exc:
-            raise AirflowFailException(f"model {self.pipeline!r} has no version or alias {wanted!r}: {exc.message}") from None
+        except lookup_errors() as exc:
+            reason = getattr(exc, "message", None) or str(exc)
+            raise AirflowFailException(f"model {self.pipeline!r} has no version or alias {wanted!r}: {reason}") from None
         status = found.tags.get(STATUS_TAG)
         if self.require_approved and status != APPROVED:
             raise AirflowFailException(f"{self.pipeline} version {found.version} is {status}, not {APPROVED}: not deployed")
@@ -83,7 +84,7 @@ class DeployEndpointOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.artifacts import fetch
-        from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.registry import registry_hook
         from conveyor.serving import endpoint_state as state
         from conveyor.serving.process import ensure_endpoint
         from conveyor.serving.smoke import smoke_test
@@ -95,9 +96,11 @@ class DeployEndpointOperator(BaseOperator):
         lake = Lake.from_env()
         version = self.model["version"]
         env = {}
+        if lake.conn_id is None:  # the server writes feedback drops straight into the local lake
+            env["CONVEYOR_FEEDBACK_DIR"] = str(lake.landing(self.pipeline, "feedback").path)
         if settings.capture_share > 0:
-            env = {"CONVEYOR_CAPTURE_DIR": str(lake.capture(self.pipeline).path) if lake.conn_id is None else "",
-                   "CONVEYOR_CAPTURE_SHARE": str(settings.capture_share)}
+            env |= {"CONVEYOR_CAPTURE_DIR": str(lake.capture(self.pipeline).path) if lake.conn_id is None else "",
+                    "CONVEYOR_CAPTURE_SHARE": str(settings.capture_share)}
             env = {k: v for k, v in env.items() if v}
         url = ensure_endpoint(name, settings.port, settings.workers, env=env)["url"]
         control = state.read_control(name)
@@ -105,7 +108,7 @@ class DeployEndpointOperator(BaseOperator):
         if live == version:
             self.log.info("Version %s is already live on %s (%s)", version, name, url)
             smoke = smoke_test(url, spec, lake, self.model["train_run"], target="live")
-            MlflowRegistryHook(self.tracking_uri).record_deployment(self.pipeline, version, name)
+            registry_hook(spec, self.tracking_uri).record_deployment(self.pipeline, version, name)
             return {"endpoint": name, "url": url, "version": version, "previous": live, "smoke": smoke}
         model_dir = state.endpoint_dir(name) / "models" / version
         if not (model_dir / "metadata.json").exists():
@@ -122,6 +125,6 @@ class DeployEndpointOperator(BaseOperator):
             raise AirflowFailException(f"rollout of {self.pipeline} version {version} to {name} rolled back: {exc}") from exc
         state.promote_candidate(name)
         state.wait_for_workers(name, version, timeout=60, live=True)  # every worker has switched
-        previous = MlflowRegistryHook(self.tracking_uri).record_deployment(self.pipeline, version, name)
+        previous = registry_hook(spec, self.tracking_uri).record_deployment(self.pipeline, version, name)
         self.log.info("Version %s is live on %s (%s); it replaced %s", version, name, url, previous or live)
         return {"endpoint": name, "url": url, "version": version, "previous": live, "smoke": smoke}

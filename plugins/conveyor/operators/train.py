@@ -12,6 +12,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from conveyor.lake import Lake
+from conveyor.links import EvaluationReportLink
 
 
 def resolve_version(context: Any, requested: str | None, lake: Lake, pipeline: str) -> str:
@@ -37,14 +38,18 @@ class SplitDatasetOperator(BaseOperator):
     :param pipeline: the pipeline's name.
     :param dataset_version: the version to split (templated); empty means the triggering Asset
         event's version, else the latest validated one.
+    :param labelled_rows: a Parquet URI of newly labelled rows to add (templated); empty means
+        those of the retraining event that started the run, if any.
     """
 
-    template_fields = ("pipeline", "dataset_version")
+    template_fields = ("pipeline", "dataset_version", "labelled_rows")
 
-    def __init__(self, *, pipeline: str, dataset_version: str | None = None, **kwargs: Any):
+    def __init__(self, *, pipeline: str, dataset_version: str | None = None, labelled_rows: str | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.dataset_version = dataset_version
+        self.labelled_rows = labelled_rows
 
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.datasets import load_manifest, read_table
@@ -56,11 +61,34 @@ class SplitDatasetOperator(BaseOperator):
         version = resolve_version(context, self.dataset_version, lake, self.pipeline)
         manifest = load_manifest(lake, self.pipeline, version)
         self.log.info("Splitting dataset version %s (%s rows)", version, manifest["rows"])
+        frame = read_table(lake, manifest, spec)
+        labelled = self.labelled_rows or labelled_source(context)
+        if labelled:
+            from conveyor.monitoring import LabelledRowsError, with_labelled_rows
+
+            try:
+                frame, added = with_labelled_rows(frame, labelled, spec, lake.conn_id)
+            except LabelledRowsError as exc:
+                raise AirflowFailException(str(exc)) from None
+            self.log.info("Added %s newly labelled rows from %s (retraining)", added, labelled)
         try:
-            record = write_split(lake, spec, version, context["run_id"], read_table(lake, manifest, spec))
+            record = write_split(lake, spec, version, context["run_id"], frame)
         except SplitError as exc:
             raise AirflowFailException(str(exc)) from None
-        return {"dataset_version": version, "split_uri": record["uri"], "parts": record["parts"]}
+        result = {"dataset_version": version, "split_uri": record["uri"], "parts": record["parts"]}
+        if labelled:
+            result["labelled"] = {"uri": labelled, "rows": added}
+        return result
+
+
+def labelled_source(context: Any) -> str | None:
+    """The newly labelled rows a retraining event (``<name>.retrain``) hands to this run, if any."""
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            uri = (event.extra or {}).get("labelled_uri")
+            if uri:
+                return str(uri)
+    return None
 
 
 class TrainModelOperator(BaseOperator):
@@ -166,6 +194,7 @@ class TrainModelOperator(BaseOperator):
                 "pipeline": self.pipeline,
                 "run_id": run_id,
                 "dataset_version": self.split["dataset_version"],
+                "labelled": self.split.get("labelled"),
                 "split": self.split["parts"],
                 "code_version": artifacts.code_version(spec.trainer.kind),
                 "conveyor_version": __version__,
@@ -205,6 +234,7 @@ class EvaluateModelOperator(BaseOperator):
     """
 
     template_fields = ("pipeline", "model")
+    operator_extra_links = (EvaluationReportLink(),)
 
     def __init__(self, *, pipeline: str, model: Any, **kwargs: Any):
         super().__init__(**kwargs)

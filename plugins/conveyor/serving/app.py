@@ -31,6 +31,13 @@ Environment:
 | ``CONVEYOR_INFERENCE_CONCURRENCY`` | requests one worker predicts at once, 1 by default |
 | ``CONVEYOR_CAPTURE_DIR`` | where sampled live requests and responses are appended (off when unset) |
 | ``CONVEYOR_CAPTURE_SHARE`` | the share of live requests captured, 0..1, 1 by default |
+| ``CONVEYOR_FEEDBACK_DIR`` | where ``POST /feedback`` writes label drops (``landing/<p>/feedback``; off when unset) |
+
+``POST /feedback`` takes ground truth for earlier predictions: ``{"id": ..., "label": ...}``, a list
+of them, or ``{"feedback": [...]}``. An id is the request's id column value, or the inference id a
+client sent in ``X-Amzn-SageMaker-Inference-Id`` (as ``invoke_endpoint(InferenceId=...)`` does),
+which is captured with the request. Labels outside the live model's classes get a 400; accepted
+records become one feedback drop (``feedback.jsonl`` + ``_SUCCESS``) that ``<name>__monitor`` reads.
 
 Nothing here imports Airflow: workers start fast and stay small.
 """
@@ -68,6 +75,8 @@ HEARTBEAT_EVERY_S = 2.0
 TARGET_HEADER = "x-conveyor-target"
 VERSION_HEADER = "X-Conveyor-Model-Version"
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"  # boto3 returns it as InvokedProductionVariant
+INFERENCE_ID_HEADER = "x-amzn-sagemaker-inference-id"  # invoke_endpoint(InferenceId=...)
+MAX_FEEDBACK_BYTES = 1 << 20
 JSON_MEDIA = "application/json"
 REQUIRED_HANDLERS = ("model_fn", "predict_fn", "output_fn")
 
@@ -221,7 +230,7 @@ class Capture:
             return {"encoding": "base64", "data": base64.b64encode(data).decode("ascii")}
 
     def write(self, version: str, content_type: str | None, accept: str | None, body: bytes,
-              response: bytes | str, response_type: str) -> None:
+              response: bytes | str, response_type: str, inference_id: str | None = None) -> None:
         """Append one request and its response (blocking; never raises).
 
         :param version: the model version that answered.
@@ -230,10 +239,12 @@ class Capture:
         :param body: the request body.
         :param response: the response body.
         :param response_type: the response's content type.
+        :param inference_id: the client's inference id, if it sent one.
         """
         now = dt.datetime.now(dt.timezone.utc)
         record = {
             "timestamp": now.isoformat(timespec="milliseconds"), "endpoint": self.endpoint, "version": version,
+            "inference_id": inference_id,
             "request": {"content_type": content_type, "accept": accept, "body": self._payload(body)},
             "response": {"content_type": response_type, "body": self._payload(response)},
         }
@@ -473,6 +484,7 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     capture_dir = os.environ.get("CONVEYOR_CAPTURE_DIR")
     share = _env_number("CONVEYOR_CAPTURE_SHARE", 1.0, 0.0, 1.0)
     capture = Capture(Path(capture_dir), share, name) if capture_dir else None
+    feedback_dir = os.environ.get("CONVEYOR_FEEDBACK_DIR")
     _configure_logging()
     worker = ModelWorker(name, poll_interval)
 
@@ -526,7 +538,8 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
             logger.exception("endpoint %s: version %s failed on a request", name, served.version)
             return _error(500, f"the model failed on this request ({type(error).__name__}); see the server log", served.version)
         if capture is not None and target == "live" and capture.sampled():
-            await anyio.to_thread.run_sync(capture.write, served.version, content_type, accept, body, answer, media)
+            await anyio.to_thread.run_sync(capture.write, served.version, content_type, accept, body, answer, media,
+                                           request.headers.get(INFERENCE_ID_HEADER))
         return Response(content=answer, media_type=media,
                         headers={VERSION_HEADER: served.version, VARIANT_HEADER: served.version})
 
@@ -538,7 +551,53 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     async def endpoint_invocations(endpoint_name: str, request: Request) -> Response:
         return await invoke(request, endpoint_name)
 
+    @app.post("/feedback")
+    async def post_feedback(request: Request) -> Response:
+        if not feedback_dir:
+            return _error(404, f"endpoint {name}: feedback is not enabled (no CONVEYOR_FEEDBACK_DIR)")
+        live = worker.live
+        try:
+            body = await _read_body(request, MAX_FEEDBACK_BYTES)
+            drop = await anyio.to_thread.run_sync(write_feedback, Path(feedback_dir), body, live)
+        except RequestRejected as rejected:
+            return _error(rejected.status, rejected.message)
+        except ValueError as error:
+            return _error(400, f"feedback: {error}")
+        return JSONResponse(status_code=202, content={"accepted": drop["records"], "drop": drop["name"]})
+
     return app
+
+
+def write_feedback(folder: Path, body: bytes, live: Any) -> dict[str, Any]:
+    """Check a ``POST /feedback`` body and write it as one complete feedback drop.
+
+    :param folder: ``landing/<pipeline>/feedback``.
+    :param body: the request body (JSON).
+    :param live: the live model (its class labels check the labels), or None.
+    :raises ValueError: a body or label that breaks a rule (answered with 400).
+    """
+    import uuid
+
+    from conveyor.feedback import canonical_label, feedback_records
+
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"the body is not JSON ({error})") from None
+    records = feedback_records(payload)
+    classes = [str(c) for c in ((live.loaded.metadata.get("class_labels") or []) if live is not None else [])]
+    if classes:
+        for number, record in enumerate(records, start=1):
+            label = canonical_label(record["label"], classes)
+            if label is None:
+                raise ValueError(f"record {number}: label {record['label']!r} is outside the class set {classes}")
+            record["label"] = label
+    now = dt.datetime.now(dt.timezone.utc)
+    drop = folder / f"api-{now.strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    drop.mkdir(parents=True, exist_ok=False)
+    (drop / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (drop / "_SUCCESS").write_text("")  # the marker last: the drop is complete
+    return {"name": drop.name, "records": len(records)}
 
 
 def _configure_logging() -> None:

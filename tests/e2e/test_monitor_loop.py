@@ -1,0 +1,141 @@
+"""The closed loop end to end: drifted traffic and poor feedback retrain the model, which replaces the old one.
+
+train v1 -> deploy (capture on) -> batch on drifted data + endpoint traffic with inference ids ->
+feedback (a drop with bad rows, and POST /feedback) -> monitor (drift, live metric, retrain fires)
+-> train on the dataset plus the labelled rows -> gate beats v1 -> deploy v2; a second monitor run
+inside the cool-down is suppressed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import httpx
+import pytest
+
+from conveyor import settings
+from helpers import churn_csv, ingest_and_validate, write_drop
+
+pytestmark = pytest.mark.slow
+
+
+def dags():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags
+
+
+def states(run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+@pytest.fixture
+def loop(airflow_db, lake, tmp_path, monkeypatch):
+    from conveyor.serving.process import stop_endpoint
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    include = tmp_path / "include"
+    shutil.copytree(settings.include_dir(), include)
+    spec = include / "pipelines" / "churn.yaml"
+    text = spec.read_text().replace("port: 8090", f"port: {port}").replace("capture_share: 0.1", "capture_share: 1.0")
+    text = text.replace("min_new_labels: 200", "min_new_labels: 100")
+    # Tiny data and 15 s budgets: the gate's absolute floor is lowered; the comparison with v1 stays.
+    text = text.replace("thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}", "thresholds: {roc_auc: 0.60}")
+    spec.write_text(text)
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
+    yield {"url": f"http://127.0.0.1:{port}", "lake": lake}
+    stop_endpoint("churn")
+
+
+def test_drift_and_feedback_retrain_and_replace_the_model(loop):
+    from conveyor.demo import churn_frame
+    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.monitoring import load_labels, load_triggers
+
+    lake, url = loop["lake"], loop["url"]
+    family = dags()
+    assert "churn__monitor" in family
+
+    write_drop(lake, "d1", {"customers.csv": churn_csv(1500)})
+    ingest_and_validate("d1", run_id="ingest-run")
+    run = family["churn__train"].test(run_conf={"time_limit": 15})
+    assert str(run.state) == "success", states(run)
+    run = family["churn__deploy"].test()
+    assert str(run.state) == "success", states(run)
+    hook = MlflowRegistryHook()
+    assert str(hook.champion("churn").version) == "1"
+
+    # The market shifts: scored in batch, and live on the endpoint with inference ids.
+    shifted = churn_frame(1200, seed=21, shifted=True)
+    inference = shifted.drop(columns=["churned"])
+    write_drop(lake, "inference/b1", {"part.csv": inference.iloc[:900].to_csv(index=False).encode()})
+    run = family["churn__batch_predict"].test()
+    assert str(run.state) == "success", states(run)
+    live_rows = inference.iloc[900:1000].drop(columns=["customer_id"])
+    for number, (_, row) in enumerate(live_rows.iterrows()):
+        answer = httpx.post(f"{url}/invocations", content=row.to_frame().T.to_csv(index=False, header=False),
+                            headers={"Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"req-{number}"})
+        assert answer.status_code == 200, answer.text
+
+    # Ground truth: a drop for the batch rows (with bad rows), and POST /feedback for live requests.
+    truth = shifted[["customer_id", "churned"]].rename(columns={"customer_id": "id", "churned": "label"})
+    rows = truth.iloc[:900].copy()
+    bad = [{"id": "NOPE-1", "label": "yes"}, {"id": rows.iloc[0]["id"], "label": "no"}, {"id": rows.iloc[1]["id"] + "x", "label": "maybe"}]
+    import pandas as pd
+
+    drop = pd.concat([rows, pd.DataFrame(bad)], ignore_index=True)
+    write_drop(lake, "feedback/f1", {"labels.csv": drop.to_csv(index=False).encode()})
+    api = [{"id": f"req-{n}", "label": shifted.iloc[900 + n]["churned"]} for n in range(100)]
+    answer = httpx.post(f"{url}/feedback", json={"feedback": api})
+    assert answer.status_code == 202, answer.text
+    refused = httpx.post(f"{url}/feedback", json={"id": "req-1", "label": "perhaps"})
+    assert refused.status_code == 400 and "class set" in refused.json()["error"]
+
+    run = family["churn__monitor"].test()
+    assert str(run.state) == "success", states(run)
+    decide = run.get_task_instance("decide").xcom_pull(task_ids="decide")
+    assert decide["retrain"] is True, decide
+    assert any("drift" in r for r in decide["reasons"]) and any("live roc_auc" in r for r in decide["reasons"])
+    assert decide["live"]["labels"] == 1000 and decide["live"]["value"] < 0.65
+    assert decide["labelled_rows"] == 1000
+    assert states(run)["trigger_retrain"] == "success"
+    labels = load_labels(lake, "churn")
+    assert len(labels) == 1000 and labels["id"].is_unique
+    rejected = (lake.quarantine("churn", "feedback/f1") / "rejected.csv").read_text()
+    assert "NOPE-1" in rejected and "unknown id" in rejected and "first label wins" in rejected
+    report = (lake.reports("churn", run.run_id) / "monitor" / "index.html").read_text()
+    assert "retrain" in report.lower()
+
+    # Retraining on the dataset plus the labelled rows; the gate compares with v1 on the same test set.
+    run = family["churn__train"].test(run_conf={"time_limit": 15, "labelled_rows": decide["labelled_uri"]})
+    assert str(run.state) == "success", states(run)
+    split = run.get_task_instance("split").xcom_pull(task_ids="split")
+    assert split["labelled"]["rows"] == 1000
+    gate = run.get_task_instance("gate").xcom_pull(task_ids="gate")
+    assert gate["passed"] is True, gate
+    assert str(hook.champion("churn").version) == "2"
+    run = family["churn__deploy"].test()
+    assert str(run.state) == "success", states(run)
+    assert httpx.get(f"{url}/ping").headers["X-Conveyor-Model-Version"] == "2"
+
+    # Within the cool-down the same reasons do not retrain again: recorded, suppressed.
+    write_drop(lake, "inference/b2", {"part.csv": inference.iloc[1000:].to_csv(index=False).encode()})
+    run = family["churn__batch_predict"].test()
+    assert str(run.state) == "success", states(run)
+    run = family["churn__monitor"].test()
+    assert str(run.state) == "success", states(run)
+    assert states(run)["trigger_retrain"] == "skipped"
+    triggers = load_triggers(lake, "churn")
+    assert [t["retrain"] for t in triggers] == [True, False]
+    assert triggers[-1]["suppressed_by_cooldown"] is bool(triggers[-1]["reasons"])
+    assert triggers[-1]["cooldown_until"] is not None
+    assert json.dumps(triggers)  # every record is plain JSON
