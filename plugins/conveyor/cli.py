@@ -1,7 +1,8 @@
 """Conveyor's command line: ``python -m conveyor.cli demo`` runs the demo pipeline end to end.
 
 The demo drops generated churn data into the landing zone, then runs the pipeline's DAGs (ingest,
-then train: evaluate, gate, register, approve) with
+train, deploy, batch predict, then the closed loop: drifted data and poor feedback, monitor,
+retrain, deploy the new version) with
 ``airflow dags test`` (real Airflow, SQLite metadata DB, deferrable sensors run inline), and
 prints where everything it made is.
 """
@@ -96,13 +97,13 @@ def train_demo(pipeline: str, version: str, time_limit: int, shown: tuple[str, .
     """Run a pipeline's train DAG and print the registered model, its metrics and its reports."""
     import json
 
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
     from conveyor.lake import Lake, read_json
+    from conveyor.registry import registry_hook
+    from conveyor.spec import get_spec
 
     say(f"Training {pipeline} on {version} ({time_limit}s budget), then evaluate, gate, register, approve")
     run_dag(f"{pipeline}__train", settings.state_dir() / "logs", conf=json.dumps({"time_limit": time_limit}))
-    hook = MlflowRegistryHook()
-    champion = hook.champion(pipeline)
+    champion = registry_hook(get_spec(pipeline)).champion(pipeline)
     if champion is None:
         raise SystemExit(f"The {pipeline} train run succeeded but no model is champion: see the gate report")
     reports = Lake.from_env().reports(pipeline, champion.tags.get("conveyor_run_id", ""))
@@ -128,16 +129,17 @@ def deploy_demo(pipeline: str) -> None:
     name = spec.deploy.endpoint.name or pipeline
     status = endpoint_status(name)
     url = status["url"]
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
     from conveyor.lake import Lake
+    from conveyor.registry import registry_hook
 
-    champion = MlflowRegistryHook().champion(pipeline)
+    registry = registry_hook(spec)
+    champion = registry.champion(pipeline)
     sample = read_part(Lake.from_env(), pipeline, champion.tags["conveyor_run_id"], "test").head(2)
     body = sample.drop(columns=[spec.data.label]).to_csv(index=False)
     client = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
                           aws_access_key_id="local", aws_secret_access_key="local")
     answer = client.invoke_endpoint(EndpointName=name, ContentType="text/csv", Accept="application/json", Body=body)
-    print(f"    endpoint        : {name} at {url} (version {MlflowRegistryHook().live_version(pipeline, name)} live)")
+    print(f"    endpoint        : {name} at {url} (version {registry.live_version(pipeline, name)} live)")
     print(f"    sample answer   : {answer['Body'].read().decode()[:300]}")
     first = body.splitlines()
     print("    call it yourself: curl -s " + f"{url}/invocations -H 'Content-Type: text/csv' "
@@ -170,6 +172,73 @@ def batch_demo(pipeline: str, rows: int) -> None:
     print(f"    parquet         : {lake.uri('predictions', pipeline)}/<run>/part-*.parquet")
 
 
+def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
+    """The closed loop: the market shifts; drifted data and poor feedback retrain the model, which
+    passes the gate and replaces the old one on the endpoint."""
+    import json
+
+    import httpx
+
+    from conveyor.demo import churn_frame
+    from conveyor.lake import Lake
+    from conveyor.monitoring import load_triggers
+    from conveyor.registry import registry_hook
+    from conveyor.serving.process import endpoint_status
+    from conveyor.spec import get_spec
+
+    spec = get_spec(pipeline)
+    lake = Lake.from_env()
+    name = spec.deploy.endpoint.name or pipeline
+    drop = next_drop_name(f"{pipeline}/inference")
+    shifted = churn_frame(rows, seed=5000 + int(drop.rsplit("-", 1)[-1]), shifted=True)
+    say(f"The market shifts: {rows} new customers (more fibre, higher charges, a competitor's offer) "
+        f"scored in batch and {min(200, rows)} live on the endpoint")
+    target = lake.landing(pipeline, "inference", drop)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "customers.parquet").write_bytes(shifted.drop(columns=[spec.data.label]).to_parquet(index=False))
+    (target / "_SUCCESS").write_bytes(b"")
+    run_dag(f"{pipeline}__batch_predict", settings.state_dir() / "logs")
+    url = endpoint_status(name)["url"]
+    live = shifted.head(200)
+    with httpx.Client(timeout=30) as client:
+        for _, row in live.iterrows():
+            body = row.drop(labels=[spec.data.label]).to_frame().T.to_csv(index=False)
+            client.post(f"{url}/invocations", content=body, headers={
+                "Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"live-{drop}-{row[spec.data.id_column]}"})
+        say("The truth arrives: a feedback drop for the batch rows, POST /feedback for the live requests")
+        truth = shifted[[spec.data.id_column, spec.data.label]].rename(columns={spec.data.id_column: "id", spec.data.label: "label"})
+        folder = lake.landing(pipeline, "feedback", drop)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "labels.csv").write_text(truth.to_csv(index=False))
+        (folder / "_SUCCESS").write_bytes(b"")
+        answer = client.post(f"{url}/feedback", json={"feedback": [
+            {"id": f"live-{drop}-{r[spec.data.id_column]}", "label": r[spec.data.label]} for _, r in live.iterrows()]})
+        print(f"    POST /feedback  : {answer.status_code} {answer.text}")
+    run_dag(f"{pipeline}__monitor", settings.state_dir() / "logs")
+    decision = load_triggers(lake, pipeline)[-1]
+    report = lake.reports(pipeline, decision["run_id"]) / "monitor" / "index.html"
+    print(f"    live {decision['live']['metric']:<11}: {decision['live']['value']} over {decision['live']['labels']} new labels")
+    print(f"    monitor report  : {report}")
+    for reason in decision["reasons"]:
+        print(f"    reason          : {reason}")
+    if not decision["retrain"]:
+        print("    no retraining was triggered (see the report)")
+        return
+    before = registry_hook(spec).champion(pipeline).version
+    say(f"Retraining {pipeline} on the latest dataset plus {decision.get('labelled_rows', 0)} newly labelled rows "
+        "(the scheduler would start it on the retrain Asset event; `dags test` is started here)")
+    run_dag(f"{pipeline}__train", settings.state_dir() / "logs",
+            conf=json.dumps({"time_limit": time_limit, "labelled_rows": decision.get("labelled_uri") or ""}))
+    after = registry_hook(spec).champion(pipeline)
+    if str(after.version) == str(before):
+        print(f"    the retrained model did not pass the gate; version {before} stays live (see the gate report)")
+        return
+    print(f"    new champion    : version {after.version} (was {before})")
+    say(f"Rolling version {after.version} out to the {name} endpoint")
+    run_dag(f"{pipeline}__deploy", settings.state_dir() / "logs")
+    print(f"    endpoint        : {name} now serves version {registry_hook(spec).live_version(pipeline, name)}")
+
+
 def demo(rows: int, time_limit: int, images: bool) -> None:
     from conveyor.demo import write_drop, write_image_drop
     from conveyor.hooks.mlflow_registry import MlflowRegistryHook
@@ -179,6 +248,7 @@ def demo(rows: int, time_limit: int, images: bool) -> None:
     say("Deploying the champion to the churn endpoint (smoke test, then switch)")
     deploy_demo("churn")
     batch_demo("churn", 20000)
+    loop_demo("churn", 2000, time_limit)
     if images:
         version = ingest_demo("shapes", lambda drop: write_image_drop(80, drop, size=48))
         train_demo("shapes", version, 240, ("accuracy", "balanced_accuracy", "f1_macro"))
