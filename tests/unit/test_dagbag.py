@@ -80,10 +80,13 @@ def test_train_dag_shape_params_and_schedule():
         "split", "train", "evaluate", "gate", "register", "approve", "publish"]
     (outlet,) = dag.get_task("publish").outlets
     assert outlet.name == "churn.model"
-    assert set(dag.params) == {"dataset_version", "time_limit", "presets", "deploy"}
+    assert set(dag.params) == {"dataset_version", "labelled_rows", "time_limit", "presets", "deploy"}
     assert dag.params.get_param("time_limit").schema["minimum"] == 1
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
-    assert "churn.dataset" in repr(dag.timetable.asset_condition)
+    # new validated data OR the monitor's retraining event (either one starts a run)
+    condition = dag.timetable.asset_condition
+    assert type(condition).__name__ == "AssetAny"
+    assert {a.name for a in condition.objects} == {"churn.dataset", "churn.retrain"}
     assert type(dag.get_task("approve")).__name__ == "AutoApproveOperator"
     assert dag.get_task("train").execution_timeout is not None
 
@@ -112,3 +115,14 @@ def test_deploy_and_batch_dags_follow_the_spec():
     (outlet,) = batch.get_task("score").outlets
     assert outlet.name == "churn.predictions"
     assert "shapes__deploy" not in dags and "shapes__batch_predict" not in dags  # turned off in its spec
+
+
+def test_monitor_dag_watches_batch_runs_and_emits_the_retrain_event():
+    dag = dagbag().dags["churn__monitor"]
+    assert [t.task_id for t in dag.topological_sort()] == ["drift", "feedback", "decide", "trigger_retrain"]
+    (outlet,) = dag.get_task("trigger_retrain").outlets
+    assert outlet.name == "churn.retrain"
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert "churn.predictions" in repr(dag.timetable.asset_condition)
+    assert set(dag.params) == {"input"}
+    assert "shapes__monitor" not in dagbag().dags  # image pipelines without endpoint or batch: nothing to watch
