@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -102,7 +103,12 @@ class DeployEndpointOperator(BaseOperator):
             env |= {"CONVEYOR_CAPTURE_DIR": str(lake.capture(self.pipeline).path) if lake.conn_id is None else "",
                     "CONVEYOR_CAPTURE_SHARE": str(settings.capture_share)}
             env = {k: v for k, v in env.items() if v}
-        url = ensure_endpoint(name, settings.port, settings.workers, env=env)["url"]
+        external = os.environ.get("CONVEYOR_ENDPOINT_URL")
+        if external:  # the endpoint runs as its own service (docker compose), sharing the state folder
+            url = external.rstrip("/")
+            self.log.info("Using the endpoint service at %s (CONVEYOR_ENDPOINT_URL)", url)
+        else:
+            url = ensure_endpoint(name, settings.port, settings.workers, env=env)["url"]
         control = state.read_control(name)
         live = (control.get("live") or {}).get("version")
         if live == version:

@@ -288,7 +288,7 @@ class ModelWorker:
     def heartbeat(self) -> None:
         """Write this worker's heartbeat (what it has loaded, the last load error)."""
         state = {
-            "pid": os.getpid(), "live": self.live.ref() if self.live else None,
+            "pid": os.getpid(), "host": endpoint_state.HOST, "live": self.live.ref() if self.live else None,
             "candidate": self.candidate.ref() if self.candidate else None, "loaded_at": self.loaded_at,
             "error": self.error, "serial": (self.control or {}).get("serial"), "updated_at": _now(),
         }

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -258,8 +259,29 @@ def heartbeat_path(name: str, pid: int) -> Path:
     return workers_dir(name) / f"{pid}.json"
 
 
+HOST = socket.gethostname()
+REMOTE_STALE_S = 15.0  # a heartbeat from another host (an endpoint container) older than this is dead
+
+
+def _remote_alive(state: dict[str, Any]) -> bool:
+    """Whether a heartbeat written on another host (whose pids we cannot see) is recent enough.
+
+    :param state: the heartbeat.
+    """
+    from datetime import datetime, timezone
+
+    try:
+        updated = datetime.fromisoformat(str(state["updated_at"]))
+    except (KeyError, ValueError):
+        return False
+    return (datetime.now(timezone.utc) - updated).total_seconds() < REMOTE_STALE_S
+
+
 def worker_states(name: str) -> list[dict[str, Any]]:
     """The heartbeats of the endpoint's running workers, by pid; files of dead workers are removed.
+
+    A worker on this host is alive while its process is; one on another host (the endpoint
+    service of docker compose, sharing the state folder) while its heartbeat is recent.
 
     :param name: the endpoint name.
     """
@@ -268,27 +290,30 @@ def worker_states(name: str) -> list[dict[str, Any]]:
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         if not path.stem.isdigit():
             continue
-        if not pid_alive(int(path.stem)):
-            with contextlib.suppress(OSError):
-                path.unlink()
-            continue
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # removed or replaced between listing and reading
+        remote = state.get("host") not in (None, HOST)
+        if not (_remote_alive(state) if remote else pid_alive(int(path.stem))):
+            if not remote:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            continue
         states.append(state)
     return states
 
 
 def _expected_workers(name: str) -> int:
-    """How many workers the endpoint's server was started with (1 when unknown).
+    """How many workers the endpoint's server runs: ``server.json`` when this host started it, else
+    ``CONVEYOR_ENDPOINT_WORKERS`` (an endpoint run as its own service), else 1.
 
     :param name: the endpoint name.
     """
     try:
         return int(json.loads((endpoint_dir(name) / "server.json").read_text())["workers"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 1
+        return int(os.environ.get("CONVEYOR_ENDPOINT_WORKERS", "1") or 1)
 
 
 def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: float = 0.1,
