@@ -21,8 +21,10 @@ This module imports pandas at the top: import it inside a task.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,8 @@ META_COLUMNS = ("prediction", "model_version", "scored_at", "source", "source_id
 PROBA_PREFIX = "proba_"
 SUCCESS = "_SUCCESS.json"
 TABLE_SUFFIXES = (".csv", ".parquet")
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -225,7 +229,18 @@ def capture_slices(lake: Lake, pipeline: str) -> tuple[list[tuple[str, list[dict
         end = data.rfind(b"\n") + 1
         if end <= start:
             continue
-        lines = [json.loads(line) for line in data[start:end].decode("utf-8").splitlines() if line.strip()]
+        lines, bad = [], 0
+        for line in data[start:end].decode("utf-8", errors="replace").split("\n"):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # e.g. a worker killed half-way through a line: that line is lost, not the file
+                record = False
+            if isinstance(record, dict):
+                lines.append(record)
+            elif record is not None:
+                bad += 1
+        if bad:
+            log.warning("capture %s: %s line(s) between bytes %s and %s are not JSON records; left out", rel, bad, start, end)
         slices.append((f"{rel.removesuffix('.jsonl')}@{start}-{end}", lines))
         offsets[rel] = end
     return slices, offsets
@@ -260,7 +275,7 @@ def capture_rows(records: list[dict[str, Any]], model_for: Callable[[str], Any],
         answer = _body(record["response"]).decode("utf-8")
         if (record["response"].get("content_type") or "").startswith("text/csv"):
             classes = [str(c) for c in loaded.metadata.get("class_labels") or []]
-            lines = [line.split(",") for line in answer.splitlines() if line.strip()]
+            lines = [line for line in csv.reader(io.StringIO(answer)) if line]  # quoted ids may hold commas
             offset = 1 if id_column and id_column in frame.columns else 0
             rows = [{"prediction": line[offset], **{f"{PROBA_PREFIX}{c}": float(v) for c, v in zip(classes, line[offset + 1:])}}
                     for line in lines]
@@ -271,7 +286,7 @@ def capture_rows(records: list[dict[str, Any]], model_for: Callable[[str], Any],
             continue  # a response that does not match its request cannot be attributed: left out
         inference_id = record.get("inference_id")
         if id_column and id_column in frame.columns:
-            ids += [str(v) for v in frame[id_column]]
+            ids += [None if v is None or (isinstance(v, float) and pd.isna(v)) else str(v) for v in frame[id_column]]
         elif inference_id:
             ids += [str(inference_id)] if len(frame) == 1 else [f"{inference_id}#{n}" for n in range(len(frame))]
         else:
@@ -396,8 +411,9 @@ def decide(spec: "PipelineSpec", checks: list[dict[str, Any]], live: dict[str, A
            now: datetime) -> dict[str, Any]:
     """Whether to retrain now, and why (every reason is kept, fired or not).
 
-    Drift: a source whose share of drifted features exceeds ``monitor.max_drift_share``, or whose
-    prediction distribution drifted (when ``retrain_on_prediction_drift``). Live metric: below
+    Drift: a source of at least ``monitor.min_rows`` rows whose share of drifted features exceeds
+    ``monitor.max_drift_share``, or whose prediction distribution drifted (when
+    ``retrain_on_prediction_drift``). Live metric: below
     ``monitor.min_live_metric`` over at least ``monitor.min_new_labels`` labels of the live
     version received since the last trigger. A trigger within ``cooldown_hours`` of the last one
     is suppressed (recorded, not fired).
@@ -410,9 +426,14 @@ def decide(spec: "PipelineSpec", checks: list[dict[str, Any]], live: dict[str, A
     """
     monitor = spec.monitor
     reasons = []
+    notes = []
     for check in checks:
         report = check.get("report")
         if not report:
+            continue
+        if int(check.get("rows") or report.get("rows") or 0) < monitor.min_rows:
+            notes.append(f"{check['source']} {check['id']}: {check.get('rows')} rows, fewer than monitor.min_rows "
+                         f"({monitor.min_rows}): reported, no drift verdict")
             continue
         share = report.get("drift_share") or 0.0
         if report.get("drifted_features") and share > monitor.max_drift_share:
@@ -431,11 +452,13 @@ def decide(spec: "PipelineSpec", checks: list[dict[str, Any]], live: dict[str, A
     last = last_fired(triggers)
     until = last + timedelta(hours=monitor.cooldown_hours) if last else None
     suppressed = bool(reasons) and until is not None and now < until
-    return {"retrain": bool(reasons) and not suppressed, "reasons": reasons, "suppressed_by_cooldown": suppressed,
+    return {"retrain": bool(reasons) and not suppressed, "reasons": reasons, "notes": notes,
+            "suppressed_by_cooldown": suppressed,
             "cooldown_until": until.isoformat() if until else None, "last_trigger": last.isoformat() if last else None,
             "at": now.isoformat(),
             "thresholds": {"psi": monitor.psi_threshold, "ks_pvalue": monitor.ks_pvalue,
                            "missing_rate": monitor.missing_rate, "max_drift_share": monitor.max_drift_share,
+                           "min_rows": monitor.min_rows,
                            "min_live_metric": monitor.min_live_metric, "min_new_labels": monitor.min_new_labels,
                            "cooldown_hours": monitor.cooldown_hours}}
 

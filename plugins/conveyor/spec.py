@@ -91,6 +91,17 @@ class EndpointSpec(_Strict):
     workers: int = Field(2, ge=1)
     port: int = Field(8090, ge=1, le=65535)
     capture_share: float = Field(0.0, ge=0.0, le=1.0)
+    # compute: sagemaker only (docs/aws.md): the blue/green update of an existing endpoint. Traffic
+    # moves ALL_AT_ONCE, or CANARY (traffic_step_share first, the rest after wait_interval_seconds),
+    # or LINEAR (traffic_step_share every wait_interval_seconds); the old fleet is kept
+    # termination_wait_seconds more; any rollback_alarms (CloudWatch alarm names) in ALARM roll back.
+    traffic_routing: Literal["ALL_AT_ONCE", "CANARY", "LINEAR"] = "ALL_AT_ONCE"
+    traffic_step_share: float = Field(0.1, gt=0.0, lt=1.0)
+    wait_interval_seconds: int = Field(300, ge=0, le=3600)
+    termination_wait_seconds: int = Field(300, ge=0, le=3600)
+    rollback_alarms: list[str] = Field([], max_length=10)
+    # How long a deploy waits for the endpoint to be InService before it fails.
+    deploy_timeout_seconds: int = Field(3600, ge=60)
 
 
 class BatchSpec(_Strict):
@@ -100,6 +111,12 @@ class BatchSpec(_Strict):
     table: str | None = None
     chunk_rows: int = Field(50_000, ge=1)
     workers: int = Field(2, ge=1)
+    # compute: sagemaker only (docs/aws.md): the transform job's instances, the largest request
+    # sent to the container (a mini-batch of CSV lines), and how long the run waits for the job.
+    instance_type: str = "ml.m5.large"
+    instance_count: int = Field(1, ge=1)
+    max_payload_mb: int = Field(6, ge=1, le=100)
+    timeout_seconds: int = Field(6 * 3600, ge=60)
 
 
 class DeploySpec(_Strict):
@@ -108,13 +125,33 @@ class DeploySpec(_Strict):
 
 
 class SageMakerSpec(_Strict):
+    """Settings of ``compute: sagemaker`` and ``registry: sagemaker`` (see ``conveyor.backends.sagemaker``)."""
+
+    # The execution role SageMaker assumes (required by compute: sagemaker).
     role_arn: str | None = None
+    # The Airflow AWS connection for SageMaker calls, and its region (the connection's when None).
+    aws_conn_id: str = "aws_default"
+    region: str | None = None
     training_instance_type: str = "ml.m5.xlarge"
     training_instance_count: int = Field(1, ge=1)
+    training_volume_gb: int = Field(30, ge=1)
+    # Managed spot training: MaxWaitTimeInSeconds is max_wait_seconds (2 x max_run_seconds when None).
     use_spot: bool = False
     max_run_seconds: int = Field(3600, ge=60)
+    max_wait_seconds: int | None = Field(None, ge=60)
+    # Training / inference container images; None: the AWS framework image of the trainer.
     image_uri: str | None = None
     inference_image_uri: str | None = None
+    # Prefix of the model package group (<prefix><pipeline, '_' as '-'>), for a shared account.
+    name_prefix: str = Field("", pattern=r"^([a-zA-Z0-9][a-zA-Z0-9-]{0,19})?$")
+    # Seconds between two status checks of a running job.
+    check_interval_seconds: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _spot_wait(self) -> "SageMakerSpec":
+        if self.max_wait_seconds is not None and self.max_wait_seconds < self.max_run_seconds:
+            raise ValueError("max_wait_seconds must be at least max_run_seconds (spot waits include the run)")
+        return self
 
 
 class MonitorSpec(_Strict):
@@ -128,6 +165,8 @@ class MonitorSpec(_Strict):
     ks_pvalue: float = Field(0.01, gt=0, lt=1)
     missing_rate: float = Field(0.1, gt=0, le=1)
     max_drift_share: float = Field(0.25, ge=0, le=1)
+    # Fewer rows than this in a batch or capture slice: reported, but too few for a drift verdict.
+    min_rows: int = Field(100, ge=1)
     retrain_on_prediction_drift: bool = True
     # Live accuracy: the gate metric (or this one) over feedback labels joined with predictions.
     metric: str | None = None
@@ -143,6 +182,8 @@ class PipelineSpec(_Strict):
     owner: str = "conveyor"
     tags: list[str] = []
     retries: int = Field(2, ge=0)
+    # Seconds before the first retry of a failed task (up to twice that, jittered); each later one doubles.
+    retry_delay: float = Field(30.0, gt=0)
     data: DataSpec
     expectations: str | None = None
     ingest: IngestSpec = IngestSpec()
@@ -173,6 +214,8 @@ class PipelineSpec(_Strict):
             raise ValueError("trainer.kind 'resnet' is for image pipelines, 'autogluon' for tables")
         if self.data.features is not None and self.data.label in self.data.features:
             raise ValueError(f"data.features must not contain the label {self.data.label!r}")
+        if self.compute == "sagemaker" and not self.sagemaker.role_arn:
+            raise ValueError("compute 'sagemaker' needs sagemaker.role_arn (the role training jobs run as)")
         return self
 
     @property

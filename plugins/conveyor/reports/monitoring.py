@@ -373,6 +373,7 @@ gate metric <strong>{{ data.model.metric or "-" }}</strong>, {{ baseline }} at e
 <p class="verdict {{ verdict_class }}">{{ verdict }}</p>
 {% if data.decision.reasons %}<ul>{% for reason in data.decision.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>
 {% else %}<p class="muted">No trigger condition was met.</p>{% endif %}
+{% if data.decision.notes %}<p class="muted">Not judged:</p><ul class="muted">{% for note in data.decision.notes %}<li>{{ note }}</li>{% endfor %}</ul>{% endif %}
 <p>Last trigger: {{ data.decision.last_trigger or "never" }};
 cool-down until: {{ data.decision.cooldown_until or "-" }}.</p>
 {% if thresholds %}{{ table(("threshold", "value"), thresholds) }}{% endif %}
