@@ -3,8 +3,11 @@
 The baseline is what the trainers write into ``metadata.json`` (``baseline``): per numeric feature
 moments, quantiles ``p01..p99`` and a decile histogram; per categorical (or boolean) feature the
 shares of its top values plus ``__other__``; ``label_distribution`` for classifiers and ``label``
-(a numeric summary) for regressors. The image trainer writes summaries of ``width``, ``height``
-and ``brightness`` in the same numeric format, plus per-channel pixel means and stds.
+(a numeric summary) for regressors; and ``predictions``, the model's predictions on its validation
+data in the same format (class shares, or a numeric summary), the reference for prediction drift
+(models trained before it existed fall back to the label's distribution). The image trainer
+writes summaries of ``width``, ``height`` and ``brightness`` in the same numeric format, plus
+per-channel pixel means and stds.
 
 What is measured, per feature (missing values are left out of the distributions and reported as
 a missing-rate change instead):
@@ -397,8 +400,9 @@ def _decide(result: dict[str, Any], thresholds: Mapping[str, float]) -> dict[str
 def prediction_drift(baseline_label_distribution: Mapping[str, Any], predictions: Any) -> dict[str, Any]:
     """Drift of the model's outputs: PSI and chi-square over predicted classes, or numeric drift for regression.
 
-    :param baseline_label_distribution: the training share of each class (``baseline["label_distribution"]``),
-        or for a regressor the label's numeric summary (``baseline["label"]``).
+    :param baseline_label_distribution: the reference share of each class (``baseline["predictions"]``, or
+        ``baseline["label_distribution"]``), or for a regressor a numeric summary (``baseline["predictions"]``,
+        or the label's, ``baseline["label"]``).
     :param predictions: the predicted class or value of each row of the batch.
     """
     if baseline_label_distribution.get("kind") == "numeric":
@@ -507,10 +511,23 @@ def drift_report(metadata: Mapping[str, Any], frame: pd.DataFrame, predictions: 
         features[name] = _decide(result, limits)
     prediction = None
     if predictions is not None:
-        reference = baseline.get("label_distribution") or baseline.get("label")
+        key, reference = _prediction_reference(baseline)
         if reference:
-            prediction = _decide(prediction_drift(reference, predictions), limits)
+            prediction = _decide(prediction_drift(reference, predictions), limits) | {"reference": key}
     return _summarise(features, prediction, int(len(frame)), limits)
+
+
+def _prediction_reference(baseline: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any] | None]:
+    """What live predictions are compared with: the model's validation predictions when the trainer
+    stored them (``predictions``), else the training label's distribution (``label_distribution``, or
+    ``label`` for a regressor).
+
+    :param baseline: the model's ``metadata["baseline"]``.
+    """
+    for key in ("predictions", "label_distribution", "label"):
+        if baseline.get(key):
+            return key, baseline[key]
+    return None, None
 
 
 def image_drift(baseline: Mapping[str, Any], stats_frame: pd.DataFrame, predictions: Any = None,
@@ -556,6 +573,7 @@ def image_drift(baseline: Mapping[str, Any], stats_frame: pd.DataFrame, predicti
             "reasons": [f"channel mean moved {shift:+.2f} pixel std (limit {limits['channel_shift']:g})"] if moved else [],
         }
     prediction = None
-    if predictions is not None and baseline.get("label_distribution"):
-        prediction = _decide(prediction_drift(baseline["label_distribution"], predictions), limits)
+    key, reference = _prediction_reference(baseline)
+    if predictions is not None and reference:
+        prediction = _decide(prediction_drift(reference, predictions), limits) | {"reference": key}
     return _summarise(features, prediction, rows, limits)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ ID, LABEL = "id", "label"
 FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 RULE_UNKNOWN = "unknown id: no stored prediction has this id"
 RULE_CLASS = "label outside the class set"
-RULE_NUMBER = "label is not a number (regression)"
+RULE_NUMBER = "label is not a finite number (regression)"
 RULE_DUPLICATE = "duplicate id in this drop: the first label wins"
 RULE_LABELLED = "id already labelled: the first label wins"
 RULE_MISSING = "id or label is empty"
@@ -85,7 +86,11 @@ def read_file(path: "ObjectStoragePath", spec: "PipelineSpec") -> pd.DataFrame:
             frame = pd.DataFrame([json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()])
         else:
             document = json.loads(data.decode("utf-8"))
-            frame = pd.DataFrame(document if isinstance(document, list) else document.get("feedback", document))
+            if isinstance(document, dict):
+                # {"feedback": [...]}, columns {"id": [...], "label": [...]}, or one record
+                columnar = all(isinstance(v, list) for v in document.values())
+                document = document.get("feedback", document if columnar else [document])
+            frame = pd.DataFrame(document)
     except FeedbackDropError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault; say which file
@@ -178,7 +183,8 @@ def check_rows(rows: pd.DataFrame, classes: list[str] | None, known_ids: set[str
             rule = f"{RULE_CLASS} {classes}"
         elif classes is None:
             try:
-                float(label)
+                if not math.isfinite(float(label)):
+                    rule = RULE_NUMBER
             except ValueError:
                 rule = RULE_NUMBER
         if rule:

@@ -312,3 +312,29 @@ def test_report_is_json_serialisable(metadata, batch):
     text = json.dumps(report, allow_nan=False)
     assert json.loads(text)["features"]["income"]["psi"] is None
     assert report["features"]["income"]["drifted"]  # missing rate 0.05 -> 1.0
+
+
+def test_predictions_are_compared_with_the_validation_predictions_when_stored(metadata, train, batch):
+    # A model that predicts "yes" for 40% of held-out rows although 20% of training labels are "yes".
+    stored = {**metadata, "baseline": {**metadata["baseline"], "predictions": {"no": 0.6, "yes": 0.4}}}
+    predictions = np.random.default_rng(8).choice(["no", "yes"], len(batch), p=[0.6, 0.4])
+    prediction = drift_report(stored, batch, predictions=predictions)["prediction"]
+    assert prediction["reference"] == "predictions" and not prediction["drifted"]
+    assert prediction["expected_shares"] == [0.6, 0.4, 0.0]
+    old = drift_report(metadata, batch, predictions=predictions)["prediction"]  # a model trained before
+    assert old["reference"] == "label_distribution" and old["drifted"]
+    assert old["expected_shares"][:2] == pytest.approx([0.8, 0.2], abs=0.01)
+
+    regression = metadata_for(train.assign(spend=train["tenure"] * 2.0).drop(columns="churned"), "regression", "spend")
+    values = batch["tenure"].to_numpy() * 2.0 + 60.0
+    regression["baseline"]["predictions"] = tabular.numeric_baseline(pd.Series(train["tenure"] * 2.0 + 60.0))
+    numeric = drift_report(regression, batch, predictions=values)["prediction"]
+    assert numeric["reference"] == "predictions" and numeric["problem"] == "regression" and not numeric["drifted"]
+    del regression["baseline"]["predictions"]
+    assert drift_report(regression, batch, predictions=values)["prediction"]["reference"] == "label"
+
+    images = image_baseline(image_stats(200, seed=0)) | {"predictions": {"cat": 0.9, "dog": 0.1}}
+    mostly_cats = image_drift(images, image_stats(200, seed=1), predictions=["cat"] * 180 + ["dog"] * 20)["prediction"]
+    assert mostly_cats["reference"] == "predictions" and not mostly_cats["drifted"]
+    images.pop("predictions")
+    assert image_drift(images, image_stats(200, seed=1), predictions=["cat"] * 180 + ["dog"] * 20)["prediction"]["drifted"]

@@ -443,6 +443,28 @@ def build_baseline(train: pd.DataFrame, label: str, problem_type: str) -> dict[s
     return baseline
 
 
+def prediction_baseline(predictor: Any, validation: pd.DataFrame, label: str, problem_type: str,
+                        model: str) -> dict[str, Any]:
+    """The distribution of a model's predictions on the validation data (held out from its fit).
+
+    The drift monitor compares live predictions with it: ``{class: share}`` over every class the
+    model knows (0.0 for a class it never predicted), as ``label_distribution``; for a regressor
+    the :func:`numeric_baseline` of the predicted values, as ``label``.
+
+    :param predictor: the fitted predictor.
+    :param validation: the validation rows (label included; it is not used).
+    :param label: the label column.
+    :param problem_type: binary, multiclass or regression.
+    :param model: the model that predicts (the one scored on validation, not a refit on it).
+    """
+    predicted = predictor.predict(validation.drop(columns=[label]), model=model)
+    if problem_type == "regression":
+        return numeric_baseline(pd.Series(np.asarray(predicted, dtype="float64")))
+    counts = pd.Series(np.asarray(predicted)).map(str).value_counts()
+    total = int(counts.sum())
+    return {str(c): float(counts.get(str(c), 0) / total) for c in predictor.class_labels}
+
+
 def _native(value: Any) -> Any:
     """A numpy scalar as the Python value JSON can hold.
 
@@ -564,7 +586,7 @@ def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame
 
 def train_and_clone(
     args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None, work_dir: Path, final_dir: Path
-) -> tuple[Any, pd.DataFrame, str, str, Any]:
+) -> tuple[Any, pd.DataFrame, str, str, Any, dict[str, Any] | None]:
     """Fit, score on validation, refit if asked, and write the deployment clone.
 
     :param args: the parsed command line.
@@ -572,7 +594,8 @@ def train_and_clone(
     :param validation: the validation rows, if any.
     :param work_dir: the predictor's working folder.
     :param final_dir: where the deployment clone goes.
-    :return: the predictor, the leaderboard, the served model, the scored model and its validation score.
+    :return: the predictor, the leaderboard, the served model, the scored model, its validation score, and
+        the distribution of its validation predictions (:func:`prediction_baseline`; None without validation).
     """
     started = time.time()
     predictor = fit_predictor(args, train, validation, work_dir)
@@ -582,13 +605,16 @@ def train_and_clone(
     score = board.set_index("model").loc[scored_model, "score_validation"]
     log(f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation "
         f"{predictor.eval_metric.name} = {_number(score) if pd.notna(score) else None} ({scored_model})")
+    predictions = None
+    if validation is not None:  # before any refit: the scored model never saw these rows
+        predictions = prediction_baseline(predictor, validation, args.label, args.problem_type, scored_model)
     best = fitted_best
     if args.refit_full:
         best = refit_best(predictor)
         board = score_table(predictor, validation)
         log(f"refit: {scored_model} refit on train + validation as {best}")
     predictor.clone_for_deployment(path=str(final_dir))
-    return predictor, board, best, scored_model, score
+    return predictor, board, best, scored_model, score, predictions
 
 
 def _reset_dir(path: Path) -> None:
@@ -631,7 +657,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (model_dir / "metadata.json").unlink(missing_ok=True)
 
     try:
-        predictor, board, best, scored_model, score = train_and_clone(args, train, validation, work_dir, final_dir)
+        predictor, board, best, scored_model, score, predictions = train_and_clone(
+            args, train, validation, work_dir, final_dir)
     except BaseException:
         _reset_dir(work_dir)  # nothing half-written stays behind
         _reset_dir(final_dir)
@@ -655,6 +682,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.problem_type == "binary":
             metadata["positive_class"] = _native(predictor.positive_class)
             metadata["decision_threshold"] = _number(predictor.decision_threshold)
+    baseline = build_baseline(train, args.label, args.problem_type)
+    if predictions is not None:
+        baseline["predictions"] = predictions
+        baseline["predictions_source"] = {"channel": "validation", "rows": int(len(validation)), "model": scored_model}
     metadata |= {
         "best_model": best,
         "validation_score": _number(score) if pd.notna(score) else None,
@@ -665,7 +696,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "training_seconds": round(time.time() - started, 1),
         "artifact_mb": round(size_mb, 2),
         "versions": _versions(),
-        "baseline": build_baseline(train, args.label, args.problem_type),
+        "baseline": baseline,
     }
     (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, allow_nan=False))
     write_reports(board, metadata, output_dir)

@@ -931,7 +931,8 @@ def evaluate(
     :param amp_dtype: the autocast dtype, or None.
     :param channels_last: whether batches go in channels_last memory format.
     :param distributed: whether to sum the figures over every process.
-    :return: score, metric, loss, accuracy, balanced_accuracy, f1_macro, images.
+    :return: score, metric, loss, accuracy, balanced_accuracy, f1_macro, images, and ``predicted``: how
+        many images were predicted as each class (in class index order).
     """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -949,9 +950,11 @@ def evaluate(
         seen += images.shape[0]
     _reduce([loss_sum, confusion, seen], distributed)
     count = int(seen.item())
-    metrics = metrics_from_confusion(confusion.view(num_classes, num_classes).cpu().numpy())
+    matrix = confusion.view(num_classes, num_classes).cpu().numpy()
+    metrics = metrics_from_confusion(matrix)
     return {"score": metrics[gate_metric], "metric": gate_metric,
-            "loss": loss_sum.item() / count if count else float("nan"), **metrics, "images": count}
+            "loss": loss_sum.item() / count if count else float("nan"), **metrics, "images": count,
+            "predicted": [int(v) for v in matrix.sum(axis=0)]}
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -1066,7 +1069,8 @@ class Progress:
             "epoch": self.epoch, "lr": train["lr"], "train_loss": train["loss"], "train_accuracy": train["accuracy"],
             f"train_{gate_metric}": train[gate_metric], "train_images_per_second": train["images_per_second"],
             "val_loss": _number(val["loss"]), **{f"val_{name}": val[name] for name in METRICS},
-            "val_score": val["score"], "best": improved, "seconds": round(seconds, 3),
+            "val_score": val["score"], "val_predicted": val.get("predicted"), "best": improved,
+            "seconds": round(seconds, 3),
         })
         return improved
 
@@ -1426,6 +1430,14 @@ def finish(args: argparse.Namespace, model_dir: Path, output_dir: Path, best_pat
     best_row = next((row for row in progress.history if row["epoch"] == progress.best_epoch), {})
     stopped = progress.stopped or "epochs"
     device = state["device"]
+    baseline = state["baseline"]
+    predicted = best_row.get("val_predicted")  # absent in the history of a run resumed from an older checkpoint
+    if baseline is not None and predicted and sum(predicted):
+        # what live predictions are compared with: the best epoch's predictions on held-out images
+        baseline = {**baseline,
+                    "predictions": {str(c): n / sum(predicted) for c, n in zip(state["classes"], predicted)},
+                    "predictions_source": {"channel": "validation", "rows": int(sum(predicted)),
+                                           "epoch": progress.best_epoch}}
     metadata: dict[str, Any] = {
         "trainer": TRAINER,
         "problem_type": PROBLEM_TYPE,
@@ -1449,7 +1461,7 @@ def finish(args: argparse.Namespace, model_dir: Path, output_dir: Path, best_pat
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else
                    platform.processor() or platform.machine(), "processes": state["world"]},
         "versions": _versions(),
-        "baseline": state["baseline"],
+        "baseline": baseline,
     }
     write_json(metadata, model_dir / "metadata.json")
     size_mb = (model_dir / "model.pt").stat().st_size / 2**20

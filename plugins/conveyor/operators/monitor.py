@@ -100,11 +100,12 @@ class CheckDriftOperator(BaseOperator):
     def _check(self, lake: Lake, spec: Any, run_id: str, source: str, ident: str, compute: Any) -> dict[str, Any]:
         from conveyor import monitoring
         from conveyor.drift import DriftInputError
+        from conveyor.registry import lookup_errors
 
         check: dict[str, Any] = {"source": source, "id": ident, "run_id": run_id, "rows": 0, "report": None, "error": None}
         try:
             check.update(compute())
-        except (DriftInputError, ValueError, KeyError) as exc:
+        except (DriftInputError, ValueError, KeyError, *lookup_errors()) as exc:  # e.g. a version no longer registered
             check["error"] = f"{source} {ident}: {exc}"
             self.log.warning("Drift check failed: %s", check["error"])
         monitoring.save_check(lake, self.pipeline, check)

@@ -153,6 +153,12 @@ def test_metadata_baseline_holds_training_statistics(metadata, churn):
     assert baseline["label_distribution"] == pytest.approx(shares.to_dict())
     assert "customer_id" not in baseline["features"]
 
+    # The reference of prediction drift: the scored (not refit) model's predictions on the 70 validation rows.
+    assert list(baseline["predictions"]) == ["no", "yes"]
+    assert sum(baseline["predictions"].values()) == pytest.approx(1.0)
+    assert all(round(share * 70, 6) == int(round(share * 70)) for share in baseline["predictions"].values())
+    assert baseline["predictions_source"] == {"channel": "validation", "rows": 70, "model": metadata["validation_model"]}
+
 
 @pytest.mark.slow
 def test_reports_are_written(trained, metadata):
@@ -181,6 +187,7 @@ def test_regression_without_validation_channel(tmp_path, churn):
     assert metadata["problem_type"] == "regression"
     assert metadata["eval_metric"] == "root_mean_squared_error"
     assert "class_labels" not in metadata and "label_distribution" not in metadata["baseline"]
+    assert "predictions" not in metadata["baseline"]  # no validation channel: drift falls back to the label
     assert metadata["baseline"]["label"]["kind"] == "numeric"
     assert metadata["validation_score"] < 0  # AutoGluon's higher-is-better sign: -RMSE
     assert "monthly_charges" not in [f["name"] for f in metadata["features"]]
@@ -324,3 +331,27 @@ def test_categorical_baseline_keeps_the_top_values_and_an_other_share():
     assert stats["frequencies"]["v0"] == pytest.approx(12 / 130)
     assert stats["frequencies"]["__other__"] == pytest.approx(20 / 130)
     assert stats["missing_rate"] == pytest.approx(10 / 140)
+
+
+class FakePredictor:
+    """What prediction_baseline asks of a TabularPredictor: predict(rows, model=...) and class_labels."""
+
+    def __init__(self, predictions, class_labels=None):
+        self.predictions, self.class_labels, self.calls = predictions, class_labels, []
+
+    def predict(self, rows, model=None):
+        self.calls.append((list(rows.columns), model))
+        return pd.Series(self.predictions)
+
+
+def test_prediction_baseline_is_the_share_of_each_class_or_a_numeric_summary():
+    rows = pd.DataFrame({"x": range(5), "y": ["a", "b", "a", "a", "b"]})
+    fake = FakePredictor(["a", "a", "a", "a", "b"], class_labels=["a", "b", "c"])
+    shares = train_py.prediction_baseline(fake, rows, "y", "multiclass", "GBM")
+    assert shares == {"a": 0.8, "b": 0.2, "c": 0.0}  # every class, as label_distribution keys them
+    assert fake.calls == [(["x"], "GBM")]  # the label is not given to the model; the scored model predicts
+    flags = FakePredictor([True, False, True, True], class_labels=[False, True])
+    assert train_py.prediction_baseline(flags, rows.iloc[:4], "y", "binary", "m") == {"False": 0.25, "True": 0.75}
+    numeric = train_py.prediction_baseline(FakePredictor([1.0, 2.0, 3.0, 4.0, 5.0]), rows, "y", "regression", "m")
+    assert numeric == train_py.numeric_baseline(pd.Series([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert numeric["kind"] == "numeric" and numeric["mean"] == 3.0

@@ -157,6 +157,11 @@ def test_metadata_baseline_holds_training_image_statistics(trained):
     train = trained["channels"]["train"]
     assert baseline["kind"] == "image" and baseline["rows"] == 24 and baseline["sampled_images"] == 24
     assert baseline["label_distribution"] == pytest.approx({"blue": 1 / 3, "green": 1 / 3, "red": 1 / 3})
+    # The reference of prediction drift: the best epoch's predictions on the 9 validation images.
+    best = trained["history"][trained["metadata"]["best_epoch"] - 1]
+    assert sum(best["val_predicted"]) == 9
+    assert baseline["predictions"] == pytest.approx({c: n / 9 for c, n in zip(["blue", "green", "red"], best["val_predicted"])})
+    assert baseline["predictions_source"] == {"channel": "validation", "rows": 9, "epoch": trained["metadata"]["best_epoch"]}
     pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path in sorted((train / "img").iterdir())]
     flat = np.concatenate([p.reshape(-1, 3) for p in pixels])
     assert baseline["pixel"]["mean"] == pytest.approx(flat.mean(axis=0).tolist())
@@ -397,6 +402,9 @@ def test_train_one_epoch_and_evaluate_are_reusable_without_the_cli(capsys):
     scored = train_py.evaluate(model, torch.nn.CrossEntropyLoss(), loader, torch.device("cpu"), 3, gate_metric="f1_macro")
     assert scored["metric"] == "f1_macro" and scored["score"] == scored["f1_macro"] and scored["images"] == 12
     assert 0 <= scored["accuracy"] <= 1 and scored["loss"] > 0
+    with torch.inference_mode():
+        predicted = model(images).argmax(dim=1)
+    assert scored["predicted"] == [int((predicted == k).sum()) for k in range(3)]
 
 
 def test_a_decode_error_from_a_dataloader_worker_reads_cleanly():

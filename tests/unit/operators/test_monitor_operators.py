@@ -1,0 +1,365 @@
+"""The monitor's operators on a real lake and a real MLflow registry (a per-test SQLite store) whose
+champion is the session's real churn model: feedback drops (good, with bad rows, unreadable, not read
+twice), drift checks of an input, a batch run and captured traffic (bad input recorded, not fatal),
+and the retraining trigger."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from airflow.sdk.exceptions import AirflowSkipException
+
+from conveyor import monitoring
+from conveyor.feedback import RULE_CLASS, RULE_DUPLICATE, RULE_LABELLED, RULE_UNKNOWN
+from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+from conveyor.lake import PROCESSED_MARKER, read_json
+from conveyor.operators.monitor import CheckDriftOperator, IngestFeedbackOperator, TriggerRetrainOperator
+from helpers import context, write_drop
+
+RUN_AFTER = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+
+
+def monitor_context(run_id: str = "scheduled__1") -> dict:
+    return {**context(run_id), "dag_run": SimpleNamespace(run_after=RUN_AFTER)}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """An initialised, empty MLflow SQLite database (MLflow's first initialisation takes seconds)."""
+    root = tmp_path_factory.mktemp("mlflow-template")
+    MlflowRegistryHook(f"sqlite:///{root}/mlflow.db").client.search_experiments()
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def registry(template, tmp_path, monkeypatch) -> MlflowRegistryHook:
+    """This test's own MLflow store, the default one of every hook the operators create."""
+    shutil.copy(template, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
+    return MlflowRegistryHook()
+
+
+@pytest.fixture
+def champion(lake, registry, churn_model) -> str:
+    """The real churn model in the lake, registered and promoted as version 1; returns the version."""
+    target = Path(lake.models("churn", "train-1").path) / "model.tar.gz"
+    target.parent.mkdir(parents=True)
+    shutil.copy(churn_model["archive"], target)
+    run = registry.ensure_run("churn", "train-1", run_name="train-1", tags={"pipeline": "churn"})
+    version = registry.register("churn", target.as_uri(), run, {"conveyor_run_id": "train-1"})
+    registry.promote("churn", str(version.version))
+    return str(version.version)
+
+
+def store_observations(lake, ids: list[str], source_id: str = "b1") -> None:
+    """Stored predictions (what feedback is joined with), as the drift task keeps them."""
+    features = pd.DataFrame({"tenure_months": range(len(ids))})
+    predictions = pd.DataFrame({"prediction": ["no"] * len(ids), "proba_no": 0.7, "proba_yes": 0.3})
+    observed = monitoring.observations(features, predictions, ids=ids, model_version="1",
+                                       scored_at=RUN_AFTER.isoformat(), source="batch", source_id=source_id)
+    monitoring.write_parquet(lake.monitor("churn", "observations", f"batch-{source_id}.parquet"), observed)
+
+
+def ingest(run_id: str = "scheduled__1") -> dict:
+    return IngestFeedbackOperator(task_id="feedback", pipeline="churn").execute(monitor_context(run_id))
+
+
+def csv(rows: list[tuple[str, str]], header: str = "id,label") -> bytes:
+    return (header + "\n" + "".join(f"{i},{label}\n" for i, label in rows)).encode()
+
+
+# --------------------------------------------------------------------------------- feedback
+
+
+@pytest.mark.slow
+def test_a_good_drop_is_accepted_and_not_read_twice(lake, champion):
+    store_observations(lake, [f"C-{n}" for n in range(10)])
+    write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes"), ("C-2", "no"), ("C-3", "YES")])})
+    counts = ingest()
+    assert {k: counts[k] for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set",
+                                   "rejected_drops")} == {"drops": 1, "received": 3, "accepted": 3, "unknown_ids": 0,
+                                                          "duplicates": 0, "out_of_set": 0, "rejected_drops": 0}
+    labels = monitoring.load_labels(lake, "churn")
+    assert labels.to_dict("records") == [
+        {"id": f"C-{n}", "label": label, "received_at": RUN_AFTER.isoformat(), "drop": "f1"}
+        for n, label in ((1, "yes"), (2, "no"), (3, "yes"))]  # "YES" is the class "yes"
+    receipt = read_json(lake.landing("churn", "feedback", "f1") / PROCESSED_MARKER)
+    assert receipt == {"run_id": "scheduled__1", "accepted": 3, "rejected": 0}
+    assert not lake.quarantine("churn", "feedback/f1").exists()
+
+    again = ingest("scheduled__2")
+    assert again["drops"] == 0 and again["received"] == 0
+    assert len(monitoring.load_labels(lake, "churn")) == 3
+
+
+@pytest.mark.slow
+def test_bad_rows_are_quarantined_with_their_rule_and_good_ones_kept(lake, champion):
+    store_observations(lake, [f"C-{n}" for n in range(10)])
+    write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])})
+    ingest()
+    rows = [("C-2", "no"), ("NOPE", "yes"), ("C-2", "yes"), ("C-3", "maybe"), ("C-1", "no"), ("C-4", "yes")]
+    write_drop(lake, "feedback/f2", {"part-1.csv": csv(rows[:3], header="customer_id,churned"),
+                                     "part-2.jsonl": "".join(json.dumps({"id": i, "label": label}) + "\n"
+                                                             for i, label in rows[3:]).encode()})
+    counts = ingest("scheduled__2")
+    assert {k: counts[k] for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set")} == {
+        "drops": 1, "received": 6, "accepted": 2, "unknown_ids": 1, "duplicates": 2, "out_of_set": 1}
+    assert {(e["id"], e["rule"].split(" [")[0]) for e in counts["rejected_examples"]} == {
+        ("NOPE", RULE_UNKNOWN), ("C-2", RULE_DUPLICATE), ("C-3", RULE_CLASS), ("C-1", RULE_LABELLED)}
+
+    rejected = pd.read_csv(Path(lake.quarantine("churn", "feedback/f2").path) / "rejected.csv", dtype=str)
+    assert list(rejected.columns) == ["id", "label", "file", "rule"]
+    assert rejected[["id", "label", "file"]].values.tolist() == [
+        ["NOPE", "yes", "part-1.csv"], ["C-2", "yes", "part-1.csv"], ["C-3", "maybe", "part-2.jsonl"],
+        ["C-1", "no", "part-2.jsonl"]]
+    assert rejected["rule"].tolist() == [RULE_UNKNOWN, RULE_DUPLICATE, f"{RULE_CLASS} ['no', 'yes']", RULE_LABELLED]
+
+    labels = monitoring.load_labels(lake, "churn")
+    assert labels[labels["drop"] == "f2"][["id", "label"]].values.tolist() == [["C-2", "no"], ["C-4", "yes"]]
+    assert labels["id"].is_unique
+    assert read_json(lake.landing("churn", "feedback", "f2") / PROCESSED_MARKER)["rejected"] == 4
+    assert (Path(lake.landing("churn", "feedback", "f2").path) / "part-1.csv").exists()  # bytes stay in landing
+
+
+@pytest.mark.slow
+def test_an_unreadable_drop_is_moved_to_quarantine_whole(lake, champion):
+    store_observations(lake, ["C-1"])
+    write_drop(lake, "feedback/f3", {"labels.csv": b"ident,truth\nC-1,yes\n"})
+    write_drop(lake, "feedback/f4", {"labels.csv": csv([("C-1", "no")])})
+    counts = ingest()
+    assert counts["drops"] == 2 and counts["rejected_drops"] == 1 and counts["accepted"] == 1
+    assert "drop f3: labels.csv: a feedback file needs an id column" in counts["rejected_examples"][0]["rule"]
+    quarantined = Path(lake.quarantine("churn", "feedback/f3").path)
+    assert (quarantined / "labels.csv").read_bytes() == b"ident,truth\nC-1,yes\n"
+    assert (quarantined / "_SUCCESS").exists()
+    report = json.loads((quarantined / "_report.json").read_text())
+    assert report["drop"] == "f3" and "found ['ident', 'truth']" in report["rule"]
+    assert not lake.landing("churn", "feedback", "f3").exists()
+    assert monitoring.load_labels(lake, "churn")["drop"].tolist() == ["f4"]
+    assert ingest("scheduled__2")["drops"] == 0
+
+
+def test_an_incomplete_drop_waits_and_feedback_without_a_champion_is_skipped(lake, registry):
+    write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])}, marker=False)
+    assert ingest()["drops"] == 0
+    write_drop(lake, "feedback/f2", {"labels.csv": csv([("C-1", "yes")])})
+    with pytest.raises(AirflowSkipException, match="no champion model yet"):
+        ingest()
+    assert not (lake.landing("churn", "feedback", "f2") / PROCESSED_MARKER).exists()
+
+
+# ------------------------------------------------------------------------------------ drift
+
+
+def write_input(tmp_path: Path, name: str, frame: pd.DataFrame | None) -> str:
+    path = tmp_path / "inputs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if frame is None:
+        path.write_bytes(b"")
+    else:
+        frame.to_csv(path, index=False)
+    return str(path)
+
+
+def check_input(uri: str, run_id: str = "manual__check") -> dict:
+    result = CheckDriftOperator(task_id="drift", pipeline="churn", input_uri=uri).execute(monitor_context(run_id))
+    assert len(result["checks"]) == 1
+    return result["checks"][0]
+
+
+def stored_check(lake, source: str, ident: str) -> dict:
+    return read_json(lake.monitor("churn", "checks", f"{monitoring.source_key(source, ident)}.json"))
+
+
+@pytest.mark.slow
+def test_an_input_with_a_renamed_column_or_no_rows_is_recorded_not_fatal(lake, champion, churn_model, tmp_path):
+    test = churn_model["test"].drop(columns=["churned"])
+    renamed = write_input(tmp_path, "renamed.csv", test.rename(columns={"contract": "contract_type"}))
+    result = check_input(renamed)
+    assert result["rows"] == 0 and result["drifted"] is False
+    assert "missing ['contract'], unexpected ['contract_type']" in result["error"]
+    assert result["error"].startswith(f"input {renamed}: ")
+    assert stored_check(lake, "input", renamed)["error"] == result["error"]
+
+    header_only = write_input(tmp_path, "header.csv", test.iloc[0:0])
+    assert "batch has no rows" in check_input(header_only)["error"]
+    empty = write_input(tmp_path, "empty.csv", None)
+    assert check_input(empty)["error"].startswith(f"input {empty}: ")
+    missing = str(tmp_path / "nowhere")
+    assert "no CSV or Parquet file" in check_input(missing)["error"]
+
+
+@pytest.mark.slow
+def test_an_input_is_compared_with_the_champions_baseline(lake, champion, churn_model, tmp_path):
+    from conveyor.demo import churn_frame
+
+    same = write_input(tmp_path, "same.csv", churn_model["test"])
+    steady = check_input(same)
+    assert steady["error"] is None and steady["rows"] == len(churn_model["test"]) and steady["drift_share"] < 0.25
+    report = stored_check(lake, "input", same)
+    assert report["model_version"] == champion and set(report["report"]["features"]) >= {"contract", "tenure_months"}
+
+    shifted = write_input(tmp_path, "shifted.csv", churn_frame(600, seed=21, shifted=True).drop(columns="churned"))
+    moved = check_input(shifted)
+    assert moved["drifted"] is True and moved["drift_share"] > 0.25
+    assert {"contract", "internet_service", "support_calls"} <= set(stored_check(lake, "input", shifted)["report"]["drifted_features"])
+
+
+@pytest.mark.slow
+def test_an_input_without_a_champion_is_recorded(lake, registry, churn_model, tmp_path):
+    uri = write_input(tmp_path, "same.csv", churn_model["test"])
+    assert "churn has no champion model" in check_input(uri)["error"]
+
+
+def write_batch_run(lake, run: str, inputs: pd.DataFrame, version: str, source: str | None = None) -> None:
+    """A finished batch prediction run as conveyor.batch leaves it (input file, parts, _SUCCESS.json)."""
+    folder = Path(lake.path("predictions", "churn", run).path)
+    folder.mkdir(parents=True)
+    if source is None:
+        source = str(folder.parent.parent.parent / "landing" / "churn" / "inference" / run / "part.csv")
+        Path(source).parent.mkdir(parents=True)
+        inputs.to_csv(source, index=False)
+    predictions = pd.DataFrame({"customer_id": inputs["customer_id"], "prediction": ["no"] * len(inputs),
+                                "proba_no": 0.8, "proba_yes": 0.2})
+    predictions.to_parquet(folder / "part-00000.parquet", index=False)
+    (folder / "_SUCCESS.json").write_text(json.dumps({
+        "rows": len(inputs), "parts": ["part-00000.parquet"], "model": "churn", "version": version, "run_id": run,
+        "scored_at": RUN_AFTER.isoformat(), "source": source}))
+
+
+@pytest.mark.slow
+def test_batch_runs_are_checked_once_and_kept_as_observations(lake, champion, churn_model):
+    inputs = churn_model["test"].drop(columns=["churned"]).iloc[:100]
+    write_batch_run(lake, "b1", inputs, champion)
+    write_batch_run(lake, "b2", inputs.rename(columns={"age": "customer_age"}), champion)
+    write_batch_run(lake, "b3", inputs, champion, source=str(Path(lake.root.removeprefix("file://")) / "gone.csv"))
+    result = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__1"))
+    checks = {c["id"]: c for c in result["checks"]}
+    assert set(checks) == {"b1", "b2", "b3"}
+    assert checks["b1"]["error"] is None and checks["b1"]["rows"] == 100
+    assert "missing ['age'], unexpected ['customer_age']" in checks["b2"]["error"]
+    assert "no longer exists" in checks["b3"]["error"]
+    report = stored_check(lake, "batch", "b1")["report"]
+    assert report["prediction"]["problem"] == "classification"  # the predictions are compared too,
+    assert report["prediction"]["reference"] == "predictions"  # with the trainer's validation predictions
+    observed = monitoring.load_observations(lake, "churn")
+    assert observed["_id"].tolist() == inputs["customer_id"].astype(str).tolist()
+    assert set(observed["source_id"]) == {"b1"} and set(observed["model_version"]) == {champion}
+    assert monitoring.known_ids(lake, "churn") == set(inputs["customer_id"].astype(str))
+
+    again = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__2"))
+    assert again["checks"] == []
+
+
+@pytest.mark.slow
+def test_captured_traffic_is_checked_and_its_offsets_kept(lake, champion, churn_model):
+    from conveyor.artifacts import LoadedModel
+    from conveyor.serving.app import Capture
+
+    model = LoadedModel(churn_model["dir"])
+    capture = Capture(Path(lake.capture("churn").path), 1.0, "churn")
+    rows = churn_model["test"].iloc[:40]
+    for n in range(0, 40, 4):
+        body = rows.iloc[n:n + 4][model.feature_names].to_csv(index=False, header=False).encode()
+        capture.write(champion, "text/csv", "application/json", body, model.invoke(body, "text/csv"),
+                      "application/json", f"req-{n}")
+    result = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__1"))
+    assert len(result["checks"]) == 1
+    only = result["checks"][0]
+    assert only["source"] == "capture" and only["error"] is None and only["rows"] == 40
+    assert only["id"].endswith(f"/v{champion}")
+    observed = monitoring.load_observations(lake, "churn")
+    assert observed["_id"].tolist() == [f"req-{n}#{k}" for n in range(0, 40, 4) for k in range(4)]
+    offsets = read_json(lake.monitor("churn", "capture_offsets.json"))
+    assert list(offsets.values()) == [sum(f.stat().st_size for f in Path(lake.capture("churn").path).rglob("*.jsonl"))]
+    assert CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__2"))["checks"] == []
+
+    # Traffic of a version the registry no longer knows is recorded with the error; the rest goes on.
+    body = rows.iloc[:2][model.feature_names].to_csv(index=False, header=False).encode()
+    capture.write("99", "text/csv", "application/json", body, model.invoke(body, "text/csv"), "application/json", "x")
+    (unknown,) = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__3"))["checks"]
+    assert unknown["id"].endswith("/v99") and unknown["error"] and unknown["rows"] == 0
+
+
+# --------------------------------------------------------------------------------- decision
+
+
+@pytest.mark.slow
+def test_poor_live_accuracy_retrains_once_with_the_labelled_rows(lake, champion, churn_model):
+    import numpy as np
+
+    from conveyor.operators.monitor import RetrainDecisionOperator
+
+    test = churn_model["test"].iloc[:240]
+    features = [f["name"] for f in json.loads((churn_model["dir"] / "metadata.json").read_text())["features"]]
+    p_yes = np.random.default_rng(0).random(len(test))  # a model no better than chance on the new data
+    predictions = pd.DataFrame({"prediction": np.where(p_yes > 0.5, "yes", "no"), "proba_no": 1 - p_yes, "proba_yes": p_yes})
+    observed = monitoring.observations(test[features], predictions, ids=test["customer_id"], model_version=champion,
+                                       scored_at=RUN_AFTER.isoformat(), source="batch", source_id="b1")
+    monitoring.write_parquet(lake.monitor("churn", "observations", "batch-b1.parquet"), observed)
+    truth = test[["customer_id", "churned"]].itertuples(index=False)
+    write_drop(lake, "feedback/f1", {"labels.csv": csv(list(truth))})
+    feedback = ingest()
+    assert feedback["accepted"] == 240
+
+    def decide(run_id: str) -> dict:
+        op = RetrainDecisionOperator(task_id="decide", pipeline="churn", drift={"checks": []}, feedback=feedback)
+        return op.execute(monitor_context(run_id))
+
+    decision = decide("scheduled__1")
+    assert decision["retrain"] is True and decision["live"]["labels"] == 240 and decision["live"]["value"] < 0.65
+    assert decision["reasons"] == [f"live roc_auc of version {champion} is {decision['live']['value']:.4f} < 0.65 over "
+                                   "240 new labels (at least 200 needed)"]
+    rows = pd.read_parquet(decision["labelled_uri"].removeprefix("file://"))
+    assert list(rows.columns) == [*features, "customer_id", "churned"] and len(rows) == decision["labelled_rows"] == 240
+    assert rows["churned"].tolist() == test["churned"].tolist()
+    assert Path(decision["report"].removeprefix("file://")).is_file()
+    trigger = read_json(lake.monitor("churn", "triggers", "scheduled__1.json"))
+    assert trigger["retrain"] is True and trigger["reasons"] == decision["reasons"]
+
+    # The same labels are not new any more: the next run has no reason, so nothing to suppress either.
+    again = decide("scheduled__2")
+    assert again["retrain"] is False and again["live"]["labels"] == 0 and again["reasons"] == []
+    assert [t["retrain"] for t in monitoring.load_triggers(lake, "churn")] == [True, False]
+
+
+# ---------------------------------------------------------------------------------- trigger
+
+
+def test_trigger_skips_without_a_retrain_decision():
+    for decision, why in ((None, "no reason to"), ({"retrain": False, "reasons": []}, "no reason to"),
+                          ({"retrain": False, "reasons": ["drift"], "suppressed_by_cooldown": True}, "cool-down")):
+        with pytest.raises(AirflowSkipException, match=f"not retraining churn: .*{why}"):
+            TriggerRetrainOperator(task_id="trigger", pipeline="churn", decision=decision).execute(context())
+
+
+def test_trigger_sets_the_retrain_events_extra():
+    from conveyor.assets import retrain_asset
+
+    decision = {"retrain": True, "reasons": ["live roc_auc of version 1 is 0.5 < 0.65"], "report": "file:///r/index.html",
+                "labelled_uri": "file:///lake/monitor/churn/retrain/scheduled__1/labelled.parquet", "labelled_rows": 12}
+    ctx = context("scheduled__1")
+    extra = TriggerRetrainOperator(task_id="trigger", pipeline="churn", decision=decision).execute(ctx)
+    assert extra == {"reasons": decision["reasons"], "labelled_uri": decision["labelled_uri"], "labelled_rows": 12,
+                     "monitor_run": "scheduled__1", "report": "file:///r/index.html"}
+    assert ctx["outlet_events"][retrain_asset("churn")].extra == extra
+    json.dumps(extra)
+
+
+def test_a_retraining_event_hands_its_labelled_rows_to_the_split():
+    from conveyor.operators.train import labelled_source
+
+    dataset_event = SimpleNamespace(extra={"version": "v-1"})
+    retrain_event = SimpleNamespace(extra={"labelled_uri": "file:///lake/monitor/churn/retrain/r1/labelled.parquet"})
+    assert labelled_source({"triggering_asset_events": {"churn.dataset": [dataset_event],
+                                                        "churn.retrain": [retrain_event]}}) == retrain_event.extra["labelled_uri"]
+    assert labelled_source({"triggering_asset_events": {"churn.dataset": [dataset_event]}}) is None
+    assert labelled_source({"triggering_asset_events": {"churn.retrain": [SimpleNamespace(extra=None)]}}) is None
+    assert labelled_source({}) is None
