@@ -132,6 +132,20 @@ def predict_fn(data: pd.DataFrame, model: TabularModel) -> pd.DataFrame:
     return out
 
 
+def transform_fn(model: TabularModel, request_body: str | bytes, request_content_type: str | None,
+                 accept: str | None) -> tuple[str, str]:
+    """The whole request in one call, as AutoGluon's SageMaker inference container calls it.
+
+    :param model: what :func:`model_fn` returned.
+    :param request_body: the request body.
+    :param request_content_type: its content type.
+    :param accept: the response media type asked for.
+    :return: the body and its content type.
+    """
+    frame = parse_request(request_body, request_content_type, model)
+    return output_fn(predict_fn(frame, model), accept), choose_accept(accept)
+
+
 def output_fn(prediction: pd.DataFrame, accept: str | None) -> str:
     """Serialise predictions; the body is returned and its content type is the accept chosen.
 

@@ -125,6 +125,19 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _flag(text: str) -> bool:
+    """true/false, yes/no, 1/0 for a boolean option given a value (argparse ``type``).
+
+    :param text: the option's value.
+    """
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line of this script; paths default to the SageMaker environment variables."""
     env = os.environ
@@ -159,8 +172,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='AutoGluon hyperparameters as a JSON object, e.g. \'{"GBM": {}, "CAT": {}}\'; '
                             "the presets' model set if unset")
     model.add_argument("--id-column", default=None, help="row identifier column: dropped, never a feature")
-    model.add_argument("--refit-full", action="store_true",
-                       help="refit the best model on train + validation and serve the refit model")
+    model.add_argument("--refit-full", type=_flag, nargs="?", const=True, default=False,
+                       help="refit the best model on train + validation and serve the refit model "
+                            "(a bare flag, or true/false: SageMaker passes every hyperparameter a value)")
     model.add_argument("--infer-limit", type=_positive_float, default=None,
                        help=f"max prediction seconds per row (measured on batches of {INFER_LIMIT_BATCH_SIZE})")
     model.add_argument("--seed", type=int, default=0, help="random seed of data splits and folds")

@@ -108,8 +108,12 @@ class MlflowRegistryHook(BaseHook):
         )
         return found[0] if found else None
 
-    def register(self, model_name: str, source: str, run_id: str, tags: dict[str, str]) -> Any:
-        """Register a model version (status ``PendingManualApproval``); a retry returns the same one."""
+    def register(self, model_name: str, source: str, run_id: str, tags: dict[str, str],
+                 metrics: dict[str, float] | None = None, metrics_uri: str | None = None) -> Any:
+        """Register a model version (status ``PendingManualApproval``); a retry returns the same one.
+
+        ``metrics`` and ``metrics_uri`` are not stored on the version: the MLflow run has them.
+        """
         from mlflow.exceptions import MlflowException
 
         existing = self.find_version(model_name, run_id)

@@ -10,12 +10,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from conveyor.lake import Lake
+from conveyor.links import GateReportLink
 
 
 class GateModelOperator(BaseOperator):
     """Apply the pipeline's gate and log the run (params, metrics, reports, decision) to MLflow.
 
-    The champion (registry alias ``champion``) is re-scored on this run's test set so both models
+    The champion (of the pipeline's registry: MLflow's ``champion`` alias or SageMaker's latest
+    approved package) is re-scored on this run's test set so both models
     are judged on the same rows. Writes ``reports/<pipeline>/<run>/gate/``. A rejected model is
     not registered: the task fails (``on_reject: fail``) or is skipped with everything after it
     (``on_reject: skip``), the reason in the log and the report either way.
@@ -27,6 +29,7 @@ class GateModelOperator(BaseOperator):
     """
 
     template_fields = ("pipeline", "model", "evaluation")
+    operator_extra_links = (GateReportLink(),)
 
     def __init__(self, *, pipeline: str, model: Any, evaluation: Any, tracking_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -40,13 +43,14 @@ class GateModelOperator(BaseOperator):
         from conveyor.gate import decide, markdown, write_report
         from conveyor.hooks.mlflow_registry import MlflowRegistryHook
         from conveyor.lake import as_local_folder, upload_tree
+        from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
         lake = Lake.from_env()
         run_id = context["run_id"]
-        hook = MlflowRegistryHook(self.tracking_uri)
-        champion = hook.champion(self.pipeline)
+        hook = MlflowRegistryHook(self.tracking_uri)  # experiment runs: MLflow tracking with either registry
+        champion = registry_hook(spec, self.tracking_uri).champion(self.pipeline)
         champion_metrics = None
         with tempfile.TemporaryDirectory(prefix="conveyor-gate-") as tmp:
             scratch = Path(tmp)

@@ -7,46 +7,56 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseOperator
 
+from conveyor.lake import Lake
+
 
 class RegisterModelOperator(BaseOperator):
     """Make the model a new version of the pipeline's registered model, ``PendingManualApproval``.
 
-    A retry of the same run returns the version it registered before (no duplicates).
+    The registry is the pipeline's (``registry: mlflow`` or ``sagemaker``). A retry of the same run
+    returns the version it registered before (no duplicates).
     Returns ``{"model_name", "version", "mlflow_run_id", "model_uri"}``.
 
     :param pipeline: the pipeline's name (= the registered model's name).
     :param model: the train task's result (templated XCom).
     :param gate: the gate task's result (templated XCom).
     :param deploy: whether the approved model should be rolled out (templated; recorded as a tag).
+    :param evaluation: the evaluate task's result (templated XCom): its metrics go with the version.
     :param tracking_uri: the MLflow tracking URI (the default store when None).
     """
 
-    template_fields = ("pipeline", "model", "gate", "deploy")
+    template_fields = ("pipeline", "model", "gate", "deploy", "evaluation")
 
-    def __init__(self, *, pipeline: str, model: Any, gate: Any, deploy: Any = True, tracking_uri: str | None = None,
-                 **kwargs: Any):
+    def __init__(self, *, pipeline: str, model: Any, gate: Any, deploy: Any = True, evaluation: Any = None,
+                 tracking_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.pipeline = pipeline
         self.model = model
         self.gate = gate
         self.deploy = deploy
+        self.evaluation = evaluation
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
-        hook = MlflowRegistryHook(self.tracking_uri)
-        version = hook.register(
+        evaluation = self.evaluation if isinstance(self.evaluation, dict) else {}
+        metrics_uri = None
+        if evaluation.get("report"):
+            metrics_uri = str(Lake.from_env().reports(self.pipeline, context["run_id"]) / "evaluation" / "metrics.json")
+        version = registry_hook(spec, self.tracking_uri).register(
             self.pipeline, self.model["model_uri"], self.gate["mlflow_run_id"],
             tags={"dataset_version": self.model["dataset_version"], "code_version": self.model["code_version"],
                   "backend": spec.compute, "gate_decision": "passed", "conveyor_run_id": context["run_id"],
                   "deploy": str(self.deploy).lower()},
+            metrics=evaluation.get("metrics"), metrics_uri=metrics_uri,
         )
-        hook.finish_run(self.gate["mlflow_run_id"])
-        self.log.info("Registered %s version %s (PendingManualApproval) from %s", self.pipeline, version.version,
-                      self.model["model_uri"])
+        MlflowRegistryHook(self.tracking_uri).finish_run(self.gate["mlflow_run_id"])
+        self.log.info("Registered %s version %s (PendingManualApproval, %s registry) from %s", self.pipeline,
+                      version.version, spec.registry, self.model["model_uri"])
         return {"model_name": self.pipeline, "version": str(version.version),
                 "mlflow_run_id": self.gate["mlflow_run_id"], "model_uri": self.model["model_uri"]}
 
@@ -66,11 +76,13 @@ class AutoApproveOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.hooks.mlflow_registry import APPROVED, MlflowRegistryHook
+        from conveyor.hooks.mlflow_registry import APPROVED
+        from conveyor.registry import registry_hook
+        from conveyor.spec import get_spec
 
         name, version = self.registration["model_name"], self.registration["version"]
-        MlflowRegistryHook(self.tracking_uri).promote(name, version)
-        self.log.info("Approved %s version %s automatically; alias 'champion' now points at it", name, version)
+        registry_hook(get_spec(name), self.tracking_uri).promote(name, version)
+        self.log.info("Approved %s version %s automatically; it is now the champion", name, version)
         return {"model_name": name, "version": version, "status": APPROVED, "approved_by": "auto"}
 
 
@@ -90,17 +102,19 @@ class ModelApprovalOperator(ApprovalOperator):
         self.tracking_uri = tracking_uri
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from conveyor.hooks.mlflow_registry import REJECTED, MlflowRegistryHook
+        from conveyor.hooks.mlflow_registry import REJECTED
+        from conveyor.registry import registry_hook
+        from conveyor.spec import get_spec
 
         result = super().execute_complete(context=context, event=event)  # validates the answer
         registration = context["ti"].xcom_pull(task_ids=self.registration_task)
         name, version = registration["model_name"], registration["version"]
-        hook = MlflowRegistryHook(self.tracking_uri)
+        hook = registry_hook(get_spec(name), self.tracking_uri)
         user = event.get("responded_by_user") or {}
         who = str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) else str(user)
         if result["chosen_options"][0] == self.APPROVE:
             hook.promote(name, version)
-            self.log.info("%s version %s approved by %s; alias 'champion' now points at it", name, version, who)
+            self.log.info("%s version %s approved by %s; it is now the champion", name, version, who)
         else:
             hook.set_status(name, version, REJECTED)
             self.log.info("%s version %s rejected by %s", name, version, who)

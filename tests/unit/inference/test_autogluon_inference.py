@@ -312,3 +312,13 @@ def test_multiclass_model_smoke(tmp_path, monkeypatch, model):
     assert np.allclose(prediction[[f"proba_{c}" for c in classes]].sum(axis=1), 1.0)
     answer = json.loads(inference.output_fn(prediction, None))["predictions"]
     assert all(set(p["probabilities"]) == set(classes) and p["prediction"] in classes for p in answer)
+
+
+def test_transform_fn_answers_a_whole_request_as_the_autogluon_container_calls_it(model, requests):
+    body, media = inference.transform_fn(model, csv_body(requests[FEATURES]), "text/csv", "application/json")
+    assert media == "application/json"
+    answer = json.loads(body)["predictions"]
+    expected = inference.predict_fn(inference.input_fn(csv_body(requests[FEATURES]), "text/csv"), model)
+    assert [r["prediction"] for r in answer] == expected["prediction"].tolist()
+    with pytest.raises(ValueError):
+        inference.transform_fn(model, "1,2\n", "text/csv", "text/csv")

@@ -355,3 +355,14 @@ def test_prediction_baseline_is_the_share_of_each_class_or_a_numeric_summary():
     numeric = train_py.prediction_baseline(FakePredictor([1.0, 2.0, 3.0, 4.0, 5.0]), rows, "y", "regression", "m")
     assert numeric == train_py.numeric_baseline(pd.Series([1.0, 2.0, 3.0, 4.0, 5.0]))
     assert numeric["kind"] == "numeric" and numeric["mean"] == 3.0
+
+
+@pytest.mark.parametrize(("argv", "expected"), [((), False), (("--refit-full",), True),
+                                               (("--refit-full", "True"), True), (("--refit-full", "false"), False)])
+def test_refit_full_is_a_bare_flag_or_a_value_as_sagemaker_passes_it(argv, expected):
+    assert parse("--label", "churned", "--problem-type", "binary", *argv).refit_full is expected
+
+
+def test_refit_full_refuses_a_value_that_is_not_a_boolean():
+    with pytest.raises(SystemExit):
+        parse("--label", "churned", "--problem-type", "binary", "--refit-full", "maybe")
