@@ -171,6 +171,66 @@ def completed_parts(out: str | Path | ObjectStoragePath, conn_id: str | None = N
     return [target / name for name in read_json(target / SUCCESS)["parts"]]
 
 
+def read_chunks(source: str | Path | ObjectStoragePath, metadata: dict[str, Any], chunk_rows: int,
+                conn_id: str | None = None) -> Iterator[pa.Table]:
+    """The model's feature and id columns of an input file or folder, in tables of ``chunk_rows`` rows.
+
+    Every file is checked (readable, has the columns) before the first table is yielded; the same
+    reading rules as :func:`score_file`.
+
+    :param source: the input file or folder: a local path or an ObjectStoragePath URI.
+    :param metadata: the model's ``metadata.json`` (features and their dtypes, id column).
+    :param chunk_rows: rows per table.
+    :param conn_id: the Airflow connection for a non-local ``source``.
+    :raises BatchInputError: the input broke a rule (see the module docstring).
+    """
+    columns = _Columns({f["name"]: f["dtype"] for f in metadata["features"]}, metadata.get("id_column"))
+    files = _input_files(_path(source, conn_id))
+    for file in files:
+        for _ in _read(file, columns, chunk_rows, check_only=True):
+            pass
+    for file in files:
+        yield from _rebatch(_read(file, columns, chunk_rows, check_only=False), chunk_rows)
+
+
+def write_parts(out: str | Path | ObjectStoragePath, tables: Iterator[pa.Table], manifest: dict[str, Any],
+                conn_id: str | None = None) -> BatchResult:
+    """Write output tables as the run's parts and ``_SUCCESS.json``, with :func:`score_file`'s layout and rules.
+
+    Parts are staged and replace the run's old ones only once every table is written; a failure
+    leaves the last complete output (or nothing) and no staging behind.
+
+    :param out: the run's output folder.
+    :param tables: the output rows (:func:`output_table`), in input order.
+    :param manifest: ``_SUCCESS.json``'s content besides ``rows`` and ``parts``.
+    :param conn_id: the Airflow connection for a non-local ``out``.
+    """
+    import pyarrow.parquet as pq
+
+    started = time.monotonic()
+    target = _path(out, conn_id)
+    staging = target / STAGING
+    _remove(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    rows, schema = 0, None
+    try:
+        for table in tables:
+            schema = schema or table.schema
+            name = f"part-{len(names):05d}.parquet"
+            with (staging / name).open("wb") as handle:
+                pq.write_table(table.cast(schema), handle)
+            names.append(name)
+            rows += table.num_rows
+        if rows == 0:
+            raise BatchInputError(f"{target}: no rows to write")
+        _publish(target, staging, names, {**manifest, "rows": rows, "parts": names})
+    except BaseException:
+        _remove(staging, quiet=True)
+        raise
+    return BatchResult(str(target), [str(target / name) for name in names], rows, round(time.monotonic() - started, 3))
+
+
 # ------------------------------------------------------------------------------------------ scoring
 
 
@@ -217,6 +277,7 @@ def _score(files: list[ObjectStoragePath], columns: _Columns, model_dir: Path, s
 
     context = {"id_column": columns.id_column, **constants}
     start = 0
+    restore_daemon = _allow_child_processes()
     try:
         for file in files:
             first = 0
@@ -234,7 +295,44 @@ def _score(files: list[ObjectStoragePath], columns: _Columns, model_dir: Path, s
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        restore_daemon()
     return names, state["rows"]
+
+
+def _allow_child_processes() -> Any:
+    """Let this process start the scoring processes wherever it runs; returns the undo.
+
+    Two things stand in the way inside Airflow's workers, and both are lifted only while the
+    scoring pool runs (it is always shut down and waited for):
+
+    * a task process forked from a Celery prefork worker (CeleryExecutor) inherits billiard's pool
+      process as multiprocessing's current process: a daemon ("daemonic processes are not allowed
+      to have children") with billiard's authentication key, which the standard library refuses to
+      pickle for spawned children;
+    * a spawned child first re-runs its parent's ``__main__`` script: in a task process that is the
+      ``airflow`` command, whose import needs the metadata database settings Airflow keeps from task
+      processes. The scoring processes need nothing but this module, so the script is not offered.
+    """
+    import sys
+    from multiprocessing import process
+
+    undo: list[Any] = []
+    current = process.current_process()
+    inherited = dict(current._config)
+    if inherited.get("daemon") or not isinstance(inherited.get("authkey"), process.AuthenticationString):
+        current._config.update(daemon=False, authkey=process.AuthenticationString(bytes(current.authkey)))
+        undo.append(lambda: (current._config.clear(), current._config.update(inherited)))
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if main is not None and script and getattr(main, "__spec__", None) is None:
+        del main.__file__
+        undo.append(lambda: setattr(main, "__file__", script))
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
 
 
 def _start_worker(model_dir: str, threads: int) -> None:
@@ -257,12 +355,26 @@ def _score_chunk(payload: bytes, start: int, context: dict[str, Any]) -> pa.Tabl
     :param start: the 0-based input position of its first row (for ``row_number``).
     :param context: the id column and the run's constant columns.
     """
+    import pyarrow as pa
+
+    frame = pa.ipc.open_stream(payload).read_all().to_pandas()
+    return output_table(frame, _WORKER["model"].predict_frame(frame), start, context)
+
+
+def output_table(frame: Any, predicted: Any, start: int, context: dict[str, Any]) -> pa.Table:
+    """The output rows of one chunk: id (or ``row_number``), prediction, probabilities, the run's columns.
+
+    Shared by the local transform and the SageMaker transform (``conveyor.transform``).
+
+    :param frame: the chunk's input rows (pandas; holds the id column when the model has one).
+    :param predicted: ``predict_fn``'s frame for them: ``prediction`` and ``proba_<class>`` columns.
+    :param start: the 0-based input position of the chunk's first row (for ``row_number``).
+    :param context: ``id_column`` and the run's constant columns (model_name, model_version, run_id, scored_at).
+    """
     import numpy as np
     import pandas as pd
     import pyarrow as pa
 
-    frame = pa.ipc.open_stream(payload).read_all().to_pandas()
-    predicted = _WORKER["model"].predict_frame(frame)
     if "prediction" not in predicted.columns or len(predicted) != len(frame):
         raise RuntimeError(f"predict_fn returned {len(predicted)} rows without a prediction column for {len(frame)} rows")
     id_column = context["id_column"]

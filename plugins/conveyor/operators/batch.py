@@ -13,6 +13,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from conveyor.lake import Lake
+from conveyor.links import BatchReportLink
 
 WAREHOUSE_CONN_ID = "conveyor_warehouse"
 SCORED_MARKER = "_SCORED.json"
@@ -32,7 +33,9 @@ def warehouse_url() -> str:
         uri = BaseHook.get_connection(WAREHOUSE_CONN_ID).get_uri()
     except AirflowNotFoundException:
         return default_warehouse_url()
-    return uri.replace("postgres://", "postgresql://", 1)
+    # Airflow writes Postgres connections as postgres://; SQLAlchemy 2.1 reads postgresql:// as psycopg 3,
+    # while the installed driver is psycopg2.
+    return uri.replace("postgres://", "postgresql+psycopg2://", 1)
 
 
 def pending_inference_drop(lake: Lake, pipeline: str, marker: str) -> str | None:
@@ -73,6 +76,7 @@ class BatchPredictOperator(BaseOperator):
     """
 
     template_fields = ("pipeline", "model", "input_uri")
+    operator_extra_links = (BatchReportLink(),)
 
     def __init__(self, *, pipeline: str, model: Any, input_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -82,23 +86,15 @@ class BatchPredictOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.artifacts import fetch
-        from conveyor.assets import predictions_asset
-        from conveyor.batch import BatchInputError, score_file, summarize, write_table
-        from conveyor.lake import upload_tree, write_json
+        from conveyor.batch import BatchInputError, score_file
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
         lake = Lake.from_env()
         run_id = context["run_id"]
-        drop = None
-        source = self.input_uri or None
-        if not source:
-            drop = pending_inference_drop(lake, self.pipeline, spec.data.marker)
-            if drop is None:
-                raise AirflowSkipException(f"no complete, unscored drop in {lake.uri('landing', self.pipeline, 'inference')}")
-            source = lake.uri("landing", self.pipeline, "inference", drop)
+        source, drop = batch_input(lake, self.pipeline, spec.data.marker, self.input_uri)
         table = spec.deploy.batch.table or f"{self.pipeline}_predictions"
-        scored_at = context.get("logical_date") or context.get("data_interval_end") or context["dag_run"].run_after
+        scored_at = run_timestamp(context)
         out = lake.predictions(self.pipeline, run_id)
         self.log.info("Scoring %s with %s version %s into %s and table %s", source, self.pipeline,
                       self.model["version"], out, table)
@@ -111,21 +107,74 @@ class BatchPredictOperator(BaseOperator):
                                     conn_id=lake.conn_id)
             except BatchInputError as exc:
                 raise AirflowFailException(str(exc)) from None
-            rows = write_table(warehouse_url(), table, result.parts, run_id, conn_id=lake.conn_id)
-            summary = summarize(result.parts, conn_id=lake.conn_id)
-            report = Path(tmp) / "report"
-            report.mkdir()
-            report_context = {"pipeline": self.pipeline, "run": run_id, "input": source,
-                              "model": f"{self.pipeline} v{self.model['version']}", "rows": rows,
-                              "parquet": result.uri, "table": table, "seconds": result.seconds}
-            (report / "summary.json").write_text(json.dumps({**report_context, **summary}, indent=2, default=str))
-            (report / "index.html").write_text(report_html(summary, report_context))
-            upload_tree(report, lake.reports(self.pipeline, run_id) / "batch")
-        if drop is not None:
-            write_json(lake.landing(self.pipeline, "inference", drop) / SCORED_MARKER, {"run_id": run_id, "rows": rows})
-        context["outlet_events"][predictions_asset(self.pipeline)].extra = {
-            "run_id": run_id, "rows": rows, "model_version": self.model["version"], "table": table,
-            "parquet": result.uri}
-        report_uri = str(lake.reports(self.pipeline, run_id) / "batch" / "index.html")
-        self.log.info("Scored %s rows in %.1fs; report: %s", rows, result.seconds, report_uri)
-        return {"rows": rows, "parquet": result.uri, "table": table, "report": report_uri, "model_version": self.model["version"]}
+        return finish_batch(context, lake=lake, pipeline=self.pipeline, table=table, model=self.model,
+                            source=source, drop=drop, result=result, log=self.log)
+
+
+def run_timestamp(context: Any) -> Any:
+    """The one ``scored_at`` of a batch run: its logical date, else its interval end, else when it ran.
+
+    :param context: the task context.
+    """
+    return context.get("logical_date") or context.get("data_interval_end") or context["dag_run"].run_after
+
+
+def batch_input(lake: Lake, pipeline: str, marker: str, input_uri: str | None) -> tuple[str, str | None]:
+    """What a batch run scores: the given input, else the oldest complete, unscored inference drop.
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param marker: the marker that makes a drop complete.
+    :param input_uri: the run's input (Param); empty for the pending drop.
+    :return: the input's URI and the drop's name (None for a given input).
+    :raises AirflowSkipException: no input given and no drop pending.
+    """
+    if input_uri:
+        return input_uri, None
+    drop = pending_inference_drop(lake, pipeline, marker)
+    if drop is None:
+        raise AirflowSkipException(f"no complete, unscored drop in {lake.uri('landing', pipeline, 'inference')}")
+    return lake.uri("landing", pipeline, "inference", drop), drop
+
+
+def finish_batch(context: Any, *, lake: Lake, pipeline: str, table: str, model: dict[str, Any], source: str,
+                 drop: str | None, result: Any, log: Any, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """After the parts are written: the SQL table, the report, the drop marked scored, the predictions Asset.
+
+    Shared by the local and the SageMaker batch transforms.
+
+    :param context: the task context (run id, outlet events).
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param table: the predictions table.
+    :param model: the resolve task's result.
+    :param source: the input's URI.
+    :param drop: the inference drop scored, or None for a given input.
+    :param result: the ``BatchResult`` of the parts.
+    :param log: the task's logger.
+    :param details: more lines for the report (e.g. the transform job).
+    :return: the task's result: rows, parquet, table, report, model_version.
+    """
+    from conveyor.assets import predictions_asset
+    from conveyor.batch import summarize, write_table
+    from conveyor.lake import upload_tree, write_json
+
+    run_id = context["run_id"]
+    rows = write_table(warehouse_url(), table, result.parts, run_id, conn_id=lake.conn_id)
+    summary = summarize(result.parts, conn_id=lake.conn_id)
+    with tempfile.TemporaryDirectory(prefix="conveyor-batch-report-") as tmp:
+        report = Path(tmp) / "report"
+        report.mkdir()
+        report_context = {"pipeline": pipeline, "run": run_id, "input": source,
+                          "model": f"{pipeline} v{model['version']}", "rows": rows,
+                          "parquet": result.uri, "table": table, "seconds": result.seconds, **(details or {})}
+        (report / "summary.json").write_text(json.dumps({**report_context, **summary}, indent=2, default=str))
+        (report / "index.html").write_text(report_html(summary, report_context))
+        upload_tree(report, lake.reports(pipeline, run_id) / "batch")
+    if drop is not None:
+        write_json(lake.landing(pipeline, "inference", drop) / SCORED_MARKER, {"run_id": run_id, "rows": rows})
+    context["outlet_events"][predictions_asset(pipeline)].extra = {
+        "run_id": run_id, "rows": rows, "model_version": model["version"], "table": table, "parquet": result.uri}
+    report_uri = str(lake.reports(pipeline, run_id) / "batch" / "index.html")
+    log.info("Scored %s rows in %.1fs; report: %s", rows, result.seconds, report_uri)
+    return {"rows": rows, "parquet": result.uri, "table": table, "report": report_uri, "model_version": model["version"]}

@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from conveyor.exceptions import ValidationFailed
 from conveyor.lake import Lake
+from conveyor.links import ValidationReportLink
 
 
 class ValidateDatasetOperator(BaseOperator):
@@ -29,6 +30,7 @@ class ValidateDatasetOperator(BaseOperator):
     """
 
     template_fields = ("pipeline", "drop", "version")
+    operator_extra_links = (ValidationReportLink(),)
     ui_color = "#e8fdf0"
 
     def __init__(self, *, pipeline: str, drop: str, version: str, **kwargs: Any):

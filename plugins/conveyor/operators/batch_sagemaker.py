@@ -1,0 +1,184 @@
+"""Batch predictions on SageMaker: a transform job, then the same Parquet files and SQL table as locally."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta, timezone
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from conveyor.lake import Lake
+from conveyor.links import BatchReportLink
+
+
+class TransformStillRunning(AirflowException):
+    """The transform job outlasted the run's wait (transient: a retry waits for the same job again)."""
+
+
+class SageMakerBatchPredictOperator(BaseOperator):
+    """Score an input with a SageMaker batch transform job into ``predictions/<pipeline>/<run>/`` and a SQL table.
+
+    1. The input (the Param, else the oldest complete, unscored drop in
+       ``landing/<pipeline>/inference/``) is prepared for the job under the run's
+       ``_transform/`` folder (``conveyor.transform``): headerless CSV files of the model's features.
+    2. ``CreateTransformJob`` runs the model (the SageMaker model of the deploy step: the version's
+       ``model.tar.gz`` in the serving image) over them: ``text/csv`` split by line, mini-batches
+       of ``deploy.batch.max_payload_mb``, ``deploy.batch.instance_count`` × ``instance_type``.
+    3. Defers to the provider's ``SageMakerTrigger`` until the job ends.
+    4. Pairs the answers with the input's ids and writes the local transform's rows (id,
+       ``prediction``, ``proba_<class>``, model name and version, run id, ``scored_at``) to
+       ``part-*.parquet`` + ``_SUCCESS.json``, replaces the run's rows in the table, writes the
+       report, marks the drop scored and updates the predictions Asset.
+
+    The job's name derives from the run, so a retry reuses the job: it waits for one in progress
+    and loads one that completed; a job that failed fails the task with its ``FailureReason`` (a
+    run's name is fixed: start a new run to score again). Returns what ``BatchPredictOperator``
+    returns.
+
+    :param pipeline: the pipeline's name.
+    :param model: the resolve task's result (templated XCom): ``version`` and ``model_uri`` (S3).
+    :param input_uri: a file or folder URI on S3 (templated); empty: the oldest pending inference drop.
+    """
+
+    template_fields = ("pipeline", "model", "input_uri")
+    operator_extra_links = (BatchReportLink(),)
+
+    def __init__(self, *, pipeline: str, model: Any, input_uri: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pipeline = pipeline
+        self.model = model
+        self.input_uri = input_uri
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+
+        from conveyor import hosting
+        from conveyor.backends.sagemaker import aws_errors, plain_s3_uri
+        from conveyor.spec import get_spec
+        from conveyor.transform import INPUT, OUTPUT, WORK
+
+        spec = get_spec(self.pipeline)
+        lake = Lake.from_env()
+        hook = hosting.sagemaker_hook(spec)
+        conn_id = spec.sagemaker.aws_conn_id
+        run_id = context["run_id"]
+        job = hosting.transform_job_name(spec, run_id)
+        work = lake.predictions(self.pipeline, run_id) / WORK
+        with aws_errors(f"batch transform {job} of {self.pipeline}", conn_id):
+            found = hosting.describe_or_none(hook.describe_transform_job, job)
+            if found is None:
+                manifest = self._prepare(spec, lake, work)
+                region = hook.conn_region_name
+                model = hosting.model_request(spec, self.model, region, run_id)
+                if hosting.ensure_model(hook, model):
+                    self.log.info("Created SageMaker model %s", model["ModelName"])
+                request = hosting.transform_request(spec, job, model["ModelName"], plain_s3_uri(work / INPUT),
+                                                    plain_s3_uri(work / OUTPUT), str(self.model["version"]), run_id)
+                hook.create_transform_job(request, wait_for_completion=False)
+                self.log.info("Started transform job %s: %s rows in %s files of %s with %s (%s x %s)", job,
+                              manifest["rows"], len(manifest["parts"]), manifest["source"], model["ModelName"],
+                              spec.deploy.batch.instance_count, spec.deploy.batch.instance_type)
+            else:
+                status = found["TransformJobStatus"]
+                self.log.info("Transform job %s of this run exists already (%s): reusing it", job, status)
+                if status == "Completed":
+                    return self.execute_complete(context, {"status": "success", "job_name": job})
+                if status not in ("InProgress", "Stopping"):
+                    raise AirflowFailException(self._failure(job, found))
+        interval = spec.sagemaker.check_interval_seconds
+        timeout = spec.deploy.batch.timeout_seconds
+        self.defer(
+            trigger=SageMakerTrigger(job_name=job, job_type="transform", waiter_delay=interval,
+                                     waiter_max_attempts=max(1, math.ceil(timeout / interval)), aws_conn_id=conn_id,
+                                     region_name=spec.sagemaker.region),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=timeout + 10 * interval),
+        )
+
+    def _prepare(self, spec: Any, lake: Lake, work: Any) -> dict[str, Any]:
+        """Find the input and write the job's input files (before any job exists).
+
+        :param spec: the pipeline.
+        :param lake: the lake (on S3).
+        :param work: the run's ``_transform`` folder.
+        """
+        from conveyor.backends.sagemaker import plain_s3_uri
+        from conveyor.batch import BatchInputError
+        from conveyor.operators.batch import batch_input
+        from conveyor.transform import prepare_input, read_metadata
+
+        plain_s3_uri(work)  # the lake must be on S3: SageMaker reads and writes only S3
+        source, drop = batch_input(lake, self.pipeline, spec.data.marker, self.input_uri)
+        try:
+            metadata = read_metadata(self.model["model_uri"], lake.conn_id)
+            if metadata.get("problem_type") == "image_classification":
+                raise BatchInputError(f"{self.pipeline}: batch predictions score tables; an image model "
+                                      "has no SageMaker batch path here")
+            self.log.info("Preparing %s for the transform job under %s", source, work)
+            return prepare_input(source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop})
+        except BatchInputError as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    @staticmethod
+    def _failure(job: str, described: dict[str, Any]) -> str:
+        """The message of a transform job that did not complete.
+
+        :param job: the job's name.
+        :param described: the job as described.
+        """
+        return (f"transform job {job} ended {described.get('TransformJobStatus')}: "
+                f"{described.get('FailureReason') or 'no reason given'}; its log is in CloudWatch "
+                f"(/aws/sagemaker/TransformJobs, streams {job}/...). A run's job name is fixed: start a new run "
+                "to score again")
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+        """Load a completed job's answers into the run's Parquet files and the predictions table.
+
+        The job's name derives from the run again (nothing depends on what the deferral carried).
+
+        :param context: the task context.
+        :param event: the trigger's event (``status``: success, failed, stopped, timeout or error).
+        """
+        from conveyor import hosting
+        from conveyor.backends.sagemaker import aws_errors
+        from conveyor.batch import BatchInputError, write_parts
+        from conveyor.lake import read_json
+        from conveyor.operators.batch import finish_batch, run_timestamp
+        from conveyor.spec import get_spec
+        from conveyor.transform import IDS, MANIFEST, WORK, load_output
+
+        spec = get_spec(self.pipeline)
+        lake = Lake.from_env()
+        run_id = context["run_id"]
+        job = hosting.transform_job_name(spec, run_id)
+        event = event or {}
+        if event.get("status") != "success":
+            with aws_errors(f"check transform job {job}", spec.sagemaker.aws_conn_id):
+                described = hosting.sagemaker_hook(spec).describe_transform_job(job)
+            if described["TransformJobStatus"] in ("InProgress", "Stopping"):
+                raise TransformStillRunning(f"transform job {job} is still {described['TransformJobStatus']} after "
+                                            f"{spec.deploy.batch.timeout_seconds}s ({event.get('message')}); "
+                                            "a retry waits for it again")
+            if described["TransformJobStatus"] != "Completed":
+                raise AirflowFailException(self._failure(job, described))
+        work = lake.predictions(self.pipeline, run_id) / WORK
+        manifest = read_json(work / IDS / MANIFEST)
+        stamp = run_timestamp(context)
+        stamp = (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        constants = {"model_name": self.pipeline, "model_version": str(self.model["version"]), "run_id": run_id,
+                     "scored_at": stamp}
+        table = spec.deploy.batch.table or f"{self.pipeline}_predictions"
+        self.log.info("Loading the answers of transform job %s (%s rows) into %s and table %s", job,
+                      manifest["rows"], lake.predictions(self.pipeline, run_id), table)
+        try:
+            result = write_parts(lake.predictions(self.pipeline, run_id), load_output(work, constants),
+                                 {"model": self.pipeline, "version": str(self.model["version"]), "run_id": run_id,
+                                  "scored_at": str(stamp), "source": manifest["source"], "transform_job": job},
+                                 conn_id=lake.conn_id)
+        except BatchInputError as exc:
+            raise AirflowFailException(str(exc)) from None
+        return finish_batch(context, lake=lake, pipeline=self.pipeline, table=table, model=self.model,
+                            source=manifest["source"], drop=manifest.get("drop"), result=result, log=self.log,
+                            details={"transform_job": job})
