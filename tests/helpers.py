@@ -47,3 +47,19 @@ def ingest_and_validate(drop: str, run_id: str = "manual__test", pipeline: str =
         task_id="validate", pipeline=pipeline, drop=drop, version=ingested["version"]
     ).execute(ctx)
     return ingested, validated
+
+
+def dags() -> dict[str, Any]:
+    """Every DAG of the project's dags/ folder (as the DAG processor builds them), with no import error."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from conveyor import settings
+
+    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags
+
+
+def states(run: Any) -> dict[str, str]:
+    """Task id -> state of a finished ``dag.test()`` run."""
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}

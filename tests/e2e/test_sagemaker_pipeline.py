@@ -17,8 +17,7 @@ import boto3
 import pytest
 import sqlalchemy as sa
 
-from conveyor import settings
-from helpers import churn_csv, ingest_and_validate, write_drop
+from helpers import churn_csv, dags, ingest_and_validate, states, write_drop
 from sagemaker_emulator import (  # noqa: F401 (fixtures)
     sagemaker_aws,
     training_emulator,
@@ -27,18 +26,6 @@ from sagemaker_emulator import (  # noqa: F401 (fixtures)
 from sagemaker_pipeline import sagemaker_include
 
 pytestmark = pytest.mark.slow
-
-
-def dags():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags
-
-
-def states(run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
 
 
 def test_train_register_approve_deploy_and_batch_on_sagemaker(airflow_db, s3_lake, sagemaker_aws, training_emulator,
@@ -68,9 +55,14 @@ def test_train_register_approve_deploy_and_batch_on_sagemaker(airflow_db, s3_lak
     bag = dags()
     train = bag["churn__train"].test(run_conf={"time_limit": 10})
     assert str(train.state) == "success", states(train)
-    assert len(training_emulator.created) == 1
+    from conveyor.backends.sagemaker import plain_s3_uri, training_job_name
+
+    assert training_emulator.created == [training_job_name("churn", "churn__train", train.run_id)]  # one, named after the run
     champion = registry.champion("churn")
     assert champion is not None and str(champion.version) == "1" and champion.tags["approval_status"] == "Approved"
+    assert champion.source == plain_s3_uri(s3_lake.models("churn", train.run_id) / "model.tar.gz")
+    assert champion.tags["conveyor_run_id"] == train.run_id and champion.tags["backend"] == "sagemaker"
+    assert 0.6 < float(champion.tags["test_roc_auc"]) <= 1.0
     packages = sagemaker.list_model_packages(ModelPackageGroupName="churn")["ModelPackageSummaryList"]
     assert [p["ModelApprovalStatus"] for p in packages] == ["Approved"]
 

@@ -8,21 +8,13 @@ import shutil
 import pytest
 
 from conveyor import settings
-from helpers import churn_csv, ingest_and_validate, write_drop
+from helpers import churn_csv, dags, ingest_and_validate, states, write_drop
 
 pytestmark = pytest.mark.slow
 
 
 def train_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["churn__train"]
-
-
-def states(run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+    return dags()["churn__train"]
 
 
 @pytest.fixture
