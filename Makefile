@@ -18,7 +18,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install demo test ui stop bench clean constraints
+.PHONY: help install demo test ui stop bench clean constraints browser
 
 help:
 	@echo "make demo   install what is missing, then run the demo pipeline on the embedded default"
@@ -61,6 +61,10 @@ test: $(STAMP)
 ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	@echo "==> Starting Airflow on http://localhost:8080 (the login is printed below and kept in $(AIRFLOW_HOME))"
 	@$(VENV)/bin/airflow standalone
+
+# Debian's chromium and chromedriver for the browser tests (tests/integration/test_ui_browser.py).
+browser:
+	@scripts/install-browser.sh
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "==> $$b"; $(PY) $$b --quick || exit 1; done

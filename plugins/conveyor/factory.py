@@ -307,9 +307,9 @@ Asset), or by hand (input location, model version or alias).
 
 
 def monitored(spec: PipelineSpec) -> bool:
-    """A tabular pipeline with monitoring on and something to watch (an endpoint or batch runs)."""
-    watched = spec.deploy.endpoint.enabled or spec.deploy.batch.enabled
-    return spec.monitor.enabled and watched and spec.data.format != "images"
+    """Monitoring on and something to watch: an endpoint, or batch runs of a tabular pipeline."""
+    watched = spec.deploy.endpoint.enabled or (spec.deploy.batch.enabled and spec.data.format != "images")
+    return spec.monitor.enabled and watched
 
 
 def monitor_schedule(spec: PipelineSpec) -> Any:

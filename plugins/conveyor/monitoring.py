@@ -253,8 +253,47 @@ def _body(part: Mapping[str, Any]) -> bytes:
     return base64.b64decode(body["data"]) if body.get("encoding") == "base64" else body["data"].encode("utf-8")
 
 
+IMAGE_CHANNELS = ("red", "green", "blue")
+
+
+def image_stats(image: Any) -> dict[str, float]:
+    """The statistics the image trainer's baseline holds, for one image: size, brightness, channel means.
+
+    Brightness is the mean of PIL's ``L`` luma in [0, 1] and ``mean_<channel>`` the mean intensity
+    of a channel of the RGB image in [0, 1], as ``include/training/resnet_image/train.py`` computes them.
+
+    :param image: a PIL image.
+    """
+    import numpy as np
+
+    rgb = image.convert("RGB")
+    levels = np.arange(256, dtype=np.float64)
+    luma = np.asarray(rgb.convert("L").histogram(), dtype=np.float64)
+    channels = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, 256)
+    stats = {"width": float(rgb.width), "height": float(rgb.height),
+             "brightness": float((luma * levels).sum() / luma.sum() / 255.0)}
+    for name, counts in zip(IMAGE_CHANNELS, channels):
+        stats[f"mean_{name}"] = float((counts * levels).sum() / counts.sum() / 255.0)
+    return stats
+
+
+def image_request_stats(body: bytes, content_type: str | None, handlers: Any) -> pd.DataFrame:
+    """One row of :func:`image_stats` per image of a captured image request, decoded by the model's own handlers.
+
+    :param body: the request body (image bytes, or JSON with base64 images).
+    :param content_type: its content type.
+    :param handlers: the model's ``code/inference.py`` module (``decode``, ``_json_images``).
+    """
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json":
+        payloads = handlers._json_images(body)
+    else:
+        payloads = [(media or "image", body)]
+    return pd.DataFrame([image_stats(handlers.decode(data, where)) for where, data in payloads])
+
+
 def capture_rows(records: list[dict[str, Any]], model_for: Callable[[str], Any], id_column: str | None,
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str | None], list[str], list[str]]:
+                 images: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str | None], list[str], list[str]]:
     """Captured requests as feature rows, and their responses as predictions (one per row).
 
     A request is parsed by the answering version's own handlers (``parse_request``), the response
@@ -265,13 +304,17 @@ def capture_rows(records: list[dict[str, Any]], model_for: Callable[[str], Any],
     :param records: capture lines (``conveyor.serving.app.Capture``).
     :param model_for: a version -> ``LoadedModel`` function (cached by the caller).
     :param id_column: the pipeline's id column.
+    :param images: an image model: each row is an image's statistics (:func:`image_request_stats`).
     :return: ``(features, predictions, ids, versions, times)``.
     """
     features, predictions, ids, versions, times = [], [], [], [], []
     for record in records:
         loaded = model_for(str(record["version"]))
         request = record["request"]
-        frame = loaded.handlers.parse_request(_body(request), request.get("content_type"), loaded.model)
+        if images:
+            frame = image_request_stats(_body(request), request.get("content_type"), loaded.handlers)
+        else:
+            frame = loaded.handlers.parse_request(_body(request), request.get("content_type"), loaded.model)
         answer = _body(record["response"]).decode("utf-8")
         if (record["response"].get("content_type") or "").startswith("text/csv"):
             classes = [str(c) for c in loaded.metadata.get("class_labels") or []]

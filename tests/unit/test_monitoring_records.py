@@ -388,3 +388,72 @@ def test_unchecked_batch_runs_are_finished_and_not_yet_checked(lake):
     (root / "stray.parquet").write_bytes(b"")
     monitoring.save_check(lake, "churn", {"source": "batch", "id": "checked", "rows": 1, "report": None, "error": None})
     assert monitoring.unchecked_batch_runs(lake, "churn") == ["run-a", "run-b"]
+
+
+def _resnet_handlers():
+    """The resnet inference module's request decoding (no model needed for it)."""
+    import importlib.util
+
+    from conveyor import artifacts
+
+    path = artifacts.inference_code("resnet") / "inference.py"
+    spec = importlib.util.spec_from_file_location("resnet_inference_for_monitor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_captured_image_requests_become_the_statistics_the_image_baseline_holds():
+    import base64
+    from types import SimpleNamespace
+
+    from conveyor.drift import image_drift
+
+    handlers = _resnet_handlers()
+    red = _png((255, 0, 0), (32, 24))
+    stats = monitoring.image_request_stats(red, "image/png", handlers)
+    assert stats.to_dict("records") == [pytest.approx({"width": 32.0, "height": 24.0, "brightness": 76 / 255,
+                                                       "mean_red": 1.0, "mean_green": 0.0, "mean_blue": 0.0}, abs=1e-3)]
+    body = json.dumps({"instances": [{"b64": base64.b64encode(_png((0, 0, 255), (32, 24))).decode()},
+                                     {"b64": base64.b64encode(red).decode()}]}).encode()
+    assert len(monitoring.image_request_stats(body, "application/json", handlers)) == 2
+    with pytest.raises(ValueError, match="image"):
+        monitoring.image_request_stats(b"not an image", "image/png", handlers)
+
+    # Captured lines of an image endpoint -> rows of statistics with their predictions and ids.
+    def line(body: bytes, media: str, answer: list[str], inference_id: str | None) -> dict:
+        encoded = {"encoding": "base64", "data": base64.b64encode(body).decode()}
+        response = json.dumps({"predictions": [{"prediction": a, "probabilities": {a: 1.0}} for a in answer]})
+        return {"version": "3", "timestamp": "2026-11-21T10:00:00+00:00", "inference_id": inference_id,
+                "request": {"content_type": media, "body": encoded},
+                "response": {"content_type": "application/json", "body": {"encoding": "text", "data": response}}}
+
+    loaded = SimpleNamespace(handlers=handlers, metadata={"class_labels": ["circle", "square"]}, model=None)
+    features, predictions, ids, versions, _ = monitoring.capture_rows(
+        [line(red, "image/png", ["circle"], "img-1"), line(body, "application/json", ["square", "circle"], "img-2")],
+        lambda version: loaded, None, images=True)
+    assert len(features) == 3 and ids == ["img-1", "img-2#0", "img-2#1"] and versions == ["3"] * 3
+    assert predictions["prediction"].tolist() == ["circle", "square", "circle"]
+
+    # Against a baseline of grey 32x24 images, pure red and blue images drift in brightness and colour.
+    grey = {"kind": "numeric", "count": 50, "missing_rate": 0.0, "mean": 0.5, "std": 0.05, "min": 0.4, "max": 0.6,
+            "quantiles": {"p01": 0.41, "p05": 0.42, "p25": 0.47, "p50": 0.5, "p75": 0.53, "p95": 0.58, "p99": 0.59},
+            "histogram": {"edges": [0.4, 0.45, 0.5, 0.55, 0.6], "counts": [10, 15, 15, 10]}}
+    size = {**grey, "mean": 32.0, "std": 0.0, "min": 32.0, "max": 32.0, "histogram": {"edges": [32.0, 32.0], "counts": [50]}}
+    baseline = {"kind": "image", "width": size, "height": {**size, "mean": 24.0, "min": 24.0, "max": 24.0,
+                                                           "histogram": {"edges": [24.0, 24.0], "counts": [50]}},
+                "brightness": grey, "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5] * 3, "std": [0.1] * 3},
+                "label_distribution": {"circle": 0.5, "square": 0.5}}
+    report = image_drift(baseline, features, predictions["prediction"])
+    assert {"brightness", "mean_red", "mean_green"} <= set(report["drifted_features"])
+    assert "width" not in report["drifted_features"]

@@ -116,7 +116,7 @@ class CheckDriftOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor import monitoring
-        from conveyor.drift import drift_report
+        from conveyor.drift import drift_report, image_drift
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -150,10 +150,16 @@ class CheckDriftOperator(BaseOperator):
                 for version, group in sorted(by_version.items()):
                     def check_capture(version: str = version, group: list = group, ident: str = ident) -> dict[str, Any]:
                         metadata = models.metadata(version)
+                        images = spec.data.format == "images"
                         features, predictions, ids, versions, times = monitoring.capture_rows(
-                            group, models.loaded, metadata.get("id_column"))
-                        names = feature_names(metadata)
-                        report = drift_report(metadata, features, predictions["prediction"] if len(predictions) else None, limits)
+                            group, models.loaded, metadata.get("id_column"), images=images)
+                        answers = predictions["prediction"] if len(predictions) else None
+                        if images:
+                            names = list(features.columns)
+                            report = image_drift(metadata, features, answers, limits)
+                        else:
+                            names = feature_names(metadata)
+                            report = drift_report(metadata, features, answers, limits)
                         observed = monitoring.observations(features[names], predictions, ids=ids, model_version=versions,
                                                            scored_at=times, source="capture", source_id=f"{ident}/v{version}")
                         key = monitoring.source_key("capture", f"{ident}-v{version}")
@@ -332,7 +338,8 @@ class RetrainDecisionOperator(BaseOperator):
                           "baseline_metric": evaluation_metric(lake, self.pipeline, champion, metric)}
         decision = monitoring.decide(spec, checks, live, triggers, now)
         decision |= {"run_id": run_id, "live": live}
-        if decision["retrain"] and metadata and len(labelled):
+        if decision["retrain"] and metadata and len(labelled) and spec.data.format != "images":
+            # (image rows are statistics, not the images: image pipelines retrain on the latest dataset)
             rows = monitoring.labelled_training_rows(labelled, feature_names(metadata), spec.data.label, spec.data.id_column)
             target = lake.monitor(self.pipeline, "retrain", safe_name(run_id), "labelled.parquet")
             monitoring.write_parquet(target, rows)
