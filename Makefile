@@ -55,12 +55,13 @@ stop:
 	@test -x $(PY) && $(PY) -m conveyor.cli stop || echo "Nothing to stop"
 
 test: $(STAMP)
+	@scripts/install-browser.sh || echo "==> chromium unavailable: the browser tests will be skipped"
 	@echo "==> Running the test suite"
 	@$(PY) -m pytest
 
 ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	@echo "==> Starting Airflow on http://localhost:8080 (the login is printed below and kept in $(AIRFLOW_HOME))"
-	@$(VENV)/bin/airflow standalone
+	@AIRFLOW__CORE__PARALLELISM=$${AIRFLOW__CORE__PARALLELISM:-4} $(VENV)/bin/airflow standalone
 
 # Debian's chromium and chromedriver for the browser tests (tests/integration/test_ui_browser.py).
 browser:

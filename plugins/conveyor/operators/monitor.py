@@ -10,6 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from conveyor.lake import Lake
+from conveyor.links import MonitorReportLink
 
 
 def registry_for(spec: Any) -> Any:
@@ -283,6 +284,7 @@ class RetrainDecisionOperator(BaseOperator):
     """
 
     template_fields = ("pipeline", "drift", "feedback")
+    operator_extra_links = (MonitorReportLink(),)
 
     def __init__(self, *, pipeline: str, drift: Any = None, feedback: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
