@@ -556,6 +556,15 @@ class AirflowStack:
 
     def _migrate(self) -> None:
         """``airflow db migrate`` on the fresh metadata DB; MLflow's schema on its own DB."""
+        import importlib.util
+
+        wanted = ["celery", "redis", "psycopg2"]
+        if self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql"):
+            wanted.append("asyncpg")  # Airflow's async engine on PostgreSQL
+        missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+        if missing:
+            raise StackError(f"Airflow on PostgreSQL with Celery needs {', '.join(missing)} in {sys.prefix}: "
+                             "install requirements.txt")
         log = self.root / "logs" / "db-migrate.log"
         self.logs.append(log)
         with log.open("w") as out:

@@ -71,6 +71,16 @@ def prediction_counts(stack, table: str) -> dict[str, tuple[int, int, set[str]]]
     return {run: (rows, customers, set(models.split(","))) for run, rows, customers, models in found}
 
 
+def running(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting to be reaped does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def ti(stack, dag_id: str, run_id: str, task_id: str) -> dict:
     return next(t for t in stack.api.task_instances(dag_id, run_id) if t["task_id"] == task_id)
 
@@ -245,7 +255,8 @@ def test_celery_worker_killed_during_training(stack):
     training = api.wait("the training child process to run under the worker", trainer, RUN_S, interval=1)
     time.sleep(3)  # well into training
     killed = stack.kill_component("worker")
-    assert training in killed and not psutil.pid_exists(training)
+    assert training in killed, (training, killed)
+    api.wait("the training process to be gone", lambda: not running(training), 30, interval=0.5)
     stack.start_component("worker")
 
     api.wait_run("churn__train", run_id, RUN_S + 120)

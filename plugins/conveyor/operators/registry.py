@@ -106,7 +106,13 @@ class ModelApprovalOperator(ApprovalOperator):
         from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
 
-        result = super().execute_complete(context=context, event=event)  # validates the answer
+        from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+        skipped: DownstreamTasksSkipped | None = None
+        try:
+            result = super().execute_complete(context=context, event=event)  # validates the answer
+        except DownstreamTasksSkipped as exc:  # a rejection: Airflow skips what follows by raising this
+            skipped, result = exc, {"chosen_options": [self.REJECT]}
         registration = context["ti"].xcom_pull(task_ids=self.registration_task)
         name, version = registration["model_name"], registration["version"]
         hook = registry_hook(get_spec(name), self.tracking_uri)
@@ -119,6 +125,8 @@ class ModelApprovalOperator(ApprovalOperator):
             hook.set_status(name, version, REJECTED)
             self.log.info("%s version %s rejected by %s", name, version, who)
         hook.set_version_tags(name, version, {"decided_by": who})
+        if skipped is not None:
+            raise skipped
         return result
 
 

@@ -173,11 +173,18 @@ def test_a_person_rejecting_leaves_the_champion_alone_and_skips_downstream(store
         op = approval_op(store)
         deploy = EmptyOperator(task_id="deploy")
         op >> deploy
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
     skipped: list[dict[str, Any]] = []
-    monkeypatch.setattr(op, "skip", lambda **kwargs: skipped.append(kwargs))
+
+    def skip(**kwargs):  # as Airflow's SkipMixin.skip does: record, then raise to end the task
+        skipped.append({**kwargs, "tasks": list(kwargs["tasks"])})
+        raise DownstreamTasksSkipped(tasks=[task.task_id for task in skipped[-1]["tasks"]])
+
+    monkeypatch.setattr(op, "skip", skip)
     ctx = approval_context(op, second)
-    result = op.execute_complete(ctx, answer("Reject"))
-    assert result["chosen_options"] == ["Reject"]
+    with pytest.raises(DownstreamTasksSkipped):
+        op.execute_complete(ctx, answer("Reject"))
     assert store.hook.version("churn", "2").tags[STATUS_TAG] == REJECTED
     assert "ana" in store.hook.version("churn", "2").tags["decided_by"]
     assert champion_version(store) == "1"
