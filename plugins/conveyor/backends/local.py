@@ -75,6 +75,22 @@ class TrainingJob:
         return env
 
 
+def _die_with_parent() -> None:
+    """In the child, before the script starts: be killed when the task process dies (Linux).
+
+    The script runs in its own session (so a timeout can kill its whole group), which also takes it
+    out of reach of a signal to the task's group: without this, a task process killed outright (a
+    Celery worker lost, ``kill -9``) would leave the script training on, writing the same files as
+    the retry. ``PR_SET_PDEATHSIG`` makes the kernel send it SIGKILL when its parent dies.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def available_gpus() -> int:
     """GPUs on this machine, counted without importing torch in the task process."""
     if not shutil.which("nvidia-smi"):
@@ -118,6 +134,7 @@ class LocalTrainingBackend:
         self._proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env=job.environment(), start_new_session=True, cwd=str(job.output_dir),
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         reader = threading.Thread(target=self._stream, args=(job,), daemon=True)
         reader.start()

@@ -270,3 +270,37 @@ def test_kill_without_a_job_or_after_it_ended_does_nothing(tmp_path, logger):
     backend.kill()
     backend.run(job_for(tmp_path, script(tmp_path, "print('done')\n")))
     backend.kill()
+
+
+@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_script_dies_with_a_task_process_killed_outright(tmp_path):
+    """A task process lost with SIGKILL (a Celery worker gone) must not leave the script training on."""
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "script.pid"
+    train = script(tmp_path, f"""
+        import os, time
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(120)
+    """)
+    task = tmp_path / "task.py"
+    task.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[3] / "plugins")!r})
+        from pathlib import Path
+        from conveyor.backends.local import LocalTrainingBackend, TrainingJob
+        root = Path({str(tmp_path)!r})
+        job = TrainingJob(script=Path({str(train)!r}), args=[], channels={{}}, model_dir=root / "model",
+                          output_dir=root / "output", timeout_s=120)
+        LocalTrainingBackend().run(job)
+    """))
+    parent = subprocess.Popen([sys.executable, str(task)])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the script never started"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    assert gone(child, within=10), f"training script {child} outlived its killed task process"
