@@ -63,3 +63,31 @@ def dags() -> dict[str, Any]:
 def states(run: Any) -> dict[str, str]:
     """Task id -> state of a finished ``dag.test()`` run."""
     return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+def private_churn(tmp_path: Any, monkeypatch: Any, replace: dict[str, str] | None = None) -> int:
+    """A private copy of include/ whose churn endpoint listens on a free port, with its own MLflow
+    store, state folder and warehouse; returns the port.
+
+    :param replace: text replacements in churn.yaml (old text -> new text).
+    """
+    import shutil
+    import socket
+
+    from conveyor import settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    include = tmp_path / "include"
+    shutil.copytree(settings.include_dir(), include)
+    spec = include / "pipelines" / "churn.yaml"
+    text = spec.read_text().replace("port: 8090", f"port: {port}")
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
+    spec.write_text(text)
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
+    return port

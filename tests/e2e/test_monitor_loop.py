@@ -8,14 +8,11 @@ repeated decisions are covered by tests/unit/test_monitoring_records.py and the 
 
 from __future__ import annotations
 
-import shutil
-import socket
 
 import httpx
 import pytest
 
-from conveyor import settings
-from helpers import churn_csv, dags, ingest_and_validate, states, write_drop
+from helpers import churn_csv, dags, ingest_and_validate, private_churn, states, write_drop
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +21,10 @@ pytestmark = pytest.mark.slow
 def loop(airflow_db, lake, tmp_path, monkeypatch):
     from conveyor.serving.process import stop_endpoint
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    include = tmp_path / "include"
-    shutil.copytree(settings.include_dir(), include)
-    spec = include / "pipelines" / "churn.yaml"
-    text = spec.read_text().replace("port: 8090", f"port: {port}").replace("capture_share: 0.1", "capture_share: 1.0")
-    text = text.replace("min_new_labels: 200", "min_new_labels: 100")
-    # Tiny data and 15 s budgets: the gate's absolute floor is lowered; the comparison with v1 stays.
-    text = text.replace("thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}", "thresholds: {roc_auc: 0.60}")
-    spec.write_text(text)
-    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
+    # Tiny data and 10 s budgets: the gate's absolute floor is lowered; the comparison with v1 stays.
+    port = private_churn(tmp_path, monkeypatch, {
+        "capture_share: 0.1": "capture_share: 1.0", "min_new_labels: 200": "min_new_labels: 100",
+        "thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}": "thresholds: {roc_auc: 0.60}"})
     yield {"url": f"http://127.0.0.1:{port}", "lake": lake}
     stop_endpoint("churn")
 

@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 
-from conveyor import settings
-from helpers import churn_csv, dags, ingest_and_validate, states, write_drop
+from helpers import churn_csv, dags, ingest_and_validate, private_churn, states, write_drop
 
 pytestmark = pytest.mark.slow
 
@@ -20,24 +19,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def served(airflow_db, lake, tmp_path, monkeypatch):
     """A trained, approved churn model and a private registry, endpoint port and warehouse."""
-    import socket
-
     from conveyor.hooks.mlflow_registry import MlflowRegistryHook
     from conveyor.serving.process import stop_endpoint
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    include = tmp_path / "include"
-    import shutil
-
-    shutil.copytree(settings.include_dir(), include)
-    spec = include / "pipelines" / "churn.yaml"
-    spec.write_text(spec.read_text().replace("port: 8090", f"port: {port}").replace("workers: 2, port", "workers: 2, port"))
-    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
+    port = private_churn(tmp_path, monkeypatch)
     write_drop(lake, "d1", {"customers.csv": churn_csv(1200)})
     ingest_and_validate("d1", run_id="ingest-run")
     run = dags()["churn__train"].test(run_conf={"time_limit": 15})
