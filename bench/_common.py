@@ -34,7 +34,7 @@ def isolate(tmp: Path, mlflow: bool = False) -> None:
 
 def train_model(root: Path) -> Path:
     """The small churn model of ``conveyor.demo.quick_churn_model``, extracted; its folder."""
-    from conveyor import artifacts
+    from conveyor.model import artifacts
     from conveyor.demo import quick_churn_model
 
     return artifacts.unpack(quick_churn_model(root), root / "extracted")

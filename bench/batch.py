@@ -5,7 +5,7 @@ ensemble, trained here as ``tests/conftest.py``'s ``churn_model`` fixture trains
 input file: ``churn_frame(1,000,000)`` without its label (200,000 with ``--quick``), written once as
 one Parquet file (``--format csv``: one CSV file):
 
-* ours: ``conveyor.batch.score_file(source, model_dir, out, ..., chunk_rows=50,000, workers=2)``
+* ours: ``conveyor.batch.scoring.score_file(source, model_dir, out, ..., chunk_rows=50,000, workers=2)``
   (and again with ``workers=1``): chunks read with pyarrow, scored in spawned worker processes that
   each load the model once, written as Parquet parts with the id, prediction, probabilities and
   the run's constant columns (model, version, run id, timestamp), then ``_SUCCESS.json``;
@@ -14,7 +14,7 @@ one Parquet file (``--format csv``: one CSV file):
   constant columns) written with ``to_parquet``.
 
 Each side runs in a fresh child process; its clock starts after the libraries that are not the
-model are imported (pandas/pyarrow; for ours also ``conveyor.batch`` and Airflow's
+model are imported (pandas/pyarrow; for ours also ``conveyor.batch.scoring`` and Airflow's
 ``ObjectStoragePath``, which ``score_file`` uses) and includes loading the model (AutoGluon's
 import and the predictor: in ours that happens in every worker, inside ``score_file``).
 ``*_rows_per_s`` = rows / that time.
@@ -96,14 +96,14 @@ def status_kib(pid: int | str = "self") -> tuple[int, int] | None:
 
 
 def _timed_start_worker(model_dir: str, threads: int) -> None:
-    """``conveyor.batch._start_worker`` with timestamps written for the bench (runs in each worker).
+    """``conveyor.batch.scoring._start_worker`` with timestamps written for the bench (runs in each worker).
 
     The bench puts it in place of the initializer inside the ours child only; it calls the real
     initializer unchanged and then records when the process was spawned, when the initializer
     began and ended (model loaded), and the worker's RSS then.
     """
     began = time.time()
-    from conveyor import batch
+    from conveyor.batch import scoring as batch
 
     batch._start_worker(model_dir, threads)
     ended = time.time()
@@ -119,7 +119,7 @@ def _timed_start_worker(model_dir: str, threads: int) -> None:
 
 
 class PartClock:
-    """Records when ``score_file`` logs each part written (a logging handler on ``conveyor.batch``)."""
+    """Records when ``score_file`` logs each part written (a logging handler on ``conveyor.batch.scoring``)."""
 
     def __init__(self) -> None:
         import logging
@@ -127,7 +127,7 @@ class PartClock:
         self.times: list[float] = []
         handler = logging.Handler()
         handler.emit = self._emit  # type: ignore[method-assign]
-        logger = logging.getLogger("conveyor.batch")
+        logger = logging.getLogger("conveyor.batch.scoring")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
@@ -143,7 +143,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow  # noqa: F401 - imported before the clock, as pandas/pyarrow on the baseline side
     from airflow.sdk import ObjectStoragePath  # noqa: F401 - score_file's path type, imported before the clock
 
-    from conveyor import batch
+    from conveyor.batch import scoring as batch
 
     memory_after_imports = status_kib() or (0, 0)
     worker_log = Path(args.work) / f"workers-{os.getpid()}"
@@ -175,7 +175,7 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
     import pandas as pd
     import pyarrow  # noqa: F401
 
-    from conveyor.artifacts import LoadedModel
+    from conveyor.model.artifacts import LoadedModel
 
     memory_after_imports = status_kib() or (0, 0)
     marks: dict[str, Any] = {}
@@ -297,7 +297,7 @@ def check_agreement(ours_out: Path, baseline_out: Path, rows: int) -> dict[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from conveyor.batch import completed_parts
+    from conveyor.batch.scoring import completed_parts
 
     baseline = pq.read_table(baseline_out / "predictions.parquet")
     columns = baseline.column_names

@@ -11,7 +11,7 @@ exactly as ``metadata.json`` holds it. The batch (1,000,000 rows; 200,000 with `
 from the same generator with drift in 5 features (3 numeric shifted or rescaled, a new category, a
 category's share changed).
 
-* ours: ``conveyor.drift.drift_report(metadata, batch)``: per feature PSI, a KS or chi-square test,
+* ours: ``conveyor.monitoring.drift.drift_report(metadata, batch)``: per feature PSI, a KS or chi-square test,
   missing-rate change, the drift rule, a JSON-ready report;
 * baseline: the same statistics in a plain loop over the columns: numeric values binned with
   ``np.searchsorted`` on the baseline edges (outer bins open), PSI, ``scipy.stats.kstest`` against
@@ -24,7 +24,7 @@ category's share changed).
 
 Before timing, both run once and must agree on every PSI, test statistic, p-value and missing
 rate within 1e-9 (the generated numeric features have no point mass at their minimum, where ours
-deliberately departs from ``kstest``: see ``conveyor.drift.ks_test``). Each side is then timed
+deliberately departs from ``kstest``: see ``conveyor.monitoring.drift.ks_test``). Each side is then timed
 ``--repeats`` times, interleaved; the best time counts. ``ratio`` = baseline seconds / ours seconds
 (ours' speed relative to the baseline's; target >= 0.8).
 
@@ -145,7 +145,7 @@ def plain_numeric(summary: dict[str, Any], column: pd.Series) -> dict[str, float
     actual = np.bincount(bins, minlength=len(edges) - 1) / len(present)
     counts = np.asarray(summary["histogram"]["counts"], dtype="float64")
     xs, ys = plain_cdf_points(summary)
-    method = "exact" if len(present) <= 10_000 else "asymp"  # ours' p-value choice (conveyor.drift.ks_test)
+    method = "exact" if len(present) <= 10_000 else "asymp"  # ours' p-value choice (conveyor.monitoring.drift.ks_test)
     ks = stats.kstest(present, lambda v: np.interp(v, xs, ys, left=0.0, right=1.0), method=method)
     return {"psi": plain_psi(counts / counts.sum(), actual), "statistic": float(ks.statistic),
             "pvalue": float(ks.pvalue), "missing_rate": 1.0 - len(present) / len(values)}
@@ -215,7 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from conveyor.drift import drift_report
+    from conveyor.monitoring.drift import drift_report
 
     rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     trainer = load_trainer()

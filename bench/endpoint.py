@@ -95,7 +95,7 @@ class ConveyorPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the extracted model.tar.gz with Conveyor's LoadedModel; predict is its predict_frame."""
 
     def load_context(self, context):
-        from conveyor.artifacts import LoadedModel
+        from conveyor.model.artifacts import LoadedModel
 
         self.model = LoadedModel(Path(context.artifacts["model_dir"]))
 
@@ -591,7 +591,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             model_dir = train_model(tmp / "train")
             progress(f"trained and packed in {time.perf_counter() - started:.1f} s")
-        from conveyor.artifacts import LoadedModel
+        from conveyor.model.artifacts import LoadedModel
         from conveyor.demo import churn_frame
 
         started = time.perf_counter()

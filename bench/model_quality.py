@@ -8,7 +8,7 @@ part with the same ``compute_metrics``:
 * ours: ``TrainModelOperator(...).execute(context)`` (``include/training/autogluon_tabular/train.py``
   as a child process with the spec's trainer options: medium_quality, roc_auc, NN_TORCH and FASTAI
   excluded, train part to fit, validation part to tune; budget: the spec's 120 s, 20 s with
-  ``--quick``), then ``evaluate_model`` as the evaluate task calls it (``model.tar.gz`` fetched,
+  ``--quick``), then ``score_model`` as the evaluate task calls it (``model.tar.gz`` fetched,
   loaded through its own ``code/inference.py``, test part scored), without the HTML report;
 * ``hist_gradient_boosting``: ``HistGradientBoostingClassifier(random_state=0)`` with default
   parameters and native categorical support (the object columns as pandas categories, categories
@@ -86,7 +86,7 @@ class QuietLog:
 
 def train_and_score_ours(record: dict[str, Any], time_limit: int, workdir: Path) -> dict[str, Any]:
     """Train with the train task, then score the test part as the evaluate task does."""
-    from conveyor.evaluate import evaluate_model
+    from conveyor.training.evaluate import score_model
     from conveyor.lake import Lake
     from conveyor.operators.train import TrainModelOperator
     from conveyor.spec import get_spec
@@ -100,24 +100,23 @@ def train_and_score_ours(record: dict[str, Any], time_limit: int, workdir: Path)
     trained = operator.execute({"run_id": RUN_ID})
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    result = evaluate_model(Lake.from_env(), get_spec(PIPELINE), RUN_ID, trained["model_uri"], workdir,
-                            title="bench", report=False)
+    result = score_model(Lake.from_env(), get_spec(PIPELINE), RUN_ID, trained["model_uri"], workdir)
     return {
-        "metrics": result["metrics"],
+        "metrics": result.metrics,
         "train_seconds": train_seconds,
         "score_seconds": time.perf_counter() - started,
         "best_model": trained["best_model"],
         "validation_score": trained["validation_score"],
-        "decision_threshold": result["metadata"].get("decision_threshold"),
-        "positive_class": result["metadata"].get("positive_class"),
-        "class_labels": result["metadata"].get("class_labels"),
+        "decision_threshold": result.metadata.get("decision_threshold"),
+        "positive_class": result.metadata.get("positive_class"),
+        "class_labels": result.metadata.get("class_labels"),
     }
 
 
 def ours_test_proba(workdir: Path, test: Any, positive: Any) -> Any:
-    """P(positive) of ours on the test rows, from the model evaluate_model extracted (for the bootstrap)."""
-    from conveyor.artifacts import LoadedModel
-    from conveyor.evaluate import predictions
+    """P(positive) of ours on the test rows, from the model score_model extracted (for the bootstrap)."""
+    from conveyor.model.artifacts import LoadedModel
+    from conveyor.training.evaluate import predictions
 
     _, proba = predictions(LoadedModel(workdir / "model"), test)
     return proba[positive].to_numpy()
@@ -178,7 +177,7 @@ def fit_and_score(model: Any, train: Any, test: Any, label: str, positive: Any) 
     """Fit on the train part, score the test part with compute_metrics."""
     import pandas as pd
 
-    from conveyor.reports.evaluation import compute_metrics
+    from conveyor.model.metrics import compute_metrics
 
     started = time.perf_counter()
     model.fit(train.drop(columns=[label]), train[label])
@@ -254,10 +253,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         isolate(tmp)
         from conveyor.demo import churn_frame
-        from conveyor.evaluate import scalar_metrics
+        from conveyor.training.evaluate import scalar_metrics
         from conveyor.lake import Lake
         from conveyor.spec import get_spec
-        from conveyor.splits import read_part, write_split
+        from conveyor.data.splits import read_part, write_split
 
         spec = get_spec(PIPELINE)
         label, id_column = spec.data.label, spec.data.id_column

@@ -144,7 +144,8 @@ class TaskSteps:
 
     @contextlib.contextmanager
     def timed(self) -> Any:
-        from conveyor import artifacts, lake
+        from conveyor import lake
+        from conveyor.model import artifacts
 
         originals = [(artifacts, "pack"), (lake, "copy_verified"), (lake, "upload_tree")]
         saved = [(module, name, getattr(module, name)) for module, name in originals]
@@ -161,7 +162,7 @@ def write_parts(frame: Any) -> dict[str, Any]:
     """Split the table into the temporary lake where the train task reads it; return the split record."""
     from conveyor.lake import Lake
     from conveyor.spec import get_spec
-    from conveyor.splits import write_split
+    from conveyor.data.splits import write_split
 
     return write_split(Lake.from_env(), get_spec(PIPELINE), "bench", RUN_ID, frame)
 
@@ -381,7 +382,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         isolate(tmp)
         from conveyor.demo import churn_frame
         from conveyor.spec import get_spec
-        from conveyor.splits import split_frame
+        from conveyor.data.splits import split_frame
 
         progress("fresh interpreter importing AutoGluon (also warms the file cache for both sides)")
         fresh = fresh_import_seconds()

@@ -225,7 +225,7 @@ def ours_validate(frame: Frame, suite: dict[str, Any]) -> dict[tuple[str, str | 
     :param frame: the table to validate.
     :param suite: the suite document (GX 1.x JSON).
     """
-    from conveyor.validation import validate_frame
+    from conveyor.data.validation import validate_frame
 
     outcome = validate_frame(frame, suite, run_name="bench")
     return {_key(r["expectation"], r["kwargs"]): bool(r["success"]) for r in outcome.results}
@@ -309,7 +309,7 @@ def _reset_peak() -> bool:
 def measure_memory_child(step_name: str, rows: int) -> dict[str, Any]:
     """In this (fresh) process: build the frame, run the step once, return its extra peak RSS."""
     from conveyor.demo import churn_frame
-    from conveyor.validation import load_suite
+    from conveyor.data.validation import load_suite
 
     suite, step = load_suite(SUITE), STEPS[step_name]
     step(churn_frame(WARMUP_ROWS), suite)  # imports, GX context machinery: not per-row memory
@@ -352,7 +352,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison and return the figures (the JSON line)."""
     from conveyor.demo import churn_frame
-    from conveyor.validation import load_suite
+    from conveyor.data.validation import load_suite
 
     rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     suite = load_suite(SUITE)

@@ -69,7 +69,7 @@ def churn_model(tmp_path_factory) -> dict:
     Returns ``{"archive": Path, "dir": Path (extracted), "test": DataFrame (held-out rows with labels)}``.
     Trained once per test session; tests must not modify it.
     """
-    from conveyor import artifacts
+    from conveyor.model import artifacts
     from conveyor.demo import churn_frame, quick_churn_model
 
     root = tmp_path_factory.mktemp("churn-model")

@@ -289,7 +289,7 @@ def run_transform_job(request: dict[str, Any], model_data_url: str, s3: Any) -> 
     :return: the output keys written.
     :raises TransformFailed: a handler raised (as the container's 4xx/5xx would fail the job).
     """
-    from conveyor.artifacts import LoadedModel
+    from conveyor.model.artifacts import LoadedModel
 
     source = request["TransformInput"]["DataSource"]["S3DataSource"]
     if source["S3DataType"] != "S3Prefix":

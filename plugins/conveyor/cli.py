@@ -75,7 +75,7 @@ def next_drop_name(pipeline: str) -> str:
 
 def ingest_demo(pipeline: str, write: Any) -> str:
     """Drop generated data into a pipeline's landing zone and run its ingest DAG; returns the version."""
-    from conveyor.datasets import latest_version, load_manifest
+    from conveyor.data.datasets import latest_version, load_manifest
     from conveyor.lake import Lake, read_json
 
     lake = Lake.from_env()
@@ -122,7 +122,7 @@ def deploy_demo(pipeline: str) -> None:
 
     from conveyor.serving.process import endpoint_status
     from conveyor.spec import get_spec
-    from conveyor.splits import read_part
+    from conveyor.data.splits import read_part
 
     run_dag(f"{pipeline}__deploy", settings.state_dir() / "logs")
     spec = get_spec(pipeline)
@@ -181,7 +181,7 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
 
     from conveyor.demo import churn_frame
     from conveyor.lake import Lake
-    from conveyor.monitoring import load_triggers
+    from conveyor.monitoring.records import load_triggers
     from conveyor.registry import registry_hook
     from conveyor.serving.process import endpoint_status
     from conveyor.spec import get_spec
@@ -241,7 +241,7 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
 
 def demo(rows: int, time_limit: int, images: bool) -> None:
     from conveyor.demo import write_drop, write_image_drop
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.registry.mlflow import MlflowRegistryHook
 
     version = ingest_demo("churn", lambda drop: write_drop(rows, drop))
     train_demo("churn", version, time_limit, ("roc_auc", "accuracy", "balanced_accuracy", "f1"))

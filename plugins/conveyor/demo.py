@@ -201,8 +201,8 @@ def quick_churn_model(root: Any, seconds: int = 20) -> Any:
     """
     import json
 
-    from conveyor import artifacts
-    from conveyor.backends.local import LocalTrainingBackend, TrainingJob
+    from conveyor.model import artifacts
+    from conveyor.training.local import LocalTrainingBackend, TrainingJob
 
     frame = churn_frame(1500, seed=3)
     for name, part in (("train", frame.iloc[:1000]), ("validation", frame.iloc[1000:1200])):

@@ -1,19 +1,33 @@
-"""Where Conveyor finds its files and services; every value can be set by an environment variable.
+"""Every environment variable Conveyor reads, in one place; nothing else in the package reads one.
 
-| variable | default |
-|---|---|
-| ``CONVEYOR_STATE_DIR`` | ``<project>/.state`` (AIRFLOW_HOME, SQLite stores, the local lake) |
-| ``CONVEYOR_INCLUDE_DIR`` | ``<project>/include`` (pipelines, expectation suites, training code) |
-| ``CONVEYOR_LAKE_URI`` | ``file://<state>/lake`` |
-| ``CONVEYOR_LAKE_CONN_ID`` | none for local files, ``aws_default`` for ``s3://`` |
+| variable | read by | default |
+|---|---|---|
+| ``CONVEYOR_STATE_DIR`` | everything local | ``<project>/.state`` (AIRFLOW_HOME, SQLite stores, the local lake) |
+| ``CONVEYOR_INCLUDE_DIR`` | DAG factory, training | ``<project>/include`` (pipelines, expectation suites, training code) |
+| ``CONVEYOR_LAKE_URI`` | every task | ``file://<state>/lake`` |
+| ``CONVEYOR_LAKE_CONN_ID`` | every task | none for local files, ``aws_default`` for ``s3://`` |
+| ``MLFLOW_TRACKING_URI`` | registry, gate | SQLite store ``<state>/mlflow/mlflow.db`` |
+| ``CONVEYOR_WAREHOUSE_URL`` | batch predictions | the ``conveyor_warehouse`` connection, else SQLite ``<state>/warehouse.db`` |
+| ``CONVEYOR_GPU_QUEUE`` | DAG factory | ``gpu`` (the Celery queue of GPU training tasks) |
+| ``CONVEYOR_ENDPOINT_URL`` | deploy | none: deploy starts the endpoint on this host; set: the endpoint service's URL |
+| ``CONVEYOR_ENDPOINT_WORKERS`` | deploy (endpoint service) | ``1`` (workers of an endpoint run as its own service) |
+| ``CONVEYOR_ENDPOINT`` | model server worker | set by the endpoint process (the endpoint's name) |
+| ``CONVEYOR_MAX_BODY_BYTES`` | model server | ``6291456`` (6 MiB, SageMaker's limit) |
+| ``CONVEYOR_INFERENCE_CONCURRENCY`` | model server | ``1`` predictions at a time per worker |
+| ``CONVEYOR_CAPTURE_DIR`` | model server | none (no capture); set by deploy from the spec's ``capture_share`` |
+| ``CONVEYOR_CAPTURE_SHARE`` | model server | ``1.0`` of requests captured when capture is on |
+| ``CONVEYOR_FEEDBACK_DIR`` | model server | none (``POST /feedback`` answers 503); set by deploy for a local lake |
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+GPU_QUEUE_DEFAULT = "gpu"
+MAX_BODY_BYTES_DEFAULT = 6 * 1024 * 1024  # SageMaker's real-time payload limit
 
 
 def state_dir() -> Path:
@@ -27,10 +41,12 @@ def include_dir() -> Path:
 
 
 def pipelines_dir() -> Path:
+    """The pipeline files (read by the DAG factory, once per parse)."""
     return include_dir() / "pipelines"
 
 
 def expectations_dir() -> Path:
+    """The expectation suites, one per pipeline."""
     return include_dir() / "expectations"
 
 
@@ -45,3 +61,81 @@ def lake_conn_id() -> str | None:
     if conn_id is None and lake_uri().startswith("s3://"):
         return "aws_default"
     return conn_id or None
+
+
+def mlflow_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, or the SQLite store in the state folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"
+
+
+def warehouse_url_override() -> str | None:
+    """``CONVEYOR_WAREHOUSE_URL`` when set (it wins over the ``conveyor_warehouse`` connection)."""
+    return os.environ.get("CONVEYOR_WAREHOUSE_URL") or None
+
+
+def default_warehouse_url() -> str:
+    """The embedded default warehouse: SQLite in the project's state folder."""
+    return f"sqlite:///{state_dir() / 'warehouse.db'}"
+
+
+def gpu_queue() -> str:
+    """The Celery queue of tasks that need a GPU: ``CONVEYOR_GPU_QUEUE``, ``gpu`` by default."""
+    return os.environ.get("CONVEYOR_GPU_QUEUE") or GPU_QUEUE_DEFAULT
+
+
+def endpoint_service_url() -> str | None:
+    """``CONVEYOR_ENDPOINT_URL``: the model endpoint runs as its own service at this URL."""
+    return (os.environ.get("CONVEYOR_ENDPOINT_URL") or "").rstrip("/") or None
+
+
+def endpoint_service_workers() -> int:
+    """``CONVEYOR_ENDPOINT_WORKERS``: the workers of an endpoint run as its own service."""
+    return int(env_number("CONVEYOR_ENDPOINT_WORKERS", 1, 1))
+
+
+def env_number(name: str, default: float, low: float, high: float | None = None) -> float:
+    """A number from the environment, checked against its range.
+
+    :param name: the variable.
+    :param default: the value when unset or empty.
+    :param low: the smallest value allowed.
+    :param high: the largest value allowed (None: no limit).
+    :raises ValueError: naming the variable, its value and the rule it broke.
+    """
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise ValueError(f"{name}={raw!r} must be {bound}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What one model-server worker reads from its environment (the endpoint process sets it)."""
+
+    endpoint: str | None
+    max_body_bytes: int
+    concurrency: int
+    capture_dir: Path | None
+    capture_share: float
+    feedback_dir: Path | None
+
+
+def server_settings() -> ServerSettings:
+    """The model server's settings (``CONVEYOR_ENDPOINT``, ``CONVEYOR_MAX_BODY_BYTES``, ...)."""
+    capture = os.environ.get("CONVEYOR_CAPTURE_DIR")
+    feedback = os.environ.get("CONVEYOR_FEEDBACK_DIR")
+    return ServerSettings(
+        endpoint=os.environ.get("CONVEYOR_ENDPOINT") or None,
+        max_body_bytes=int(env_number("CONVEYOR_MAX_BODY_BYTES", MAX_BODY_BYTES_DEFAULT, 1)),
+        concurrency=int(env_number("CONVEYOR_INFERENCE_CONCURRENCY", 1, 1)),
+        capture_dir=Path(capture) if capture else None,
+        capture_share=env_number("CONVEYOR_CAPTURE_SHARE", 1.0, 0.0, 1.0),
+        feedback_dir=Path(feedback) if feedback else None,
+    )

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conveyor import settings
-from conveyor.exceptions import SpecError
+from conveyor.errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -125,7 +125,7 @@ class DeploySpec(_Strict):
 
 
 class SageMakerSpec(_Strict):
-    """Settings of ``compute: sagemaker`` and ``registry: sagemaker`` (see ``conveyor.backends.sagemaker``)."""
+    """Settings of ``compute: sagemaker`` and ``registry: sagemaker`` (see ``conveyor.aws.training``)."""
 
     # The execution role SageMaker assumes (required by compute: sagemaker).
     role_arn: str | None = None
@@ -159,7 +159,7 @@ class MonitorSpec(_Strict):
 
     enabled: bool = True
     schedule: str | None = "@daily"
-    # A feature drifts past these (see conveyor.drift); retraining fires when the share of drifted
+    # A feature drifts past these (see conveyor.monitoring.drift); retraining fires when the share of drifted
     # features exceeds max_drift_share, or the prediction distribution drifted.
     psi_threshold: float = Field(0.2, gt=0)
     ks_pvalue: float = Field(0.01, gt=0, lt=1)

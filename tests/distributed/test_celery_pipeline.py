@@ -39,7 +39,7 @@ def churn(rows: int, seed: int, label: bool = True):
 
 
 def registry(stack):
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.registry.mlflow import MlflowRegistryHook
 
     return MlflowRegistryHook(stack.tracking_uri)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.datasets import latest_version
+from conveyor.data.datasets import latest_version
 from helpers import churn_csv, write_drop
 
 

@@ -31,8 +31,8 @@ def loop(airflow_db, lake, tmp_path, monkeypatch):
 
 def test_drift_and_feedback_retrain_and_replace_the_model(loop):
     from conveyor.demo import churn_frame
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
-    from conveyor.monitoring import load_labels, load_triggers
+    from conveyor.registry.mlflow import MlflowRegistryHook
+    from conveyor.monitoring.records import load_labels, load_triggers
 
     lake, url = loop["lake"], loop["url"]
     family = dags()

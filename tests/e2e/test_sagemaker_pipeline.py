@@ -55,7 +55,7 @@ def test_train_register_approve_deploy_and_batch_on_sagemaker(airflow_db, s3_lak
     bag = dags()
     train = bag["churn__train"].test(run_conf={"time_limit": 10})
     assert str(train.state) == "success", states(train)
-    from conveyor.backends.sagemaker import plain_s3_uri, training_job_name
+    from conveyor.aws.training import plain_s3_uri, training_job_name
 
     assert training_emulator.created == [training_job_name("churn", "churn__train", train.run_id)]  # one, named after the run
     champion = registry.champion("churn")

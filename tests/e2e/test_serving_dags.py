@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def served(airflow_db, lake, tmp_path, monkeypatch):
     """A trained, approved churn model and a private registry, endpoint port and warehouse."""
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.registry.mlflow import MlflowRegistryHook
     from conveyor.serving.process import stop_endpoint
 
     port = private_churn(tmp_path, monkeypatch)
@@ -33,7 +33,7 @@ def served(airflow_db, lake, tmp_path, monkeypatch):
 
 def broken_copy(source_uri: str, target, predict_body: str) -> str:
     """A copy of a model.tar.gz whose predict_fn is replaced (the model still loads)."""
-    from conveyor.artifacts import fetch
+    from conveyor.model.artifacts import fetch
 
     folder = fetch(source_uri, target.parent / "unpacked")
     code = folder / "code" / "inference.py"

@@ -20,7 +20,7 @@ def train_dag():
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     """A private MLflow store; returns the hook."""
-    from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+    from conveyor.registry.mlflow import MlflowRegistryHook
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
@@ -107,7 +107,7 @@ def test_crashing_training_script_fails_the_run_and_registers_nothing(airflow_db
 
 
 def test_crash_message_carries_the_log_tail(lake, registry, dataset, tmp_path, monkeypatch):
-    from conveyor.backends.local import TrainingFailed
+    from conveyor.training.local import TrainingFailed
     from conveyor.operators.train import SplitDatasetOperator, TrainModelOperator
     from helpers import context
 

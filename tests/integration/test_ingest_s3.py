@@ -5,8 +5,8 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from conveyor.datasets import latest_version
-from conveyor.exceptions import ValidationFailed
+from conveyor.data.datasets import latest_version
+from conveyor.errors import ValidationFailed
 from conveyor.sensors.drop import DropSensor
 from helpers import churn_csv, ingest_and_validate, write_drop
 
@@ -46,8 +46,8 @@ def test_s3_same_bytes_give_the_same_version_as_local(s3_lake, lake_version_of_l
 @pytest.fixture
 def lake_version_of_local(tmp_path, monkeypatch):
     """The version the same bytes get on a local lake (content addressing is store-independent)."""
-    from conveyor.datasets import profile_drop, version_of
-    from conveyor.drops import drop_files
+    from conveyor.data.datasets import profile_drop, version_of
+    from conveyor.data.drops import drop_files
     from conveyor.lake import Lake
     from conveyor.spec import get_spec
 

@@ -19,7 +19,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conveyor import artifacts
+from conveyor.model import artifacts
 from conveyor.serving import endpoint_state as es
 from conveyor.serving.process import endpoint_status, ensure_endpoint, stop_endpoint
 

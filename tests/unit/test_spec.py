@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conveyor.exceptions import SpecError
+from conveyor.errors import SpecError
 from conveyor.spec import PipelineSpec, load_spec, load_specs
 
 PIPELINES = Path(__file__).resolve().parents[2] / "include" / "pipelines"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,14 @@ def warehouse_url() -> str:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from conveyor.batch import default_warehouse_url
+    from conveyor import settings
 
-    if os.environ.get("CONVEYOR_WAREHOUSE_URL"):
-        return os.environ["CONVEYOR_WAREHOUSE_URL"]
+    if settings.warehouse_url_override():
+        return settings.warehouse_url_override()
     try:
         uri = BaseHook.get_connection(WAREHOUSE_CONN_ID).get_uri()
     except AirflowNotFoundException:
-        return default_warehouse_url()
+        return settings.default_warehouse_url()
     # Airflow writes Postgres connections as postgres://; SQLAlchemy 2.1 reads postgresql:// as psycopg 3,
     # while the installed driver is psycopg2.
     return uri.replace("postgres://", "postgresql+psycopg2://", 1)
@@ -40,7 +39,7 @@ def warehouse_url() -> str:
 
 def pending_inference_drop(lake: Lake, pipeline: str, marker: str) -> str | None:
     """The oldest complete drop in ``landing/<pipeline>/inference/`` not scored yet."""
-    from conveyor.drops import find_complete_drops
+    from conveyor.data.drops import find_complete_drops
 
     root = lake.landing(pipeline, "inference")
     for drop in find_complete_drops(root, marker):
@@ -85,8 +84,8 @@ class BatchPredictOperator(BaseOperator):
         self.input_uri = input_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.artifacts import fetch
-        from conveyor.batch import BatchInputError, score_file
+        from conveyor.model.artifacts import fetch
+        from conveyor.batch.scoring import BatchInputError, score_file
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -156,7 +155,7 @@ def finish_batch(context: Any, *, lake: Lake, pipeline: str, table: str, model: 
     :return: the task's result: rows, parquet, table, report, model_version.
     """
     from conveyor.assets import predictions_asset
-    from conveyor.batch import summarize, write_table
+    from conveyor.batch.scoring import summarize, write_table
     from conveyor.lake import upload_tree, write_json
 
     run_id = context["run_id"]

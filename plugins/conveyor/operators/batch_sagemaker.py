@@ -22,7 +22,7 @@ class SageMakerBatchPredictOperator(BaseOperator):
 
     1. The input (the Param, else the oldest complete, unscored drop in
        ``landing/<pipeline>/inference/``) is prepared for the job under the run's
-       ``_transform/`` folder (``conveyor.transform``): headerless CSV files of the model's features.
+       ``_transform/`` folder (``conveyor.aws.transform``): headerless CSV files of the model's features.
     2. ``CreateTransformJob`` runs the model (the SageMaker model of the deploy step: the version's
        ``model.tar.gz`` in the serving image) over them: ``text/csv`` split by line, mini-batches
        of ``deploy.batch.max_payload_mb``, ``deploy.batch.instance_count`` × ``instance_type``.
@@ -54,10 +54,10 @@ class SageMakerBatchPredictOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
-        from conveyor import hosting
-        from conveyor.backends.sagemaker import aws_errors, plain_s3_uri
+        from conveyor.aws import hosting
+        from conveyor.aws.training import aws_errors, plain_s3_uri
         from conveyor.spec import get_spec
-        from conveyor.transform import INPUT, OUTPUT, WORK
+        from conveyor.aws.transform import INPUT, OUTPUT, WORK
 
         spec = get_spec(self.pipeline)
         lake = Lake.from_env()
@@ -104,10 +104,10 @@ class SageMakerBatchPredictOperator(BaseOperator):
         :param lake: the lake (on S3).
         :param work: the run's ``_transform`` folder.
         """
-        from conveyor.backends.sagemaker import plain_s3_uri
-        from conveyor.batch import BatchInputError
+        from conveyor.aws.training import plain_s3_uri
+        from conveyor.batch.scoring import BatchInputError
         from conveyor.operators.batch import batch_input
-        from conveyor.transform import prepare_input, read_metadata
+        from conveyor.aws.transform import prepare_input, read_metadata
 
         plain_s3_uri(work)  # the lake must be on S3: SageMaker reads and writes only S3
         source, drop = batch_input(lake, self.pipeline, spec.data.marker, self.input_uri)
@@ -141,13 +141,13 @@ class SageMakerBatchPredictOperator(BaseOperator):
         :param context: the task context.
         :param event: the trigger's event (``status``: success, failed, stopped, timeout or error).
         """
-        from conveyor import hosting
-        from conveyor.backends.sagemaker import aws_errors
-        from conveyor.batch import BatchInputError, write_parts
+        from conveyor.aws import hosting
+        from conveyor.aws.training import aws_errors
+        from conveyor.batch.scoring import BatchInputError, write_parts
         from conveyor.lake import read_json
         from conveyor.operators.batch import finish_batch, run_timestamp
         from conveyor.spec import get_spec
-        from conveyor.transform import IDS, MANIFEST, WORK, load_output
+        from conveyor.aws.transform import IDS, MANIFEST, WORK, load_output
 
         spec = get_spec(self.pipeline)
         lake = Lake.from_env()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from conveyor import settings
 from conveyor.lake import Lake
 
 
@@ -35,7 +35,7 @@ class ResolveModelOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.hooks.mlflow_registry import APPROVED, STATUS_TAG
+        from conveyor.registry.base import APPROVED, STATUS_TAG
         from conveyor.registry import lookup_errors, registry_hook
         from conveyor.spec import get_spec
 
@@ -84,7 +84,7 @@ class DeployEndpointOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.artifacts import fetch
+        from conveyor.model.artifacts import fetch
         from conveyor.registry import registry_hook
         from conveyor.serving import endpoint_state as state
         from conveyor.serving.process import ensure_endpoint
@@ -92,23 +92,23 @@ class DeployEndpointOperator(BaseOperator):
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
-        settings = spec.deploy.endpoint
-        name = settings.name or spec.name
+        endpoint = spec.deploy.endpoint
+        name = endpoint.name or spec.name
         lake = Lake.from_env()
         version = self.model["version"]
         env = {}
         if lake.conn_id is None:  # the server writes feedback drops straight into the local lake
             env["CONVEYOR_FEEDBACK_DIR"] = str(lake.landing(self.pipeline, "feedback").path)
-        if settings.capture_share > 0:
+        if endpoint.capture_share > 0:
             env |= {"CONVEYOR_CAPTURE_DIR": str(lake.capture(self.pipeline).path) if lake.conn_id is None else "",
-                    "CONVEYOR_CAPTURE_SHARE": str(settings.capture_share)}
+                    "CONVEYOR_CAPTURE_SHARE": str(endpoint.capture_share)}
             env = {k: v for k, v in env.items() if v}
-        external = os.environ.get("CONVEYOR_ENDPOINT_URL")
+        external = settings.endpoint_service_url()
         if external:  # the endpoint runs as its own service (docker compose), sharing the state folder
-            url = external.rstrip("/")
+            url = external
             self.log.info("Using the endpoint service at %s (CONVEYOR_ENDPOINT_URL)", url)
         else:
-            url = ensure_endpoint(name, settings.port, settings.workers, env=env)["url"]
+            url = ensure_endpoint(name, endpoint.port, endpoint.workers, env=env)["url"]
         control = state.read_control(name)
         live = (control.get("live") or {}).get("version")
         if live == version:

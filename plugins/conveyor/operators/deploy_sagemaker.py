@@ -22,7 +22,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
     1. A SageMaker model (the version's ``model.tar.gz`` in the trainer's serving image, run as
        ``sagemaker.role_arn``) and an endpoint configuration (``deploy.endpoint`` instances, data
        capture of ``capture_share`` of the traffic to ``capture/<pipeline>/``); names derive from
-       the pipeline, the version and the content (``conveyor.hosting``), so a retry reuses them.
+       the pipeline, the version and the content (``conveyor.aws.hosting``), so a retry reuses them.
     2. ``CreateEndpoint`` when the endpoint does not exist, else ``UpdateEndpoint`` with a
        blue/green ``DeploymentConfig`` (traffic routing, termination wait) and
        ``AutoRollbackConfiguration`` on ``deploy.endpoint.rollback_alarms``; the old fleet serves
@@ -56,8 +56,8 @@ class SageMakerDeployEndpointOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
-        from conveyor import hosting
-        from conveyor.backends.sagemaker import aws_errors
+        from conveyor.aws import hosting
+        from conveyor.aws.training import aws_errors
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -106,7 +106,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         :param hook: the SageMaker hook (for the region).
         :param run_id: the Airflow run.
         """
-        from conveyor import hosting
+        from conveyor.aws import hosting
 
         model = hosting.model_request(spec, self.model, hook.conn_region_name, run_id)
         config = hosting.endpoint_config_request(spec, Lake.from_env(), model["ModelName"], str(self.model["version"]),
@@ -125,7 +125,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         :param config: the CreateEndpointConfig request.
         :param current: the endpoint as described, or None when it does not exist.
         """
-        from conveyor import hosting
+        from conveyor.aws import hosting
 
         try:
             if hosting.ensure_model(hook, model):
@@ -157,8 +157,8 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         :param context: the task context.
         :param event: the trigger's event (``status``: success, failed, timeout or error; ``message``).
         """
-        from conveyor import hosting
-        from conveyor.backends.sagemaker import aws_errors
+        from conveyor.aws import hosting
+        from conveyor.aws.training import aws_errors
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -200,7 +200,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         :param current: the endpoint as described (None: not described or gone).
         :return: what was deleted.
         """
-        from conveyor import hosting
+        from conveyor.aws import hosting
 
         deleted = []
         if current is not None and current.get("EndpointStatus") == "Failed" and hosting.created_by_run(

@@ -39,9 +39,10 @@ class GateModelOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.evaluate import evaluate_model, scalar_metrics
-        from conveyor.gate import decide, markdown, write_report
-        from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.training.evaluate import scalar_metrics, score_model
+        from conveyor.reports.gate import write_report
+        from conveyor.training.gate import decide, markdown
+        from conveyor.registry.mlflow import MlflowRegistryHook
         from conveyor.lake import as_local_folder, upload_tree
         from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
@@ -57,8 +58,8 @@ class GateModelOperator(BaseOperator):
             if champion is not None:
                 self.log.info("Re-scoring champion v%s (%s) on this run's test set", champion.version, champion.source)
                 try:
-                    scored = evaluate_model(lake, spec, run_id, champion.source, scratch / "champion", "Champion", report=False)
-                    champion_metrics = scalar_metrics(scored["metrics"])
+                    scored = score_model(lake, spec, run_id, champion.source, scratch / "champion")
+                    champion_metrics = scalar_metrics(scored.metrics)
                 except (KeyError, ValueError) as exc:  # e.g. the features changed since the champion
                     self.log.warning("Champion v%s cannot score this test set (%s): judged on thresholds only",
                                      champion.version, exc)

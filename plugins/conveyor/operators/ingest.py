@@ -6,7 +6,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from conveyor.exceptions import DropRejected
+from conveyor.errors import DropRejected
 from conveyor.lake import Lake
 
 
@@ -31,8 +31,8 @@ class IngestDropOperator(BaseOperator):
         self.drop = drop
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.datasets import copy_drop, is_validated, load_manifest, profile_drop, version_of
-        from conveyor.drops import drop_files, quarantine_drop
+        from conveyor.data.datasets import copy_drop, is_validated, load_manifest, profile_drop, version_of
+        from conveyor.data.drops import drop_files, quarantine_drop
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -46,7 +46,7 @@ class IngestDropOperator(BaseOperator):
                 raise DropRejected(f"{source}: rule 'data files': the drop holds nothing but its marker")
             extra = None
             if spec.data.format == "images":
-                from conveyor.images import TABLE, profile_image_drop, table_bytes
+                from conveyor.data.images import TABLE, profile_image_drop, table_bytes
 
                 entries, table = profile_image_drop(files, spec, source)
                 extra = {TABLE: table_bytes(table)}

@@ -18,7 +18,7 @@ def registry_for(spec: Any) -> Any:
     try:
         from conveyor.registry import registry_hook
     except ImportError:  # the registry abstraction is newer than this module's first version
-        from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.registry.mlflow import MlflowRegistryHook
 
         return MlflowRegistryHook()
     return registry_hook(spec)
@@ -38,7 +38,7 @@ class ModelCache:
         self._loaded: dict[str, Any] = {}
 
     def folder(self, version: str) -> Path:
-        from conveyor.artifacts import fetch
+        from conveyor.model.artifacts import fetch
 
         if version not in self._dirs:
             source = registry_for(self.spec).version(self.spec.name, version).source
@@ -51,7 +51,7 @@ class ModelCache:
         return json.loads((self.folder(version) / "metadata.json").read_text())
 
     def loaded(self, version: str) -> Any:
-        from conveyor.artifacts import LoadedModel
+        from conveyor.model.artifacts import LoadedModel
 
         if version not in self._loaded:
             self._loaded[version] = LoadedModel(self.folder(version))
@@ -99,8 +99,8 @@ class CheckDriftOperator(BaseOperator):
         self.input_uri = input_uri
 
     def _check(self, lake: Lake, spec: Any, run_id: str, source: str, ident: str, compute: Any) -> dict[str, Any]:
-        from conveyor import monitoring
-        from conveyor.drift import DriftInputError
+        from conveyor.monitoring import records as monitoring
+        from conveyor.monitoring.drift import DriftInputError
         from conveyor.registry import lookup_errors
 
         check: dict[str, Any] = {"source": source, "id": ident, "run_id": run_id, "rows": 0, "report": None, "error": None}
@@ -116,8 +116,8 @@ class CheckDriftOperator(BaseOperator):
         return check
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor import monitoring
-        from conveyor.drift import drift_report, image_drift
+        from conveyor.monitoring import records as monitoring
+        from conveyor.monitoring.drift import drift_report, image_drift
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -211,8 +211,9 @@ class IngestFeedbackOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import pandas as pd
 
-        from conveyor import feedback, monitoring
-        from conveyor.drops import drop_files, find_complete_drops, mark_processed, quarantine_drop
+        from conveyor.monitoring import feedback
+        from conveyor.monitoring import records as monitoring
+        from conveyor.data.drops import drop_files, find_complete_drops, mark_processed, quarantine_drop
         from conveyor.spec import get_spec
 
         spec = get_spec(self.pipeline)
@@ -295,7 +296,7 @@ class RetrainDecisionOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from datetime import datetime
 
-        from conveyor import monitoring
+        from conveyor.monitoring import records as monitoring
         from conveyor.lake import read_json, safe_name, upload_tree, write_json
         from conveyor.reports.monitoring import write_monitor_report
         from conveyor.spec import get_spec

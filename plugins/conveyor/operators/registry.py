@@ -38,7 +38,7 @@ class RegisterModelOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+        from conveyor.registry.mlflow import MlflowRegistryHook
         from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
 
@@ -76,7 +76,7 @@ class AutoApproveOperator(BaseOperator):
         self.tracking_uri = tracking_uri
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.hooks.mlflow_registry import APPROVED
+        from conveyor.registry.base import APPROVED
         from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
 
@@ -102,7 +102,7 @@ class ModelApprovalOperator(ApprovalOperator):
         self.tracking_uri = tracking_uri
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from conveyor.hooks.mlflow_registry import REJECTED
+        from conveyor.registry.base import REJECTED
         from conveyor.registry import registry_hook
         from conveyor.spec import get_spec
 

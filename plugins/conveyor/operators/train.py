@@ -17,7 +17,7 @@ from conveyor.links import EvaluationReportLink
 
 def resolve_version(context: Any, requested: str | None, lake: Lake, pipeline: str) -> str:
     """The dataset version a run trains on: the one asked for, the triggering event's, or the latest."""
-    from conveyor.datasets import is_validated, latest_version
+    from conveyor.data.datasets import is_validated, latest_version
 
     version = requested or None
     if not version:
@@ -52,9 +52,9 @@ class SplitDatasetOperator(BaseOperator):
         self.labelled_rows = labelled_rows
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.datasets import load_manifest, read_table
+        from conveyor.data.datasets import load_manifest, read_table
         from conveyor.spec import get_spec
-        from conveyor.splits import SplitError, write_split
+        from conveyor.data.splits import SplitError, write_split
 
         spec = get_spec(self.pipeline)
         lake = Lake.from_env()
@@ -64,7 +64,7 @@ class SplitDatasetOperator(BaseOperator):
         frame = read_table(lake, manifest, spec)
         labelled = self.labelled_rows or labelled_source(context)
         if labelled:
-            from conveyor.monitoring import LabelledRowsError, with_labelled_rows
+            from conveyor.monitoring.records import LabelledRowsError, with_labelled_rows
 
             try:
                 frame, added = with_labelled_rows(frame, labelled, spec, lake.conn_id)
@@ -152,9 +152,10 @@ class TrainModelOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.sdk import ObjectStoragePath
 
-        from conveyor import __version__, artifacts, settings
+        from conveyor import __version__, settings
+        from conveyor.model import artifacts
         from conveyor.lake import safe_name
-        from conveyor.backends.local import LocalTrainingBackend, TrainingJob, available_gpus
+        from conveyor.training.local import LocalTrainingBackend, TrainingJob, available_gpus
         from conveyor.lake import as_local_folder, copy_verified, upload_tree
         from conveyor.spec import get_spec
 
@@ -242,7 +243,8 @@ class EvaluateModelOperator(BaseOperator):
         self.model = model
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.evaluate import evaluate_model, scalar_metrics
+        from conveyor.reports.evaluation import write_model_report
+        from conveyor.training.evaluate import permutation_importance, scalar_metrics, score_model
         from conveyor.lake import upload_tree
         from conveyor.spec import get_spec
 
@@ -251,9 +253,13 @@ class EvaluateModelOperator(BaseOperator):
         run_id = context["run_id"]
         report_dir = lake.reports(self.pipeline, run_id) / "evaluation"
         with tempfile.TemporaryDirectory(prefix="conveyor-eval-") as tmp:
-            result = evaluate_model(lake, spec, run_id, self.model["model_uri"], Path(tmp), title="Challenger")
+            scored = score_model(lake, spec, run_id, self.model["model_uri"], Path(tmp))
+            importance = None
+            if spec.data.format != "images":
+                importance = permutation_importance(scored.model, scored.test, spec, spec.gate.metric)
+            write_model_report(Path(tmp) / "report", scored, spec, run_id, "Challenger", importance)
             upload_tree(Path(tmp) / "report", report_dir)
-        metrics = scalar_metrics(result["metrics"])
+        metrics = scalar_metrics(scored.metrics)
         self.log.info("Test metrics: %s", metrics)
         self.log.info("Evaluation report: %s", report_dir / "index.html")
         return {"metrics": metrics, "report": str(report_dir / "index.html")}

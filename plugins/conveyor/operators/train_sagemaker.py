@@ -65,7 +65,7 @@ class SageMakerTrainModelOperator(TrainModelOperator):
 
     def job_name(self, context: Any) -> str:
         """The training job of this run (the same for every try)."""
-        from conveyor.backends.sagemaker import training_job_name
+        from conveyor.aws.training import training_job_name
 
         dag = context.get("dag")
         return training_job_name(self.pipeline, getattr(dag, "dag_id", None) or self.dag_id, context["run_id"])
@@ -73,7 +73,7 @@ class SageMakerTrainModelOperator(TrainModelOperator):
     def _describe(self, spec: Any, hook: Any, name: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
-        from conveyor.backends.sagemaker import aws_errors, error_code
+        from conveyor.aws.training import aws_errors, error_code
 
         try:
             with aws_errors("sagemaker:DescribeTrainingJob", spec.sagemaker.aws_conn_id):
@@ -106,8 +106,8 @@ class SageMakerTrainModelOperator(TrainModelOperator):
         """
         from airflow.sdk import ObjectStoragePath
 
-        from conveyor import artifacts
-        from conveyor.backends.sagemaker import (
+        from conveyor.model import artifacts
+        from conveyor.aws.training import (
             CHANNELS,
             CHECKPOINT_LOCAL_PATH,
             hyperparameters,
@@ -150,7 +150,7 @@ class SageMakerTrainModelOperator(TrainModelOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
-        from conveyor.backends.sagemaker import RUNNING, aws_errors, error_code
+        from conveyor.aws.training import RUNNING, aws_errors, error_code
 
         spec = self._spec()
         lake = Lake.from_env()
@@ -183,7 +183,7 @@ class SageMakerTrainModelOperator(TrainModelOperator):
         """Defer until the job ends (or poll, when not deferrable); returns its final description."""
         from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
-        from conveyor.backends.sagemaker import RUNNING, wait_limit_seconds
+        from conveyor.aws.training import RUNNING, wait_limit_seconds
 
         interval = spec.sagemaker.check_interval_seconds
         limit = wait_limit_seconds(spec) + 600
@@ -229,7 +229,7 @@ class SageMakerTrainModelOperator(TrainModelOperator):
 
     def _finish(self, context: Any, spec: Any, lake: Lake, hook: Any, description: dict[str, Any]) -> dict[str, Any]:
         """A completed job's model, repacked into the run's ``model.tar.gz``; a failed one's error."""
-        from conveyor.backends.sagemaker import TrainingJobFailed, training_log_tail
+        from conveyor.aws.training import TrainingJobFailed, training_log_tail
 
         name = description.get("TrainingJobName") or self.job_name(context)
         status = description["TrainingJobStatus"]
@@ -248,7 +248,8 @@ class SageMakerTrainModelOperator(TrainModelOperator):
     def _repack(self, context: Any, spec: Any, lake: Lake, description: dict[str, Any]) -> dict[str, Any]:
         from airflow.sdk import ObjectStoragePath
 
-        from conveyor import __version__, artifacts
+        from conveyor import __version__
+        from conveyor.model import artifacts
         from conveyor.lake import copy_verified, upload_tree
 
         name = description["TrainingJobName"]

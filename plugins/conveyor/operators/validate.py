@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from conveyor.exceptions import ValidationFailed
+from conveyor.errors import ValidationFailed
 from conveyor.lake import Lake
 from conveyor.links import ValidationReportLink
 
@@ -41,11 +41,11 @@ class ValidateDatasetOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.assets import dataset_asset
-        from conveyor.datasets import LATEST, VALIDATED, is_validated, load_manifest, read_table
-        from conveyor.drops import mark_processed, quarantine_drop
+        from conveyor.data.datasets import LATEST, VALIDATED, is_validated, load_manifest, read_table
+        from conveyor.data.drops import mark_processed, quarantine_drop
         from conveyor.lake import remove_tree, upload_tree, write_json
         from conveyor.spec import get_spec
-        from conveyor.validation import load_suite, validate_frame
+        from conveyor.data.validation import load_suite, validate_frame
 
         spec = get_spec(self.pipeline)
         lake = Lake.from_env()
@@ -99,7 +99,7 @@ class ValidateDatasetOperator(BaseOperator):
 
         :return: the rows GX validates, report sections (classes, corrupt files), problems found.
         """
-        from conveyor.images import class_report, with_checks
+        from conveyor.data.images import class_report, with_checks
 
         frame = with_checks(frame)
         bad = frame[~frame["decodes"]]

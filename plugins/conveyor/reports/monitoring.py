@@ -1,6 +1,6 @@
 """The monitoring report: this run's drift checks, drift over time, the live metric, feedback labels, the verdict.
 
-``write_monitor_report`` turns the JSON-like results of a monitor run (``conveyor.drift`` reports per
+``write_monitor_report`` turns the JSON-like results of a monitor run (``conveyor.monitoring.drift`` reports per
 checked source, the history of past checks, the live metric per day, feedback label counts and the
 retrain decision) into ``index.html`` with PNG plots beside it, and ``monitor.json`` holding every
 input (NaN and infinities as null). Importing this module is cheap: matplotlib and jinja2 are
@@ -17,7 +17,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-OTHER = "__other__"  # conveyor.drift.OTHER: the bucket of values the baseline does not list
+OTHER = "__other__"  # conveyor.monitoring.drift.OTHER: the bucket of values the baseline does not list
 MAX_PLOTTED_CATEGORIES = 30
 MAX_HISTORY_ROWS = 100
 _SOURCE_NAMES = {"batch": "Batch run", "capture": "Endpoint capture"}

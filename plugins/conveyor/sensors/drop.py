@@ -36,7 +36,7 @@ class DropSensor(BaseSensorOperator):
         return Lake.from_env().landing(self.pipeline)
 
     def poke(self, context: Any) -> PokeReturnValue:
-        from conveyor.drops import find_complete_drops
+        from conveyor.data.drops import find_complete_drops
 
         landing = self._landing()
         drops = find_complete_drops(landing, self.marker)

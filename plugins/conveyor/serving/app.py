@@ -65,11 +65,12 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from conveyor import settings
 from conveyor.serving import endpoint_state
 
 logger = logging.getLogger("conveyor.serving")
 
-DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = settings.MAX_BODY_BYTES_DEFAULT
 POLL_INTERVAL_S = 0.2
 HEARTBEAT_EVERY_S = 2.0
 TARGET_HEADER = "x-conveyor-target"
@@ -139,7 +140,7 @@ def load_model(version: str, model_dir: str) -> ServedModel:
     :param version: the model version.
     :param model_dir: the extracted archive.
     """
-    from conveyor.artifacts import LoadedModel
+    from conveyor.model.artifacts import LoadedModel
 
     loaded = LoadedModel(Path(model_dir))
     missing = [name for name in REQUIRED_HANDLERS if not callable(getattr(loaded.handlers, name, None))]
@@ -415,27 +416,6 @@ class ModelWorker:
 # ------------------------------------------------------------------------------------- the app
 
 
-def _env_number(name: str, default: float, low: float, high: float | None = None) -> float:
-    """A number from the environment, checked against its range.
-
-    :param name: the variable.
-    :param default: the value when unset.
-    :param low: the smallest value allowed.
-    :param high: the largest value allowed (None: no limit).
-    """
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-        raise ValueError(f"{name}={raw!r} must be {bound}")
-    return value
-
-
 def _error(status: int, message: str, version: str | None = None) -> JSONResponse:
     """A JSON error response.
 
@@ -475,16 +455,15 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     :param name: the endpoint name; ``CONVEYOR_ENDPOINT`` when None.
     :param poll_interval: seconds between looks at ``control.json``.
     """
-    name = name or os.environ.get("CONVEYOR_ENDPOINT")
+    config = settings.server_settings()
+    name = name or config.endpoint
     if not name:
         raise ValueError("create_app: no endpoint name: pass one or set CONVEYOR_ENDPOINT")
     endpoint_state.endpoint_dir(name)  # checks the name
-    max_body = int(_env_number("CONVEYOR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 1))
-    concurrency = int(_env_number("CONVEYOR_INFERENCE_CONCURRENCY", 1, 1))
-    capture_dir = os.environ.get("CONVEYOR_CAPTURE_DIR")
-    share = _env_number("CONVEYOR_CAPTURE_SHARE", 1.0, 0.0, 1.0)
-    capture = Capture(Path(capture_dir), share, name) if capture_dir else None
-    feedback_dir = os.environ.get("CONVEYOR_FEEDBACK_DIR")
+    max_body = config.max_body_bytes
+    concurrency = config.concurrency
+    capture = Capture(config.capture_dir, config.capture_share, name) if config.capture_dir else None
+    feedback_dir = str(config.feedback_dir) if config.feedback_dir else None
     _configure_logging()
     worker = ModelWorker(name, poll_interval)
 
@@ -578,7 +557,7 @@ def write_feedback(folder: Path, body: bytes, live: Any) -> dict[str, Any]:
     """
     import uuid
 
-    from conveyor.feedback import canonical_label, feedback_records
+    from conveyor.monitoring.feedback import canonical_label, feedback_records
 
     try:
         payload = json.loads(body.decode("utf-8"))

@@ -313,7 +313,7 @@ def _expected_workers(name: str) -> int:
     try:
         return int(json.loads((endpoint_dir(name) / "server.json").read_text())["workers"])
     except (OSError, ValueError, KeyError, TypeError):
-        return int(os.environ.get("CONVEYOR_ENDPOINT_WORKERS", "1") or 1)
+        return settings.endpoint_service_workers()
 
 
 def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: float = 0.1,

@@ -26,8 +26,8 @@ class SmokeTestFailed(AirflowFailException):
 def _request(spec: "PipelineSpec", lake: Lake, train_run: str, rows: int, scratch: Path) -> tuple[bytes, str, Any]:
     import pandas as pd
 
-    from conveyor.evaluate import read_image_part
-    from conveyor.splits import read_part
+    from conveyor.training.evaluate import read_image_part
+    from conveyor.data.splits import read_part
 
     if spec.data.format == "images":
         test = read_image_part(lake, spec.name, train_run, "test", scratch).head(rows)

@@ -38,7 +38,7 @@ class DropTrigger(BaseTrigger):
     def _look(self) -> list[str]:
         from airflow.sdk import ObjectStoragePath
 
-        from conveyor.drops import find_complete_drops
+        from conveyor.data.drops import find_complete_drops
 
         return find_complete_drops(ObjectStoragePath(self.landing_uri, conn_id=self.conn_id), self.marker)
 

@@ -217,8 +217,8 @@ def test_large_frames_are_scored_in_batches(model, images, monkeypatch):
 
 
 def test_the_pipeline_evaluation_path_loads_the_artifact_and_scores_a_frame(model_dir, images, tmp_path):
-    from conveyor.artifacts import LoadedModel
-    from conveyor.evaluate import predictions
+    from conveyor.model.artifacts import LoadedModel
+    from conveyor.training.evaluate import predictions
 
     artifact = tmp_path / "artifact"
     shutil.copytree(model_dir, artifact)

@@ -1,6 +1,6 @@
 """The SageMaker batch transform: the exact CreateTransformJob request, deferral, loading the answers once.
 
-The lake is S3 on moto's server; the SageMaker hook is a mock (``conveyor.hosting.sagemaker_hook``)
+The lake is S3 on moto's server; the SageMaker hook is a mock (``conveyor.aws.hosting.sagemaker_hook``)
 so the requests are asserted as sent. moto runs no container, so the job itself is emulated by
 ``sagemaker_emulator.run_transform_job``: the model's real ``code/inference.py`` handlers over the
 request's S3 input, answers written where the request says.
@@ -57,7 +57,7 @@ def setup(s3_lake, churn_model, moto_server, tmp_path, monkeypatch):
     hook.conn_region_name = "us-east-1"
     hook.describe_model.side_effect = missing("model")
     hook.describe_transform_job.side_effect = missing("transform job")
-    monkeypatch.setattr("conveyor.hosting.sagemaker_hook", lambda spec: hook)
+    monkeypatch.setattr("conveyor.aws.hosting.sagemaker_hook", lambda spec: hook)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     model = {"model_name": "churn", "version": "3", "model_uri": s3_lake.uri("models", "churn", "train-7", "model.tar.gz"),
              "train_run": "train-7", "status": "Approved"}
@@ -89,7 +89,7 @@ def table_rows(setup) -> pd.DataFrame:
 def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model):
     from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
-    from conveyor.artifacts import LoadedModel
+    from conveyor.model.artifacts import LoadedModel
 
     hook, lake = setup["hook"], setup["lake"]
     event = start(setup)
@@ -213,7 +213,7 @@ def test_nothing_to_score_skips(setup):
 
 
 def test_an_expired_credential_is_a_clear_retryable_error(setup):
-    from conveyor.backends.sagemaker import AwsCredentialsExpired
+    from conveyor.aws.training import AwsCredentialsExpired
 
     setup["hook"].create_transform_job.side_effect = ClientError(
         {"Error": {"Code": "ExpiredTokenException", "Message": "The security token included in the request is expired"}},

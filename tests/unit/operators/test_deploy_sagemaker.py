@@ -1,6 +1,6 @@
 """The SageMaker endpoint deploy: the exact requests at the hook boundary, deferral, rollback and clean-up.
 
-The provider's ``SageMakerHook`` is replaced by a mock (``conveyor.hosting.sagemaker_hook``), so
+The provider's ``SageMakerHook`` is replaced by a mock (``conveyor.aws.hosting.sagemaker_hook``), so
 every request Conveyor sends is asserted as sent. moto 5.2.5 has no ``UpdateEndpoint``: the
 update path is only ever exercised here, with that call mocked at the hook.
 """
@@ -79,7 +79,7 @@ def hook(tmp_path, monkeypatch):
                                                       "EndpointConfigArn")
     fake.create_endpoint.side_effect = creator({}, "endpoint", "EndpointName", "EndpointArn")
     fake.conn.list_tags.side_effect = lambda ResourceArn: {"Tags": fake.tags.get(ResourceArn, [])}
-    monkeypatch.setattr("conveyor.hosting.sagemaker_hook", lambda spec: fake)
+    monkeypatch.setattr("conveyor.aws.hosting.sagemaker_hook", lambda spec: fake)
     registry = mock.MagicMock(name="registry")
     registry.record_deployment.return_value = "2"
     monkeypatch.setattr("conveyor.registry.registry_hook", lambda spec, tracking_uri=None: registry)
@@ -301,7 +301,7 @@ def test_a_failed_endpoint_is_not_touched(hook):
 
 
 def test_an_expired_credential_is_a_clear_retryable_error(hook):
-    from conveyor.backends.sagemaker import AwsCredentialsExpired
+    from conveyor.aws.training import AwsCredentialsExpired
 
     hook.describe_endpoint.side_effect = aws_error(
         "ExpiredTokenException", "The security token included in the request is expired", "DescribeEndpoint")
@@ -313,7 +313,7 @@ def test_an_expired_credential_is_a_clear_retryable_error(hook):
 
 
 def test_deployment_config_and_names_follow_the_spec():
-    from conveyor import hosting
+    from conveyor.aws import hosting
     from conveyor.spec import EndpointSpec, PipelineSpec
 
     linear = EndpointSpec(traffic_routing="LINEAR", traffic_step_share=0.25, wait_interval_seconds=60,
@@ -341,7 +341,7 @@ def test_deployment_config_and_names_follow_the_spec():
 
 
 def test_capture_share_becomes_whole_percents(monkeypatch):
-    from conveyor import hosting
+    from conveyor.aws import hosting
     from conveyor.lake import Lake
     from conveyor.spec import PipelineSpec
 
@@ -379,7 +379,7 @@ def test_sagemaker_pipelines_get_the_sagemaker_deploy_and_batch_tasks(tmp_path, 
     ({"termination_wait_seconds": 3601}, "deploy.endpoint.termination_wait_seconds"),
 ])
 def test_blue_green_settings_outside_sagemakers_limits_are_refused(tmp_path, monkeypatch, endpoint, field):
-    from conveyor.exceptions import SpecError
+    from conveyor.errors import SpecError
     from conveyor.spec import load_spec
 
     include = sagemaker_include(tmp_path / "include", monkeypatch, {"deploy": {"endpoint": endpoint}})

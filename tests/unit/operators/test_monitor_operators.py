@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from airflow.sdk.exceptions import AirflowSkipException
 
-from conveyor import monitoring
-from conveyor.feedback import RULE_CLASS, RULE_DUPLICATE, RULE_LABELLED, RULE_UNKNOWN
-from conveyor.hooks.mlflow_registry import MlflowRegistryHook
+from conveyor.monitoring import records as monitoring
+from conveyor.monitoring.feedback import RULE_CLASS, RULE_DUPLICATE, RULE_LABELLED, RULE_UNKNOWN
+from conveyor.registry.mlflow import MlflowRegistryHook
 from conveyor.lake import PROCESSED_MARKER, read_json
 from conveyor.operators.monitor import CheckDriftOperator, IngestFeedbackOperator, TriggerRetrainOperator
 from helpers import context, write_drop
@@ -219,7 +219,7 @@ def test_an_input_without_a_champion_is_recorded(lake, registry, churn_model, tm
 
 
 def write_batch_run(lake, run: str, inputs: pd.DataFrame, version: str, source: str | None = None) -> None:
-    """A finished batch prediction run as conveyor.batch leaves it (input file, parts, _SUCCESS.json)."""
+    """A finished batch prediction run as conveyor.batch.scoring leaves it (input file, parts, _SUCCESS.json)."""
     folder = Path(lake.path("predictions", "churn", run).path)
     folder.mkdir(parents=True)
     if source is None:
@@ -260,7 +260,7 @@ def test_batch_runs_are_checked_once_and_kept_as_observations(lake, champion, ch
 
 @pytest.mark.slow
 def test_captured_traffic_is_checked_and_its_offsets_kept(lake, champion, churn_model):
-    from conveyor.artifacts import LoadedModel
+    from conveyor.model.artifacts import LoadedModel
     from conveyor.serving.app import Capture
 
     model = LoadedModel(churn_model["dir"])

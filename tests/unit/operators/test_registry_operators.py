@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from conveyor.hooks.mlflow_registry import APPROVED, PENDING, REJECTED, STATUS_TAG, MlflowRegistryHook
+from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
+from conveyor.registry.mlflow import MlflowRegistryHook
 from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
 from helpers import context
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from conveyor.hooks.mlflow_registry import APPROVED, PENDING, REJECTED, STATUS_TAG, MlflowRegistryHook
+from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
+from conveyor.registry.mlflow import MlflowRegistryHook
 from conveyor.operators.deploy import ResolveModelOperator
 from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
 from conveyor.registry import registry_hook

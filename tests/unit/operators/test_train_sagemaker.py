@@ -20,7 +20,7 @@ from airflow.exceptions import TaskDeferred
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
-from conveyor.backends.sagemaker import AwsCredentialsExpired, TrainingJobFailed
+from conveyor.aws.training import AwsCredentialsExpired, TrainingJobFailed
 from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
 from helpers import context
 from sagemaker_emulator import ROLE_ARN, sagemaker_aws, sagemaker_pipeline, training_emulator  # noqa: F401
@@ -34,7 +34,7 @@ NOT_FOUND = ClientError({"Error": {"Code": "ValidationException", "Message": "Co
 def run(tmp_path, monkeypatch, s3_lake, sagemaker_aws):
     """A SageMaker churn pipeline (tiny GBM budget) with this run's split on the S3 lake."""
     from conveyor.demo import churn_frame
-    from conveyor.splits import write_split
+    from conveyor.data.splits import write_split
 
     spec = sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=1,
                               trainer={"time_limit": 5, "hyperparameters": {"GBM": {}}})
@@ -63,7 +63,7 @@ def patched(conn):
 
 
 def s3(run: dict, *parts: str) -> str:
-    from conveyor.backends.sagemaker import plain_s3_uri
+    from conveyor.aws.training import plain_s3_uri
 
     return plain_s3_uri(run["lake"].models("churn", run["run_id"]).joinpath(*parts))
 
@@ -71,7 +71,7 @@ def s3(run: dict, *parts: str) -> str:
 def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monkeypatch):
     import importlib
 
-    from conveyor import artifacts
+    from conveyor.model import artifacts
 
     sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=7, use_spot=True, max_run_seconds=900,
                        max_wait_seconds=2700, training_instance_type="ml.c5.2xlarge", image_uri="img:train")
@@ -134,7 +134,7 @@ def test_a_retry_while_the_job_runs_waits_for_it_without_starting_another(run):
 
 
 def test_train_on_the_emulated_container_then_a_retry_reuses_the_completed_job(run, training_emulator, tmp_path):
-    from conveyor import artifacts
+    from conveyor.model import artifacts
 
     op = operator(run)
     ctx = context(run["run_id"])
@@ -235,7 +235,7 @@ def test_bad_settings_are_refused_before_any_job_starts(run, lake, tmp_path, mon
 
 def test_gpu_and_resumable_trainers_in_the_request(tmp_path, monkeypatch, s3_lake):
     """GPUs: the container's SM_NUM_GPUS decides; ResNet checkpoints go to S3 and resume a spot restart."""
-    from conveyor.backends.sagemaker import plain_s3_uri, training_job_name
+    from conveyor.aws.training import plain_s3_uri, training_job_name
 
     sagemaker_pipeline(tmp_path, monkeypatch, trainer={"gpu": True}, training_instance_type="ml.g5.xlarge")
     op = SageMakerTrainModelOperator(task_id="train", pipeline="churn", split={}, time_limit=60)

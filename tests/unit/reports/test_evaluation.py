@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from conveyor.reports.evaluation import COUNT_KEYS, HIGHER_IS_BETTER, compute_metrics, write_evaluation_report
+from conveyor.model.metrics import COUNT_KEYS, HIGHER_IS_BETTER, compute_metrics
+from conveyor.reports.evaluation import write_evaluation_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

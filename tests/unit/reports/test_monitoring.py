@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
-from conveyor.drift import OTHER, DriftInputError, drift_report, image_drift
+from conveyor.monitoring.drift import OTHER, DriftInputError, drift_report, image_drift
 from conveyor.reports import monitoring
 from conveyor.reports.monitoring import write_monitor_report
 

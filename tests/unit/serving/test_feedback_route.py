@@ -71,8 +71,8 @@ def test_write_feedback_writes_one_complete_drop_marker_last(tmp_path, monkeypat
 
 
 def test_the_drop_is_what_the_monitor_reads(tmp_path, lake):
-    from conveyor.drops import drop_files, find_complete_drops
-    from conveyor.feedback import read_drop
+    from conveyor.data.drops import drop_files, find_complete_drops
+    from conveyor.monitoring.feedback import read_drop
     from conveyor.spec import get_spec
 
     folder = Path(lake.landing("churn", "feedback").path)

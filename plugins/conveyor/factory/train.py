@@ -1,0 +1,126 @@
+"""``<name>__train``: split, train, evaluate, gate, register, approve, publish."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import DAG
+
+from conveyor import settings
+from conveyor.factory.common import monitored, pipeline_dag
+from conveyor.spec import PipelineSpec
+
+
+def train_schedule(spec: PipelineSpec) -> Any:
+    """New validated data (the dataset Asset), the retrain schedule, both, or neither."""
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from conveyor.assets import dataset_asset, retrain_asset
+
+    assets = [dataset_asset(spec.name)] if spec.retrain.on_new_data else []
+    if monitored(spec):
+        assets.append(retrain_asset(spec.name))
+    cron = spec.retrain.schedule
+    if assets and cron:
+        condition = assets[0] if len(assets) == 1 else assets[0] | assets[1]
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=condition)
+    if len(assets) > 1:
+        return assets[0] | assets[1]  # either event starts a run (a list would wait for both)
+    return assets or cron
+
+
+def train_params(spec: PipelineSpec) -> dict[str, Any]:
+    """The form a person fills in to train by hand."""
+    from airflow.sdk import Param
+
+    params = {
+        "dataset_version": Param("", type=["null", "string"], title="Dataset version",
+                                 description="Empty: the version that triggered the run, else the latest validated"),
+        "labelled_rows": Param("", type=["null", "string"], title="Newly labelled rows",
+                               description="Empty: those of the retraining event that started the run, if any; "
+                                           "else a Parquet URI of labelled rows added to the dataset"),
+        "time_limit": Param(spec.trainer.time_limit, type="integer", minimum=1, title="Time budget (seconds)"),
+        "deploy": Param(spec.deploy.endpoint.enabled, type="boolean", title="Deploy once approved"),
+    }
+    if spec.trainer.kind == "autogluon":
+        presets = ["medium_quality", "good_quality", "high_quality", "best_quality", "optimize_for_deployment"]
+        if spec.trainer.presets not in presets:
+            presets.append(spec.trainer.presets)
+        params["presets"] = Param(spec.trainer.presets, enum=presets, title="AutoGluon presets")
+    return params
+
+
+def train_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__train``: split, train, evaluate, gate, register, approve."""
+    from conveyor.operators.gate import GateModelOperator
+    from conveyor.assets import model_asset
+    from conveyor.operators.registry import (
+        AutoApproveOperator,
+        ModelApprovalOperator,
+        PublishModelOperator,
+        RegisterModelOperator,
+    )
+    from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
+
+    xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
+    with pipeline_dag(
+        spec, "train",
+        description=f"Train, evaluate, gate, register and approve a {spec.name} model",
+        schedule=train_schedule(spec),
+        params=train_params(spec),
+        doc_md=f"""
+### {spec.name}: train
+Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain schedule
+(`{spec.retrain.schedule}`), or by hand with the form (dataset version, time budget, presets, deploy).
+
+1. **split** — seeded ({spec.split.seed}), stratified train/validation/test split under
+   `models/{spec.name}/<run>/split/`.
+2. **train** — `include/training/` script in SageMaker script mode, {"as a SageMaker training job"
+   if spec.compute == "sagemaker" else "as a child process"}; writes `models/{spec.name}/<run>/model.tar.gz`.
+3. **evaluate** — test-set metrics and plots: `reports/{spec.name}/<run>/evaluation/index.html`.
+4. **gate** — thresholds {dict(spec.gate.thresholds)} and a gain of at least {spec.gate.min_improvement}
+   in `{spec.gate.metric}` over the champion, both scored on this test set:
+   `reports/{spec.name}/<run>/gate/index.html`. On reject: **{spec.gate.on_reject}**.
+5. **register** — a new version of `{spec.name}` in the {"SageMaker Model Registry" if spec.registry == "sagemaker"
+   else "MLflow registry"} (`PendingManualApproval`).
+6. **approve** — **{spec.approval}**: approval sets `Approved` and makes it the champion.
+7. **publish** — updates the `{spec.name}.model` Asset (version, deploy flag): it starts `{spec.name}__deploy`.
+""",
+    ) as dag:
+        split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}",
+                                     labelled_rows="{{ params.get('labelled_rows') or '' }}")
+        if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
+            from conveyor.aws.training import wait_limit_seconds
+            from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
+
+            train = SageMakerTrainModelOperator(
+                task_id="train", pipeline=spec.name, split=xcom("split"),
+                time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
+                execution_timeout=timedelta(seconds=wait_limit_seconds(spec) + 1800),
+            )
+        else:
+            train = TrainModelOperator(
+                task_id="train", pipeline=spec.name, split=xcom("split"),
+                time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
+                execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
+                **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
+            )
+        evaluate = EvaluateModelOperator(task_id="evaluate", pipeline=spec.name, model=xcom("train"))
+        gate = GateModelOperator(task_id="gate", pipeline=spec.name, model=xcom("train"), evaluation=xcom("evaluate"))
+        register = RegisterModelOperator(task_id="register", pipeline=spec.name, model=xcom("train"),
+                                         gate=xcom("gate"), deploy="{{ params.deploy }}", evaluation=xcom("evaluate"))
+        if spec.approval == "auto":
+            approve = AutoApproveOperator(task_id="approve", registration=xcom("register"))
+        else:
+            approve = ModelApprovalOperator(
+                task_id="approve",
+                subject=f"Approve {spec.name} model version {{{{ ti.xcom_pull(task_ids='register')['version'] }}}}?",
+                body="{{ ti.xcom_pull(task_ids='gate')['summary_md'] }}\n\nReports: "
+                     "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
+                retries=0,
+            )
+        publish = PublishModelOperator(task_id="publish", pipeline=spec.name, registration=xcom("register"),
+                                       deploy="{{ params.deploy }}", outlets=[model_asset(spec.name)])
+        split >> train >> evaluate >> gate >> register >> approve >> publish
+    return dag

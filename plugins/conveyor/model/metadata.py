@@ -1,0 +1,71 @@
+"""``ModelMetadata``: the typed, versioned ``metadata.json`` of every model (see ``contract``).
+
+The definition lives in ``conveyor/model/contract/conveyor_metadata.py``, the module shipped beside
+the training and inference scripts; this module is how Conveyor's own code imports it, plus the
+lake-side reader of the ``metadata.json`` sidecar kept beside every ``model.tar.gz``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.model.contract.conveyor_metadata import (
+    FILENAME,
+    HISTOGRAM_BINS,
+    IMAGE_CHANNELS,
+    OTHER,
+    PIXEL_BINS,
+    QUANTILES,
+    SCHEMA_VERSION,
+    TOP_VALUES,
+    Baseline,
+    Feature,
+    MetadataError,
+    ModelMetadata,
+    numeric_summary,
+    read,
+    write,
+)
+
+__all__ = [
+    "FILENAME", "HISTOGRAM_BINS", "IMAGE_CHANNELS", "OTHER", "PIXEL_BINS", "QUANTILES", "SCHEMA_VERSION",
+    "TOP_VALUES", "Baseline", "Feature", "MetadataError", "ModelMetadata", "numeric_summary", "read", "write",
+    "sidecar_uri", "read_sidecar",
+]
+
+
+def sidecar_uri(model_uri: str) -> str:
+    """The ``metadata.json`` kept beside a ``model.tar.gz`` (same folder).
+
+    :param model_uri: the archive's URI.
+    """
+    return model_uri.rsplit("/", 1)[0] + "/" + FILENAME
+
+
+def read_sidecar(model_uri: str, conn_id: str | None = None) -> ModelMetadata:
+    """A model's metadata without downloading the model: the sidecar, else the archive's first member.
+
+    :param model_uri: the ``model.tar.gz`` URI (``file://``, ``s3://`` or a local path).
+    :param conn_id: the lake's connection, for object stores.
+    """
+    import json
+    import tarfile
+
+    from airflow.sdk import ObjectStoragePath
+
+    def path(uri: str) -> Any:
+        if "://" not in uri:
+            return ObjectStoragePath(f"file://{uri}")
+        return ObjectStoragePath(uri, conn_id=None if uri.startswith("file://") else conn_id)
+
+    side = path(sidecar_uri(model_uri))
+    if side.exists():
+        return ModelMetadata.from_dict(json.loads(side.read_text()), str(side))
+    with path(model_uri).open("rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+        for member in tar:  # metadata.json is packed first: only the first blocks are read
+            if member.name == FILENAME:
+                handle = tar.extractfile(member)
+                if handle is None:
+                    break
+                return ModelMetadata.from_dict(json.loads(handle.read()), f"{model_uri}!{FILENAME}")
+    raise MetadataError(f"{model_uri}: no {FILENAME} beside it or inside it")
