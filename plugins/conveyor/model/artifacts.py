@@ -98,8 +98,10 @@ class LoadedModel:
     """
 
     def __init__(self, model_dir: Path):
+        from conveyor.model.metadata import read
+
         self.model_dir = Path(model_dir)
-        self.metadata = json.loads((self.model_dir / "metadata.json").read_text())
+        self.metadata = read(self.model_dir)
         name = f"conveyor_inference_{hashlib.sha1(str(self.model_dir).encode()).hexdigest()[:10]}"
         spec = importlib.util.spec_from_file_location(name, self.model_dir / "code" / "inference.py")
         self.handlers = importlib.util.module_from_spec(spec)
@@ -108,7 +110,7 @@ class LoadedModel:
 
     @property
     def feature_names(self) -> list[str]:
-        return [feature["name"] for feature in self.metadata["features"]]
+        return self.metadata.feature_names
 
     def predict_frame(self, frame: Any) -> Any:
         """Predictions for a pandas DataFrame holding (at least) the feature columns."""

@@ -360,13 +360,13 @@ def write_model_report(out: Path, scored: "Scored", spec: "PipelineSpec", run_id
     context = {
         "pipeline": spec.name,
         "run": run_id,
-        "dataset version": meta.get("dataset_version"),
-        "code version": meta.get("code_version"),
-        "best model": meta.get("best_model"),
+        "dataset version": meta.dataset_version,
+        "code version": meta.code_version,
+        "best model": meta.best_model,
         "test rows": len(scored.test),
     }
     return write_evaluation_report(out, scored.metrics, spec.data.problem_type, scored.y_true, scored.y_pred,
-                                   scored.proba, meta.get("class_labels"), meta.get("positive_class"),
+                                   scored.proba, meta.class_labels, meta.positive_class,
                                    feature_importance=importance or None, title=f"{spec.name}: {title}",
                                    context=context, extra_sections=sections)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.lake import Lake
 
 if TYPE_CHECKING:
+    from conveyor.model.metadata import ModelMetadata
     from conveyor.spec import PipelineSpec
 
 IMPORTANCE_ROWS = 1000
@@ -26,7 +27,7 @@ def predictions(model: Any, frame: Any) -> tuple[Any, Any]:
     import pandas as pd
 
     scored = model.predict_frame(frame)
-    classes = model.metadata.get("class_labels")
+    classes = model.metadata.class_labels
     proba = None
     if classes:
         proba = pd.DataFrame({label: scored[f"proba_{label}"].to_numpy() for label in classes})
@@ -47,13 +48,13 @@ def permutation_importance(model: Any, frame: Any, spec: "PipelineSpec", metric:
     from conveyor.model.metrics import HIGHER_IS_BETTER, compute_metrics
 
     sample = frame.sample(min(len(frame), IMPORTANCE_ROWS), random_state=seed).reset_index(drop=True)
-    classes = model.metadata.get("class_labels")
+    classes = model.metadata.class_labels
     sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
 
     def score(data: Any) -> float | None:
         y_pred, proba = predictions(model, data)
         value = compute_metrics(spec.data.problem_type, data[spec.data.label].to_numpy(), y_pred, proba,
-                                classes, model.metadata.get("positive_class")).get(metric)
+                                classes, model.metadata.positive_class).get(metric)
         return None if value is None else sign * float(value)
 
     base = score(sample)
@@ -108,7 +109,7 @@ class Scored:
     metrics: dict[str, Any]
 
     @property
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self) -> "ModelMetadata":
         return self.model.metadata
 
 
@@ -132,6 +133,6 @@ def score_model(lake: Lake, spec: "PipelineSpec", run_id: str, model_uri: str, w
         test = read_part(lake, spec.name, run_id, "test")
     y_true = test[spec.data.label].to_numpy()
     y_pred, proba = predictions(model, test)
-    metrics = compute_metrics(spec.data.problem_type, y_true, y_pred, proba, model.metadata.get("class_labels"),
-                              model.metadata.get("positive_class"))
+    metrics = compute_metrics(spec.data.problem_type, y_true, y_pred, proba, model.metadata.class_labels,
+                              model.metadata.positive_class)
     return Scored(model, test, y_true, y_pred, proba, metrics)
