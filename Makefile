@@ -1,4 +1,4 @@
-# Conveyor: `make demo` (install + the main job on the embedded default) and `make test`.
+# Conveyor: `make demo` (install + the main job on the embedded default), `make test`, `make test-fast`, `make lint`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -18,14 +18,17 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install demo test ui stop bench clean constraints browser
+.PHONY: help install demo test test-fast lint format ui stop bench clean constraints browser
 
 help:
-	@echo "make demo   install what is missing, then run the demo pipeline on the embedded default"
-	@echo "make test   install what is missing, then run the whole test suite"
-	@echo "make ui     start Airflow (api-server, scheduler, triggerer) on the project's DAGs"
-	@echo "make stop   stop the model endpoints make demo left running"
-	@echo "make bench  run every benchmark in --quick mode"
+	@echo "make demo       install what is missing, then run the demo pipeline on the embedded default"
+	@echo "make test       install what is missing, then run the whole test suite"
+	@echo "make test-fast  the unit tests that train, serve and run nothing heavy (-m 'not slow'; a few minutes)"
+	@echo "make lint       ruff (lint + format check) on the tree, mypy on plugins/"
+	@echo "make format     ruff's fixes and formatter applied to the tree"
+	@echo "make ui         start Airflow (api-server, scheduler, triggerer) on the project's DAGs"
+	@echo "make stop       stop the model endpoints make demo left running"
+	@echo "make bench      run every benchmark in --quick mode"
 
 install: $(STAMP)
 
@@ -58,6 +61,24 @@ test: $(STAMP)
 	@scripts/install-browser.sh || echo "==> chromium unavailable: the browser tests will be skipped"
 	@echo "==> Running the test suite"
 	@$(PY) -m pytest
+
+# The fast lane: every test under tests/unit and tests/compose except those marked slow (they train a real model,
+# run a training script or serve a model). tests/e2e, integration and distributed are slow by folder (tests/conftest.py).
+test-fast: $(STAMP)
+	@echo "==> Running the fast tests (make test runs them all)"
+	@$(PY) -m pytest -m "not slow" tests/unit tests/compose
+
+# Each check runs even when an earlier one fails; the target fails if any did. Configuration: pyproject.toml.
+lint: $(STAMP)
+	@status=0; \
+	echo "==> ruff check"; $(PY) -m ruff check . || status=1; \
+	echo "==> ruff format --check"; $(PY) -m ruff format --check . || status=1; \
+	echo "==> mypy (plugins/)"; $(PY) -m mypy || status=1; \
+	exit $$status
+
+format: $(STAMP)
+	@$(PY) -m ruff check --fix . || true
+	@$(PY) -m ruff format .
 
 ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
 	@echo "==> Starting Airflow on http://localhost:8080 (the login is printed below and kept in $(AIRFLOW_HOME))"

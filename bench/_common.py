@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
+TESTS = ROOT / "tests"
 
 
 def isolate(tmp: Path, mlflow: bool = False) -> None:
@@ -33,8 +35,13 @@ def isolate(tmp: Path, mlflow: bool = False) -> None:
 
 
 def train_model(root: Path) -> Path:
-    """The small churn model of ``conveyor.demo.quick_churn_model``, extracted; its folder."""
+    """The small churn model the tests use (``tests/models.py``), extracted; its folder.
+
+    :param root: an empty scratch folder.
+    """
+    if str(TESTS) not in sys.path:
+        sys.path.append(str(TESTS))
     from conveyor.model import artifacts
-    from conveyor.demo import quick_churn_model
+    from models import quick_churn_model
 
     return artifacts.unpack(quick_churn_model(root), root / "extracted")

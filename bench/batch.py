@@ -297,7 +297,7 @@ def check_agreement(ours_out: Path, baseline_out: Path, rows: int) -> dict[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from conveyor.batch.scoring import completed_parts
+    from conveyor.batch.parts import completed_parts
 
     baseline = pq.read_table(baseline_out / "predictions.parquet")
     columns = baseline.column_names

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import sys
 import time
@@ -49,6 +48,7 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.append(str(ROOT / "tests"))  # scripts.load_script: the shared loader of the standalone scripts
 
 FULL_ROWS, QUICK_ROWS, REFERENCE_ROWS = 1_000_000, 200_000, 100_000
 TARGET_RATIO = 0.8
@@ -66,11 +66,9 @@ def progress(message: str) -> None:
 
 def load_trainer() -> Any:
     """The tabular training script as a module (include/ is not a package; it imports no Airflow)."""
-    spec = importlib.util.spec_from_file_location("bench_autogluon_train", ROOT / "include/training/autogluon_tabular/train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from scripts import load_script
+
+    return load_script("include/training/autogluon_tabular/train.py", "bench_autogluon_train")
 
 
 def generate(rows: int, seed: int, drift: bool) -> pd.DataFrame:

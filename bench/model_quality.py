@@ -92,7 +92,8 @@ def train_and_score_ours(record: dict[str, Any], time_limit: int, workdir: Path)
     from conveyor.spec import get_spec
 
     operator = TrainModelOperator(
-        task_id="train", pipeline=PIPELINE, split={"dataset_version": "bench", "parts": record["parts"]},
+        task_id="train", spec=get_spec(PIPELINE).model_dump(mode="json"),
+        split={"dataset_version": "bench", "parts": record["parts"]},
         time_limit=time_limit,
     )
     operator._cached_logger = QuietLog()  # keep AutoGluon's chatter out of the output

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import statistics
@@ -77,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINER_DIR = ROOT / "include" / "training" / "resnet_image"
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(TRAINER_DIR))
+sys.path.append(str(ROOT / "tests"))  # scripts.load_script: the shared loader of the standalone scripts
 
 TARGET_RATIO = 0.95
 SEED = 0
@@ -93,11 +93,9 @@ def progress(message: str) -> None:
 
 def import_trainer() -> ModuleType:
     """Import ``include/training/resnet_image/train.py`` from its path (registered in sys.modules)."""
-    spec = importlib.util.spec_from_file_location("resnet_image_train", TRAINER_DIR / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
-    spec.loader.exec_module(module)
-    return module
+    from scripts import load_script
+
+    return load_script("include/training/resnet_image/train.py", "resnet_image_train")
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -171,6 +171,7 @@ def run_ours(record: dict[str, Any], time_limit: int, attempt: int, log_dir: Pat
     """Run the train task once, timed; return its wall time, a breakdown and what it produced."""
     from conveyor.lake import Lake
     from conveyor.operators.train import TrainModelOperator
+    from conveyor.spec import get_spec
 
     run_id = f"{RUN_ID}_{attempt}"
     lake = Lake.from_env()
@@ -184,7 +185,8 @@ def run_ours(record: dict[str, Any], time_limit: int, attempt: int, log_dir: Pat
     logger.setLevel(logging.INFO)
     logger.propagate = False
     operator = TrainModelOperator(
-        task_id="train", pipeline=PIPELINE, split={"dataset_version": "bench", "parts": record["parts"]},
+        task_id="train", spec=get_spec(PIPELINE).model_dump(mode="json"),
+        split={"dataset_version": "bench", "parts": record["parts"]},
         time_limit=time_limit,
     )
     operator._cached_logger = logger  # the task log; the backend streams the child's lines into it

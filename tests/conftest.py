@@ -2,6 +2,10 @@
 
 Environment variables are set before Airflow is imported, so Airflow's configuration reads them.
 Each test that touches the lake gets its own empty lake root through the ``lake`` fixture.
+
+Markers (registered in pyproject.toml): every test outside ``tests/unit`` and ``tests/compose`` is marked by its
+folder (``e2e``, ``integration``, ``distributed``) and ``slow``; a unit test that trains a real model, runs a
+training script or serves a model says ``slow`` itself. ``make test-fast`` runs ``-m "not slow"``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# Folder -> the markers its tests get (``slow`` keeps them out of ``make test-fast``).
+FOLDER_MARKERS = {
+    "e2e": ("e2e", "slow"),
+    "integration": ("integration", "slow"),
+    "distributed": ("distributed", "slow"),
+    "compose": ("compose",),
+}
+# Fixtures shared by several folders (the SageMaker emulators on moto), found without importing them by name.
+pytest_plugins = ["sagemaker_emulator"]
 _SESSION_STATE = Path(tempfile.mkdtemp(prefix="conveyor-test-"))
 
 os.environ.update(
@@ -37,6 +51,17 @@ os.environ.pop("CONVEYOR_LAKE_URI", None)
 os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder under tests/ (see FOLDER_MARKERS)."""
+    for item in items:
+        try:
+            folder = item.path.relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        for name in FOLDER_MARKERS.get(folder, ()):
+            item.add_marker(name)
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database (SQLite) for tests that run DAGs."""
@@ -45,7 +70,9 @@ def airflow_db() -> Path:
         home.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
-            check=True, capture_output=True, env=os.environ.copy(),
+            check=True,
+            capture_output=True,
+            env=os.environ.copy(),
         )
     return home / "airflow.db"
 
@@ -69,13 +96,18 @@ def churn_model(tmp_path_factory) -> dict:
     Returns ``{"archive": Path, "dir": Path (extracted), "test": DataFrame (held-out rows with labels)}``.
     Trained once per test session; tests must not modify it.
     """
+    from conveyor.demo import churn_frame
     from conveyor.model import artifacts
-    from conveyor.demo import churn_frame, quick_churn_model
+    from models import quick_churn_model
 
     root = tmp_path_factory.mktemp("churn-model")
     archive = quick_churn_model(root)
     test = churn_frame(1500, seed=3).iloc[1200:]
-    return {"archive": archive, "dir": artifacts.unpack(archive, root / "extracted"), "test": test.reset_index(drop=True)}
+    return {
+        "archive": archive,
+        "dir": artifacts.unpack(archive, root / "extracted"),
+        "test": test.reset_index(drop=True),
+    }
 
 
 # S3 on moto's server, shared by the integration tests and the batch tests.

@@ -36,15 +36,24 @@ def context(run_id: str = "manual__test") -> dict[str, Any]:
     return {"run_id": run_id, "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
 
 
-def ingest_and_validate(drop: str, run_id: str = "manual__test", pipeline: str = "churn") -> tuple[dict, dict | None]:
-    """Run the ingest and validate operators on a drop, as the ingest DAG does."""
+def ingest_and_validate(
+    drop: str, run_id: str = "manual__test", pipeline: str = "churn", spec: dict[str, Any] | None = None
+) -> tuple[dict, dict | None]:
+    """Run the ingest and validate operators on a drop, as the ingest DAG does.
+
+    :param drop: the drop's folder name in ``landing/<pipeline>/``.
+    :param run_id: the run both tasks belong to.
+    :param pipeline: the pipeline whose file gives the spec (read now, as the DAG factory would).
+    :param spec: the spec the operators get, instead of ``pipeline_spec_dict(pipeline)``.
+    """
     from conveyor.operators.ingest import IngestDropOperator
     from conveyor.operators.validate import ValidateDatasetOperator
 
+    spec = spec if spec is not None else pipeline_spec_dict(pipeline)
     ctx = context(run_id)
-    ingested = IngestDropOperator(task_id="ingest", pipeline=pipeline, drop=drop).execute(ctx)
+    ingested = IngestDropOperator(task_id="ingest", spec=spec, drop=drop).execute(ctx)
     validated = ValidateDatasetOperator(
-        task_id="validate", pipeline=pipeline, drop=drop, version=ingested["version"]
+        task_id="validate", spec=spec, drop=drop, version=ingested["version"]
     ).execute(ctx)
     return ingested, validated
 
@@ -91,3 +100,16 @@ def private_churn(tmp_path: Any, monkeypatch: Any, replace: dict[str, str] | Non
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
     return port
+
+
+def pipeline_spec_dict(name: str = "churn", **sections: Any) -> dict[str, Any]:
+    """The validated spec of include/pipelines/<name>.yaml as operators receive it (a JSON dict).
+
+    :param name: the pipeline file's name.
+    :param sections: top-level sections to replace (e.g. ``trainer={...}``), revalidated by the operator.
+    """
+    from conveyor import settings
+    from conveyor.spec import load_spec
+
+    spec = load_spec(settings.pipelines_dir() / f"{name}.yaml").model_dump(mode="json")
+    return {**spec, **sections}

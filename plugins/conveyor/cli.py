@@ -150,9 +150,9 @@ def batch_demo(pipeline: str, rows: int) -> None:
     """Drop unlabelled rows into the inference landing zone and score them in batch."""
     import sqlalchemy as sa
 
+    from conveyor.batch.warehouse import warehouse_url
     from conveyor.demo import churn_frame
     from conveyor.lake import Lake
-    from conveyor.operators.batch import warehouse_url
 
     lake = Lake.from_env()
     drop = next_drop_name(f"{pipeline}/inference")
@@ -181,7 +181,7 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
 
     from conveyor.demo import churn_frame
     from conveyor.lake import Lake
-    from conveyor.monitoring.records import load_triggers
+    from conveyor.monitoring.decisions import load_triggers
     from conveyor.registry import registry_hook
     from conveyor.serving.process import endpoint_status
     from conveyor.spec import get_spec

@@ -190,37 +190,6 @@ def write_image_drop(per_class: int, drop: str, seed: int = 11, size: int = 64, 
     return str(target)
 
 
-def quick_churn_model(root: Any, seconds: int = 20) -> Any:
-    """Train a small churn model (AutoGluon GBM, a few seconds) through the real trainer and pack it.
-
-    For tests and benchmarks that need a real model but not a good one.
-
-    :param root: an empty scratch folder (a ``pathlib.Path``).
-    :param seconds: the training budget.
-    :return: the ``model.tar.gz`` written in ``root``.
-    """
-    import json
-
-    from conveyor.model import artifacts
-    from conveyor.training.local import LocalTrainingBackend, TrainingJob
-
-    frame = churn_frame(1500, seed=3)
-    for name, part in (("train", frame.iloc[:1000]), ("validation", frame.iloc[1000:1200])):
-        (root / name).mkdir(parents=True)
-        part.to_parquet(root / name / "data.parquet", index=False)
-    job = TrainingJob(
-        script=artifacts.training_script("autogluon"),
-        args=["--label", "churned", "--problem-type", "binary", "--eval-metric", "roc_auc", "--time-limit", str(seconds),
-              "--id-column", "customer_id", "--hyperparameters", '{"GBM": {}}'],
-        channels={"train": root / "train", "validation": root / "validation"},
-        model_dir=root / "model", output_dir=root / "output", timeout_s=300,
-    )
-    LocalTrainingBackend().run(job)
-    metadata = {**json.loads((job.model_dir / "metadata.json").read_text()), "pipeline": "churn",
-                "run_id": "quick", "dataset_version": "v-quick", "code_version": artifacts.code_version("autogluon")}
-    return artifacts.pack(job.model_dir, artifacts.inference_code("autogluon"), metadata, root / "model.tar.gz")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

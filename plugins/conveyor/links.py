@@ -36,10 +36,22 @@ def report_url(dag_id: str, run_id: str, section: str, base_url: str | None = No
     return base_url.rstrip("/") + path
 
 
+def pipeline_of(operator: object) -> str:
+    """The pipeline a task belongs to: its spec's name (a dict, or an unrendered ``literal()``), else ``pipeline``.
+
+    :param operator: the task (on a worker, the real operator; elsewhere its serialized form).
+    """
+    spec = getattr(operator, "spec", None)
+    spec = getattr(spec, "value", spec)
+    if isinstance(spec, dict) and spec.get("name"):
+        return str(spec["name"])
+    return str(getattr(operator, "pipeline"))
+
+
 class ReportLink(BaseOperatorLink):
     """A link to the report a task wrote under ``reports/<pipeline>/<run>/<section>/``.
 
-    The operator must have a ``pipeline`` attribute. Subclasses set ``name`` (the button) and
+    The pipeline is the operator's ``spec`` name (or its ``pipeline`` attribute). Subclasses set ``name`` (the button) and
     ``section`` (the report's folder); each has its own XCom key (its class name).
     """
 
@@ -49,7 +61,7 @@ class ReportLink(BaseOperatorLink):
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         from conveyor.lake import Lake
 
-        pipeline = getattr(operator, "pipeline")
+        pipeline = pipeline_of(operator)
         if not (Lake.from_env().reports(pipeline, ti_key.run_id) / self.section / "index.html").exists():
             return ""
         return report_url(ti_key.dag_id, ti_key.run_id, self.section)

@@ -516,7 +516,7 @@ def test_conveyor_settings_reach_minio_mlflow_and_the_warehouse(resolved, monkey
     from sqlalchemy.engine import make_url
 
     from conveyor import settings
-    from conveyor.operators.batch import warehouse_url
+    from conveyor.batch.warehouse import warehouse_url
 
     env = resolved["x-airflow-common"]["environment"]
     services = resolved["services"]

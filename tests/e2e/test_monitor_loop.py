@@ -3,11 +3,10 @@
 train v1 -> deploy (capture on) -> batch on drifted data + endpoint traffic with inference ids ->
 feedback (a drop with bad rows, and POST /feedback) -> monitor (drift, live metric, retrain fires)
 -> train on the dataset plus the labelled rows -> gate beats v1 -> deploy v2. (The cool-down and
-repeated decisions are covered by tests/unit/test_monitoring_records.py and the operator tests.)
+repeated decisions are covered by tests/unit/monitoring/test_decisions.py and the operator tests.)
 """
 
 from __future__ import annotations
-
 
 import httpx
 import pytest
@@ -31,8 +30,8 @@ def loop(airflow_db, lake, tmp_path, monkeypatch):
 
 def test_drift_and_feedback_retrain_and_replace_the_model(loop):
     from conveyor.demo import churn_frame
+    from conveyor.monitoring.records import load_labels
     from conveyor.registry.mlflow import MlflowRegistryHook
-    from conveyor.monitoring.records import load_labels, load_triggers
 
     lake, url = loop["lake"], loop["url"]
     family = dags()
@@ -62,7 +61,8 @@ def test_drift_and_feedback_retrain_and_replace_the_model(loop):
     # Ground truth: a drop for the batch rows (with bad rows), and POST /feedback for live requests.
     truth = shifted[["customer_id", "churned"]].rename(columns={"customer_id": "id", "churned": "label"})
     rows = truth.iloc[:900].copy()
-    bad = [{"id": "NOPE-1", "label": "yes"}, {"id": rows.iloc[0]["id"], "label": "no"}, {"id": rows.iloc[1]["id"] + "x", "label": "maybe"}]
+    bad = [{"id": "NOPE-1", "label": "yes"}, {"id": rows.iloc[0]["id"], "label": "no"},
+           {"id": rows.iloc[1]["id"] + "x", "label": "maybe"}]
     import pandas as pd
 
     drop = pd.concat([rows, pd.DataFrame(bad)], ignore_index=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import threading
@@ -73,7 +72,8 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
         deadline = time.monotonic() + 240
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                response = httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}, timeout=30)
+                response = httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"},
+                                      timeout=30)
                 if response.status_code == 200:
                     answers.append(response.headers.get("X-Conveyor-Model-Version"))
                 else:
@@ -95,19 +95,22 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
 
     # Batch: score an inference drop with version 1, twice for the same run id, no duplicates.
     import sqlalchemy as sa
+
     from conveyor.demo import churn_frame
 
     lake = served["lake"]
     target = lake.landing("churn", "inference", "batch-1")
     target.mkdir(parents=True, exist_ok=True)
-    (target / "customers.parquet").write_bytes(churn_frame(3000, seed=5).drop(columns=["churned"]).to_parquet(index=False))
+    unlabelled = churn_frame(3000, seed=5).drop(columns=["churned"])
+    (target / "customers.parquet").write_bytes(unlabelled.to_parquet(index=False))
     (target / "_SUCCESS").write_bytes(b"")
     batch = dags()["churn__batch_predict"]
     run = batch.test(run_conf={"model": "1"})
     assert str(run.state) == "success", states(run)
     engine = sa.create_engine(f"sqlite:///{tmp_path}/warehouse.db")
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT run_id, model_version, COUNT(*) FROM churn_predictions GROUP BY 1, 2")).fetchall()
+        query = "SELECT run_id, model_version, COUNT(*) FROM churn_predictions GROUP BY 1, 2"
+        rows = conn.execute(sa.text(query)).fetchall()
     assert [(r[1], r[2]) for r in rows] == [("1", 3000)]
     assert (lake.predictions("churn", run.run_id) / "_SUCCESS.json").exists()
     assert (lake.landing("churn", "inference", "batch-1") / "_SCORED.json").exists()

@@ -62,13 +62,28 @@ def test_train_twice_registers_gates_against_the_champion_and_promotes(airflow_d
     reports = lake.reports("churn", first.run_id)
     metrics = json.loads((reports / "evaluation" / "metrics.json").read_text())
     assert 0.6 < metrics["roc_auc"] <= 1.0
-    assert (reports / "evaluation" / "index.html").exists() and (reports / "evaluation" / "confusion_matrix.png").exists()
+    assert (reports / "evaluation" / "index.html").exists()
+    assert (reports / "evaluation" / "confusion_matrix.png").exists()
     gate = json.loads((reports / "gate" / "gate.json").read_text())
     assert gate["passed"] and gate["champion"] is None
     split = json.loads((lake.models("churn", first.run_id) / "split" / "split.json").read_text())
     assert split["dataset_version"] == dataset and split["seed"] == 42
     run = registry.client.get_run(champion.run_id)
     assert run.data.tags["gate_decision"] == "passed" and "test_roc_auc" in run.data.metrics
+    # model.tar.gz: metadata.json first, and the same metadata.json beside it (the sidecar).
+    import tarfile
+
+    from conveyor.model.metadata import read_sidecar, sidecar_uri
+
+    archive = lake.models("churn", first.run_id) / "model.tar.gz"
+    assert champion.source == str(archive)
+    with archive.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+        assert next(iter(tar)).name == "metadata.json"
+    assert sidecar_uri(str(archive)) == str(lake.models("churn", first.run_id) / "metadata.json")
+    assert (lake.models("churn", first.run_id) / "metadata.json").exists()
+    metadata = read_sidecar(str(archive))
+    assert metadata.run_id == first.run_id and metadata.dataset_version == dataset and metadata.backend == "local"
+    assert metadata.code_version == champion.tags["code_version"] and metadata.feature_names
 
     second = dag.test(run_conf={"time_limit": 15, "dataset_version": dataset})
     assert str(second.state) == "success", states(second)
@@ -107,9 +122,11 @@ def test_crashing_training_script_fails_the_run_and_registers_nothing(airflow_db
 
 
 def test_crash_message_carries_the_log_tail(lake, registry, dataset, tmp_path, monkeypatch):
-    from conveyor.training.local import TrainingFailed
+    from airflow.sdk.exceptions import AirflowFailException
+
     from conveyor.operators.train import SplitDatasetOperator, TrainModelOperator
-    from helpers import context
+    from conveyor.training.local import TrainingFailed
+    from helpers import context, pipeline_spec_dict
 
     include = tmp_path / "include"
     shutil.copytree(settings.include_dir(), include)
@@ -117,9 +134,11 @@ def test_crash_message_carries_the_log_tail(lake, registry, dataset, tmp_path, m
         "for i in range(40):\n    print(f'step {i}')\nraise RuntimeError('disk on fire')\n"
     )
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
-    split = SplitDatasetOperator(task_id="split", pipeline="churn").execute(context("r1"))
-    with pytest.raises(TrainingFailed) as err:
-        TrainModelOperator(task_id="train", pipeline="churn", split=split, time_limit=10).execute(context("r1"))
+    spec = pipeline_spec_dict("churn")
+    split = SplitDatasetOperator(task_id="split", spec=spec).execute(context("r1"))
+    with pytest.raises(AirflowFailException) as err:  # deterministic: the task fails at once, not retried
+        TrainModelOperator(task_id="train", spec=spec, split=split, time_limit=10).execute(context("r1"))
+    assert isinstance(err.value.__cause__, TrainingFailed)
     message = str(err.value)
     assert "exit code 1" in message and "RuntimeError: disk on fire" in message and "step 39" in message
     assert "step 0\n" not in message  # the tail, not the whole log
@@ -129,10 +148,13 @@ def test_time_budget_of_zero_is_refused(airflow_db, lake, registry, dataset):
     from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
 
     from conveyor.operators.train import TrainModelOperator
-    from helpers import context
+    from conveyor.training.arguments import TrainingSettingsError
+    from helpers import context, pipeline_spec_dict
 
     with pytest.raises(ParamValidationError, match="time_limit"):
         train_dag().test(run_conf={"time_limit": 0})
     split = {"dataset_version": dataset, "parts": {}}
-    with pytest.raises(AirflowFailException, match="rule 'time_limit > 0'"):
-        TrainModelOperator(task_id="train", pipeline="churn", split=split, time_limit=0).execute(context("r0"))
+    op = TrainModelOperator(task_id="train", spec=pipeline_spec_dict("churn"), split=split, time_limit=0)
+    with pytest.raises(AirflowFailException, match="rule 'time_limit > 0'") as err:
+        op.execute(context("r0"))
+    assert isinstance(err.value.__cause__, TrainingSettingsError)

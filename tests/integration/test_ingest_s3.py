@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import boto3
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from conveyor.data.datasets import latest_version
 from conveyor.errors import ValidationFailed
@@ -60,8 +61,10 @@ def lake_version_of_local(tmp_path, monkeypatch):
 def test_s3_failing_drop_goes_to_quarantine(s3_lake, moto_server):
     bad = churn_csv(200, churned=["maybe"] * 200)
     write_drop(s3_lake, "bad", {"customers.csv": bad})
-    with pytest.raises(ValidationFailed, match="churned"):
+    with pytest.raises(AirflowFailException, match="churned") as err:
         ingest_and_validate("bad", run_id="s3bad")
+    assert isinstance(err.value.__cause__, ValidationFailed)
+    assert err.value.__cause__.report_uri.startswith("s3://")
     stored = keys(moto_server, s3_lake)
     assert "quarantine/churn/bad/customers.csv" in stored
     assert "quarantine/churn/bad/_report.json" in stored

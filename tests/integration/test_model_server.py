@@ -190,12 +190,15 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(endpoint, client, chu
     assert unsupported.status_code == 415 and "'text/plain' is not supported" in unsupported.json()["error"]
     malformed_csv = client.post("/invocations", content=b'1,"unterminated\n', headers=csv)
     assert malformed_csv.status_code == 400 and "malformed CSV" in malformed_csv.json()["error"]
-    malformed_json = client.post("/invocations", content=b'{"instances": [', headers={"Content-Type": "application/json"})
+    malformed_json = client.post("/invocations", content=b'{"instances": [',
+                                 headers={"Content-Type": "application/json"})
     assert malformed_json.status_code == 400 and "application/json" in malformed_json.json()["error"]
     short = client.post("/invocations", content=b"1,2,3\n", headers=csv)
     message = short.json()["error"]
-    assert short.status_code == 400 and "has 3 values" in message and f"expects {len(in_process.feature_names)} features" in message
-    assert client.post("/invocations", content=row, headers={**csv, "X-Conveyor-Target": "candidate"}).status_code == 409
+    assert short.status_code == 400 and "has 3 values" in message
+    assert f"expects {len(in_process.feature_names)} features" in message
+    candidate = {**csv, "X-Conveyor-Target": "candidate"}
+    assert client.post("/invocations", content=row, headers=candidate).status_code == 409
 
     good = client.post("/invocations", content=row, headers=csv)
     assert good.status_code == 200 and len(good.json()["predictions"]) == 1
@@ -209,7 +212,8 @@ def test_rollout_under_traffic_drops_no_request(endpoint, client, churn_model, i
     with Traffic(endpoint["url"], row) as traffic:  # a connection per request: both workers answer
         es.stage_candidate(NAME, new, new_dir)
         es.wait_for_workers(NAME, new, timeout=90)
-        smoke = client.post("/invocations", content=row, headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"})
+        smoke = client.post("/invocations", content=row,
+                            headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"})
         assert (smoke.status_code, smoke.headers["X-Conveyor-Model-Version"]) == (200, new)
         es.promote_candidate(NAME)
         wait_until(lambda: all(w["live"]["version"] == new and w["candidate"] is None for w in es.worker_states(NAME)),
@@ -233,7 +237,8 @@ def test_a_broken_candidate_is_rolled_back_under_traffic(endpoint, churn_model, 
     row = csv_body(churn_model["test"].head(1), in_process.feature_names)
     with Traffic(endpoint["url"], row) as traffic:
         es.stage_candidate(NAME, "v-broken", broken)
-        with pytest.raises(es.RolloutFailed, match="v-broken failed to load .*RuntimeError: model_fn failed on purpose"):
+        failed = "v-broken failed to load .*RuntimeError: model_fn failed on purpose"
+        with pytest.raises(es.RolloutFailed, match=failed):
             es.wait_for_workers(NAME, "v-broken", timeout=60)
         es.drop_candidate(NAME)
         wait_until(lambda: all(w["error"] is None and w["candidate"] is None for w in es.worker_states(NAME)), 30,
@@ -275,7 +280,8 @@ def test_a_killed_worker_is_restarted_and_the_endpoint_keeps_answering(endpoint,
         seen = len(traffic.outcomes)
         wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the restart")
     during = [o for o in traffic.outcomes if killed_at <= o[0] <= restarted_at]
-    print(f"\nkill: worker {victim} killed at {killed_at:.2f}s, replacement {sorted({w['pid'] for w in states} - before)} "
+    replacement = sorted({w["pid"] for w in states} - before)
+    print(f"\nkill: worker {victim} killed at {killed_at:.2f}s, replacement {replacement} "
           f"serving at {restarted_at:.2f}s; {len(during)} requests answered meanwhile; "
           f"{len(traffic.outcomes)} requests, failures {traffic.failures}")
     # The request in flight on the killed worker dies with it (SIGKILL leaves no time to answer); the client is

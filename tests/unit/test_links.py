@@ -47,6 +47,18 @@ def test_link_only_when_the_report_exists(lake, monkeypatch):
     assert GateReportLink().get_link(operator, ti_key=ti_key()) == ""  # another section: no report yet
 
 
+def test_the_pipeline_comes_from_the_operators_spec(lake, monkeypatch):
+    from airflow.sdk import literal
+
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+    report = lake.reports("churn", RUN) / "evaluation"
+    report.mkdir(parents=True)
+    (report / "index.html").write_text("<html></html>")
+    for spec in ({"name": "churn"}, literal({"name": "churn"})):
+        operator = SimpleNamespace(spec=spec)
+        assert EvaluationReportLink().get_link(operator, ti_key=ti_key()) == report_url("churn__train", RUN, "evaluation")
+
+
 def test_each_link_has_its_own_name_section_and_xcom_key():
     links = [ValidationReportLink(), EvaluationReportLink(), GateReportLink(), BatchReportLink(), MonitorReportLink()]
     assert [link.name for link in links] == ["Validation report", "Evaluation report", "Gate report", "Batch report",

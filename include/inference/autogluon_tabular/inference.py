@@ -14,7 +14,8 @@ model server and the local batch transform all call the same four handlers:
 
 Bad requests raise ``ValueError`` with a message that names the content type and the rule broken;
 an unsupported content type or accept raises :class:`UnsupportedContentType` (a ``ValueError``).
-Nothing here imports Airflow or Conveyor.
+Nothing here imports Airflow or Conveyor: ``metadata.json`` is read through the shipped contract
+module ``conveyor_metadata`` (packed beside this file in ``code/``, on ``sys.path`` there).
 """
 
 import csv
@@ -26,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import conveyor_metadata
 import numpy as np
 import pandas as pd
+from conveyor_metadata import OTHER, ModelMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +60,17 @@ class TabularModel:
     """
 
     predictor: Any
-    metadata: dict[str, Any]
+    metadata: ModelMetadata
     features: list[str] = field(init=False)
     dtypes: dict[str, str] = field(init=False)
     id_column: str | None = field(init=False)
     class_labels: list[Any] | None = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "features", [f["name"] for f in self.metadata["features"]])
-        object.__setattr__(self, "dtypes", {f["name"]: f["dtype"] for f in self.metadata["features"]})
-        object.__setattr__(self, "id_column", self.metadata.get("id_column"))
-        is_classifier = self.metadata["problem_type"] in ("binary", "multiclass")
+        object.__setattr__(self, "features", self.metadata.feature_names)
+        object.__setattr__(self, "dtypes", self.metadata.dtypes)
+        object.__setattr__(self, "id_column", self.metadata.id_column)
+        is_classifier = self.metadata.problem_type in ("binary", "multiclass")
         object.__setattr__(self, "class_labels", list(self.predictor.class_labels) if is_classifier else None)
 
 
@@ -86,7 +89,7 @@ def model_fn(model_dir: str) -> TabularModel:
     from autogluon.tabular import TabularPredictor
 
     root = Path(model_dir)
-    metadata = json.loads((root / "metadata.json").read_text())
+    metadata = conveyor_metadata.read(root)
     predictor = TabularPredictor.load(str(root / "predictor"), require_py_version_match=False, verbosity=0)
     predictor.persist()
     model = TabularModel(predictor=predictor, metadata=metadata)
@@ -530,14 +533,14 @@ def _warm_up(model: TabularModel) -> None:
 
     :param model: the loaded model.
     """
-    stats = model.metadata.get("baseline", {}).get("features", {})
+    stats = (model.metadata.baseline or {}).get("features", {})
     row: dict[str, Any] = {}
     for name in model.features:
         summary = stats.get(name, {})
         if summary.get("kind") == "numeric":
             row[name] = (summary.get("quantiles") or {}).get("p50")
         elif summary.get("kind") in ("categorical", "boolean"):
-            top = [k for k in summary.get("frequencies", {}) if k != "__other__"]
+            top = [k for k in summary.get("frequencies", {}) if k != OTHER]
             row[name] = top[0] if top else None
         else:
             row[name] = None

@@ -20,7 +20,9 @@ Conveyor's model server and the local batch transform all call the same four han
 
 Bad requests raise ``ValueError`` with a message that names the content type, the instance and
 the rule broken; an unsupported content type or accept raises :class:`UnsupportedContentType` (a
-``ValueError``). Nothing here imports Airflow or Conveyor.
+``ValueError``). Nothing here imports Airflow or Conveyor: ``metadata.json`` is read through the
+shipped contract module ``conveyor_metadata`` (packed beside this file in ``code/``, on ``sys.path``
+there).
 """
 
 import base64
@@ -29,14 +31,17 @@ import io
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import conveyor_metadata
 import numpy as np
 import pandas as pd
 import torch
 import torchvision
+from conveyor_metadata import ModelMetadata
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
@@ -93,16 +98,17 @@ class ImageModel:
     """
 
     network: torch.nn.Module
-    metadata: dict[str, Any]
+    metadata: ModelMetadata
     device: torch.device
     class_labels: list[str] = field(init=False)
     transform: Callable[[Image.Image], torch.Tensor] = field(init=False)
     exif_transpose: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "class_labels", [str(label) for label in self.metadata["class_labels"]])
-        object.__setattr__(self, "transform", build_transform(self.metadata["preprocessing"]))
-        object.__setattr__(self, "exif_transpose", bool(self.metadata["preprocessing"].get("exif_transpose", True)))
+        preprocessing = self.metadata.preprocessing or {}
+        object.__setattr__(self, "class_labels", [str(label) for label in self.metadata.class_labels or []])
+        object.__setattr__(self, "transform", build_transform(preprocessing))
+        object.__setattr__(self, "exif_transpose", bool(preprocessing.get("exif_transpose", True)))
 
 
 _loaded: ImageModel | None = None
@@ -118,12 +124,14 @@ def model_fn(model_dir: str) -> ImageModel:
     """
     global _loaded
     root = Path(model_dir)
-    metadata = json.loads((root / "metadata.json").read_text())
-    arch = metadata.get("arch")
+    metadata = conveyor_metadata.read(root)
+    arch = metadata.arch
     if arch not in ARCHS:
         raise ValueError(f"metadata.json: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if not metadata.class_labels or not metadata.preprocessing:
+        raise ValueError("metadata.json: an image model needs class_labels and preprocessing")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = getattr(torchvision.models, arch)(weights=None, num_classes=len(metadata["class_labels"]))
+    network = getattr(torchvision.models, arch)(weights=None, num_classes=len(metadata.class_labels))
     network.load_state_dict(torch.load(root / "model.pt", map_location="cpu", weights_only=True))
     network.to(device).eval()
     model = ImageModel(network=network, metadata=metadata, device=device)
@@ -324,7 +332,8 @@ def _json_images(body: str | bytes) -> list[tuple[str, bytes]]:
         where = f"{JSON}: instance {number}"
         text = instance.get("b64") if isinstance(instance, dict) else instance
         if not isinstance(text, str):
-            raise ValueError(f'{where}: expected {{"b64": "<base64>"}} or a base64 string, got {json.dumps(instance)[:80]}')
+            shown = json.dumps(instance)[:80]
+            raise ValueError(f'{where}: expected {{"b64": "<base64>"}} or a base64 string, got {shown}')
         images.append((where, _b64(text, where)))
     return images
 
@@ -382,7 +391,8 @@ def _list_loaders(data: Any) -> list[tuple[str, Callable[[], Any]]]:
     if isinstance(data, (bytes, bytearray, memoryview, Image.Image)):
         data = [data]
     if not isinstance(data, (list, tuple)):
-        raise ValueError(f"predict_fn: expected a batch tensor, a DataFrame or a list of images, got {type(data).__name__}")
+        raise ValueError(
+            f"predict_fn: expected a batch tensor, a DataFrame or a list of images, got {type(data).__name__}")
     return [(f"predict_fn: item {i}", (lambda v=value: v)) for i, value in enumerate(data)]
 
 
@@ -422,7 +432,7 @@ def _warm_up(model: ImageModel) -> None:
 
     :param model: the loaded model.
     """
-    crop = int(model.metadata["preprocessing"]["crop"])
+    crop = int((model.metadata.preprocessing or {})["crop"])
     try:
         _forward(model, torch.zeros(1, 3, crop, crop))
     except Exception:  # noqa: BLE001 - a warm-up failure must not stop serving; requests will report it

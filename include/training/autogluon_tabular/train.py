@@ -13,6 +13,12 @@ Every path defaults to its SageMaker environment variable (``SM_CHANNEL_TRAIN``,
 hyperparameter is a flag. This script imports nothing from Airflow or Conveyor: it runs as a child
 process on a laptop and unchanged inside a SageMaker training container.
 
+This file holds the command line, the fit and :func:`main`; its siblings, imported as plain modules
+from the script's folder (SageMaker puts the source folder on ``sys.path``, ``python train.py``
+puts the script's folder there), hold the rest: ``data`` (channels, label checks) and ``baseline``
+(drift statistics). ``metadata.json`` is a ``ModelMetadata`` of the shipped contract module
+``conveyor_metadata``, on ``sys.path`` beside the scripts.
+
 Bad input ends the process with ``train.py: <what is wrong>`` on stderr and exit status 1.
 """
 
@@ -28,29 +34,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import conveyor_metadata
 import numpy as np
 import pandas as pd
+from baseline import build_baseline, categorical_baseline, numeric_baseline, prediction_baseline
+from conveyor_metadata import Feature, ModelMetadata, finite
+from data import TrainingInputError, log, prepare_data, read_channel
+
+__all__ = [
+    "TrainingInputError", "build_baseline", "categorical_baseline", "get_args_parser", "main", "numeric_baseline",
+    "prediction_baseline", "run",
+]
 
 TRAINER = "autogluon_tabular"
 PROBLEM_TYPES = ("binary", "multiclass", "regression")
-DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz")
-QUANTILES = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p95": 0.95, "p99": 0.99}
-HISTOGRAM_BINS = 10
-TOP_VALUES = 50
-OTHER = "__other__"
 INFER_LIMIT_BATCH_SIZE = 10_000
-
-
-class TrainingInputError(ValueError):
-    """Bad input data or options: the CLI reports it as ``train.py: <message>`` and exits 1."""
-
-
-def log(message: str) -> None:
-    """Print one progress line to stdout at once, so a parent process can stream it.
-
-    :param message: the line to print.
-    """
-    print(f"[train.py] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------- options
@@ -185,308 +183,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------------------ data
-
-
-def list_data_files(folder: Path | None, channel: str, env_name: str) -> list[Path]:
-    """The data files of a channel folder, sorted, searched recursively; hidden files skipped.
-
-    :param folder: the channel folder.
-    :param channel: the channel's name, for messages.
-    :param env_name: the environment variable that names it, for messages.
-    """
-    if folder is None:
-        raise TrainingInputError(f"{channel} channel: no folder given (set {env_name} or pass --{channel})")
-    if not folder.is_dir():
-        raise TrainingInputError(f"{channel} channel: folder {folder} does not exist")
-    files = sorted(
-        path for path in folder.rglob("*")
-        if path.is_file() and path.name.lower().endswith(DATA_SUFFIXES)
-        and not any(part.startswith((".", "_")) for part in path.relative_to(folder).parts)
-    )
-    if not files:
-        raise TrainingInputError(
-            f"{channel} channel: folder {folder} holds no data file ({', '.join(DATA_SUFFIXES)})"
-        )
-    return files
-
-
-def read_channel(folder: Path | None, channel: str, env_name: str) -> pd.DataFrame:
-    """Read and concatenate every data file of a channel; all files must have the same columns.
-
-    :param folder: the channel folder.
-    :param channel: the channel's name, for messages.
-    :param env_name: the environment variable that names it, for messages.
-    """
-    frames = []
-    for path in list_data_files(folder, channel, env_name):
-        try:
-            if path.name.lower().endswith((".parquet", ".pq")):
-                frame = pd.read_parquet(path)
-            else:
-                frame = pd.read_csv(path, low_memory=False)
-        except Exception as error:  # noqa: BLE001 - any reader failure is bad input here
-            raise TrainingInputError(f"{channel} channel: cannot read {path}: {error}") from error
-        if frames and list(frame.columns) != list(frames[0].columns):
-            if set(frame.columns) != set(frames[0].columns):
-                raise TrainingInputError(
-                    f"{channel} channel: {path.name} has columns {list(frame.columns)}, "
-                    f"but the first file has {list(frames[0].columns)}"
-                )
-            frame = frame[list(frames[0].columns)]
-        frames.append(frame)
-    data = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if data.empty:
-        raise TrainingInputError(f"{channel} data is empty: {folder} holds no rows")
-    return data
-
-
-def _class_list(values: pd.Series, limit: int = 10) -> str:
-    """A short, readable list of distinct values.
-
-    :param values: the distinct values.
-    :param limit: how many to show at most.
-    """
-    shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in list(values)[:limit])
-    return shown + (", ..." if len(values) > limit else "")
-
-
-def check_label(data: pd.DataFrame, label: str, problem_type: str, channel: str) -> pd.DataFrame:
-    """Check the label column of one channel; rows without a label are dropped (with a note).
-
-    :param data: the channel's rows.
-    :param label: the label column.
-    :param problem_type: binary, multiclass or regression.
-    :param channel: the channel's name, for messages.
-    """
-    if label not in data.columns:
-        shown = ", ".join(map(str, list(data.columns)[:20])) + (", ..." if data.shape[1] > 20 else "")
-        raise TrainingInputError(f"label '{label}' is not a column of the {channel} data (columns: {shown})")
-    missing = int(data[label].isna().sum())
-    if missing:
-        if missing == len(data):
-            raise TrainingInputError(f"{channel} data: label '{label}' is missing in every row")
-        log(f"{channel}: dropping {missing} rows without a label")
-        data = data[data[label].notna()].reset_index(drop=True)
-    if problem_type == "regression":
-        if not pd.api.types.is_numeric_dtype(data[label]) or pd.api.types.is_bool_dtype(data[label]):
-            raise TrainingInputError(
-                f"label '{label}' has dtype {data[label].dtype} in the {channel} data: "
-                "problem type 'regression' needs a numeric label"
-            )
-    elif channel == "train":
-        classes = data[label].unique()
-        if len(classes) < 2:
-            value = classes[0].item() if hasattr(classes[0], "item") else classes[0]
-            raise TrainingInputError(
-                f"label '{label}' has a single class {value!r}: a classifier needs at least 2"
-            )
-        if problem_type == "binary" and len(classes) > 2:
-            raise TrainingInputError(
-                f"label '{label}' has {len(classes)} classes ({_class_list(classes)}): "
-                "problem type 'binary' needs exactly 2 (use multiclass)"
-            )
-    return data
-
-
-def prepare_data(
-    train: pd.DataFrame, validation: pd.DataFrame | None, label: str, problem_type: str, id_column: str | None
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Check both channels and return them without the id column, validation in training's column order.
-
-    :param train: the training rows.
-    :param validation: the validation rows, if any.
-    :param label: the label column.
-    :param problem_type: binary, multiclass or regression.
-    :param id_column: the row identifier column, if any.
-    """
-    train = check_label(train, label, problem_type, "train")
-    if id_column is not None:
-        if id_column == label:
-            raise TrainingInputError(f"id column '{id_column}' is also the label")
-        if id_column not in train.columns:
-            raise TrainingInputError(f"id column '{id_column}' is not a column of the train data")
-        train = train.drop(columns=[id_column])
-    if train.shape[1] < 2:
-        raise TrainingInputError("train data has no feature column besides the label and the id column")
-    if validation is None:
-        return train, None
-    validation = check_label(validation, label, problem_type, "validation")
-    missing = [c for c in train.columns if c not in validation.columns]
-    if missing:
-        raise TrainingInputError(f"validation data lacks columns of the train data: {', '.join(map(str, missing))}")
-    extra = [c for c in validation.columns if c not in train.columns and c != id_column]
-    if extra:
-        log(f"validation: ignoring columns absent from train: {', '.join(map(str, extra))}")
-    validation = validation[list(train.columns)]
-    if problem_type != "regression":
-        unseen = pd.Index(validation[label].unique()).difference(pd.Index(train[label].unique()))
-        if len(unseen):
-            raise TrainingInputError(
-                f"label '{label}' has classes in the validation data never seen in training: {_class_list(unseen)}"
-            )
-    return train, validation
-
-
-# -------------------------------------------------------------------------------------- baseline
-
-
-def feature_kind(dtype: Any) -> str:
-    """How a column is summarised and coerced: ``numeric``, ``boolean``, ``datetime`` or ``categorical``.
-
-    :param dtype: the column's pandas dtype.
-    """
-    if pd.api.types.is_bool_dtype(dtype):
-        return "boolean"
-    if pd.api.types.is_numeric_dtype(dtype):
-        return "numeric"
-    if pd.api.types.is_datetime64_any_dtype(dtype):
-        return "datetime"
-    return "categorical"
-
-
-def _number(value: Any) -> float | None:
-    """A JSON-safe float: None for NaN or infinity.
-
-    :param value: a number.
-    """
-    value = float(value)
-    return value if np.isfinite(value) else None
-
-
-def numeric_baseline(series: pd.Series) -> dict[str, Any]:
-    """Count, missing rate, moments, quantiles and a decile histogram of a numeric column.
-
-    The histogram's edges are the distinct deciles of the non-missing values (10 bins, fewer when
-    deciles coincide); ``counts[i]`` counts values in ``[edges[i], edges[i+1])``, the last bin closed.
-
-    :param series: the column.
-    """
-    values = pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
-    rows = len(values)
-    values = values[np.isfinite(values)]
-    stats: dict[str, Any] = {
-        "kind": "numeric",
-        "count": int(len(values)),
-        "missing_rate": _number((rows - len(values)) / rows) if rows else None,
-    }
-    if not len(values):
-        return stats | {"mean": None, "std": None, "min": None, "max": None, "quantiles": {}, "histogram": None}
-    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)))
-    if len(edges) == 1:
-        edges = np.array([edges[0], edges[0]])
-        counts = np.array([len(values)])
-    else:
-        counts, _ = np.histogram(values, bins=edges)
-    return stats | {
-        "mean": _number(values.mean()),
-        "std": _number(values.std(ddof=1)) if len(values) > 1 else 0.0,
-        "min": _number(values.min()),
-        "max": _number(values.max()),
-        "quantiles": {name: _number(np.quantile(values, q)) for name, q in QUANTILES.items()},
-        "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
-    }
-
-
-def categorical_baseline(series: pd.Series, kind: str = "categorical") -> dict[str, Any]:
-    """Missing rate and the shares of the top values of a categorical column.
-
-    ``frequencies`` holds the share of each of the ``TOP_VALUES`` most frequent values among the
-    non-missing values (keys as strings), plus ``__other__`` for the rest (0.0 when there is none).
-
-    :param series: the column.
-    :param kind: the kind written into the summary (``categorical`` or ``boolean``).
-    """
-    rows = len(series)
-    present = series.dropna()
-    counts = present.astype(str).value_counts()
-    top = counts.iloc[:TOP_VALUES]
-    total = int(counts.sum())
-    frequencies = {str(k): float(v / total) for k, v in top.items()} if total else {}
-    if total:
-        frequencies[OTHER] = float(counts.iloc[TOP_VALUES:].sum() / total)
-    return {
-        "kind": kind,
-        "count": total,
-        "missing_rate": _number((rows - total) / rows) if rows else None,
-        "distinct": int(len(counts)),
-        "frequencies": frequencies,
-    }
-
-
-def datetime_baseline(series: pd.Series) -> dict[str, Any]:
-    """Count, missing rate and range of a datetime column.
-
-    :param series: the column.
-    """
-    rows = len(series)
-    present = series.dropna()
-    return {
-        "kind": "datetime",
-        "count": int(len(present)),
-        "missing_rate": _number((rows - len(present)) / rows) if rows else None,
-        "min": present.min().isoformat() if len(present) else None,
-        "max": present.max().isoformat() if len(present) else None,
-    }
-
-
-def build_baseline(train: pd.DataFrame, label: str, problem_type: str) -> dict[str, Any]:
-    """Training-data statistics the drift monitor compares live data with.
-
-    :param train: the training rows (label included, id column excluded).
-    :param label: the label column.
-    :param problem_type: binary, multiclass or regression.
-    """
-    features: dict[str, Any] = {}
-    for name in train.columns:
-        if name == label:
-            continue
-        kind = feature_kind(train[name].dtype)
-        if kind == "numeric":
-            features[str(name)] = numeric_baseline(train[name])
-        elif kind == "datetime":
-            features[str(name)] = datetime_baseline(train[name])
-        else:
-            features[str(name)] = categorical_baseline(train[name], kind)
-    baseline: dict[str, Any] = {"rows": int(len(train)), "features": features}
-    if problem_type == "regression":
-        baseline["label"] = numeric_baseline(train[label])
-    else:
-        shares = train[label].value_counts(normalize=True)
-        baseline["label_distribution"] = {str(k): float(v) for k, v in shares.items()}
-    return baseline
-
-
-def prediction_baseline(predictor: Any, validation: pd.DataFrame, label: str, problem_type: str,
-                        model: str) -> dict[str, Any]:
-    """The distribution of a model's predictions on the validation data (held out from its fit).
-
-    The drift monitor compares live predictions with it: ``{class: share}`` over every class the
-    model knows (0.0 for a class it never predicted), as ``label_distribution``; for a regressor
-    the :func:`numeric_baseline` of the predicted values, as ``label``.
-
-    :param predictor: the fitted predictor.
-    :param validation: the validation rows (label included; it is not used).
-    :param label: the label column.
-    :param problem_type: binary, multiclass or regression.
-    :param model: the model that predicts (the one scored on validation, not a refit on it).
-    """
-    predicted = predictor.predict(validation.drop(columns=[label]), model=model)
-    if problem_type == "regression":
-        return numeric_baseline(pd.Series(np.asarray(predicted, dtype="float64")))
-    counts = pd.Series(np.asarray(predicted)).map(str).value_counts()
-    total = int(counts.sum())
-    return {str(c): float(counts.get(str(c), 0) / total) for c in predictor.class_labels}
-
-
-def _native(value: Any) -> Any:
-    """A numpy scalar as the Python value JSON can hold.
-
-    :param value: any value.
-    """
-    return value.item() if isinstance(value, np.generic) else value
-
-
 # ----------------------------------------------------------------------------------------- model
 
 
@@ -589,7 +285,8 @@ def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame
         board["score_validation"] = board["score_val"]
     else:
         board = predictor.leaderboard(validation, silent=True)
-        board = board.rename(columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c)
+        board = board.rename(
+            columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c)
     refits = set(predictor.model_refit_map().values())
     board["trained_on_validation"] = board["model"].isin(refits)
     return board
@@ -618,7 +315,7 @@ def train_and_clone(
     scored_model = predictor.model_refit_map(inverse=True).get(fitted_best, fitted_best)
     score = board.set_index("model").loc[scored_model, "score_validation"]
     log(f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation "
-        f"{predictor.eval_metric.name} = {_number(score) if pd.notna(score) else None} ({scored_model})")
+        f"{predictor.eval_metric.name} = {finite(score) if pd.notna(score) else None} ({scored_model})")
     predictions = None
     if validation is not None:  # before any refit: the scored model never saw these rows
         predictions = prediction_baseline(predictor, validation, args.label, args.problem_type, scored_model)
@@ -640,7 +337,30 @@ def _reset_dir(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _native(value: Any) -> Any:
+    """A numpy scalar as the Python value JSON can hold.
+
+    :param value: any value.
+    """
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _read_data(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Read and check both channels (see :func:`data.prepare_data`).
+
+    :param args: the parsed command line.
+    """
+    train = read_channel(args.train, "train", "SM_CHANNEL_TRAIN")
+    validation = None
+    if args.validation is not None:
+        validation = read_channel(args.validation, "validation", "SM_CHANNEL_VALIDATION")
+    train, validation = prepare_data(train, validation, args.label, args.problem_type, args.id_column)
+    log(f"data: train {train.shape[0]} rows x {train.shape[1] - 1} features; "
+        + (f"validation {validation.shape[0]} rows" if validation is not None else "no validation channel"))
+    return train, validation
+
+
+def run(args: argparse.Namespace) -> ModelMetadata:
     """Check the inputs, train, write the artifact and reports; return the metadata written.
 
     :param args: the parsed command line.
@@ -652,14 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainingInputError("output data dir: none given (set SM_OUTPUT_DATA_DIR or pass --output-data-dir)")
     log(f"start: label={args.label!r} problem_type={args.problem_type} presets={args.presets} "
         f"time_limit={args.time_limit}s")
-
-    train = read_channel(args.train, "train", "SM_CHANNEL_TRAIN")
-    validation = None
-    if args.validation is not None:
-        validation = read_channel(args.validation, "validation", "SM_CHANNEL_VALIDATION")
-    train, validation = prepare_data(train, validation, args.label, args.problem_type, args.id_column)
-    log(f"data: train {train.shape[0]} rows x {train.shape[1] - 1} features; "
-        + (f"validation {validation.shape[0]} rows" if validation is not None else "no validation channel"))
+    train, validation = _read_data(args)
     check_eval_metric(args.eval_metric, args.problem_type)
 
     model_dir, output_dir = Path(args.model_dir).resolve(), Path(args.output_data_dir).resolve()
@@ -678,31 +391,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _reset_dir(final_dir)
         raise
     _reset_dir(work_dir)
-    metric = predictor.eval_metric.name
     size_mb = sum(p.stat().st_size for p in final_dir.rglob("*") if p.is_file()) / 2**20
     log(f"saved: {final_dir} ({size_mb:.1f} MB), serving model {best}")
 
-    features = [{"name": str(c), "dtype": str(train[c].dtype)} for c in train.columns if c != args.label]
-    metadata: dict[str, Any] = {
+    fields = _metadata_fields(args, predictor, (train, validation), (best, scored_model, score, predictions),
+                              started, size_mb)
+    metadata = ModelMetadata(**fields)
+    conveyor_metadata.write_fields(metadata, model_dir / conveyor_metadata.FILENAME, fields)
+    write_reports(board, metadata, output_dir)
+    log(f"wrote {model_dir / 'metadata.json'}, {output_dir / 'leaderboard.csv'}, {output_dir / 'fit_summary.json'}")
+    return metadata
+
+
+def _metadata_fields(args: argparse.Namespace, predictor: Any, data: tuple[pd.DataFrame, pd.DataFrame | None],
+                     fitted: tuple[str, str, Any, Any], started: float, size_mb: float) -> dict[str, Any]:
+    """The ``ModelMetadata`` fields this trainer sets (a regressor has no classes, only binary a threshold).
+
+    :param args: the parsed command line.
+    :param predictor: the fitted predictor.
+    :param data: the training rows (label included, id column excluded) and the validation rows, if any.
+    :param fitted: what :func:`train_and_clone` returned about the models: the served model, the model
+        scored on validation, its validation score and the distribution of its validation predictions.
+    :param started: when the run started (``time.time``).
+    :param size_mb: the size of the deployment clone.
+    """
+    (train, validation), (best, scored_model, score, predictions) = data, fitted
+    metric = predictor.eval_metric.name
+    fields: dict[str, Any] = {
         "trainer": TRAINER,
         "label": args.label,
         "problem_type": args.problem_type,
         "eval_metric": metric,
         "id_column": args.id_column,
-        "features": features,
+        "features": tuple(Feature(name=str(c), dtype=str(train[c].dtype)) for c in train.columns if c != args.label),
     }
     if args.problem_type != "regression":
-        metadata["class_labels"] = [_native(c) for c in predictor.class_labels]
+        fields["class_labels"] = [_native(c) for c in predictor.class_labels]
         if args.problem_type == "binary":
-            metadata["positive_class"] = _native(predictor.positive_class)
-            metadata["decision_threshold"] = _number(predictor.decision_threshold)
+            fields["positive_class"] = _native(predictor.positive_class)
+            fields["decision_threshold"] = finite(predictor.decision_threshold)
     baseline = build_baseline(train, args.label, args.problem_type)
     if predictions is not None:
         baseline["predictions"] = predictions
         baseline["predictions_source"] = {"channel": "validation", "rows": int(len(validation)), "model": scored_model}
-    metadata |= {
+    return fields | {
         "best_model": best,
-        "validation_score": _number(score) if pd.notna(score) else None,
+        "validation_score": finite(score) if pd.notna(score) else None,
         "validation_metric": metric,
         "validation_model": scored_model,
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -712,10 +446,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "versions": _versions(),
         "baseline": baseline,
     }
-    (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, allow_nan=False))
-    write_reports(board, metadata, output_dir)
-    log(f"wrote {model_dir / 'metadata.json'}, {output_dir / 'leaderboard.csv'}, {output_dir / 'fit_summary.json'}")
-    return metadata
 
 
 def _versions() -> dict[str, str]:
@@ -725,7 +455,15 @@ def _versions() -> dict[str, str]:
     return {"autogluon": autogluon_version, "pandas": pd.__version__, "python": platform.python_version()}
 
 
-def write_reports(board: pd.DataFrame, metadata: dict[str, Any], output_dir: Path) -> None:
+def _cell(value: Any) -> float | None:
+    """A leaderboard number as JSON (None when missing or not finite).
+
+    :param value: the cell.
+    """
+    return finite(value) if pd.notna(value) else None
+
+
+def write_reports(board: pd.DataFrame, metadata: ModelMetadata, output_dir: Path) -> None:
     """Write ``leaderboard.csv`` and a small ``fit_summary.json``.
 
     :param board: the leaderboard from :func:`score_table`.
@@ -736,16 +474,16 @@ def write_reports(board: pd.DataFrame, metadata: dict[str, Any], output_dir: Pat
     models = [
         {
             "model": str(row["model"]),
-            "score_validation": _number(row["score_validation"]) if pd.notna(row["score_validation"]) else None,
-            "score_val": _number(row["score_val"]) if pd.notna(row["score_val"]) else None,
-            "fit_time": _number(row["fit_time"]) if pd.notna(row["fit_time"]) else None,
+            "score_validation": _cell(row["score_validation"]),
+            "score_val": _cell(row["score_val"]),
+            "fit_time": _cell(row["fit_time"]),
             "stack_level": int(row["stack_level"]),
             "trained_on_validation": bool(row["trained_on_validation"]),
         }
         for _, row in board.iterrows()
     ]
     summary = {
-        key: metadata[key]
+        key: getattr(metadata, key)
         for key in ("best_model", "eval_metric", "validation_score", "validation_model", "rows", "training_seconds")
     } | {"models": models}
     (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))

@@ -22,7 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from conveyor.errors import TransientError
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
@@ -41,6 +44,14 @@ CONTAINER_ENV = {
 CAPTURE_CONTENT_TYPES = {"CsvContentTypes": ["text/csv"], "JsonContentTypes": ["application/json"]}
 # Statuses of an endpoint with a change in progress (SageMaker refuses another until it ends).
 ENDPOINT_BUSY = frozenset({"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"})
+
+
+class EndpointBusy(TransientError):
+    """The endpoint has another change in progress (transient: the task is retried)."""
+
+
+class TransformStillRunning(TransientError):
+    """The transform job outlasted the run's wait (transient: a retry waits for the same job again)."""
 
 
 def sagemaker_hook(spec: PipelineSpec) -> SageMakerHook:
@@ -69,7 +80,7 @@ def resource_name(spec: PipelineSpec, base: str, suffix: str = "") -> str:
     :param base: e.g. the pipeline's name (``_`` becomes ``-``).
     :param suffix: e.g. ``-v3-1a2b3c``.
     """
-    from conveyor.aws.training import sagemaker_name
+    from conveyor.aws.common import sagemaker_name
 
     tail = sagemaker_name(suffix, NAME_MAX) if suffix else ""
     head = sagemaker_name(f"{spec.sagemaker.name_prefix}{base}", NAME_MAX - len(tail) - (1 if tail else 0))
@@ -104,7 +115,7 @@ def model_request(spec: PipelineSpec, model: dict[str, Any], region: str, run_id
     :param region: the AWS region (for the default framework image).
     :param run_id: the Airflow run (a tag).
     """
-    from conveyor.aws.training import inference_image, plain_s3_uri
+    from conveyor.aws.common import inference_image, plain_s3_uri
 
     container = {
         "Image": inference_image(spec.trainer.kind, region, spec.sagemaker.inference_image_uri),
@@ -129,7 +140,7 @@ def capture_config(spec: PipelineSpec, lake: Lake) -> dict[str, Any] | None:
     :param spec: the pipeline (``deploy.endpoint.capture_share``).
     :param lake: the lake (on S3).
     """
-    from conveyor.aws.training import plain_s3_uri
+    from conveyor.aws.common import plain_s3_uri
 
     share = spec.deploy.endpoint.capture_share
     if share <= 0:
@@ -194,7 +205,8 @@ def deployment_config(settings: EndpointSpec) -> dict[str, Any]:
 
     :param settings: ``deploy.endpoint``.
     """
-    routing: dict[str, Any] = {"Type": settings.traffic_routing, "WaitIntervalInSeconds": settings.wait_interval_seconds}
+    routing: dict[str, Any] = {"Type": settings.traffic_routing,
+                               "WaitIntervalInSeconds": settings.wait_interval_seconds}
     if settings.traffic_routing == "CANARY":
         routing["CanarySize"] = percent(settings.traffic_step_share)
     elif settings.traffic_routing == "LINEAR":
@@ -217,9 +229,10 @@ def is_missing(exc: Exception) -> bool:
 
     :param exc: the exception of a describe call.
     """
-    from conveyor.aws.training import error_code, error_message
+    from conveyor.aws.common import error_code, error_message
 
-    return error_code(exc) in {"ValidationException", "ResourceNotFound"} and "could not find" in error_message(exc).lower()
+    missing = error_code(exc) in {"ValidationException", "ResourceNotFound"}
+    return missing and "could not find" in error_message(exc).lower()
 
 
 def describe_or_none(describe: Callable[[str], dict[str, Any]], name: str) -> dict[str, Any] | None:

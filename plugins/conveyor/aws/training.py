@@ -8,55 +8,69 @@ SageMaker Python SDK does, so the training toolkit hands them back to the script
 ``--flag value``). ``sagemaker_program`` and ``sagemaker_submit_directory`` tell the container's
 training toolkit which script to run.
 
-Default container images (``sagemaker.image_uri`` / ``sagemaker.inference_image_uri`` override them):
+The contract modules Conveyor ships beside the scripts (``conveyor.model.contract``) go into
+``sourcedir.tar.gz`` beside ``train.py``. The train task's steps (:func:`job_request`,
+:func:`job_failure`, :func:`job_model`) make a completed job's model like the local backend's.
 
-| trainer | training | inference |
-|---|---|---|
-| ``autogluon`` | ``autogluon:1.6.3-cpu-amzn2023`` (``-cu133-`` with ``trainer.gpu``) | the same image |
-| ``resnet`` | ``pytorch-training:2.9.0-cpu-py312-ubuntu22.04-sagemaker`` (``gpu-py312-cu130`` with ``trainer.gpu``) | ``pytorch-inference:2.9.0-cpu-py312-ubuntu22.04-sagemaker`` |
+Default training images (``sagemaker.image_uri`` overrides them; serving images: ``conveyor.aws.common``):
+
+| trainer | training |
+|---|---|
+| ``autogluon`` | ``autogluon:1.6.3-cpu-amzn2023`` (``-cu133-`` with ``trainer.gpu``) |
+| ``resnet`` | ``pytorch-training:2.9.0-cpu-py312-ubuntu22.04-sagemaker`` (``gpu-py312-cu130`` with ``trainer.gpu``) |
 
 all in the AWS Deep Learning Containers registry ``763104351884.dkr.ecr.<region>.amazonaws.com``
 (a few opt-in regions use another account: set the image explicitly there).
 
-AWS errors: an expired or invalid credential becomes :class:`AwsCredentialsExpired` (retried: the
-connection may be refreshed by then), a missing IAM permission :class:`AwsPermissionDenied` (not
-retried), both naming the connection and the API call.
+AWS errors (``conveyor.aws.common``, importable from here too): an expired or invalid credential
+becomes :class:`AwsCredentialsExpired` (transient: the connection may be refreshed by a retry), a
+missing IAM permission :class:`AwsPermissionDenied` (deterministic), both naming the connection
+and the API call. Every error of this module is a ``ConveyorError``: the operators decide retries.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from conveyor.aws.common import (
+    CONTENT_TYPES,
+    DLC_REGISTRY,
+    INFERENCE_IMAGES,
+    RESPONSE_TYPES,
+    AwsCredentialsExpired,
+    AwsPermissionDenied,
+    NotOnS3,
+    aws_errors,
+    error_code,
+    error_message,
+    inference_image,
+    model_package_group,
+    plain_s3_uri,
+    sagemaker_name,
+)
+from conveyor.errors import ConveyorError
 
 if TYPE_CHECKING:
-    from airflow.sdk import ObjectStoragePath
 
     from conveyor.spec import PipelineSpec
 
-DLC_REGISTRY = "763104351884.dkr.ecr.{region}.amazonaws.com"
+__all__ = [  # the shared AWS helpers, importable from here too (``conveyor.aws.common`` holds them)
+    "CONTENT_TYPES", "INFERENCE_IMAGES", "RESPONSE_TYPES", "AwsCredentialsExpired", "AwsPermissionDenied", "NotOnS3",
+    "aws_errors", "error_code", "error_message", "inference_image", "model_package_group", "plain_s3_uri",
+    "sagemaker_name",
+]
+
 TRAINING_IMAGES = {
     ("autogluon", False): "autogluon:1.6.3-cpu-amzn2023",
     ("autogluon", True): "autogluon:1.6.3-cu133-amzn2023",
     ("resnet", False): "pytorch-training:2.9.0-cpu-py312-ubuntu22.04-sagemaker",
     ("resnet", True): "pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker",
 }
-INFERENCE_IMAGES = {
-    "autogluon": "autogluon:1.6.3-cpu-amzn2023",
-    "resnet": "pytorch-inference:2.9.0-cpu-py312-ubuntu22.04-sagemaker",
-}
-CONTENT_TYPES = {
-    "autogluon": ["text/csv", "application/json"],
-    "resnet": ["image/jpeg", "image/png", "application/x-image", "application/json"],
-}
-RESPONSE_TYPES = ["application/json", "text/csv"]
-
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 CHANNELS = ("train", "validation")
@@ -64,96 +78,14 @@ RUNNING = frozenset({"InProgress", "Stopping"})
 FAILED = frozenset({"Failed", "Stopped"})
 HYPERPARAMETER_VALUE_MAX = 2500
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-_CREDENTIAL_ERRORS = frozenset({
-    "ExpiredToken", "ExpiredTokenException", "RequestExpired", "InvalidClientTokenId",
-    "UnrecognizedClientException", "InvalidSignatureException", "SignatureDoesNotMatch",
-})
-_PERMISSION_ERRORS = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
 
 
-class AwsCredentialsExpired(AirflowException):
-    """The AWS connection's credentials expired or were refused (transient: the task is retried)."""
-
-
-class AwsPermissionDenied(AirflowFailException):
-    """The role behind the AWS connection lacks an IAM permission (deterministic: not retried)."""
-
-
-class TrainingJobFailed(AirflowFailException):
+class TrainingJobFailed(ConveyorError):
     """A SageMaker training job ended ``Failed`` or ``Stopped`` (carries its reason and last log lines)."""
 
 
-def error_code(exc: Exception) -> str:
-    """The AWS error code of a botocore ``ClientError`` ('' for anything else).
-
-    :param exc: the exception.
-    """
-    response = getattr(exc, "response", None) or {}
-    return str((response.get("Error") or {}).get("Code") or "")
-
-
-def error_message(exc: Exception) -> str:
-    """The AWS error message of a botocore ``ClientError`` (``str(exc)`` for anything else).
-
-    :param exc: the exception.
-    """
-    response = getattr(exc, "response", None) or {}
-    return str((response.get("Error") or {}).get("Message") or exc)
-
-
-@contextlib.contextmanager
-def aws_errors(action: str, conn_id: str | None) -> Iterator[None]:
-    """Turn credential and permission errors of AWS calls into Conveyor's clear errors.
-
-    :param action: the API call(s) made inside, e.g. ``sagemaker:CreateTrainingJob``.
-    :param conn_id: the Airflow connection the calls use.
-    :raises AwsCredentialsExpired: the credentials expired or were refused.
-    :raises AwsPermissionDenied: the role may not make the call.
-    """
-    from botocore.exceptions import ClientError, NoCredentialsError, TokenRetrievalError
-
-    try:
-        yield
-    except ClientError as exc:
-        code = error_code(exc)
-        if code in _CREDENTIAL_ERRORS:
-            raise AwsCredentialsExpired(
-                f"{action}: the credentials of AWS connection {conn_id!r} were refused ({code}: "
-                f"{error_message(exc)}); refresh them (the task is retried)"
-            ) from exc
-        if code in _PERMISSION_ERRORS:
-            raise AwsPermissionDenied(
-                f"{action}: the role of AWS connection {conn_id!r} lacks the permission ({code}: "
-                f"{error_message(exc)}); see docs/aws.md for the IAM policy each step needs"
-            ) from exc
-        raise
-    except (NoCredentialsError, TokenRetrievalError) as exc:
-        raise AwsCredentialsExpired(f"{action}: AWS connection {conn_id!r} has no usable credentials: {exc}") from exc
-
-
-def plain_s3_uri(location: "str | ObjectStoragePath") -> str:
-    """``s3://bucket/key`` for an S3 ``ObjectStoragePath`` or URI (whose text may carry ``conn@``).
-
-    :param location: an S3 path of the lake or an ``s3://`` URI.
-    :raises AirflowFailException: the location is not on S3 (SageMaker reads and writes only S3).
-    """
-    if not isinstance(location, str):
-        if location.protocol not in ("s3", "s3a"):
-            raise AirflowFailException(f"{location}: SageMaker needs the lake on S3 (CONVEYOR_LAKE_URI=s3://...)")
-        return "s3://" + location.path
-    match = re.match(r"^s3a?://(?:[^@/]+@)?(.+)$", location)
-    if not match:
-        raise AirflowFailException(f"{location}: SageMaker needs an s3:// location (the lake must be on S3)")
-    return "s3://" + match.group(1)
-
-
-def sagemaker_name(text: str, limit: int) -> str:
-    """A SageMaker resource name part: letters, digits and '-', at most ``limit`` characters.
-
-    :param text: e.g. a pipeline name (``_`` becomes ``-``).
-    :param limit: the longest result.
-    """
-    return re.sub(r"-+", "-", re.sub(r"[^a-zA-Z0-9-]", "-", text))[:limit].strip("-") or "conveyor"
+class TrainingRequestInvalid(ConveyorError):
+    """A training job request SageMaker would refuse (a flag that is not one, a value too long)."""
 
 
 def training_job_name(pipeline: str, dag_id: str, run_id: str) -> str:
@@ -171,16 +103,7 @@ def training_job_name(pipeline: str, dag_id: str, run_id: str) -> str:
     return name
 
 
-def model_package_group(pipeline: str, prefix: str = "") -> str:
-    """The model package group of a pipeline: ``<prefix><pipeline with '-' for '_'>``.
-
-    :param pipeline: the pipeline's name.
-    :param prefix: ``sagemaker.name_prefix``.
-    """
-    return sagemaker_name(f"{prefix}{pipeline}", 63)
-
-
-def training_image(spec: "PipelineSpec", region: str) -> str:
+def training_image(spec: PipelineSpec, region: str) -> str:
     """The training container: ``sagemaker.image_uri``, else the trainer's AWS framework image.
 
     :param spec: the pipeline.
@@ -191,16 +114,6 @@ def training_image(spec: "PipelineSpec", region: str) -> str:
     return f"{DLC_REGISTRY.format(region=region)}/{TRAINING_IMAGES[(spec.trainer.kind, spec.trainer.gpu)]}"
 
 
-def inference_image(kind: str, region: str, override: str | None = None) -> str:
-    """The serving container of a trainer's models: the override, else the AWS framework image.
-
-    :param kind: the trainer (``autogluon`` or ``resnet``).
-    :param region: the AWS region of the endpoint or transform job.
-    :param override: ``sagemaker.inference_image_uri``.
-    """
-    return override or f"{DLC_REGISTRY.format(region=region)}/{INFERENCE_IMAGES[kind]}"
-
-
 def hyperparameters(args: list[str], program: str, submit_dir: str, region: str) -> dict[str, str]:
     """A training script's flags as SageMaker hyperparameters, JSON-encoded like the SageMaker SDK.
 
@@ -208,25 +121,25 @@ def hyperparameters(args: list[str], program: str, submit_dir: str, region: str)
     value and passes ``--<name> <value>`` to the script, so a bare flag (JSON ``true``) arrives as
     ``--<name> True``: the script must accept a value for it (the ResNet trainer's flags do).
 
-    :param args: the script's flags (``TrainModelOperator.trainer_args``).
+    :param args: the script's flags (``conveyor.training.arguments.trainer_args``).
     :param program: the script's file name in the source folder (``train.py``).
     :param submit_dir: the ``s3://`` URI of ``sourcedir.tar.gz``.
     :param region: the job's region.
-    :raises AirflowFailException: a value is longer than SageMaker accepts, or a token is not a flag.
+    :raises TrainingRequestInvalid: a value is longer than SageMaker accepts, or a token is not a flag.
     """
     values: dict[str, Any] = {}
     index = 0
     while index < len(args):
         flag = args[index]
         if not flag.startswith("--"):
-            raise AirflowFailException(f"training flags: {flag!r} is not a --flag (every hyperparameter is one)")
+            raise TrainingRequestInvalid(f"training flags: {flag!r} is not a --flag (every hyperparameter is one)")
         has_value = index + 1 < len(args) and not args[index + 1].startswith("--")
         values[flag[2:]] = args[index + 1] if has_value else True
         index += 2 if has_value else 1
     encoded = {name: json.dumps(value) for name, value in values.items()}
     for name, value in encoded.items():
         if len(value) > HYPERPARAMETER_VALUE_MAX:
-            raise AirflowFailException(
+            raise TrainingRequestInvalid(
                 f"hyperparameter {name!r}: {len(value)} characters, rule 'at most {HYPERPARAMETER_VALUE_MAX}' "
                 "(SageMaker's limit): shorten trainer.hyperparameters"
             )
@@ -242,19 +155,29 @@ def hyperparameters(args: list[str], program: str, submit_dir: str, region: str)
 def pack_source(script_dir: Path, target: Path) -> Path:
     """Pack a training script's folder as ``sourcedir.tar.gz`` (files at the top, no caches).
 
+    The contract modules Conveyor ships beside the scripts (``conveyor.model.contract``) go in
+    beside ``train.py``, unless the folder has its own, so the script can ``import conveyor_metadata``.
+
     :param script_dir: ``include/training/<trainer>``.
     :param target: the archive to write.
     """
+    from conveyor.model.contract import shipped_files
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(target, "w:gz") as tar:
+        names = set()
         for path in sorted(script_dir.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                names.add(path.relative_to(script_dir).as_posix())
                 tar.add(path, arcname=path.relative_to(script_dir).as_posix())
+        for path in shipped_files():
+            if path.name not in names:
+                tar.add(path, arcname=path.name)
     return target
 
 
 def training_job_config(
-    spec: "PipelineSpec",
+    spec: PipelineSpec,
     name: str,
     image: str,
     channels: dict[str, str],
@@ -305,7 +228,7 @@ def training_job_config(
     return config
 
 
-def wait_limit_seconds(spec: "PipelineSpec") -> int:
+def wait_limit_seconds(spec: PipelineSpec) -> int:
     """The longest a training job of this pipeline can take (its max wait with spot, else its max run).
 
     :param spec: the pipeline.
@@ -327,7 +250,6 @@ def training_log_tail(conn_id: str | None, region: str | None, job_name: str, li
     :param lines: how many lines at most.
     """
     from airflow.providers.amazon.aws.hooks.logs import AwsLogsHook
-    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         client = AwsLogsHook(aws_conn_id=conn_id, region_name=region).conn
@@ -340,7 +262,7 @@ def training_log_tail(conn_id: str | None, region: str | None, job_name: str, li
                 logGroupName=TRAINING_LOG_GROUP, logStreamName=stream["logStreamName"], limit=lines,
                 startFromHead=False,
             )["events"]
-    except (ClientError, BotoCoreError, AirflowException) as exc:
+    except Exception as exc:  # botocore's, or the connection's: a log that cannot be read is one line
         if error_code(exc) == "ResourceNotFoundException":
             return [f"(no CloudWatch log in {TRAINING_LOG_GROUP} for {job_name})"]
         return [f"(the CloudWatch log of {job_name} could not be read: {exc})"]
@@ -348,3 +270,180 @@ def training_log_tail(conn_id: str | None, region: str | None, job_name: str, li
         return [f"(no CloudWatch log in {TRAINING_LOG_GROUP} for {job_name})"]
     events.sort(key=lambda event: event["timestamp"])
     return [event["message"].rstrip() for event in events[-lines:]]
+
+
+# ------------------------------------------------------------------------------ the train task
+
+
+def check_budget(spec: PipelineSpec, time_limit: int) -> None:
+    """Refuse a training budget SageMaker would cut short (``MaxRuntimeInSeconds``).
+
+    :param spec: the pipeline.
+    :param time_limit: the run's budget in seconds.
+    :raises TrainingSettingsError: the budget is not below ``sagemaker.max_run_seconds``.
+    """
+    from conveyor.training.arguments import TrainingSettingsError
+
+    if time_limit >= spec.sagemaker.max_run_seconds:
+        raise TrainingSettingsError(
+            f"time budget {time_limit}s: rule 'time_limit < sagemaker.max_run_seconds' "
+            f"({spec.sagemaker.max_run_seconds}s): SageMaker would stop the job before the script ends"
+        )
+
+
+def job_arguments(spec: PipelineSpec, time_limit: int, presets: str) -> list[str]:
+    """The script's flags in a training job: the local backend's, GPUs and checkpoints the container's.
+
+    :param spec: the pipeline.
+    :param time_limit: the training budget in seconds.
+    :param presets: the trainer's presets.
+    """
+    from conveyor.training.arguments import trainer_args
+
+    args = trainer_args(spec, time_limit, presets, num_gpus=0)
+    if spec.trainer.gpu and "--num-gpus" in args:  # the container's SM_NUM_GPUS (the script's default)
+        at = args.index("--num-gpus")
+        del args[at:at + 2]
+    if spec.trainer.kind == "resnet":
+        args += ["--checkpoint-dir", CHECKPOINT_LOCAL_PATH]
+    return args
+
+
+def job_request(spec: PipelineSpec, lake: Any, run_id: str, name: str, region: str, tags: dict[str, str],
+                time_limit: int, presets: str) -> dict[str, Any]:
+    """The ``CreateTrainingJob`` request of a run; uploads the script's ``sourcedir.tar.gz`` first.
+
+    :param spec: the pipeline.
+    :param lake: the lake (on S3).
+    :param run_id: the Airflow run.
+    :param name: the job's name (:func:`training_job_name`).
+    :param region: the job's region.
+    :param tags: AWS tags of the job.
+    :param time_limit: the training budget in seconds.
+    :param presets: the trainer's presets.
+    :raises NotOnS3: the lake is not on S3.
+    """
+    import tempfile
+
+    from airflow.sdk import ObjectStoragePath
+
+    from conveyor.lake import copy_verified
+    from conveyor.model import artifacts
+
+    run_dir = lake.models(spec.name, run_id)
+    channels = {part: plain_s3_uri(run_dir / "split" / part) + "/" for part in CHANNELS}  # S3 only
+    script = artifacts.training_script(spec.trainer.kind)
+    source = run_dir / "source" / artifacts.code_version(spec.trainer.kind) / "sourcedir.tar.gz"
+    with tempfile.TemporaryDirectory(prefix="conveyor-source-") as tmp:
+        archive = pack_source(script.parent, Path(tmp) / "sourcedir.tar.gz")
+        copy_verified(ObjectStoragePath(archive.as_uri()), source, 1 << 20)
+    checkpoints = None
+    if spec.trainer.kind == "resnet" or spec.sagemaker.use_spot:
+        checkpoints = plain_s3_uri(run_dir / "checkpoints") + "/"
+    return training_job_config(
+        spec, name, training_image(spec, region),
+        channels=channels,
+        output_uri=plain_s3_uri(run_dir / "sagemaker") + "/",
+        checkpoint_uri=checkpoints,
+        hyperparameters=hyperparameters(job_arguments(spec, time_limit, presets), script.name,
+                                        plain_s3_uri(source), region),
+        tags=tags,
+    )
+
+
+def job_failure(spec: PipelineSpec, description: dict[str, Any], lines: int, logger: Any) -> TrainingJobFailed:
+    """The error of a job that ended ``Failed`` or ``Stopped``: its reason and its log's last lines.
+
+    :param spec: the pipeline (its AWS connection and region read the log).
+    :param description: the job's ``DescribeTrainingJob``.
+    :param lines: how many CloudWatch log lines the error carries.
+    :param logger: the task log (the reason and the lines go there too).
+    """
+    name, status = description["TrainingJobName"], description["TrainingJobStatus"]
+    reason = description.get("FailureReason") or "(SageMaker gave no reason)"
+    tail = training_log_tail(spec.sagemaker.aws_conn_id, spec.sagemaker.region, name, lines)
+    logger.error("Training job %s %s: %s", name, status, reason)
+    for line in tail:
+        logger.error("[%s] %s", name, line)
+    return TrainingJobFailed(
+        f"SageMaker training job {name} {status}: {reason}; nothing was registered (a retry of this run "
+        f"meets the same job: trigger a new run to train again); last log lines:\n" + "\n".join(tail)
+    )
+
+
+def job_model(spec: PipelineSpec, lake: Any, run_id: str, split: dict[str, Any], description: dict[str, Any],
+              logger: Any) -> dict[str, Any]:
+    """A completed job's model, repacked like the local backend's into the run's ``model.tar.gz``.
+
+    :param spec: the pipeline.
+    :param lake: the lake.
+    :param run_id: the Airflow run.
+    :param split: the split task's result.
+    :param description: the completed job's ``DescribeTrainingJob``.
+    :param logger: the task log.
+    :returns: the train task's result (``conveyor.training.publish.train_result``).
+    :raises TrainedModelInvalid: the job wrote no model, or one without a valid ``metadata.json``.
+    """
+    import tempfile
+
+    from airflow.sdk import ObjectStoragePath
+
+    from conveyor.lake import copy_verified, upload_tree
+    from conveyor.model import artifacts
+    from conveyor.training.publish import TrainedModelInvalid, publish, run_metadata, train_result, trained_metadata
+
+    name, model_uri = description["TrainingJobName"], description["ModelArtifacts"]["S3ModelArtifacts"]
+    run_dir = lake.models(spec.name, run_id)
+    with tempfile.TemporaryDirectory(prefix="conveyor-sm-train-") as tmp:
+        scratch = Path(tmp)
+        logger.info("Fetching the model of training job %s: %s", name, model_uri)
+        try:
+            copy_verified(ObjectStoragePath(model_uri, conn_id=lake.conn_id),
+                          ObjectStoragePath((scratch / "job-model.tar.gz").as_uri()), 1 << 20)
+        except FileNotFoundError:
+            raise TrainedModelInvalid(f"training job {name} completed but wrote no model at {model_uri}") from None
+        model_dir = artifacts.unpack(scratch / "job-model.tar.gz", scratch / "model")
+        metadata = run_metadata(
+            trained_metadata(model_dir, f"training job {name} ({model_uri})"), spec, run_id, split, "sagemaker",
+            train_seconds(description), code_version=submitted_code_version(description),
+            training_job=name, training_job_arn=description.get("TrainingJobArn"),
+            instance_type=(description.get("ResourceConfig") or {}).get("InstanceType"),
+            billable_seconds=description.get("BillableTimeInSeconds"),
+        )
+        target, size = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
+        output = ObjectStoragePath(model_uri.rsplit("/", 1)[0] + "/output.tar.gz", conn_id=lake.conn_id)
+        if output.exists():
+            copy_verified(output, ObjectStoragePath((scratch / "output.tar.gz").as_uri()), 1 << 20)
+            upload_tree(artifacts.unpack(scratch / "output.tar.gz", scratch / "output"), run_dir / "output")
+        logger.info("Model artifact: %s (%.1f MB) from training job %s (%.0fs)", target, size / 1e6, name,
+                    metadata.train_seconds)
+    return train_result(str(target), metadata)
+
+
+def train_seconds(description: dict[str, Any]) -> float:
+    """A job's training time: ``TrainingTimeInSeconds``, else end minus start.
+
+    :param description: the job's ``DescribeTrainingJob``.
+    """
+    if description.get("TrainingTimeInSeconds") is not None:
+        return float(description["TrainingTimeInSeconds"])
+    start, end = description.get("TrainingStartTime"), description.get("TrainingEndTime")
+    if start is not None and end is not None:
+        return round((end - start).total_seconds(), 2)
+    return 0.0
+
+
+def submitted_code_version(description: dict[str, Any]) -> str | None:
+    """The code version a job ran: the folder of its ``sagemaker_submit_directory``.
+
+    :param description: the job's ``DescribeTrainingJob``.
+    """
+    raw = (description.get("HyperParameters") or {}).get("sagemaker_submit_directory")
+    if not raw:
+        return None
+    try:
+        uri = json.loads(raw)
+    except ValueError:
+        uri = raw
+    parts = str(uri).rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-2].startswith("c-") else None

@@ -16,23 +16,24 @@ Parquet folder, like ``_SUCCESS.json``):
   ``{"predictions": [{"prediction": …, "probabilities": {class: p}}, …]}``, one per mini-batch and line.
 
 Loading pairs line ``i`` of a file's answers with row ``i`` of its input; a count that differs is an
-error, never a guess. The rows then get the local transform's columns (``batch.output_table``)
-and layout (``batch.write_parts``).
+error, never a guess. The rows then get the local transform's columns (``batch.scoring.output_table``)
+and layout (``batch.parts.write_parts``).
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from conveyor.batch.scoring import BatchInputError
+from conveyor.batch.readers import BatchInputError
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
     from airflow.sdk import ObjectStoragePath
+
+    from conveyor.model.metadata import ModelMetadata
 
 WORK = "_transform"
 INPUT, IDS, OUTPUT = "input", "ids", "output"
@@ -41,28 +42,27 @@ CONTENT_TYPE = "text/csv"
 ACCEPT = "application/json"
 
 
-def read_metadata(model_uri: str, conn_id: str | None) -> dict[str, Any]:
-    """``metadata.json`` of a ``model.tar.gz`` in the lake, read from the stream (nothing extracted).
+def read_metadata(model_uri: str, conn_id: str | None) -> ModelMetadata:
+    """The model's metadata, from the ``metadata.json`` sidecar beside its ``model.tar.gz`` (no download).
 
     :param model_uri: the archive's URI.
     :param conn_id: the Airflow connection of a non-local archive.
+    :raises BatchInputError: the model has no readable metadata (not a Conveyor model.tar.gz).
     """
-    from airflow.sdk import ObjectStoragePath
+    from conveyor.model.metadata import MetadataError, read_sidecar
 
-    archive = ObjectStoragePath(model_uri, conn_id=None if model_uri.startswith("file://") else conn_id)
-    with archive.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|gz") as tar:
-        for member in tar:
-            if member.name in ("metadata.json", "./metadata.json") and member.isfile():
-                return json.loads(tar.extractfile(member).read())
-    raise BatchInputError(f"{model_uri}: holds no metadata.json (not a Conveyor model.tar.gz)")
+    try:
+        return read_sidecar(model_uri, conn_id)
+    except MetadataError as exc:
+        raise BatchInputError(f"{exc} (not a Conveyor model.tar.gz)") from exc
 
 
-def prepare_input(source: str, metadata: dict[str, Any], work: ObjectStoragePath, chunk_rows: int,
+def prepare_input(source: str, metadata: ModelMetadata, work: ObjectStoragePath, chunk_rows: int,
                   conn_id: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the transform's input files and id files for a source; replaces an earlier attempt's.
 
     :param source: the input file or folder (CSV or Parquet, as the local transform reads).
-    :param metadata: the model's ``metadata.json``.
+    :param metadata: the model's metadata.
     :param work: the run's ``_transform`` folder.
     :param chunk_rows: rows per input file.
     :param conn_id: the Airflow connection of the lake.
@@ -73,11 +73,11 @@ def prepare_input(source: str, metadata: dict[str, Any], work: ObjectStoragePath
     """
     import pyarrow.parquet as pq
 
-    from conveyor.batch.scoring import read_chunks
+    from conveyor.batch.readers import read_chunks
     from conveyor.lake import remove_tree, write_json
 
-    features = [feature["name"] for feature in metadata["features"]]
-    id_column = metadata.get("id_column")
+    features = metadata.feature_names
+    id_column = metadata.id_column
     remove_tree(work)
     for folder in (INPUT, IDS):
         (work / folder).mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,8 @@ def prepare_input(source: str, metadata: dict[str, Any], work: ObjectStoragePath
     rows = sum(part["rows"] for part in parts)
     if rows == 0:
         raise BatchInputError(f"{source}: no rows to score (every input file is empty)")
-    model = {key: metadata.get(key) for key in ("problem_type", "id_column", "class_labels")}
+    model = {"problem_type": metadata.problem_type, "id_column": metadata.id_column,
+             "class_labels": metadata.class_labels}
     manifest = {**(extra or {}), "parts": parts, "rows": rows, "source": source, "model": model}
     write_json(work / IDS / MANIFEST, manifest)
     return manifest
@@ -150,7 +151,7 @@ def load_output(work: ObjectStoragePath, context: dict[str, Any]) -> Iterator[pa
     """The output rows of a completed transform job, one table per input file, in input order.
 
     :param work: the run's ``_transform`` folder (its manifest says the parts and the model's columns).
-    :param context: the run's constant columns for ``batch.output_table`` (model_name,
+    :param context: the run's constant columns for ``batch.scoring.output_table`` (model_name,
         model_version, run_id, scored_at); ``id_column`` is set here.
     :raises BatchInputError: an output file is missing, unreadable, or has another row count than its input.
     """

@@ -11,7 +11,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from conveyor.errors import ConveyorError, DropRejected
+from conveyor.errors import DropRejected, TransientError
 from conveyor.lake import Lake, copy_verified, read_json, write_json
 
 if TYPE_CHECKING:
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 VALIDATED = "validation.json"
 LATEST = "LATEST.json"
+
+
+class DropChanged(TransientError):
+    """A drop's bytes changed while it was being copied; a retry copies it again under the same names."""
 
 
 class _HashingReader:
@@ -59,7 +63,7 @@ def _schema_of(arrow_schema: Any) -> dict[str, str]:
     return {field.name: str(field.type) for field in arrow_schema}
 
 
-def _profile_csv(rel: str, handle: _HashingReader, spec: "PipelineSpec") -> dict[str, Any]:
+def _profile_csv(rel: str, handle: _HashingReader, spec: PipelineSpec) -> dict[str, Any]:
     import pyarrow as pa
     from pyarrow import csv
 
@@ -99,7 +103,7 @@ def _profile_csv(rel: str, handle: _HashingReader, spec: "PipelineSpec") -> dict
     return {"rows": rows, "schema": schema}
 
 
-def _profile_parquet(rel: str, path: "ObjectStoragePath") -> dict[str, Any]:
+def _profile_parquet(rel: str, path: ObjectStoragePath) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -112,7 +116,7 @@ def _profile_parquet(rel: str, path: "ObjectStoragePath") -> dict[str, Any]:
 
 
 def profile_drop(
-    files: list[tuple[str, "ObjectStoragePath"]], spec: "PipelineSpec", chunk_bytes: int
+    files: list[tuple[str, ObjectStoragePath]], spec: PipelineSpec, chunk_bytes: int
 ) -> list[dict[str, Any]]:
     """Hash every file and read its row count and schema, one streaming pass per file.
 
@@ -146,7 +150,10 @@ def profile_drop(
 
 
 def version_of(entries: list[dict[str, Any]]) -> str:
-    """The content address of a drop: a hash of its file names, sizes and contents."""
+    """The content address of a drop: a hash of its file names, sizes and contents.
+
+    :param entries: the drop's file entries (path, bytes, sha256).
+    """
     digest = hashlib.sha256()
     for entry in sorted(entries, key=lambda item: item["path"]):
         digest.update(f"{entry['path']}\t{entry['bytes']}\t{entry['sha256']}\n".encode())
@@ -154,7 +161,7 @@ def version_of(entries: list[dict[str, Any]]) -> str:
 
 
 def copy_drop(
-    lake: Lake, spec: "PipelineSpec", drop: str, files: list[tuple[str, "ObjectStoragePath"]],
+    lake: Lake, spec: PipelineSpec, drop: str, files: list[tuple[str, ObjectStoragePath]],
     entries: list[dict[str, Any]], version: str, run_id: str, extra: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Copy a profiled drop into ``raw/<pipeline>/<version>/`` and write its manifest last.
@@ -162,6 +169,13 @@ def copy_drop(
     Every copy is hashed as it is written and compared with the profile; a mismatch means the
     landing bytes changed under us, which a retry repairs (the same names are written again).
 
+    :param lake: the lake.
+    :param spec: the pipeline.
+    :param drop: the drop's folder name in landing.
+    :param files: the drop's data files (relative name, path).
+    :param entries: their profile (from :func:`profile_drop`).
+    :param version: the dataset version (from :func:`version_of`).
+    :param run_id: the Airflow run (recorded in the manifest).
     :param extra: derived files written beside ``data/`` before the manifest (e.g. the image table).
     :return: the manifest.
     """
@@ -171,7 +185,7 @@ def copy_drop(
         sha, size = copy_verified(path, target / "data" / rel, spec.ingest.chunk_bytes)
         expected = by_rel[rel]
         if sha != expected["sha256"] or size != expected["bytes"]:
-            raise ConveyorError(f"{path}: changed while being ingested (sha256 {sha} != {expected['sha256']})")
+            raise DropChanged(f"{path}: changed while being ingested (sha256 {sha} != {expected['sha256']})")
     for name, payload in (extra or {}).items():
         (target / name).write_bytes(payload)
     schema = entries[0]["schema"] if spec.data.format != "images" else {"image_table": "images.parquet"}
@@ -191,24 +205,91 @@ def copy_drop(
     return manifest
 
 
+def ingest_drop(lake: Lake, spec: PipelineSpec, drop: str, run_id: str) -> dict[str, Any]:
+    """Profile a drop and copy it into its content-addressed dataset version (once: same bytes, same version).
+
+    :param lake: the lake.
+    :param spec: the pipeline.
+    :param drop: the drop's folder name in ``landing/<pipeline>/``.
+    :param run_id: the Airflow run (recorded in the manifest, names a quarantine receipt).
+    :return: ``{"drop", "version", "manifest_uri", "rows", "bytes", "already_validated"}``.
+    :raises DropRejected: after moving the drop to quarantine, naming the file, the rule and the quarantine folder.
+    """
+    log.info("Ingesting drop %s", lake.landing(spec.name, drop))
+    files, entries, extra = _profile_or_quarantine(lake, spec, drop, run_id)
+    version = version_of(entries)
+    manifest = load_manifest(lake, spec.name, version)
+    if manifest is None:
+        log.info("Copying %s file(s) to dataset version %s", len(files), version)
+        manifest = copy_drop(lake, spec, drop, files, entries, version, run_id, extra)
+    else:
+        log.info("Version %s already holds these bytes (from drop %s): not copied again", version, manifest["drop"])
+    log.info("Dataset version %s: %s rows, %s bytes", version, manifest["rows"], manifest["bytes"])
+    return {
+        "drop": drop,
+        "version": version,
+        "manifest_uri": lake.uri("raw", spec.name, version, MANIFEST),
+        "rows": manifest["rows"],
+        "bytes": manifest["bytes"],
+        "already_validated": is_validated(lake, spec.name, version),
+    }
+
+
+def _profile_or_quarantine(
+    lake: Lake, spec: PipelineSpec, drop: str, run_id: str
+) -> tuple[list[tuple[str, ObjectStoragePath]], list[dict[str, Any]], dict[str, bytes] | None]:
+    """The drop's files, their profile and derived files; a drop that cannot be read goes to quarantine."""
+    from conveyor.data.drops import drop_files, quarantine_drop
+
+    source = lake.landing(spec.name, drop)
+    try:
+        files = drop_files(source, spec.data.marker)
+        if not files:
+            raise DropRejected(f"{source}: rule 'data files': the drop holds nothing but its marker")
+        if spec.data.format != "images":
+            return files, profile_drop(files, spec, spec.ingest.chunk_bytes), None
+        from conveyor.data.images import TABLE, profile_image_drop, table_bytes
+
+        entries, table = profile_image_drop(files, spec, source)
+        return files, entries, {TABLE: table_bytes(table)}
+    except DropRejected as exc:
+        report = {"stage": "ingest", "drop": drop, "error": str(exc)}
+        where = quarantine_drop(lake, spec.name, drop, run_id, report, spec.ingest.chunk_bytes)
+        raise DropRejected(f"drop {drop!r} rejected: {exc}; kept in quarantine at {where}") from None
+
+
 def load_manifest(lake: Lake, pipeline: str, version: str) -> dict[str, Any] | None:
-    """The manifest of a version, or None when its copy was never completed."""
+    """The manifest of a version, or None when its copy was never completed.
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param version: the dataset version.
+    """
     path = lake.raw(pipeline, version) / MANIFEST
     return read_json(path) if path.exists() else None
 
 
 def is_validated(lake: Lake, pipeline: str, version: str) -> bool:
-    """Whether a version passed validation (only such versions are used for training)."""
+    """Whether a version passed validation (only such versions are used for training).
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param version: the dataset version.
+    """
     return (lake.raw(pipeline, version) / VALIDATED).exists()
 
 
 def latest_version(lake: Lake, pipeline: str) -> str | None:
-    """The most recently validated version of a pipeline's dataset, or None."""
+    """The most recently validated version of a pipeline's dataset, or None.
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    """
     path = lake.raw(pipeline) / LATEST
     return read_json(path)["version"] if path.exists() else None
 
 
-def read_table(lake: Lake, manifest: dict[str, Any], spec: "PipelineSpec", columns: list[str] | None = None) -> Any:
+def read_table(lake: Lake, manifest: dict[str, Any], spec: PipelineSpec, columns: list[str] | None = None) -> Any:
     """Read a dataset version into one pandas DataFrame.
 
     :param lake: the lake.

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 
-def find_complete_drops(landing: "ObjectStoragePath", marker: str) -> list[str]:
+def find_complete_drops(landing: ObjectStoragePath, marker: str) -> list[str]:
     """Names of the drops that hold their completion marker and were not processed yet.
 
     :param landing: ``landing/<pipeline>/``.
@@ -33,10 +33,13 @@ def find_complete_drops(landing: "ObjectStoragePath", marker: str) -> list[str]:
     return sorted(ready)
 
 
-def drop_files(drop: "ObjectStoragePath", marker: str) -> list[tuple[str, "ObjectStoragePath"]]:
+def drop_files(drop: ObjectStoragePath, marker: str) -> list[tuple[str, ObjectStoragePath]]:
     """The data files of a drop, with their path relative to the drop, sorted.
 
     Markers, hidden files and Conveyor's own bookkeeping are left out.
+
+    :param drop: the drop's folder, ``landing/<pipeline>/<drop>/``.
+    :param marker: the completion marker's file name (left out).
     """
     base = drop.path.rstrip("/")
     files = []
@@ -51,7 +54,13 @@ def drop_files(drop: "ObjectStoragePath", marker: str) -> list[tuple[str, "Objec
 
 
 def mark_processed(lake: Lake, pipeline: str, drop: str, receipt: dict[str, Any]) -> None:
-    """Mark a drop as processed; the sensor then passes it by. Its bytes stay in landing."""
+    """Mark a drop as processed; the sensor then passes it by. Its bytes stay in landing.
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param drop: the drop's folder name.
+    :param receipt: what processed it (version, run).
+    """
     write_json(lake.landing(pipeline, drop) / PROCESSED_MARKER, receipt)
 
 
@@ -64,6 +73,12 @@ def quarantine_drop(
     loses nothing: the drop is still complete in landing and the move is simply done again.
     A drop of the same name quarantined before is kept: this one gets ``<drop>__<run>``.
 
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param drop: the drop's folder name in landing.
+    :param run_id: the Airflow run that rejects it.
+    :param report: why it was rejected (written as ``_report.json``).
+    :param chunk_bytes: bytes per read while copying.
     :return: the URI of the quarantine folder.
     """
     source = lake.landing(pipeline, drop)
@@ -85,13 +100,13 @@ def quarantine_drop(
     return str(target)
 
 
-def _run_of(receipt: "ObjectStoragePath") -> str | None:
+def _run_of(receipt: ObjectStoragePath) -> str | None:
     from conveyor.lake import read_json
 
     return read_json(receipt).get("run_id")
 
 
-def _all_files(drop: "ObjectStoragePath") -> list[tuple[str, "ObjectStoragePath"]]:
+def _all_files(drop: ObjectStoragePath) -> list[tuple[str, ObjectStoragePath]]:
     if not drop.exists():
         return []
     base = drop.path.rstrip("/")

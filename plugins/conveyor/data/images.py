@@ -31,10 +31,15 @@ COLUMNS = ["path", "label", "sha256", "bytes", "width", "height", "mode", "forma
 
 
 def describe_image(payload: bytes) -> dict[str, Any]:
-    """Width, height, mode and format of an image, and whether it decodes fully."""
+    """Width, height, mode and format of an image, and whether it decodes fully.
+
+    :param payload: the image file's bytes.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    info: dict[str, Any] = {"width": None, "height": None, "mode": None, "format": None, "decodes": False, "error": None}
+    info: dict[str, Any] = {
+        "width": None, "height": None, "mode": None, "format": None, "decodes": False, "error": None,
+    }
     if not payload:
         info["error"] = "zero bytes"
         return info
@@ -50,7 +55,7 @@ def describe_image(payload: bytes) -> dict[str, Any]:
     return info
 
 
-def _labelled_paths(files: dict[str, "ObjectStoragePath"], drop: "ObjectStoragePath") -> list[tuple[str, str]]:
+def _labelled_paths(files: dict[str, ObjectStoragePath], drop: ObjectStoragePath) -> list[tuple[str, str]]:
     if MANIFEST_CSV in files:
         with files[MANIFEST_CSV].open("r", encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
@@ -77,7 +82,7 @@ def _labelled_paths(files: dict[str, "ObjectStoragePath"], drop: "ObjectStorageP
 
 
 def profile_image_drop(
-    files: list[tuple[str, "ObjectStoragePath"]], spec: "PipelineSpec", drop: "ObjectStoragePath"
+    files: list[tuple[str, ObjectStoragePath]], spec: PipelineSpec, drop: ObjectStoragePath
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Hash every file and describe every image of an image drop.
 
@@ -101,7 +106,8 @@ def profile_image_drop(
             table.append({"path": rel, "label": label_of[rel], "sha256": sha, "bytes": len(payload),
                           **describe_image(payload)})
     bad = [row for row in table if not row["decodes"]]
-    log.info("Profiled %s image(s) in %s classes; %s do not decode", len(table), len({r["label"] for r in table}), len(bad))
+    classes = len({row["label"] for row in table})
+    log.info("Profiled %s image(s) in %s classes; %s do not decode", len(table), classes, len(bad))
     for entry in entries:
         entry["rows"] = 1 if entry["path"] in label_of else 0
         entry["schema"] = {}
@@ -109,7 +115,10 @@ def profile_image_drop(
 
 
 def table_bytes(table: list[dict[str, Any]]) -> bytes:
-    """The image table as Parquet bytes."""
+    """The image table as Parquet bytes.
+
+    :param table: one row per labelled image (:data:`COLUMNS`).
+    """
     import pandas as pd
 
     buffer = io.BytesIO()
@@ -118,7 +127,10 @@ def table_bytes(table: list[dict[str, Any]]) -> bytes:
 
 
 def with_checks(frame: Any) -> Any:
-    """The image table plus the columns validation judges: images per class, duplicates across classes."""
+    """The image table plus the columns validation judges: images per class, duplicates across classes.
+
+    :param frame: the image table of a dataset version.
+    """
     frame = frame.copy()
     frame["class_count"] = frame.groupby("label")["path"].transform("count")
     labels_per_sha = frame.groupby("sha256")["label"].transform("nunique")
@@ -127,7 +139,36 @@ def with_checks(frame: Any) -> Any:
 
 
 def class_report(frame: Any) -> dict[str, Any]:
-    """Images per class and the imbalance ratio (largest class over smallest)."""
+    """Images per class and the imbalance ratio (largest class over smallest).
+
+    :param frame: the image table (decodable rows).
+    """
     counts = {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
     ratio = max(counts.values()) / min(counts.values()) if counts else None
     return {"images_per_class": counts, "imbalance_ratio": ratio}
+
+
+def judge_images(frame: Any, max_bad_file_share: float) -> tuple[Any, dict[str, Any], list[str]]:
+    """Add the per-image checks, apply the tolerated share of bad files, keep the decodable rows.
+
+    :param frame: the image table of a dataset version.
+    :param max_bad_file_share: the spec's tolerated share of images that do not decode.
+    :return: the rows GX validates, report sections (classes, corrupt files), problems found.
+    """
+    frame = with_checks(frame)
+    bad = frame[~frame["decodes"]]
+    corrupt = [{"path": p, "error": e} for p, e in zip(bad["path"], bad["error"], strict=True)]
+    good = frame[frame["decodes"]].reset_index(drop=True)
+    extra = {"classes": class_report(good), "corrupt_files": corrupt}
+    log.info("Images per class: %s", extra["classes"])
+    share = len(bad) / max(len(frame), 1)
+    problems = []
+    if share > max_bad_file_share:
+        problems.append(
+            f"{len(bad)} of {len(frame)} image(s) ({share:.1%}) do not decode; tolerated: {max_bad_file_share:.1%}"
+        )
+        problems += [f"corrupt image {item['path']}: {item['error']}" for item in corrupt]
+    elif corrupt:
+        log.warning("%s corrupt image(s) within the tolerated share; they are left out: %s",
+                    len(corrupt), [item["path"] for item in corrupt])
+    return good, extra, problems

@@ -28,13 +28,16 @@ class SplitError(ConveyorError):
     """The dataset cannot be split as the spec asks (names the rule)."""
 
 
-def _classification(spec: "PipelineSpec") -> bool:
+def _classification(spec: PipelineSpec) -> bool:
     return spec.data.problem_type != "regression"
 
 
-def check_splittable(frame: Any, spec: "PipelineSpec", version: str) -> None:
+def check_splittable(frame: Any, spec: PipelineSpec, version: str) -> None:
     """Refuse a dataset that cannot give three usable parts.
 
+    :param frame: the dataset as a pandas DataFrame.
+    :param spec: the pipeline (label, problem type, split settings).
+    :param version: the dataset version, for messages.
     :raises SplitError: naming the dataset version and the rule.
     """
     label = spec.data.label
@@ -60,9 +63,12 @@ def check_splittable(frame: Any, spec: "PipelineSpec", version: str) -> None:
             )
 
 
-def split_frame(frame: Any, spec: "PipelineSpec", version: str = "") -> dict[str, Any]:
+def split_frame(frame: Any, spec: PipelineSpec, version: str = "") -> dict[str, Any]:
     """Split a labelled table into train, validation and test parts (seeded, stratified).
 
+    :param frame: the dataset as a pandas DataFrame.
+    :param spec: the pipeline (label, problem type, split settings).
+    :param version: the dataset version, for messages.
     :raises SplitError: when a class is too rare to reach every part.
     """
     from sklearn.model_selection import train_test_split
@@ -87,7 +93,12 @@ def split_frame(frame: Any, spec: "PipelineSpec", version: str = "") -> dict[str
     return {"train": train, "validation": validation, "test": test}
 
 
-def describe(parts: dict[str, Any], spec: "PipelineSpec") -> dict[str, Any]:
+def describe(parts: dict[str, Any], spec: PipelineSpec) -> dict[str, Any]:
+    """Rows and, for a classifier, rows per class of every part (the split record's ``parts``).
+
+    :param parts: the parts by name.
+    :param spec: the pipeline (for the label).
+    """
     summary: dict[str, Any] = {}
     for name, part in parts.items():
         entry: dict[str, Any] = {"rows": int(len(part))}
@@ -97,7 +108,7 @@ def describe(parts: dict[str, Any], spec: "PipelineSpec") -> dict[str, Any]:
     return summary
 
 
-def write_split(lake: Lake, spec: "PipelineSpec", version: str, run_id: str, frame: Any) -> dict[str, Any]:
+def write_split(lake: Lake, spec: PipelineSpec, version: str, run_id: str, frame: Any) -> dict[str, Any]:
     """Split a dataset version and store the parts under the run; returns the split record.
 
     :param lake: the lake.
@@ -123,23 +134,31 @@ def write_split(lake: Lake, spec: "PipelineSpec", version: str, run_id: str, fra
         target = root / name / "data.parquet"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(buffer.getvalue())
-    record = {
+    summary = describe(parts, spec)
+    record: dict[str, Any] = {
         "pipeline": spec.name,
         "dataset_version": version,
         "run_id": run_id,
         "seed": spec.split.seed,
         "shares": {"validation": spec.split.validation, "test": spec.split.test},
         "stratified": _classification(spec) and spec.split.stratify,
-        "parts": describe(parts, spec),
+        "parts": summary,
         "uri": str(root),
     }
     write_json(root / "split.json", record)
-    log.info("Split %s: %s", version, {k: v["rows"] for k, v in record["parts"].items()})
+    log.info("Split %s: %s", version, {k: v["rows"] for k, v in summary.items()})
     return record
 
 
 def write_image_channel(lake: Lake, pipeline: str, version: str, part: Any, target: Any) -> None:
-    """An image part as a training channel: the images and a ``manifest.csv`` (``path,label``)."""
+    """An image part as a training channel: the images and a ``manifest.csv`` (``path,label``).
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param version: the dataset version the images come from.
+    :param part: the part's rows of the image table.
+    :param target: the channel's folder.
+    """
     from conveyor.lake import copy_verified
 
     source = lake.raw(pipeline, version) / "data"
@@ -149,7 +168,13 @@ def write_image_channel(lake: Lake, pipeline: str, version: str, part: Any, targ
 
 
 def read_part(lake: Lake, pipeline: str, run_id: str, part: str) -> Any:
-    """One part of a run's split as a pandas DataFrame."""
+    """One part of a run's split as a pandas DataFrame.
+
+    :param lake: the lake.
+    :param pipeline: the pipeline's name.
+    :param run_id: the run that wrote the split.
+    :param part: ``train``, ``validation`` or ``test``.
+    """
     import pandas as pd
 
     with (lake.models(pipeline, run_id) / "split" / part / "data.parquet").open("rb") as handle:

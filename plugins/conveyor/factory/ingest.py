@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from airflow.sdk import DAG
 
-from conveyor.factory.common import pipeline_dag
+from conveyor.factory.common import pipeline_dag, spec_arg
 from conveyor.spec import PipelineSpec
 
 
 def ingest_dag(spec: PipelineSpec) -> DAG:
-    """``<name>__ingest``: wait for a complete drop, version it, validate it, publish the dataset."""
+    """``<name>__ingest``: wait for a complete drop, version it, validate it, publish the dataset.
+
+    :param spec: the validated pipeline spec (read once, at parse).
+    """
     from conveyor.assets import dataset_asset
     from conveyor.operators.ingest import IngestDropOperator
     from conveyor.operators.validate import ValidateDatasetOperator
@@ -45,12 +48,12 @@ def ingest_dag(spec: PipelineSpec) -> DAG:
         )
         ingest = IngestDropOperator(
             task_id="ingest",
-            pipeline=spec.name,
+            spec=spec_arg(spec),
             drop="{{ ti.xcom_pull(task_ids='wait_for_drop')['drop'] }}",
         )
         validate = ValidateDatasetOperator(
             task_id="validate",
-            pipeline=spec.name,
+            spec=spec_arg(spec),
             drop="{{ ti.xcom_pull(task_ids='ingest')['drop'] }}",
             version="{{ ti.xcom_pull(task_ids='ingest')['version'] }}",
             outlets=[dataset_asset(spec.name)],

@@ -6,7 +6,7 @@ from typing import Any
 
 from airflow.sdk import DAG
 
-from conveyor.factory.common import pipeline_dag
+from conveyor.factory.common import pipeline_dag, spec_arg
 from conveyor.spec import PipelineSpec
 
 
@@ -20,7 +20,8 @@ def monitor_schedule(spec: PipelineSpec) -> Any:
     if not spec.deploy.batch.enabled:
         return cron
     if cron:
-        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=predictions_asset(spec.name))
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"),
+                                   assets=predictions_asset(spec.name))
     return [predictions_asset(spec.name)]
 
 
@@ -63,11 +64,11 @@ Runs on `{m.schedule}` and after every batch prediction run, or by hand.
    latest dataset plus the newly labelled rows.
 """,
     ) as dag:
-        drift = CheckDriftOperator(task_id="drift", pipeline=spec.name, input_uri="{{ params.input }}")
-        feedback = IngestFeedbackOperator(task_id="feedback", pipeline=spec.name)
-        decide = RetrainDecisionOperator(task_id="decide", pipeline=spec.name, drift=xcom("drift"),
+        drift = CheckDriftOperator(task_id="drift", spec=spec_arg(spec), input_uri="{{ params.input }}")
+        feedback = IngestFeedbackOperator(task_id="feedback", spec=spec_arg(spec))
+        decide = RetrainDecisionOperator(task_id="decide", spec=spec_arg(spec), drift=xcom("drift"),
                                          feedback=xcom("feedback"), trigger_rule="none_failed")
-        trigger = TriggerRetrainOperator(task_id="trigger_retrain", pipeline=spec.name, decision=xcom("decide"),
+        trigger = TriggerRetrainOperator(task_id="trigger_retrain", spec=spec_arg(spec), decision=xcom("decide"),
                                          outlets=[retrain_asset(spec.name)])
         drift >> feedback >> decide >> trigger
     return dag

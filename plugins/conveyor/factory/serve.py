@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import DAG
 
-from conveyor.factory.common import pipeline_dag
+from conveyor.factory.common import pipeline_dag, spec_arg
 from conveyor.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator
 
 
 def deploy_dag(spec: PipelineSpec) -> DAG:
@@ -35,14 +38,15 @@ to deploy), or by hand with a version number or alias.
    compared with its evaluation; then traffic switches. Any failure rolls back and fails the run.
 """,
     ) as dag:
-        resolve = ResolveModelOperator(task_id="resolve", pipeline=spec.name, version="{{ params.version }}")
+        resolve = ResolveModelOperator(task_id="resolve", spec=spec_arg(spec), version="{{ params.version }}")
+        deploy: BaseOperator
         if spec.compute == "sagemaker":  # blue/green SageMaker endpoint, deferred wait (docs/aws.md)
             from conveyor.operators.deploy_sagemaker import SageMakerDeployEndpointOperator
 
-            deploy = SageMakerDeployEndpointOperator(task_id="deploy", pipeline=spec.name,
+            deploy = SageMakerDeployEndpointOperator(task_id="deploy", spec=spec_arg(spec),
                                                      model="{{ ti.xcom_pull(task_ids='resolve') }}")
         else:
-            deploy = DeployEndpointOperator(task_id="deploy", pipeline=spec.name,
+            deploy = DeployEndpointOperator(task_id="deploy", spec=spec_arg(spec),
                                             model="{{ ti.xcom_pull(task_ids='resolve') }}")
         resolve >> deploy
     return dag
@@ -56,7 +60,8 @@ def batch_schedule(spec: PipelineSpec) -> Any:
 
     cron = spec.deploy.batch.schedule
     if cron:
-        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=inference_asset(spec.name))
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"),
+                                   assets=inference_asset(spec.name))
     return [inference_asset(spec.name)]
 
 
@@ -65,11 +70,12 @@ def batch_dag(spec: PipelineSpec) -> DAG:
     from airflow.sdk import Param
 
     from conveyor.assets import predictions_asset
+    from conveyor.batch.runs import predictions_table
     from conveyor.operators.batch import BatchPredictOperator
     from conveyor.operators.deploy import ResolveModelOperator
 
     batch = spec.deploy.batch
-    table = batch.table or f"{spec.name}_predictions"
+    table = predictions_table(spec)
     with pipeline_dag(
         spec, "batch_predict",
         description=f"Score new {spec.name} data in batch into Parquet and the {table} table",
@@ -92,15 +98,17 @@ Asset), or by hand (input location, model version or alias).
    `reports/{spec.name}/<run>/batch/`. Updates the `{spec.name}.predictions` Asset.
 """,
     ) as dag:
-        resolve = ResolveModelOperator(task_id="resolve", pipeline=spec.name, version="{{ params.model }}")
+        resolve = ResolveModelOperator(task_id="resolve", spec=spec_arg(spec), version="{{ params.model }}")
+        score: BaseOperator
         if spec.compute == "sagemaker":  # a SageMaker batch transform job, then the same files and table
             from conveyor.operators.batch_sagemaker import SageMakerBatchPredictOperator
 
-            score = SageMakerBatchPredictOperator(task_id="score", pipeline=spec.name, input_uri="{{ params.input }}",
+            score = SageMakerBatchPredictOperator(task_id="score", spec=spec_arg(spec), input_uri="{{ params.input }}",
                                                   model="{{ ti.xcom_pull(task_ids='resolve') }}",
                                                   outlets=[predictions_asset(spec.name)])
         else:
-            score = BatchPredictOperator(task_id="score", pipeline=spec.name, input_uri="{{ params.input }}",
-                                         model="{{ ti.xcom_pull(task_ids='resolve') }}", outlets=[predictions_asset(spec.name)])
+            score = BatchPredictOperator(task_id="score", spec=spec_arg(spec), input_uri="{{ params.input }}",
+                                         model="{{ ti.xcom_pull(task_ids='resolve') }}",
+                                         outlets=[predictions_asset(spec.name)])
         resolve >> score
     return dag

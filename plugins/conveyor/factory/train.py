@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, BaseOperator
 
 from conveyor import settings
-from conveyor.factory.common import monitored, pipeline_dag
+from conveyor.factory.common import monitored, pipeline_dag, spec_arg
 from conveyor.spec import PipelineSpec
 
 
@@ -53,8 +53,8 @@ def train_params(spec: PipelineSpec) -> dict[str, Any]:
 
 def train_dag(spec: PipelineSpec) -> DAG:
     """``<name>__train``: split, train, evaluate, gate, register, approve."""
-    from conveyor.operators.gate import GateModelOperator
     from conveyor.assets import model_asset
+    from conveyor.operators.gate import GateModelOperator
     from conveyor.operators.registry import (
         AutoApproveOperator,
         ModelApprovalOperator,
@@ -64,6 +64,7 @@ def train_dag(spec: PipelineSpec) -> DAG:
     from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
 
     xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
+    spec_json = spec_arg(spec)  # one per DAG: every task shows the same validated spec
     with pipeline_dag(
         spec, "train",
         description=f"Train, evaluate, gate, register and approve a {spec.name} model",
@@ -88,39 +89,40 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
 7. **publish** — updates the `{spec.name}.model` Asset (version, deploy flag): it starts `{spec.name}__deploy`.
 """,
     ) as dag:
-        split = SplitDatasetOperator(task_id="split", pipeline=spec.name, dataset_version="{{ params.dataset_version }}",
+        split = SplitDatasetOperator(task_id="split", spec=spec_json, dataset_version="{{ params.dataset_version }}",
                                      labelled_rows="{{ params.get('labelled_rows') or '' }}")
         if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
             from conveyor.aws.training import wait_limit_seconds
             from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
 
-            train = SageMakerTrainModelOperator(
-                task_id="train", pipeline=spec.name, split=xcom("split"),
+            train: BaseOperator = SageMakerTrainModelOperator(
+                task_id="train", spec=spec_json, split=xcom("split"),
                 time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
                 execution_timeout=timedelta(seconds=wait_limit_seconds(spec) + 1800),
             )
         else:
             train = TrainModelOperator(
-                task_id="train", pipeline=spec.name, split=xcom("split"),
+                task_id="train", spec=spec_json, split=xcom("split"),
                 time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
                 execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
                 **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
             )
-        evaluate = EvaluateModelOperator(task_id="evaluate", pipeline=spec.name, model=xcom("train"))
-        gate = GateModelOperator(task_id="gate", pipeline=spec.name, model=xcom("train"), evaluation=xcom("evaluate"))
-        register = RegisterModelOperator(task_id="register", pipeline=spec.name, model=xcom("train"),
+        evaluate = EvaluateModelOperator(task_id="evaluate", spec=spec_json, model=xcom("train"))
+        gate = GateModelOperator(task_id="gate", spec=spec_json, model=xcom("train"), evaluation=xcom("evaluate"))
+        register = RegisterModelOperator(task_id="register", spec=spec_json, model=xcom("train"),
                                          gate=xcom("gate"), deploy="{{ params.deploy }}", evaluation=xcom("evaluate"))
         if spec.approval == "auto":
-            approve = AutoApproveOperator(task_id="approve", registration=xcom("register"))
+            approve: BaseOperator = AutoApproveOperator(task_id="approve", spec=spec_json,
+                                                        registration=xcom("register"))
         else:
             approve = ModelApprovalOperator(
-                task_id="approve",
+                task_id="approve", spec=spec_json,
                 subject=f"Approve {spec.name} model version {{{{ ti.xcom_pull(task_ids='register')['version'] }}}}?",
                 body="{{ ti.xcom_pull(task_ids='gate')['summary_md'] }}\n\nReports: "
                      "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
                 retries=0,
             )
-        publish = PublishModelOperator(task_id="publish", pipeline=spec.name, registration=xcom("register"),
+        publish = PublishModelOperator(task_id="publish", spec=spec_json, registration=xcom("register"),
                                        deploy="{{ params.deploy }}", outlets=[model_asset(spec.name)])
         split >> train >> evaluate >> gate >> register >> approve >> publish
     return dag

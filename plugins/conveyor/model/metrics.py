@@ -122,7 +122,7 @@ def vectors(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarra
 def _label(value: Any) -> str:
     """A class label as text; a whole float reads as the integer it is (1.0 -> "1")."""
     if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
-        return str(int(value))
+        return str(int(value))  # type: ignore[call-overload]  # a whole Real: int() is exact
     return str(value)
 
 
@@ -266,13 +266,14 @@ def _classification_metrics(problem_type: str, c: Classes) -> dict[str, Any]:
         metrics["notes"].append(f"{c.note}: {_PROBA_METRICS[problem_type]} left out")
 
     if problem_type == "binary":
+        assert c.positive is not None  # classes_of always picks the positive class of a binary problem
         i = c.labels.index(c.positive)
         metrics["positive_class"] = c.positive
         for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
             _put(metrics, name, values[i])
         _put(metrics, "mcc", _mcc(cm))
         _binary_proba_metrics(metrics, c, support)
-        metrics["support"] = {label: int(s) for label, s in zip(c.labels, support)}
+        metrics["support"] = {label: int(s) for label, s in zip(c.labels, support, strict=True)}
     else:
         for name, values in (("f1", f1), ("precision", precision), ("recall", recall)):
             _put(metrics, f"{name}_macro", values.mean())
@@ -286,23 +287,25 @@ def _classification_metrics(problem_type: str, c: Classes) -> dict[str, Any]:
                         _put(metrics, f"top_{top}_accuracy", (ranked[:, :top] == c.truth[:, None]).any(axis=1).mean())
         metrics["per_class"] = {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for label, p, r, f, s in zip(c.labels, precision, recall, f1, support)
+            for label, p, r, f, s in zip(c.labels, precision, recall, f1, support, strict=True)
         }
     metrics["confusion_matrix"] = cm.tolist()
     return metrics
 
 
 def _binary_proba_metrics(metrics: dict[str, Any], c: Classes, support: np.ndarray) -> None:
+    import numpy as np
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    if c.proba is None:
+    if c.proba is None or c.positive is None:
         return
-    present = [label for label, s in zip(c.labels, support) if s]
+    present = [label for label, s in zip(c.labels, support, strict=True) if s]
     if len(present) < 2:
         only = present[0]
         metrics["notes"].append(f"the test set holds only class {only!r}: roc_auc and pr_auc are undefined, left out")
     else:
-        is_positive, score = c.truth == c.labels.index(c.positive), c.proba[:, c.labels.index(c.positive)]
+        column = c.labels.index(c.positive)
+        is_positive, score = c.truth == column, np.asarray(c.proba)[:, column]
         _put(metrics, "roc_auc", roc_auc_score(is_positive, score))
         _put(metrics, "pr_auc", average_precision_score(is_positive, score))
     _put(metrics, "log_loss", _log_loss(c))
@@ -313,4 +316,5 @@ def _log_loss(c: Classes) -> float:
     import numpy as np
 
     eps = np.finfo(float).eps
-    return float(-np.mean(np.log(np.clip(c.proba[np.arange(len(c.truth)), c.truth], eps, 1 - eps))))
+    proba = np.asarray(c.proba)
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(c.truth)), c.truth], eps, 1 - eps))))

@@ -30,8 +30,13 @@ about 0.01 for unchanged data), are called significant once a batch has 100,000 
 Image channel means, for which the baseline keeps no per-image distribution, drift when the batch
 mean moved by more than ``thresholds["channel_shift"]`` baseline pixel standard deviations.
 
+The baseline's layout (quantile names, histogram, ``__other__``) is the shipped contract,
+:mod:`conveyor.model.metadata`; a model's metadata is read as a
+:class:`~conveyor.model.metadata.ModelMetadata`.
+
 Every result is JSON-serialisable: plain floats, ``None`` where a figure does not exist (no NaN).
-Bad input raises :class:`DriftInputError` (a ``ValueError``) naming the column and the rule.
+Bad input raises :class:`DriftInputError` (a ``ConveyorError`` and a ``ValueError``) naming the column
+and the rule.
 
 This module imports numpy, pandas and scipy at the top: import it inside a task, not a DAG file.
 """
@@ -46,8 +51,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-OTHER = "__other__"
-QUANTILES = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p95": 0.95, "p99": 0.99}
+from conveyor.errors import ConveyorError
+from conveyor.model.metadata import OTHER, QUANTILES, ModelMetadata
+
+__all__ = [
+    "DEFAULT_THRESHOLDS", "OTHER", "QUANTILES", "BaselineCDF", "DriftInputError", "baseline_cdf", "categorical_drift",
+    "drift_report", "image_drift", "ks_test", "numeric_drift", "prediction_drift", "psi",
+]
+
 DEFAULT_THRESHOLDS: dict[str, float] = {"psi": 0.2, "ks_pvalue": 0.01, "missing_rate": 0.1, "channel_shift": 0.25}
 MIN_EXPECTED = 5.0
 EXACT_KS_ROWS = 10_000  # above: the asymptotic KS p-value (scipy's exact one takes seconds at 1M rows)
@@ -57,7 +68,7 @@ RULE = ("drifted when psi > {psi}, or test p-value < {ks_pvalue} and psi > {half
         "or |missing-rate change| > {missing_rate}")
 
 
-class DriftInputError(ValueError):
+class DriftInputError(ConveyorError, ValueError):
     """A batch, its predictions or a baseline the drift check cannot use; names the column and the rule."""
 
 
@@ -186,7 +197,7 @@ def baseline_cdf(baseline_feature: Mapping[str, Any]) -> BaselineCDF:
     if histogram and len(histogram["edges"]) > 2:
         counts = np.asarray(histogram["counts"], dtype="float64")
         below = np.cumsum(counts)[:-1] / counts.sum()
-        points += list(zip(map(float, histogram["edges"][1:-1]), map(float, below)))
+        points += list(zip(map(float, histogram["edges"][1:-1]), map(float, below), strict=True))
     points.sort()
     xs = np.array([p[0] for p in points], dtype="float64")
     levels = np.maximum.accumulate(np.array([p[1] for p in points], dtype="float64"))
@@ -271,7 +282,8 @@ def numeric_drift(baseline_feature: Mapping[str, Any], values: Any, name: str = 
     mean = _num(present.mean()) if count else None
     result |= {
         "mean": mean, "baseline_mean": base_mean,
-        "mean_shift_std": _num((mean - base_mean) / base_std) if mean is not None and base_mean is not None and base_std else None,
+        "mean_shift_std": _num((mean - base_mean) / base_std)
+        if mean is not None and base_mean is not None and base_std else None,
         "constant_baseline": False, "bins": None, "expected_shares": None, "actual_shares": None,
         "psi": None, "test": "ks", "statistic": None, "pvalue": None,
     }
@@ -291,7 +303,7 @@ def numeric_drift(baseline_feature: Mapping[str, Any], values: Any, name: str = 
         # bin i is [edges[i], edges[i+1]); the first bin also takes everything below, the last everything above.
         below = np.searchsorted(ordered, edges[1:-1], side="left")
         actual = np.diff(np.concatenate(([0], below, [count]))) / count
-        result["bins"] = [[float(lo), float(hi)] for lo, hi in zip(edges[:-1], edges[1:])]
+        result["bins"] = [[float(lo), float(hi)] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     statistic, pvalue = ks_test(ordered, baseline_cdf(baseline_feature))
     result |= {
         "expected_shares": [float(v) for v in expected], "actual_shares": [float(v) for v in actual],
@@ -389,7 +401,8 @@ def _decide(result: dict[str, Any], thresholds: Mapping[str, float]) -> dict[str
     value, pvalue, change = result.get("psi"), result.get("pvalue"), result.get("missing_rate_change")
     if value is not None and value > thresholds["psi"]:
         reasons.append(f"psi {value:.3f} > {thresholds['psi']:g}")
-    elif value is not None and pvalue is not None and pvalue < thresholds["ks_pvalue"] and value > thresholds["psi"] / 2:
+    elif (value is not None and pvalue is not None and pvalue < thresholds["ks_pvalue"]
+          and value > thresholds["psi"] / 2):
         reasons.append(f"{result['test']} p-value {pvalue:.2g} < {thresholds['ks_pvalue']:g} "
                        f"and psi {value:.3f} > {thresholds['psi'] / 2:g}")
     if change is not None and abs(change) > thresholds["missing_rate"]:
@@ -413,17 +426,6 @@ def prediction_drift(baseline_label_distribution: Mapping[str, Any], predictions
 
 
 # -------------------------------------------------------------------------------------- reports
-
-
-def _feature_names(metadata: Mapping[str, Any]) -> list[str]:
-    """The model's feature names from ``metadata["features"]`` (dicts with ``name``, or plain names).
-
-    :param metadata: the model's metadata.
-    """
-    features = metadata.get("features")
-    if not isinstance(features, list) or not features:
-        raise DriftInputError("metadata: 'features' must list the model's features")
-    return [str(f["name"]) if isinstance(f, Mapping) else str(f) for f in features]
 
 
 def _check_columns(frame: pd.DataFrame, names: list[str], ignore: set[str]) -> None:
@@ -475,25 +477,27 @@ def _summarise(features: dict[str, dict[str, Any]], prediction: dict[str, Any] |
     }
 
 
-def drift_report(metadata: Mapping[str, Any], frame: pd.DataFrame, predictions: Any = None,
+def drift_report(metadata: ModelMetadata, frame: pd.DataFrame, predictions: Any = None,
                  thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Compare a batch of a tabular model's features (and its predictions) with the model's training baseline.
 
-    Every feature of ``metadata["features"]`` is checked by its baseline kind; other columns of the
+    Every feature of ``metadata.features`` is checked by its baseline kind; other columns of the
     batch (label, id, scores) are ignored. See the module docstring for the drift rule.
 
-    :param metadata: the model's ``metadata.json`` (``features``, ``baseline``, optionally ``label``, ``id_column``).
+    :param metadata: the model's metadata (``features``, ``baseline``, ``label``, ``id_column``).
     :param frame: the batch, one column per feature.
     :param predictions: the model's prediction for each row (classes or values), or None to skip.
     :param thresholds: overrides of :data:`DEFAULT_THRESHOLDS` (``psi``, ``ks_pvalue``, ``missing_rate``).
     """
     limits = _thresholds(thresholds)
-    baseline = metadata.get("baseline")
+    baseline = metadata.baseline
     if not isinstance(baseline, Mapping) or not isinstance(baseline.get("features"), Mapping):
         raise DriftInputError("metadata: no training 'baseline' with per-feature statistics; retrain the model "
                               "with a trainer that writes one")
-    names = _feature_names(metadata)
-    _check_columns(frame, names, {str(metadata.get("label")), str(metadata.get("id_column"))})
+    names = metadata.feature_names
+    if not names:
+        raise DriftInputError("metadata: 'features' must list the model's features")
+    _check_columns(frame, names, {str(metadata.label), str(metadata.id_column)})
     columns = {str(c): c for c in frame.columns}
     features: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -522,7 +526,7 @@ def _prediction_reference(baseline: Mapping[str, Any]) -> tuple[str | None, Mapp
     stored them (``predictions``), else the training label's distribution (``label_distribution``, or
     ``label`` for a regressor).
 
-    :param baseline: the model's ``metadata["baseline"]``.
+    :param baseline: the model's ``metadata.baseline``.
     """
     for key in ("predictions", "label_distribution", "label"):
         if baseline.get(key):
@@ -530,7 +534,7 @@ def _prediction_reference(baseline: Mapping[str, Any]) -> tuple[str | None, Mapp
     return None, None
 
 
-def image_drift(baseline: Mapping[str, Any], stats_frame: pd.DataFrame, predictions: Any = None,
+def image_drift(baseline: ModelMetadata | Mapping[str, Any], stats_frame: pd.DataFrame, predictions: Any = None,
                 thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Compare per-image statistics of a batch with an image model's training baseline.
 
@@ -539,14 +543,14 @@ def image_drift(baseline: Mapping[str, Any], stats_frame: pd.DataFrame, predicti
     pixel intensity of the image in [0, 1], e.g. ``mean_red``) are compared with the baseline's
     pixel mean: the shift, in baseline pixel standard deviations, is ``mean_shift_std``.
 
-    :param baseline: the resnet trainer's baseline (``metadata["baseline"]``, or the whole metadata).
+    :param baseline: the resnet trainer's baseline (``metadata.baseline``), or the model's whole metadata.
     :param stats_frame: one row per image: ``width``, ``height``, ``brightness``, ``mean_<channel>`` per channel.
     :param predictions: the predicted class of each image, or None to skip.
     :param thresholds: overrides of :data:`DEFAULT_THRESHOLDS` (``channel_shift`` for channel means).
     """
     limits = _thresholds(thresholds)
-    if "baseline" in baseline and isinstance(baseline["baseline"], Mapping):
-        baseline = baseline["baseline"]
+    if isinstance(baseline, ModelMetadata):
+        baseline = dict(baseline.baseline or {})
     if baseline.get("kind") != "image":
         raise DriftInputError("image baseline: expected the resnet trainer's baseline (kind 'image')")
     pixel = baseline.get("pixel") or {}
@@ -570,7 +574,8 @@ def image_drift(baseline: Mapping[str, Any], stats_frame: pd.DataFrame, predicti
             "kind": "channel_mean", "count": int(len(present)), "mean": mean, "baseline_mean": base_mean,
             "baseline_std": base_std, "mean_shift_std": shift, "psi": None, "test": None, "statistic": None,
             "pvalue": None, "drifted": moved,
-            "reasons": [f"channel mean moved {shift:+.2f} pixel std (limit {limits['channel_shift']:g})"] if moved else [],
+            "reasons": [f"channel mean moved {shift:+.2f} pixel std (limit {limits['channel_shift']:g})"]
+            if moved else [],
         }
     prediction = None
     key, reference = _prediction_reference(baseline)

@@ -31,9 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from conveyor.errors import ConveyorError
+
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
+    from conveyor.lake import Lake
     from conveyor.spec import PipelineSpec
 
 ID, LABEL = "id", "label"
@@ -46,11 +49,11 @@ RULE_LABELLED = "id already labelled: the first label wins"
 RULE_MISSING = "id or label is empty"
 
 
-class FeedbackDropError(ValueError):
+class FeedbackDropError(ConveyorError, ValueError):
     """A feedback drop that cannot be read at all; names the file and the rule."""
 
 
-def _columns(frame: pd.DataFrame, spec: "PipelineSpec", name: str) -> pd.DataFrame:
+def _columns(frame: pd.DataFrame, spec: PipelineSpec, name: str) -> pd.DataFrame:
     """The id and label columns of one file, renamed to ``id`` and ``label``.
 
     :param frame: the file's rows.
@@ -68,7 +71,7 @@ def _columns(frame: pd.DataFrame, spec: "PipelineSpec", name: str) -> pd.DataFra
     return pd.DataFrame({ID: frame[id_col], LABEL: frame[label_col]})
 
 
-def read_file(path: "ObjectStoragePath", spec: "PipelineSpec") -> pd.DataFrame:
+def read_file(path: ObjectStoragePath, spec: PipelineSpec) -> pd.DataFrame:
     """The ``id``/``label`` rows of one feedback file, both as text (None where empty).
 
     :param path: a ``.csv``, ``.jsonl``, ``.json`` or ``.parquet`` file.
@@ -106,7 +109,7 @@ def read_file(path: "ObjectStoragePath", spec: "PipelineSpec") -> pd.DataFrame:
     return pd.DataFrame({ID: [text(v) for v in frame[ID]], LABEL: [text(v) for v in frame[LABEL]]}, dtype=object)
 
 
-def read_drop(files: Iterable[tuple[str, "ObjectStoragePath"]], spec: "PipelineSpec") -> pd.DataFrame:
+def read_drop(files: Iterable[tuple[str, ObjectStoragePath]], spec: PipelineSpec) -> pd.DataFrame:
     """Every row of a feedback drop's files, in file order, with the file each came from.
 
     :param files: ``(relative name, path)`` of the drop's data files.
@@ -220,3 +223,29 @@ def feedback_records(payload: Any) -> list[dict[str, str]]:
             raise ValueError(f"feedback record {number}: 'id' and 'label' must be plain values")
         records.append({ID: str(ident), LABEL: str(label)})
     return records
+
+
+def rule_counts(rejected: pd.DataFrame) -> dict[str, int]:
+    """How many rejected rows broke each counted rule: ``unknown_ids``, ``duplicates``, ``out_of_set``.
+
+    :param rejected: the rejected rows of :func:`check_rows` (a ``rule`` column).
+    """
+    counts = {"unknown_ids": 0, "duplicates": 0, "out_of_set": 0}
+    for rule, key in ((RULE_UNKNOWN, "unknown_ids"), (RULE_CLASS, "out_of_set"), (RULE_DUPLICATE, "duplicates"),
+                      (RULE_LABELLED, "duplicates")):
+        counts[key] += int(rejected["rule"].str.startswith(rule).sum()) if len(rejected) else 0
+    return counts
+
+
+def save_rejected(lake: Lake, pipeline: str, drop: str, rejected: pd.DataFrame) -> ObjectStoragePath:
+    """Keep a feedback drop's rejected rows, each with its rule, in ``quarantine/<pipeline>/feedback/<drop>/``.
+
+    :param lake: the lake.
+    :param pipeline: the pipeline.
+    :param drop: the feedback drop's name.
+    :param rejected: the rejected rows of :func:`check_rows`.
+    """
+    target = lake.quarantine(pipeline, f"feedback/{drop}") / "rejected.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(rejected.to_csv(index=False))
+    return target

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta, timezone
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
+from conveyor.aws.hosting import TransformStillRunning
 from conveyor.lake import Lake
-from conveyor.links import BatchReportLink
+from conveyor.operators.base import pipeline_spec, translate_errors
+from conveyor.operators.batch import BaseBatchPredictOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
+
+    from conveyor.spec import PipelineSpec
 
 
-class TransformStillRunning(AirflowException):
-    """The transform job outlasted the run's wait (transient: a retry waits for the same job again)."""
-
-
-class SageMakerBatchPredictOperator(BaseOperator):
+class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
     """Score an input with a SageMaker batch transform job into ``predictions/<pipeline>/<run>/`` and a SQL table.
 
     1. The input (the Param, else the oldest complete, unscored drop in
@@ -35,38 +37,29 @@ class SageMakerBatchPredictOperator(BaseOperator):
     The job's name derives from the run, so a retry reuses the job: it waits for one in progress
     and loads one that completed; a job that failed fails the task with its ``FailureReason`` (a
     run's name is fixed: start a new run to score again). Returns what ``BatchPredictOperator``
-    returns.
+    returns. Bad input fails the task (``AirflowFailException`` caused by ``BatchInputError``).
 
-    :param pipeline: the pipeline's name.
+    :param spec: the validated pipeline spec (its JSON dict, as the DAG factory passes it).
     :param model: the resolve task's result (templated XCom): ``version`` and ``model_uri`` (S3).
     :param input_uri: a file or folder URI on S3 (templated); empty: the oldest pending inference drop.
     """
 
-    template_fields = ("pipeline", "model", "input_uri")
-    operator_extra_links = (BatchReportLink(),)
-
-    def __init__(self, *, pipeline: str, model: Any, input_uri: str | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.pipeline = pipeline
-        self.model = model
-        self.input_uri = input_uri
-
+    @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
         from conveyor.aws import hosting
-        from conveyor.aws.training import aws_errors, plain_s3_uri
-        from conveyor.spec import get_spec
+        from conveyor.aws.common import aws_errors, plain_s3_uri
         from conveyor.aws.transform import INPUT, OUTPUT, WORK
 
-        spec = get_spec(self.pipeline)
+        spec = pipeline_spec(self.spec)
         lake = Lake.from_env()
         hook = hosting.sagemaker_hook(spec)
         conn_id = spec.sagemaker.aws_conn_id
         run_id = context["run_id"]
         job = hosting.transform_job_name(spec, run_id)
-        work = lake.predictions(self.pipeline, run_id) / WORK
-        with aws_errors(f"batch transform {job} of {self.pipeline}", conn_id):
+        work = lake.predictions(spec.name, run_id) / WORK
+        with aws_errors(f"batch transform {job} of {spec.name}", conn_id):
             found = hosting.describe_or_none(hook.describe_transform_job, job)
             if found is None:
                 manifest = self._prepare(spec, lake, work)
@@ -97,29 +90,25 @@ class SageMakerBatchPredictOperator(BaseOperator):
             timeout=timedelta(seconds=timeout + 10 * interval),
         )
 
-    def _prepare(self, spec: Any, lake: Lake, work: Any) -> dict[str, Any]:
+    def _prepare(self, spec: PipelineSpec, lake: Lake, work: ObjectStoragePath) -> dict[str, Any]:
         """Find the input and write the job's input files (before any job exists).
 
         :param spec: the pipeline.
         :param lake: the lake (on S3).
         :param work: the run's ``_transform`` folder.
         """
-        from conveyor.aws.training import plain_s3_uri
-        from conveyor.batch.scoring import BatchInputError
-        from conveyor.operators.batch import batch_input
+        from conveyor.aws.common import plain_s3_uri
         from conveyor.aws.transform import prepare_input, read_metadata
+        from conveyor.batch.readers import BatchInputError
 
         plain_s3_uri(work)  # the lake must be on S3: SageMaker reads and writes only S3
-        source, drop = batch_input(lake, self.pipeline, spec.data.marker, self.input_uri)
-        try:
-            metadata = read_metadata(self.model["model_uri"], lake.conn_id)
-            if metadata.get("problem_type") == "image_classification":
-                raise BatchInputError(f"{self.pipeline}: batch predictions score tables; an image model "
-                                      "has no SageMaker batch path here")
-            self.log.info("Preparing %s for the transform job under %s", source, work)
-            return prepare_input(source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop})
-        except BatchInputError as exc:
-            raise AirflowFailException(str(exc)) from None
+        source, drop = self.batch_input(spec, lake)
+        metadata = read_metadata(self.model["model_uri"], lake.conn_id)
+        if metadata.problem_type == "image_classification":
+            raise BatchInputError(f"{spec.name}: batch predictions score tables; an image model "
+                                  "has no SageMaker batch path here")
+        self.log.info("Preparing %s for the transform job under %s", source, work)
+        return prepare_input(source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop})
 
     @staticmethod
     def _failure(job: str, described: dict[str, Any]) -> str:
@@ -133,6 +122,7 @@ class SageMakerBatchPredictOperator(BaseOperator):
                 f"(/aws/sagemaker/TransformJobs, streams {job}/...). A run's job name is fixed: start a new run "
                 "to score again")
 
+    @translate_errors
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Load a completed job's answers into the run's Parquet files and the predictions table.
 
@@ -142,14 +132,14 @@ class SageMakerBatchPredictOperator(BaseOperator):
         :param event: the trigger's event (``status``: success, failed, stopped, timeout or error).
         """
         from conveyor.aws import hosting
-        from conveyor.aws.training import aws_errors
-        from conveyor.batch.scoring import BatchInputError, write_parts
-        from conveyor.lake import read_json
-        from conveyor.operators.batch import finish_batch, run_timestamp
-        from conveyor.spec import get_spec
+        from conveyor.aws.common import aws_errors
         from conveyor.aws.transform import IDS, MANIFEST, WORK, load_output
+        from conveyor.batch.parts import write_parts
+        from conveyor.batch.runs import predictions_table, run_timestamp
+        from conveyor.batch.scoring import utc
+        from conveyor.lake import read_json
 
-        spec = get_spec(self.pipeline)
+        spec = pipeline_spec(self.spec)
         lake = Lake.from_env()
         run_id = context["run_id"]
         job = hosting.transform_job_name(spec, run_id)
@@ -163,22 +153,16 @@ class SageMakerBatchPredictOperator(BaseOperator):
                                             "a retry waits for it again")
             if described["TransformJobStatus"] != "Completed":
                 raise AirflowFailException(self._failure(job, described))
-        work = lake.predictions(self.pipeline, run_id) / WORK
-        manifest = read_json(work / IDS / MANIFEST)
-        stamp = run_timestamp(context)
-        stamp = (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-        constants = {"model_name": self.pipeline, "model_version": str(self.model["version"]), "run_id": run_id,
-                     "scored_at": stamp}
-        table = spec.deploy.batch.table or f"{self.pipeline}_predictions"
+        out = lake.predictions(spec.name, run_id)
+        manifest = read_json(out / WORK / IDS / MANIFEST)
+        stamp = utc(run_timestamp(context))
+        version = str(self.model["version"])
+        constants = {"model_name": spec.name, "model_version": version, "run_id": run_id, "scored_at": stamp}
         self.log.info("Loading the answers of transform job %s (%s rows) into %s and table %s", job,
-                      manifest["rows"], lake.predictions(self.pipeline, run_id), table)
-        try:
-            result = write_parts(lake.predictions(self.pipeline, run_id), load_output(work, constants),
-                                 {"model": self.pipeline, "version": str(self.model["version"]), "run_id": run_id,
-                                  "scored_at": str(stamp), "source": manifest["source"], "transform_job": job},
-                                 conn_id=lake.conn_id)
-        except BatchInputError as exc:
-            raise AirflowFailException(str(exc)) from None
-        return finish_batch(context, lake=lake, pipeline=self.pipeline, table=table, model=self.model,
-                            source=manifest["source"], drop=manifest.get("drop"), result=result, log=self.log,
-                            details={"transform_job": job})
+                      manifest["rows"], out, predictions_table(spec))
+        result = write_parts(out, load_output(out / WORK, constants),
+                             {"model": spec.name, "version": version, "run_id": run_id, "scored_at": str(stamp),
+                              "source": manifest["source"], "transform_job": job},
+                             conn_id=lake.conn_id)
+        return self.finish(context, spec=spec, lake=lake, source=manifest["source"], drop=manifest.get("drop"),
+                           result=result, details={"transform_job": job})

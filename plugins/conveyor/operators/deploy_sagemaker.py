@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
+from conveyor.aws.hosting import EndpointBusy
 from conveyor.lake import Lake
+from conveyor.operators.base import pipeline_spec, translate_errors
 
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-class EndpointBusy(AirflowException):
-    """The endpoint has another change in progress (transient: the task is retried)."""
+    from conveyor.spec import PipelineSpec
 
 
 class SageMakerDeployEndpointOperator(BaseOperator):
@@ -40,33 +43,34 @@ class SageMakerDeployEndpointOperator(BaseOperator):
     endpoint serves nothing and cannot be updated, so the task fails and says to delete it.
     Returns ``{"endpoint", "endpoint_arn", "config", "model", "version", "previous"}``.
 
-    :param pipeline: the pipeline's name.
+    :param spec: the validated pipeline spec (its JSON dict, as the DAG factory passes it).
     :param model: the resolve task's result (templated XCom): ``version`` and ``model_uri`` (S3).
     :param tracking_uri: the MLflow tracking URI, for ``registry: mlflow`` (the default store when None).
     """
 
-    template_fields = ("pipeline", "model")
+    template_fields = ("spec", "model")
+    template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, pipeline: str, model: Any, tracking_uri: str | None = None, **kwargs: Any):
+    def __init__(self, *, spec: Any, model: Any, tracking_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.pipeline = pipeline
+        self.spec = spec
         self.model = model
         self.tracking_uri = tracking_uri
 
+    @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
         from conveyor.aws import hosting
-        from conveyor.aws.training import aws_errors
-        from conveyor.spec import get_spec
+        from conveyor.aws.common import aws_errors
 
-        spec = get_spec(self.pipeline)
+        spec = pipeline_spec(self.spec)
         hook = hosting.sagemaker_hook(spec)
         conn_id = spec.sagemaker.aws_conn_id
         run_id = context["run_id"]
         version = str(self.model["version"])
         endpoint = hosting.endpoint_name(spec)
-        with aws_errors(f"deploy {self.pipeline} version {version} to endpoint {endpoint}", conn_id):
+        with aws_errors(f"deploy {spec.name} version {version} to endpoint {endpoint}", conn_id):
             model, config = self._requests(spec, hook, run_id)
             current = hosting.describe_or_none(hook.describe_endpoint, endpoint)
             if current is not None:
@@ -88,9 +92,8 @@ class SageMakerDeployEndpointOperator(BaseOperator):
             else:
                 self.log.info("Endpoint %s is %s on %s already (an earlier try): waiting for it", endpoint,
                               current["EndpointStatus"], config["EndpointConfigName"])
-        settings = spec.deploy.endpoint
         interval = spec.sagemaker.check_interval_seconds
-        wait = settings.deploy_timeout_seconds + hosting.rollout_seconds(settings)
+        wait = spec.deploy.endpoint.deploy_timeout_seconds + hosting.rollout_seconds(spec.deploy.endpoint)
         self.defer(
             trigger=SageMakerTrigger(job_name=endpoint, job_type="endpoint", waiter_delay=interval,
                                      waiter_max_attempts=max(1, math.ceil(wait / interval)), aws_conn_id=conn_id,
@@ -99,7 +102,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
             timeout=timedelta(seconds=wait + 10 * interval),
         )
 
-    def _requests(self, spec: Any, hook: Any, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _requests(self, spec: PipelineSpec, hook: SageMakerHook, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The CreateModel and CreateEndpointConfig requests of this deploy (their names derive from the content).
 
         :param spec: the pipeline.
@@ -113,8 +116,8 @@ class SageMakerDeployEndpointOperator(BaseOperator):
                                                  run_id)
         return model, config
 
-    def _start(self, hook: Any, spec: Any, run_id: str, endpoint: str, model: dict[str, Any], config: dict[str, Any],
-               current: dict[str, Any] | None) -> None:
+    def _start(self, hook: SageMakerHook, spec: PipelineSpec, run_id: str, endpoint: str, model: dict[str, Any],
+               config: dict[str, Any], current: dict[str, Any] | None) -> None:
         """Create the model and configuration if missing, then create or update the endpoint.
 
         :param hook: the SageMaker hook.
@@ -151,6 +154,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
                 self.log.warning("Could not clean up after the failed deploy", exc_info=True)
             raise
 
+    @translate_errors
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
         """Check what the wait ended on: the new configuration in service, or a failure to clean up after.
 
@@ -158,26 +162,27 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         :param event: the trigger's event (``status``: success, failed, timeout or error; ``message``).
         """
         from conveyor.aws import hosting
-        from conveyor.aws.training import aws_errors
-        from conveyor.spec import get_spec
+        from conveyor.aws.common import aws_errors
 
-        spec = get_spec(self.pipeline)
+        spec = pipeline_spec(self.spec)
         hook = hosting.sagemaker_hook(spec)
         run_id = context["run_id"]
         endpoint = hosting.endpoint_name(spec)
         event = event or {}
-        target = f"{self.pipeline} version {self.model['version']} to endpoint {endpoint}"
+        target = f"{spec.name} version {self.model['version']} to endpoint {endpoint}"
         with aws_errors(f"check the deploy of {target}", spec.sagemaker.aws_conn_id):
             model, config = self._requests(spec, hook, run_id)
             current = hosting.describe_or_none(hook.describe_endpoint, endpoint)
             status = (current or {}).get("EndpointStatus")
-            if status == "InService" and current["EndpointConfigName"] == config["EndpointConfigName"]:
+            if current is not None and status == "InService" and (
+                    current["EndpointConfigName"] == config["EndpointConfigName"]):
                 return self._live(spec, model, config, current)
             reason = (current or {}).get("FailureReason") or event.get("message") or "no reason given"
             if status in hosting.ENDPOINT_BUSY:
                 raise AirflowFailException(
                     f"deploy of {target}: the endpoint is still {status} after the deploy's wait "
-                    f"({event.get('status')}); nothing was deleted (SageMaker rolls a stuck update back itself): {reason}")
+                    f"({event.get('status')}); nothing was deleted (SageMaker rolls a stuck update back itself): "
+                    f"{reason}")
             deleted = self._clean_up(hook, run_id, endpoint, model["ModelName"], config["EndpointConfigName"], current)
         if current is None:
             what = "the endpoint disappeared during the deploy"
@@ -188,7 +193,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         raise AirflowFailException(f"deploy of {target} failed: {what}; reason: {reason}. "
                                    f"Deleted what this deploy created: {', '.join(deleted) or 'nothing'}")
 
-    def _clean_up(self, hook: Any, run_id: str, endpoint: str, model: str, config: str,
+    def _clean_up(self, hook: SageMakerHook, run_id: str, endpoint: str, model: str, config: str,
                   current: dict[str, Any] | None) -> list[str]:
         """Delete what this deploy's run created: a ``Failed`` endpoint, the configuration, the model.
 
@@ -205,7 +210,8 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         deleted = []
         if current is not None and current.get("EndpointStatus") == "Failed" and hosting.created_by_run(
                 hook, current["EndpointArn"], run_id):
-            if hosting.delete_quietly(self.log, f"endpoint {endpoint}", hook.conn.delete_endpoint, EndpointName=endpoint):
+            if hosting.delete_quietly(self.log, f"endpoint {endpoint}", hook.conn.delete_endpoint,
+                                      EndpointName=endpoint):
                 deleted.append(f"endpoint {endpoint}")
         found = hosting.describe_or_none(hook.describe_endpoint_config, config)
         if found is not None and hosting.created_by_run(hook, found["EndpointConfigArn"], run_id):
@@ -218,7 +224,8 @@ class SageMakerDeployEndpointOperator(BaseOperator):
                 deleted.append(f"model {model}")
         return deleted
 
-    def _live(self, spec: Any, model: dict[str, Any], config: dict[str, Any], described: dict[str, Any]) -> dict[str, Any]:
+    def _live(self, spec: PipelineSpec, model: dict[str, Any], config: dict[str, Any],
+              described: dict[str, Any]) -> dict[str, Any]:
         """Record the live version in the registry; the task's result.
 
         :param spec: the pipeline.
@@ -230,9 +237,9 @@ class SageMakerDeployEndpointOperator(BaseOperator):
 
         version = str(self.model["version"])
         endpoint = described["EndpointName"]
-        previous = registry_hook(spec, self.tracking_uri).record_deployment(self.pipeline, version, endpoint)
+        previous = registry_hook(spec, self.tracking_uri).record_deployment(spec.name, version, endpoint)
         self.log.info("Version %s of %s is live on SageMaker endpoint %s (%s); it replaced %s", version,
-                      self.pipeline, endpoint, config["EndpointConfigName"], previous or "nothing")
+                      spec.name, endpoint, config["EndpointConfigName"], previous or "nothing")
         return {"endpoint": endpoint, "endpoint_arn": described.get("EndpointArn"),
                 "config": config["EndpointConfigName"], "model": model["ModelName"], "version": version,
                 "previous": previous}

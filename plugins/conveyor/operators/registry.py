@@ -8,6 +8,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseOperator
 
 from conveyor.lake import Lake
+from conveyor.operators.base import pipeline_spec, translate_errors
 
 
 class RegisterModelOperator(BaseOperator):
@@ -17,7 +18,8 @@ class RegisterModelOperator(BaseOperator):
     returns the version it registered before (no duplicates).
     Returns ``{"model_name", "version", "mlflow_run_id", "model_uri"}``.
 
-    :param pipeline: the pipeline's name (= the registered model's name).
+    :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory); its name is
+        the registered model's.
     :param model: the train task's result (templated XCom).
     :param gate: the gate task's result (templated XCom).
     :param deploy: whether the approved model should be rolled out (templated; recorded as a tag).
@@ -25,63 +27,67 @@ class RegisterModelOperator(BaseOperator):
     :param tracking_uri: the MLflow tracking URI (the default store when None).
     """
 
-    template_fields = ("pipeline", "model", "gate", "deploy", "evaluation")
+    template_fields = ("spec", "model", "gate", "deploy", "evaluation")
+    template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, pipeline: str, model: Any, gate: Any, deploy: Any = True, evaluation: Any = None,
+    def __init__(self, *, spec: Any, model: Any, gate: Any, deploy: Any = True, evaluation: Any = None,
                  tracking_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.pipeline = pipeline
+        self.spec = spec
         self.model = model
         self.gate = gate
         self.deploy = deploy
         self.evaluation = evaluation
         self.tracking_uri = tracking_uri
 
+    @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.registry.mlflow import MlflowRegistryHook
         from conveyor.registry import registry_hook
-        from conveyor.spec import get_spec
+        from conveyor.registry.mlflow import MlflowRegistryHook
 
-        spec = get_spec(self.pipeline)
+        spec = pipeline_spec(self.spec)
         evaluation = self.evaluation if isinstance(self.evaluation, dict) else {}
         metrics_uri = None
         if evaluation.get("report"):
-            metrics_uri = str(Lake.from_env().reports(self.pipeline, context["run_id"]) / "evaluation" / "metrics.json")
+            metrics_uri = str(Lake.from_env().reports(spec.name, context["run_id"]) / "evaluation" / "metrics.json")
         version = registry_hook(spec, self.tracking_uri).register(
-            self.pipeline, self.model["model_uri"], self.gate["mlflow_run_id"],
+            spec.name, self.model["model_uri"], self.gate["mlflow_run_id"],
             tags={"dataset_version": self.model["dataset_version"], "code_version": self.model["code_version"],
                   "backend": spec.compute, "gate_decision": "passed", "conveyor_run_id": context["run_id"],
                   "deploy": str(self.deploy).lower()},
             metrics=evaluation.get("metrics"), metrics_uri=metrics_uri,
         )
         MlflowRegistryHook(self.tracking_uri).finish_run(self.gate["mlflow_run_id"])
-        self.log.info("Registered %s version %s (PendingManualApproval, %s registry) from %s", self.pipeline,
+        self.log.info("Registered %s version %s (PendingManualApproval, %s registry) from %s", spec.name,
                       version.version, spec.registry, self.model["model_uri"])
-        return {"model_name": self.pipeline, "version": str(version.version),
+        return {"model_name": spec.name, "version": str(version.version),
                 "mlflow_run_id": self.gate["mlflow_run_id"], "model_uri": self.model["model_uri"]}
 
 
 class AutoApproveOperator(BaseOperator):
     """``approval: auto``: approve a registered version that passed the gate and make it champion.
 
+    :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory).
     :param registration: the register task's result (templated XCom).
     :param tracking_uri: the MLflow tracking URI (the default store when None).
     """
 
-    template_fields = ("registration",)
+    template_fields = ("spec", "registration")
+    template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, registration: Any, tracking_uri: str | None = None, **kwargs: Any):
+    def __init__(self, *, spec: Any, registration: Any, tracking_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.spec = spec
         self.registration = registration
         self.tracking_uri = tracking_uri
 
+    @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.registry.base import APPROVED
         from conveyor.registry import registry_hook
-        from conveyor.spec import get_spec
+        from conveyor.registry.base import APPROVED
 
         name, version = self.registration["model_name"], self.registration["version"]
-        registry_hook(get_spec(name), self.tracking_uri).promote(name, version)
+        registry_hook(pipeline_spec(self.spec), self.tracking_uri).promote(name, version)
         self.log.info("Approved %s version %s automatically; it is now the champion", name, version)
         return {"model_name": name, "version": version, "status": APPROVED, "approved_by": "auto"}
 
@@ -92,21 +98,27 @@ class ModelApprovalOperator(ApprovalOperator):
     The request shows the gate's comparison. Approve sets ``Approved`` and moves ``champion``;
     reject sets ``Rejected`` and skips what follows.
 
+    :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory).
     :param registration_task: the task whose XCom holds the registration.
     :param tracking_uri: the MLflow tracking URI (the default store when None).
     """
 
-    def __init__(self, *, registration_task: str = "register", tracking_uri: str | None = None, **kwargs: Any):
+    template_fields = (*ApprovalOperator.template_fields, "spec")
+    template_fields_renderers = {**ApprovalOperator.template_fields_renderers, "spec": "json"}
+
+    def __init__(self, *, spec: Any, registration_task: str = "register", tracking_uri: str | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
+        self.spec = spec
         self.registration_task = registration_task
         self.tracking_uri = tracking_uri
 
+    @translate_errors
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from conveyor.registry.base import REJECTED
-        from conveyor.registry import registry_hook
-        from conveyor.spec import get_spec
-
         from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+        from conveyor.registry import registry_hook
+        from conveyor.registry.base import REJECTED
 
         skipped: DownstreamTasksSkipped | None = None
         try:
@@ -115,7 +127,7 @@ class ModelApprovalOperator(ApprovalOperator):
             skipped, result = exc, {"chosen_options": [self.REJECT]}
         registration = context["ti"].xcom_pull(task_ids=self.registration_task)
         name, version = registration["model_name"], registration["version"]
-        hook = registry_hook(get_spec(name), self.tracking_uri)
+        hook = registry_hook(pipeline_spec(self.spec), self.tracking_uri)
         user = event.get("responded_by_user") or {}
         who = str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) else str(user)
         if result["chosen_options"][0] == self.APPROVE:
@@ -136,25 +148,28 @@ class PublishModelOperator(BaseOperator):
     Runs only after an approval (a rejection skips it). The event's extra carries the version and
     the run's ``deploy`` choice.
 
-    :param pipeline: the pipeline's name.
+    :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory).
     :param registration: the register task's result (templated XCom).
     :param deploy: whether the version should be rolled out (templated).
     """
 
-    template_fields = ("pipeline", "registration", "deploy")
+    template_fields = ("spec", "registration", "deploy")
+    template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, pipeline: str, registration: Any, deploy: Any = True, **kwargs: Any):
+    def __init__(self, *, spec: Any, registration: Any, deploy: Any = True, **kwargs: Any):
         super().__init__(**kwargs)
-        self.pipeline = pipeline
+        self.spec = spec
         self.registration = registration
         self.deploy = deploy
 
+    @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.assets import model_asset
 
+        name = pipeline_spec(self.spec).name
         deploy = str(self.deploy).lower() not in {"false", "0", "no", "none"}
         extra = {"version": self.registration["version"], "deploy": deploy,
                  "model_uri": self.registration["model_uri"]}
-        context["outlet_events"][model_asset(self.pipeline)].extra = extra
-        self.log.info("Published %s version %s (deploy: %s)", self.pipeline, extra["version"], deploy)
+        context["outlet_events"][model_asset(name)].extra = extra
+        self.log.info("Published %s version %s (deploy: %s)", name, extra["version"], deploy)
         return extra

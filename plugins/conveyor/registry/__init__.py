@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
 
 
-def registry_hook(spec: "PipelineSpec", tracking_uri: str | None = None) -> RegistryHook:
+def registry_hook(spec: PipelineSpec, tracking_uri: str | None = None) -> RegistryHook:
     """The registry hook of a pipeline (``spec.registry``).
 
     :param spec: the pipeline.

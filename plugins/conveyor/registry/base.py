@@ -5,12 +5,14 @@ care which one a pipeline uses:
 
 | method | does |
 |---|---|
-| ``register(model_name, source, run_id, tags, metrics=None, metrics_uri=None)`` | a new version, ``PendingManualApproval``; a retry with the same ``run_id`` returns the same one |
+| ``register(model_name, source, run_id, tags, metrics=None, metrics_uri=None)`` | a new version, |
+| | ``PendingManualApproval``; a retry with the same ``run_id`` returns the same one |
 | ``set_status(model_name, version, status)`` | ``PendingManualApproval`` / ``Approved`` / ``Rejected`` |
 | ``promote(model_name, version)`` | ``Approved`` and champion |
 | ``set_version_tags(model_name, version, tags)`` | adds or replaces tags of a version |
 | ``champion(model_name)`` | the champion version, or None |
-| ``version(model_name, version)`` / ``resolve(model_name, version_or_alias)`` | one version, by number or alias (``champion``) |
+| ``version(model_name, version)`` / ``resolve(model_name, version_or_alias)`` | one version, by number |
+| | or alias (``champion``) |
 | ``record_deployment(model_name, version, endpoint)`` | records the live version; returns the one it replaced |
 | ``live_version(model_name, endpoint)`` | the version recorded as live on an endpoint |
 
@@ -25,8 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from conveyor.errors import ConveyorError
-
+from conveyor.errors import ConveyorError, TransientError
 
 STATUS_TAG = "approval_status"
 RUN_TAG = "conveyor_run_id"
@@ -34,12 +35,30 @@ PENDING, APPROVED, REJECTED = "PendingManualApproval", "Approved", "Rejected"
 CHAMPION = "champion"
 
 
-class RegistryUnavailable(ConveyorError):
+STATUSES = frozenset({PENDING, APPROVED, REJECTED})
+
+
+class RegistryUnavailable(TransientError):
     """The registry's store could not be reached (transient: the task is retried)."""
 
 
 class ModelVersionNotFound(ConveyorError, LookupError):
     """No version or alias of that name in the registry (names the model and what was asked)."""
+
+
+class UnknownApprovalStatus(ConveyorError, ValueError):
+    """An approval status outside the vocabulary (``PendingManualApproval``, ``Approved``, ``Rejected``)."""
+
+
+def check_status(status: str) -> str:
+    """The status, if it is one of the vocabulary.
+
+    :param status: an approval status.
+    :raises UnknownApprovalStatus: it is not.
+    """
+    if status not in STATUSES:
+        raise UnknownApprovalStatus(f"unknown approval status {status!r} (one of {', '.join(sorted(STATUSES))})")
+    return status
 
 
 class RegistryHook(Protocol):

@@ -16,7 +16,8 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from conveyor import settings
-from conveyor.registry.base import APPROVED, CHAMPION, PENDING, REJECTED, RUN_TAG, STATUS_TAG, RegistryUnavailable
+from conveyor.registry.base import APPROVED, CHAMPION, PENDING, RUN_TAG, STATUS_TAG, RegistryUnavailable, check_status
+
 
 class MlflowRegistryHook(BaseHook):
     """Talks to one MLflow tracking server and registry; keeps no per-run state.
@@ -61,12 +62,12 @@ class MlflowRegistryHook(BaseHook):
     def ensure_run(self, experiment: str, run_key: str, run_name: str, tags: dict[str, str]) -> str:
         """The MLflow run of an Airflow run, created on first call (idempotent by ``run_key``)."""
         exp_id = self.experiment_id(experiment)
-        found = self._call(
-            "search runs", self.client.search_runs, [exp_id], filter_string=f"tags.{RUN_TAG} = '{run_key}'", max_results=1
-        )
+        found = self._call("search runs", self.client.search_runs, [exp_id],
+                           filter_string=f"tags.{RUN_TAG} = '{run_key}'", max_results=1)
         if found:
             return found[0].info.run_id
-        run = self._call("create run", self.client.create_run, exp_id, run_name=run_name, tags={RUN_TAG: run_key, **tags})
+        run = self._call("create run", self.client.create_run, exp_id, run_name=run_name,
+                         tags={RUN_TAG: run_key, **tags})
         return run.info.run_id
 
     def log_run(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str]) -> None:
@@ -114,8 +115,7 @@ class MlflowRegistryHook(BaseHook):
         )
 
     def set_status(self, model_name: str, version: str, status: str) -> None:
-        if status not in {PENDING, APPROVED, REJECTED}:
-            raise ValueError(f"unknown approval status {status!r}")
+        check_status(status)
         self._call("tag model version", self.client.set_model_version_tag, model_name, version, STATUS_TAG, status)
 
     def promote(self, model_name: str, version: str) -> None:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
-from conveyor.aws.training import (
+from conveyor.aws.common import (
     CONTENT_TYPES,
     RESPONSE_TYPES,
     aws_errors,
@@ -38,12 +39,19 @@ from conveyor.aws.training import (
     model_package_group,
     plain_s3_uri,
 )
-from conveyor.registry.base import APPROVED, PENDING, REJECTED, RUN_TAG, STATUS_TAG, ModelVersionNotFound
+from conveyor.registry.base import (
+    APPROVED,
+    CHAMPION,
+    PENDING,
+    RUN_TAG,
+    STATUS_TAG,
+    ModelVersionNotFound,
+    check_status,
+)
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
 
-CHAMPION = "champion"
 LATEST = "latest"
 LIVE_ON = "live_on"
 LIVE_TAG = "conveyor:live_on:{endpoint}"
@@ -101,7 +109,7 @@ class SageMakerRegistryHook(BaseHook):
         self.realtime_instance_types = list(realtime_instance_types or [])
 
     @classmethod
-    def for_spec(cls, spec: "PipelineSpec") -> "SageMakerRegistryHook":
+    def for_spec(cls, spec: PipelineSpec) -> SageMakerRegistryHook:
         """The hook of a pipeline's ``sagemaker`` settings.
 
         :param spec: the pipeline.
@@ -222,7 +230,8 @@ class SageMakerRegistryHook(BaseHook):
         airflow_run = tags.get(RUN_TAG, "")
         request: dict[str, Any] = {
             "ModelPackageGroupName": group,
-            "ModelPackageDescription": f"{model_name} model of Airflow run {airflow_run} {_registration_key(run_id)}"[-1024:],
+            "ModelPackageDescription":
+                f"{model_name} model of Airflow run {airflow_run} {_registration_key(run_id)}"[-1024:],
             "InferenceSpecification": self.inference_specification(model_data_url),
             "ModelApprovalStatus": PENDING,
             "CustomerMetadataProperties": metadata,
@@ -288,8 +297,7 @@ class SageMakerRegistryHook(BaseHook):
         :param version: the version number.
         :param status: ``PendingManualApproval``, ``Approved`` or ``Rejected``.
         """
-        if status not in {PENDING, APPROVED, REJECTED}:
-            raise ValueError(f"unknown approval status {status!r}")
+        check_status(status)
         self._update(self._arn(model_name, version), status=status, reason=f"{status} by Conveyor")
 
     def promote(self, model_name: str, version: str) -> None:

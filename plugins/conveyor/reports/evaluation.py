@@ -1,6 +1,7 @@
 """Evaluation of a model on its held-out test set: metrics, plots and a report a person reads.
 
-``write_evaluation_report`` writes the metrics (``conveyor.model.metrics``), with PNG plots and a readable ``index.html``, into a folder.
+``write_evaluation_report`` writes the metrics (``conveyor.model.metrics``), with PNG plots and a
+readable ``index.html``, into a folder.
 Importing this module is cheap: numpy, pandas, scikit-learn, matplotlib and jinja2 are imported by
 the functions that use them.
 """
@@ -9,18 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conveyor.model.metrics import Classes, check_problem_type, classes_of, vectors
+from conveyor.model.metrics import HIGHER_IS_BETTER, Classes, check_problem_type, classes_of, vectors
+from conveyor.reports.plots import figure as _figure
+from conveyor.reports.plots import save as _save
 
 if TYPE_CHECKING:
     import numpy as np
+    from numpy.typing import ArrayLike
 
     from conveyor.spec import PipelineSpec
     from conveyor.training.evaluate import Scored
-    from numpy.typing import ArrayLike
 
 _PLOTS = ("confusion_matrix", "roc_curve", "pr_curve", "residuals", "predicted_vs_actual", "feature_importance")
 _MAX_POINTS = 5000  # scatter plots draw a fixed sample of at most this many rows
@@ -89,20 +92,6 @@ def write_evaluation_report(
 def _plain(text: Any) -> str:
     """Text for matplotlib, with ``$`` escaped so a label never turns into (broken) mathtext."""
     return str(text).replace("$", r"\$")
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)  # Agg, without pyplot: no display, no global state
-    return figure
-
-
-def _save(figure: Any, path: Path) -> Path:
-    figure.savefig(path, dpi=100)
-    return path
 
 
 def _write_plots(
@@ -337,7 +326,7 @@ def _render_html(
     )
 
 
-def write_model_report(out: Path, scored: "Scored", spec: "PipelineSpec", run_id: str, title: str,
+def write_model_report(out: Path, scored: Scored, spec: PipelineSpec, run_id: str, title: str,
                        importance: dict[str, float] | None = None) -> dict[str, str]:
     """The evaluate task's report of a scored model: predictions, metrics, plots and ``index.html``.
 
@@ -355,7 +344,8 @@ def write_model_report(out: Path, scored: "Scored", spec: "PipelineSpec", run_id
     images = spec.data.format == "images"
     sections = None
     if images:
-        sections = [("Worst misclassified test images", misclassified_grid(scored.test, scored.y_pred, scored.proba, out))]
+        grid = misclassified_grid(scored.test, scored.y_pred, scored.proba, out)
+        sections = [("Worst misclassified test images", grid)]
     meta = scored.metadata
     context = {
         "pipeline": spec.name,
@@ -377,7 +367,7 @@ def misclassified_grid(test: Any, y_pred: Any, proba: Any, out: Path, limit: int
 
     from PIL import Image, ImageDraw
 
-    wrong = [i for i, (truth, guess) in enumerate(zip(test["label"], y_pred)) if str(truth) != str(guess)]
+    wrong = [i for i, (truth, guess) in enumerate(zip(test["label"], y_pred, strict=True)) if str(truth) != str(guess)]
     if not wrong:
         return "<p>No test image was misclassified.</p>"
     confidence = {i: float(proba.iloc[i].max()) if proba is not None else 0.0 for i in wrong}

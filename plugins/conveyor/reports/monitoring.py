@@ -17,7 +17,9 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-OTHER = "__other__"  # conveyor.monitoring.drift.OTHER: the bucket of values the baseline does not list
+from conveyor.model.metadata import OTHER  # the baseline's bucket of values it does not list
+from conveyor.reports.plots import plain, save, stacked
+
 MAX_PLOTTED_CATEGORIES = 30
 MAX_HISTORY_ROWS = 100
 _SOURCE_NAMES = {"batch": "Batch run", "capture": "Endpoint capture"}
@@ -183,8 +185,9 @@ def _feature_row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
 def _source_section(out: Path, index: int, source: Mapping[str, Any]) -> dict[str, Any]:
     """A source's heading, summary and feature rows; draws its plots into ``out``, named by its position ``index``."""
     report = source.get("report") or {}
-    kind = _SOURCE_NAMES.get(source.get("source"), _text(source.get("source")))
-    section = {"title": f"{kind} {_text(source.get('id'))}", "error": source.get("error"), "has_report": bool(report),
+    kind = _SOURCE_NAMES.get(str(source.get("source")), _text(source.get("source")))
+    section: dict[str, Any] = {
+               "title": f"{kind} {_text(source.get('id'))}", "error": source.get("error"), "has_report": bool(report),
                "rows_count": _text(source.get("rows", report.get("rows"))), "rule": report.get("rule"),
                "thresholds": report.get("thresholds") or {}, "drifted": bool(report.get("drifted")), "rows": [],
                "prediction": None, "prediction_plot": None, "drifted_features": report.get("drifted_features") or [],
@@ -224,21 +227,6 @@ def _label_counts(labels: Mapping[str, Any]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------- plots
 
 
-def _plain(text: Any, limit: int = 40) -> str:
-    """Text for matplotlib: ``$`` escaped (no mathtext), cut to ``limit`` characters."""
-    text = str(text)
-    return (text if len(text) <= limit else text[: limit - 1] + "…").replace("$", r"\$")
-
-
-def _figure(width: float, height: float, rows: int = 1) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)  # Agg, without pyplot: no display, no global state
-    return figure, figure.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-
-
 def _plot_shares(path: Path, title: str, result: Mapping[str, Any]) -> Path:
     """Grouped bars of the baseline's and the batch's share per bin or category of a drift result."""
     labels, expected, actual = _bin_labels(result), result["expected_shares"], result["actual_shares"]
@@ -247,17 +235,16 @@ def _plot_shares(path: Path, title: str, result: Mapping[str, Any]) -> Path:
         ranked = sorted(keep[:-1], key=lambda i: -max(expected[i] or 0.0, actual[i] or 0.0))
         keep = sorted(ranked[: MAX_PLOTTED_CATEGORIES - 1]) + [keep[-1]]
         title += f" ({len(keep)} of {len(labels)} categories)"
-    figure, (ax,) = _figure(max(6.0, 1.2 + 0.45 * len(keep)), 4.5)
+    figure, (ax,) = stacked(max(6.0, 1.2 + 0.45 * len(keep)), 4.5)
     xs = range(len(keep))
     ax.bar([x - 0.2 for x in xs], [expected[i] or 0.0 for i in keep], 0.4, label="baseline (training)", color="#7f9fbf")
     ax.bar([x + 0.2 for x in xs], [actual[i] or 0.0 for i in keep], 0.4, label="current", color="#d9822b")
     rotate = len(keep) > 5 or any(len(labels[i]) > 10 for i in keep)
-    ax.set_xticks(list(xs), [_plain(labels[i], 25) for i in keep], rotation=45 if rotate else 0,
+    ax.set_xticks(list(xs), [plain(labels[i], 25) for i in keep], rotation=45 if rotate else 0,
                   ha="right" if rotate else "center")
-    ax.set(ylabel="share of rows", title=_plain(title, 80))
+    ax.set(ylabel="share of rows", title=plain(title, 80))
     ax.legend()
-    figure.savefig(path, dpi=100)
-    return path
+    return save(figure, path)
 
 
 def _times(values: list[Any]) -> list[Any] | None:
@@ -289,13 +276,13 @@ def _plot_history(path: Path, history: list[dict], psi_limit: float | None, shar
     with_tz = {x.tzinfo is not None for x in xs if isinstance(x, datetime)}
     if len(with_tz) > 1:  # naive and aware times cannot share an axis
         xs = list(range(len(history)))
-    figure, (share_ax, psi_ax) = _figure(9, 6, rows=2)
+    figure, (share_ax, psi_ax) = stacked(9, 6, rows=2)
     for source in dict.fromkeys(str(r.get("source")) for r in history):
-        picked = [(x, r) for x, r in zip(xs, history) if str(r.get("source")) == source]
+        picked = [(x, r) for x, r in zip(xs, history, strict=True) if str(r.get("source")) == source]
         for ax, key in ((share_ax, "drift_share"), (psi_ax, "max_psi")):
             points = [(x, r[key], r.get("drifted")) for x, r in picked if r.get(key) is not None]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_plain(source))
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=plain(source, 40))
                 ringed = [p for p in points if p[2]]
                 ax.scatter([p[0] for p in ringed], [p[1] for p in ringed], s=120, facecolors="none",
                            edgecolors="red", zorder=3)
@@ -309,8 +296,7 @@ def _plot_history(path: Path, history: list[dict], psi_limit: float | None, shar
     psi_ax.set_xlabel("check time" if isinstance(xs[0], datetime) else "check number")
     if isinstance(xs[0], datetime):
         _time_axis(figure, psi_ax, xs, "%Y-%m-%d %H:%M")
-    figure.savefig(path, dpi=100)
-    return path
+    return save(figure, path)
 
 
 def _plot_live(path: Path, live: list[dict], model: Mapping[str, Any], minimum: float | None) -> Path | None:
@@ -320,23 +306,22 @@ def _plot_live(path: Path, live: list[dict], model: Mapping[str, Any], minimum: 
         return None
     days = _times([r.get("day") for r in points])
     xs = days or list(range(len(points)))
-    figure, (ax,) = _figure(9, 4.5)
+    figure, (ax,) = stacked(9, 4.5)
     for version in dict.fromkeys(str(r.get("model_version")) for r in points):
-        chosen = [(x, r["value"]) for x, r in zip(xs, points) if str(r.get("model_version")) == version]
-        ax.plot([c[0] for c in chosen], [c[1] for c in chosen], marker="o", label=_plain(f"model version {version}"))
+        chosen = [(x, r["value"]) for x, r in zip(xs, points, strict=True) if str(r.get("model_version")) == version]
+        ax.plot([c[0] for c in chosen], [c[1] for c in chosen], marker="o", label=plain(f"model version {version}", 40))
     if minimum is not None:
         ax.axhline(minimum, color="red", linestyle="--", label=f"minimum {minimum:g}")
     if model.get("baseline_metric") is not None:
         ax.axhline(model["baseline_metric"], color="grey", linestyle=":",
                    label=f"evaluation (test set) {model['baseline_metric']:.4g}")
     metric = points[0].get("metric") or model.get("metric") or "metric"
-    ax.set(ylabel=_plain(metric), xlabel="day" if days else "record",
-           title=_plain(f"Live {metric} on labelled predictions", 80))
+    ax.set(ylabel=plain(metric, 40), xlabel="day" if days else "record",
+           title=plain(f"Live {metric} on labelled predictions", 80))
     ax.legend(loc="lower left")
     if days:
         _time_axis(figure, ax, days, "%Y-%m-%d")
-    figure.savefig(path, dpi=100)
-    return path
+    return save(figure, path)
 
 
 # -------------------------------------------------------------------------------------- html
@@ -373,7 +358,8 @@ gate metric <strong>{{ data.model.metric or "-" }}</strong>, {{ baseline }} at e
 <p class="verdict {{ verdict_class }}">{{ verdict }}</p>
 {% if data.decision.reasons %}<ul>{% for reason in data.decision.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>
 {% else %}<p class="muted">No trigger condition was met.</p>{% endif %}
-{% if data.decision.notes %}<p class="muted">Not judged:</p><ul class="muted">{% for note in data.decision.notes %}<li>{{ note }}</li>{% endfor %}</ul>{% endif %}
+{% if data.decision.notes %}<p class="muted">Not judged:</p><ul class="muted">
+{%- for note in data.decision.notes %}<li>{{ note }}</li>{% endfor %}</ul>{% endif %}
 <p>Last trigger: {{ data.decision.last_trigger or "never" }};
 cool-down until: {{ data.decision.cooldown_until or "-" }}.</p>
 {% if thresholds %}{{ table(("threshold", "value"), thresholds) }}{% endif %}

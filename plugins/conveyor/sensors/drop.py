@@ -9,6 +9,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException
 
 from conveyor.lake import Lake
+from conveyor.operators.base import translate_errors
 from conveyor.triggers.drop import DropTrigger
 
 
@@ -16,10 +17,11 @@ class DropSensor(BaseSensorOperator):
     """Wait for the oldest complete, unprocessed drop in ``landing/<pipeline>/``.
 
     Returns (XCom) ``{"drop": name, "pending": count}``. Deferrable by default: the wait runs in
-    the triggerer and holds no worker slot.
+    the triggerer and holds no worker slot. It takes the pipeline's name and marker, not its spec:
+    that is all it (and its trigger, which the triggerer rebuilds from plain values) needs.
 
-    :param pipeline: the pipeline whose landing zone is watched.
-    :param marker: the file that says a drop is complete.
+    :param pipeline: the pipeline whose landing zone is watched (``spec.name``).
+    :param marker: the file that says a drop is complete (``spec.data.marker``).
     :param deferrable: wait in the triggerer rather than in a worker.
     """
 
@@ -32,9 +34,10 @@ class DropSensor(BaseSensorOperator):
         self.marker = marker
         self.deferrable = deferrable
 
-    def _landing(self):
+    def _landing(self) -> Any:
         return Lake.from_env().landing(self.pipeline)
 
+    @translate_errors
     def poke(self, context: Any) -> PokeReturnValue:
         from conveyor.data.drops import find_complete_drops
 
@@ -63,6 +66,7 @@ class DropSensor(BaseSensorOperator):
             timeout=timedelta(seconds=self.timeout),
         )
 
+    @translate_errors
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("status") != "success":
             raise AirflowException(f"Watching the landing zone failed: {event.get('message')}")

@@ -22,22 +22,12 @@ candidate`` asks the staged candidate (deploy smoke tests). Bad requests get a 4
 415 unsupported content type or accept, 400 any other ``ValueError`` of the handlers; 503 no
 model; 500 an unexpected error (logged; the worker keeps serving).
 
-Environment:
-
-| variable | meaning |
-|---|---|
-| ``CONVEYOR_ENDPOINT`` | the endpoint name when ``create_app`` gets none |
-| ``CONVEYOR_MAX_BODY_BYTES`` | largest request body, 6 MiB by default (as SageMaker) |
-| ``CONVEYOR_INFERENCE_CONCURRENCY`` | requests one worker predicts at once, 1 by default |
-| ``CONVEYOR_CAPTURE_DIR`` | where sampled live requests and responses are appended (off when unset) |
-| ``CONVEYOR_CAPTURE_SHARE`` | the share of live requests captured, 0..1, 1 by default |
-| ``CONVEYOR_FEEDBACK_DIR`` | where ``POST /feedback`` writes label drops (``landing/<p>/feedback``; off when unset) |
-
-``POST /feedback`` takes ground truth for earlier predictions: ``{"id": ..., "label": ...}``, a list
-of them, or ``{"feedback": [...]}``. An id is the request's id column value, or the inference id a
-client sent in ``X-Amzn-SageMaker-Inference-Id`` (as ``invoke_endpoint(InferenceId=...)`` does),
-which is captured with the request. Labels outside the live model's classes get a 400; accepted
-records become one feedback drop (``feedback.jsonl`` + ``_SUCCESS``) that ``<name>__monitor`` reads.
+Settings come from ``conveyor.settings.server_settings()`` (``CONVEYOR_ENDPOINT``,
+``CONVEYOR_MAX_BODY_BYTES``, ``CONVEYOR_INFERENCE_CONCURRENCY``, ``CONVEYOR_CAPTURE_DIR``,
+``CONVEYOR_CAPTURE_SHARE``, ``CONVEYOR_FEEDBACK_DIR``: see its table). Beside this module:
+:mod:`conveyor.serving.http` (request bodies, error answers), :mod:`conveyor.serving.capture`
+(sampled live traffic as JSON lines) and :mod:`conveyor.serving.feedback` (``POST /feedback``:
+ground truth for earlier predictions, written as label drops the monitor reads).
 
 Nothing here imports Airflow: workers start fast and stay small.
 """
@@ -45,15 +35,11 @@ Nothing here imports Airflow: workers start fast and stay small.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import gc
-import json
 import logging
 import os
-import random
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -63,10 +49,13 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from conveyor import settings
 from conveyor.serving import endpoint_state
+from conveyor.serving.capture import Capture
+from conveyor.serving.feedback import feedback_route
+from conveyor.serving.http import VERSION_HEADER, RequestRejected, error_response, read_body
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -74,30 +63,15 @@ DEFAULT_MAX_BODY_BYTES = settings.MAX_BODY_BYTES_DEFAULT
 POLL_INTERVAL_S = 0.2
 HEARTBEAT_EVERY_S = 2.0
 TARGET_HEADER = "x-conveyor-target"
-VERSION_HEADER = "X-Conveyor-Model-Version"
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"  # boto3 returns it as InvokedProductionVariant
 INFERENCE_ID_HEADER = "x-amzn-sagemaker-inference-id"  # invoke_endpoint(InferenceId=...)
-MAX_FEEDBACK_BYTES = 1 << 20
 JSON_MEDIA = "application/json"
 REQUIRED_HANDLERS = ("model_fn", "predict_fn", "output_fn")
 
 
-class RequestRejected(Exception):
-    """A request refused before the model sees it.
-
-    :param status: the HTTP status.
-    :param message: what was wrong, for the client.
-    """
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _now() -> str:
     """The current UTC time, ISO 8601."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 # ------------------------------------------------------------------------------------- models
@@ -144,7 +118,8 @@ def load_model(version: str, model_dir: str) -> ServedModel:
 
     loaded = LoadedModel(Path(model_dir))
     missing = [name for name in REQUIRED_HANDLERS if not callable(getattr(loaded.handlers, name, None))]
-    if not callable(getattr(loaded.handlers, "parse_request", None)) and not callable(getattr(loaded.handlers, "input_fn", None)):
+    parses = any(callable(getattr(loaded.handlers, name, None)) for name in ("parse_request", "input_fn"))
+    if not parses:
         missing.append("input_fn")
     if missing:
         raise ValueError(f"{model_dir}/code/inference.py lacks the handlers {', '.join(missing)}")
@@ -165,7 +140,8 @@ def _media_of(handlers: Any, accept: str | None) -> str:
     return JSON_MEDIA
 
 
-def run_handlers(served: ServedModel, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes | str, str]:
+def run_handlers(served: ServedModel, body: bytes, content_type: str | None,
+                 accept: str | None) -> tuple[bytes | str, str]:
     """Answer one request with the model's handlers (blocking; call in a thread): body and content type.
 
     :param served: the model that answers.
@@ -192,71 +168,6 @@ def _is_unsupported(error: BaseException, handlers: Any) -> bool:
     if isinstance(unsupported, type) and isinstance(error, unsupported):
         return True
     return any(cls.__name__ == "UnsupportedContentType" for cls in type(error).__mro__)
-
-
-# ------------------------------------------------------------------------------------- capture
-
-
-class Capture:
-    """Appends a sampled share of live requests and responses as JSON lines.
-
-    Lines go to ``<folder>/<yyyy-mm-dd>/<pid>.jsonl`` (UTC date; one file per worker, so no two
-    processes append to the same file).
-
-    :param folder: the capture folder.
-    :param share: the share of requests kept, 0..1.
-    :param endpoint: the endpoint name, written in every line.
-    """
-
-    def __init__(self, folder: Path, share: float, endpoint: str):
-        self.folder = folder
-        self.share = share
-        self.endpoint = endpoint
-        self._lock = threading.Lock()
-
-    def sampled(self) -> bool:
-        return self.share > 0 and (self.share >= 1 or random.random() < self.share)
-
-    @staticmethod
-    def _payload(data: bytes | str) -> dict[str, str]:
-        """A body as JSON: text when it is UTF-8, else base64.
-
-        :param data: the body.
-        """
-        if isinstance(data, str):
-            return {"encoding": "text", "data": data}
-        try:
-            return {"encoding": "text", "data": data.decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"encoding": "base64", "data": base64.b64encode(data).decode("ascii")}
-
-    def write(self, version: str, content_type: str | None, accept: str | None, body: bytes,
-              response: bytes | str, response_type: str, inference_id: str | None = None) -> None:
-        """Append one request and its response (blocking; never raises).
-
-        :param version: the model version that answered.
-        :param content_type: the request's content type.
-        :param accept: the request's accept.
-        :param body: the request body.
-        :param response: the response body.
-        :param response_type: the response's content type.
-        :param inference_id: the client's inference id, if it sent one.
-        """
-        now = dt.datetime.now(dt.timezone.utc)
-        record = {
-            "timestamp": now.isoformat(timespec="milliseconds"), "endpoint": self.endpoint, "version": version,
-            "inference_id": inference_id,
-            "request": {"content_type": content_type, "accept": accept, "body": self._payload(body)},
-            "response": {"content_type": response_type, "body": self._payload(response)},
-        }
-        path = self.folder / now.strftime("%Y-%m-%d") / f"{os.getpid()}.jsonl"
-        try:
-            with self._lock:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-        except OSError:
-            logger.warning("data capture: could not append to %s", path, exc_info=True)
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -294,7 +205,8 @@ class ModelWorker:
             "error": self.error, "serial": (self.control or {}).get("serial"), "updated_at": _now(),
         }
         try:
-            endpoint_state.write_json_atomic(endpoint_state.heartbeat_path(self.name, os.getpid()), state, durable=False)
+            path = endpoint_state.heartbeat_path(self.name, os.getpid())
+            endpoint_state.write_json_atomic(path, state, durable=False)
             self._last_beat = time.monotonic()
         except OSError:
             logger.warning("could not write the heartbeat of worker %s", os.getpid(), exc_info=True)
@@ -367,7 +279,8 @@ class ModelWorker:
         except Exception as error:  # noqa: BLE001 - any failure of foreign model code is reported
             message = f"{type(error).__name__}: {error}"
             logger.exception("endpoint %s: loading %s version %s failed", self.name, role, ref["version"])
-            self.error = {"version": ref["version"], "model_dir": ref["model_dir"], "role": role, "message": message, "at": _now()}
+            self.error = {"version": ref["version"], "model_dir": ref["model_dir"], "role": role, "message": message,
+                          "at": _now()}
             return None
         logger.info("endpoint %s: loaded version %s in %.2fs", self.name, ref["version"], time.monotonic() - started)
         self.loaded_at = served.loaded_at
@@ -381,7 +294,7 @@ class ModelWorker:
         :param control: the control document.
         """
         want_live, want_candidate = _key(control["live"]), _key(control["candidate"])
-        dropped: list[ServedModel] = []
+        dropped: list[ServedModel | None] = []
         if want_live != (self.live.key if self.live else None):
             if want_live is None:
                 dropped.append(self.live)
@@ -403,7 +316,8 @@ class ModelWorker:
                 self.candidate = self.live
             elif want_candidate is not None:
                 self.candidate = await self._load(control["candidate"], "candidate")
-        if self.error is not None and (self.error["version"], self.error["model_dir"]) not in (want_live, want_candidate):
+        failed = None if self.error is None else (self.error["version"], self.error["model_dir"])
+        if failed is not None and failed not in (want_live, want_candidate):
             self.error = None  # the failed version is no longer asked for
         unused = [old for old in dropped if old is not None and old is not self.live and old is not self.candidate]
         dropped.clear()
@@ -416,37 +330,22 @@ class ModelWorker:
 # ------------------------------------------------------------------------------------- the app
 
 
-def _error(status: int, message: str, version: str | None = None) -> JSONResponse:
-    """A JSON error response.
+@dataclass(frozen=True)
+class Endpoint:
+    """What the routes of one worker need: the endpoint, its model worker and its settings.
 
-    :param status: the HTTP status.
-    :param message: what went wrong.
-    :param version: the model version that handled the request, if one did.
+    :param name: the endpoint's name.
+    :param worker: the models this worker serves.
+    :param max_body: the largest request body, in bytes.
+    :param capture: the data capture, or None when off.
+    :param feedback_dir: where ``POST /feedback`` writes drops, or None when off.
     """
-    headers = {VERSION_HEADER: version} if version else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) above ``limit`` bytes by its Content-Length or its actual size.
-
-    :param request: the request.
-    :param limit: the largest body allowed.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise RequestRejected(400, f"Content-Length {declared!r} is not a number") from None
-        if size > limit:
-            raise RequestRejected(413, f"request body of {size} bytes is larger than the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestRejected(413, f"request body is larger than the limit of {limit} bytes")
-    return bytes(body)
+    name: str
+    worker: ModelWorker
+    max_body: int
+    capture: Capture | None
+    feedback_dir: Path | None
 
 
 def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_S) -> FastAPI:
@@ -460,123 +359,106 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     if not name:
         raise ValueError("create_app: no endpoint name: pass one or set CONVEYOR_ENDPOINT")
     endpoint_state.endpoint_dir(name)  # checks the name
-    max_body = config.max_body_bytes
-    concurrency = config.concurrency
     capture = Capture(config.capture_dir, config.capture_share, name) if config.capture_dir else None
-    feedback_dir = str(config.feedback_dir) if config.feedback_dir else None
     _configure_logging()
-    worker = ModelWorker(name, poll_interval)
+    served = Endpoint(name, ModelWorker(name, poll_interval), config.max_body_bytes, capture, config.feedback_dir)
+    app = FastAPI(title=f"Conveyor endpoint {name}", lifespan=_lifespan(served, config.concurrency),
+                  docs_url=None, redoc_url=None)
+    app.state.worker = served.worker
+    app.state.endpoint = name
+    _add_routes(app, served)
+    return app
+
+
+def _lifespan(served: Endpoint, concurrency: int) -> Any:
+    """The worker's lifespan: load the live model before the first connection, stop polling at the end.
+
+    :param served: the endpoint.
+    :param concurrency: requests this worker predicts at once.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.limiter = anyio.CapacityLimiter(concurrency)
-        await worker.start()
-        logger.info("endpoint %s: worker %s serving (live: %s)", name, os.getpid(),
-                    worker.live.version if worker.live else None)
+        await served.worker.start()
+        logger.info("endpoint %s: worker %s serving (live: %s)", served.name, os.getpid(),
+                    served.worker.live.version if served.worker.live else None)
         try:
             yield
         finally:
-            await worker.stop()
+            await served.worker.stop()
 
-    app = FastAPI(title=f"Conveyor endpoint {name}", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.worker = worker
-    app.state.endpoint = name
+    return lifespan
+
+
+def _add_routes(app: FastAPI, served: Endpoint) -> None:
+    """``GET /ping``, ``POST /invocations``, ``POST /endpoints/{name}/invocations`` and ``POST /feedback``.
+
+    :param app: the app.
+    :param served: the endpoint.
+    """
 
     @app.get("/ping")
     async def ping() -> Response:
-        live = worker.live
+        live = served.worker.live
         if live is None:
-            return _error(503, f"endpoint {name}: no live model is loaded")
+            return error_response(503, f"endpoint {served.name}: no live model is loaded")
         return Response(status_code=200, headers={VERSION_HEADER: live.version})
-
-    async def invoke(request: Request, endpoint_name: str | None) -> Response:
-        if endpoint_name is not None and endpoint_name != name:
-            return _error(404, f"endpoint {endpoint_name!r} is not served here (this is endpoint {name!r})")
-        target = request.headers.get(TARGET_HEADER, "live").strip().lower()
-        if target not in ("live", "candidate"):
-            return _error(400, f"X-Conveyor-Target {target!r} is not valid: use live or candidate")
-        served = worker.live if target == "live" else worker.candidate  # the one reference this request uses
-        if served is None:
-            if target == "candidate":
-                return _error(409, f"endpoint {name}: no candidate model is loaded")
-            return _error(503, f"endpoint {name}: no live model is loaded")
-        try:
-            body = await _read_body(request, max_body)
-        except RequestRejected as rejected:
-            return _error(rejected.status, rejected.message, served.version)
-        content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
-        try:
-            answer, media = await anyio.to_thread.run_sync(
-                run_handlers, served, body, content_type, accept, limiter=request.app.state.limiter
-            )
-        except Exception as error:  # noqa: BLE001 - every failure becomes a response; the worker keeps serving
-            if _is_unsupported(error, served.loaded.handlers):
-                return _error(415, str(error), served.version)
-            if isinstance(error, ValueError):
-                return _error(400, str(error), served.version)
-            logger.exception("endpoint %s: version %s failed on a request", name, served.version)
-            return _error(500, f"the model failed on this request ({type(error).__name__}); see the server log", served.version)
-        if capture is not None and target == "live" and capture.sampled():
-            await anyio.to_thread.run_sync(capture.write, served.version, content_type, accept, body, answer, media,
-                                           request.headers.get(INFERENCE_ID_HEADER))
-        return Response(content=answer, media_type=media,
-                        headers={VERSION_HEADER: served.version, VARIANT_HEADER: served.version})
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
-        return await invoke(request, None)
+        return await invoke(served, request, None)
 
     @app.post("/endpoints/{endpoint_name}/invocations")
     async def endpoint_invocations(endpoint_name: str, request: Request) -> Response:
-        return await invoke(request, endpoint_name)
+        return await invoke(served, request, endpoint_name)
 
     @app.post("/feedback")
     async def post_feedback(request: Request) -> Response:
-        if not feedback_dir:
-            return _error(404, f"endpoint {name}: feedback is not enabled (no CONVEYOR_FEEDBACK_DIR)")
-        live = worker.live
-        try:
-            body = await _read_body(request, MAX_FEEDBACK_BYTES)
-            drop = await anyio.to_thread.run_sync(write_feedback, Path(feedback_dir), body, live)
-        except RequestRejected as rejected:
-            return _error(rejected.status, rejected.message)
-        except ValueError as error:
-            return _error(400, f"feedback: {error}")
-        return JSONResponse(status_code=202, content={"accepted": drop["records"], "drop": drop["name"]})
-
-    return app
+        return await feedback_route(request, served.name, served.feedback_dir, served.worker.live)
 
 
-def write_feedback(folder: Path, body: bytes, live: Any) -> dict[str, Any]:
-    """Check a ``POST /feedback`` body and write it as one complete feedback drop.
+async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) -> Response:
+    """Answer an invocation with the live model, or the candidate (``X-Conveyor-Target: candidate``).
 
-    :param folder: ``landing/<pipeline>/feedback``.
-    :param body: the request body (JSON).
-    :param live: the live model (its class labels check the labels), or None.
-    :raises ValueError: a body or label that breaks a rule (answered with 400).
+    :param served: the endpoint.
+    :param request: the request.
+    :param endpoint_name: the name in the path (``/endpoints/{name}/invocations``), or None.
     """
-    import uuid
-
-    from conveyor.monitoring.feedback import canonical_label, feedback_records
-
+    name, worker = served.name, served.worker
+    if endpoint_name is not None and endpoint_name != name:
+        return error_response(404, f"endpoint {endpoint_name!r} is not served here (this is endpoint {name!r})")
+    target = request.headers.get(TARGET_HEADER, "live").strip().lower()
+    if target not in ("live", "candidate"):
+        return error_response(400, f"X-Conveyor-Target {target!r} is not valid: use live or candidate")
+    model = worker.live if target == "live" else worker.candidate  # the one reference this request uses
+    if model is None:
+        if target == "candidate":
+            return error_response(409, f"endpoint {name}: no candidate model is loaded")
+        return error_response(503, f"endpoint {name}: no live model is loaded")
     try:
-        payload = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"the body is not JSON ({error})") from None
-    records = feedback_records(payload)
-    classes = [str(c) for c in ((live.loaded.metadata.get("class_labels") or []) if live is not None else [])]
-    if classes:
-        for number, record in enumerate(records, start=1):
-            label = canonical_label(record["label"], classes)
-            if label is None:
-                raise ValueError(f"record {number}: label {record['label']!r} is outside the class set {classes}")
-            record["label"] = label
-    now = dt.datetime.now(dt.timezone.utc)
-    drop = folder / f"api-{now.strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    drop.mkdir(parents=True, exist_ok=False)
-    (drop / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    (drop / "_SUCCESS").write_text("")  # the marker last: the drop is complete
-    return {"name": drop.name, "records": len(records)}
+        body = await read_body(request, served.max_body)
+    except RequestRejected as rejected:
+        return error_response(rejected.status, rejected.message, model.version)
+    content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
+    try:
+        answer, media = await anyio.to_thread.run_sync(
+            run_handlers, model, body, content_type, accept, limiter=request.app.state.limiter
+        )
+    except Exception as error:  # noqa: BLE001 - every failure becomes a response; the worker keeps serving
+        if _is_unsupported(error, model.loaded.handlers):
+            return error_response(415, str(error), model.version)
+        if isinstance(error, ValueError):
+            return error_response(400, str(error), model.version)
+        logger.exception("endpoint %s: version %s failed on a request", name, model.version)
+        return error_response(500, f"the model failed on this request ({type(error).__name__}); see the server log",
+                              model.version)
+    capture = served.capture
+    if capture is not None and target == "live" and capture.sampled():
+        await anyio.to_thread.run_sync(capture.write, model.version, content_type, accept, body, answer, media,
+                                       request.headers.get(INFERENCE_ID_HEADER))
+    return Response(content=answer, media_type=media,
+                    headers={VERSION_HEADER: model.version, VARIANT_HEADER: model.version})
 
 
 def _configure_logging() -> None:

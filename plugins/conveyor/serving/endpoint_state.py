@@ -31,14 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from conveyor import settings
+from conveyor.errors import TransientError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9_])*$")
 NAME_MAX = 63
 EMPTY_CONTROL: dict[str, Any] = {"live": None, "candidate": None, "serial": 0}
 
 
-class EndpointError(RuntimeError):
-    """An endpoint operation failed (names the endpoint and what went wrong)."""
+class EndpointError(TransientError):
+    """An endpoint operation failed (names the endpoint and what went wrong).
+
+    Transient: a server that is starting, exiting or being replaced may be fine on the task's next try.
+    """
 
 
 class RolloutFailed(EndpointError):
@@ -118,7 +122,9 @@ def _model_ref(ref: Any, role: str) -> dict[str, str] | None:
     """
     if ref is None:
         return None
-    if not isinstance(ref, dict) or not all(isinstance(ref.get(key), str) and ref.get(key) for key in ("version", "model_dir")):
+    keys = ("version", "model_dir")
+    valid = isinstance(ref, dict) and all(isinstance(ref.get(key), str) and ref[key] for key in keys)
+    if not valid:
         raise ValueError(f'control.json: "{role}" must be null or {{"version": str, "model_dir": str}}, got {ref!r}')
     return {"version": ref["version"], "model_dir": ref["model_dir"]}
 
@@ -192,7 +198,8 @@ def stage_candidate(name: str, version: str, model_dir: str | Path) -> dict[str,
     """
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "code" / "inference.py").is_file():
-        raise EndpointError(f"endpoint {name}: {model_dir} holds no code/inference.py; is it an extracted model.tar.gz?")
+        raise EndpointError(
+            f"endpoint {name}: {model_dir} holds no code/inference.py; is it an extracted model.tar.gz?")
     with _locked(name):
         control = read_control(name)
         control["candidate"] = {"version": version, "model_dir": str(model_dir)}
@@ -268,13 +275,13 @@ def _remote_alive(state: dict[str, Any]) -> bool:
 
     :param state: the heartbeat.
     """
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     try:
         updated = datetime.fromisoformat(str(state["updated_at"]))
     except (KeyError, ValueError):
         return False
-    return (datetime.now(timezone.utc) - updated).total_seconds() < REMOTE_STALE_S
+    return (datetime.now(UTC) - updated).total_seconds() < REMOTE_STALE_S
 
 
 def worker_states(name: str) -> list[dict[str, Any]]:
@@ -342,7 +349,8 @@ def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: floa
         if errors:
             shown = "; ".join(f"worker {pid}: {message}" for pid, message in sorted(errors.items()))
             raise RolloutFailed(
-                f"endpoint {name}: version {version} failed to load on {len(errors)} of {len(states)} worker(s): {shown}",
+                f"endpoint {name}: version {version} failed to load on {len(errors)} of {len(states)} worker(s): "
+                f"{shown}",
                 errors,
             )
         roles = ("live",) if live else ("candidate", "live")
@@ -351,7 +359,8 @@ def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: floa
             return states
         if time.monotonic() >= deadline:
             shown = "; ".join(
-                f"worker {state['pid']}: live={_version(state.get('live'))} candidate={_version(state.get('candidate'))}"
+                f"worker {state['pid']}: live={_version(state.get('live'))} "
+                f"candidate={_version(state.get('candidate'))}"
                 for state in states
             ) or "no worker reported"
             raise RolloutFailed(

@@ -254,21 +254,26 @@ def ensure_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1",
     if server and _is_server(int(server["pid"])):
         if (server["port"], server["host"], server["workers"]) != (port, host, workers):
             raise EndpointError(
-                f"endpoint {name} already runs on {server['host']}:{server['port']} with {server['workers']} worker(s), "
+                f"endpoint {name} already runs on {server['host']}:{server['port']} "
+                f"with {server['workers']} worker(s), "
                 f"not {host}:{port} with {workers}; stop it first"
             )
         pid = int(server["pid"])
     else:
         pid = start_endpoint(name, port, workers, host, env)
         server = _read_server(name)
+        if server is None:
+            raise EndpointError(f"endpoint {name}: the server started but {server_file(name)} cannot be read")
     deadline = time.monotonic() + timeout
     while True:
         if not _is_server(pid):
-            raise EndpointError(f"endpoint {name}: the server (pid {pid}) exited while starting; server.log ends:\n{_log_tail(name)}")
+            raise EndpointError(f"endpoint {name}: the server (pid {pid}) exited while starting; "
+                                f"server.log ends:\n{_log_tail(name)}")
         if _accepts(host, port) and _ping(server["url"]) is not None:
             return endpoint_status(name)
         if time.monotonic() >= deadline:
-            raise EndpointError(f"endpoint {name}: not answering on {server['url']} after {timeout:g}s; server.log ends:\n{_log_tail(name)}")
+            raise EndpointError(f"endpoint {name}: not answering on {server['url']} after {timeout:g}s; "
+                                f"server.log ends:\n{_log_tail(name)}")
         time.sleep(0.2)
 
 

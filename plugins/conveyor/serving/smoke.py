@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
+from conveyor.errors import ConveyorError
 from conveyor.lake import Lake
 
 if TYPE_CHECKING:
@@ -19,15 +18,24 @@ MIN_AGREEMENT = 0.99
 MAX_PROBA_DIFF = 1e-3
 
 
-class SmokeTestFailed(AirflowFailException):
-    """The candidate answered wrongly or not at all: the rollout is rolled back."""
+class SmokeTestFailed(ConveyorError):
+    """The candidate answered wrongly or not at all: the rollout is rolled back (not retried)."""
 
 
-def _request(spec: "PipelineSpec", lake: Lake, train_run: str, rows: int, scratch: Path) -> tuple[bytes, str, Any]:
+def _request(spec: PipelineSpec, lake: Lake, train_run: str, rows: int, scratch: Path) -> tuple[bytes, str, Any]:
+    """The smoke test's request: up to ``rows`` held-out rows of the training run, as the endpoint takes them.
+
+    :param spec: the pipeline (its data format and label).
+    :param lake: the lake.
+    :param train_run: the run that trained the model.
+    :param rows: how many held-out rows.
+    :param scratch: a folder for the images of an image pipeline.
+    :return: the body, its content type, and the rows sent.
+    """
     import pandas as pd
 
-    from conveyor.training.evaluate import read_image_part
     from conveyor.data.splits import read_part
+    from conveyor.training.evaluate import read_image_part
 
     if spec.data.format == "images":
         test = read_image_part(lake, spec.name, train_run, "test", scratch).head(rows)
@@ -38,7 +46,7 @@ def _request(spec: "PipelineSpec", lake: Lake, train_run: str, rows: int, scratc
     return features.to_csv(index=False).encode(), "text/csv", test
 
 
-def smoke_test(url: str, spec: "PipelineSpec", lake: Lake, train_run: str, rows: int = 50,
+def smoke_test(url: str, spec: PipelineSpec, lake: Lake, train_run: str, rows: int = 50,
                target: str = "candidate") -> dict[str, Any]:
     """Score up to ``rows`` held-out rows on the endpoint and compare with the evaluation.
 
@@ -65,14 +73,16 @@ def smoke_test(url: str, spec: "PipelineSpec", lake: Lake, train_run: str, rows:
     except httpx.HTTPError as exc:
         raise SmokeTestFailed(f"the endpoint at {url} did not answer the smoke test: {exc}") from None
     if response.status_code != 200:
-        raise SmokeTestFailed(f"the {target} answered the smoke test with {response.status_code}: {response.text[:500]}")
+        raise SmokeTestFailed(
+            f"the {target} answered the smoke test with {response.status_code}: {response.text[:500]}")
     answers = response.json()["predictions"]
     if len(answers) != len(expected):
         raise SmokeTestFailed(f"the {target} returned {len(answers)} predictions for {len(expected)} rows")
-    agree = sum(str(a["prediction"]) == str(e) for a, e in zip(answers, expected["prediction"])) / len(expected)
+    pairs = zip(answers, expected["prediction"], strict=True)
+    agree = sum(str(a["prediction"]) == str(e) for a, e in pairs) / len(expected)
     proba_columns = [c for c in expected.columns if c.startswith("proba_")]
     worst = 0.0
-    for answer, (_, row) in zip(answers, expected.iterrows()):
+    for answer, (_, row) in zip(answers, expected.iterrows(), strict=True):
         for column in proba_columns:
             got = (answer.get("probabilities") or {}).get(column[len("proba_") :])
             if got is not None:

@@ -34,7 +34,7 @@ def predictions(model: Any, frame: Any) -> tuple[Any, Any]:
     return scored["prediction"].to_numpy(), proba
 
 
-def permutation_importance(model: Any, frame: Any, spec: "PipelineSpec", metric: str, seed: int = 0) -> dict[str, float]:
+def permutation_importance(model: Any, frame: Any, spec: PipelineSpec, metric: str, seed: int = 0) -> dict[str, float]:
     """How much the gate metric drops when each feature is shuffled (model-agnostic, on a sample).
 
     :param model: a ``LoadedModel``.
@@ -82,7 +82,7 @@ def read_image_part(lake: Lake, pipeline: str, run_id: str, part: str, scratch: 
     return frame
 
 
-def save_predictions(path: Path, test: Any, spec: "PipelineSpec", y_pred: Any, proba: Any) -> None:
+def save_predictions(path: Path, test: Any, spec: PipelineSpec, y_pred: Any, proba: Any) -> None:
     """The test set's predictions (id, truth, prediction, probabilities): what a deploy's smoke test
     compares the endpoint's answers with."""
     import pandas as pd
@@ -109,11 +109,11 @@ class Scored:
     metrics: dict[str, Any]
 
     @property
-    def metadata(self) -> "ModelMetadata":
+    def metadata(self) -> ModelMetadata:
         return self.model.metadata
 
 
-def score_model(lake: Lake, spec: "PipelineSpec", run_id: str, model_uri: str, workdir: Path) -> Scored:
+def score_model(lake: Lake, spec: PipelineSpec, run_id: str, model_uri: str, workdir: Path) -> Scored:
     """Load a ``model.tar.gz`` and score the run's test set through the model's own inference code.
 
     :param lake: the lake.

@@ -41,7 +41,7 @@ def _better(metric: str) -> bool:
 
 
 def decide(
-    gate: "GateSpec", challenger: dict[str, float], champion: dict[str, float] | None, champion_version: str | None
+    gate: GateSpec, challenger: dict[str, float], champion: dict[str, float] | None, champion_version: str | None
 ) -> GateDecision:
     """Apply the gate.
 
@@ -57,7 +57,8 @@ def decide(
         value = challenger.get(metric)
         higher = _better(metric)
         ok = value is not None and (value >= threshold if higher else value <= threshold)
-        decision.checks.append({"check": f"{metric} {'>=' if higher else '<='} {threshold}", "value": value, "passed": ok})
+        check = f"{metric} {'>=' if higher else '<='} {threshold}"
+        decision.checks.append({"check": check, "value": value, "passed": ok})
         if not ok:
             decision.passed = False
             shown = "not computed" if value is None else f"{value:.4f}"

@@ -2,7 +2,9 @@
 
 The child is started fresh (never forked from the task, so CUDA works and its memory is freed
 when it ends), in its own process group so a timeout or a killed task takes it down whole. Its
-output is streamed into the task log line by line as it comes.
+output is streamed into the task log line by line as it comes. The contract modules Conveyor ships
+beside the scripts (``conveyor.model.contract``) are first on its ``PYTHONPATH``, as they are beside
+``train.py`` in SageMaker's ``sourcedir.tar.gz``.
 """
 
 from __future__ import annotations
@@ -14,28 +16,35 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from conveyor.errors import ConveyorError, TransientError
+from conveyor.model.contract import FOLDER as CONTRACT_FOLDER
+
+if TYPE_CHECKING:
+    from conveyor.lake import Lake
+    from conveyor.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 30
 
 
-class TrainingFailed(AirflowFailException):
+class TrainingFailed(ConveyorError):
     """The training script exited with an error (deterministic: not retried)."""
 
 
-class TrainingInterrupted(AirflowException):
+class TrainingInterrupted(TransientError):
     """The training process was killed by a signal (e.g. out of memory): retried."""
 
 
-class TrainingTimedOut(AirflowFailException):
-    """The training script ran past its budget and was stopped."""
+class TrainingTimedOut(ConveyorError):
+    """The training script ran past its budget and was stopped (deterministic: not retried)."""
 
 
 @dataclass
@@ -62,6 +71,8 @@ class TrainingJob:
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__CORE__")}
+        # The contract modules shipped beside the scripts (``import conveyor_metadata``) come first.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CONTRACT_FOLDER), env.get("PYTHONPATH")]))
         env.update({f"SM_CHANNEL_{name.upper()}": str(path) for name, path in self.channels.items()})
         env.update(
             SM_MODEL_DIR=str(self.model_dir),
@@ -105,10 +116,10 @@ def available_gpus() -> int:
 class LocalTrainingBackend:
     """Runs training jobs as child processes on this machine.
 
-    :param logger: where the script's lines go (the task log).
+    :param logger: where the script's lines go (the task log: a ``logging.Logger`` or Airflow's task logger).
     """
 
-    def __init__(self, logger: logging.Logger | None = None):
+    def __init__(self, logger: Any = None):
         self.logger = logger or log
         self._proc: subprocess.Popen | None = None
 
@@ -172,3 +183,54 @@ class LocalTrainingBackend:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def train_locally(spec: PipelineSpec, lake: Lake, run_id: str, split: dict[str, Any], time_limit: int,
+                  presets: str, backend: LocalTrainingBackend) -> dict[str, Any]:
+    """The local train task: the trainer's script on the run's split, then the model into the lake.
+
+    The ResNet trainer's checkpoints are kept outside the scratch folder (in the state folder), so
+    a retry of the task resumes from the last epoch; they are removed once the model is in the lake.
+
+    :param spec: the pipeline.
+    :param lake: the lake (the split is read from and the model written to the run's folder).
+    :param run_id: the Airflow run.
+    :param split: the split task's result.
+    :param time_limit: the training budget in seconds.
+    :param presets: the trainer's presets.
+    :param backend: runs the script (the task keeps it, to kill the script when it is killed).
+    :returns: the task's result (``conveyor.training.publish.train_result``).
+    """
+    from conveyor import settings
+    from conveyor.lake import as_local_folder, safe_name, upload_tree
+    from conveyor.model import artifacts
+    from conveyor.training.arguments import trainer_args
+    from conveyor.training.publish import publish, run_metadata, train_result, trained_metadata
+
+    run_dir = lake.models(spec.name, run_id)
+    num_gpus = available_gpus() if spec.trainer.gpu else 0
+    with tempfile.TemporaryDirectory(prefix="conveyor-train-") as tmp:
+        scratch = Path(tmp)
+        args = trainer_args(spec, time_limit, presets, num_gpus)
+        checkpoints = None
+        if spec.trainer.kind == "resnet":
+            checkpoints = settings.state_dir() / "checkpoints" / spec.name / safe_name(run_id)
+            args += ["--checkpoint-dir", str(checkpoints)]
+        job = TrainingJob(
+            script=artifacts.training_script(spec.trainer.kind),
+            args=args,
+            channels={part: as_local_folder(run_dir / "split" / part, scratch) for part in ("train", "validation")},
+            model_dir=scratch / "model",
+            output_dir=scratch / "output",
+            timeout_s=time_limit * 1.5 + 300,
+            num_gpus=num_gpus,
+        )
+        seconds = backend.run(job)
+        trained = trained_metadata(job.model_dir, job.script.name)
+        metadata = run_metadata(trained, spec, run_id, split, "local", round(seconds, 2))
+        target, size = publish(job.model_dir, metadata, spec.trainer.kind, run_dir, scratch)
+        upload_tree(job.output_dir, run_dir / "output")
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        backend.logger.info("Model artifact: %s (%.1f MB)", target, size / 1e6)
+    return train_result(str(target), metadata)

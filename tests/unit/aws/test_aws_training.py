@@ -9,11 +9,11 @@ import uuid
 
 import pytest
 import yaml
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
+from conveyor.aws import common
 from conveyor.aws import training as sm
-from conveyor.errors import SpecError
+from conveyor.errors import ConveyorError, SpecError, TransientError
 from sagemaker_emulator import ROLE_ARN, sagemaker_aws, sagemaker_pipeline  # noqa: F401 (fixture)
 
 
@@ -59,9 +59,10 @@ def test_hyperparameters_are_json_encoded_flags_plus_the_script_mode_settings():
 
 
 def test_hyperparameters_refuse_what_sagemaker_refuses():
-    with pytest.raises(AirflowFailException, match="'hyperparameters'.*at most 2500"):
+    with pytest.raises(sm.TrainingRequestInvalid, match="'hyperparameters'.*at most 2500") as caught:
         sm.hyperparameters(["--hyperparameters", json.dumps({"x": "y" * 3000})], "train.py", "s3://b/s", "r")
-    with pytest.raises(AirflowFailException, match="'oops' is not a --flag"):
+    assert isinstance(caught.value, ConveyorError) and not caught.value.retryable
+    with pytest.raises(sm.TrainingRequestInvalid, match="'oops' is not a --flag"):
         sm.hyperparameters(["oops"], "train.py", "s3://b/s", "r")
 
 
@@ -121,29 +122,40 @@ def test_plain_s3_uri_drops_the_connection_and_refuses_other_stores(s3_lake):
     bucket = s3_lake.root[len("s3://"):].split("/")[0]
     expected = f"s3://{bucket}/conveyor/models/churn/manual__1/model.tar.gz"
     assert sm.plain_s3_uri(path) == expected == sm.plain_s3_uri(str(path))
-    with pytest.raises(AirflowFailException, match="needs the lake on S3"):
+    with pytest.raises(common.NotOnS3, match="needs the lake on S3"):
         from airflow.sdk import ObjectStoragePath
 
         sm.plain_s3_uri(ObjectStoragePath("file:///tmp/lake/x"))
-    with pytest.raises(AirflowFailException, match="s3://"):
+    with pytest.raises(common.NotOnS3, match="s3://") as caught:
         sm.plain_s3_uri("file:///tmp/lake/x")
+    assert not caught.value.retryable
 
 
-def test_pack_source_holds_the_script_folder_without_caches(tmp_path):
+def test_pack_source_holds_the_script_folder_without_caches_and_the_shipped_contract(tmp_path):
+    from conveyor.model.contract import shipped_files
+
     folder = tmp_path / "autogluon_tabular"
     (folder / "__pycache__").mkdir(parents=True)
     (folder / "train.py").write_text("print('hi')\n")
     (folder / "util.py").write_text("X = 1\n")
     (folder / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"\0")
     with tarfile.open(sm.pack_source(folder, tmp_path / "out" / "sourcedir.tar.gz")) as tar:
-        assert sorted(tar.getnames()) == ["train.py", "util.py"]
+        assert sorted(tar.getnames()) == ["conveyor_metadata.py", "train.py", "util.py"]
+        shipped = tar.extractfile("conveyor_metadata.py").read()
+    assert [path.name for path in shipped_files()] == ["conveyor_metadata.py"]
+    assert shipped == shipped_files()[0].read_bytes()  # the one definition, not a copy kept by hand
+    # A folder with a module of that name keeps its own (no duplicate member).
+    (folder / "conveyor_metadata.py").write_text("SCHEMA_VERSION = 1\n")
+    with tarfile.open(sm.pack_source(folder, tmp_path / "again" / "sourcedir.tar.gz")) as tar:
+        assert sorted(tar.getnames()) == ["conveyor_metadata.py", "train.py", "util.py"]
+        assert tar.extractfile("conveyor_metadata.py").read() == b"SCHEMA_VERSION = 1\n"
 
 
 def test_expired_credentials_are_a_clear_retryable_error():
     with pytest.raises(sm.AwsCredentialsExpired) as err:
         with sm.aws_errors("sagemaker:CreateTrainingJob", "aws_default"):
             raise client_error("ExpiredTokenException", "The security token included in the request is expired")
-    assert not isinstance(err.value, AirflowFailException)  # retried: the connection may be refreshed
+    assert isinstance(err.value, TransientError) and err.value.retryable  # retried: the connection may be refreshed
     assert "sagemaker:CreateTrainingJob" in str(err.value) and "'aws_default'" in str(err.value)
     assert "ExpiredTokenException" in str(err.value) and "expired" in str(err.value)
 
@@ -152,7 +164,7 @@ def test_missing_permission_is_not_retried_and_other_errors_pass_through():
     with pytest.raises(sm.AwsPermissionDenied, match="sagemaker:CreateModelPackage.*lacks the permission"):
         with sm.aws_errors("sagemaker:CreateModelPackage", "aws_default"):
             raise client_error("AccessDeniedException", "not authorized to perform: sagemaker:CreateModelPackage")
-    assert issubclass(sm.AwsPermissionDenied, AirflowFailException)
+    assert issubclass(sm.AwsPermissionDenied, ConveyorError) and not sm.AwsPermissionDenied.retryable
     with pytest.raises(ClientError, match="ThrottlingException"):
         with sm.aws_errors("sagemaker:DescribeTrainingJob", "aws_default"):
             raise client_error("ThrottlingException", "Rate exceeded")
@@ -209,4 +221,43 @@ def test_unexpected_aws_error_in_log_tail_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(AwsLogsHook, "conn", Broken())
     (line,) = sm.training_log_tail("aws_default", None, "job-1")
     assert line.startswith("(the CloudWatch log of job-1 could not be read:") and "denied" in line
-    assert isinstance(sm.AwsCredentialsExpired("x"), AirflowException)
+    assert isinstance(sm.AwsCredentialsExpired("x"), TransientError)
+    assert sm.AwsCredentialsExpired is common.AwsCredentialsExpired  # shared helpers: one definition
+
+
+def test_a_log_tail_without_a_usable_connection_is_reported_not_raised(monkeypatch):
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.providers.amazon.aws.hooks.logs import AwsLogsHook
+
+    def missing(self):
+        raise AirflowNotFoundException("The conn_id `nope` isn't defined")
+
+    monkeypatch.setattr(AwsLogsHook, "conn", property(missing))
+    (line,) = sm.training_log_tail("nope", None, "job-2")
+    assert line.startswith("(the CloudWatch log of job-2 could not be read:") and "nope" in line
+
+
+def test_sagemaker_flags_leave_gpus_to_the_container_and_resnet_checkpoints_to_sagemaker(tmp_path, monkeypatch):
+    from conveyor.training.arguments import TrainingSettingsError, trainer_args
+
+    spec = sagemaker_pipeline(tmp_path, monkeypatch, trainer={"gpu": True}, max_run_seconds=600)
+    assert "--num-gpus" in trainer_args(spec, 60, "medium_quality", 0)
+    assert "--num-gpus" not in sm.job_arguments(spec, 60, "medium_quality")
+    shapes = sagemaker_pipeline(tmp_path, monkeypatch, pipeline="shapes")
+    assert sm.job_arguments(shapes, 60, "")[-2:] == ["--checkpoint-dir", "/opt/ml/checkpoints"]
+    sm.check_budget(spec, 599)
+    with pytest.raises(TrainingSettingsError, match=r"'time_limit < sagemaker.max_run_seconds' \(600s\)"):
+        sm.check_budget(spec, 600)
+
+
+def test_job_durations_and_submitted_code_versions():
+    from datetime import datetime, timedelta
+
+    start = datetime(2026, 1, 1)
+    assert sm.train_seconds({"TrainingTimeInSeconds": 12}) == 12.0
+    assert sm.train_seconds({"TrainingStartTime": start, "TrainingEndTime": start + timedelta(seconds=3.5)}) == 3.5
+    assert sm.train_seconds({}) == 0.0
+    submit = json.dumps("s3://b/models/churn/r/source/c-0123456789ab/sourcedir.tar.gz")
+    assert sm.submitted_code_version({"HyperParameters": {"sagemaker_submit_directory": submit}}) == "c-0123456789ab"
+    assert sm.submitted_code_version({"HyperParameters": {"sagemaker_submit_directory": '"s3://b/x/src.tar.gz"'}}) is None
+    assert sm.submitted_code_version({}) is None

@@ -10,7 +10,7 @@ import importlib.util
 import json
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,15 @@ import pytest
 import sqlalchemy as sa
 
 from conveyor.batch import scoring as batch
-from conveyor.batch.scoring import BatchInputError, completed_parts, score_file, summarize, write_table
+from conveyor.batch.parts import completed_parts
+from conveyor.batch.readers import BatchInputError, lake_path
+from conveyor.batch.runs import summarize
+from conveyor.batch.scoring import score_file
+from conveyor.batch.warehouse import write_table
 from conveyor.demo import churn_frame
+from conveyor.errors import ConveyorError
 
-SCORED_AT = datetime(2026, 3, 1, 6, 0, tzinfo=timezone.utc)
+SCORED_AT = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
 OUTPUT = ["customer_id", "prediction", "proba_no", "proba_yes", "model_name", "model_version", "run_id", "scored_at"]
 PG_URL = os.environ.get("CONVEYOR_TEST_POSTGRES_URL", "postgres@127.0.0.1:5432/test")
 
@@ -46,7 +51,7 @@ def read_parts(parts) -> pd.DataFrame:
     """The rows of part files (paths, URIs or ObjectStoragePaths), in order."""
     frames = []
     for part in parts:
-        with batch._path(part, None).open("rb") as handle:
+        with lake_path(part, None).open("rb") as handle:
             frames.append(pd.read_parquet(handle))
     return pd.concat(frames, ignore_index=True)
 
@@ -73,7 +78,8 @@ def table_rows(url: str, table: str, run_id: str | None = None) -> int:
         engine.dispose()
 
 
-def fake_parts(folder: Path, run_id: str, sizes: list[int], predictions: str = "yyn", extra: bool = False) -> list[Path]:
+def fake_parts(folder: Path, run_id: str, sizes: list[int], predictions: str = "yyn",
+               extra: bool = False) -> list[Path]:
     """Part files as a batch run writes them, with known predictions and probabilities."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, offset = [], 0
@@ -143,7 +149,8 @@ def test_csv_scores_like_the_model_and_a_rerun_replaces_its_output(churn_model, 
     assert names(out) == ["_SUCCESS.json", *parts]
 
 
-def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_works(churn_model, loaded, s3_lake, tmp_path):
+def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_works(churn_model, loaded, s3_lake,
+                                                                                   tmp_path):
     """On an S3 lake (moto): remote input, staging and publishing on an object store, remote parts to SQL."""
     url = f"sqlite:///{tmp_path / 'warehouse.db'}"
     write_table(url, "churn_predictions", fake_parts(tmp_path / "other", "other_run", [20]), "other_run")
@@ -153,7 +160,8 @@ def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_work
     bad.to_parquet(tmp_path / "bad.parquet", index=False, row_group_size=1000)
     out = s3_lake.predictions("churn", "scheduled__2")
 
-    with pytest.raises(BatchInputError, match=r"bad\.parquet: rows 1001-2000 were rejected by the model: .*tenure_months"):
+    rejected = r"bad\.parquet: rows 1001-2000 were rejected by the model: .*tenure_months"
+    with pytest.raises(BatchInputError, match=rejected):
         score(tmp_path / "bad.parquet", churn_model, out, "scheduled__2")
 
     assert names(out) == []  # no parts, no staging, no _SUCCESS.json
@@ -171,7 +179,8 @@ def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_work
     result = score(s3_lake.uri("landing", "churn", "inference"), churn_model, out, "scheduled__2",
                    chunk_rows=700, conn_id=s3_lake.conn_id)
 
-    assert names(out) == ["_SUCCESS.json", *(f"part-{i:05d}.parquet" for i in range(5))]  # 3 + 2: parts never span files
+    # 3 + 2 parts: parts never span files
+    assert names(out) == ["_SUCCESS.json", *(f"part-{i:05d}.parquet" for i in range(5))]
     assert result.parts[0].startswith("s3://") and [str(p) for p in completed_parts(out)] == result.parts
     assert_matches(read_parts(completed_parts(out)), pd.concat([first, second], ignore_index=True), loaded)
     assert write_table(url, "churn_predictions", result.parts, "scheduled__2", conn_id=s3_lake.conn_id) == 2300
@@ -306,7 +315,8 @@ def test_write_table_replaces_a_runs_rows_in_one_transaction(warehouse, tmp_path
 
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        row = conn.execute(sa.text(f"SELECT * FROM {table} WHERE run_id = 'run_a' AND customer_id = 'C00000'")).mappings().one()
+        query = f"SELECT * FROM {table} WHERE run_id = 'run_a' AND customer_id = 'C00000'"
+        row = conn.execute(sa.text(query)).mappings().one()
         columns = {c["name"]: c["type"] for c in sa.inspect(conn).get_columns(table)}
     engine.dispose()
     assert (row["prediction"], row["proba_yes"], row["model_version"]) == ("yes", 0.75, "3")
@@ -328,8 +338,40 @@ def test_summarize_counts_shares_and_mean_probabilities(tmp_path):
     assert summarize(parts) == {
         "rows": 9,
         "predictions": {"yes": {"count": 6, "share": 6 / 9}, "no": {"count": 3, "share": 3 / 9}},
-        "mean_probability": {"no": pytest.approx((3 * 0.75 + 6 * 0.25) / 9), "yes": pytest.approx((6 * 0.75 + 3 * 0.25) / 9)},
+        "mean_probability": {"no": pytest.approx((3 * 0.75 + 6 * 0.25) / 9),
+                             "yes": pytest.approx((6 * 0.75 + 3 * 0.25) / 9)},
     }
     pd.DataFrame({"row_number": [0, 1, 2], "prediction": [1.0, 2.0, 6.0]}).to_parquet(tmp_path / "reg.parquet")
     assert summarize([tmp_path / "reg.parquet"]) == {
         "rows": 3, "predictions": {"mean": 3.0, "min": 1.0, "max": 6.0}, "mean_probability": {}}
+
+
+# --- the run around the scoring -----------------------------------------------------------------------
+
+
+def test_bad_input_is_a_deterministic_conveyor_error():
+    assert issubclass(BatchInputError, ConveyorError) and not BatchInputError.retryable
+
+
+def test_batch_input_is_the_given_input_else_the_oldest_unscored_drop_else_none(lake):
+    from types import SimpleNamespace
+
+    from conveyor.batch.runs import SCORED_MARKER, batch_input, mark_scored, run_timestamp
+
+    assert batch_input(lake, "churn", "_SUCCESS", "s3://bucket/in.csv") == ("s3://bucket/in.csv", None)
+    assert batch_input(lake, "churn", "_SUCCESS", "") is None  # nothing pending: the operator skips
+    for name, complete in (("d-1", True), ("d-2", True), ("d-0", False)):
+        folder = lake.landing("churn", "inference", name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "rows.csv").write_bytes(b"a\n1\n")
+        if complete:
+            (folder / "_SUCCESS").write_bytes(b"")
+    assert batch_input(lake, "churn", "_SUCCESS", None) == (lake.uri("landing", "churn", "inference", "d-1"), "d-1")
+    mark_scored(lake, "churn", "d-1", "run-1", 1)
+    assert json.loads((lake.landing("churn", "inference", "d-1") / SCORED_MARKER).read_text()) == {
+        "run_id": "run-1", "rows": 1}
+    assert batch_input(lake, "churn", "_SUCCESS", None)[1] == "d-2"
+
+    run = SimpleNamespace(run_after=SCORED_AT)
+    assert run_timestamp({"logical_date": None, "data_interval_end": None, "dag_run": run}) == SCORED_AT
+    assert run_timestamp({"logical_date": datetime(2026, 1, 1, tzinfo=UTC), "dag_run": run}).year == 2026

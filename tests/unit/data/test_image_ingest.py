@@ -6,6 +6,7 @@ import io
 
 import pandas as pd
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 from PIL import Image
 
 from conveyor.data.datasets import latest_version
@@ -18,7 +19,8 @@ CLASSES = ("circle", "square", "triangle")
 
 def png(size=(32, 32), mode="RGB", colour=(200, 30, 30), fmt="PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.new(mode, size, colour if mode in ("RGB", "CMYK") else 40000 if mode.startswith("I") else 128).save(buffer, fmt)
+    fill = colour if mode in ("RGB", "CMYK") else 40000 if mode.startswith("I") else 128
+    Image.new(mode, size, fill).save(buffer, fmt)
     return buffer.getvalue()
 
 
@@ -70,8 +72,10 @@ def test_manifest_layout(lake):
 def test_corrupt_images_are_listed_by_name_and_the_drop_quarantined(lake, name, payload, error):
     files = good_files()
     files[f"circle/{name}"] = payload
-    with pytest.raises(ValidationFailed) as err:
+    with pytest.raises(AirflowFailException) as err:
         ingest(files)
+    assert isinstance(err.value.__cause__, ValidationFailed)
+    assert f"corrupt image circle/{name}" in err.value.__cause__.failures[1]
     assert f"corrupt image circle/{name}" in str(err.value) and error in str(err.value)
     assert "tolerated: 0.0%" in str(err.value)
     assert (lake.quarantine("shapes", "d1") / "circle" / name).read_bytes() == payload
@@ -88,7 +92,8 @@ def test_bad_files_within_the_tolerated_share_are_left_out(lake, tmp_path, monke
     shutil.copytree(settings.include_dir() / "expectations", include / "expectations")
     (include / "pipelines").mkdir()
     text = (settings.pipelines_dir() / "shapes.yaml").read_text()
-    (include / "pipelines" / "shapes.yaml").write_text(text.replace("max_bad_file_share: 0.0", "max_bad_file_share: 0.1"))
+    tolerant = text.replace("max_bad_file_share: 0.0", "max_bad_file_share: 0.1")
+    (include / "pipelines" / "shapes.yaml").write_text(tolerant)
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
     files = good_files()
     files["square/zero.jpg"] = b""
@@ -107,23 +112,26 @@ def test_bad_files_within_the_tolerated_share_are_left_out(lake, tmp_path, monke
 def test_images_breaking_the_suite(lake, payload, expectation):
     files = good_files()
     files["square/odd.png"] = payload
-    with pytest.raises(ValidationFailed, match=r"expect_column_values_to_be_(between|in_set)") as err:
+    with pytest.raises(AirflowFailException, match=r"expect_column_values_to_be_(between|in_set)") as err:
         ingest(files)
+    assert isinstance(err.value.__cause__, ValidationFailed)
     assert expectation in str(err.value)
     assert (lake.quarantine("shapes", "d1") / "square" / "odd.png").exists()
 
 
 def test_a_class_with_no_images(lake):
     files = {k: v for k, v in good_files().items() if not k.startswith("triangle/")}
-    with pytest.raises(ValidationFailed, match="expect_column_distinct_values_to_equal_set"):
+    with pytest.raises(AirflowFailException, match="expect_column_distinct_values_to_equal_set") as err:
         ingest(files)
+    assert isinstance(err.value.__cause__, ValidationFailed)
 
 
 def test_same_image_in_two_classes(lake):
     files = good_files()
     files["square/copy.png"] = files["circle/0.png"]
-    with pytest.raises(ValidationFailed, match="duplicate_across_classes"):
+    with pytest.raises(AirflowFailException, match="duplicate_across_classes") as err:
         ingest(files)
+    assert isinstance(err.value.__cause__, ValidationFailed)
 
 
 @pytest.mark.parametrize(
@@ -133,12 +141,14 @@ def test_same_image_in_two_classes(lake):
 )
 def test_manifest_rows_outside_the_drop_or_missing_are_rejected(lake, row, rule):
     files = {"img/0.png": png(), "manifest.csv": f"path,label\nimg/0.png,circle\n{row}\n".encode()}
-    with pytest.raises(DropRejected, match=rule) as err:
+    with pytest.raises(AirflowFailException, match=rule) as err:
         ingest(files)
+    assert isinstance(err.value.__cause__, DropRejected)
     assert "manifest.csv line 3" in str(err.value)
     assert (lake.quarantine("shapes", "d1") / "manifest.csv").exists()
 
 
 def test_images_outside_class_folders_are_rejected(lake):
-    with pytest.raises(DropRejected, match="ImageFolder layout"):
+    with pytest.raises(AirflowFailException, match="ImageFolder layout") as err:
         ingest({"loose.png": png()})
+    assert isinstance(err.value.__cause__, DropRejected)

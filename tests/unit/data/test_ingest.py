@@ -11,7 +11,7 @@ from conveyor.data.datasets import latest_version
 from conveyor.data.drops import find_complete_drops
 from conveyor.errors import DropRejected, ValidationFailed
 from conveyor.lake import read_json
-from helpers import churn_csv, ingest_and_validate, write_drop
+from helpers import churn_csv, ingest_and_validate, pipeline_spec_dict, write_drop
 
 
 def files_under(path) -> set[str]:
@@ -54,7 +54,7 @@ def test_retry_after_a_crash_before_validation_rewrites_the_same_names(lake):
     from helpers import context
 
     write_drop(lake, "d1", {"customers.csv": churn_csv(300)})
-    op = IngestDropOperator(task_id="ingest", pipeline="churn", drop="d1")
+    op = IngestDropOperator(task_id="ingest", spec=pipeline_spec_dict("churn"), drop="d1")
     first = op.execute(context("run1"))
     second = op.execute(context("run1"))
     assert first == second
@@ -67,6 +67,7 @@ def parquet_pipeline(lake, tmp_path, monkeypatch):
     import shutil
 
     import yaml
+
     from conveyor import settings
 
     include = tmp_path / "include"
@@ -122,10 +123,11 @@ REJECTED_AT_INGEST = {
 def test_unreadable_drops_are_rejected_and_quarantined(lake, case):
     files, message = REJECTED_AT_INGEST[case]
     write_drop(lake, "bad", files)
-    with pytest.raises(DropRejected) as err:
+    with pytest.raises(AirflowFailException) as err:  # not retried
         ingest_and_validate("bad")
-    assert isinstance(err.value, AirflowFailException)  # not retried
+    assert isinstance(err.value.__cause__, DropRejected)
     assert message in str(err.value) and "quarantine" in str(err.value)
+    assert str(err.value) == str(err.value.__cause__)
     report = assert_quarantined(lake, "bad", files)
     assert report["stage"] == "ingest" and message in report["error"]
 
@@ -136,8 +138,9 @@ def test_truncated_parquet_in_a_parquet_pipeline(lake, parquet_pipeline):
     whole = churn_frame(100).to_parquet(index=False)
     files = {"customers.parquet": whole[: len(whole) // 2]}
     write_drop(lake, "bad", files)
-    with pytest.raises(DropRejected, match="customers.parquet: rule 'readable Parquet'"):
+    with pytest.raises(AirflowFailException, match="customers.parquet: rule 'readable Parquet'") as err:
         ingest_and_validate("bad")
+    assert isinstance(err.value.__cause__, DropRejected)
     assert_quarantined(lake, "bad", files)
 
 
@@ -161,8 +164,11 @@ def test_drops_failing_their_suite_are_quarantined_with_the_report(lake, case):
     make, expectation = FAILING_VALIDATION[case]
     files = {"customers.csv": make()}
     write_drop(lake, "bad", files)
-    with pytest.raises(ValidationFailed) as err:
+    with pytest.raises(AirflowFailException) as err:  # not retried
         ingest_and_validate("bad", run_id="run-bad")
+    cause = err.value.__cause__
+    assert isinstance(cause, ValidationFailed)
+    assert any(expectation in line for line in cause.failures) and cause.report_uri.endswith("index.html")
     message = str(err.value)
     assert expectation in message
     assert "index.html" in message and "quarantined at" in message
@@ -190,7 +196,86 @@ def test_a_drop_without_its_marker_is_not_picked(lake):
 def test_quarantining_the_same_drop_name_twice_keeps_both(lake):
     for run in ("run1", "run2"):
         write_drop(lake, "bad", {"customers.csv": b""})
-        with pytest.raises(DropRejected):
+        with pytest.raises(AirflowFailException) as err:
             ingest_and_validate("bad", run_id=run)
+        assert isinstance(err.value.__cause__, DropRejected)
     names = sorted(p.name for p in lake.path("quarantine", "churn").iterdir())
     assert names == ["bad", "bad__run2"]
+
+
+# --- the domain functions raise Conveyor's errors; the operators get the spec, never the file -----------
+
+
+def test_ingest_drop_raises_drop_rejected_after_quarantining(lake):
+    from conveyor.data.datasets import ingest_drop
+    from conveyor.operators.base import pipeline_spec
+
+    write_drop(lake, "bad", {"customers.csv": b""})
+    with pytest.raises(DropRejected, match="customers.csv: rule 'not empty'.*kept in quarantine at") as err:
+        ingest_drop(lake, pipeline_spec(pipeline_spec_dict("churn")), "bad", "run1")
+    assert not isinstance(err.value, AirflowFailException)
+    assert_quarantined(lake, "bad", {"customers.csv": b""})
+
+
+def test_validate_version_raises_validation_failed_after_quarantining(lake):
+    from conveyor.data.datasets import ingest_drop
+    from conveyor.data.validation import validate_version
+    from conveyor.operators.base import pipeline_spec
+
+    spec = pipeline_spec(pipeline_spec_dict("churn"))
+    files = {"customers.csv": churn_csv(200, churned=["maybe"] * 200)}
+    write_drop(lake, "bad", files)
+    version = ingest_drop(lake, spec, "bad", "run1")["version"]
+    with pytest.raises(ValidationFailed, match="churned") as err:
+        validate_version(lake, spec, "bad", version, "run1")
+    assert not isinstance(err.value, AirflowFailException)
+    assert err.value.report_uri == str(lake.reports("churn", "run1") / "validation" / "index.html")
+    assert_quarantined(lake, "bad", files)
+
+
+def test_bytes_changing_during_the_copy_are_retried_not_failed(lake, monkeypatch):
+    import conveyor.data.datasets
+    from conveyor.data.datasets import DropChanged
+    from conveyor.errors import TransientError
+    from conveyor.operators.ingest import IngestDropOperator
+    from helpers import context
+
+    monkeypatch.setattr(conveyor.data.datasets, "copy_verified", lambda src, dst, chunk: ("0" * 64, 1))
+    write_drop(lake, "d1", {"customers.csv": churn_csv(50)})
+    with pytest.raises(DropChanged, match="changed while being ingested") as err:
+        IngestDropOperator(task_id="ingest", spec=pipeline_spec_dict("churn"), drop="d1").execute(context("run1"))
+    assert isinstance(err.value, TransientError) and not isinstance(err.value, AirflowFailException)
+    assert (lake.landing("churn", "d1") / "customers.csv").exists()  # not quarantined: a retry copies again
+    assert not lake.quarantine("churn", "d1").exists()
+
+
+def test_the_operators_never_read_the_pipeline_file(lake, tmp_path, monkeypatch):
+    import shutil
+
+    from conveyor import settings
+
+    spec = pipeline_spec_dict("churn")
+    include = tmp_path / "include"  # the expectation suites only: no pipelines/ folder at run time
+    shutil.copytree(settings.expectations_dir(), include / "expectations")
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+    write_drop(lake, "d1", {"customers.csv": churn_csv(300)})
+    ingested, validated = ingest_and_validate("d1", spec=spec)
+    assert validated["version"] == ingested["version"] == latest_version(lake, "churn")
+
+
+def test_the_ingest_dag_hands_the_spec_to_its_tasks():
+    from conveyor import settings
+    from conveyor.factory.ingest import ingest_dag
+    from conveyor.operators.base import pipeline_spec
+    from conveyor.spec import load_spec
+
+    spec = load_spec(settings.pipelines_dir() / "churn.yaml")
+    dag = ingest_dag(spec)
+    for task_id in ("ingest", "validate"):
+        task = dag.get_task(task_id)
+        assert "spec" in task.template_fields and task.template_fields_renderers["spec"] == "json"
+        assert task.spec.value == spec.model_dump(mode="json")  # literal(): Jinja leaves its strings alone
+        assert pipeline_spec(task.spec) == spec
+    assert dag.get_task("validate").pipeline == "churn"  # the report link finds the report by it
+    sensor = dag.get_task("wait_for_drop")
+    assert (sensor.pipeline, sensor.marker) == ("churn", spec.data.marker)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from conveyor.data.splits import PARTS, SplitError, check_splittable, read_part, split_frame, write_split
 from conveyor.demo import churn_frame
 from conveyor.spec import get_spec
-from conveyor.data.splits import PARTS, SplitError, check_splittable, read_part, split_frame, write_split
-from helpers import churn_csv, context, ingest_and_validate, write_drop
+from helpers import churn_csv, context, ingest_and_validate, pipeline_spec_dict, write_drop
 
 VERSION = "v-test0000000000000000"
 
@@ -175,11 +174,22 @@ def test_a_rare_class_is_fine_without_stratification(spec):
 def test_a_class_just_at_the_minimum_gives_a_split_error_not_a_crash(lake, spec, rare_rows):
     frame = churn_frame(100)
     frame.loc[frame.index[:rare_rows], "churned"] = "maybe"
-    try:
+    check_splittable(frame, spec, VERSION)  # enough rows to pass the per-class minimum ...
+    # ... but too few for the second stratified cut (validation/test): sklearn's ValueError becomes a SplitError
+    with pytest.raises(SplitError, match="enough rows of every class to stratify into train, validation and test"
+                       ) as caught:
         write_split(lake, spec, VERSION, "run1", frame)
-    except SplitError:
-        pass  # refused with a named rule: fine
-    # Anything else (sklearn's ValueError) propagates and fails the test.
+    assert VERSION in str(caught.value) and "maybe" in str(caught.value)
+    assert not isinstance(caught.value, ValueError)
+    assert not (lake.models("churn", "run1") / "split").exists()
+
+
+def test_a_rare_class_with_enough_rows_reaches_every_part(lake, spec):
+    frame = churn_frame(100)
+    frame.loc[frame.index[:5], "churned"] = "maybe"
+    record = write_split(lake, spec, VERSION, "run1", frame)
+    assert all(record["parts"][name]["classes"].get("maybe", 0) >= 1 for name in PARTS)
+    assert sum(record["parts"][name]["classes"]["maybe"] for name in PARTS) == 5
 
 
 # --- SplitDatasetOperator --------------------------------------------------------------------------
@@ -214,7 +224,7 @@ def versions(validated_lake, monkeypatch):
 def split_op(version=None):
     from conveyor.operators.train import SplitDatasetOperator
 
-    return SplitDatasetOperator(task_id="split", pipeline="churn", dataset_version=version)
+    return SplitDatasetOperator(task_id="split", spec=pipeline_spec_dict("churn"), dataset_version=version)
 
 
 def event_context(run_id, version):
@@ -292,4 +302,5 @@ def test_operator_turns_a_split_error_into_a_fail_exception(versions, monkeypatc
         split_op(versions.first).execute(context("op_one_class"))
     assert versions.first in str(caught.value)
     assert not isinstance(caught.value, SplitError)
+    assert isinstance(caught.value.__cause__, SplitError)
     assert not (versions.lake.models("churn", "op_one_class") / "split").exists()

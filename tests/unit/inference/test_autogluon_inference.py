@@ -4,7 +4,6 @@ errors bad requests get."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -12,17 +11,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conveyor.demo import churn_frame
+from scripts import load_script, script_env
 
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "autogluon_tabular" / "train.py"
-INFERENCE_PY = PROJECT / "include" / "inference" / "autogluon_tabular" / "inference.py"
 FEATURES = [
     "tenure_months", "monthly_charges", "total_charges", "contract", "payment_method",
     "internet_service", "support_calls", "age", "region",
@@ -32,16 +30,7 @@ TINY_GBM = '{"GBM": {"num_boost_round": 40}}'
 pytestmark = pytest.mark.slow  # every test here needs the trained model
 
 
-def load_inference_module() -> ModuleType:
-    """Import inference.py from its file (include/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("autogluon_tabular_inference", INFERENCE_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-inference = load_inference_module()
+inference = load_script("include/inference/autogluon_tabular/inference.py", "autogluon_tabular_inference")
 
 
 def train(root: Path, frame: pd.DataFrame, *flags: str) -> Path:
@@ -51,7 +40,7 @@ def train(root: Path, frame: pd.DataFrame, *flags: str) -> Path:
     cut = int(len(frame) * 0.75)
     frame.iloc[:cut].to_parquet(root / "train" / "train.parquet", index=False)
     frame.iloc[cut:].to_parquet(root / "validation" / "validation.parquet", index=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")} | {
+    env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")}) | {
         "SM_CHANNEL_TRAIN": str(root / "train"), "SM_CHANNEL_VALIDATION": str(root / "validation"),
         "SM_MODEL_DIR": str(root / "model"), "SM_OUTPUT_DATA_DIR": str(root / "output"),
     }
@@ -104,8 +93,11 @@ def test_model_fn_loads_the_predictor_and_its_schema(model, model_dir):
     assert model.features == FEATURES
     assert model.class_labels == ["no", "yes"]
     assert model.id_column == "customer_id"
-    assert model.metadata == json.loads((model_dir / "metadata.json").read_text())
-    assert model.predictor.model_best == model.metadata["best_model"]
+    written = json.loads((model_dir / "metadata.json").read_text())
+    assert model.metadata == inference.conveyor_metadata.read(model_dir)
+    assert {k: v for k, v in model.metadata.to_dict().items() if k in written} == written  # every key as written
+    assert model.metadata.feature_names == FEATURES and model.metadata.id_column == "customer_id"
+    assert model.predictor.model_best == model.metadata.best_model
     assert model.predictor.is_fit
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -14,13 +13,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
+from scripts import CONTRACT, load_script, script_env
 
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "resnet_image" / "train.py"
@@ -32,16 +32,7 @@ PROBA = [f"proba_{label}" for label in LABELS]
 pytestmark = pytest.mark.slow  # every test here needs the trained model
 
 
-def load_module(name: str, path: Path) -> ModuleType:
-    """Import a script from its file (include/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-inference = load_module("resnet_image_inference", INFERENCE_PY)
+inference = load_script("include/inference/resnet_image/inference.py", "resnet_image_inference")
 
 
 def picture(label: str, width: int = 40, height: int = 30) -> Image.Image:
@@ -74,7 +65,7 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resnet-serve")
     make_channel(root / "train", 6)
     make_channel(root / "validation", 2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")} | {
+    env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")}) | {
         "SM_CHANNEL_TRAIN": str(root / "train"), "SM_CHANNEL_VALIDATION": str(root / "validation"),
         "SM_MODEL_DIR": str(root / "model"), "SM_OUTPUT_DATA_DIR": str(root / "output"), "SM_NUM_GPUS": "0",
     }
@@ -110,7 +101,10 @@ def assert_probabilities(prediction: pd.DataFrame, rows: int) -> None:
 
 def test_model_fn_rebuilds_the_network_for_the_artifact(model, model_dir):
     assert model.class_labels == LABELS
-    assert model.metadata == json.loads((model_dir / "metadata.json").read_text())
+    written = json.loads((model_dir / "metadata.json").read_text())
+    assert model.metadata == inference.conveyor_metadata.read(model_dir)
+    assert {k: v for k, v in model.metadata.to_dict().items() if k in written} == written  # every key as written
+    assert model.metadata.arch == "resnet18" and model.metadata.class_labels == LABELS
     assert model.device == torch.device("cpu")
     assert not model.network.training
     assert model.network.fc.out_features == 3
@@ -131,10 +125,10 @@ def test_one_image_body(model, images, fmt, content_type):
 
 
 def test_preprocessing_is_the_trainers_evaluation_transform(model, images, tmp_path):
-    train_py = load_module("resnet_image_train_for_inference", TRAIN_PY)
+    train_py = load_script("include/training/resnet_image/train.py", "resnet_image_train_for_inference")
     path = tmp_path / "image.jpg"
     path.write_bytes(images["jpeg"])
-    expected = train_py.eval_transform(model.metadata["preprocessing"])(train_py.load_rgb(path))
+    expected = train_py.eval_transform(model.metadata.preprocessing)(train_py.load_rgb(path))
     assert torch.equal(inference.input_fn(images["jpeg"], "image/jpeg")[0], expected)
 
 
@@ -224,6 +218,7 @@ def test_the_pipeline_evaluation_path_loads_the_artifact_and_scores_a_frame(mode
     shutil.copytree(model_dir, artifact)
     (artifact / "code").mkdir()
     shutil.copy(INFERENCE_PY, artifact / "code" / "inference.py")
+    shutil.copy(CONTRACT / "conveyor_metadata.py", artifact / "code")  # as model.tar.gz carries it
     loaded = LoadedModel(artifact)
     assert loaded.feature_names == ["image"]
     y_pred, proba = predictions(loaded, pd.DataFrame({"image": [images["png"], images["gif"]]}))

@@ -3,36 +3,31 @@ prediction and image drift, bad input. Baselines come from the trainers' own bas
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
+from conveyor.errors import ConveyorError
+from conveyor.model.metadata import Feature, ModelMetadata
 from conveyor.monitoring.drift import (
-    OTHER, DriftInputError, baseline_cdf, categorical_drift, drift_report, image_drift, numeric_drift,
-    prediction_drift, psi,
+    OTHER,
+    DriftInputError,
+    baseline_cdf,
+    categorical_drift,
+    drift_report,
+    image_drift,
+    numeric_drift,
+    prediction_drift,
+    psi,
 )
+from scripts import load_script
 
-PROJECT = Path(__file__).resolve().parents[3]
-
-
-def load_script(name: str, relative: str) -> ModuleType:
-    """Import a training script from its file (include/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, PROJECT / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tabular = load_script("drift_test_autogluon_train", "include/training/autogluon_tabular/train.py")
+tabular = load_script("include/training/autogluon_tabular/train.py", "drift_test_autogluon_train")
 
 
 def reference_frame(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -50,13 +45,19 @@ def reference_frame(rows: int, seed: int = 0) -> pd.DataFrame:
     })
 
 
-def metadata_for(train: pd.DataFrame, problem_type: str = "binary", label: str = "churned") -> dict:
+def metadata_for(train: pd.DataFrame, problem_type: str = "binary", label: str = "churned") -> ModelMetadata:
     """Metadata as the tabular trainer writes it (features and baseline), built by its own functions."""
-    return {
-        "label": label, "problem_type": problem_type, "id_column": None,
+    return ModelMetadata.from_dict({
+        "trainer": "autogluon", "label": label, "problem_type": problem_type, "id_column": None,
         "features": [{"name": c, "dtype": str(train[c].dtype)} for c in train.columns if c != label],
         "baseline": tabular.build_baseline(train, label, problem_type),
-    }
+    })
+
+
+def table_metadata(baseline: dict, *names: str) -> ModelMetadata:
+    """The metadata of a model of numeric features with this baseline."""
+    return ModelMetadata(trainer="autogluon", problem_type="binary", label="y",
+                         features=tuple(Feature(name, "float64") for name in names), baseline=baseline)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def train() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def metadata(train) -> dict:
+def metadata(train) -> ModelMetadata:
     return metadata_for(train)
 
 
@@ -139,7 +140,7 @@ def test_ks_handles_a_point_mass_at_the_minimum():
     result = numeric_drift(summary, values)
     # the summary only pins F(0) between p25's 0.25 and the next point: the KS floor here is ~0.05
     assert result["statistic"] < 0.06 and result["psi"] < 0.02
-    assert drift_report({"features": ["amount"], "baseline": {"features": {"amount": summary}}},
+    assert drift_report(table_metadata({"features": {"amount": summary}}, "amount"),
                         pd.DataFrame({"amount": values}))["drifted"] is False
     # scipy's kstest assumes a continuous CDF: it compares the rebuilt F(0) = 0.25 with no rows below 0
     assert stats.kstest(values, baseline_cdf(summary)).statistic >= 0.25
@@ -161,7 +162,8 @@ def test_chi_square_pools_tiny_cells():
     result = categorical_drift(summary, values, "letter")
     # c and other expect < 5 rows: pooled (0.2 expected, 1 observed), then joined to b
     expected = stats.chisquare([90, 10], [90, 10])
-    assert result["statistic"] == pytest.approx(expected.statistic) and result["pvalue"] == pytest.approx(expected.pvalue)
+    assert result["statistic"] == pytest.approx(expected.statistic)
+    assert result["pvalue"] == pytest.approx(expected.pvalue)
     assert result["new_categories"] == {"z": 0.01}
 
 
@@ -175,7 +177,7 @@ def test_missing_rate_jump_is_reported(metadata, batch):
 
 
 def test_constant_baseline_feature(metadata, batch):
-    summary = metadata["baseline"]["features"]["version"]
+    summary = metadata.baseline["features"]["version"]
     assert summary["std"] == 0.0 and summary["histogram"]["edges"] == [3.0, 3.0]
     same = numeric_drift(summary, batch["version"], "version")
     assert same["constant_baseline"] and same["bins"] == ["== 3", "!= 3"]
@@ -197,7 +199,7 @@ def test_prediction_drift_classification_and_regression(metadata, train, batch):
     assert prediction["problem"] == "classification" and prediction["drifted"] and report["drifted"]
     assert report["drifted_features"] == []  # the verdict comes from the predictions alone
     assert prediction["actual_shares"][:2] == pytest.approx([0.4, 0.6], abs=0.02) and prediction["pvalue"] < 1e-12
-    unknown = prediction_drift(metadata["baseline"]["label_distribution"], ["no", "maybe", "yes", "no"])
+    unknown = prediction_drift(metadata.baseline["label_distribution"], ["no", "maybe", "yes", "no"])
     assert unknown["new_categories"] == {"maybe": 0.25}
 
     regression = metadata_for(train.assign(spend=train["tenure"] * 2.0).drop(columns="churned"), "regression", "spend")
@@ -213,7 +215,8 @@ def image_baseline(stats_frame: pd.DataFrame) -> dict:
     return {
         "kind": "image", "rows": len(stats_frame), "sampled_images": len(stats_frame),
         "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2],
-                  "histogram": {"edges": [i / 16 for i in range(17)], "counts": {c: [1] * 16 for c in ("red", "green", "blue")}}},
+                  "histogram": {"edges": [i / 16 for i in range(17)],
+                                "counts": {c: [1] * 16 for c in ("red", "green", "blue")}}},
         "brightness": tabular.numeric_baseline(stats_frame["brightness"]) | {"missing_rate": 0.0},
         "width": tabular.numeric_baseline(stats_frame["width"]),
         "height": tabular.numeric_baseline(stats_frame["height"]),
@@ -236,7 +239,9 @@ def test_image_stats_drift():
     same = image_drift(baseline, image_stats(400, seed=1), predictions=["cat", "dog"] * 200)
     assert not same["drifted"] and same["features"]["height"]["constant_baseline"]
     assert same["prediction"]["psi"] == pytest.approx(0.0, abs=1e-12)
-    darker = image_drift({"baseline": baseline}, image_stats(400, seed=2, brightness=0.25, red=0.6))
+    whole = ModelMetadata(trainer="resnet", problem_type="multiclass", label="label",
+                          features=(Feature("image", "object"),), baseline=baseline)
+    darker = image_drift(whole, image_stats(400, seed=2, brightness=0.25, red=0.6))  # the metadata, or its baseline
     assert darker["drifted"] and darker["drifted_features"] == ["brightness", "mean_red"]
     assert darker["features"]["brightness"]["psi"] > 1.0
     assert darker["features"]["mean_red"]["mean_shift_std"] == pytest.approx(0.5, abs=0.05)
@@ -247,7 +252,7 @@ def test_image_stats_drift():
 @pytest.mark.slow
 def test_image_drift_reads_the_resnet_trainers_baseline(tmp_path):
     pytest.importorskip("torch")
-    resnet = load_script("drift_test_resnet_train", "include/training/resnet_image/train.py")
+    resnet = load_script("include/training/resnet_image/train.py", "drift_test_resnet_train")
     from PIL import Image
 
     items = []
@@ -291,10 +296,15 @@ def test_text_in_numeric_column(metadata, batch):
 
 
 def test_bad_thresholds_and_metadata(metadata, batch):
+    assert issubclass(DriftInputError, ConveyorError) and issubclass(DriftInputError, ValueError)
     with pytest.raises(DriftInputError, match="unknown drift threshold 'psl'"):
         drift_report(metadata, batch, thresholds={"psl": 0.1})
     with pytest.raises(DriftInputError, match="no training 'baseline'"):
-        drift_report({"features": metadata["features"]}, batch)
+        drift_report(dataclasses.replace(metadata, baseline=None), batch)
+    with pytest.raises(DriftInputError, match="'features' must list the model's features"):
+        drift_report(dataclasses.replace(metadata, features=()), batch)
+    with pytest.raises(DriftInputError, match="no statistics for feature 'extra'"):
+        drift_report(table_metadata(metadata.baseline, "income", "extra"), batch.assign(extra=1.0))
 
 
 def test_thresholds_change_the_verdict(metadata, batch):
@@ -316,7 +326,7 @@ def test_report_is_json_serialisable(metadata, batch):
 
 def test_predictions_are_compared_with_the_validation_predictions_when_stored(metadata, train, batch):
     # A model that predicts "yes" for 40% of held-out rows although 20% of training labels are "yes".
-    stored = {**metadata, "baseline": {**metadata["baseline"], "predictions": {"no": 0.6, "yes": 0.4}}}
+    stored = dataclasses.replace(metadata, baseline={**metadata.baseline, "predictions": {"no": 0.6, "yes": 0.4}})
     predictions = np.random.default_rng(8).choice(["no", "yes"], len(batch), p=[0.6, 0.4])
     prediction = drift_report(stored, batch, predictions=predictions)["prediction"]
     assert prediction["reference"] == "predictions" and not prediction["drifted"]
@@ -327,14 +337,15 @@ def test_predictions_are_compared_with_the_validation_predictions_when_stored(me
 
     regression = metadata_for(train.assign(spend=train["tenure"] * 2.0).drop(columns="churned"), "regression", "spend")
     values = batch["tenure"].to_numpy() * 2.0 + 60.0
-    regression["baseline"]["predictions"] = tabular.numeric_baseline(pd.Series(train["tenure"] * 2.0 + 60.0))
+    regression.baseline["predictions"] = tabular.numeric_baseline(pd.Series(train["tenure"] * 2.0 + 60.0))
     numeric = drift_report(regression, batch, predictions=values)["prediction"]
     assert numeric["reference"] == "predictions" and numeric["problem"] == "regression" and not numeric["drifted"]
-    del regression["baseline"]["predictions"]
+    del regression.baseline["predictions"]
     assert drift_report(regression, batch, predictions=values)["prediction"]["reference"] == "label"
 
     images = image_baseline(image_stats(200, seed=0)) | {"predictions": {"cat": 0.9, "dog": 0.1}}
     mostly_cats = image_drift(images, image_stats(200, seed=1), predictions=["cat"] * 180 + ["dog"] * 20)["prediction"]
     assert mostly_cats["reference"] == "predictions" and not mostly_cats["drifted"]
     images.pop("predictions")
-    assert image_drift(images, image_stats(200, seed=1), predictions=["cat"] * 180 + ["dog"] * 20)["prediction"]["drifted"]
+    moved = image_drift(images, image_stats(200, seed=1), predictions=["cat"] * 180 + ["dog"] * 20)["prediction"]
+    assert moved["drifted"]

@@ -10,9 +10,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conveyor.errors import ConveyorError
 from conveyor.monitoring.feedback import (
-    RULE_CLASS, RULE_DUPLICATE, RULE_LABELLED, RULE_MISSING, RULE_NUMBER, RULE_UNKNOWN, FeedbackDropError,
-    canonical_label, check_rows, feedback_records, read_drop, read_file,
+    RULE_CLASS,
+    RULE_DUPLICATE,
+    RULE_LABELLED,
+    RULE_MISSING,
+    RULE_NUMBER,
+    RULE_UNKNOWN,
+    FeedbackDropError,
+    canonical_label,
+    check_rows,
+    feedback_records,
+    read_drop,
+    read_file,
+    rule_counts,
+    save_rejected,
 )
 from conveyor.spec import get_spec
 
@@ -79,6 +92,7 @@ def test_missing_columns_name_the_file_and_the_rule(tmp_path, spec):
     _, path = write(tmp_path, "wrong.csv", "ident,truth\nC-1,yes\n")
     with pytest.raises(FeedbackDropError) as error:
         read_file(path, spec)
+    assert isinstance(error.value, ConveyorError) and isinstance(error.value, ValueError)  # deterministic
     message = str(error.value)
     assert message.startswith("wrong.csv: ")
     assert "needs an id column 'id' (or 'customer_id')" in message and "label column 'label' (or 'churned')" in message
@@ -101,7 +115,8 @@ def test_a_drop_without_rows_or_files_or_with_another_file_is_refused(tmp_path, 
         read_drop([], spec)
     good = write(tmp_path, "good.csv", "id,label\nC-1,yes\n")
     notes = write(tmp_path, "notes.txt", "labels from the call centre")
-    with pytest.raises(FeedbackDropError, match=r"^notes.txt: feedback files must be one of .csv, .jsonl, .json, .parquet"):
+    with pytest.raises(FeedbackDropError,
+                       match=r"^notes.txt: feedback files must be one of .csv, .jsonl, .json, .parquet"):
         read_drop([good, notes], spec)
 
 
@@ -156,6 +171,18 @@ def test_regression_labels_must_be_numbers():
 def test_check_rows_of_nothing():
     accepted, rejected = check_rows(frame(), ["no", "yes"], set(), set())
     assert accepted.empty and rejected.empty and list(rejected.columns)[-1] == "rule"
+    assert rule_counts(rejected) == {"unknown_ids": 0, "duplicates": 0, "out_of_set": 0}
+
+
+def test_rejected_rows_are_counted_by_rule_and_kept_in_quarantine(lake):
+    rows = frame(("a", "yes"), ("a", "no"), ("zzz", "yes"), ("c", "maybe"), ("old", "yes"), ("d", None))
+    _, rejected = check_rows(rows, ["no", "yes"], {"a", "c", "d", "old"}, {"old"})
+    assert rule_counts(rejected) == {"unknown_ids": 1, "duplicates": 2, "out_of_set": 1}  # an empty id/label: none
+    target = save_rejected(lake, "churn", "f1", rejected)
+    assert str(target) == str(lake.quarantine("churn", "feedback/f1") / "rejected.csv")
+    kept = pd.read_csv(Path(target.path), dtype=str, keep_default_na=False)
+    assert kept.columns.tolist() == ["id", "label", "file", "rule"]
+    assert kept["id"].tolist() == ["a", "zzz", "c", "old", "d"]
 
 
 # ------------------------------------------------------------------------------- POST bodies

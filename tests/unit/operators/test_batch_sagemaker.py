@@ -9,7 +9,7 @@ request's S3 input, answers written where the request says.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from unittest import mock
 
 import boto3
@@ -17,17 +17,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException, TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, TaskDeferred
 from botocore.exceptions import ClientError
 
-from helpers import context
+from conveyor.batch.readers import BatchInputError
+from helpers import context, pipeline_spec_dict
 from sagemaker_emulator import run_transform_job
 from sagemaker_pipeline import Matches, sagemaker_include
 
 pytestmark = pytest.mark.slow  # the session's churn model trains once (about 20 s)
 
 RUN = "scheduled__2026-03-01T06:00:00+00:00"
-WHEN = datetime(2026, 3, 1, 6, 0, tzinfo=timezone.utc)
+WHEN = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
 ROWS = 2300
 TAGS = [{"Key": "conveyor:pipeline", "Value": "churn"}, {"Key": "conveyor:model-version", "Value": "3"},
         {"Key": "conveyor:run-id", "Value": RUN}]
@@ -43,7 +44,8 @@ def setup(s3_lake, churn_model, moto_server, tmp_path, monkeypatch):
     from conveyor.demo import churn_frame
 
     sagemaker_include(tmp_path / "include", monkeypatch, {"deploy": {"batch": {
-        "enabled": True, "chunk_rows": 1000, "instance_type": "ml.c5.xlarge", "instance_count": 2, "max_payload_mb": 1}}})
+        "enabled": True, "chunk_rows": 1000, "instance_type": "ml.c5.xlarge", "instance_count": 2,
+        "max_payload_mb": 1}}})
     monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
     archive = s3_lake.models("churn", "train-7") / "model.tar.gz"
     archive.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,8 @@ def setup(s3_lake, churn_model, moto_server, tmp_path, monkeypatch):
     hook.describe_transform_job.side_effect = missing("transform job")
     monkeypatch.setattr("conveyor.aws.hosting.sagemaker_hook", lambda spec: hook)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    model = {"model_name": "churn", "version": "3", "model_uri": s3_lake.uri("models", "churn", "train-7", "model.tar.gz"),
+    model = {"model_name": "churn", "version": "3",
+             "model_uri": s3_lake.uri("models", "churn", "train-7", "model.tar.gz"),
              "train_run": "train-7", "status": "Approved"}
     return {"lake": s3_lake, "hook": hook, "s3": s3, "frame": frame, "model": model,
             "engine": sa.create_engine(f"sqlite:///{tmp_path}/warehouse.db")}
@@ -72,7 +75,8 @@ def ctx() -> dict:
 def operator(setup, **kwargs):
     from conveyor.operators.batch_sagemaker import SageMakerBatchPredictOperator
 
-    return SageMakerBatchPredictOperator(task_id="score", pipeline="churn", model=setup["model"], **kwargs)
+    return SageMakerBatchPredictOperator(task_id="score", spec=pipeline_spec_dict("churn"), model=setup["model"],
+                                         **kwargs)
 
 
 def start(setup) -> TaskDeferred:
@@ -191,8 +195,9 @@ def test_answers_that_do_not_match_the_input_are_refused(setup):
     answers = json.loads(body.splitlines()[0])
     answers["predictions"] = answers["predictions"][:-1]  # one answer lost
     setup["s3"].put_object(Bucket=bucket, Key=written[1], Body=json.dumps(answers).encode() + b"\n")
-    with pytest.raises(AirflowFailException, match="part-00001.csv.out: 999 answers for 1000 input rows"):
+    with pytest.raises(AirflowFailException, match="part-00001.csv.out: 999 answers for 1000 input rows") as caught:
         operator(setup).execute_complete(ctx(), {"status": "success"})
+    assert isinstance(caught.value.__cause__, BatchInputError)
     assert not (setup["lake"].predictions("churn", RUN) / "_SUCCESS.json").exists()
 
 
@@ -201,8 +206,9 @@ def test_a_line_break_in_a_value_is_refused_before_any_job(setup):
     frame.loc[5, "region"] = "north\nwest"
     drop = setup["lake"].landing("churn", "inference", "d-1")
     (drop / "customers.csv").write_bytes(frame.to_csv(index=False).encode())
-    with pytest.raises(AirflowFailException, match="row 6, column 'region' holds a line break"):
+    with pytest.raises(AirflowFailException, match="row 6, column 'region' holds a line break") as caught:
         operator(setup).execute(ctx())
+    assert isinstance(caught.value.__cause__, BatchInputError)
     setup["hook"].create_transform_job.assert_not_called()
 
 
@@ -213,11 +219,12 @@ def test_nothing_to_score_skips(setup):
 
 
 def test_an_expired_credential_is_a_clear_retryable_error(setup):
-    from conveyor.aws.training import AwsCredentialsExpired
+    from conveyor.aws.common import AwsCredentialsExpired
 
     setup["hook"].create_transform_job.side_effect = ClientError(
-        {"Error": {"Code": "ExpiredTokenException", "Message": "The security token included in the request is expired"}},
+        {"Error": {"Code": "ExpiredTokenException",
+                   "Message": "The security token included in the request is expired"}},
         "CreateTransformJob")
     with pytest.raises(AwsCredentialsExpired, match="ExpiredTokenException.*refresh") as caught:
         operator(setup).execute(ctx())
-    assert isinstance(caught.value, AirflowException) and not isinstance(caught.value, AirflowFailException)
+    assert caught.value.retryable and not isinstance(caught.value, AirflowFailException)  # the task's retries apply

@@ -12,10 +12,10 @@ import re
 from unittest import mock
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from botocore.exceptions import ClientError
 
-from helpers import context
+from helpers import context, pipeline_spec_dict
 from sagemaker_pipeline import IMAGE, ROLE, Matches, sagemaker_include
 
 MODEL = {"model_name": "churn", "version": "3", "model_uri": "s3://lake-bucket/conveyor/models/churn/train-7/model.tar.gz",
@@ -36,7 +36,8 @@ def aws_error(code: str, message: str, operation: str) -> ClientError:
 
 def missing(what: str, operation: str) -> ClientError:
     """SageMaker's answer to a describe call on something that does not exist."""
-    return aws_error("ValidationException", f'Could not find {what} "arn:aws:sagemaker:us-east-1:123456789012:x".', operation)
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:x"
+    return aws_error("ValidationException", f'Could not find {what} "{arn}".', operation)
 
 
 ARN = "arn:aws:sagemaker:us-east-1:123456789012:{}/{}"
@@ -90,7 +91,7 @@ def hook(tmp_path, monkeypatch):
 def operator():
     from conveyor.operators.deploy_sagemaker import SageMakerDeployEndpointOperator
 
-    return SageMakerDeployEndpointOperator(task_id="deploy", pipeline="churn", model=MODEL)
+    return SageMakerDeployEndpointOperator(task_id="deploy", spec=pipeline_spec_dict("churn"), model=MODEL)
 
 
 def deferred(op) -> TaskDeferred:
@@ -240,7 +241,8 @@ def test_failed_create_deletes_the_endpoint_it_created(hook):
 
 def test_a_failing_update_call_deletes_what_it_created(hook):
     hook.describe_endpoint.return_value = in_service("churn-v2-0a1b2c")
-    hook.update_endpoint.side_effect = aws_error("ValidationException", "Cannot update in-progress endpoint", "UpdateEndpoint")
+    hook.update_endpoint.side_effect = aws_error("ValidationException", "Cannot update in-progress endpoint",
+                                                 "UpdateEndpoint")
     with pytest.raises(ClientError):
         operator().execute(context(RUN))
     model_name, config_name = names(hook)
@@ -281,12 +283,12 @@ def test_a_version_already_live_is_only_recorded(hook):
 
 
 def test_an_endpoint_busy_with_another_change_is_retried_later(hook):
-    from conveyor.operators.deploy_sagemaker import EndpointBusy
+    from conveyor.aws.hosting import EndpointBusy
 
     hook.describe_endpoint.return_value = {**in_service("churn-v2-0a1b2c"), "EndpointStatus": "Updating"}
     with pytest.raises(EndpointBusy, match="churn-live is Updating") as caught:
         operator().execute(context(RUN))
-    assert not isinstance(caught.value, AirflowFailException)  # retried
+    assert caught.value.retryable and not isinstance(caught.value, AirflowFailException)  # retried
     hook.create_model.assert_not_called()
     hook.update_endpoint.assert_not_called()
 
@@ -301,13 +303,13 @@ def test_a_failed_endpoint_is_not_touched(hook):
 
 
 def test_an_expired_credential_is_a_clear_retryable_error(hook):
-    from conveyor.aws.training import AwsCredentialsExpired
+    from conveyor.aws.common import AwsCredentialsExpired
 
     hook.describe_endpoint.side_effect = aws_error(
         "ExpiredTokenException", "The security token included in the request is expired", "DescribeEndpoint")
     with pytest.raises(AwsCredentialsExpired, match="'aws_default'.*ExpiredTokenException.*refresh") as caught:
         operator().execute(context(RUN))
-    assert isinstance(caught.value, AirflowException) and not isinstance(caught.value, AirflowFailException)
+    assert caught.value.retryable and not isinstance(caught.value, AirflowFailException)  # retried
     hook.create_model.assert_not_called()
     hook.create_endpoint.assert_not_called()
 
@@ -337,7 +339,8 @@ def test_deployment_config_and_names_follow_the_spec():
     assert hosting.model_request(spec, MODEL, "eu-west-1", RUN)["PrimaryContainer"]["Image"] == (
         "763104351884.dkr.ecr.eu-west-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023")  # the framework image
     job = hosting.transform_job_name(spec, RUN)
-    assert len(job) <= 63 and job == hosting.transform_job_name(spec, RUN) != hosting.transform_job_name(spec, RUN + "x")
+    assert len(job) <= 63
+    assert job == hosting.transform_job_name(spec, RUN) != hosting.transform_job_name(spec, RUN + "x")
 
 
 def test_capture_share_becomes_whole_percents(monkeypatch):
@@ -367,9 +370,16 @@ def test_sagemaker_pipelines_get_the_sagemaker_deploy_and_batch_tasks(tmp_path, 
     local = {dag.dag_id: dag for dag in build_for(get_spec("churn"))}
     assert isinstance(local["churn__deploy"].get_task("deploy"), DeployEndpointOperator)
     sagemaker_include(tmp_path / "include", monkeypatch, {"deploy": {"batch": {"enabled": True}}})
-    dags = {dag.dag_id: dag for dag in build_for(get_spec("churn"))}
+    spec = get_spec("churn")
+    dags = {dag.dag_id: dag for dag in build_for(spec)}
     assert isinstance(dags["churn__deploy"].get_task("deploy"), SageMakerDeployEndpointOperator)
     assert isinstance(dags["churn__batch_predict"].get_task("score"), SageMakerBatchPredictOperator)
+    # Every task gets the spec the DAG was built from (shown in Rendered Template, never re-read at run time).
+    for dag_id, task_id in (("churn__deploy", "resolve"), ("churn__deploy", "deploy"),
+                            ("churn__batch_predict", "resolve"), ("churn__batch_predict", "score")):
+        task = dags[dag_id].get_task(task_id)
+        assert "spec" in task.template_fields and task.template_fields_renderers["spec"] == "json"
+        assert task.spec.value == spec.model_dump(mode="json")
 
 
 @pytest.mark.parametrize("endpoint, field", [

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from conveyor.monitoring import records as monitoring
-from conveyor.monitoring.feedback import RULE_CLASS, RULE_DUPLICATE, RULE_LABELLED, RULE_UNKNOWN
-from conveyor.registry.mlflow import MlflowRegistryHook
 from conveyor.lake import PROCESSED_MARKER, read_json
+from conveyor.monitoring import decisions, records
+from conveyor.monitoring.feedback import RULE_CLASS, RULE_DUPLICATE, RULE_LABELLED, RULE_UNKNOWN
 from conveyor.operators.monitor import CheckDriftOperator, IngestFeedbackOperator, TriggerRetrainOperator
-from helpers import context, write_drop
+from conveyor.registry.mlflow import MlflowRegistryHook
+from helpers import context, pipeline_spec_dict, write_drop
 
-RUN_AFTER = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+RUN_AFTER = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+SPEC = pipeline_spec_dict("churn")  # what the DAG factory hands every operator
 
 
 def monitor_context(run_id: str = "scheduled__1") -> dict:
@@ -62,17 +63,79 @@ def store_observations(lake, ids: list[str], source_id: str = "b1") -> None:
     """Stored predictions (what feedback is joined with), as the drift task keeps them."""
     features = pd.DataFrame({"tenure_months": range(len(ids))})
     predictions = pd.DataFrame({"prediction": ["no"] * len(ids), "proba_no": 0.7, "proba_yes": 0.3})
-    observed = monitoring.observations(features, predictions, ids=ids, model_version="1",
-                                       scored_at=RUN_AFTER.isoformat(), source="batch", source_id=source_id)
-    monitoring.write_parquet(lake.monitor("churn", "observations", f"batch-{source_id}.parquet"), observed)
+    observed = records.observations(features, predictions, ids=ids, model_version="1",
+                                    scored_at=RUN_AFTER.isoformat(), source="batch", source_id=source_id)
+    records.write_parquet(lake.monitor("churn", "observations", f"batch-{source_id}.parquet"), observed)
 
 
 def ingest(run_id: str = "scheduled__1") -> dict:
-    return IngestFeedbackOperator(task_id="feedback", pipeline="churn").execute(monitor_context(run_id))
+    return IngestFeedbackOperator(task_id="feedback", spec=SPEC).execute(monitor_context(run_id))
 
 
 def csv(rows: list[tuple[str, str]], header: str = "id,label") -> bytes:
     return (header + "\n" + "".join(f"{i},{label}\n" for i, label in rows)).encode()
+
+
+# ------------------------------------------------------------------------------------ spec
+
+
+def test_the_monitor_dag_hands_every_operator_the_validated_spec():
+    from airflow.sdk import literal
+
+    from conveyor.factory.monitor import monitor_dag
+    from conveyor.spec import PipelineSpec
+
+    dag = monitor_dag(PipelineSpec.model_validate(SPEC))
+    for task_id in ("drift", "feedback", "decide", "trigger_retrain"):
+        task = dag.get_task(task_id)
+        assert "spec" in task.template_fields and task.template_fields_renderers["spec"] == "json"
+        assert type(task.spec) is type(literal(SPEC)) and task.spec.value == SPEC  # shown, never Jinja-rendered
+        assert task.pipeline == "churn"
+
+
+def test_the_decision_links_to_its_report_and_the_dag_serialises(lake, monkeypatch):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from conveyor.factory.monitor import monitor_dag
+    from conveyor.links import MonitorReportLink, report_url
+    from conveyor.operators.monitor import RetrainDecisionOperator
+    from conveyor.spec import PipelineSpec
+
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+    key = SimpleNamespace(dag_id="churn__monitor", task_id="decide", run_id="scheduled__1", map_index=-1, try_number=1)
+    operator = RetrainDecisionOperator(task_id="decide", spec=SPEC)
+    assert MonitorReportLink().get_link(operator, ti_key=key) == ""  # no report yet
+    page = lake.reports("churn", "scheduled__1") / "monitor" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html></html>")
+    assert MonitorReportLink().get_link(operator, ti_key=key) == report_url("churn__monitor", "scheduled__1", "monitor")
+
+    tasks = DagSerialization.to_dict(monitor_dag(PipelineSpec.model_validate(SPEC)))["dag"]["tasks"]
+    (decide,) = [t.get("__var", t) for t in tasks if t.get("__var", t)["task_id"] == "decide"]
+    assert "Monitoring report" in decide["_operator_extra_links"]
+
+
+def test_a_deterministic_domain_error_fails_the_task_and_a_transient_one_is_retried(lake, monkeypatch):
+    from types import SimpleNamespace
+
+    import conveyor.registry
+    from conveyor.errors import TransientError
+    from conveyor.registry.base import ModelVersionNotFound
+
+    def failing(error: Exception):
+        def champion(name: str):
+            raise error
+        return lambda spec: SimpleNamespace(champion=champion)
+
+    write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])})
+    monkeypatch.setattr(conveyor.registry, "registry_hook", failing(ModelVersionNotFound("churn: no alias champion")))
+    with pytest.raises(AirflowFailException, match="no alias champion") as caught:
+        ingest()
+    assert isinstance(caught.value.__cause__, ModelVersionNotFound)
+    monkeypatch.setattr(conveyor.registry, "registry_hook", failing(TransientError("registry: 503")))
+    with pytest.raises(TransientError, match="503"):
+        ingest()
+    assert not (lake.landing("churn", "feedback", "f1") / PROCESSED_MARKER).exists()
 
 
 # --------------------------------------------------------------------------------- feedback
@@ -86,7 +149,7 @@ def test_a_good_drop_is_accepted_and_not_read_twice(lake, champion):
     assert {k: counts[k] for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set",
                                    "rejected_drops")} == {"drops": 1, "received": 3, "accepted": 3, "unknown_ids": 0,
                                                           "duplicates": 0, "out_of_set": 0, "rejected_drops": 0}
-    labels = monitoring.load_labels(lake, "churn")
+    labels = records.load_labels(lake, "churn")
     assert labels.to_dict("records") == [
         {"id": f"C-{n}", "label": label, "received_at": RUN_AFTER.isoformat(), "drop": "f1"}
         for n, label in ((1, "yes"), (2, "no"), (3, "yes"))]  # "YES" is the class "yes"
@@ -96,7 +159,7 @@ def test_a_good_drop_is_accepted_and_not_read_twice(lake, champion):
 
     again = ingest("scheduled__2")
     assert again["drops"] == 0 and again["received"] == 0
-    assert len(monitoring.load_labels(lake, "churn")) == 3
+    assert len(records.load_labels(lake, "churn")) == 3
 
 
 @pytest.mark.slow
@@ -121,7 +184,7 @@ def test_bad_rows_are_quarantined_with_their_rule_and_good_ones_kept(lake, champ
         ["C-1", "no", "part-2.jsonl"]]
     assert rejected["rule"].tolist() == [RULE_UNKNOWN, RULE_DUPLICATE, f"{RULE_CLASS} ['no', 'yes']", RULE_LABELLED]
 
-    labels = monitoring.load_labels(lake, "churn")
+    labels = records.load_labels(lake, "churn")
     assert labels[labels["drop"] == "f2"][["id", "label"]].values.tolist() == [["C-2", "no"], ["C-4", "yes"]]
     assert labels["id"].is_unique
     assert read_json(lake.landing("churn", "feedback", "f2") / PROCESSED_MARKER)["rejected"] == 4
@@ -142,8 +205,26 @@ def test_an_unreadable_drop_is_moved_to_quarantine_whole(lake, champion):
     report = json.loads((quarantined / "_report.json").read_text())
     assert report["drop"] == "f3" and "found ['ident', 'truth']" in report["rule"]
     assert not lake.landing("churn", "feedback", "f3").exists()
-    assert monitoring.load_labels(lake, "churn")["drop"].tolist() == ["f4"]
+    assert records.load_labels(lake, "churn")["drop"].tolist() == ["f4"]
     assert ingest("scheduled__2")["drops"] == 0
+
+
+@pytest.mark.slow
+def test_the_champions_classes_come_from_the_metadata_sidecar_without_downloading_the_model(lake, registry,
+                                                                                          churn_model):
+    """A registered archive that cannot be read at all: its sidecar alone gives the class labels."""
+    folder = Path(lake.models("churn", "train-1").path)
+    folder.mkdir(parents=True)
+    (folder / "model.tar.gz").write_bytes(b"not an archive: downloading it would fail")
+    shutil.copy(churn_model["dir"] / "metadata.json", folder / "metadata.json")
+    run = registry.ensure_run("churn", "train-1", run_name="train-1", tags={"pipeline": "churn"})
+    version = registry.register("churn", (folder / "model.tar.gz").as_uri(), run, {"conveyor_run_id": "train-1"})
+    registry.promote("churn", str(version.version))
+    store_observations(lake, ["C-1", "C-2"])
+    write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "Yes"), ("C-2", "perhaps")])})
+    counts = ingest()
+    assert counts["accepted"] == 1 and counts["out_of_set"] == 1
+    assert records.load_labels(lake, "churn")["label"].tolist() == ["yes"]
 
 
 def test_an_incomplete_drop_waits_and_feedback_without_a_champion_is_skipped(lake, registry):
@@ -169,13 +250,13 @@ def write_input(tmp_path: Path, name: str, frame: pd.DataFrame | None) -> str:
 
 
 def check_input(uri: str, run_id: str = "manual__check") -> dict:
-    result = CheckDriftOperator(task_id="drift", pipeline="churn", input_uri=uri).execute(monitor_context(run_id))
+    result = CheckDriftOperator(task_id="drift", spec=SPEC, input_uri=uri).execute(monitor_context(run_id))
     assert len(result["checks"]) == 1
     return result["checks"][0]
 
 
 def stored_check(lake, source: str, ident: str) -> dict:
-    return read_json(lake.monitor("churn", "checks", f"{monitoring.source_key(source, ident)}.json"))
+    return read_json(lake.monitor("churn", "checks", f"{decisions.source_key(source, ident)}.json"))
 
 
 @pytest.mark.slow
@@ -209,7 +290,8 @@ def test_an_input_is_compared_with_the_champions_baseline(lake, champion, churn_
     shifted = write_input(tmp_path, "shifted.csv", churn_frame(600, seed=21, shifted=True).drop(columns="churned"))
     moved = check_input(shifted)
     assert moved["drifted"] is True and moved["drift_share"] > 0.25
-    assert {"contract", "internet_service", "support_calls"} <= set(stored_check(lake, "input", shifted)["report"]["drifted_features"])
+    drifted = stored_check(lake, "input", shifted)["report"]["drifted_features"]
+    assert {"contract", "internet_service", "support_calls"} <= set(drifted)
 
 
 @pytest.mark.slow
@@ -240,7 +322,7 @@ def test_batch_runs_are_checked_once_and_kept_as_observations(lake, champion, ch
     write_batch_run(lake, "b1", inputs, champion)
     write_batch_run(lake, "b2", inputs.rename(columns={"age": "customer_age"}), champion)
     write_batch_run(lake, "b3", inputs, champion, source=str(Path(lake.root.removeprefix("file://")) / "gone.csv"))
-    result = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__1"))
+    result = CheckDriftOperator(task_id="drift", spec=SPEC).execute(monitor_context("scheduled__1"))
     checks = {c["id"]: c for c in result["checks"]}
     assert set(checks) == {"b1", "b2", "b3"}
     assert checks["b1"]["error"] is None and checks["b1"]["rows"] == 100
@@ -249,12 +331,12 @@ def test_batch_runs_are_checked_once_and_kept_as_observations(lake, champion, ch
     report = stored_check(lake, "batch", "b1")["report"]
     assert report["prediction"]["problem"] == "classification"  # the predictions are compared too,
     assert report["prediction"]["reference"] == "predictions"  # with the trainer's validation predictions
-    observed = monitoring.load_observations(lake, "churn")
+    observed = records.load_observations(lake, "churn")
     assert observed["_id"].tolist() == inputs["customer_id"].astype(str).tolist()
     assert set(observed["source_id"]) == {"b1"} and set(observed["model_version"]) == {champion}
-    assert monitoring.known_ids(lake, "churn") == set(inputs["customer_id"].astype(str))
+    assert records.known_ids(lake, "churn") == set(inputs["customer_id"].astype(str))
 
-    again = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__2"))
+    again = CheckDriftOperator(task_id="drift", spec=SPEC).execute(monitor_context("scheduled__2"))
     assert again["checks"] == []
 
 
@@ -270,21 +352,21 @@ def test_captured_traffic_is_checked_and_its_offsets_kept(lake, champion, churn_
         body = rows.iloc[n:n + 4][model.feature_names].to_csv(index=False, header=False).encode()
         capture.write(champion, "text/csv", "application/json", body, model.invoke(body, "text/csv"),
                       "application/json", f"req-{n}")
-    result = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__1"))
+    result = CheckDriftOperator(task_id="drift", spec=SPEC).execute(monitor_context("scheduled__1"))
     assert len(result["checks"]) == 1
     only = result["checks"][0]
     assert only["source"] == "capture" and only["error"] is None and only["rows"] == 40
     assert only["id"].endswith(f"/v{champion}")
-    observed = monitoring.load_observations(lake, "churn")
+    observed = records.load_observations(lake, "churn")
     assert observed["_id"].tolist() == [f"req-{n}#{k}" for n in range(0, 40, 4) for k in range(4)]
     offsets = read_json(lake.monitor("churn", "capture_offsets.json"))
     assert list(offsets.values()) == [sum(f.stat().st_size for f in Path(lake.capture("churn").path).rglob("*.jsonl"))]
-    assert CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__2"))["checks"] == []
+    assert CheckDriftOperator(task_id="drift", spec=SPEC).execute(monitor_context("scheduled__2"))["checks"] == []
 
     # Traffic of a version the registry no longer knows is recorded with the error; the rest goes on.
     body = rows.iloc[:2][model.feature_names].to_csv(index=False, header=False).encode()
     capture.write("99", "text/csv", "application/json", body, model.invoke(body, "text/csv"), "application/json", "x")
-    (unknown,) = CheckDriftOperator(task_id="drift", pipeline="churn").execute(monitor_context("scheduled__3"))["checks"]
+    (unknown,) = CheckDriftOperator(task_id="drift", spec=SPEC).execute(monitor_context("scheduled__3"))["checks"]
     assert unknown["id"].endswith("/v99") and unknown["error"] and unknown["rows"] == 0
 
 
@@ -295,22 +377,24 @@ def test_captured_traffic_is_checked_and_its_offsets_kept(lake, champion, churn_
 def test_poor_live_accuracy_retrains_once_with_the_labelled_rows(lake, champion, churn_model):
     import numpy as np
 
+    from conveyor.model.metadata import read as read_metadata
     from conveyor.operators.monitor import RetrainDecisionOperator
 
     test = churn_model["test"].iloc[:240]
-    features = [f["name"] for f in json.loads((churn_model["dir"] / "metadata.json").read_text())["features"]]
+    features = read_metadata(churn_model["dir"]).feature_names
     p_yes = np.random.default_rng(0).random(len(test))  # a model no better than chance on the new data
-    predictions = pd.DataFrame({"prediction": np.where(p_yes > 0.5, "yes", "no"), "proba_no": 1 - p_yes, "proba_yes": p_yes})
-    observed = monitoring.observations(test[features], predictions, ids=test["customer_id"], model_version=champion,
-                                       scored_at=RUN_AFTER.isoformat(), source="batch", source_id="b1")
-    monitoring.write_parquet(lake.monitor("churn", "observations", "batch-b1.parquet"), observed)
+    predictions = pd.DataFrame({"prediction": np.where(p_yes > 0.5, "yes", "no"), "proba_no": 1 - p_yes,
+                                "proba_yes": p_yes})
+    observed = records.observations(test[features], predictions, ids=test["customer_id"], model_version=champion,
+                                    scored_at=RUN_AFTER.isoformat(), source="batch", source_id="b1")
+    records.write_parquet(lake.monitor("churn", "observations", "batch-b1.parquet"), observed)
     truth = test[["customer_id", "churned"]].itertuples(index=False)
     write_drop(lake, "feedback/f1", {"labels.csv": csv(list(truth))})
     feedback = ingest()
     assert feedback["accepted"] == 240
 
     def decide(run_id: str) -> dict:
-        op = RetrainDecisionOperator(task_id="decide", pipeline="churn", drift={"checks": []}, feedback=feedback)
+        op = RetrainDecisionOperator(task_id="decide", spec=SPEC, drift={"checks": []}, feedback=feedback)
         return op.execute(monitor_context(run_id))
 
     decision = decide("scheduled__1")
@@ -327,7 +411,7 @@ def test_poor_live_accuracy_retrains_once_with_the_labelled_rows(lake, champion,
     # The same labels are not new any more: the next run has no reason, so nothing to suppress either.
     again = decide("scheduled__2")
     assert again["retrain"] is False and again["live"]["labels"] == 0 and again["reasons"] == []
-    assert [t["retrain"] for t in monitoring.load_triggers(lake, "churn")] == [True, False]
+    assert [t["retrain"] for t in decisions.load_triggers(lake, "churn")] == [True, False]
 
 
 # ---------------------------------------------------------------------------------- trigger
@@ -337,7 +421,7 @@ def test_trigger_skips_without_a_retrain_decision():
     for decision, why in ((None, "no reason to"), ({"retrain": False, "reasons": []}, "no reason to"),
                           ({"retrain": False, "reasons": ["drift"], "suppressed_by_cooldown": True}, "cool-down")):
         with pytest.raises(AirflowSkipException, match=f"not retraining churn: .*{why}"):
-            TriggerRetrainOperator(task_id="trigger", pipeline="churn", decision=decision).execute(context())
+            TriggerRetrainOperator(task_id="trigger", spec=SPEC, decision=decision).execute(context())
 
 
 def test_trigger_sets_the_retrain_events_extra():
@@ -346,11 +430,16 @@ def test_trigger_sets_the_retrain_events_extra():
     decision = {"retrain": True, "reasons": ["live roc_auc of version 1 is 0.5 < 0.65"], "report": "file:///r/index.html",
                 "labelled_uri": "file:///lake/monitor/churn/retrain/scheduled__1/labelled.parquet", "labelled_rows": 12}
     ctx = context("scheduled__1")
-    extra = TriggerRetrainOperator(task_id="trigger", pipeline="churn", decision=decision).execute(ctx)
+    extra = TriggerRetrainOperator(task_id="trigger", spec=SPEC, decision=decision).execute(ctx)
     assert extra == {"reasons": decision["reasons"], "labelled_uri": decision["labelled_uri"], "labelled_rows": 12,
                      "monitor_run": "scheduled__1", "report": "file:///r/index.html"}
     assert ctx["outlet_events"][retrain_asset("churn")].extra == extra
     json.dumps(extra)
+
+    # The name comes from the spec the task was built with: no pipeline file is read at run time.
+    ghost = TriggerRetrainOperator(task_id="trigger", spec={**SPEC, "name": "ghost"}, decision=decision)
+    ghost.execute(ctx)
+    assert ctx["outlet_events"][retrain_asset("ghost")].extra["reasons"] == decision["reasons"]
 
 
 def test_a_retraining_event_hands_its_labelled_rows_to_the_split():
@@ -358,8 +447,8 @@ def test_a_retraining_event_hands_its_labelled_rows_to_the_split():
 
     dataset_event = SimpleNamespace(extra={"version": "v-1"})
     retrain_event = SimpleNamespace(extra={"labelled_uri": "file:///lake/monitor/churn/retrain/r1/labelled.parquet"})
-    assert labelled_source({"triggering_asset_events": {"churn.dataset": [dataset_event],
-                                                        "churn.retrain": [retrain_event]}}) == retrain_event.extra["labelled_uri"]
+    both = {"churn.dataset": [dataset_event], "churn.retrain": [retrain_event]}
+    assert labelled_source({"triggering_asset_events": both}) == retrain_event.extra["labelled_uri"]
     assert labelled_source({"triggering_asset_events": {"churn.dataset": [dataset_event]}}) is None
     assert labelled_source({"triggering_asset_events": {"churn.retrain": [SimpleNamespace(extra=None)]}}) is None
     assert labelled_source({}) is None

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from conveyor.operators.registry import (
+    AutoApproveOperator,
+    ModelApprovalOperator,
+    PublishModelOperator,
+    RegisterModelOperator,
+)
 from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
 from conveyor.registry.mlflow import MlflowRegistryHook
-from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
-from helpers import context
+from helpers import context, pipeline_spec_dict
 
 MODEL = {
     "model_uri": "file:///lake/models/churn/manual__1/model.tar.gz",
@@ -20,6 +25,7 @@ MODEL = {
     "code_version": "c0ffee",
 }
 ANA = {"id": "1", "name": "ana"}
+SPEC = pipeline_spec_dict("churn")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def gate_result(store, run_id: str) -> dict[str, Any]:
 
 
 def register(store, run_id: str = "manual__1", **kwargs: Any) -> dict[str, Any]:
-    op = RegisterModelOperator(task_id="register", pipeline="churn", model=MODEL, gate=gate_result(store, run_id),
+    op = RegisterModelOperator(task_id="register", spec=SPEC, model=MODEL, gate=gate_result(store, run_id),
                                tracking_uri=store.uri, **kwargs)
     return op.execute(context(run_id))
 
@@ -66,7 +72,7 @@ def champion_version(store) -> str | None:
 
 def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
     gate = gate_result(store, "manual__1")
-    op = RegisterModelOperator(task_id="register", pipeline="churn", model=MODEL, gate=gate, deploy=False,
+    op = RegisterModelOperator(task_id="register", spec=SPEC, model=MODEL, gate=gate, deploy=False,
                                tracking_uri=store.uri)
     result = op.execute(context("manual__1"))
     assert result == {"model_name": "churn", "version": "1", "mlflow_run_id": gate["mlflow_run_id"],
@@ -99,9 +105,8 @@ def test_a_later_run_registers_the_next_version(store):
 
 def test_auto_approve_promotes_the_version(store):
     registration = register(store)
-    result = AutoApproveOperator(task_id="approve", registration=registration, tracking_uri=store.uri).execute(
-        context("manual__1")
-    )
+    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration=registration, tracking_uri=store.uri)
+    result = op.execute(context("manual__1"))
     assert result == {"model_name": "churn", "version": "1", "status": APPROVED, "approved_by": "auto"}
     assert champion_version(store) == "1"
     assert store.hook.version("churn", "1").tags[STATUS_TAG] == APPROVED
@@ -110,7 +115,7 @@ def test_auto_approve_promotes_the_version(store):
 def test_auto_approve_of_a_later_version_moves_the_champion(store):
     for run_id in ("manual__1", "manual__2"):
         registration = register(store, run_id)
-        AutoApproveOperator(task_id="approve", registration=registration, tracking_uri=store.uri).execute(
+        AutoApproveOperator(task_id="approve", spec=SPEC, registration=registration, tracking_uri=store.uri).execute(
             context(run_id)
         )
     assert champion_version(store) == "2"
@@ -130,13 +135,13 @@ class FakeTI:
 
 
 def approval_op(store, **kwargs: Any) -> ModelApprovalOperator:
-    return ModelApprovalOperator(task_id="approve", subject="Approve churn model version 1?", body="gate PASSED",
-                                 tracking_uri=store.uri, **kwargs)
+    return ModelApprovalOperator(task_id="approve", spec=SPEC, subject="Approve churn model version 1?",
+                                 body="gate PASSED", tracking_uri=store.uri, **kwargs)
 
 
 def answer(option: str, user: dict[str, str] | None = ANA) -> dict[str, Any]:
     return {"chosen_options": [option], "params_input": {}, "responded_by_user": user,
-            "responded_at": datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)}
+            "responded_at": datetime(2026, 1, 1, 12, 0, tzinfo=UTC)}
 
 
 def approval_context(op: ModelApprovalOperator, registration: dict[str, Any]) -> dict[str, Any]:
@@ -164,11 +169,12 @@ def test_decided_by_is_the_persons_name(store):
 
 
 def test_a_person_rejecting_leaves_the_champion_alone_and_skips_downstream(store, monkeypatch):
-    from airflow.sdk import DAG
     from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
 
     first = register(store, "manual__1")
-    AutoApproveOperator(task_id="approve", registration=first, tracking_uri=store.uri).execute(context("manual__1"))
+    approve = AutoApproveOperator(task_id="approve", spec=SPEC, registration=first, tracking_uri=store.uri)
+    approve.execute(context("manual__1"))
     second = register(store, "manual__2")
     with DAG("churn__train_test", schedule=None):
         op = approval_op(store)
@@ -214,3 +220,63 @@ def test_an_answer_that_is_not_an_option_changes_nothing(store):
         op.execute_complete(approval_context(op, registration), answer("Maybe"))
     assert store.hook.version("churn", "1").tags[STATUS_TAG] == PENDING
     assert champion_version(store) is None
+
+
+# --- spec passing, errors, PublishModelOperator ----------------------------------------------------
+
+
+def test_the_operators_show_the_spec_they_were_built_with_and_read_no_pipeline_file(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(tmp_path / "nowhere"))  # no pipelines folder at run time
+    registration = register(store)
+    assert registration["version"] == "1"
+    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration=registration, tracking_uri=store.uri)
+    assert "spec" in op.template_fields and op.template_fields_renderers["spec"] == "json"
+    assert op.execute(context("manual__1"))["status"] == APPROVED
+    approval = approval_op(store)
+    assert {"subject", "body", "spec"} <= set(approval.template_fields)
+
+
+def test_a_registry_error_fails_the_task_with_it_as_the_cause(store, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+    from mlflow.exceptions import MlflowException
+
+    import conveyor.registry.mlflow as mlflow_registry
+    from conveyor.registry.base import UnknownApprovalStatus
+
+    registration = register(store)
+    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration={**registration, "version": "9"},
+                             tracking_uri=store.uri)
+    with pytest.raises(MlflowException):  # not Conveyor's: as before, MLflow's own error
+        op.execute(context("manual__1"))
+
+    class Broken(MlflowRegistryHook):
+        def promote(self, model_name: str, version: str) -> None:
+            self.set_status(model_name, version, "Approve")
+
+    monkeypatch.setattr(mlflow_registry, "MlflowRegistryHook", Broken)
+    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration=registration, tracking_uri=store.uri)
+    with pytest.raises(AirflowFailException, match="unknown approval status 'Approve'") as caught:
+        op.execute(context("manual__1"))
+    assert isinstance(caught.value.__cause__, UnknownApprovalStatus)
+
+
+def test_an_unreachable_registry_is_retried(monkeypatch):
+    from conveyor.registry.base import RegistryUnavailable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration={"model_name": "churn", "version": "1"},
+                             tracking_uri="http://127.0.0.1:9")
+    with pytest.raises(RegistryUnavailable):  # transient: propagates as itself, so the task's retries apply
+        op.execute(context("manual__1"))
+
+
+def test_publish_announces_the_version_on_the_model_asset():
+    from conveyor.assets import model_asset
+
+    ctx = context("manual__1")
+    registration = {"model_name": "churn", "version": "3", "model_uri": MODEL["model_uri"]}
+    result = PublishModelOperator(task_id="publish", spec=SPEC, registration=registration,
+                                  deploy="False").execute(ctx)
+    assert result == {"version": "3", "deploy": False, "model_uri": MODEL["model_uri"]}
+    assert ctx["outlet_events"][model_asset("churn")].extra == result

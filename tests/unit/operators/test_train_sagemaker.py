@@ -20,7 +20,8 @@ from airflow.exceptions import TaskDeferred
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
-from conveyor.aws.training import AwsCredentialsExpired, TrainingJobFailed
+from conveyor.aws.common import AwsCredentialsExpired
+from conveyor.aws.training import TrainingJobFailed
 from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
 from helpers import context
 from sagemaker_emulator import ROLE_ARN, sagemaker_aws, sagemaker_pipeline, training_emulator  # noqa: F401
@@ -33,8 +34,8 @@ NOT_FOUND = ClientError({"Error": {"Code": "ValidationException", "Message": "Co
 @pytest.fixture
 def run(tmp_path, monkeypatch, s3_lake, sagemaker_aws):
     """A SageMaker churn pipeline (tiny GBM budget) with this run's split on the S3 lake."""
-    from conveyor.demo import churn_frame
     from conveyor.data.splits import write_split
+    from conveyor.demo import churn_frame
 
     spec = sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=1,
                               trainer={"time_limit": 5, "hyperparameters": {"GBM": {}}})
@@ -44,8 +45,10 @@ def run(tmp_path, monkeypatch, s3_lake, sagemaker_aws):
             "split": {"dataset_version": "v-test", "parts": record["parts"]}}
 
 
-def operator(run: dict, **kwargs) -> SageMakerTrainModelOperator:
-    return SageMakerTrainModelOperator(task_id="train", pipeline="churn", split=run["split"], **kwargs)
+def operator(run: dict, spec=None, **kwargs) -> SageMakerTrainModelOperator:
+    """The train task as the factory builds it: the validated spec (the run's, or ``spec``) as JSON."""
+    spec = (spec or run["spec"]).model_dump(mode="json")
+    return SageMakerTrainModelOperator(task_id="train", spec=spec, split=run["split"], **kwargs)
 
 
 def mocked_conn(*descriptions) -> mock.MagicMock:
@@ -73,10 +76,11 @@ def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monk
 
     from conveyor.model import artifacts
 
-    sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=7, use_spot=True, max_run_seconds=900,
-                       max_wait_seconds=2700, training_instance_type="ml.c5.2xlarge", image_uri="img:train")
+    spec = sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=7, use_spot=True, max_run_seconds=900,
+                              max_wait_seconds=2700, training_instance_type="ml.c5.2xlarge", image_uri="img:train")
     conn = mocked_conn(NOT_FOUND, {"TrainingJobName": "x", "TrainingJobStatus": "InProgress"})
-    op = operator(run, time_limit=5)
+    op = operator(run, spec, time_limit=5)
+    assert "spec" in op.template_fields and op.template_fields_renderers["spec"] == "json"
     with patched(conn), pytest.raises(TaskDeferred) as deferred:
         op.execute(context(run["run_id"]))
     name = op.job_name(context(run["run_id"]))
@@ -95,7 +99,8 @@ def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monk
         },
         InputDataConfig=[
             {"ChannelName": part, "InputMode": "File", "DataSource": {"S3DataSource": {
-                "S3DataType": "S3Prefix", "S3Uri": s3(run, "split", part) + "/", "S3DataDistributionType": "FullyReplicated"}}}
+                "S3DataType": "S3Prefix", "S3Uri": s3(run, "split", part) + "/",
+                "S3DataDistributionType": "FullyReplicated"}}}
             for part in ("train", "validation")
         ],
         OutputDataConfig={"S3OutputPath": s3(run, "sagemaker") + "/"},
@@ -107,9 +112,10 @@ def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monk
     )
     # The script's folder went to S3 as sourcedir.tar.gz, under the code version.
     archive = tmp_path / "sourcedir.tar.gz"
-    archive.write_bytes((run["lake"].models("churn", run["run_id"]) / "source" / code / "sourcedir.tar.gz").read_bytes())
+    uploaded = run["lake"].models("churn", run["run_id"]) / "source" / code / "sourcedir.tar.gz"
+    archive.write_bytes(uploaded.read_bytes())
     with tarfile.open(archive) as tar:
-        assert "train.py" in tar.getnames()
+        assert "train.py" in tar.getnames() and "conveyor_metadata.py" in tar.getnames()  # the shipped contract
     # The wait is deferred to the provider's trigger, which survives serialisation.
     trigger = deferred.value.trigger
     assert deferred.value.method_name == "execute_complete"
@@ -153,12 +159,22 @@ def test_train_on_the_emulated_container_then_a_retry_reuses_the_completed_job(r
     assert command[1] == "train.py" and command[command.index("--time-limit") + 1] == "5"
     assert json.loads(training_emulator.environments[name]["SM_CHANNELS"]) == ["train", "validation"]
 
-    # The job's model was repacked like the local backend's: inference code and full metadata.
+    # The job's model was repacked like the local backend's: metadata first, inference code, shipped contract.
+    from conveyor.model.metadata import ModelMetadata, read, read_sidecar, sidecar_uri
+
     local = artifacts.fetch(result["model_uri"], tmp_path / "model", run["lake"].conn_id)
-    assert (local / "code" / "inference.py").exists()
-    metadata = json.loads((local / "metadata.json").read_text())
-    assert metadata["backend"] == "sagemaker" and metadata["training_job"] == name
-    assert metadata["run_id"] == run["run_id"] and metadata["code_version"] == result["code_version"]
+    assert (local / "code" / "inference.py").exists() and (local / "code" / "conveyor_metadata.py").exists()
+    with tarfile.open(tmp_path / "model.tar.gz") as tar:
+        assert tar.getnames()[0] == "metadata.json"
+    metadata = read(local)
+    assert isinstance(metadata, ModelMetadata)
+    assert metadata.backend == "sagemaker" and metadata.extra["training_job"] == name
+    assert metadata.run_id == run["run_id"] and metadata.code_version == result["code_version"]
+    assert metadata.dataset_version == "v-test" and metadata.train_seconds == result["train_seconds"]
+    # ... and its metadata.json is also beside it in the lake (the sidecar: no download to read it).
+    sidecar = run["lake"].models("churn", run["run_id"]) / "metadata.json"
+    assert str(sidecar) == sidecar_uri(result["model_uri"])
+    assert read_sidecar(result["model_uri"], run["lake"].conn_id) == metadata
     assert (local / "predictor").is_dir()  # the trainer's files (the e2e test scores with them)
     assert (run["lake"].models("churn", run["run_id"]) / "output" / "leaderboard.csv").exists()
 
@@ -176,29 +192,32 @@ def test_a_failed_job_fails_with_its_reason_and_log_tail(run, training_emulator,
         operator(run).execute(ctx)
     name = deferred.value.trigger.job_name
     training_emulator.wait()
-    with pytest.raises(TrainingJobFailed) as err:
+    with pytest.raises(AirflowFailException) as err:  # deterministic: not retried
         operator(run).execute_complete(ctx, {"status": "failed", "job_name": name, "message": "AlgorithmError"})
     message = str(err.value)
-    assert isinstance(err.value, AirflowFailException)  # deterministic: not retried
+    assert isinstance(err.value.__cause__, TrainingJobFailed) and str(err.value.__cause__) == message
     assert f"training job {name} Failed: AlgorithmError: ExecuteUserScriptError: ExitCode 1" in message
     assert "RuntimeError: disk on fire" in message and "step 39" in message
     assert "step 0\n" not in message  # the tail, not the whole log
     assert not (run["lake"].models("churn", run["run_id"]) / "model.tar.gz").exists()
-    with pytest.raises(TrainingJobFailed):  # a retry meets the same failed job and starts none
+    with pytest.raises(AirflowFailException) as err:  # a retry meets the same failed job and starts none
         operator(run).execute(ctx)
+    assert isinstance(err.value.__cause__, TrainingJobFailed)
     assert training_emulator.created == [name]
 
 
 def test_polling_without_a_triggerer_sees_the_failure(run, monkeypatch):
-    from conveyor.backends import sagemaker
+    from conveyor.aws import training
 
-    monkeypatch.setattr(sagemaker, "training_log_tail", lambda *args, **kwargs: ["oom at step 3"])
+    monkeypatch.setattr(training, "training_log_tail", lambda *args, **kwargs: ["oom at step 3"])
     running = {"TrainingJobName": "x", "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"}
     failed = {"TrainingJobName": "x", "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
               "FailureReason": "ClientError: Please use an instance type with more memory"}
     conn = mocked_conn(running, running, failed)
-    with patched(conn), pytest.raises(TrainingJobFailed, match="x Failed: ClientError: Please use.*\noom at step 3"):
+    expected = "x Failed: ClientError: Please use.*\noom at step 3"
+    with patched(conn), pytest.raises(AirflowFailException, match=expected) as err:
         operator(run, deferrable=False).execute(context(run["run_id"]))
+    assert isinstance(err.value.__cause__, TrainingJobFailed)
     assert conn.describe_training_job.call_count == 3
 
 
@@ -208,7 +227,7 @@ def test_an_expired_credential_is_a_clear_retryable_error(run):
                           "DescribeTrainingJob")
     with patched(mocked_conn(expired)), pytest.raises(AwsCredentialsExpired) as err:
         operator(run).execute(context(run["run_id"]))
-    assert not isinstance(err.value, AirflowFailException)
+    assert not isinstance(err.value, AirflowFailException) and err.value.retryable  # propagates: retried
     assert "sagemaker:DescribeTrainingJob" in str(err.value) and "'aws_default'" in str(err.value)
 
 
@@ -221,32 +240,37 @@ def test_a_wait_that_ends_without_an_outcome_is_retried(run, event):
 
 
 def test_bad_settings_are_refused_before_any_job_starts(run, lake, tmp_path, monkeypatch):
-    conn = mocked_conn(NOT_FOUND, NOT_FOUND, NOT_FOUND)
+    from conveyor.aws.common import NotOnS3
+    from conveyor.training.arguments import TrainingSettingsError
+
+    conn = mocked_conn(NOT_FOUND, NOT_FOUND, NOT_FOUND, NOT_FOUND)
     with patched(conn):
-        with pytest.raises(AirflowFailException, match=r"time_limit < sagemaker.max_run_seconds' \(3600s\)"):
+        with pytest.raises(AirflowFailException, match=r"time_limit < sagemaker.max_run_seconds' \(3600s\)") as err:
             operator(run, time_limit=4000).execute(context(run["run_id"]))
-        with pytest.raises(AirflowFailException, match="needs the lake on S3"):
+        assert isinstance(err.value.__cause__, TrainingSettingsError)
+        with pytest.raises(AirflowFailException, match=r"rule 'time_limit > 0'"):
+            operator(run, time_limit=0).execute(context(run["run_id"]))
+        with pytest.raises(AirflowFailException, match="needs the lake on S3") as err:
             operator(run).execute(context(run["run_id"]))  # the `lake` fixture made the lake local
-        sagemaker_pipeline(tmp_path, monkeypatch, compute="local")
+        assert isinstance(err.value.__cause__, NotOnS3)
+        local = sagemaker_pipeline(tmp_path, monkeypatch, compute="local")
         with pytest.raises(AirflowFailException, match="compute is 'local'"):
-            operator(run).execute(context(run["run_id"]))
+            operator(run, local).execute(context(run["run_id"]))
     conn.create_training_job.assert_not_called()
 
 
 def test_gpu_and_resumable_trainers_in_the_request(tmp_path, monkeypatch, s3_lake):
     """GPUs: the container's SM_NUM_GPUS decides; ResNet checkpoints go to S3 and resume a spot restart."""
-    from conveyor.aws.training import plain_s3_uri, training_job_name
+    from conveyor.aws.training import job_request, plain_s3_uri, training_job_name
 
-    sagemaker_pipeline(tmp_path, monkeypatch, trainer={"gpu": True}, training_instance_type="ml.g5.xlarge")
-    op = SageMakerTrainModelOperator(task_id="train", pipeline="churn", split={}, time_limit=60)
-    config = op.job_config(op._spec(), s3_lake, "r1", training_job_name("churn", "d", "r1"), "us-west-2")
+    spec = sagemaker_pipeline(tmp_path, monkeypatch, trainer={"gpu": True}, training_instance_type="ml.g5.xlarge")
+    config = job_request(spec, s3_lake, "r1", training_job_name("churn", "d", "r1"), "us-west-2", {}, 60, "")
     assert "num-gpus" not in config["HyperParameters"] and "CheckpointConfig" not in config
     assert config["AlgorithmSpecification"]["TrainingImage"] == \
         "763104351884.dkr.ecr.us-west-2.amazonaws.com/autogluon:1.6.3-cu133-amzn2023"
 
-    sagemaker_pipeline(tmp_path, monkeypatch, pipeline="shapes")
-    op = SageMakerTrainModelOperator(task_id="train", pipeline="shapes", split={}, time_limit=60)
-    config = op.job_config(op._spec(), s3_lake, "r1", training_job_name("shapes", "d", "r1"), "us-west-2")
+    spec = sagemaker_pipeline(tmp_path, monkeypatch, pipeline="shapes")
+    config = job_request(spec, s3_lake, "r1", training_job_name("shapes", "d", "r1"), "us-west-2", {}, 60, "")
     assert config["HyperParameters"]["checkpoint-dir"] == '"/opt/ml/checkpoints"'
     assert config["CheckpointConfig"] == {"S3Uri": plain_s3_uri(s3_lake.models("shapes", "r1") / "checkpoints") + "/",
                                           "LocalPath": "/opt/ml/checkpoints"}

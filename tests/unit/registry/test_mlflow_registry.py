@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.registry.mlflow import (
+from conveyor.errors import ConveyorError, TransientError
+from conveyor.registry.base import (
     APPROVED,
     CHAMPION,
     PENDING,
     REJECTED,
     RUN_TAG,
     STATUS_TAG,
-    MlflowRegistryHook,
     RegistryUnavailable,
+    UnknownApprovalStatus,
 )
+from conveyor.registry.mlflow import MlflowRegistryHook
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +163,9 @@ def test_set_status_rejects_and_tags(hook, model):
 
 def test_set_status_refuses_an_unknown_status(hook, model):
     one = hook.register(model, "file:///a.tar.gz", new_run(hook, f"u-{model}"), {})
-    with pytest.raises(ValueError, match="unknown approval status 'Approve'"):
+    with pytest.raises(ValueError, match="unknown approval status 'Approve'") as caught:
         hook.set_status(model, one.version, "Approve")
+    assert isinstance(caught.value, UnknownApprovalStatus) and isinstance(caught.value, ConveyorError)
     assert hook.version(model, one.version).tags[STATUS_TAG] == PENDING
 
 
@@ -174,6 +177,7 @@ def test_an_unreachable_store_raises_registry_unavailable_naming_the_uri(monkeyp
     with pytest.raises(RegistryUnavailable, match=r"http://127\.0\.0\.1:9") as caught:
         hook.ensure_run("churn", "k", "n", {})
     assert "read experiment" in str(caught.value)
+    assert isinstance(caught.value, TransientError) and caught.value.retryable  # the task is retried
     with pytest.raises(RegistryUnavailable, match=r"http://127\.0\.0\.1:9"):
         hook.champion("churn")
     with pytest.raises(RegistryUnavailable, match=r"http://127\.0\.0\.1:9"):

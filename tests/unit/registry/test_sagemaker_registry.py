@@ -8,8 +8,8 @@ from unittest import mock
 import pytest
 from botocore.exceptions import ClientError
 
-from conveyor.aws.training import AwsCredentialsExpired
-from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
+from conveyor.aws.common import AwsCredentialsExpired
+from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG, UnknownApprovalStatus
 from conveyor.registry.sagemaker import SageMakerRegistryHook
 from conveyor.registry import ModelVersionNotFound, registry_hook
 from sagemaker_emulator import sagemaker_aws, sagemaker_pipeline  # noqa: F401 (fixture)
@@ -88,7 +88,7 @@ def test_approve_reject_and_champion_is_the_latest_approved(hook):
     assert hook.version("churn", "3").tags[STATUS_TAG] == REJECTED
     hook.set_status("churn", "2", REJECTED)  # the live champion is withdrawn: the one before returns
     assert hook.champion("churn").version == "1"
-    with pytest.raises(ValueError, match="unknown approval status 'Maybe'"):
+    with pytest.raises(UnknownApprovalStatus, match="unknown approval status 'Maybe'"):
         hook.set_status("churn", "1", "Maybe")
 
 

@@ -3,9 +3,7 @@ live metric, labels, the verdict, escaping, empty inputs and monitor.json withou
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +11,17 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
+from conveyor.model.metadata import Feature, ModelMetadata
 from conveyor.monitoring.drift import OTHER, DriftInputError, drift_report, image_drift
-from conveyor.reports import monitoring
+from conveyor.reports import monitoring, plots
 from conveyor.reports.monitoring import write_monitor_report
+from scripts import load_script
 
-PROJECT = Path(__file__).resolve().parents[3]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert('x')</script>"
 
 
-def _load_trainer():
-    """The tabular training script (include/ is not a package): its baseline functions build the baselines."""
-    spec = importlib.util.spec_from_file_location("monitoring_test_autogluon_train",
-                                                  PROJECT / "include/training/autogluon_tabular/train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tabular = _load_trainer()
+tabular = load_script("include/training/autogluon_tabular/train.py", "monitoring_test_autogluon_train")
 
 
 def frame(rows: int, seed: int) -> pd.DataFrame:
@@ -45,10 +34,10 @@ def frame(rows: int, seed: int) -> pd.DataFrame:
     })
 
 
-def metadata_for(train: pd.DataFrame, problem_type: str, label: str) -> dict:
-    return {"label": label, "problem_type": problem_type, "id_column": None,
-            "features": [{"name": c} for c in train.columns if c != label],
-            "baseline": tabular.build_baseline(train, label, problem_type)}
+def metadata_for(train: pd.DataFrame, problem_type: str, label: str) -> ModelMetadata:
+    return ModelMetadata(trainer="autogluon", problem_type=problem_type, label=label,
+                         features=tuple(Feature(c, str(train[c].dtype)) for c in train.columns if c != label),
+                         baseline=tabular.build_baseline(train, label, problem_type))
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +46,12 @@ def train() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def classifier(train) -> dict:
+def classifier(train) -> ModelMetadata:
     return metadata_for(train, "binary", "churned")
 
 
 @pytest.fixture(scope="module")
-def regressor(train) -> dict:
+def regressor(train) -> ModelMetadata:
     return metadata_for(train.assign(spend=train["income"] * 2.0).drop(columns="churned"), "regression", "spend")
 
 
@@ -299,9 +288,21 @@ def test_history_with_times_that_are_not_iso_is_plotted_by_position(tmp_path):
 
 def test_many_categories_are_cut_to_the_largest(tmp_path):
     baseline = tabular.categorical_baseline(pd.Series([f"c{i:02d}" for i in range(45)] * 20))
-    metadata = {"features": ["city"], "baseline": {"features": {"city": baseline}}}
+    metadata = ModelMetadata(trainer="autogluon", problem_type="binary", label="churned",
+                             features=(Feature("city", "object"),), baseline={"features": {"city": baseline}})
     values = [f"c{i:02d}" for i in range(10)] * 60 + ["new_town"] * 100
     report = drift_report(metadata, pd.DataFrame({"city": values}))
     assert report["features"]["city"]["drifted"] and len(report["features"]["city"]["categories"]) == 46
     _, page = render(tmp_path, [{"source": "capture", "id": "w", "rows": len(values), "report": report, "error": None}])
     assert (tmp_path / "drift_s1_1_city.png").read_bytes()[:8] == PNG_MAGIC and "new_town (14.3%)" in page
+
+
+def test_the_plotting_helper_draws_on_an_agg_canvas_without_pyplot(tmp_path):
+    figure, axes = plots.stacked(4, 3, rows=2)
+    assert len(axes) == 2 and axes[0].get_shared_x_axes().joined(axes[0], axes[1])
+    axes[0].plot([0, 1], [1, 0], label=plots.plain("cost in $"))
+    assert plots.save(figure, tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+    assert plots.save(plots.figure(2, 2), tmp_path / "q.png").read_bytes()[:8] == PNG_MAGIC
+    assert tuple(figure.get_size_inches()) == (4.0, 3.0) and type(figure.canvas).__name__ == "FigureCanvasAgg"
+    assert plots.plain("a $x$ b") == r"a \$x\$ b" and plots.plain("x" * 50, 40) == "x" * 39 + "…"
+    assert plots.plain("short", 40) == "short"

@@ -61,7 +61,8 @@ def test_trigger_fires_when_the_marker_arrives(lake):
 
 
 def test_execute_complete_checks_the_event():
-    assert sensor().execute_complete({}, {"status": "success", "drop": "d", "pending": 3}) == {"drop": "d", "pending": 3}
+    event = {"status": "success", "drop": "d", "pending": 3}
+    assert sensor().execute_complete({}, event) == {"drop": "d", "pending": 3}
     with pytest.raises(AirflowException, match="boom"):
         sensor().execute_complete({}, {"status": "error", "message": "boom"})
 

@@ -53,11 +53,15 @@ def output_fn(prediction, accept):
 '''
 
 
+CANDIDATE = {"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"}
+
+
 def make_model(root: Path, factor: float = 2, fail: str | None = None) -> Path:
     """An extracted model folder with the tiny handlers: predictions are the values times ``factor``."""
     (root / "code").mkdir(parents=True)
     (root / "code" / "inference.py").write_text(HANDLERS)
-    metadata = {"features": [{"name": "x", "dtype": "float64"}], "factor": factor}
+    metadata = {"trainer": "tiny", "problem_type": "regression", "label": "y",
+                "features": [{"name": "x", "dtype": "float64"}], "factor": factor}
     if fail:
         metadata["fail"] = fail
     (root / "metadata.json").write_text(json.dumps(metadata))
@@ -154,12 +158,14 @@ def test_wait_for_workers_returns_when_loaded_and_raises_on_failure_or_timeout(s
 
     heartbeat(os.getpid(), live="v1", candidate=None,
               error={"version": "v3", "model_dir": "/m/v3", "message": "RuntimeError: no predictor"})
-    with pytest.raises(es.RolloutFailed, match="v3 failed to load on 1 of 1 worker.*RuntimeError: no predictor") as failed:
+    match = "v3 failed to load on 1 of 1 worker.*RuntimeError: no predictor"
+    with pytest.raises(es.RolloutFailed, match=match) as failed:
         es.wait_for_workers("ep", "v3", timeout=5)
     assert failed.value.errors == {os.getpid(): "RuntimeError: no predictor"}
 
     started = time.monotonic()
-    with pytest.raises(es.RolloutFailed, match=r"v4 not loaded by 1 worker\(s\) within 0.3s: worker \d+: live=v1 candidate=None"):
+    match = r"v4 not loaded by 1 worker\(s\) within 0.3s: worker \d+: live=v1 candidate=None"
+    with pytest.raises(es.RolloutFailed, match=match):
         es.wait_for_workers("ep", "v4", timeout=0.3)
     assert time.monotonic() - started < 5
 
@@ -185,12 +191,12 @@ def test_app_loads_promotes_and_routes_to_the_candidate(state, tmp_path):
         assert same.json() == answer.json()
         other = client.post("/endpoints/other/invocations", content=b"1", headers={"Content-Type": "text/csv"})
         assert other.status_code == 404 and "'other' is not served here" in other.json()["error"]
-        smoke = client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"})
+        smoke = client.post("/invocations", content=b"1", headers=CANDIDATE)
         assert smoke.status_code == 409 and "no candidate" in smoke.json()["error"]
 
         es.stage_candidate("ep", "v2", v2)
         es.wait_for_workers("ep", "v2", timeout=10)
-        smoke = client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"})
+        smoke = client.post("/invocations", content=b"1", headers=CANDIDATE)
         assert (smoke.json(), smoke.headers["X-Conveyor-Model-Version"]) == ({"predictions": [3.0]}, "v2")
         live = client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv"})
         assert (live.json(), live.headers["X-Conveyor-Model-Version"]) == ({"predictions": [2.0]}, "v1")
@@ -250,9 +256,11 @@ def test_the_default_body_limit_is_six_mib(state, tmp_path):
     es.stage_candidate("ep", "v1", make_model(tmp_path / "v1"))
     es.promote_candidate("ep")
     with TestClient(create_app("ep")) as client:
-        over = client.post("/invocations", content=b"1" * (DEFAULT_MAX_BODY_BYTES + 1), headers={"Content-Type": "text/csv"})
+        over = client.post("/invocations", content=b"1" * (DEFAULT_MAX_BODY_BYTES + 1),
+                           headers={"Content-Type": "text/csv"})
         assert over.status_code == 413 and str(6 * 1024 * 1024) in over.json()["error"]
-        at = client.post("/invocations", content=b"1" * DEFAULT_MAX_BODY_BYTES, headers={"Content-Type": "application/octet-stream"})
+        at = client.post("/invocations", content=b"1" * DEFAULT_MAX_BODY_BYTES,
+                         headers={"Content-Type": "application/octet-stream"})
         assert at.json() == {"predictions": [2.0 * DEFAULT_MAX_BODY_BYTES]}
 
 
@@ -267,13 +275,14 @@ def test_data_capture_appends_a_sampled_share(state, tmp_path, monkeypatch):
         client.post("/invocations", content=b"\xff\x00", headers={"Content-Type": "application/octet-stream"})
         client.post("/invocations", content=b"1,x", headers={"Content-Type": "text/csv"})  # a 400 is not captured
     [day] = capture.iterdir()
-    assert day.name == dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")  # (a run at midnight UTC may flake)
+    assert day.name == dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")  # (a run at midnight UTC may flake)
     lines = [json.loads(line) for line in (day / f"{os.getpid()}.jsonl").read_text().splitlines()]
     assert [(r["version"], r["request"]["content_type"], r["request"]["body"]) for r in lines] == [
         ("v1", "text/csv", {"encoding": "text", "data": "1,2"}),
         ("v1", "application/octet-stream", {"encoding": "base64", "data": "/wA="}),
     ]
-    assert lines[0]["response"] == {"content_type": "application/json", "body": {"encoding": "text", "data": '{"predictions": [2.0, 4.0]}'}}
+    assert lines[0]["response"] == {"content_type": "application/json",
+                                    "body": {"encoding": "text", "data": '{"predictions": [2.0, 4.0]}'}}
     assert lines[0]["endpoint"] == "ep" and lines[0]["timestamp"]
 
     monkeypatch.setenv("CONVEYOR_CAPTURE_DIR", str(tmp_path / "none"))
@@ -294,3 +303,12 @@ def test_create_app_refuses_bad_settings(state, monkeypatch):
     monkeypatch.setenv("CONVEYOR_MAX_BODY_BYTES", "lots")
     with pytest.raises(ValueError, match="CONVEYOR_MAX_BODY_BYTES='lots' is not a number"):
         create_app()
+
+
+def test_endpoint_errors_are_conveyor_errors_that_a_retry_may_clear():
+    from conveyor.errors import ConveyorError, TransientError
+    from conveyor.serving.smoke import SmokeTestFailed
+
+    assert issubclass(es.EndpointError, TransientError) and es.EndpointError.retryable
+    assert issubclass(es.RolloutFailed, es.EndpointError)
+    assert issubclass(SmokeTestFailed, ConveyorError) and not SmokeTestFailed.retryable  # the rollout is rolled back

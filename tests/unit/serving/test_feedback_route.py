@@ -12,8 +12,10 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+from conveyor.model.metadata import Feature, ModelMetadata
 from conveyor.serving import endpoint_state as es
-from conveyor.serving.app import MAX_FEEDBACK_BYTES, create_app, write_feedback
+from conveyor.serving.app import create_app
+from conveyor.serving.feedback import MAX_FEEDBACK_BYTES, write_feedback
 
 HANDLERS = '''
 import json
@@ -34,7 +36,9 @@ def output_fn(prediction, accept):
 
 def live_model(classes: list) -> SimpleNamespace:
     """What ``write_feedback`` reads of the live model: its metadata's class labels."""
-    return SimpleNamespace(loaded=SimpleNamespace(metadata={"class_labels": classes}))
+    metadata = ModelMetadata(trainer="tiny", problem_type="binary", label="y", features=(Feature("x", "float64"),),
+                             class_labels=classes)
+    return SimpleNamespace(loaded=SimpleNamespace(metadata=metadata))
 
 
 def drops(folder: Path) -> list[Path]:
@@ -81,7 +85,7 @@ def test_the_drop_is_what_the_monitor_reads(tmp_path, lake):
     root = lake.landing("churn", "feedback")
     (name,) = find_complete_drops(root, "_SUCCESS")
     rows = read_drop(drop_files(root / name, "_SUCCESS"), get_spec("churn"))
-    assert list(zip(rows["id"], rows["label"])) == [("a", "yes"), ("b", "no")]
+    assert list(zip(rows["id"], rows["label"], strict=True)) == [("a", "yes"), ("b", "no")]
 
 
 def test_labels_outside_the_class_set_write_nothing(tmp_path):
@@ -120,7 +124,9 @@ def state(tmp_path, monkeypatch) -> Path:
 def make_model(root: Path, classes: list[str]) -> Path:
     (root / "code").mkdir(parents=True)
     (root / "code" / "inference.py").write_text(HANDLERS)
-    (root / "metadata.json").write_text(json.dumps({"features": [{"name": "x"}], "class_labels": classes}))
+    (root / "metadata.json").write_text(json.dumps({
+        "trainer": "tiny", "problem_type": "binary", "label": "y", "features": [{"name": "x", "dtype": "float64"}],
+        "class_labels": classes}))
     return root
 
 

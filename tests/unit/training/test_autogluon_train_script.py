@@ -3,19 +3,18 @@ artifact and reports, and the command-line checks that refuse bad input before a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from conveyor.demo import churn_frame
+from scripts import load_script, script_env
 
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "autogluon_tabular" / "train.py"
@@ -26,21 +25,12 @@ FEATURES = [
 TINY_GBM = '{"GBM": {"num_boost_round": 40}}'
 
 
-def load_train_module() -> ModuleType:
-    """Import train.py from its file (include/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("autogluon_tabular_train", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_py = load_train_module()
+train_py = load_script("include/training/autogluon_tabular/train.py", "autogluon_tabular_train")
 
 
 def run_train(channels: dict[str, Path], model_dir: Path, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     """Run train.py as the local backend does: a fresh child process, paths in SM_* variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")})
     env |= {f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()}
     env |= {"SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir), "SM_NUM_GPUS": "0"}
     return subprocess.run(
@@ -120,6 +110,13 @@ def test_metadata_describes_the_model(metadata):
     assert hyperparameters["hyperparameters"] == json.loads(TINY_GBM)
     assert hyperparameters["refit_full"] is True
     assert metadata["rows"] == {"train": 230, "validation": 70}
+    # the keys the trainer sets, plus the contract's schema_version (no other field of ModelMetadata as null)
+    assert set(metadata) == {
+        "trainer", "label", "problem_type", "eval_metric", "id_column", "features", "class_labels", "positive_class",
+        "decision_threshold", "best_model", "validation_score", "validation_metric", "validation_model",
+        "hyperparameters", "rows", "training_seconds", "artifact_mb", "versions", "baseline", "schema_version",
+    }
+    assert metadata["schema_version"] == 1
 
 
 @pytest.mark.slow

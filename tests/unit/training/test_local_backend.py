@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from conveyor.errors import ConveyorError, TransientError
+from conveyor.model.contract import FOLDER as CONTRACT_FOLDER
 from conveyor.training.local import (
     LocalTrainingBackend,
     TrainingFailed,
@@ -98,6 +99,9 @@ GOOD = """
            ("SM_CHANNEL_TRAIN", "SM_CHANNEL_VALIDATION", "SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR", "SM_NUM_GPUS",
             "SM_CHANNELS", "CUDA_VISIBLE_DEVICES")}
     env["argv"] = sys.argv[1:]
+    env["pythonpath"] = os.environ.get("PYTHONPATH")
+    import conveyor_metadata  # the contract shipped beside the scripts
+    env["schema_version"] = conveyor_metadata.SCHEMA_VERSION
     env["cwd"] = os.getcwd()
     env["airflow_core"] = sorted(k for k in os.environ if k.startswith("AIRFLOW__CORE__"))
     for i in range(5):
@@ -123,6 +127,10 @@ def test_a_good_script_gets_the_sagemaker_environment_and_its_lines_are_logged(t
     assert env["argv"] == ["--label", "churned", "--seed", "42"]
     assert env["cwd"] == str(tmp_path / "output")
     assert env["airflow_core"] == []
+    assert env["pythonpath"].split(os.pathsep)[0] == str(CONTRACT_FOLDER)
+    from conveyor.model.metadata import SCHEMA_VERSION
+
+    assert env["schema_version"] == SCHEMA_VERSION
     assert (tmp_path / "output").is_dir()
     lines = trained_lines(logger)
     assert [line for line in lines if line.startswith("line ")] == [f"line {i}" for i in range(5)]
@@ -174,7 +182,7 @@ def test_a_crash_fails_with_the_exit_code_and_the_last_lines(tmp_path, logger):
     job = job_for(tmp_path, script(tmp_path, body))
     with pytest.raises(TrainingFailed) as caught:
         LocalTrainingBackend(logger).run(job)
-    assert isinstance(caught.value, AirflowFailException)
+    assert isinstance(caught.value, ConveyorError) and not caught.value.retryable  # deterministic: not retried
     message = str(caught.value)
     assert "train.py" in message and "exit code 3" in message
     assert "progress 49" in message and "progress 21" in message
@@ -210,7 +218,7 @@ def test_past_its_budget_the_script_and_its_children_are_stopped(tmp_path, logge
     with pytest.raises(TrainingTimedOut) as caught:
         backend.run(job)
     assert time.monotonic() - started < 30
-    assert isinstance(caught.value, AirflowFailException)
+    assert isinstance(caught.value, ConveyorError) and not caught.value.retryable
     assert "budget of 3s" in str(caught.value) and "started" in str(caught.value)
     wait_for(pids)
     recorded = json.loads(pids.read_text())
@@ -226,8 +234,7 @@ def test_killed_by_a_signal_is_retryable(tmp_path, logger):
     """
     with pytest.raises(TrainingInterrupted) as caught:
         LocalTrainingBackend(logger).run(job_for(tmp_path, script(tmp_path, body)))
-    assert isinstance(caught.value, AirflowException)
-    assert not isinstance(caught.value, AirflowFailException)
+    assert isinstance(caught.value, TransientError) and caught.value.retryable
     assert f"signal {int(signal.SIGKILL)}" in str(caught.value)
     assert "about to run out of memory" in str(caught.value)
 
@@ -304,3 +311,113 @@ def test_the_script_dies_with_a_task_process_killed_outright(tmp_path):
     parent.send_signal(signal.SIGKILL)
     parent.wait(timeout=10)
     assert gone(child, within=10), f"training script {child} outlived its killed task process"
+
+
+# --- the train task around the backend: arguments, errors, the packed model -----------------------
+
+
+def test_trainer_arguments_come_from_the_spec():
+    from conveyor.spec import PipelineSpec
+    from conveyor.training.arguments import TrainingSettingsError, presets, time_budget, trainer_args
+    from helpers import pipeline_spec_dict
+
+    churn = PipelineSpec.model_validate(pipeline_spec_dict("churn"))
+    args = trainer_args(churn, 30, "good_quality", 1)
+    assert args[:4] == ["--label", "churned", "--problem-type", "binary"]
+    assert args[args.index("--presets") + 1] == "good_quality" and args[args.index("--num-gpus") + 1] == "1"
+    assert args[args.index("--seed") + 1] == str(churn.split.seed)
+    budgets = (time_budget(churn, None), time_budget(churn, ""), time_budget(churn, "None"))
+    assert budgets == (churn.trainer.time_limit,) * 3
+    assert time_budget(churn, "45") == 45 and presets(churn, None) == churn.trainer.presets == presets(churn, "None")
+    with pytest.raises(TrainingSettingsError, match=r"rule 'time_limit > 0'"):
+        time_budget(churn, 0)
+    shapes = PipelineSpec.model_validate(pipeline_spec_dict("shapes"))
+    args = trainer_args(shapes, 30, "", 0)
+    assert args[:4] == ["--time-limit", "30", "--seed", str(shapes.split.seed)] and "--label" not in args
+
+
+@pytest.mark.parametrize(("error", "retried"), [(TrainingFailed, False), (TrainingTimedOut, False),
+                                                (TrainingInterrupted, True)])
+def test_the_train_task_fails_at_once_or_is_retried_as_the_error_says(error, retried, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from conveyor.operators.train import TrainModelOperator
+    from conveyor.training import local
+    from helpers import context, pipeline_spec_dict
+
+    def train_locally(*args, **kwargs):
+        raise error("train.py: it broke; last lines:\nstep 3")
+
+    monkeypatch.setattr(local, "train_locally", train_locally)
+    op = TrainModelOperator(task_id="train", spec=pipeline_spec_dict("churn"), split={}, time_limit=5)
+    expected = error if retried else AirflowFailException
+    with pytest.raises(expected, match="it broke") as caught:
+        op.execute(context("r1"))
+    if not retried:
+        assert isinstance(caught.value.__cause__, error)
+
+
+INFERENCE = """
+    import conveyor_metadata  # shipped beside inference.py in code/
+
+    def model_fn(model_dir):
+        return {"schema": conveyor_metadata.SCHEMA_VERSION, "file": conveyor_metadata.__file__}
+
+    def predict_fn(data, model):
+        return model
+
+    def input_fn(body, content_type):
+        return body
+
+    def output_fn(prediction, accept):
+        return prediction
+"""
+
+
+def packed_model(tmp_path: Path, name: str) -> Path:
+    """A tiny model.tar.gz through ``artifacts.pack``: one model file, an inference.py importing the contract."""
+    from conveyor.model import artifacts
+    from conveyor.model.metadata import Feature, ModelMetadata
+
+    model_dir, code_dir = tmp_path / name / "model", tmp_path / name / "code"
+    model_dir.mkdir(parents=True)
+    code_dir.mkdir()
+    (model_dir / "weights.bin").write_bytes(b"\0" * 10)
+    (model_dir / "metadata.json").write_text("{}")  # the trainer's: replaced by the full metadata
+    (code_dir / "inference.py").write_text(textwrap.dedent(INFERENCE))
+    metadata = ModelMetadata(trainer="autogluon", problem_type="binary", label="churned",
+                             features=(Feature("age", "int64"),), run_id=name)
+    return artifacts.pack(model_dir, code_dir, metadata, tmp_path / name / "model.tar.gz")
+
+
+def test_the_archive_has_metadata_first_and_the_contract_beside_inference_py(tmp_path):
+    import tarfile
+
+    from conveyor.model import artifacts
+    from conveyor.model.metadata import read_sidecar
+
+    archive = packed_model(tmp_path, "m1")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert names[0] == "metadata.json"
+    assert sorted(names[1:]) == ["code/conveyor_metadata.py", "code/inference.py", "weights.bin"]
+    extracted = artifacts.unpack(archive, tmp_path / "m1" / "extracted")
+    shipped = (extracted / "code" / "conveyor_metadata.py").read_bytes()
+    assert shipped == (CONTRACT_FOLDER / "conveyor_metadata.py").read_bytes()  # the one definition, packed
+    assert read_sidecar(str(archive)).run_id == "m1"  # no sidecar here: read from the archive's first member
+
+
+def test_a_loaded_model_imports_the_contract_from_its_own_code_folder(tmp_path):
+    import sys
+
+    from conveyor.model import artifacts
+    from conveyor.model.metadata import SCHEMA_VERSION
+
+    paths = list(sys.path)
+    first = artifacts.LoadedModel(artifacts.unpack(packed_model(tmp_path, "a"), tmp_path / "a" / "extracted"))
+    second = artifacts.LoadedModel(artifacts.unpack(packed_model(tmp_path, "b"), tmp_path / "b" / "extracted"))
+    assert first.model["schema"] == second.model["schema"] == SCHEMA_VERSION
+    assert first.model["file"] == str(tmp_path / "a" / "extracted" / "code" / "conveyor_metadata.py")
+    assert second.model["file"] == str(tmp_path / "b" / "extracted" / "code" / "conveyor_metadata.py")
+    assert first.metadata.run_id == "a" and first.invoke(b"x", "text/csv") == first.model
+    assert sys.path == paths  # code/ was importable only while the model loaded

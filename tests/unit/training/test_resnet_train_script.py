@@ -4,13 +4,11 @@ history and checkpoint, a resumed run, and the checks that refuse bad input befo
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,22 +16,15 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
+from scripts import load_script, script_env
+
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "resnet_image" / "train.py"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 TINY = ("--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0")
 
 
-def load_train_module() -> ModuleType:
-    """Import train.py from its file (include/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("resnet_image_train", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_py = load_train_module()
+train_py = load_script("include/training/resnet_image/train.py", "resnet_image_train")
 
 
 def make_channel(folder: Path, per_class: int, colours: dict = COLOURS, extra_rows: list | None = None) -> Path:
@@ -60,7 +51,7 @@ def write_manifest(folder: Path, rows: list) -> None:
 
 def run_train(channels: dict[str, Path], model_dir: Path, output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     """Run train.py as the local backend does: a fresh child process, paths in SM_* variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")})
     env |= {f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()}
     env |= {"SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir), "SM_NUM_GPUS": "0"}
     return subprocess.run(
@@ -149,6 +140,16 @@ def test_metadata_describes_the_model(trained):
     assert hyperparameters["gate_metric"] == "balanced_accuracy" and hyperparameters["pretrained_weights"] is None
     assert metadata["rows"] == {"train": 24, "validation": 9}
     assert metadata["versions"]["torch"] == torch.__version__
+    # the keys the trainer sets, plus the contract's schema_version (no other field of ModelMetadata as null)
+    assert set(metadata) == {
+        "trainer", "problem_type", "label", "features", "arch", "class_labels", "image_size", "preprocessing",
+        "best_model", "best_epoch", "validation_score", "validation_metric", "eval_metric", "validation_metrics",
+        "epochs_run", "stopped", "hyperparameters", "rows", "training_seconds", "device", "versions", "baseline",
+        "schema_version",
+    }
+    assert metadata["schema_version"] == 1
+    typed = train_py.conveyor_metadata.read(trained["root"] / "model")
+    assert typed.class_labels == ["blue", "green", "red"] and typed.feature_names == ["image"] and not typed.extra
 
 
 @pytest.mark.slow
@@ -417,7 +418,7 @@ def test_a_decode_error_from_a_dataloader_worker_reads_cleanly():
     with pytest.raises(train_py.ImageDecodeError) as error:
         wrapped.reraise()
     assert "Traceback" in str(error.value)
-    assert train_py._clean(str(error.value)) == "image 'img/cut.jpg' (manifest.csv line 11) does not decode: truncated"
+    assert train_py.clean_message(str(error.value)) == "image 'img/cut.jpg' (manifest.csv line 11) does not decode: truncated"
 
 
 def test_resume_checks_the_checkpoint_belongs_to_this_training(tmp_path, capsys):

@@ -29,7 +29,7 @@ QUANTILES: dict[str, float] = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.5
                                "p99": 0.99}
 HISTOGRAM_BINS = 10
 # A categorical summary: the shares of the TOP_VALUES most frequent values, the rest under OTHER.
-TOP_VALUES = 20
+TOP_VALUES = 50
 OTHER = "__other__"
 # An image baseline: per-channel pixel statistics in PIXEL_BINS bins of [0, 1].
 PIXEL_BINS = 16
@@ -260,5 +260,27 @@ def write(metadata: ModelMetadata, path: str | Path) -> Path:
         file = file / FILENAME
     temp = file.with_name(f".{file.name}.tmp")
     temp.write_text(metadata.dumps(), encoding="utf-8")
+    temp.replace(file)
+    return file
+
+
+def write_fields(metadata: ModelMetadata, path: str | Path, names: Any) -> Path:
+    """Write ``metadata.json`` like :func:`write`, holding only the named fields (and ``schema_version``).
+
+    What a trainer writes: the fields it sets, in its order, and none of the others as ``null`` (a
+    reader's :meth:`ModelMetadata.from_dict` gives them their defaults). Keys are not sorted: the order
+    of nested dicts is meaningful (features in model order, top values most frequent first).
+
+    :param metadata: the metadata.
+    :param path: the file (or the model folder to write it into).
+    :param names: the fields to write (an iterable of names, e.g. the keys of the trainer's dict).
+    """
+    full = metadata.to_dict()
+    document = {name: full[name] for name in [*names, "schema_version", *metadata.extra] if name in full}
+    file = Path(path)
+    if file.is_dir():
+        file = file / FILENAME
+    temp = file.with_name(f".{file.name}.tmp")
+    temp.write_text(json.dumps(document, indent=2, allow_nan=False, default=str), encoding="utf-8")
     temp.replace(file)
     return file

@@ -1,0 +1,166 @@
+"""A batch run's output folder: staged Parquet parts, published together, ``_SUCCESS.json`` last.
+
+Output under ``out``: ``part-00000.parquet``… then ``_SUCCESS.json`` (rows, parts, model, version,
+run id), written last; readers go through :func:`completed_parts`. Parts are written to
+``out/_staging/`` and moved into place only when every chunk is scored, replacing the run's old
+parts (``_SUCCESS.json`` is removed first), so a re-run writes the same names, never duplicates,
+and a run that fails half-way leaves the last complete output (or nothing) and no staging behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from conveyor.batch.readers import BatchInputError, lake_path
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from airflow.sdk import ObjectStoragePath
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS.json"
+STAGING = "_staging"
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a batch run wrote (small and JSON-serialisable through :meth:`to_dict`).
+
+    :param uri: the output folder.
+    :param parts: the URIs of the Parquet part files, in input order.
+    :param rows: the rows scored.
+    :param seconds: the run's wall time.
+    """
+
+    uri: str
+    parts: list[str]
+    rows: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as a dict (for XCom)."""
+        return asdict(self)
+
+
+def part_name(index: int) -> str:
+    """The name of the run's ``index``-th part file (0-based).
+
+    :param index: the part's position.
+    """
+    return f"part-{index:05d}.parquet"
+
+
+def completed_parts(out: str | Path | ObjectStoragePath, conn_id: str | None = None) -> list[ObjectStoragePath]:
+    """The part files of a finished run, from its ``_SUCCESS.json`` (the only safe way to read a run).
+
+    :param out: the run's output folder.
+    :param conn_id: the Airflow connection for a non-local folder.
+    :raises FileNotFoundError: the run has not finished (or failed).
+    """
+    from conveyor.lake import read_json
+
+    target = lake_path(out, conn_id)
+    if not (target / SUCCESS).exists():
+        raise FileNotFoundError(f"{target}: no {SUCCESS}: the batch run has not finished")
+    return [target / name for name in read_json(target / SUCCESS)["parts"]]
+
+
+def fresh_staging(target: ObjectStoragePath) -> ObjectStoragePath:
+    """The run's staging folder, emptied of an earlier attempt's parts and created.
+
+    :param target: the run's output folder.
+    """
+    staging = target / STAGING
+    remove(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def write_part(folder: ObjectStoragePath, name: str, table: pa.Table) -> None:
+    """Write one Parquet part file.
+
+    :param folder: the staging folder.
+    :param name: the part's name (:func:`part_name`).
+    :param table: its rows.
+    """
+    import pyarrow.parquet as pq
+
+    with (folder / name).open("wb") as handle:
+        pq.write_table(table, handle)
+
+
+def write_parts(out: str | Path | ObjectStoragePath, tables: Iterator[pa.Table], manifest: dict[str, Any],
+                conn_id: str | None = None) -> BatchResult:
+    """Write output tables as the run's parts and ``_SUCCESS.json``, with ``score_file``'s layout and rules.
+
+    Parts are staged and replace the run's old ones only once every table is written; a failure
+    leaves the last complete output (or nothing) and no staging behind.
+
+    :param out: the run's output folder.
+    :param tables: the output rows (``conveyor.batch.scoring.output_table``), in input order.
+    :param manifest: ``_SUCCESS.json``'s content besides ``rows`` and ``parts``.
+    :param conn_id: the Airflow connection for a non-local ``out``.
+    :raises BatchInputError: there were no rows to write (or a table's rows broke a rule).
+    """
+    started = time.monotonic()
+    target = lake_path(out, conn_id)
+    staging = fresh_staging(target)
+    names: list[str] = []
+    rows, schema = 0, None
+    try:
+        for table in tables:
+            schema = schema or table.schema
+            names.append(part_name(len(names)))
+            write_part(staging, names[-1], table.cast(schema))
+            rows += table.num_rows
+        if rows == 0:
+            raise BatchInputError(f"{target}: no rows to write")
+        publish(target, staging, names, {**manifest, "rows": rows, "parts": names})
+    except BaseException:
+        remove(staging, quiet=True)
+        raise
+    return BatchResult(str(target), [str(target / name) for name in names], rows, round(time.monotonic() - started, 3))
+
+
+def publish(target: ObjectStoragePath, staging: ObjectStoragePath, names: list[str], manifest: dict[str, Any]) -> None:
+    """Replace the run's old output with the staged parts, then write ``_SUCCESS.json`` last.
+
+    :param target: the run's output folder.
+    :param staging: the folder holding the new parts.
+    :param names: the new parts' names.
+    :param manifest: the content of ``_SUCCESS.json``.
+    """
+    from conveyor.lake import write_json
+
+    if (target / SUCCESS).exists():
+        (target / SUCCESS).unlink()
+    for old in target.iterdir():
+        if old.is_file() and old.name.startswith("part-") and old.name.endswith(".parquet"):
+            old.unlink()
+    for name in names:
+        source = staging / name
+        source.fs.mv(source.path, (target / name).path)
+    remove(staging)
+    write_json(target / SUCCESS, manifest)
+
+
+def remove(path: ObjectStoragePath, quiet: bool = False) -> None:
+    """Delete a folder if it exists.
+
+    :param path: the folder.
+    :param quiet: log instead of raising (clean-up after another error).
+    """
+    from conveyor.lake import remove_tree
+
+    try:
+        remove_tree(path)
+    except Exception:
+        if not quiet:
+            raise
+        log.warning("could not remove %s", path, exc_info=True)
