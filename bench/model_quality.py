@@ -108,9 +108,9 @@ def train_and_score_ours(record: dict[str, Any], time_limit: int, workdir: Path)
         "score_seconds": time.perf_counter() - started,
         "best_model": trained["best_model"],
         "validation_score": trained["validation_score"],
-        "decision_threshold": result.metadata.get("decision_threshold"),
-        "positive_class": result.metadata.get("positive_class"),
-        "class_labels": result.metadata.get("class_labels"),
+        "decision_threshold": result.metadata.decision_threshold,
+        "positive_class": result.metadata.positive_class,
+        "class_labels": result.metadata.class_labels,
     }
 
 

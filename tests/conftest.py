@@ -4,8 +4,9 @@ Environment variables are set before Airflow is imported, so Airflow's configura
 Each test that touches the lake gets its own empty lake root through the ``lake`` fixture.
 
 Markers (registered in pyproject.toml): every test outside ``tests/unit`` and ``tests/compose`` is marked by its
-folder (``e2e``, ``integration``, ``distributed``) and ``slow``; a unit test that trains a real model, runs a
-training script or serves a model says ``slow`` itself. ``make test-fast`` runs ``-m "not slow"``.
+folder (``e2e``, ``integration``, ``distributed``) and ``slow``; so is every test that uses a fixture with a real
+model (``churn_model``, the SageMaker emulators). Any other test that trains a model, runs a training script or
+serves a model says ``slow`` itself. ``make test-fast`` runs ``-m "not slow"`` on tests/unit and tests/compose.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ FOLDER_MARKERS = {
     "distributed": ("distributed", "slow"),
     "compose": ("compose",),
 }
+# Fixtures that train or run a real model: a test that uses one (directly or through another fixture) is ``slow``.
+SLOW_FIXTURES = {"churn_model", "training_emulator", "transform_emulator"}
 # Fixtures shared by several folders (the SageMaker emulators on moto), found without importing them by name.
 pytest_plugins = ["sagemaker_emulator"]
 _SESSION_STATE = Path(tempfile.mkdtemp(prefix="conveyor-test-"))
@@ -52,14 +55,16 @@ os.environ.pop("CONVEYOR_LAKE_CONN_ID", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test by its folder under tests/ (see FOLDER_MARKERS)."""
+    """Give each test its folder's markers (FOLDER_MARKERS), and ``slow`` if it needs a real model (SLOW_FIXTURES)."""
     for item in items:
         try:
             folder = item.path.relative_to(TESTS).parts[0]
         except ValueError:
-            continue
+            folder = ""
         for name in FOLDER_MARKERS.get(folder, ()):
             item.add_marker(name)
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker("slow")
 
 
 @pytest.fixture(scope="session")

@@ -477,6 +477,7 @@ def command_results(resolved, tmp_path_factory) -> dict[str, list[str]]:
             "wrong": [e for e in errors if e.split(":")[0] in wrong]}
 
 
+@pytest.mark.slow
 def test_services_run_real_airflow_3_mlflow_and_uvicorn_commands(resolved, command_results):
     checks = service_commands(resolved)
     airflow_argv = {where: argv for where, program, argv in checks if program == "airflow"}

@@ -279,6 +279,7 @@ def test_kill_without_a_job_or_after_it_ended_does_nothing(tmp_path, logger):
     backend.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_the_script_dies_with_a_task_process_killed_outright(tmp_path):
     """A task process lost with SIGKILL (a Celery worker gone) must not leave the script training on."""
