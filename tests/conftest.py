@@ -82,6 +82,16 @@ def airflow_db() -> Path:
     return home / "airflow.db"
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow SQLite database to copy per test (MLflow's first initialisation takes seconds)."""
+    from conveyor.registry.mlflow import MlflowRegistryHook
+
+    root = tmp_path_factory.mktemp("mlflow-template")
+    MlflowRegistryHook(f"sqlite:///{root}/mlflow.db").client.search_experiments()
+    return root / "mlflow.db"
+
+
 @pytest.fixture
 def lake(tmp_path, monkeypatch):
     """An empty local lake for one test; returns the ``Lake``."""

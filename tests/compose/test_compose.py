@@ -490,6 +490,7 @@ def test_services_run_real_airflow_3_mlflow_and_uvicorn_commands(resolved, comma
     assert command_results["real"] == []
 
 
+@pytest.mark.slow
 def test_wrong_commands_are_refused(command_results):
     assert [e.split(":")[0] for e in command_results["wrong"]] == [where for where, _, _ in WRONG_COMMANDS]
 

@@ -30,18 +30,10 @@ def monitor_context(run_id: str = "scheduled__1") -> dict:
     return {**context(run_id), "dag_run": SimpleNamespace(run_after=RUN_AFTER)}
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """An initialised, empty MLflow SQLite database (MLflow's first initialisation takes seconds)."""
-    root = tmp_path_factory.mktemp("mlflow-template")
-    MlflowRegistryHook(f"sqlite:///{root}/mlflow.db").client.search_experiments()
-    return root / "mlflow.db"
-
-
 @pytest.fixture
-def registry(template, tmp_path, monkeypatch) -> MlflowRegistryHook:
+def registry(mlflow_template, tmp_path, monkeypatch) -> MlflowRegistryHook:
     """This test's own MLflow store, the default one of every hook the operators create."""
-    shutil.copy(template, tmp_path / "mlflow.db")
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
     return MlflowRegistryHook()

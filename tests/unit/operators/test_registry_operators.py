@@ -28,20 +28,12 @@ ANA = {"id": "1", "name": "ana"}
 SPEC = pipeline_spec_dict("churn")
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """An initialised, empty MLflow SQLite database (MLflow's first initialisation takes seconds)."""
-    root = tmp_path_factory.mktemp("mlflow-template")
-    MlflowRegistryHook(f"sqlite:///{root}/mlflow.db").client.search_experiments()
-    return root / "mlflow.db"
-
-
 @pytest.fixture
-def store(template, tmp_path, monkeypatch):
+def store(mlflow_template, tmp_path, monkeypatch):
     """This test's own MLflow store: (tracking URI, hook)."""
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copy(template, tmp_path / "mlflow.db")
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     return SimpleNamespace(uri=uri, hook=MlflowRegistryHook(uri))
 

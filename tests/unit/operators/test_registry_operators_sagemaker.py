@@ -20,18 +20,10 @@ from helpers import context
 from sagemaker_emulator import sagemaker_aws, sagemaker_pipeline  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """An initialised, empty MLflow SQLite database (MLflow's first initialisation takes seconds)."""
-    root = tmp_path_factory.mktemp("mlflow-template")
-    MlflowRegistryHook(f"sqlite:///{root}/mlflow.db").client.search_experiments()
-    return root / "mlflow.db"
-
-
 @pytest.fixture
-def setup(template, tmp_path, monkeypatch, s3_lake, sagemaker_aws):  # noqa: F811 (the imported fixture)
+def setup(mlflow_template, tmp_path, monkeypatch, s3_lake, sagemaker_aws):  # noqa: F811 (the imported fixture)
     """A churn pipeline with ``registry: sagemaker`` (its own group on moto), an MLflow store for runs."""
-    shutil.copy(template, tmp_path / "mlflow.db")
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path))
     spec = sagemaker_pipeline(tmp_path, monkeypatch, name_prefix=f"o{uuid.uuid4().hex[:8]}-")

@@ -216,8 +216,8 @@ class ModelMetadata:
         return cls(features=features, extra=extra, **values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (``extra`` keys merged back in, ``schema_version`` set)."""
-        document = asdict(self)
+        """The JSON document (``extra`` keys merged back in, ``schema_version`` set, unset fields left out)."""
+        document = {k: v for k, v in asdict(self).items() if v is not None}  # absent means None
         extra = document.pop("extra")
         document["features"] = [{"name": f.name, "dtype": f.dtype} for f in self.features]
         return {**extra, **document}
@@ -230,8 +230,8 @@ class ModelMetadata:
         return ModelMetadata.from_dict({**document, **unknown})
 
     def dumps(self) -> str:
-        """Strict JSON (no NaN), stable key order."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False, default=str)
+        """Strict JSON (no NaN); nested key order kept (features and top values are ordered)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str)
 
 
 def read(path: str | Path) -> ModelMetadata:
@@ -275,7 +275,7 @@ def write_fields(metadata: ModelMetadata, path: str | Path, names: Any) -> Path:
     :param path: the file (or the model folder to write it into).
     :param names: the fields to write (an iterable of names, e.g. the keys of the trainer's dict).
     """
-    full = metadata.to_dict()
+    full = {**metadata.extra, **asdict(metadata), "features": metadata.to_dict()["features"]}
     document = {name: full[name] for name in [*names, "schema_version", *metadata.extra] if name in full}
     file = Path(path)
     if file.is_dir():
