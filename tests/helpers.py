@@ -1,8 +1,15 @@
-"""Helpers shared by the tests: writing drops and running the ingest steps outside a DAG run."""
+"""Helpers shared by the tests: writing drops, running the ingest steps outside a DAG run, the project's DAGs,
+a private copy of include/, free ports and bounded waits.
+
+Trained models for tests are in ``models.py``, the SageMaker emulators in ``sagemaker_emulator.py``.
+"""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -81,13 +88,10 @@ def private_churn(tmp_path: Any, monkeypatch: Any, replace: dict[str, str] | Non
     :param replace: text replacements in churn.yaml (old text -> new text).
     """
     import shutil
-    import socket
 
     from conveyor import settings
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     include = tmp_path / "include"
     shutil.copytree(settings.include_dir(), include)
     spec = include / "pipelines" / "churn.yaml"
@@ -113,3 +117,27 @@ def pipeline_spec_dict(name: str = "churn", **sections: Any) -> dict[str, Any]:
 
     spec = load_spec(settings.pipelines_dir() / f"{name}.yaml").model_dump(mode="json")
     return {**spec, **sections}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that; fail the test after ``timeout`` seconds.
+
+    :param check: called without arguments.
+    :param timeout: seconds before the test fails.
+    :param what: what is awaited (named in the failure).
+    :param interval: seconds between calls.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -5,21 +5,11 @@ from __future__ import annotations
 import pytest
 
 from conveyor.data.datasets import latest_version
-from helpers import churn_csv, write_drop
+from helpers import churn_csv, dags, states, write_drop
 
 
 def ingest_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    from conveyor import settings
-
-    bag = DagBag(dag_folder=str(settings.PROJECT_ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["churn__ingest"]
-
-
-def states(run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+    return dags()["churn__ingest"]
 
 
 @pytest.mark.slow

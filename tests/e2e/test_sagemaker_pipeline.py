@@ -18,11 +18,6 @@ import pytest
 import sqlalchemy as sa
 
 from helpers import churn_csv, dags, ingest_and_validate, states, write_drop
-from sagemaker_emulator import (  # noqa: F401 (fixtures)
-    sagemaker_aws,
-    training_emulator,
-    transform_emulator,
-)
 from sagemaker_pipeline import sagemaker_include
 
 pytestmark = pytest.mark.slow

@@ -22,29 +22,13 @@ import pytest
 from conveyor.model import artifacts
 from conveyor.serving import endpoint_state as es
 from conveyor.serving.process import endpoint_status, ensure_endpoint, stop_endpoint
+from helpers import free_port, wait_until
 
 pytestmark = pytest.mark.slow  # trains the churn model once and runs real server processes
 
 NAME = "churn-it"
 MAX_BODY = 64 * 1024
 TRAFFIC_LIMIT_S = 45.0  # hard bound of any traffic thread
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str):
-    """Poll ``check`` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def features(model_dir: Path) -> list[str]:

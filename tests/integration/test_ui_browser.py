@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from helpers import churn_csv, write_drop
+from helpers import churn_csv, free_port, write_drop
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +39,6 @@ def output_dir() -> Path:
     """Where screenshots and the server log go (emptied at the start of the module)."""
     root = Path(os.environ.get("CONVEYOR_TEST_OUTPUT", PROJECT / ".state" / "test-output"))
     return root / "ui-browser"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(url: str, token: str | None = None, data: dict | None = None) -> dict:

@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 from conveyor.aws import common
 from conveyor.aws import training as sm
 from conveyor.errors import ConveyorError, SpecError, TransientError
-from sagemaker_emulator import ROLE_ARN, sagemaker_aws, sagemaker_pipeline  # noqa: F401 (fixture)
+from sagemaker_emulator import ROLE_ARN, sagemaker_pipeline
 
 
 def client_error(code: str, message: str = "nope", operation: str = "CreateTrainingJob") -> ClientError:

@@ -17,11 +17,11 @@ from conveyor.registry import registry_hook
 from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
 from conveyor.registry.mlflow import MlflowRegistryHook
 from helpers import context
-from sagemaker_emulator import sagemaker_aws, sagemaker_pipeline  # noqa: F401 (fixture)
+from sagemaker_emulator import sagemaker_pipeline
 
 
 @pytest.fixture
-def setup(mlflow_template, tmp_path, monkeypatch, s3_lake, sagemaker_aws):  # noqa: F811 (the imported fixture)
+def setup(mlflow_template, tmp_path, monkeypatch, s3_lake, sagemaker_aws):
     """A churn pipeline with ``registry: sagemaker`` (its own group on moto), an MLflow store for runs."""
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -24,7 +24,7 @@ from conveyor.aws.common import AwsCredentialsExpired
 from conveyor.aws.training import TrainingJobFailed
 from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
 from helpers import context
-from sagemaker_emulator import ROLE_ARN, sagemaker_aws, sagemaker_pipeline, training_emulator  # noqa: F401
+from sagemaker_emulator import ROLE_ARN, sagemaker_pipeline
 
 RESULT_KEYS = {"model_uri", "code_version", "dataset_version", "best_model", "validation_score", "train_seconds"}
 NOT_FOUND = ClientError({"Error": {"Code": "ValidationException", "Message": "Could not find training job 'x'."}},

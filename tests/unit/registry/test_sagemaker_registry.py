@@ -12,7 +12,7 @@ from conveyor.aws.common import AwsCredentialsExpired
 from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG, UnknownApprovalStatus
 from conveyor.registry.sagemaker import SageMakerRegistryHook
 from conveyor.registry import ModelVersionNotFound, registry_hook
-from sagemaker_emulator import sagemaker_aws, sagemaker_pipeline  # noqa: F401 (fixture)
+from sagemaker_emulator import sagemaker_pipeline
 
 TAGS = {"dataset_version": "v-0123", "code_version": "c-abc", "backend": "sagemaker", "gate_decision": "passed",
         "conveyor_run_id": "manual__2026-01-01T00:00:00+00:00", "deploy": "true"}

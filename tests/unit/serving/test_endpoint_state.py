@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from conveyor.serving import endpoint_state as es
 from conveyor.serving.app import DEFAULT_MAX_BODY_BYTES, create_app
+from helpers import wait_until
 
 HANDLERS = '''
 import json
@@ -75,17 +76,6 @@ def state(tmp_path, monkeypatch) -> Path:
     for name in ("CONVEYOR_CAPTURE_DIR", "CONVEYOR_CAPTURE_SHARE", "CONVEYOR_MAX_BODY_BYTES", "CONVEYOR_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "state"
-
-
-def wait_until(check, timeout: float = 10.0, what: str = "condition"):
-    """Poll ``check`` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def dead_pid() -> int:

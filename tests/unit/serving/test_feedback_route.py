@@ -5,7 +5,6 @@ a live model (a tiny handler module: no AutoGluon)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ from conveyor.model.metadata import Feature, ModelMetadata
 from conveyor.serving import endpoint_state as es
 from conveyor.serving.app import create_app
 from conveyor.serving.feedback import MAX_FEEDBACK_BYTES, write_feedback
+from helpers import wait_until
 
 HANDLERS = '''
 import json
@@ -128,15 +128,6 @@ def make_model(root: Path, classes: list[str]) -> Path:
         "trainer": "tiny", "problem_type": "binary", "label": "y", "features": [{"name": "x", "dtype": "float64"}],
         "class_labels": classes}))
     return root
-
-
-def wait_until(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s")
 
 
 def test_feedback_is_off_without_a_feedback_folder(state):
