@@ -75,8 +75,6 @@ def progress(message: str) -> None:
     print(f"[batch bench] {message}", flush=True)
 
 
-
-
 def status_kib(pid: int | str = "self") -> tuple[int, int] | None:
     """(VmRSS, VmHWM) of a process in KiB from ``/proc/<pid>/status``; None when it is gone."""
     try:
@@ -88,8 +86,6 @@ def status_kib(pid: int | str = "self") -> tuple[int, int] | None:
 
 
 # --- the model ----------------------------------------------------------------------------------
-
-
 
 
 # --- the children (each side runs in a fresh process) -------------------------------------------
@@ -109,11 +105,19 @@ def _timed_start_worker(model_dir: str, threads: int) -> None:
     ended = time.time()
     ticks = os.sysconf("SC_CLK_TCK")
     stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[-1].split()
-    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+    boot = next(
+        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+    )
     spawned = boot + int(stat[19]) / ticks
     memory = status_kib() or (0, 0)
-    record = {"pid": os.getpid(), "spawned": spawned, "init_began": began, "model_loaded": ended,
-              "rss_after_load_bytes": memory[0] * 1024, "threads": threads}
+    record = {
+        "pid": os.getpid(),
+        "spawned": spawned,
+        "init_began": began,
+        "model_loaded": ended,
+        "rss_after_load_bytes": memory[0] * 1024,
+        "threads": threads,
+    }
     folder = Path(os.environ[WORKER_LOG_ENV])
     (folder / f"{os.getpid()}.json").write_text(json.dumps(record))
 
@@ -153,19 +157,39 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     parts = PartClock()
     started_wall, started = time.time(), time.perf_counter()
     result = batch.score_file(
-        args.source, Path(args.model_dir), args.out, run_id="bench", model_name="churn", model_version="1",
-        scored_at=dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc), chunk_rows=args.chunk_rows, workers=args.workers,
+        args.source,
+        Path(args.model_dir),
+        args.out,
+        run_id="bench",
+        model_name="churn",
+        model_version="1",
+        scored_at=dt.datetime(2026, 11, 21, tzinfo=dt.UTC),
+        chunk_rows=args.chunk_rows,
+        workers=args.workers,
     )
     seconds = time.perf_counter() - started
     workers = [json.loads(path.read_text()) for path in sorted(worker_log.glob("*.json"))]
-    startup = [{"pid": w["pid"], "spawned_s": w["spawned"] - started_wall, "model_loaded_s": w["model_loaded"] - started_wall,
-                "start_up_s": w["model_loaded"] - w["spawned"], "initializer_s": w["model_loaded"] - w["init_began"],
-                "rss_after_load_bytes": w["rss_after_load_bytes"]} for w in workers]
+    startup = [
+        {
+            "pid": w["pid"],
+            "spawned_s": w["spawned"] - started_wall,
+            "model_loaded_s": w["model_loaded"] - started_wall,
+            "start_up_s": w["model_loaded"] - w["spawned"],
+            "initializer_s": w["model_loaded"] - w["init_began"],
+            "rss_after_load_bytes": w["rss_after_load_bytes"],
+        }
+        for w in workers
+    ]
     memory = status_kib() or (0, 0)
     return {
-        "side": f"ours_w{args.workers}", "seconds": seconds, "rows": result.rows, "parts": len(result.parts),
-        "workers": startup, "part_written_s": [t - started_wall for t in parts.times],
-        "self_peak_bytes": memory[1] * 1024, "self_rss_after_imports_bytes": memory_after_imports[0] * 1024,
+        "side": f"ours_w{args.workers}",
+        "seconds": seconds,
+        "rows": result.rows,
+        "parts": len(result.parts),
+        "workers": startup,
+        "part_written_s": [t - started_wall for t in parts.times],
+        "self_peak_bytes": memory[1] * 1024,
+        "self_rss_after_imports_bytes": memory_after_imports[0] * 1024,
         "children_max_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
 
@@ -196,9 +220,13 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     memory = status_kib() or (0, 0)
     return {
-        "side": "baseline", "seconds": seconds, "rows": len(predicted), "steps": marks,
+        "side": "baseline",
+        "seconds": seconds,
+        "rows": len(predicted),
+        "steps": marks,
         "frame_bytes": int(frame.memory_usage(deep=True).sum()),
-        "self_peak_bytes": memory[1] * 1024, "self_rss_after_imports_bytes": memory_after_imports[0] * 1024,
+        "self_peak_bytes": memory[1] * 1024,
+        "self_rss_after_imports_bytes": memory_after_imports[0] * 1024,
         "children_max_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
 
@@ -253,12 +281,28 @@ class TreeWatcher:
             self._stop.wait(POLL_S)
 
 
-def run_side(side: str, args: argparse.Namespace, source: Path, model_dir: Path, out: Path, work: Path,
-             workers: int = WORKERS) -> dict[str, Any]:
+def run_side(
+    side: str, args: argparse.Namespace, source: Path, model_dir: Path, out: Path, work: Path, workers: int = WORKERS
+) -> dict[str, Any]:
     """Run one side in a fresh child process while watching its memory; the figures."""
-    command = [sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, side, "--source", str(source),
-               "--model-dir", str(model_dir), "--out", str(out), "--work", str(work),
-               "--workers", str(workers), "--chunk-rows", str(args.chunk_rows)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        CHILD_FLAG,
+        side,
+        "--source",
+        str(source),
+        "--model-dir",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--workers",
+        str(workers),
+        "--chunk-rows",
+        str(args.chunk_rows),
+    ]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -280,14 +324,18 @@ def run_side(side: str, args: argparse.Namespace, source: Path, model_dir: Path,
         process_wall_s=wall,
         peak_bytes=sum(peaks.values()),
         peak_of_sum_bytes=max(watcher.peak_sum, report["self_peak_bytes"]),
-        processes={str(pid): {"peak_bytes": peak, "command": watcher.names.get(pid, "child" if pid == process.pid else "?")}
-                   for pid, peak in sorted(peaks.items())},
+        processes={
+            str(pid): {"peak_bytes": peak, "command": watcher.names.get(pid, "child" if pid == process.pid else "?")}
+            for pid, peak in sorted(peaks.items())
+        },
         other_processes_peak_bytes=sum(others.values()),
         max_other_process_peak_seen_bytes=max(others.values(), default=0),
     )
     # ru_maxrss of the children is exact for the largest one: the poll must not have missed its peak
     if report["children_max_peak_bytes"] > report["max_other_process_peak_seen_bytes"] * 1.02 + (4 << 20):
-        report["poll_missed_peak_bytes"] = report["children_max_peak_bytes"] - report["max_other_process_peak_seen_bytes"]
+        report["poll_missed_peak_bytes"] = (
+            report["children_max_peak_bytes"] - report["max_other_process_peak_seen_bytes"]
+        )
     return report
 
 
@@ -359,7 +407,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             frame.to_parquet(source, index=False)
         frame_bytes = int(frame.memory_usage(deep=True).sum())
         del frame
-        progress(f"input: {source.stat().st_size / 2**20:.1f} MiB on disk, {frame_bytes / 2**20:.1f} MiB as a pandas frame")
+        progress(
+            f"input: {source.stat().st_size / 2**20:.1f} MiB on disk, {frame_bytes / 2**20:.1f} MiB as a pandas frame"
+        )
 
         sides: dict[str, dict[str, Any]] = {}
         plan = [("baseline", "baseline", WORKERS), ("ours_w2", "ours", 2), ("ours_w1", "ours", 1)]
@@ -367,19 +417,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"{name}: running in a fresh process")
             sides[name] = run_side(side, args, source, model_dir, tmp / f"out-{name}", tmp, workers)
             report = sides[name]
-            progress(f"{name}: {report['seconds']:.2f} s, {report['rows'] / report['seconds']:,.0f} rows/s; peak memory "
-                     f"{report['peak_bytes'] / 2**20:.0f} MiB summed over {len(report['processes'])} process(es) "
-                     f"(peak of the sampled sum {report['peak_of_sum_bytes'] / 2**20:.0f} MiB)")
+            progress(
+                f"{name}: {report['seconds']:.2f} s, {report['rows'] / report['seconds']:,.0f} rows/s; peak memory "
+                f"{report['peak_bytes'] / 2**20:.0f} MiB summed over {len(report['processes'])} process(es) "
+                f"(peak of the sampled sum {report['peak_of_sum_bytes'] / 2**20:.0f} MiB)"
+            )
             for worker in report.get("workers", []):
-                progress(f"  worker {worker['pid']}: spawned at {worker['spawned_s']:.2f} s, model loaded at "
-                         f"{worker['model_loaded_s']:.2f} s (start-up {worker['start_up_s']:.2f} s), "
-                         f"RSS then {worker['rss_after_load_bytes'] / 2**20:.0f} MiB")
+                progress(
+                    f"  worker {worker['pid']}: spawned at {worker['spawned_s']:.2f} s, model loaded at "
+                    f"{worker['model_loaded_s']:.2f} s (start-up {worker['start_up_s']:.2f} s), "
+                    f"RSS then {worker['rss_after_load_bytes'] / 2**20:.0f} MiB"
+                )
             if "steps" in report:
                 steps = report["steps"]
-                progress(f"  read {steps['read_s']:.2f} s, model load {steps['model_load_s']:.2f} s, "
-                         f"predict {steps['predict_s']:.2f} s, write {steps['write_s']:.2f} s")
+                progress(
+                    f"  read {steps['read_s']:.2f} s, model load {steps['model_load_s']:.2f} s, "
+                    f"predict {steps['predict_s']:.2f} s, write {steps['write_s']:.2f} s"
+                )
             if "poll_missed_peak_bytes" in report:
-                progress(f"  note: the poll missed up to {report['poll_missed_peak_bytes'] / 2**20:.0f} MiB of a worker's peak")
+                progress(
+                    f"  note: the poll missed up to {report['poll_missed_peak_bytes'] / 2**20:.0f} MiB of a worker's peak"  # noqa: E501
+                )
         agreement = check_agreement(tmp / "out-ours_w2", tmp / "out-baseline", rows)
         progress(f"ours and the baseline agree on all {rows:,} rows ({', '.join(agreement['columns'])})")
 
@@ -392,12 +450,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return None
         ready = max(w["model_loaded_s"] for w in workers)
         first_part = min(sides[name]["part_written_s"], default=float("nan"))
-        return {"workers_ready_s": ready, "max_worker_start_up_s": max(w["start_up_s"] for w in workers),
-                "first_part_written_s": first_part,
-                "rows_per_s_after_workers_ready": sides[name]["rows"] / (sides[name]["seconds"] - ready)}
+        return {
+            "workers_ready_s": ready,
+            "max_worker_start_up_s": max(w["start_up_s"] for w in workers),
+            "first_part_written_s": first_part,
+            "rows_per_s_after_workers_ready": sides[name]["rows"] / (sides[name]["seconds"] - ready),
+        }
 
     baseline_rate = rate("baseline")
-    baseline_after_load = sides["baseline"]["rows"] / (sides["baseline"]["seconds"] - sides["baseline"]["steps"]["model_load_s"])
+    baseline_after_load = sides["baseline"]["rows"] / (
+        sides["baseline"]["seconds"] - sides["baseline"]["steps"]["model_load_s"]
+    )
     ratio = rate("ours_w2") / baseline_rate
     memory_ratio = sides["ours_w2"]["peak_bytes"] / sides["baseline"]["peak_bytes"]
     figures = {

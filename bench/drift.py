@@ -145,8 +145,12 @@ def plain_numeric(summary: dict[str, Any], column: pd.Series) -> dict[str, float
     xs, ys = plain_cdf_points(summary)
     method = "exact" if len(present) <= 10_000 else "asymp"  # ours' p-value choice (conveyor.monitoring.drift.ks_test)
     ks = stats.kstest(present, lambda v: np.interp(v, xs, ys, left=0.0, right=1.0), method=method)
-    return {"psi": plain_psi(counts / counts.sum(), actual), "statistic": float(ks.statistic),
-            "pvalue": float(ks.pvalue), "missing_rate": 1.0 - len(present) / len(values)}
+    return {
+        "psi": plain_psi(counts / counts.sum(), actual),
+        "statistic": float(ks.statistic),
+        "pvalue": float(ks.pvalue),
+        "missing_rate": 1.0 - len(present) / len(values),
+    }
 
 
 def plain_categorical(summary: dict[str, Any], column: pd.Series) -> dict[str, float]:
@@ -167,8 +171,12 @@ def plain_categorical(summary: dict[str, Any], column: pd.Series) -> dict[str, f
             observed[np.argmin(expected)] += pooled_o
             expected[np.argmin(expected)] += pooled_e
     chi = stats.chisquare(observed, expected)
-    return {"psi": plain_psi(expected_shares, np.append(known, total - known.sum()) / total),
-            "statistic": float(chi.statistic), "pvalue": float(chi.pvalue), "missing_rate": 1.0 - total / len(column)}
+    return {
+        "psi": plain_psi(expected_shares, np.append(known, total - known.sum()) / total),
+        "statistic": float(chi.statistic),
+        "pvalue": float(chi.pvalue),
+        "missing_rate": 1.0 - total / len(column),
+    }
 
 
 def plain(metadata: dict[str, Any], batch: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -191,8 +199,9 @@ def agree(ours: dict[str, Any], theirs: dict[str, dict[str, float]]) -> float:
         for key, value in figures.items():
             difference = abs(ours["features"][name][key] - value)
             if not difference <= TOLERANCE:
-                raise SystemExit(f"drift bench: {name} {key} differs: ours {ours['features'][name][key]!r}, "
-                                 f"baseline {value!r}")
+                raise SystemExit(
+                    f"drift bench: {name} {key} differs: ours {ours['features'][name][key]!r}, baseline {value!r}"
+                )
             worst = max(worst, difference)
     return worst
 
@@ -222,12 +231,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     reference = generate(REFERENCE_ROWS, seed=1, drift=False)
     reference["label"] = np.random.default_rng(9).choice(["no", "yes"], REFERENCE_ROWS)
     metadata = {
-        "label": "label", "id_column": None,
+        "label": "label",
+        "id_column": None,
         "features": [{"name": c, "dtype": str(reference[c].dtype)} for c in reference.columns if c != "label"],
         "baseline": trainer.build_baseline(reference, "label", "binary"),
     }
-    progress(f"baseline of {REFERENCE_ROWS:,} reference rows by the trainer's build_baseline "
-             f"({time.perf_counter() - started:.1f}s)")
+    progress(
+        f"baseline of {REFERENCE_ROWS:,} reference rows by the trainer's build_baseline "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
     started = time.perf_counter()
     batch = generate(rows, seed=2, drift=True)
     progress(f"batch: {rows:,} rows x {batch.shape[1]} features ({time.perf_counter() - started:.1f}s)")
@@ -235,16 +247,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model = ModelMetadata.from_dict({"trainer": "autogluon", "problem_type": "binary", **metadata})
     report = drift_report(model, batch)
     worst = agree(report, plain(metadata, batch))
-    progress(f"agreement: every PSI, statistic, p-value and missing rate within {worst:.1e}; "
-             f"drifted: {report['drifted_features']}")
+    progress(
+        f"agreement: every PSI, statistic, p-value and missing rate within {worst:.1e}; "
+        f"drifted: {report['drifted_features']}"
+    )
     json.dumps(report, allow_nan=False)
 
     times: dict[str, list[float]] = {"ours": [], "baseline": []}
     for repeat in range(args.repeats):
         times["ours"].append(timed(lambda: drift_report(model, batch)))
         times["baseline"].append(timed(lambda: plain(metadata, batch)))
-        progress(f"run {repeat + 1}/{args.repeats}: ours {times['ours'][-1]:.3f}s, "
-                 f"baseline {times['baseline'][-1]:.3f}s")
+        progress(
+            f"run {repeat + 1}/{args.repeats}: ours {times['ours'][-1]:.3f}s, baseline {times['baseline'][-1]:.3f}s"
+        )
     ours, theirs = min(times["ours"]), min(times["baseline"])
     ratio = theirs / ours
     return {

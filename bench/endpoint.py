@@ -109,11 +109,7 @@ def progress(message: str) -> None:
     print(f"[endpoint bench] {message}", flush=True)
 
 
-
-
 # --- the model ----------------------------------------------------------------------------------
-
-
 
 
 def save_mlflow_model(model_dir: Path, features: Any, target: Path, scratch: Path) -> Path:
@@ -133,8 +129,11 @@ def save_mlflow_model(model_dir: Path, features: Any, target: Path, scratch: Pat
     importlib.invalidate_caches()
     wrapper = importlib.import_module(WRAPPER_MODULE).ConveyorPyfunc()  # pickled by reference to this module
     mlflow.pyfunc.save_model(
-        str(target), python_model=wrapper, artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(module), str(PLUGINS / "conveyor")], signature=infer_signature(features),
+        str(target),
+        python_model=wrapper,
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(module), str(PLUGINS / "conveyor")],
+        signature=infer_signature(features),
         pip_requirements=["mlflow"],  # explicit: no requirement inference (it would load the model)
     )
     return target
@@ -164,8 +163,13 @@ def percentile(values: list[float], q: float) -> float:
 def latency_stats(latencies: list[float]) -> dict[str, float]:
     """p50/p90/p99/mean/max of latencies in seconds, as ms."""
     ms = [x * 1e3 for x in latencies]
-    return {"p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99),
-            "mean_ms": sum(ms) / len(ms) if ms else float("nan"), "max_ms": max(ms) if ms else float("nan")}
+    return {
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": sum(ms) / len(ms) if ms else float("nan"),
+        "max_ms": max(ms) if ms else float("nan"),
+    }
 
 
 class Sender:
@@ -188,8 +192,9 @@ class Sender:
 
         started = time.perf_counter()
         try:
-            response = self.client.post(self.server.invocations, content=self.bodies[index % len(self.bodies)],
-                                        headers=self.server.headers)
+            response = self.client.post(
+                self.server.invocations, content=self.bodies[index % len(self.bodies)], headers=self.server.headers
+            )
         except httpx.HTTPError as error:
             self.failures.append(repr(error))
             return None
@@ -253,8 +258,12 @@ def run_block(server: Any, bodies: list[bytes], concurrency: int, total: int, ti
             sender.close()
     by_process = sorted((cpu_after[pid] - cpu_before.get(pid, 0.0) for pid in cpu_after), reverse=True)
     return {
-        "latencies": [x for chunk in latencies for x in chunk], "seconds": seconds, "errors": sum(errors),
-        "client_cpu": client_cpu, "server_cpu": sum(by_process), "server_cpu_by_process": by_process,
+        "latencies": [x for chunk in latencies for x in chunk],
+        "seconds": seconds,
+        "errors": sum(errors),
+        "client_cpu": client_cpu,
+        "server_cpu": sum(by_process),
+        "server_cpu_by_process": by_process,
         "failures": [f for sender in senders for f in sender.failures][:3],
     }
 
@@ -264,11 +273,17 @@ def combine(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = [x for block in blocks for x in block["latencies"]]
     seconds = sum(block["seconds"] for block in blocks)
     requests = len(latencies)
-    shares = [block["server_cpu_by_process"][0] / block["server_cpu"] for block in blocks
-              if block["server_cpu_by_process"] and block["server_cpu"] > 0]
+    shares = [
+        block["server_cpu_by_process"][0] / block["server_cpu"]
+        for block in blocks
+        if block["server_cpu_by_process"] and block["server_cpu"] > 0
+    ]
     return {
-        "requests": requests, "errors": sum(block["errors"] for block in blocks), "seconds": seconds,
-        "rps": requests / seconds if seconds > 0 else float("nan"), **latency_stats(latencies),
+        "requests": requests,
+        "errors": sum(block["errors"] for block in blocks),
+        "seconds": seconds,
+        "rps": requests / seconds if seconds > 0 else float("nan"),
+        **latency_stats(latencies),
         "server_cpu_ms_per_request": sum(b["server_cpu"] for b in blocks) * 1e3 / max(requests, 1),
         "server_cpu_cores": sum(b["server_cpu"] for b in blocks) / seconds if seconds > 0 else float("nan"),
         "client_cpu_ms_per_request": sum(b["client_cpu"] for b in blocks) * 1e3 / max(requests, 1),
@@ -279,8 +294,9 @@ def combine(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def sequential(loaded: Any, frames: list[Any], csv_bodies: list[bytes], senders: list[Sender],
-               count: int) -> dict[str, Any]:
+def sequential(
+    loaded: Any, frames: list[Any], csv_bodies: list[bytes], senders: list[Sender], count: int
+) -> dict[str, Any]:
     """Concurrency 1, interleaved request by request: predict_frame, the handlers, then each server.
 
     Each of ``count`` rounds times ``predict_frame`` on row i, ``invoke`` on its CSV body, and one
@@ -303,7 +319,7 @@ def sequential(loaded: Any, frames: list[Any], csv_bodies: list[bytes], senders:
         loaded.invoke(csv_bodies[i % len(csv_bodies)], "text/csv")
         latencies["predict_frame"].append(middle - started)
         latencies["handlers"].append(time.perf_counter() - middle)
-        for sender in (senders if i % 2 == 0 else senders[::-1]):
+        for sender in senders if i % 2 == 0 else senders[::-1]:
             elapsed = sender.send(i)
             if elapsed is None:
                 errors[sender.server.label] += 1
@@ -317,8 +333,11 @@ def sequential(loaded: Any, frames: list[Any], csv_bodies: list[bytes], senders:
     for sender in senders:
         label = sender.server.label
         spent = sum(tree_cpu_seconds(sender.server.pid).values()) - cpu_before[label]
-        out[label].update(errors=errors[label], server_cpu_ms_per_request=spent * 1e3 / max(len(latencies[label]), 1),
-                          failures=sender.failures[:3])
+        out[label].update(
+            errors=errors[label],
+            server_cpu_ms_per_request=spent * 1e3 / max(len(latencies[label]), 1),
+            failures=sender.failures[:3],
+        )
     return out
 
 
@@ -394,8 +413,9 @@ class OursServer:
         from conveyor.serving import endpoint_state, process
 
         started = time.perf_counter()
-        status = process.ensure_endpoint(ENDPOINT, self.port, WORKERS, host="127.0.0.1", timeout=START_TIMEOUT_S,
-                                         env=self.env)
+        status = process.ensure_endpoint(
+            ENDPOINT, self.port, WORKERS, host="127.0.0.1", timeout=START_TIMEOUT_S, env=self.env
+        )
         self.pid = int(status["pid"])
         endpoint_state.stage_candidate(ENDPOINT, VERSION, self.model_dir)
         endpoint_state.wait_for_workers(ENDPOINT, VERSION, timeout=START_TIMEOUT_S)
@@ -441,12 +461,26 @@ class MlflowServer:
 
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-        command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", str(self.model_path), "--env-manager",
-                   "local", "-h", "127.0.0.1", "-p", str(self.port), "--workers", str(WORKERS)]
+        command = [
+            str(Path(bin_dir) / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            str(self.model_path),
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--workers",
+            str(WORKERS),
+        ]
         started = time.perf_counter()
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.pid = self.process.pid
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -507,16 +541,19 @@ def _group_alive(process: subprocess.Popen) -> bool:
 # --- agreement and in-process timing ---------------------------------------------------------------
 
 
-def check_agreement(loaded: Any, frames: list[Any], csv_bodies: list[bytes], servers: list[Any],
-                    mlflow_bodies: list[bytes]) -> int:
+def check_agreement(
+    loaded: Any, frames: list[Any], csv_bodies: list[bytes], servers: list[Any], mlflow_bodies: list[bytes]
+) -> int:
     """Same prediction and probabilities (1e-9) from in-process, ours and MLflow on the first rows."""
     import httpx
 
     checked = 0
     for i in range(min(AGREEMENT_ROWS, len(frames))):
         reference = loaded.predict_frame(frames[i]).iloc[0]
-        expected = {"prediction": reference["prediction"],
-                    **{k: float(v) for k, v in reference.items() if str(k).startswith("proba_")}}
+        expected = {
+            "prediction": reference["prediction"],
+            **{k: float(v) for k, v in reference.items() if str(k).startswith("proba_")},
+        }
         answers = {}
         for server in servers:
             body = csv_bodies[i] if server.label == "ours" else mlflow_bodies[i]
@@ -525,23 +562,30 @@ def check_agreement(loaded: Any, frames: list[Any], csv_bodies: list[bytes], ser
                 raise SystemExit(f"{server.label} answered {response.status_code} on row {i}: {response.text[:500]}")
             record = response.json()["predictions"][0]
             if server.label == "ours":
-                answers["ours"] = {"prediction": record["prediction"],
-                                   **{f"proba_{k}": v for k, v in record["probabilities"].items()}}
+                answers["ours"] = {
+                    "prediction": record["prediction"],
+                    **{f"proba_{k}": v for k, v in record["probabilities"].items()},
+                }
             else:
                 answers["mlflow"] = {k: record[k] for k in expected}
         via_handlers = json.loads(loaded.invoke(csv_bodies[i], "text/csv"))["predictions"][0]
-        answers["in-process handlers"] = {"prediction": via_handlers["prediction"],
-                                          **{f"proba_{k}": v for k, v in via_handlers["probabilities"].items()}}
+        answers["in-process handlers"] = {
+            "prediction": via_handlers["prediction"],
+            **{f"proba_{k}": v for k, v in via_handlers["probabilities"].items()},
+        }
         for side, answer in answers.items():
             same = answer["prediction"] == expected["prediction"] and all(
-                abs(float(answer[k]) - expected[k]) <= 1e-9 for k in expected if k != "prediction")
+                abs(float(answer[k]) - expected[k]) <= 1e-9 for k in expected if k != "prediction"
+            )
             if not same:
                 raise SystemExit(f"row {i}: {side} answered {answer}, in-process predict_frame {expected}")
         checked += 1
     return checked
 
 
-def time_batched_predict(loaded: Any, features: Any, sizes: tuple[int, ...] = (1, 8, 32), repeats: int = 30) -> dict[str, float]:
+def time_batched_predict(
+    loaded: Any, features: Any, sizes: tuple[int, ...] = (1, 8, 32), repeats: int = 30
+) -> dict[str, float]:
     """Median ms of one ``predict_frame`` call on n rows: what serving n waiting requests in one call would cost."""
     import statistics
 
@@ -563,15 +607,21 @@ def time_batched_predict(loaded: Any, features: Any, sizes: tuple[int, ...] = (1
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_REQUESTS} requests per server and level in {QUICK_BLOCKS} blocks")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_REQUESTS} requests per server and level in {QUICK_BLOCKS} blocks"
+    )
     parser.add_argument("--requests", type=int, default=None, help="requests per server and level")
     parser.add_argument("--blocks", type=int, default=None, help="interleaved blocks per level (concurrency > 1)")
     parser.add_argument("--level-timeout", type=float, default=LEVEL_TIMEOUT_S, help="seconds per block at most")
     parser.add_argument("--model-dir", type=Path, default=None, help="an extracted churn model.tar.gz (skip training)")
-    parser.add_argument("--ours-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="an environment variable for our server only (e.g. CONVEYOR_INFERENCE_CONCURRENCY=2, "
-                             "OMP_NUM_THREADS=1); repeatable")
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for our server only (e.g. CONVEYOR_INFERENCE_CONCURRENCY=2, "
+        "OMP_NUM_THREADS=1); repeatable",
+    )
     return parser
 
 
@@ -591,8 +641,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             model_dir = train_model(tmp / "train")
             progress(f"trained and packed in {time.perf_counter() - started:.1f} s")
-        from conveyor.model.artifacts import LoadedModel
         from conveyor.demo import churn_frame
+        from conveyor.model.artifacts import LoadedModel
 
         started = time.perf_counter()
         loaded = LoadedModel(model_dir)
@@ -600,8 +650,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         features = loaded.feature_names
         table = churn_frame(REQUEST_ROWS, seed=11)[features]
         frames = [table.iloc[[i]].reset_index(drop=True) for i in range(len(table))]
-        values = [[row[name].item() if hasattr(row[name], "item") else row[name] for name in features]
-                  for _, row in table.iterrows()]
+        values = [
+            [row[name].item() if hasattr(row[name], "item") else row[name] for name in features]
+            for _, row in table.iterrows()
+        ]
         csv_bodies = [csv_body(v) for v in values]
         mlflow_bodies = [mlflow_body(features, v) for v in values]
         progress(f"model loaded in-process in {load_seconds:.2f} s; {len(features)} features; e.g. {csv_bodies[0]!r}")
@@ -615,15 +667,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         levels: dict[str, dict[str, Any]] = {"ours": {}, "mlflow": {}}
         try:
             for server in servers:
-                progress(f"starting {server.label} on {server.url} with {WORKERS} workers"
-                         + (f" (env {ours_env})" if server is ours and ours_env else ""))
+                progress(
+                    f"starting {server.label} on {server.url} with {WORKERS} workers"
+                    + (f" (env {ours_env})" if server is ours and ours_env else "")
+                )
                 try:
                     server.start()
                 except Exception:
                     progress(f"{server.label} failed to start; log tail:\n{server.log_tail()}")
                     raise
-                progress(f"{server.label} serving after {server.start_seconds:.1f} s; "
-                         f"RSS of its processes {tree_rss_bytes(server.pid) / 2**20:.0f} MiB")
+                progress(
+                    f"{server.label} serving after {server.start_seconds:.1f} s; "
+                    f"RSS of its processes {tree_rss_bytes(server.pid) / 2**20:.0f} MiB"
+                )
             checked = check_agreement(loaded, frames, csv_bodies, servers, mlflow_bodies)
             progress(f"in-process predict_frame, in-process handlers, ours and MLflow agree on {checked} rows")
             for server in servers:  # warm every worker
@@ -641,9 +697,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 for sender in senders:
                     sender.close()
             for name, result in seq.items():
-                progress(f"c= 1 {name:13s}: p50 {result['p50_ms']:7.2f} ms, p99 {result['p99_ms']:7.2f} ms, "
-                         f"{result['rps']:6.1f} req/s" + (f", server CPU {result['server_cpu_ms_per_request']:.1f} ms/req"
-                                                           if "server_cpu_ms_per_request" in result else ""))
+                progress(
+                    f"c= 1 {name:13s}: p50 {result['p50_ms']:7.2f} ms, p99 {result['p99_ms']:7.2f} ms, "
+                    f"{result['rps']:6.1f} req/s"
+                    + (
+                        f", server CPU {result['server_cpu_ms_per_request']:.1f} ms/req"
+                        if "server_cpu_ms_per_request" in result
+                        else ""
+                    )
+                )
             for server in servers:
                 levels[server.label]["1"] = seq[server.label]
             for concurrency in CONCURRENCY:
@@ -653,19 +715,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 for block in range(blocks):
                     order = servers if block % 4 in (0, 3) else servers[::-1]  # ABBA: drift falls on both alike
                     for server in order:
-                        raw[server.label].append(run_block(server, bodies[server.label], concurrency,
-                                                           max(concurrency, total // blocks), args.level_timeout))
+                        raw[server.label].append(
+                            run_block(
+                                server,
+                                bodies[server.label],
+                                concurrency,
+                                max(concurrency, total // blocks),
+                                args.level_timeout,
+                            )
+                        )
                 for server in servers:
                     result = levels[server.label][str(concurrency)] = combine(raw[server.label])
-                    progress(f"c={concurrency:2d} {server.label:13s}: {result['rps']:6.1f} req/s, p50 {result['p50_ms']:7.2f} ms, "
-                             f"p99 {result['p99_ms']:7.2f} ms, {result['requests']} ok, {result['errors']} errors; "
-                             f"server CPU {result['server_cpu_ms_per_request']:.1f} ms/req, "
-                             f"{result['server_cpu_cores']:.2f} cores; busiest process's CPU share by block "
-                             f"{[round(x, 2) for x in result['busiest_process_cpu_share']]}; "
-                             f"block req/s {[round(x, 1) for x in result['block_rps']]}")
+                    progress(
+                        f"c={concurrency:2d} {server.label:13s}: {result['rps']:6.1f} req/s, p50 {result['p50_ms']:7.2f} ms, "  # noqa: E501
+                        f"p99 {result['p99_ms']:7.2f} ms, {result['requests']} ok, {result['errors']} errors; "
+                        f"server CPU {result['server_cpu_ms_per_request']:.1f} ms/req, "
+                        f"{result['server_cpu_cores']:.2f} cores; busiest process's CPU share by block "
+                        f"{[round(x, 2) for x in result['busiest_process_cpu_share']]}; "
+                        f"block req/s {[round(x, 1) for x in result['block_rps']]}"
+                    )
             batched = time_batched_predict(loaded, table)
-            progress("in-process predict_frame of n rows in one call, median ms: "
-                     + ", ".join(f"{n}: {ms:.1f}" for n, ms in batched.items()))
+            progress(
+                "in-process predict_frame of n rows in one call, median ms: "
+                + ", ".join(f"{n}: {ms:.1f}" for n, ms in batched.items())
+            )
             rss = {server.label: tree_rss_bytes(server.pid) for server in servers}
         finally:
             for server in servers:
@@ -705,8 +778,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "endpoint",
         "baseline": "mlflow models serve (uvicorn, 2 workers) of the same model; in-process predict_frame",
         **figures,
-        "targets": {"overhead_ms": f"<= {TARGET_OVERHEAD_MS:g}", "throughput_ratio": f">= {TARGET_THROUGHPUT:g}",
-                    "errors": "== 0"},
+        "targets": {
+            "overhead_ms": f"<= {TARGET_OVERHEAD_MS:g}",
+            "throughput_ratio": f">= {TARGET_THROUGHPUT:g}",
+            "errors": "== 0",
+        },
         "met": {
             "overhead_ms": overhead <= TARGET_OVERHEAD_MS,
             "throughput_ratio": all(r >= TARGET_THROUGHPUT for r in throughput.values()),

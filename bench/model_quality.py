@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -64,8 +63,6 @@ def progress(message: str) -> None:
     print(f"[model_quality bench] {message}", flush=True)
 
 
-
-
 class QuietLog:
     """A task log that keeps the child's lines and shows only train.py's own ones."""
 
@@ -76,7 +73,7 @@ class QuietLog:
         line = message % args if args else message
         self.lines.append(line)
         if line.startswith("[train] [train.py]"):
-            progress(f"  ours: {line[len('[train] '):][:160]}")
+            progress(f"  ours: {line[len('[train] ') :][:160]}")
 
     info = warning = error = debug = exception = _keep
 
@@ -86,13 +83,14 @@ class QuietLog:
 
 def train_and_score_ours(record: dict[str, Any], time_limit: int, workdir: Path) -> dict[str, Any]:
     """Train with the train task, then score the test part as the evaluate task does."""
-    from conveyor.training.evaluate import score_model
     from conveyor.lake import Lake
     from conveyor.operators.train import TrainModelOperator
     from conveyor.spec import get_spec
+    from conveyor.training.evaluate import score_model
 
     operator = TrainModelOperator(
-        task_id="train", spec=get_spec(PIPELINE).model_dump(mode="json"),
+        task_id="train",
+        spec=get_spec(PIPELINE).model_dump(mode="json"),
         split={"dataset_version": "bench", "parts": record["parts"]},
         time_limit=time_limit,
     )
@@ -167,8 +165,13 @@ def logistic_regression(numeric: list[str], categorical: list[str]) -> Any:
     columns = ColumnTransformer(
         [
             ("numeric", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
-            ("categorical", make_pipeline(SimpleImputer(strategy="constant", fill_value="missing"),
-                                          OneHotEncoder(handle_unknown="ignore")), categorical),
+            (
+                "categorical",
+                make_pipeline(
+                    SimpleImputer(strategy="constant", fill_value="missing"), OneHotEncoder(handle_unknown="ignore")
+                ),
+                categorical,
+            ),
         ]
     )
     return make_pipeline(columns, LogisticRegression(max_iter=1000, random_state=SEED))
@@ -240,10 +243,15 @@ def table(models: dict[str, dict[str, float]]) -> list[str]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_ROWS:,} rows and {QUICK_LIMIT} s instead of {FULL_ROWS:,} rows and the spec's budget")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_ROWS:,} rows and {QUICK_LIMIT} s instead of {FULL_ROWS:,} rows and the spec's budget",
+    )
     parser.add_argument("--rows", type=int, default=None, help="rows to generate (overrides --quick)")
-    parser.add_argument("--time-limit", type=int, default=None, help="our training budget in seconds (overrides --quick)")
+    parser.add_argument(
+        "--time-limit", type=int, default=None, help="our training budget in seconds (overrides --quick)"
+    )
     return parser
 
 
@@ -253,11 +261,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-quality-") as tmp_name:
         tmp = Path(tmp_name)
         isolate(tmp)
+        from conveyor.data.splits import read_part, write_split
         from conveyor.demo import churn_frame
-        from conveyor.training.evaluate import scalar_metrics
         from conveyor.lake import Lake
         from conveyor.spec import get_spec
-        from conveyor.data.splits import read_part, write_split
+        from conveyor.training.evaluate import scalar_metrics
 
         spec = get_spec(PIPELINE)
         label, id_column = spec.data.label, spec.data.id_column
@@ -266,13 +274,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         lake = Lake.from_env()
         record = write_split(lake, spec, "bench", RUN_ID, churn_frame(rows))
         parts = {name: read_part(lake, PIPELINE, RUN_ID, name) for name in ("train", "validation", "test")}
-        progress(f"split: {({k: v['rows'] for k, v in record['parts'].items()})}")
+        progress(f"split: { ({k: v['rows'] for k, v in record['parts'].items()}) }")
 
         progress(f"ours: train task (AutoGluon {spec.trainer.presets}, {time_limit} s budget), then evaluate")
         ours = train_and_score_ours(record, time_limit, tmp / "evaluate")
         positive = ours["positive_class"]
-        progress(f"ours: trained in {ours['train_seconds']:.1f} s (best model {ours['best_model']}), "
-                 f"scored in {ours['score_seconds']:.1f} s; {GATE_METRIC} {ours['metrics'][GATE_METRIC]:.4f}")
+        progress(
+            f"ours: trained in {ours['train_seconds']:.1f} s (best model {ours['best_model']}), "
+            f"scored in {ours['score_seconds']:.1f} s; {GATE_METRIC} {ours['metrics'][GATE_METRIC]:.4f}"
+        )
         test = parts["test"].drop(columns=[id_column])
         ours_proba = ours_test_proba(tmp / "evaluate", parts["test"], positive)
 
@@ -286,8 +296,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for name, model in baselines.items():
         progress(f"{name}: fit on the train part ({len(train):,} rows)")
         scored[name] = fit_and_score(model, train, test, label, positive)
-        progress(f"{name}: fit in {scored[name]['fit_seconds']:.2f} s; "
-                 f"{GATE_METRIC} {scored[name]['metrics'][GATE_METRIC]:.4f}")
+        progress(
+            f"{name}: fit in {scored[name]['fit_seconds']:.2f} s; "
+            f"{GATE_METRIC} {scored[name]['metrics'][GATE_METRIC]:.4f}"
+        )
 
     metrics = {"ours": scalar_metrics(ours["metrics"])} | {n: scalar_metrics(s["metrics"]) for n, s in scored.items()}
     for line in table(metrics):
@@ -295,8 +307,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     best_name = max(scored, key=lambda n: metrics[n][GATE_METRIC])
     ours_score, best_score = metrics["ours"][GATE_METRIC], metrics[best_name][GATE_METRIC]
     bootstrap = paired_bootstrap(test[label].to_numpy(), ours_proba, scored[best_name]["proba_positive"], positive)
-    progress(f"ours - {best_name} {GATE_METRIC}: {bootstrap['difference']:+.4f}, 95% interval "
-             f"[{bootstrap['ci95_low']:+.4f}, {bootstrap['ci95_high']:+.4f}] over {bootstrap['resamples']} resamples")
+    progress(
+        f"ours - {best_name} {GATE_METRIC}: {bootstrap['difference']:+.4f}, 95% interval "
+        f"[{bootstrap['ci95_low']:+.4f}, {bootstrap['ci95_high']:+.4f}] over {bootstrap['resamples']} resamples"
+    )
     if abs(bootstrap["difference"] - (ours_score - best_score)) > 1e-9:
         raise SystemExit("the bootstrap's roc_auc does not match compute_metrics': the probabilities differ")
     from sklearn.metrics import roc_auc_score

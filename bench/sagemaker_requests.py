@@ -60,9 +60,15 @@ for folder in (ROOT / "plugins", ROOT / "tests", Path(__file__).resolve().parent
         sys.path.insert(0, str(folder))
 
 BASELINE: dict[str, list[tuple[str, str]]] = {
-    "train": [("s3", "PutObject")] * 3 + [("sagemaker", "CreateTrainingJob"), ("s3", "GetObject"), ("s3", "PutObject"),
-                                           ("sagemaker", "CreateModelPackageGroup"), ("sagemaker", "CreateModelPackage"),
-                                           ("sagemaker", "UpdateModelPackage")],
+    "train": [("s3", "PutObject")] * 3
+    + [
+        ("sagemaker", "CreateTrainingJob"),
+        ("s3", "GetObject"),
+        ("s3", "PutObject"),
+        ("sagemaker", "CreateModelPackageGroup"),
+        ("sagemaker", "CreateModelPackage"),
+        ("sagemaker", "UpdateModelPackage"),
+    ],
     "deploy": [("sagemaker", "CreateModel"), ("sagemaker", "CreateEndpointConfig"), ("sagemaker", "CreateEndpoint")],
     "batch": [("s3", "GetObject"), ("s3", "PutObject"), ("sagemaker", "CreateTransformJob"), ("s3", "GetObject")],
 }
@@ -166,18 +172,26 @@ def set_up(tmp: Path) -> tuple[Any, str]:
     from _common import isolate
 
     isolate(tmp)
-    os.environ.update({
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",  # experiment tracking (the registry is SageMaker's)
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
-        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
-        "CONVEYOR_WAREHOUSE_URL": f"sqlite:///{tmp}/warehouse.db",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    })
+    os.environ.update(
+        {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",  # experiment tracking (the registry is SageMaker's)
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "CONVEYOR_WAREHOUSE_URL": f"sqlite:///{tmp}/warehouse.db",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True,
-                   env=os.environ.copy())
+    subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -187,10 +201,22 @@ def set_up(tmp: Path) -> tuple[Any, str]:
     url = f"http://{host}:{port}"
     bucket = f"lake-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=bucket)
-    connection = json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
-                             "extra": {"endpoint_url": url, "region_name": "us-east-1"}})
-    os.environ.update({"AIRFLOW_CONN_LAKE_S3": connection, "AIRFLOW_CONN_AWS_DEFAULT": connection,
-                       "CONVEYOR_LAKE_URI": f"s3://{bucket}/conveyor", "CONVEYOR_LAKE_CONN_ID": "lake_s3"})
+    connection = json.dumps(
+        {
+            "conn_type": "aws",
+            "login": "testing",
+            "password": "testing",
+            "extra": {"endpoint_url": url, "region_name": "us-east-1"},
+        }
+    )
+    os.environ.update(
+        {
+            "AIRFLOW_CONN_LAKE_S3": connection,
+            "AIRFLOW_CONN_AWS_DEFAULT": connection,
+            "CONVEYOR_LAKE_URI": f"s3://{bucket}/conveyor",
+            "CONVEYOR_LAKE_CONN_ID": "lake_s3",
+        }
+    )
     return server, url
 
 
@@ -212,14 +238,20 @@ def main() -> None:
     recorder = Recorder()
     instrument(recorder)
     patch = pytest.MonkeyPatch()
-    sagemaker_include(tmp / "include", patch, {
-        "retries": 0,  # a failure ends the benchmark instead of waiting for retries
-        "trainer": {"time_limit": budget, "hyperparameters": {"GBM": {}}},
-        "gate": {"thresholds": {"roc_auc": 0.6, "balanced_accuracy": 0.5}, "on_reject": "fail"},
-        "sagemaker": {"check_interval_seconds": 1, "inference_image_uri": None},
-        "deploy": {"endpoint": {"enabled": True, "name": "churn"},
-                   "batch": {"enabled": True, "chunk_rows": 10_000, "table": "churn_predictions"}},
-    })
+    sagemaker_include(
+        tmp / "include",
+        patch,
+        {
+            "retries": 0,  # a failure ends the benchmark instead of waiting for retries
+            "trainer": {"time_limit": budget, "hyperparameters": {"GBM": {}}},
+            "gate": {"thresholds": {"roc_auc": 0.6, "balanced_accuracy": 0.5}, "on_reject": "fail"},
+            "sagemaker": {"check_interval_seconds": 1, "inference_image_uri": None},
+            "deploy": {
+                "endpoint": {"enabled": True, "name": "churn"},
+                "batch": {"enabled": True, "chunk_rows": 10_000, "table": "churn_predictions"},
+            },
+        },
+    )
     training = sagemaker_emulator.TrainingEmulator(url).install(patch)
     sagemaker_emulator.TransformEmulator(url).install(patch)
     from conveyor.lake import Lake
@@ -230,13 +262,18 @@ def main() -> None:
     ingest_and_validate("d1", run_id="ingest-run")
     drop = lake.landing("churn", "inference", "b1")
     drop.mkdir(parents=True, exist_ok=True)
-    (drop / "customers.parquet").write_bytes(churn_frame(scored, seed=5).drop(columns=["churned"]).to_parquet(index=False))
+    (drop / "customers.parquet").write_bytes(
+        churn_frame(scored, seed=5).drop(columns=["churned"]).to_parquet(index=False)
+    )
     (drop / "_SUCCESS").write_bytes(b"")
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors, bag.import_errors
 
-    runs = {"train": ("churn__train", {"time_limit": budget}), "deploy": ("churn__deploy", None),
-            "batch": ("churn__batch_predict", None)}
+    runs = {
+        "train": ("churn__train", {"time_limit": budget}),
+        "deploy": ("churn__deploy", None),
+        "batch": ("churn__batch_predict", None),
+    }
     wall: dict[str, float] = {}
     tasks: dict[str, dict[str, float]] = {}
     try:
@@ -250,8 +287,10 @@ def main() -> None:
             states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
             if str(run.state) != "success":
                 raise SystemExit(f"{dag_id} did not succeed: {states}")
-            tasks[phase] = {ti.task_id: round(ti.duration or 0.0, 2)
-                            for ti in sorted(run.get_task_instances(), key=lambda ti: ti.start_date)}
+            tasks[phase] = {
+                ti.task_id: round(ti.duration or 0.0, 2)
+                for ti in sorted(run.get_task_instances(), key=lambda ti: ti.start_date)
+            }
         training.wait()
     finally:
         server.stop()
@@ -265,9 +304,14 @@ def main() -> None:
         conveyor = wall[phase] - wait
         aws = seconds["aws_s"] - seconds["container_s"]  # the transform container runs inside CreateTransformJob
         figures[phase] = {
-            "calls": sum(recorder.calls[phase].values()), "baseline_calls": len(BASELINE[phase]),
-            "polls": sum(recorder.polls[phase].values()), "wall_s": round(wall[phase], 2), "wait_s": round(wait, 2),
-            "conveyor_s": round(conveyor, 2), "aws_s": round(aws, 2), "own_s": round(conveyor - aws, 2),
+            "calls": sum(recorder.calls[phase].values()),
+            "baseline_calls": len(BASELINE[phase]),
+            "polls": sum(recorder.polls[phase].values()),
+            "wall_s": round(wall[phase], 2),
+            "wait_s": round(wait, 2),
+            "conveyor_s": round(conveyor, 2),
+            "aws_s": round(aws, 2),
+            "own_s": round(conveyor - aws, 2),
             "by_operation": dict(sorted(recorder.calls[phase].items())),
             "task_s": tasks[phase],
         }
@@ -276,24 +320,41 @@ def main() -> None:
     total_wall = sum(wall.values())
     total_conveyor = sum(f["conveyor_s"] for f in figures.values())
     for phase, f in figures.items():
-        print(f"{phase:7s} calls {f['calls']:4d} (baseline {f['baseline_calls']}), polls {f['polls']:3d}, "
-              f"wall {f['wall_s']:6.1f}s, waits {f['wait_s']:6.1f}s, Conveyor {f['conveyor_s']:5.1f}s "
-              f"(AWS calls {f['aws_s']:.1f}s, own {f['own_s']:.1f}s)", file=sys.stderr)
+        print(
+            f"{phase:7s} calls {f['calls']:4d} (baseline {f['baseline_calls']}), polls {f['polls']:3d}, "
+            f"wall {f['wall_s']:6.1f}s, waits {f['wait_s']:6.1f}s, Conveyor {f['conveyor_s']:5.1f}s "
+            f"(AWS calls {f['aws_s']:.1f}s, own {f['own_s']:.1f}s)",
+            file=sys.stderr,
+        )
         for operation, count in f["by_operation"].items():
             print(f"          {count:4d}  {operation}", file=sys.stderr)
-        print("          task seconds (Airflow's duration, deferred waits included): "
-              + ", ".join(f"{task} {seconds}" for task, seconds in f["task_s"].items()), file=sys.stderr)
-    print(json.dumps({
-        "bench": "sagemaker_requests",
-        "baseline": "hand-written boto3 script: the minimal S3+SageMaker calls for train->register->approve->deploy->transform",
-        "ratio": round(calls / baseline, 2),
-        "calls": calls, "baseline_calls": baseline, "polls": sum(f["polls"] for f in figures.values()),
-        "wall_s": round(total_wall, 2), "conveyor_s": round(total_conveyor, 2),
-        "conveyor_share": round(total_conveyor / total_wall, 3),
-        "aws_s": round(sum(f["aws_s"] for f in figures.values()), 2),
-        "own_s": round(sum(f["own_s"] for f in figures.values()), 2),
-        "per_dag": figures, "rows": rows, "time_limit": budget, "scored_rows": scored, "quick": args.quick,
-    }))
+        print(
+            "          task seconds (Airflow's duration, deferred waits included): "
+            + ", ".join(f"{task} {seconds}" for task, seconds in f["task_s"].items()),
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "sagemaker_requests",
+                "baseline": "hand-written boto3 script: the minimal S3+SageMaker calls for train->register->approve->deploy->transform",  # noqa: E501
+                "ratio": round(calls / baseline, 2),
+                "calls": calls,
+                "baseline_calls": baseline,
+                "polls": sum(f["polls"] for f in figures.values()),
+                "wall_s": round(total_wall, 2),
+                "conveyor_s": round(total_conveyor, 2),
+                "conveyor_share": round(total_conveyor / total_wall, 3),
+                "aws_s": round(sum(f["aws_s"] for f in figures.values()), 2),
+                "own_s": round(sum(f["own_s"] for f in figures.values()), 2),
+                "per_dag": figures,
+                "rows": rows,
+                "time_limit": budget,
+                "scored_rows": scored,
+                "quick": args.quick,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

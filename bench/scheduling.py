@@ -56,8 +56,9 @@ def run_chain(stack: AirflowStack, rows: int, batch_rows: int) -> dict:
     for dag_id in CHAIN:
         api.unpause(dag_id)
     stack.write_drop("churn", "drop-0001", churn_frame(rows, seed=7))
-    stack.write_drop("churn", "batch-0001", churn_frame(batch_rows, seed=99).drop(columns=["churned"]), "inference",
-                     fmt="parquet")
+    stack.write_drop(
+        "churn", "batch-0001", churn_frame(batch_rows, seed=99).drop(columns=["churned"]), "inference", fmt="parquet"
+    )
     runs: dict[str, dict] = {}
     triggered = now_utc()
     run_id = api.trigger("churn__ingest")["dag_run_id"]
@@ -98,13 +99,25 @@ def analyse(chain: dict) -> dict:
         breakdown["to_scheduled_s"] += seconds(scheduled, ready)
         breakdown["to_queued_s"] += seconds(queued, scheduled)
         breakdown["queue_wait_s"] += max(0.0, seconds(start, queued))
-        per_task.append({"task": f"{task['dag_id']}.{task['task_id']}", "run_s": round(seconds(end, start), 2),
-                         "waited_s": round(max(0.0, seconds(start, ready)), 2), "try": task["try_number"]})
+        per_task.append(
+            {
+                "task": f"{task['dag_id']}.{task['task_id']}",
+                "run_s": round(seconds(end, start), 2),
+                "waited_s": round(max(0.0, seconds(start, ready)), 2),
+                "try": task["try_number"],
+            }
+        )
         ready = max(ready, end)
     task_s = sum(seconds(utc(t["end_date"]), utc(t["start_date"])) for t in ran)
     wall_s = seconds(max(utc(t["end_date"]) for t in ran), chain["triggered"])
-    return {"wall_s": round(wall_s, 2), "task_s": round(task_s, 2), "overhead_s": round(wall_s - task_s, 2),
-            **{k: round(v, 2) for k, v in breakdown.items()}, "tasks": len(ran), "per_task": per_task}
+    return {
+        "wall_s": round(wall_s, 2),
+        "task_s": round(task_s, 2),
+        "overhead_s": round(wall_s - task_s, 2),
+        **{k: round(v, 2) for k, v in breakdown.items()},
+        "tasks": len(ran),
+        "per_task": per_task,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,14 +140,20 @@ def main(argv: list[str] | None = None) -> None:
     figures = analyse(chain)
     for task in figures["per_task"]:
         print(f"  {task['task']:<36} waited {task['waited_s']:6.2f}s  ran {task['run_s']:7.2f}s  try {task['try']}")
-    print(f"wall {figures['wall_s']:.1f}s, tasks {figures['task_s']:.1f}s, overhead {figures['overhead_s']:.1f}s "
-          f"(to scheduled {figures['to_scheduled_s']:.1f}s, to queued {figures['to_queued_s']:.1f}s, "
-          f"queue wait {figures['queue_wait_s']:.1f}s, client {figures['client_s']:.1f}s)", flush=True)
+    print(
+        f"wall {figures['wall_s']:.1f}s, tasks {figures['task_s']:.1f}s, overhead {figures['overhead_s']:.1f}s "
+        f"(to scheduled {figures['to_scheduled_s']:.1f}s, to queued {figures['to_queued_s']:.1f}s, "
+        f"queue wait {figures['queue_wait_s']:.1f}s, client {figures['client_s']:.1f}s)",
+        flush=True,
+    )
     result = {
         "bench": "scheduling",
         "baseline": "sum of the chain's task run times (REST API task instances, end - start), same run",
         "ratio": round(figures["wall_s"] / figures["task_s"], 3),
-        "quick": args.quick, "rows": rows, "time_limit": time_limit, "batch_rows": batch_rows,
+        "quick": args.quick,
+        "rows": rows,
+        "time_limit": time_limit,
+        "batch_rows": batch_rows,
         "executor": f"CeleryExecutor (1 worker, concurrency 2), Redis broker, metadata on {metadata}",
         **{k: v for k, v in figures.items() if k != "per_task"},
         "per_task": {t["task"]: {"run_s": t["run_s"], "waited_s": t["waited_s"]} for t in figures["per_task"]},

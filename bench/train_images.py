@@ -132,13 +132,15 @@ def plain_transform(image_size: int) -> Any:
     """The training transforms, written out as a plain script would (same as train.py's)."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
 
 
 class PlainManifestDataset:
@@ -209,7 +211,7 @@ class TimedBatches:
             "whole_run_images_per_second": steps * batch_size / whole,
             "measured_seconds": window,
             "whole_run_seconds": whole,
-            "step_seconds": step_seconds[self.warmup:],
+            "step_seconds": step_seconds[self.warmup :],
             "warmup_step_seconds": step_seconds[: self.warmup],
         }
 
@@ -222,8 +224,10 @@ class SyntheticBatches:
 
         generator = torch.Generator().manual_seed(SEED)
         self.batches = [
-            (torch.randn(batch_size, 3, image_size, image_size, generator=generator).pin_memory(),
-             torch.randint(0, classes, (batch_size,), generator=generator).pin_memory())
+            (
+                torch.randn(batch_size, 3, image_size, image_size, generator=generator).pin_memory(),
+                torch.randint(0, classes, (batch_size,), generator=generator).pin_memory(),
+            )
             for _ in range(distinct)
         ]
         self.length = length
@@ -250,8 +254,14 @@ def ours_parts(trainer: ModuleType, folder: Path, setting: Setting) -> SimpleNam
     dataset = trainer.ManifestImageDataset(items, class_to_idx, trainer.train_transform(setting.image_size))
     sampler = trainer.EpochSampler(len(dataset), setting.seed)
     per_process = len(sampler)
-    loader = trainer.make_loader(dataset, setting.batch_size, setting.workers, setting.device, sampler,
-                                 drop_last=per_process > 1 and per_process % setting.batch_size == 1)
+    loader = trainer.make_loader(
+        dataset,
+        setting.batch_size,
+        setting.workers,
+        setting.device,
+        sampler,
+        drop_last=per_process > 1 and per_process % setting.batch_size == 1,
+    )
     return SimpleNamespace(classes=classes, dataset=dataset, sampler=sampler, loader=loader)
 
 
@@ -272,18 +282,32 @@ def ours_training(trainer: ModuleType, arch: str, num_classes: int, setting: Set
     return SimpleNamespace(model=model, optimizer=optimizer, criterion=criterion, scaler=scaler)
 
 
-def run_ours(trainer: ModuleType, loader: Any, arch: str, num_classes: int, setting: Setting, epoch: int,
-             log_lines: list[str]) -> dict[str, Any]:
+def run_ours(
+    trainer: ModuleType, loader: Any, arch: str, num_classes: int, setting: Setting, epoch: int, log_lines: list[str]
+) -> dict[str, Any]:
     """One timed epoch of ``train_one_epoch`` on a fresh model; the wrapper's figures and its own."""
     parts = ours_training(trainer, arch, num_classes, setting)
     timed = TimedBatches(loader, setting.warmup + setting.steps, setting.warmup, setting.device.type == "cuda")
     result = trainer.train_one_epoch(
-        parts.model, parts.criterion, parts.optimizer, timed, setting.device, epoch, num_classes,
-        scaler=parts.scaler, amp_dtype=setting.amp_dtype, channels_last=setting.channels_last,
-        gate_metric="balanced_accuracy", log_fn=log_lines.append,
+        parts.model,
+        parts.criterion,
+        parts.optimizer,
+        timed,
+        setting.device,
+        epoch,
+        num_classes,
+        scaler=parts.scaler,
+        amp_dtype=setting.amp_dtype,
+        channels_last=setting.channels_last,
+        gate_metric="balanced_accuracy",
+        log_fn=log_lines.append,
     )
-    return {**timed.figures(setting.batch_size), "trainer_images_per_second": result["images_per_second"],
-            "trainer_seconds": result["seconds"], "loss": result["loss"]}
+    return {
+        **timed.figures(setting.batch_size),
+        "trainer_images_per_second": result["images_per_second"],
+        "trainer_seconds": result["seconds"],
+        "loss": result["loss"],
+    }
 
 
 def plain_training(arch: str, num_classes: int, setting: Setting) -> SimpleNamespace:
@@ -332,7 +356,7 @@ def plain_steps(parts: SimpleNamespace, batches: Any, setting: Setting) -> Itera
 def plain_loop(parts: SimpleNamespace, batches: Any, setting: Setting) -> float:
     """The plain training loop over ``batches``; the last loss."""
     loss = None
-    for loss in plain_steps(parts, batches, setting):
+    for loss in plain_steps(parts, batches, setting):  # noqa: B007
         pass
     return float(loss.detach()) if loss is not None else float("nan")
 
@@ -342,9 +366,14 @@ def plain_loader(dataset: Any, setting: Setting, epoch: int) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
-    return DataLoader(dataset, batch_size=setting.batch_size, shuffle=True, num_workers=setting.workers,
-                      pin_memory=setting.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(setting.seed + epoch))
+    return DataLoader(
+        dataset,
+        batch_size=setting.batch_size,
+        shuffle=True,
+        num_workers=setting.workers,
+        pin_memory=setting.device.type == "cuda",
+        generator=torch.Generator().manual_seed(setting.seed + epoch),
+    )
 
 
 def run_plain(loader: Any, arch: str, num_classes: int, setting: Setting) -> dict[str, Any]:
@@ -388,8 +417,9 @@ class Lockstep:
             yield next(batches)
 
 
-def run_lockstep(trainer: ModuleType, ours_loader: Any, plain_batches: Any, arch: str, num_classes: int,
-                 setting: Setting) -> list[tuple[float, float]]:
+def run_lockstep(
+    trainer: ModuleType, ours_loader: Any, plain_batches: Any, arch: str, num_classes: int, setting: Setting
+) -> list[tuple[float, float]]:
     """One epoch of ``train_one_epoch`` with the plain loop advanced one step between two of its steps.
 
     :return: (ours, baseline) seconds of each step pair after the warm-up.
@@ -398,9 +428,10 @@ def run_lockstep(trainer: ModuleType, ours_loader: Any, plain_batches: Any, arch
     plain = plain_training(arch, num_classes, setting)
     plain_gen = plain_steps(plain, plain_batches, setting)
     lockstep = Lockstep(ours_loader, setting.warmup + setting.steps, lambda: next(plain_gen))
-    trainer.train_one_epoch(ours.model, ours.criterion, ours.optimizer, lockstep, setting.device, 0, num_classes,
-                            log_fn=lambda _: None)
-    return list(zip(lockstep.ours, lockstep.baseline))[setting.warmup:]
+    trainer.train_one_epoch(
+        ours.model, ours.criterion, ours.optimizer, lockstep, setting.device, 0, num_classes, log_fn=lambda _: None
+    )
+    return list(zip(lockstep.ours, lockstep.baseline))[setting.warmup :]
 
 
 def summarise_lockstep(pairs: list[tuple[float, float]], batch_size: int, epochs: int) -> dict[str, Any]:
@@ -429,8 +460,9 @@ def best_seconds(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
     return best
 
 
-def cost_breakdown(trainer: ModuleType, ours: SimpleNamespace, plain: PlainManifestDataset, setting: Setting,
-                   num_classes: int) -> dict[str, Any]:
+def cost_breakdown(
+    trainer: ModuleType, ours: SimpleNamespace, plain: PlainManifestDataset, setting: Setting, num_classes: int
+) -> dict[str, Any]:
     """What ours does that the plain loop does not, each piece timed on its own on the CPU (best of many).
 
     Per step: the running loss and confusion-matrix update of ``train_one_epoch`` and its autocast
@@ -481,9 +513,14 @@ def cost_breakdown(trainer: ModuleType, ours: SimpleNamespace, plain: PlainManif
         model.train()
         trainer._keep_frozen_batchnorm_in_eval(model)
 
-    images = per_image({"ours": lambda i: ours.dataset[i], "baseline": lambda i: plain[i],
-                        "decode_ours": lambda i: trainer.load_rgb(paths[i]),
-                        "decode_baseline": lambda i: plain_decode(paths[i])})
+    images = per_image(
+        {
+            "ours": lambda i: ours.dataset[i],
+            "baseline": lambda i: plain[i],
+            "decode_ours": lambda i: trainer.load_rgb(paths[i]),
+            "decode_baseline": lambda i: plain_decode(paths[i]),
+        }
+    )
     figures = {
         "step_bookkeeping_seconds": best_seconds(bookkeeping, 200),
         "step_autocast_disabled_seconds": best_seconds(autocast_off, 1000),
@@ -494,22 +531,28 @@ def cost_breakdown(trainer: ModuleType, ours: SimpleNamespace, plain: PlainManif
         "epoch_model_train_and_frozen_bn_walk_seconds": best_seconds(epoch_start, 20),
         "epoch_sampler_seconds": best_seconds(lambda: list(ours.sampler), 20),
         "epoch_metrics_seconds": best_seconds(
-            lambda: trainer.metrics_from_confusion(confusion.view(num_classes, num_classes).cpu().numpy()), 50),
+            lambda: trainer.metrics_from_confusion(confusion.view(num_classes, num_classes).cpu().numpy()), 50
+        ),
     }
     figures["step_extra_seconds"] = figures["step_bookkeeping_seconds"] + figures["step_autocast_disabled_seconds"]
     figures["step_extra_loading_cpu_seconds"] = batch * (
-        figures["image_ours_seconds"] - figures["image_baseline_seconds"])
+        figures["image_ours_seconds"] - figures["image_baseline_seconds"]
+    )
     figures["step_loading_cpu_seconds_ours"] = batch * figures["image_ours_seconds"]
-    figures["epoch_extra_seconds"] = (figures["epoch_model_train_and_frozen_bn_walk_seconds"]
-                                      + figures["epoch_sampler_seconds"] + figures["epoch_metrics_seconds"])
+    figures["epoch_extra_seconds"] = (
+        figures["epoch_model_train_and_frozen_bn_walk_seconds"]
+        + figures["epoch_sampler_seconds"]
+        + figures["epoch_metrics_seconds"]
+    )
     return figures
 
 
 # --- agreement -----------------------------------------------------------------------------------
 
 
-def check_agreement(trainer: ModuleType, ours: SimpleNamespace, plain: PlainManifestDataset, arch: str,
-                    setting: Setting) -> dict[str, Any]:
+def check_agreement(
+    trainer: ModuleType, ours: SimpleNamespace, plain: PlainManifestDataset, arch: str, setting: Setting
+) -> dict[str, Any]:
     """Stop unless both sides read the same data the same way and take the same training step."""
     import torch
 
@@ -529,9 +572,18 @@ def check_agreement(trainer: ModuleType, ours: SimpleNamespace, plain: PlainMani
     targets = torch.tensor([plain.samples[i][1] for i in range(len(images))])
     trained = ours_training(trainer, arch, len(ours.classes), setting)
     ours_step = trainer.train_one_epoch(
-        trained.model, trained.criterion, trained.optimizer, [(images, targets)], setting.device, 0,
-        len(ours.classes), scaler=trained.scaler, amp_dtype=setting.amp_dtype, channels_last=setting.channels_last,
-        log_fn=lambda _: None)
+        trained.model,
+        trained.criterion,
+        trained.optimizer,
+        [(images, targets)],
+        setting.device,
+        0,
+        len(ours.classes),
+        scaler=trained.scaler,
+        amp_dtype=setting.amp_dtype,
+        channels_last=setting.channels_last,
+        log_fn=lambda _: None,
+    )
     plain_parts = plain_training(arch, len(plain.classes), setting)
     plain_loss = plain_loop(plain_parts, [(images.to(setting.device), targets.to(setting.device))], setting)
     tolerance = 1e-4 if setting.amp_dtype is None else 5e-2
@@ -541,12 +593,20 @@ def check_agreement(trainer: ModuleType, ours: SimpleNamespace, plain: PlainMani
             worst = max(worst, float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-12)))
     loss_difference = abs(ours_step["loss"] - plain_loss) / max(abs(plain_loss), 1e-12)
     if worst > tolerance or loss_difference > tolerance:
-        raise SystemExit(f"one training step on the same batch differs: loss {ours_step['loss']} vs {plain_loss}, "
-                         f"weights (relative difference {worst:.2e})")
-    progress(f"agreement: same classes {plain.classes}, same transforms, same tensors for images {indices} under "
-             f"the same seed, same loss ({plain_loss:.4f}) and weights after one step (relative difference {worst:.1e})")
-    return {"images_checked": len(indices), "weights_relative_difference": worst, "step_loss": plain_loss,
-            "ours_step_loss": ours_step["loss"]}
+        raise SystemExit(
+            f"one training step on the same batch differs: loss {ours_step['loss']} vs {plain_loss}, "
+            f"weights (relative difference {worst:.2e})"
+        )
+    progress(
+        f"agreement: same classes {plain.classes}, same transforms, same tensors for images {indices} under "
+        f"the same seed, same loss ({plain_loss:.4f}) and weights after one step (relative difference {worst:.1e})"
+    )
+    return {
+        "images_checked": len(indices),
+        "weights_relative_difference": worst,
+        "step_loss": plain_loss,
+        "ours_step_loss": ours_step["loss"],
+    }
 
 
 # --- runs ----------------------------------------------------------------------------------------
@@ -560,11 +620,17 @@ def interleaved(sides: dict[str, Callable[[int], dict[str, Any]]], repeats: int,
         for name in names if attempt % 2 else reversed(names):
             figures = sides[name](attempt)
             runs[name].append(figures)
-            progress(f"{label} run {attempt}/{repeats} {name}: {figures['images_per_second']:.1f} images/s over "
-                     f"{len(figures['step_seconds'])} steps ({figures['measured_seconds']:.2f} s; whole run "
-                     f"{figures['whole_run_images_per_second']:.1f} images/s"
-                     + (f"; train_one_epoch says {figures['trainer_images_per_second']:.1f}"
-                        if "trainer_images_per_second" in figures else "") + ")")
+            progress(
+                f"{label} run {attempt}/{repeats} {name}: {figures['images_per_second']:.1f} images/s over "
+                f"{len(figures['step_seconds'])} steps ({figures['measured_seconds']:.2f} s; whole run "
+                f"{figures['whole_run_images_per_second']:.1f} images/s"
+                + (
+                    f"; train_one_epoch says {figures['trainer_images_per_second']:.1f}"
+                    if "trainer_images_per_second" in figures
+                    else ""
+                )
+                + ")"
+            )
     return runs
 
 
@@ -593,8 +659,15 @@ def summarise(runs: dict[str, list]) -> dict[str, Any]:
 def gpu_resnet50(trainer: ModuleType, setting: Setting, quick: bool) -> dict[str, Any]:
     """ResNet-50, batch 256, 224 px, 1,000 classes, AMP + channels_last, synthetic batches: both sides."""
     cfg = GPU_RESNET50
-    big = Setting(**{**vars(setting), "batch_size": cfg["batch_size"], "image_size": cfg["image_size"],
-                     "warmup": cfg["warmup"], "steps": 10 if quick else 30})
+    big = Setting(
+        **{
+            **vars(setting),
+            "batch_size": cfg["batch_size"],
+            "image_size": cfg["image_size"],
+            "warmup": cfg["warmup"],
+            "steps": 10 if quick else 30,
+        }
+    )
     length = big.warmup + big.steps
     data = SyntheticBatches(big.batch_size, big.image_size, cfg["classes"], length)
 
@@ -610,8 +683,13 @@ def gpu_resnet50(trainer: ModuleType, setting: Setting, quick: bool) -> dict[str
 
     return {
         **summarise(runs),
-        "arch": "resnet50", "batch_size": big.batch_size, "image_size": big.image_size, "classes": cfg["classes"],
-        "steps": big.steps, "warmup": big.warmup, "data": "synthetic in-memory pinned CPU tensors (no decoding)",
+        "arch": "resnet50",
+        "batch_size": big.batch_size,
+        "image_size": big.image_size,
+        "classes": cfg["classes"],
+        "steps": big.steps,
+        "warmup": big.warmup,
+        "data": "synthetic in-memory pinned CPU tensors (no decoding)",
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
 
@@ -621,9 +699,12 @@ def gpu_resnet50(trainer: ModuleType, setting: Setting, quick: bool) -> dict[str
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK['image_size']} px, {QUICK['steps']} measured steps instead of "
-                             f"{FULL['image_size']} px, {FULL['steps']}")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK['image_size']} px, {QUICK['steps']} measured steps instead of "
+        f"{FULL['image_size']} px, {FULL['steps']}",
+    )
     parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=None, help="generated image and crop size in pixels")
@@ -632,11 +713,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (train.py's default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per side; the best counts")
-    parser.add_argument("--images", type=int, default=None,
-                        help="images to generate (default: batch size x (warm-up + steps), one epoch per run)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images to generate (default: batch size x (warm-up + steps), one epoch per run)",
+    )
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where CUDA is available")
-    parser.add_argument("--lockstep-epochs", type=int, default=None,
-                        help="lock-step epochs on CPU (0: none; default 2 with --quick, else 1)")
+    parser.add_argument(
+        "--lockstep-epochs",
+        type=int,
+        default=None,
+        help="lock-step epochs on CPU (0: none; default 2 with --quick, else 1)",
+    )
     return parser
 
 
@@ -648,8 +737,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     repeats = args.repeats or defaults["repeats"]
     images = args.images or args.batch_size * (args.warmup + steps)
     if images < args.batch_size * (args.warmup + steps):
-        raise SystemExit(f"--images {images}: fewer than batch size x (warm-up + steps) = "
-                         f"{args.batch_size * (args.warmup + steps)}")
+        raise SystemExit(
+            f"--images {images}: fewer than batch size x (warm-up + steps) = {args.batch_size * (args.warmup + steps)}"
+        )
     import torch
 
     trainer = import_trainer()
@@ -658,30 +748,47 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     runtime = trainer.setup_runtime(argparse.Namespace(num_gpus=0 if args.cpu else None))
     device = runtime.device
     trainer.seed_everything(SEED, False, device)  # on CUDA also cudnn.benchmark and TF32, for both sides
-    setting = Setting(device=device, amp_dtype=trainer.amp_dtype_for("auto", device),
-                      channels_last=device.type == "cuda", batch_size=args.batch_size, image_size=image_size,
-                      workers=args.workers, warmup=args.warmup, steps=steps, seed=SEED)
+    setting = Setting(
+        device=device,
+        amp_dtype=trainer.amp_dtype_for("auto", device),
+        channels_last=device.type == "cuda",
+        batch_size=args.batch_size,
+        image_size=image_size,
+        workers=args.workers,
+        warmup=args.warmup,
+        steps=steps,
+        seed=SEED,
+    )
     amp_name = str(setting.amp_dtype).removeprefix("torch.") if setting.amp_dtype else "off"
     load_before = os.getloadavg()
-    progress(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"{os.cpu_count()} cores, load {load_before[0]:.1f}; amp {amp_name}, channels_last {setting.channels_last}")
+    progress(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores, load {load_before[0]:.1f}; amp {amp_name}, channels_last {setting.channels_last}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-images-") as tmp_name:
         folder = Path(tmp_name) / "train"
         started = time.perf_counter()
         write_images(folder, images, image_size, SEED)
-        progress(f"wrote {images} PNG images of {image_size} px and manifest.csv "
-                 f"in {time.perf_counter() - started:.1f} s")
+        progress(
+            f"wrote {images} PNG images of {image_size} px and manifest.csv in {time.perf_counter() - started:.1f} s"
+        )
         ours = ours_parts(trainer, folder, setting)
         plain = PlainManifestDataset(folder, plain_transform(image_size))
         agreement = check_agreement(trainer, ours, plain, args.arch, setting)
         num_classes = len(ours.classes)
         costs = cost_breakdown(trainer, ours, plain, setting, num_classes)
-        progress("ours' extra work, timed apart: per step {:.0f} us (running loss, confusion matrix, autocast off); "
-                 "per image {:.2f} ms vs baseline {:.2f} ms (decode alone {:.2f} vs {:.2f} ms); per epoch {:.1f} ms"
-                 .format(costs["step_extra_seconds"] * 1e6, costs["image_ours_seconds"] * 1e3,
-                         costs["image_baseline_seconds"] * 1e3, costs["decode_ours_load_rgb_seconds"] * 1e3,
-                         costs["decode_baseline_seconds"] * 1e3, costs["epoch_extra_seconds"] * 1e3))
+        progress(
+            "ours' extra work, timed apart: per step {:.0f} us (running loss, confusion matrix, autocast off); "
+            "per image {:.2f} ms vs baseline {:.2f} ms (decode alone {:.2f} vs {:.2f} ms); per epoch {:.1f} ms".format(
+                costs["step_extra_seconds"] * 1e6,
+                costs["image_ours_seconds"] * 1e3,
+                costs["image_baseline_seconds"] * 1e3,
+                costs["decode_ours_load_rgb_seconds"] * 1e3,
+                costs["decode_baseline_seconds"] * 1e3,
+                costs["epoch_extra_seconds"] * 1e3,
+            )
+        )
         trainer_lines: list[str] = []
 
         def run_ours_epoch(attempt: int) -> dict[str, Any]:
@@ -691,8 +798,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         def run_plain_epoch(attempt: int) -> dict[str, Any]:
             return run_plain(plain_loader(plain, setting, attempt), args.arch, num_classes, setting)
 
-        progress(f"{args.arch}, batch {args.batch_size}, {image_size} px, {args.workers} workers: {repeats} interleaved "
-                 f"runs per side, {args.warmup} warm-up + {steps} measured steps each")
+        progress(
+            f"{args.arch}, batch {args.batch_size}, {image_size} px, {args.workers} workers: {repeats} interleaved "
+            f"runs per side, {args.warmup} warm-up + {steps} measured steps each"
+        )
         runs = interleaved({"ours": run_ours_epoch, "baseline": run_plain_epoch}, repeats, device.type)
         if trainer_lines:
             progress(f"train_one_epoch's own line (last run): {trainer_lines[-1]}")
@@ -702,40 +811,57 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             pairs: list[tuple[float, float]] = []
             for epoch in range(1, lockstep_epochs + 1):
                 ours.sampler.set_epoch(repeats + epoch)
-                pairs += run_lockstep(trainer, ours.loader, plain_loader(plain, setting, repeats + epoch), args.arch,
-                                      num_classes, setting)
-                progress(f"lock-step epoch {epoch}/{lockstep_epochs} (a baseline step between two of "
-                         f"train_one_epoch's): median paired ratio so far {statistics.median(b / o for o, b in pairs):.3f}")
+                pairs += run_lockstep(
+                    trainer, ours.loader, plain_loader(plain, setting, repeats + epoch), args.arch, num_classes, setting
+                )
+                progress(
+                    f"lock-step epoch {epoch}/{lockstep_epochs} (a baseline step between two of "
+                    f"train_one_epoch's): median paired ratio so far {statistics.median(b / o for o, b in pairs):.3f}"
+                )
             lockstep = summarise_lockstep(pairs, args.batch_size, lockstep_epochs)
-            progress(f"lock-step: ours {lockstep['ours_images_per_second']:.1f} images/s, baseline "
-                     f"{lockstep['baseline_images_per_second']:.1f} images/s over {lockstep['pairs']} step pairs; "
-                     f"median of paired ratios {lockstep['ratio']:.3f}, ratio of sums {lockstep['ratio_of_sums']:.3f}")
+            progress(
+                f"lock-step: ours {lockstep['ours_images_per_second']:.1f} images/s, baseline "
+                f"{lockstep['baseline_images_per_second']:.1f} images/s over {lockstep['pairs']} step pairs; "
+                f"median of paired ratios {lockstep['ratio']:.3f}, ratio of sums {lockstep['ratio_of_sums']:.3f}"
+            )
         del ours.loader  # ends the persistent workers before the GPU part
     figures = summarise(runs)
     # what the extra work alone would cost: on 2 saturated cores, loader CPU time displaces compute
     step = figures["baseline_median_step_seconds"]
-    extra = (costs["step_extra_seconds"] + max(0.0, costs["step_extra_loading_cpu_seconds"])
-             + costs["epoch_extra_seconds"] / (args.warmup + steps))
+    extra = (
+        costs["step_extra_seconds"]
+        + max(0.0, costs["step_extra_loading_cpu_seconds"])
+        + costs["epoch_extra_seconds"] / (args.warmup + steps)
+    )
     costs["expected_ratio_from_costs"] = step / (step + extra) if device.type == "cpu" else None
     figures["costs"] = costs
-    figures["lockstep"] = lockstep or {"measured": False,
-                                       "reason": "CPU only" if device.type != "cpu" else "--lockstep-epochs 0"}
-    progress(f"ratio {figures['ratio']:.3f} (best runs), whole runs {figures['ratio_whole_run']:.3f}"
-             + (f", lock-step {lockstep['ratio']:.3f}" if lockstep else ""))
+    figures["lockstep"] = lockstep or {
+        "measured": False,
+        "reason": "CPU only" if device.type != "cpu" else "--lockstep-epochs 0",
+    }
+    progress(
+        f"ratio {figures['ratio']:.3f} (best runs), whole runs {figures['ratio_whole_run']:.3f}"
+        + (f", lock-step {lockstep['ratio']:.3f}" if lockstep else "")
+    )
 
     if device.type == "cuda":
         progress("GPU: ResNet-50, batch 256, 224 px, synthetic batches, both sides")
         gpu = gpu_resnet50(trainer, setting, args.quick)
-        progress(f"GPU ResNet-50: ours {gpu['ours_images_per_second']:.0f} images/s, baseline "
-                 f"{gpu['baseline_images_per_second']:.0f} images/s, ratio {gpu['ratio']:.3f}")
+        progress(
+            f"GPU ResNet-50: ours {gpu['ours_images_per_second']:.0f} images/s, baseline "
+            f"{gpu['baseline_images_per_second']:.0f} images/s, ratio {gpu['ratio']:.3f}"
+        )
     else:
-        gpu = {"measured": False, "reason": "no CUDA device: ResNet-50 at batch 256 with AMP + channels_last is "
-                                            "measured only where torch.cuda.is_available()"}
+        gpu = {
+            "measured": False,
+            "reason": "no CUDA device: ResNet-50 at batch 256 with AMP + channels_last is "
+            "measured only where torch.cuda.is_available()",
+        }
     ratio = figures["ratio"]
     return {
         "bench": "train_images",
         "baseline": f"plain PyTorch loop: PIL manifest Dataset + same transforms, DataLoader, torchvision "
-                    f"{args.arch}, SGD, CrossEntropyLoss",
+        f"{args.arch}, SGD, CrossEntropyLoss",
         **figures,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

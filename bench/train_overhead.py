@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -69,8 +68,6 @@ RUN_ID = "bench__train_overhead"
 def progress(message: str) -> None:
     """Print one progress line at once."""
     print(f"[train_overhead bench] {message}", flush=True)
-
-
 
 
 def tree_bytes(folder: Path) -> int:
@@ -108,7 +105,7 @@ class LineClock(logging.Handler):
         message = record.getMessage()
         self.lines.append((record.created, message))
         if message.startswith("[train] [train.py]"):
-            progress(f"  ours: {message[len('[train] '):][:160]}")
+            progress(f"  ours: {message[len('[train] ') :][:160]}")
 
     def first(self, pattern: str, after: float = 0.0) -> float | None:
         for at, message in self.lines:
@@ -160,9 +157,9 @@ class TaskSteps:
 
 def write_parts(frame: Any) -> dict[str, Any]:
     """Split the table into the temporary lake where the train task reads it; return the split record."""
+    from conveyor.data.splits import write_split
     from conveyor.lake import Lake
     from conveyor.spec import get_spec
-    from conveyor.data.splits import write_split
 
     return write_split(Lake.from_env(), get_spec(PIPELINE), "bench", RUN_ID, frame)
 
@@ -185,7 +182,8 @@ def run_ours(record: dict[str, Any], time_limit: int, attempt: int, log_dir: Pat
     logger.setLevel(logging.INFO)
     logger.propagate = False
     operator = TrainModelOperator(
-        task_id="train", spec=get_spec(PIPELINE).model_dump(mode="json"),
+        task_id="train",
+        spec=get_spec(PIPELINE).model_dump(mode="json"),
         split={"dataset_version": "bench", "parts": record["parts"]},
         time_limit=time_limit,
     )
@@ -327,12 +325,16 @@ def run_baseline(
     predictor.clone_for_deployment(path=str(workdir / "predictor"))
     ended = time.perf_counter()
 
-    logged = [(float(line.split(" ", 1)[0]), line.split(" ", 1)[1] if " " in line else "")
-              for line in log_file.read_text().splitlines() if re.match(r"^\d+\.\d+ ", line)]
+    logged = [
+        (float(line.split(" ", 1)[0]), line.split(" ", 1)[1] if " " in line else "")
+        for line in log_file.read_text().splitlines()
+        if re.match(r"^\d+\.\d+ ", line)
+    ]
     text = "\n".join(message for _, message in logged)
     if log_dir is not None:
         (log_dir / f"baseline-{attempt}.log").write_text(
-            "\n".join(f"{at - wall_started:8.2f} {message}" for at, message in logged) + "\n")
+            "\n".join(f"{at - wall_started:8.2f} {message}" for at, message in logged) + "\n"
+        )
     runtime = re.search(r"total runtime = ([\d.]+)s", text)
     ag_saved = next((at for at, message in logged if message.startswith("TabularPredictor saved")), None)
     fit_seconds = fitted - started
@@ -363,13 +365,17 @@ def run_baseline(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_ROWS:,} rows and {QUICK_LIMIT} s instead of {FULL_ROWS:,} rows and {FULL_LIMIT} s")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_ROWS:,} rows and {QUICK_LIMIT} s instead of {FULL_ROWS:,} rows and {FULL_LIMIT} s",
+    )
     parser.add_argument("--rows", type=int, default=None, help="rows to generate (overrides --quick)")
     parser.add_argument("--time-limit", type=int, default=None, help="training budget in seconds (overrides --quick)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per side, interleaved; the best counts")
-    parser.add_argument("--log-dir", type=Path, default=None,
-                        help="write each side's log lines there, with seconds since its start")
+    parser.add_argument(
+        "--log-dir", type=Path, default=None, help="write each side's log lines there, with seconds since its start"
+    )
     return parser
 
 
@@ -382,19 +388,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-train-") as tmp_name:
         tmp = Path(tmp_name)
         isolate(tmp)
+        from conveyor.data.splits import split_frame
         from conveyor.demo import churn_frame
         from conveyor.spec import get_spec
-        from conveyor.data.splits import split_frame
 
         progress("fresh interpreter importing AutoGluon (also warms the file cache for both sides)")
         fresh = fresh_import_seconds()
-        progress(f"fresh interpreter: {fresh['wall']:.2f} s in all; numpy+pandas {fresh['numpy_pandas']:.2f} s, "
-                 f"AutoGluon {fresh['autogluon']:.2f} s")
+        progress(
+            f"fresh interpreter: {fresh['wall']:.2f} s in all; numpy+pandas {fresh['numpy_pandas']:.2f} s, "
+            f"AutoGluon {fresh['autogluon']:.2f} s"
+        )
         progress(f"generating {rows:,} rows and writing the split into a temporary lake")
         frame = churn_frame(rows)
         record = write_parts(frame)
         parts = split_frame(frame, get_spec(PIPELINE))
-        progress(f"split: {({k: v['rows'] for k, v in record['parts'].items()})}; time limit {time_limit} s")
+        progress(f"split: { ({k: v['rows'] for k, v in record['parts'].items()}) }; time limit {time_limit} s")
         log_file = tmp / "baseline-autogluon.log"
         baseline_import = import_autogluon(log_file)
         progress(f"AutoGluon imported in this process in {baseline_import:.2f} s (baseline's import, not in its time)")
@@ -403,25 +411,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for attempt in range(1, args.repeats + 1):
             progress(f"run {attempt}/{args.repeats} ours: TrainModelOperator.execute (child process, pack, upload)")
             ours_runs.append(run_ours(record, time_limit, attempt, args.log_dir))
-            progress(f"run {attempt}/{args.repeats} ours: {ours_runs[-1]['seconds']:.2f} s "
-                     f"(child {ours_runs[-1]['child_seconds']:.2f} s, AutoGluon fit {ours_runs[-1]['autogluon_fit_runtime']} s)")
+            progress(
+                f"run {attempt}/{args.repeats} ours: {ours_runs[-1]['seconds']:.2f} s "
+                f"(child {ours_runs[-1]['child_seconds']:.2f} s, AutoGluon fit {ours_runs[-1]['autogluon_fit_runtime']} s)"  # noqa: E501
+            )
             progress(f"run {attempt}/{args.repeats} baseline: TabularPredictor.fit + clone_for_deployment in-process")
             baseline_runs.append(run_baseline(parts, time_limit, tmp / "baseline", log_file, attempt, args.log_dir))
-            progress(f"run {attempt}/{args.repeats} baseline: {baseline_runs[-1]['seconds']:.2f} s "
-                     f"(fit {baseline_runs[-1]['fit_seconds']:.2f} s, clone {baseline_runs[-1]['clone_seconds']:.2f} s, "
-                     f"AutoGluon fit {baseline_runs[-1]['autogluon_fit_runtime']} s)")
+            progress(
+                f"run {attempt}/{args.repeats} baseline: {baseline_runs[-1]['seconds']:.2f} s "
+                f"(fit {baseline_runs[-1]['fit_seconds']:.2f} s, clone {baseline_runs[-1]['clone_seconds']:.2f} s, "
+                f"AutoGluon fit {baseline_runs[-1]['autogluon_fit_runtime']} s)"
+            )
 
     ours = min(ours_runs, key=lambda r: r["seconds"])
     baseline = min(baseline_runs, key=lambda r: r["seconds"])
     for name, side in (("ours", ours), ("baseline", baseline)):
         if side["breakdown"]:
-            progress(f"{name}, where the time went: " + ", ".join(f"{k} {v:.2f} s" for k, v in side["breakdown"].items()))
+            progress(
+                f"{name}, where the time went: " + ", ".join(f"{k} {v:.2f} s" for k, v in side["breakdown"].items())
+            )
     repack = ours["repack"]
-    progress(f"same archive content ({repack['uncompressed_bytes'] / 2**20:.1f} MiB) packed again: gzip level 6 "
-             f"{repack['level6_seconds']:.2f} s ({repack['level6_bytes'] / 2**20:.1f} MiB), level 1 "
-             f"{repack['level1_seconds']:.2f} s ({repack['level1_bytes'] / 2**20:.1f} MiB); the task's level 9 took "
-             f"{(ours['breakdown'] or {}).get('task_pack_model_tar_gz', float('nan')):.2f} s "
-             f"({ours['model_tar_gz_bytes'] / 2**20:.1f} MiB)")
+    progress(
+        f"same archive content ({repack['uncompressed_bytes'] / 2**20:.1f} MiB) packed again: gzip level 6 "
+        f"{repack['level6_seconds']:.2f} s ({repack['level6_bytes'] / 2**20:.1f} MiB), level 1 "
+        f"{repack['level1_seconds']:.2f} s ({repack['level1_bytes'] / 2**20:.1f} MiB); the task's level 9 took "
+        f"{(ours['breakdown'] or {}).get('task_pack_model_tar_gz', float('nan')):.2f} s "
+        f"({ours['model_tar_gz_bytes'] / 2**20:.1f} MiB)"
+    )
     ratio = ours["seconds"] / baseline["seconds"]
     same_fit = None
     if ours["breakdown"] and baseline["breakdown"]:
@@ -434,8 +450,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "ours_outside_fit_seconds": ours_outside,
             "baseline_outside_fit_seconds": baseline_outside,
         }
-        progress(f"outside the fit: ours {ours_outside:.2f} s, baseline {baseline_outside:.2f} s; "
-                 f"ratio at equal fit time {same_fit['ratio']:.3f}")
+        progress(
+            f"outside the fit: ours {ours_outside:.2f} s, baseline {baseline_outside:.2f} s; "
+            f"ratio at equal fit time {same_fit['ratio']:.3f}"
+        )
     figures = {
         "ratio": ratio,
         "ratio_at_equal_fit_time": same_fit,

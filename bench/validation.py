@@ -308,8 +308,8 @@ def _reset_peak() -> bool:
 
 def measure_memory_child(step_name: str, rows: int) -> dict[str, Any]:
     """In this (fresh) process: build the frame, run the step once, return its extra peak RSS."""
-    from conveyor.demo import churn_frame
     from conveyor.data.validation import load_suite
+    from conveyor.demo import churn_frame
 
     suite, step = load_suite(SUITE), STEPS[step_name]
     step(churn_frame(WARMUP_ROWS), suite)  # imports, GX context machinery: not per-row memory
@@ -351,8 +351,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison and return the figures (the JSON line)."""
-    from conveyor.demo import churn_frame
     from conveyor.data.validation import load_suite
+    from conveyor.demo import churn_frame
 
     rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     suite = load_suite(SUITE)

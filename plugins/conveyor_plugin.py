@@ -16,7 +16,7 @@ class ConveyorPlugin(AirflowPlugin):
     name = "conveyor"
 
     @property
-    def fastapi_apps(self) -> list[dict]:
+    def fastapi_apps(self) -> list[dict]:  # type: ignore[override]
         from conveyor.reports.viewer import app
 
         return [{"app": app, "url_prefix": VIEWER_PREFIX, "name": "Conveyor reports"}]

@@ -59,9 +59,9 @@ def ingest_and_validate(
     spec = spec if spec is not None else pipeline_spec_dict(pipeline)
     ctx = context(run_id)
     ingested = IngestDropOperator(task_id="ingest", spec=spec, drop=drop).execute(ctx)
-    validated = ValidateDatasetOperator(
-        task_id="validate", spec=spec, drop=drop, version=ingested["version"]
-    ).execute(ctx)
+    validated = ValidateDatasetOperator(task_id="validate", spec=spec, drop=drop, version=ingested["version"]).execute(
+        ctx
+    )
     return ingested, validated
 
 

@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,12 @@ def aws_connection(monkeypatch: pytest.MonkeyPatch, endpoint_url: str, conn_id: 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    connection = {"conn_type": "aws", "login": "testing", "password": "testing",
-                  "extra": {"endpoint_url": endpoint_url, "region_name": REGION}}
+    connection = {
+        "conn_type": "aws",
+        "login": "testing",
+        "password": "testing",
+        "extra": {"endpoint_url": endpoint_url, "region_name": REGION},
+    }
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(connection))
 
 
@@ -65,7 +69,7 @@ def sagemaker_aws(moto_server, monkeypatch) -> str:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
 
 
@@ -96,7 +100,7 @@ class TrainingEmulator:
         self.environments: dict[str, dict[str, str]] = {}
         self._threads: list[threading.Thread] = []
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> "TrainingEmulator":
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> TrainingEmulator:
         """Wrap moto's CreateTrainingJob so every new job gets its container run."""
         from moto.sagemaker.exceptions import ResourceInUseException
         from moto.sagemaker.models import SageMakerModelBackend
@@ -107,8 +111,10 @@ class TrainingEmulator:
         def create_training_job(backend: Any, **kwargs: Any) -> Any:
             name = kwargs["training_job_name"]
             if name in backend.training_jobs:
-                raise ResourceInUseException(f"Training job names must be unique within an AWS account and region, "
-                                             f"and a training job with this name already exists ({name})")
+                raise ResourceInUseException(
+                    f"Training job names must be unique within an AWS account and region, "
+                    f"and a training job with this name already exists ({name})"
+                )
             job = original(backend, **kwargs)
             job.training_job_status, job.secondary_status = "InProgress", "Starting"
             job.training_end_time = None
@@ -130,8 +136,13 @@ class TrainingEmulator:
     def _client(self, service: str) -> Any:
         import boto3
 
-        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=REGION,
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def _run_safely(self, job: Any) -> None:
         try:
@@ -146,7 +157,7 @@ class TrainingEmulator:
         target.mkdir(parents=True, exist_ok=True)
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                rel = item["Key"][len(prefix):].lstrip("/")
+                rel = item["Key"][len(prefix) :].lstrip("/")
                 if rel:
                     (target / rel).parent.mkdir(parents=True, exist_ok=True)
                     s3.download_file(bucket, item["Key"], str(target / rel))
@@ -162,8 +173,9 @@ class TrainingEmulator:
         root = Path(tempfile.mkdtemp(prefix=f"sm-{job.training_job_name}-"))
         hps = {k: _decode(v) for k, v in (job.hyper_parameters or {}).items()}
         for channel in job.input_data_config or []:
-            self._download_prefix(channel["DataSource"]["S3DataSource"]["S3Uri"],
-                                  root / "input" / "data" / channel["ChannelName"])
+            self._download_prefix(
+                channel["DataSource"]["S3DataSource"]["S3Uri"], root / "input" / "data" / channel["ChannelName"]
+            )
         code = root / "code"
         code.mkdir()
         source = root / "sourcedir.tar.gz"
@@ -175,30 +187,51 @@ class TrainingEmulator:
 
         def local(value: Any) -> str:  # the container's /opt/ml is this folder
             text = _arg(value)
-            return str(root / text[len("/opt/ml/"):]) if text.startswith("/opt/ml/") else text
+            return str(root / text[len("/opt/ml/") :]) if text.startswith("/opt/ml/") else text
 
         user = {k: v for k, v in hps.items() if not k.startswith("sagemaker_")}
         args = [item for key in sorted(user) for item in (f"--{key}", local(user[key]))]
         channels = [c["ChannelName"] for c in job.input_data_config or []]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update({f"SM_CHANNEL_{name.upper()}": str(root / "input" / "data" / name) for name in channels})
-        env.update(SM_MODEL_DIR=str(root / "model"), SM_OUTPUT_DATA_DIR=str(root / "output" / "data"),
-                   SM_CHANNELS=json.dumps(channels), SM_HPS=json.dumps(user), SM_USER_ARGS=json.dumps(args),
-                   SM_NUM_GPUS="0", SM_CURRENT_HOST="algo-1", SM_HOSTS=json.dumps(["algo-1"]),
-                   SM_MODULE_DIR=str(hps["sagemaker_submit_directory"]), SM_INPUT_DIR=str(root / "input"),
-                   SM_OUTPUT_DIR=str(root / "output"), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        env.update(
+            SM_MODEL_DIR=str(root / "model"),
+            SM_OUTPUT_DATA_DIR=str(root / "output" / "data"),
+            SM_CHANNELS=json.dumps(channels),
+            SM_HPS=json.dumps(user),
+            SM_USER_ARGS=json.dumps(args),
+            SM_NUM_GPUS="0",
+            SM_CURRENT_HOST="algo-1",
+            SM_HOSTS=json.dumps(["algo-1"]),
+            SM_MODULE_DIR=str(hps["sagemaker_submit_directory"]),
+            SM_INPUT_DIR=str(root / "input"),
+            SM_OUTPUT_DIR=str(root / "output"),
+            CUDA_VISIBLE_DEVICES="",
+            PYTHONUNBUFFERED="1",
+        )
         command = [sys.executable, hps["sagemaker_program"], *args]
         self.commands[job.training_job_name] = command
         self.environments[job.training_job_name] = {k: v for k, v in env.items() if k.startswith("SM_")}
         job.secondary_status = "Training"
         started = time.monotonic()
-        proc = subprocess.run(command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=job.stopping_condition["MaxRuntimeInSeconds"])
+        proc = subprocess.run(
+            command,
+            cwd=code,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=job.stopping_condition["MaxRuntimeInSeconds"],
+        )
         lines = proc.stdout.splitlines() or ["(no output)"]
         self._write_log(job.training_job_name, lines)
         if proc.returncode != 0:
-            self._end(job, "Failed", f"AlgorithmError: ExecuteUserScriptError: ExitCode {proc.returncode} "
-                                     f"ErrorMessage \"{lines[-1][:200]}\" Command \"{' '.join(command[1:3])} ...\"")
+            self._end(
+                job,
+                "Failed",
+                f"AlgorithmError: ExecuteUserScriptError: ExitCode {proc.returncode} "
+                f'ErrorMessage "{lines[-1][:200]}" Command "{" ".join(command[1:3])} ..."',
+            )
             return
         artifact = job.model_artifacts["S3ModelArtifacts"]
         self._upload_tar(root / "model", artifact)
@@ -225,11 +258,11 @@ class TrainingEmulator:
         now = int(time.time() * 1000)
         events = [{"timestamp": now, "message": line} for line in lines]
         for start in range(0, len(events), 5000):
-            logs.put_log_events(logGroupName=LOG_GROUP, logStreamName=stream, logEvents=events[start:start + 5000])
+            logs.put_log_events(logGroupName=LOG_GROUP, logStreamName=stream, logEvents=events[start : start + 5000])
 
     @staticmethod
     def _end(job: Any, status: str, reason: str | None) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         job.secondary_status = status
         job.failure_reason = reason
         job.training_end_time = job.last_modified_time = now
@@ -310,8 +343,11 @@ def run_transform_job(request: dict[str, Any], model_data_url: str, s3: Any) -> 
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(Path(tmp) / "model", filter="data")
         model = LoadedModel(Path(tmp) / "model")
-        keys = sorted(item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=in_bucket, Prefix=prefix)
-                      for item in page.get("Contents", []))
+        keys = sorted(
+            item["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=in_bucket, Prefix=prefix)
+            for item in page.get("Contents", [])
+        )
         if not keys:
             raise TransformFailed(f"ClientError: no input objects under {source['S3Uri']}")
         for key in keys:
@@ -324,7 +360,7 @@ def run_transform_job(request: dict[str, Any], model_data_url: str, s3: Any) -> 
                 except Exception as exc:  # the container answers 4xx/5xx: the job fails
                     raise TransformFailed(f"ClientError: {key}: {exc}") from exc
                 answers.append(answer + ("\n" if assemble == "Line" else ""))
-            relative = key[len(prefix):].lstrip("/")
+            relative = key[len(prefix) :].lstrip("/")
             target = f"{out_prefix}/{relative}.out" if out_prefix else f"{relative}.out"
             s3.put_object(Bucket=out_bucket, Key=target, Body="".join(answers).encode("utf-8"))
             written.append(target)
@@ -345,7 +381,7 @@ class TransformEmulator:
         self.endpoint_url = endpoint_url
         self.created: list[str] = []
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> "TransformEmulator":
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> TransformEmulator:
         """Wrap moto's CreateTransformJob so every new job runs."""
         import boto3
         from moto.sagemaker.models import SageMakerModelBackend
@@ -355,11 +391,20 @@ class TransformEmulator:
 
         def create_transform_job(backend: Any, **kwargs: Any) -> Any:
             job = original(backend, **kwargs)
-            request = {"TransformInput": kwargs["transform_input"], "TransformOutput": kwargs["transform_output"],
-                       "BatchStrategy": kwargs.get("batch_strategy"), "MaxPayloadInMB": kwargs.get("max_payload_in_mb")}
+            request = {
+                "TransformInput": kwargs["transform_input"],
+                "TransformOutput": kwargs["transform_output"],
+                "BatchStrategy": kwargs.get("batch_strategy"),
+                "MaxPayloadInMB": kwargs.get("max_payload_in_mb"),
+            }
             model_data_url = backend.describe_model(kwargs["model_name"]).primary_container["ModelDataUrl"]
-            s3 = boto3.client("s3", endpoint_url=emulator.endpoint_url, region_name=REGION,
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=emulator.endpoint_url,
+                region_name=REGION,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
             try:
                 run_transform_job(request, model_data_url, s3)
             except TransformFailed as exc:
@@ -377,9 +422,16 @@ def transform_emulator(sagemaker_aws, monkeypatch) -> TransformEmulator:
     return TransformEmulator(sagemaker_aws).install(monkeypatch)
 
 
-def sagemaker_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipeline: str = "churn",
-                       compute: str = "sagemaker", registry: str = "sagemaker", trainer: dict | None = None,
-                       changes: dict | None = None, **sagemaker: Any) -> Any:
+def sagemaker_pipeline(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pipeline: str = "churn",
+    compute: str = "sagemaker",
+    registry: str = "sagemaker",
+    trainer: dict | None = None,
+    changes: dict | None = None,
+    **sagemaker: Any,
+) -> Any:
     """Point Conveyor at a copy of include/ whose pipeline runs on SageMaker; returns its spec.
 
     :param tmp_path: the test's folder (the copy goes to ``include/`` in it).

@@ -35,7 +35,8 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def sagemaker_include(target: Path, monkeypatch: Any, changes: dict[str, Any] | None = None) -> Path:
-    """Copy ``include/`` to ``target``, switch churn to SageMaker (compute, registry, role, image), point Conveyor at it.
+    """Copy ``include/`` to ``target``, switch churn to SageMaker (compute, registry, role, image),
+    point Conveyor at it.
 
     :param target: an empty folder.
     :param monkeypatch: pytest's monkeypatch (sets ``CONVEYOR_INCLUDE_DIR``).
@@ -46,8 +47,14 @@ def sagemaker_include(target: Path, monkeypatch: Any, changes: dict[str, Any] | 
     shutil.copytree(settings.PROJECT_ROOT / "include", target)
     path = target / "pipelines" / "churn.yaml"
     spec = yaml.safe_load(path.read_text())
-    spec = merge(spec, {"compute": "sagemaker", "registry": "sagemaker",
-                        "sagemaker": {"role_arn": ROLE, "inference_image_uri": IMAGE, "aws_conn_id": "aws_default"}})
+    spec = merge(
+        spec,
+        {
+            "compute": "sagemaker",
+            "registry": "sagemaker",
+            "sagemaker": {"role_arn": ROLE, "inference_image_uri": IMAGE, "aws_conn_id": "aws_default"},
+        },
+    )
     path.write_text(yaml.safe_dump(merge(spec, changes or {}), sort_keys=False))
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(target))
     return target

@@ -45,9 +45,10 @@ def run_dag(dag_id: str, log_dir: Path, conf: str | None = None) -> str:
     state = "unknown"
     started = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("w") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    ) as proc:
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc,
+    ):
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
@@ -108,9 +109,11 @@ def train_demo(pipeline: str, version: str, time_limit: int, shown: tuple[str, .
         raise SystemExit(f"The {pipeline} train run succeeded but no model is champion: see the gate report")
     reports = Lake.from_env().reports(pipeline, champion.tags.get("conveyor_run_id", ""))
     metrics = read_json(reports / "evaluation" / "metrics.json")
-    print(f"    registered model: {pipeline} version {champion.version} ({champion.tags.get('approval_status')}, "
-          "alias champion)")
-    print(f"    test metrics    : {({k: round(metrics[k], 4) for k in shown if k in metrics})}")
+    print(
+        f"    registered model: {pipeline} version {champion.version} ({champion.tags.get('approval_status')}, "
+        "alias champion)"
+    )
+    print(f"    test metrics    : { ({k: round(metrics[k], 4) for k in shown if k in metrics}) }")
     print(f"    evaluation      : {reports / 'evaluation' / 'index.html'}")
     print(f"    gate            : {reports / 'gate' / 'index.html'}")
     print(f"    model artifact  : {champion.source}")
@@ -120,9 +123,9 @@ def deploy_demo(pipeline: str) -> None:
     """Roll the champion out to the pipeline's endpoint and answer a sample request through boto3."""
     import boto3
 
+    from conveyor.data.splits import read_part
     from conveyor.serving.process import endpoint_status
     from conveyor.spec import get_spec
-    from conveyor.data.splits import read_part
 
     run_dag(f"{pipeline}__deploy", settings.state_dir() / "logs")
     spec = get_spec(pipeline)
@@ -136,14 +139,24 @@ def deploy_demo(pipeline: str) -> None:
     champion = registry.champion(pipeline)
     sample = read_part(Lake.from_env(), pipeline, champion.tags["conveyor_run_id"], "test").head(2)
     body = sample.drop(columns=[spec.data.label]).to_csv(index=False)
-    client = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
-                          aws_access_key_id="local", aws_secret_access_key="local")
+    client = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
     answer = client.invoke_endpoint(EndpointName=name, ContentType="text/csv", Accept="application/json", Body=body)
     print(f"    endpoint        : {name} at {url} (version {registry.live_version(pipeline, name)} live)")
     print(f"    sample answer   : {answer['Body'].read().decode()[:300]}")
     first = body.splitlines()
-    print("    call it yourself: curl -s " + f"{url}/invocations -H 'Content-Type: text/csv' "
-          + "--data-binary $'" + "\\n".join(first[:2]) + "'")
+    print(
+        "    call it yourself: curl -s "
+        + f"{url}/invocations -H 'Content-Type: text/csv' "
+        + "--data-binary $'"
+        + "\\n".join(first[:2])
+        + "'"
+    )
 
 
 def batch_demo(pipeline: str, rows: int) -> None:
@@ -165,9 +178,12 @@ def batch_demo(pipeline: str, rows: int) -> None:
     run_dag(f"{pipeline}__batch_predict", settings.state_dir() / "logs")
     url = warehouse_url()
     with sa.create_engine(url).connect() as conn:
-        counts = conn.execute(sa.text(
-            f"SELECT run_id, model_version, COUNT(*) FROM {pipeline}_predictions GROUP BY run_id, model_version "
-            "ORDER BY run_id DESC LIMIT 1")).fetchall()
+        counts = conn.execute(
+            sa.text(
+                f"SELECT run_id, model_version, COUNT(*) FROM {pipeline}_predictions GROUP BY run_id, model_version "
+                "ORDER BY run_id DESC LIMIT 1"
+            )
+        ).fetchall()
     print(f"    warehouse       : {url}, table {pipeline}_predictions: {counts}")
     print(f"    parquet         : {lake.uri('predictions', pipeline)}/<run>/part-*.parquet")
 
@@ -191,8 +207,10 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
     name = spec.deploy.endpoint.name or pipeline
     drop = next_drop_name(f"{pipeline}/inference")
     shifted = churn_frame(rows, seed=5000 + int(drop.rsplit("-", 1)[-1]), shifted=True)
-    say(f"The market shifts: {rows} new customers (more fibre, higher charges, a competitor's offer) "
-        f"scored in batch and {min(200, rows)} live on the endpoint")
+    say(
+        f"The market shifts: {rows} new customers (more fibre, higher charges, a competitor's offer) "
+        f"scored in batch and {min(200, rows)} live on the endpoint"
+    )
     target = lake.landing(pipeline, "inference", drop)
     target.mkdir(parents=True, exist_ok=True)
     (target / "customers.parquet").write_bytes(shifted.drop(columns=[spec.data.label]).to_parquet(index=False))
@@ -203,21 +221,38 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
     with httpx.Client(timeout=30) as client:
         for _, row in live.iterrows():
             body = row.drop(labels=[spec.data.label]).to_frame().T.to_csv(index=False)
-            client.post(f"{url}/invocations", content=body, headers={
-                "Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"live-{drop}-{row[spec.data.id_column]}"})
+            client.post(
+                f"{url}/invocations",
+                content=body,
+                headers={
+                    "Content-Type": "text/csv",
+                    "X-Amzn-SageMaker-Inference-Id": f"live-{drop}-{row[spec.data.id_column]}",
+                },
+            )
         say("The truth arrives: a feedback drop for the batch rows, POST /feedback for the live requests")
-        truth = shifted[[spec.data.id_column, spec.data.label]].rename(columns={spec.data.id_column: "id", spec.data.label: "label"})
+        truth = shifted[[spec.data.id_column, spec.data.label]].rename(
+            columns={spec.data.id_column: "id", spec.data.label: "label"}
+        )
         folder = lake.landing(pipeline, "feedback", drop)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "labels.csv").write_text(truth.to_csv(index=False))
         (folder / "_SUCCESS").write_bytes(b"")
-        answer = client.post(f"{url}/feedback", json={"feedback": [
-            {"id": f"live-{drop}-{r[spec.data.id_column]}", "label": r[spec.data.label]} for _, r in live.iterrows()]})
+        answer = client.post(
+            f"{url}/feedback",
+            json={
+                "feedback": [
+                    {"id": f"live-{drop}-{r[spec.data.id_column]}", "label": r[spec.data.label]}
+                    for _, r in live.iterrows()
+                ]
+            },
+        )
         print(f"    POST /feedback  : {answer.status_code} {answer.text}")
     run_dag(f"{pipeline}__monitor", settings.state_dir() / "logs")
     decision = load_triggers(lake, pipeline)[-1]
     report = lake.reports(pipeline, decision["run_id"]) / "monitor" / "index.html"
-    print(f"    live {decision['live']['metric']:<11}: {decision['live']['value']} over {decision['live']['labels']} new labels")
+    print(
+        f"    live {decision['live']['metric']:<11}: {decision['live']['value']} over {decision['live']['labels']} new labels"  # noqa: E501
+    )
     print(f"    monitor report  : {report}")
     for reason in decision["reasons"]:
         print(f"    reason          : {reason}")
@@ -225,10 +260,15 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
         print("    no retraining was triggered (see the report)")
         return
     before = registry_hook(spec).champion(pipeline).version
-    say(f"Retraining {pipeline} on the latest dataset plus {decision.get('labelled_rows', 0)} newly labelled rows "
-        "(the scheduler would start it on the retrain Asset event; `dags test` is started here)")
-    run_dag(f"{pipeline}__train", settings.state_dir() / "logs",
-            conf=json.dumps({"time_limit": time_limit, "labelled_rows": decision.get("labelled_uri") or ""}))
+    say(
+        f"Retraining {pipeline} on the latest dataset plus {decision.get('labelled_rows', 0)} newly labelled rows "
+        "(the scheduler would start it on the retrain Asset event; `dags test` is started here)"
+    )
+    run_dag(
+        f"{pipeline}__train",
+        settings.state_dir() / "logs",
+        conf=json.dumps({"time_limit": time_limit, "labelled_rows": decision.get("labelled_uri") or ""}),
+    )
     after = registry_hook(spec).champion(pipeline)
     if str(after.version) == str(before):
         print(f"    the retrained model did not pass the gate; version {before} stays live (see the gate report)")

@@ -62,7 +62,8 @@ def churn_logit(columns: Any) -> Any:
         + 0.012 * (monthly - 65)
         + np.where(calls >= 4, 1.3, 0.15 * calls)
         + np.where(fibre & (monthly > 85) & month_to_month, 1.1, 0.0)
-        + 0.0012 * (age - 45) ** 2 - 0.4
+        + 0.0012 * (age - 45) ** 2
+        - 0.4
     )
 
 
@@ -81,11 +82,21 @@ def churn_frame(rows: int, seed: int = 7, shifted: bool = False) -> Any:
     contract = rng.choice(CONTRACTS, rows, p=[0.25, 0.30, 0.45] if shifted else [0.55, 0.25, 0.20])
     tenure = rng.integers(0, 73, rows)
     internet = rng.choice(INTERNET, rows, p=[0.15, 0.75, 0.10] if shifted else [0.35, 0.45, 0.20])
-    monthly = np.round(rng.normal(85 if shifted else 65, 25, rows).clip(18, 140 if shifted else 120) + np.where(internet == "fiber", 15, 0), 2)
+    monthly = np.round(
+        rng.normal(85 if shifted else 65, 25, rows).clip(18, 140 if shifted else 120)
+        + np.where(internet == "fiber", 15, 0),
+        2,
+    )
     support_calls = rng.poisson(3.5 if shifted else 1.5, rows).clip(0, 12)
     age = rng.integers(18, 91, rows)
-    columns = {"contract": contract, "tenure_months": tenure, "monthly_charges": monthly,
-               "support_calls": support_calls, "internet_service": internet, "age": age}
+    columns = {
+        "contract": contract,
+        "tenure_months": tenure,
+        "monthly_charges": monthly,
+        "support_calls": support_calls,
+        "internet_service": internet,
+        "age": age,
+    }
     logit = (shifted_churn_logit if shifted else churn_logit)(columns) + rng.normal(0, 0.6, rows)
     churned = np.where(rng.random(rows) < 1 / (1 + np.exp(-logit)), "yes", "no")
     total = np.round(monthly * np.maximum(tenure, 1) * rng.uniform(0.95, 1.05, rows), 2)

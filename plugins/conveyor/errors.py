@@ -40,6 +40,5 @@ class ValidationFailed(ConveyorError):
         shown = "\n".join(f"  - {item}" for item in failures[:limit])
         more = f"\n  ... and {len(failures) - limit} more" if len(failures) > limit else ""
         super().__init__(
-            f"{dataset} failed validation: {len(failures)} expectation(s) failed\n{shown}{more}\n"
-            f"report: {report_uri}"
+            f"{dataset} failed validation: {len(failures)} expectation(s) failed\n{shown}{more}\nreport: {report_uri}"
         )

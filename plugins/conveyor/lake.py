@@ -41,11 +41,11 @@ class Lake:
     conn_id: str | None = None
 
     @classmethod
-    def from_env(cls) -> "Lake":
+    def from_env(cls) -> Lake:
         """The lake configured by the environment (the embedded default when nothing is set)."""
         return cls(root=settings.lake_uri().rstrip("/"), conn_id=settings.lake_conn_id())
 
-    def path(self, *parts: str) -> "ObjectStoragePath":
+    def path(self, *parts: str) -> ObjectStoragePath:
         """A path below the root."""
         from airflow.sdk import ObjectStoragePath
 
@@ -56,41 +56,41 @@ class Lake:
         """The URI of a path below the root, as text (for XCom, logs and reports)."""
         return "/".join([self.root, *parts])
 
-    def landing(self, pipeline: str, *parts: str) -> "ObjectStoragePath":
+    def landing(self, pipeline: str, *parts: str) -> ObjectStoragePath:
         """``landing/<pipeline>/…``: a drop (``landing(p, drop)``) or an inference drop
         (``landing(p, "inference", drop)``)."""
         return self.path("landing", pipeline, *parts)
 
-    def raw(self, pipeline: str, version: str | None = None) -> "ObjectStoragePath":
+    def raw(self, pipeline: str, version: str | None = None) -> ObjectStoragePath:
         return self.path("raw", pipeline, *([version] if version else []))
 
-    def quarantine(self, pipeline: str, drop: str) -> "ObjectStoragePath":
+    def quarantine(self, pipeline: str, drop: str) -> ObjectStoragePath:
         return self.path("quarantine", pipeline, drop)
 
-    def reports(self, pipeline: str, run_id: str) -> "ObjectStoragePath":
+    def reports(self, pipeline: str, run_id: str) -> ObjectStoragePath:
         return self.path("reports", pipeline, safe_name(run_id))
 
-    def models(self, pipeline: str, run_id: str) -> "ObjectStoragePath":
+    def models(self, pipeline: str, run_id: str) -> ObjectStoragePath:
         return self.path("models", pipeline, safe_name(run_id))
 
-    def predictions(self, pipeline: str, run_id: str) -> "ObjectStoragePath":
+    def predictions(self, pipeline: str, run_id: str) -> ObjectStoragePath:
         return self.path("predictions", pipeline, safe_name(run_id))
 
-    def capture(self, pipeline: str) -> "ObjectStoragePath":
+    def capture(self, pipeline: str) -> ObjectStoragePath:
         return self.path("capture", pipeline)
 
-    def monitor(self, pipeline: str, *parts: str) -> "ObjectStoragePath":
+    def monitor(self, pipeline: str, *parts: str) -> ObjectStoragePath:
         """``monitor/<pipeline>/…``: the monitor's records (observations, labels, history, triggers)."""
         return self.path("monitor", pipeline, *parts)
 
 
-def read_json(path: "ObjectStoragePath") -> Any:
+def read_json(path: ObjectStoragePath) -> Any:
     """Read a JSON document from the lake."""
     with path.open("r", encoding="utf-8") as handle:
         return json.load(handle)
 
 
-def write_json(path: "ObjectStoragePath", document: Any) -> None:
+def write_json(path: ObjectStoragePath, document: Any) -> None:
     """Write a JSON document to the lake (parents created; a whole object on object stores)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(document, indent=2, sort_keys=True, default=str).encode("utf-8")
@@ -98,7 +98,7 @@ def write_json(path: "ObjectStoragePath", document: Any) -> None:
         handle.write(payload)
 
 
-def copy_verified(src: "ObjectStoragePath", dst: "ObjectStoragePath", chunk_bytes: int) -> tuple[str, int]:
+def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: int) -> tuple[str, int]:
     """Stream a file to another place, hashing what was written.
 
     :param src: the file to copy.
@@ -117,13 +117,13 @@ def copy_verified(src: "ObjectStoragePath", dst: "ObjectStoragePath", chunk_byte
     return digest.hexdigest(), size
 
 
-def remove_tree(path: "ObjectStoragePath") -> None:
+def remove_tree(path: ObjectStoragePath) -> None:
     """Delete a folder (or prefix) and everything below it, if it exists."""
     if path.exists():
         path.fs.rm(path.path, recursive=True)
 
 
-def upload_tree(local_dir: Path, target: "ObjectStoragePath") -> list[str]:
+def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
     """Copy a local folder (e.g. rendered HTML reports) into the lake; returns the relative names."""
     names = []
     for path in sorted(local_dir.rglob("*")):
@@ -138,7 +138,7 @@ def upload_tree(local_dir: Path, target: "ObjectStoragePath") -> list[str]:
     return names
 
 
-def as_local_folder(path: "ObjectStoragePath", scratch: Path) -> Path:
+def as_local_folder(path: ObjectStoragePath, scratch: Path) -> Path:
     """A local folder with what a lake folder holds: the folder itself on a local lake, else a copy."""
     if path.protocol in ("file", "local", ""):
         return Path(path.path)

@@ -45,13 +45,14 @@ def pipeline_of(operator: object) -> str:
     spec = getattr(spec, "value", spec)
     if isinstance(spec, dict) and spec.get("name"):
         return str(spec["name"])
-    return str(getattr(operator, "pipeline"))
+    return str(operator.pipeline)  # type: ignore[attr-defined]
 
 
 class ReportLink(BaseOperatorLink):
     """A link to the report a task wrote under ``reports/<pipeline>/<run>/<section>/``.
 
-    The pipeline is the operator's ``spec`` name (or its ``pipeline`` attribute). Subclasses set ``name`` (the button) and
+    The pipeline is the operator's ``spec`` name (or its ``pipeline`` attribute). Subclasses set
+    ``name`` (the button) and
     ``section`` (the report's folder); each has its own XCom key (its class name).
     """
 

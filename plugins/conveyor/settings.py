@@ -3,11 +3,11 @@
 | variable | read by | default |
 |---|---|---|
 | ``CONVEYOR_STATE_DIR`` | everything local | ``<project>/.state`` (AIRFLOW_HOME, SQLite stores, the local lake) |
-| ``CONVEYOR_INCLUDE_DIR`` | DAG factory, training | ``<project>/include`` (pipelines, expectation suites, training code) |
+| ``CONVEYOR_INCLUDE_DIR`` | DAG factory, training | ``<project>/include`` (pipelines, suites, training code) |
 | ``CONVEYOR_LAKE_URI`` | every task | ``file://<state>/lake`` |
 | ``CONVEYOR_LAKE_CONN_ID`` | every task | none for local files, ``aws_default`` for ``s3://`` |
 | ``MLFLOW_TRACKING_URI`` | registry, gate | SQLite store ``<state>/mlflow/mlflow.db`` |
-| ``CONVEYOR_WAREHOUSE_URL`` | batch predictions | the ``conveyor_warehouse`` connection, else SQLite ``<state>/warehouse.db`` |
+| ``CONVEYOR_WAREHOUSE_URL`` | batch predictions | ``conveyor_warehouse`` connection, else ``<state>/warehouse.db`` |
 | ``CONVEYOR_GPU_QUEUE`` | DAG factory | ``gpu`` (the Celery queue of GPU training tasks) |
 | ``CONVEYOR_ENDPOINT_URL`` | deploy | none: deploy starts the endpoint on this host; set: the endpoint service's URL |
 | ``CONVEYOR_ENDPOINT_WORKERS`` | deploy (endpoint service) | ``1`` (workers of an endpoint run as its own service) |

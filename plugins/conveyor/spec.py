@@ -148,7 +148,7 @@ class SageMakerSpec(_Strict):
     check_interval_seconds: int = Field(30, ge=1)
 
     @model_validator(mode="after")
-    def _spot_wait(self) -> "SageMakerSpec":
+    def _spot_wait(self) -> SageMakerSpec:
         if self.max_wait_seconds is not None and self.max_wait_seconds < self.max_run_seconds:
             raise ValueError("max_wait_seconds must be at least max_run_seconds (spot waits include the run)")
         return self
@@ -206,7 +206,7 @@ class PipelineSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PipelineSpec":
+    def _consistent(self) -> PipelineSpec:
         images = self.data.format == "images"
         if images != (self.data.problem_type == "image_classification"):
             raise ValueError("data.format 'images' goes with problem_type 'image_classification'")
@@ -243,9 +243,7 @@ def load_spec(path: Path) -> PipelineSpec:
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"field '{_field_path(err['loc'])}': {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"field '{_field_path(err['loc'])}': {err['msg']}" for err in exc.errors())
         raise SpecError(f"{path}: {problems}") from None
     if spec.name != path.stem:
         raise SpecError(f"{path}: field 'name': {spec.name!r} must match the file name {path.stem!r}")

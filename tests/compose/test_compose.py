@@ -44,7 +44,9 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|PRIVATE|ACCESS_KEY|_AUTH
 ONLY_REFERENCES = re.compile(r"(\$\{[^}]+\})*")
 REFERENCE = re.compile(r"\$\{[^}]*\}")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME; "$$" is a literal "$".
-VARIABLE = re.compile(r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
+VARIABLE = re.compile(
+    r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+)
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -136,7 +138,9 @@ def schema_errors(document: dict[str, Any]) -> list[str]:
 
     schema = json.loads(SCHEMA.read_text())
     validator = jsonschema.Draft201909Validator(schema)
-    return sorted(f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(document))
+    return sorted(
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(document)
+    )
 
 
 # ------------------------------------------------------------------------------------- rules
@@ -182,12 +186,12 @@ def health_rule(doc: dict[str, Any]) -> list[str]:
         if is_one_shot(service):
             continue
         if not check.get("test") or check.get("disable"):
-            problems.append(f"{name}: no health check (and not a one-shot init job with restart: \"no\")")
+            problems.append(f'{name}: no health check (and not a one-shot init job with restart: "no")')
         elif service.get("restart") not in ("always", "unless-stopped"):
             problems.append(f"{name}: a long-running service should restart (restart: always)")
     for name, service in services.items():
         depends = service.get("depends_on") or {}
-        for target, rule in (depends.items() if isinstance(depends, dict) else ((t, {}) for t in depends)):
+        for target, rule in depends.items() if isinstance(depends, dict) else ((t, {}) for t in depends):
             condition = (rule or {}).get("condition", "service_started")
             if target not in services:
                 problems.append(f"{name}: depends on unknown service {target}")
@@ -218,7 +222,9 @@ def secret_rule(doc: dict[str, Any], secret_values: set[str]) -> list[str]:
         elif isinstance(node, list):
             for index, value in enumerate(node):
                 previous = node[index - 1] if index else None
-                if isinstance(previous, str) and re.fullmatch(r"--?[\w-]*(pass|secret|token|key)[\w-]*", previous, re.I):
+                if isinstance(previous, str) and re.fullmatch(
+                    r"--?[\w-]*(pass|secret|token|key)[\w-]*", previous, re.I
+                ):
                     if not ONLY_REFERENCES.fullmatch(str(value)):
                         problems.append(f"{where}[{index}]: a literal secret after {previous}")
                 walk(value, f"{where}[{index}]")
@@ -227,7 +233,9 @@ def secret_rule(doc: dict[str, Any], secret_values: set[str]) -> list[str]:
             for match in re.finditer(r"://([^:/@\s'\"]*):([^@/\s'\"]*)@", masked):
                 if not re.fullmatch("\0+", match.group(2)):
                     problems.append(f"{where}: a URL with a literal password ({match.group(1)}:…@)")
-            for match in re.finditer(r'"(password|secret[^"]*|token|aws_secret_access_key)"\s*:\s*"([^"]*)"', masked, re.I):
+            for match in re.finditer(
+                r'"(password|secret[^"]*|token|aws_secret_access_key)"\s*:\s*"([^"]*)"', masked, re.I
+            ):
                 if not re.fullmatch("\0+", match.group(2)):
                     problems.append(f"{where}: a JSON connection with a literal {match.group(1)}")
             for secret in secret_values:
@@ -281,7 +289,9 @@ def gpu_rule(doc: dict[str, Any], gpu_queue: str) -> list[str]:
     if as_argv(worker.get("command"))[:2] != ["celery", "worker"]:
         problems.append(f"{GPU_WORKER}: does not run 'celery worker'")
     if gpu_queue not in queues(worker):
-        problems.append(f"{GPU_WORKER}: does not serve the {gpu_queue!r} queue (serves {sorted(queues(worker)) or 'default'})")
+        problems.append(
+            f"{GPU_WORKER}: does not serve the {gpu_queue!r} queue (serves {sorted(queues(worker)) or 'default'})"
+        )
     if "gpu" not in (worker.get("profiles") or []):
         problems.append(f"{GPU_WORKER}: not in the 'gpu' profile, so `docker compose up` needs a GPU")
     if "utility" not in environment(worker).get("NVIDIA_DRIVER_CAPABILITIES", "compute,utility"):
@@ -393,7 +403,9 @@ def service_commands(doc: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
             argv = as_argv(service.get("command"))
             if service.get("entrypoint"):
                 script = "\n".join(argv)
-                found += [(name, "airflow", shlex.split(m)) for m in re.findall(r"/entrypoint airflow ([^\n;&|]+)", script)]
+                found += [
+                    (name, "airflow", shlex.split(m)) for m in re.findall(r"/entrypoint airflow ([^\n;&|]+)", script)
+                ]
             elif argv[:3] == ["python", "-m", "mlflow"]:
                 found.append((name, "mlflow", argv[3:]))
             elif argv[:3] == ["python", "-m", "uvicorn"]:
@@ -419,11 +431,17 @@ def command_errors(checks: list[tuple[str, str, list[str]]], tmp_path: Path) -> 
     :param checks: ``(where, program, argv)`` triples.
     :param tmp_path: an empty folder for a throw-away AIRFLOW_HOME.
     """
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PYTHONPATH": str(PROJECT / "plugins")}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": str(PROJECT / "plugins"),
+    }
     payload = json.dumps([[program, argv] for _, program, argv in checks])
-    result = subprocess.run([sys.executable, "-c", CHECK_COMMANDS], input=payload, capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_COMMANDS], input=payload, capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout.strip().splitlines()[-1])
     return [f"{where}: {error}" for (where, _, _), error in zip(checks, answers, strict=True) if error]
@@ -473,8 +491,10 @@ def command_results(resolved, tmp_path_factory) -> dict[str, list[str]]:
     real = service_commands(resolved)
     errors = command_errors([*real, *WRONG_COMMANDS], tmp_path_factory.mktemp("cli"))
     wrong = {where for where, _, _ in WRONG_COMMANDS}
-    return {"real": [e for e in errors if e.split(":")[0] not in wrong],
-            "wrong": [e for e in errors if e.split(":")[0] in wrong]}
+    return {
+        "real": [e for e in errors if e.split(":")[0] not in wrong],
+        "wrong": [e for e in errors if e.split(":")[0] in wrong],
+    }
 
 
 @pytest.mark.slow
@@ -501,7 +521,10 @@ def test_airflow_services_are_wired_for_the_celery_executor(resolved):
     assert common["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert common["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     assert "8080" in " ".join(services["airflow-apiserver"]["ports"])
-    assert common["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://") and "@redis:6379/" in common["AIRFLOW__CELERY__BROKER_URL"]
+    assert (
+        common["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
+        and "@redis:6379/" in common["AIRFLOW__CELERY__BROKER_URL"]
+    )
     for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
         assert "@postgres:5432/" in common[key], key
     # One JWT secret for the components that sign (scheduler) and check (api-server) task tokens.
@@ -509,7 +532,9 @@ def test_airflow_services_are_wired_for_the_celery_executor(resolved):
     for name in AIRFLOW_COMPONENTS:
         assert environment(services[name])["AIRFLOW__API_AUTH__JWT_SECRET"] == common["AIRFLOW__API_AUTH__JWT_SECRET"]
     init = services["airflow-init"]
-    assert environment(init)["_AIRFLOW_DB_MIGRATE"] == "true" and environment(init)["_AIRFLOW_WWW_USER_CREATE"] == "true"
+    assert (
+        environment(init)["_AIRFLOW_DB_MIGRATE"] == "true" and environment(init)["_AIRFLOW_WWW_USER_CREATE"] == "true"
+    )
 
 
 def test_conveyor_settings_reach_minio_mlflow_and_the_warehouse(resolved, monkeypatch):
@@ -537,25 +562,39 @@ def test_conveyor_settings_reach_minio_mlflow_and_the_warehouse(resolved, monkey
     init = environment(services["minio-init"])
     assert init["CONVEYOR_LAKE_BUCKET"] == bucket
     assert (wrapper.aws_access_key_id, wrapper.aws_secret_access_key) == (
-        init["CONVEYOR_S3_ACCESS_KEY"], init["CONVEYOR_S3_SECRET_KEY"])
+        init["CONVEYOR_S3_ACCESS_KEY"],
+        init["CONVEYOR_S3_SECRET_KEY"],
+    )
     # MLflow: the server's store is the init script's database; its artifacts go to minio-init's bucket.
     from conveyor.settings import mlflow_tracking_uri
 
     tracking = urlsplit(mlflow_tracking_uri())
     mlflow_argv = as_argv(services["mlflow"]["command"])
-    assert (tracking.scheme, tracking.hostname, tracking.port) == ("http", "mlflow", int(mlflow_argv[mlflow_argv.index("--port") + 1]))
+    assert (tracking.scheme, tracking.hostname, tracking.port) == (
+        "http",
+        "mlflow",
+        int(mlflow_argv[mlflow_argv.index("--port") + 1]),
+    )
     mlflow = environment(services["mlflow"])
     postgres = environment(services["postgres"])
     store = make_url(mlflow["MLFLOW_BACKEND_STORE_URI"])
     assert (store.host, store.username, store.password, store.database) == (
-        "postgres", postgres["MLFLOW_DB_USER"], postgres["MLFLOW_DB_PASSWORD"], postgres["MLFLOW_DB_NAME"])
+        "postgres",
+        postgres["MLFLOW_DB_USER"],
+        postgres["MLFLOW_DB_PASSWORD"],
+        postgres["MLFLOW_DB_NAME"],
+    )
     assert mlflow["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{init['MLFLOW_BUCKET']}"
     assert "mlflow" in mlflow["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     # The warehouse: what batch predictions write to, the init script's other database.
     warehouse = make_url(warehouse_url())
     assert warehouse.get_backend_name() == "postgresql"
     assert (warehouse.host, warehouse.username, warehouse.password, warehouse.database) == (
-        "postgres", postgres["WAREHOUSE_DB_USER"], postgres["WAREHOUSE_DB_PASSWORD"], postgres["WAREHOUSE_DB_NAME"])
+        "postgres",
+        postgres["WAREHOUSE_DB_USER"],
+        postgres["WAREHOUSE_DB_PASSWORD"],
+        postgres["WAREHOUSE_DB_NAME"],
+    )
 
 
 def test_postgres_init_script_is_mounted_and_given_what_it_reads(resolved):
@@ -593,8 +632,11 @@ def test_model_endpoint_serves_a_shipped_pipeline_endpoint(resolved):
     assert env["CONVEYOR_ENDPOINT"] in endpoints
     assert env["CONVEYOR_STATE_DIR"] == resolved["x-airflow-common"]["environment"]["CONVEYOR_STATE_DIR"]
     state_volume = {v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == env["CONVEYOR_STATE_DIR"]}
-    worker_state = {v.split(":")[0] for v in resolved["services"]["airflow-worker"]["volumes"]
-                    if v.split(":")[1] == env["CONVEYOR_STATE_DIR"]}
+    worker_state = {
+        v.split(":")[0]
+        for v in resolved["services"]["airflow-worker"]["volumes"]
+        if v.split(":")[1] == env["CONVEYOR_STATE_DIR"]
+    }
     assert state_volume and state_volume == worker_state  # deployments write control.json where it reads it
     argv = as_argv(service["command"])
     assert argv[argv.index("--port") + 1] == str(EndpointSpec().port)
@@ -615,8 +657,11 @@ def test_dockerfile_builds_the_pinned_airflow_with_the_project_requirements(reso
     assert base == f"apache/airflow:{pinned}-python3.11", base
     assert re.search(r"pip install [^\n]*\\?\s*-r \S*requirements\.txt -c \S*constraints\.txt", text)
     # The build context holds only what the Dockerfile copies (not .venv/ or .state/).
-    ignore = [line.strip() for line in (PROJECT / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.lstrip().startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (PROJECT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert ignore[0] == "*", ignore
     copied = {name for line in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)$", text, re.M) for name in line.split()[:-1]}
     assert copied and {f"!{name}" for name in copied} <= set(ignore), (copied, ignore)
@@ -641,28 +686,67 @@ def _set(doc: dict, path: str, value: Any) -> None:
 _DELETE = object()
 BROKEN = {
     "unknown service key": ("services/redis/helthcheck", {"test": ["CMD", "true"]}, "'helthcheck' does not match"),
-    "unknown depends_on condition": ("services/airflow-scheduler/depends_on/redis/condition", "service_healty", "service_healty"),
-    "capabilities not a list": ("services/airflow-worker-gpu/deploy/resources/reservations/devices/0/capabilities", "gpu",
-                                "capabilities"),
+    "unknown depends_on condition": (
+        "services/airflow-scheduler/depends_on/redis/condition",
+        "service_healty",
+        "service_healty",
+    ),
+    "capabilities not a list": (
+        "services/airflow-worker-gpu/deploy/resources/reservations/devices/0/capabilities",
+        "gpu",
+        "capabilities",
+    ),
     "port as a mapping of the wrong shape": ("services/minio/ports", {"9000": 9000}, "ports"),
     "no health check": ("services/redis/healthcheck", _DELETE, "redis: no health check"),
     "waits on a service without health check": ("services/minio/healthcheck", _DELETE, "waits for minio to be healthy"),
-    "literal password": ("services/postgres/environment/POSTGRES_PASSWORD", "hunter2", "POSTGRES_PASSWORD: a literal secret"),
-    "literal password in a URL": ("services/mlflow/environment/MLFLOW_BACKEND_STORE_URI",
-                                  "postgresql+psycopg2://mlflow:hunter2@postgres:5432/mlflow", "URL with a literal password"),
-    "literal password on a command line": ("services/redis/command", ["redis-server", "--requirepass", "hunter2"],
-                                           "literal secret after --requirepass"),
-    "missing mounted folder": ("services/airflow-scheduler/volumes/0", "./dag:/opt/airflow/dags:ro", "mounts ./dag, which does not exist"),
+    "literal password": (
+        "services/postgres/environment/POSTGRES_PASSWORD",
+        "hunter2",
+        "POSTGRES_PASSWORD: a literal secret",
+    ),
+    "literal password in a URL": (
+        "services/mlflow/environment/MLFLOW_BACKEND_STORE_URI",
+        "postgresql+psycopg2://mlflow:hunter2@postgres:5432/mlflow",
+        "URL with a literal password",
+    ),
+    "literal password on a command line": (
+        "services/redis/command",
+        ["redis-server", "--requirepass", "hunter2"],
+        "literal secret after --requirepass",
+    ),
+    "missing mounted folder": (
+        "services/airflow-scheduler/volumes/0",
+        "./dag:/opt/airflow/dags:ro",
+        "mounts ./dag, which does not exist",
+    ),
     "undeclared volume": ("services/airflow-worker/volumes/4", "conveyor-stat:/opt/airflow/state", "not declared"),
-    "code not mounted": ("services/airflow-triggerer/volumes", ["./dags:/opt/airflow/dags:ro"], "does not mount ./plugins"),
+    "code not mounted": (
+        "services/airflow-triggerer/volumes",
+        ["./dags:/opt/airflow/dags:ro"],
+        "does not mount ./plugins",
+    ),
     "gpu worker without a device": ("services/airflow-worker-gpu/deploy", _DELETE, "reserves no nvidia device"),
-    "gpu worker on another driver": ("services/airflow-worker-gpu/deploy/resources/reservations/devices/0/driver", "amd",
-                                     "reserves no nvidia device"),
-    "gpu worker on the default queue": ("services/airflow-worker-gpu/command", "celery worker", "does not serve the 'gpu' queue"),
+    "gpu worker on another driver": (
+        "services/airflow-worker-gpu/deploy/resources/reservations/devices/0/driver",
+        "amd",
+        "reserves no nvidia device",
+    ),
+    "gpu worker on the default queue": (
+        "services/airflow-worker-gpu/command",
+        "celery worker",
+        "does not serve the 'gpu' queue",
+    ),
     "gpu worker always started": ("services/airflow-worker-gpu/profiles", _DELETE, "not in the 'gpu' profile"),
-    "default worker takes gpu work": ("services/airflow-worker/command", "celery worker --queues default,gpu",
-                                      "airflow-worker: serves the 'gpu' queue"),
-    "server moved off its probed port": ("services/model-endpoint/command/8", "8091", "listens on 8091, its health check"),
+    "default worker takes gpu work": (
+        "services/airflow-worker/command",
+        "celery worker --queues default,gpu",
+        "airflow-worker: serves the 'gpu' queue",
+    ),
+    "server moved off its probed port": (
+        "services/model-endpoint/command/8",
+        "8091",
+        "listens on 8091, its health check",
+    ),
 }
 
 

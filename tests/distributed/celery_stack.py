@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ def utc(value: str | None) -> datetime | None:
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -109,8 +109,17 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
-def small_pipeline(name: str, *, port: int, time_limit: int = 10, approval: str = "auto", batch: bool = True,
-                  retry_delay: float = 2.0, retries: int = 2, gbm_only: bool = True) -> dict[str, Any]:
+def small_pipeline(
+    name: str,
+    *,
+    port: int,
+    time_limit: int = 10,
+    approval: str = "auto",
+    batch: bool = True,
+    retry_delay: float = 2.0,
+    retries: int = 2,
+    gbm_only: bool = True,
+) -> dict[str, Any]:
     """The demo churn pipeline made small and quick, as a pipeline file's content (a dict).
 
     No schedules (only the assets and people start runs), a trainer budget of ``time_limit``
@@ -163,7 +172,7 @@ class FaultyProxy:
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
 
-    def start(self) -> "FaultyProxy":
+    def start(self) -> FaultyProxy:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
@@ -201,7 +210,7 @@ class FaultyProxy:
         while not self._stopped.is_set():
             try:
                 client, _ = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -235,7 +244,7 @@ class FaultyProxy:
                             self._down_until = time.monotonic() + self._outage_s
                         self._cut_all()
                         return
-                    tail = seen[-len(self._pattern):]
+                    tail = seen[-len(self._pattern) :]
                 sink.sendall(chunk)
         except OSError:
             pass
@@ -327,11 +336,14 @@ class AirflowApi:
     def hitl_details(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         return self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
 
-    def answer(self, dag_id: str, run_id: str, task_id: str, options: list[str],
-               expect: Iterable[int] = (200,)) -> Any:
+    def answer(self, dag_id: str, run_id: str, task_id: str, options: list[str], expect: Iterable[int] = (200,)) -> Any:
         """Answer a human-in-the-loop request (Browse → Required Actions in the UI)."""
-        return self.call("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails",
-                         json={"chosen_options": options, "params_input": {}}, expect=expect)
+        return self.call(
+            "PATCH",
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails",
+            json={"chosen_options": options, "params_input": {}},
+            expect=expect,
+        )
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
         """Poll ``check`` until it returns something truthy; fail with the logs after ``timeout`` s."""
@@ -347,22 +359,32 @@ class AirflowApi:
             if result:
                 return result
             time.sleep(interval)
-        raise StackError(f"timed out after {timeout:.0f}s waiting for {what}"
-                         + (f" (last error: {last_error!r})" if last_error else "") + "\n" + self.diagnose())
+        raise StackError(
+            f"timed out after {timeout:.0f}s waiting for {what}"
+            + (f" (last error: {last_error!r})" if last_error else "")
+            + "\n"
+            + self.diagnose()
+        )
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float, state: str = "success") -> dict[str, Any]:
         """Wait for a run to end; fail (with task states and logs) unless it ends in ``state``."""
-        run = self.wait(f"{dag_id} run {run_id} to end", lambda: (r := self.run(dag_id, run_id))["state"] in TERMINAL and r,
-                        timeout)
+        run = self.wait(
+            f"{dag_id} run {run_id} to end", lambda: (r := self.run(dag_id, run_id))["state"] in TERMINAL and r, timeout
+        )
         if run["state"] != state:
-            raise StackError(f"{dag_id} run {run_id} ended {run['state']}, not {state}: "
-                             f"{self.task_states(dag_id, run_id)}\n{self.diagnose()}")
+            raise StackError(
+                f"{dag_id} run {run_id} ended {run['state']}, not {state}: "
+                f"{self.task_states(dag_id, run_id)}\n{self.diagnose()}"
+            )
         return run
 
     def wait_new_run(self, dag_id: str, known: set[str], timeout: float) -> dict[str, Any]:
         """Wait for a run of ``dag_id`` whose id is not in ``known`` (one an Asset or a schedule started)."""
-        return self.wait(f"a new run of {dag_id}",
-                         lambda: next((r for r in self.runs(dag_id) if r["dag_run_id"] not in known), None), timeout)
+        return self.wait(
+            f"a new run of {dag_id}",
+            lambda: next((r for r in self.runs(dag_id) if r["dag_run_id"] not in known), None),
+            timeout,
+        )
 
 
 class AirflowStack:
@@ -377,8 +399,15 @@ class AirflowStack:
 
     COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer", "worker")
 
-    def __init__(self, root: Path, pipelines: dict[str, dict[str, Any]], *, worker_concurrency: int = 2,
-                 warehouse_proxy: bool = False, heartbeat_timeout: int = 30):
+    def __init__(
+        self,
+        root: Path,
+        pipelines: dict[str, dict[str, Any]],
+        *,
+        worker_concurrency: int = 2,
+        warehouse_proxy: bool = False,
+        heartbeat_timeout: int = 30,
+    ):
         self.root = root
         self.pipelines = pipelines
         self.worker_concurrency = worker_concurrency
@@ -424,7 +453,7 @@ class AirflowStack:
 
     # -- start and stop ----------------------------------------------------------------------
 
-    def start(self, timeout: float = 300) -> "AirflowStack":
+    def start(self, timeout: float = 300) -> AirflowStack:
         """Services up, fresh databases, ``airflow db migrate``, every component started and healthy."""
         started = time.monotonic()
         services("up")
@@ -441,14 +470,27 @@ class AirflowStack:
             self.start_component(name)
         self.api = AirflowApi(self.api_url, "admin", self.airflow_home / "passwords.json", self.diagnose)
         remaining = max(30.0, timeout - (time.monotonic() - started))
-        self.api.wait("the api-server and the generated admin password",
-                      lambda: self._alive() and (self.airflow_home / "passwords.json").exists() and self.api.login(),
-                      remaining)
+        self.api.wait(
+            "the api-server and the generated admin password",
+            lambda: self._alive() and (self.airflow_home / "passwords.json").exists() and self.api.login(),
+            remaining,
+        )
         self.api.wait("scheduler, triggerer and dag-processor to report healthy", self._healthy, remaining)
-        expected = {f"{name}__{kind}" for name, spec in self.pipelines.items()
-                    for kind in ("ingest", "train", "deploy", *(["batch_predict"] if spec["deploy"]["batch"]["enabled"] else []))}
-        self.api.wait(f"the DAGs {sorted(expected)} to be parsed",
-                      lambda: self._alive() and expected <= set(self.api.dag_ids()), remaining)
+        expected = {
+            f"{name}__{kind}"
+            for name, spec in self.pipelines.items()
+            for kind in (
+                "ingest",
+                "train",
+                "deploy",
+                *(["batch_predict"] if spec["deploy"]["batch"]["enabled"] else []),
+            )
+        }
+        self.api.wait(
+            f"the DAGs {sorted(expected)} to be parsed",
+            lambda: self._alive() and expected <= set(self.api.dag_ids()),
+            remaining,
+        )
         return self
 
     def stop(self) -> None:
@@ -457,15 +499,20 @@ class AirflowStack:
             self.stop_component(name)
         if self.env:
             with contextlib.suppress(Exception):
-                subprocess.run([str(BIN / "python"), "-m", "conveyor.cli", "stop"], env=self.env, cwd=self.root,
-                               capture_output=True, timeout=120)
+                subprocess.run(
+                    [str(BIN / "python"), "-m", "conveyor.cli", "stop"],
+                    env=self.env,
+                    cwd=self.root,
+                    capture_output=True,
+                    timeout=120,
+                )
         if self.proxy is not None:
             self.proxy.stop()
         self._release_redis_db()
         with contextlib.suppress(Exception):
             services("drop-db", *self.databases.values())
 
-    def __enter__(self) -> "AirflowStack":
+    def __enter__(self) -> AirflowStack:
         try:
             return self.start()
         except BaseException:
@@ -510,8 +557,11 @@ class AirflowStack:
     def _environment(self) -> dict[str, str]:
         from cryptography.fernet import Fernet
 
-        keep = {k: v for k, v in os.environ.items()
-                if not k.startswith(("AIRFLOW", "CONVEYOR_", "MLFLOW_", "PYTEST_", "COV_"))}
+        keep = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AIRFLOW", "CONVEYOR_", "MLFLOW_", "PYTEST_", "COV_"))
+        }
         warehouse_port = self.proxy.port if self.proxy is not None else PG_PORT
         warehouse = f"postgresql://{PG_USER}@{PG_HOST}:{warehouse_port}/{self.databases['warehouse']}?sslmode=disable"
         metadata = pg_url(self.databases["airflow"])
@@ -563,17 +613,34 @@ class AirflowStack:
             wanted.append("asyncpg")  # Airflow's async engine on PostgreSQL
         missing = [name for name in wanted if importlib.util.find_spec(name) is None]
         if missing:
-            raise StackError(f"Airflow on PostgreSQL with Celery needs {', '.join(missing)} in {sys.prefix}: "
-                             "install requirements.txt")
+            raise StackError(
+                f"Airflow on PostgreSQL with Celery needs {', '.join(missing)} in {sys.prefix}: "
+                "install requirements.txt"
+            )
         log = self.root / "logs" / "db-migrate.log"
         self.logs.append(log)
         with log.open("w") as out:
-            migrate = subprocess.Popen([str(BIN / "airflow"), "db", "migrate"], env=self.env, cwd=self.root,
-                                       stdout=out, stderr=subprocess.STDOUT)
+            migrate = subprocess.Popen(
+                [str(BIN / "airflow"), "db", "migrate"],
+                env=self.env,
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
             mlflow = subprocess.run(
-                [str(BIN / "python"), "-c", "import sys; from mlflow.tracking import MlflowClient; "
-                 "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()", self.tracking_uri],
-                env=self.env, cwd=self.root, capture_output=True, text=True, timeout=300)
+                [
+                    str(BIN / "python"),
+                    "-c",
+                    "import sys; from mlflow.tracking import MlflowClient; "
+                    "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()",
+                    self.tracking_uri,
+                ],
+                env=self.env,
+                cwd=self.root,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             code = migrate.wait(timeout=600)
         if code != 0:
             raise StackError(f"airflow db migrate failed ({code}):\n{self._tail(log)}")
@@ -589,8 +656,19 @@ class AirflowStack:
             return [airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"]
         if name == "worker":
             number = self.starts.get(name, 0)
-            return [airflow, "celery", "worker", "--queues", self.queue, "--concurrency", str(self.worker_concurrency),
-                    "--celery-hostname", f"{self.queue}-{number}@%h", "--without-mingle", "--without-gossip"]
+            return [
+                airflow,
+                "celery",
+                "worker",
+                "--queues",
+                self.queue,
+                "--concurrency",
+                str(self.worker_concurrency),
+                "--celery-hostname",
+                f"{self.queue}-{number}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ]
         return [airflow, name]
 
     def start_component(self, name: str) -> subprocess.Popen:
@@ -601,8 +679,15 @@ class AirflowStack:
         command = self.command(name)
         self.starts[name] = number
         with log.open("w") as out:
-            proc = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                env=self.env,
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -650,8 +735,10 @@ class AirflowStack:
     def _healthy(self) -> bool:
         self._alive()
         health = self.api.health() if self.api else {}
-        return all((health.get(part) or {}).get("status") == "healthy"
-                   for part in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+        return all(
+            (health.get(part) or {}).get("status") == "healthy"
+            for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        )
 
     # -- data and diagnostics ----------------------------------------------------------------
 
@@ -688,6 +775,8 @@ class AirflowStack:
     def diagnose(self) -> str:
         """The tail of every component's log and of the latest task logs."""
         parts = [f"===== {log.name} (last {LOG_TAIL_LINES} lines) =====\n{self._tail(log)}" for log in self.logs]
-        parts += [f"===== task log {log.relative_to(self.airflow_home / 'logs')} =====\n{self._tail(log)}"
-                  for log in self.task_logs()]
+        parts += [
+            f"===== task log {log.relative_to(self.airflow_home / 'logs')} =====\n{self._tail(log)}"
+            for log in self.task_logs()
+        ]
         return "\n".join(parts)

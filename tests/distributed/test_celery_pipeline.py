@@ -27,8 +27,10 @@ pytestmark = pytest.mark.slow
 RUN_S = 420  # the most any one DAG run may take here (2 shared cores)
 START_S = 180  # the most a run may take to be created by an Asset event
 SAMPLE_ROW = "C-1,3,99.5,298.5,month-to-month,card,fiber,5,23,north"
-HEADER = ("customer_id,tenure_months,monthly_charges,total_charges,contract,payment_method,internet_service,"
-          "support_calls,age,region")
+HEADER = (
+    "customer_id,tenure_months,monthly_charges,total_charges,contract,payment_method,internet_service,"
+    "support_calls,age,region"
+)
 
 
 def churn(rows: int, seed: int, label: bool = True):
@@ -50,8 +52,12 @@ def versions_of(stack, model: str) -> list:
 
 def served_version(stack, pipeline: str) -> str:
     """The model version that answers a request on the pipeline's endpoint."""
-    answer = httpx.post(f"{stack.endpoint_url(pipeline)}/invocations", content=f"{HEADER}\n{SAMPLE_ROW}\n",
-                        headers={"Content-Type": "text/csv"}, timeout=30)
+    answer = httpx.post(
+        f"{stack.endpoint_url(pipeline)}/invocations",
+        content=f"{HEADER}\n{SAMPLE_ROW}\n",
+        headers={"Content-Type": "text/csv"},
+        timeout=30,
+    )
     assert answer.status_code == 200, answer.text
     return answer.headers["X-Conveyor-Model-Version"]
 
@@ -63,9 +69,12 @@ def prediction_counts(stack, table: str) -> dict[str, tuple[int, int, set[str]]]
     engine = sa.create_engine(stack.warehouse_url)
     try:
         with engine.connect() as conn:
-            found = conn.execute(sa.text(
-                f"SELECT run_id, COUNT(*), COUNT(DISTINCT customer_id), STRING_AGG(DISTINCT model_version, ',') "
-                f"FROM {table} GROUP BY run_id")).fetchall()
+            found = conn.execute(
+                sa.text(
+                    f"SELECT run_id, COUNT(*), COUNT(DISTINCT customer_id), STRING_AGG(DISTINCT model_version, ',') "
+                    f"FROM {table} GROUP BY run_id"
+                )
+            ).fetchall()
     finally:
         engine.dispose()
     return {run: (rows, customers, set(models.split(","))) for run, rows, customers, models in found}
@@ -103,7 +112,10 @@ def test_chain_from_drop_to_warehouse_through_the_rest_api(stack):
     assert ingest["conf"] == {} and ingest["run_type"] == "manual"
     api.wait_run("churn__ingest", ingest["dag_run_id"], RUN_S)
     assert api.task_states("churn__ingest", ingest["dag_run_id"]) == {
-        "wait_for_drop": "success", "ingest": "success", "validate": "success"}
+        "wait_for_drop": "success",
+        "ingest": "success",
+        "validate": "success",
+    }
 
     # New validated data starts training (the dataset Asset); approval is automatic.
     train = api.wait_new_run("churn__train", set(), START_S)
@@ -132,9 +144,13 @@ def test_chain_from_drop_to_warehouse_through_the_rest_api(stack):
 
     engine = sa.create_engine(stack.warehouse_url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT customer_id, prediction, model_name, model_version, proba_yes "
-                                    "FROM churn_predictions WHERE run_id = :run"),
-                            {"run": batch["dag_run_id"]}).fetchall()
+        rows = conn.execute(
+            sa.text(
+                "SELECT customer_id, prediction, model_name, model_version, proba_yes "
+                "FROM churn_predictions WHERE run_id = :run"
+            ),
+            {"run": batch["dag_run_id"]},
+        ).fetchall()
     engine.dispose()
     assert len(rows) == len(inputs)
     assert sorted(r.customer_id for r in rows) == sorted(inputs["customer_id"])
@@ -202,9 +218,15 @@ def test_manual_approval_approve_then_reject_through_the_rest_api(stack):
 def test_scheduler_killed_and_restarted_mid_run(stack):
     api = stack.api
     run_id = batch_run(stack, "batch-0002", rows=200, seed=101)
-    at_kill = api.wait("the run's first task to be handed to the worker",
-                       lambda: (s := api.task_states("churn__batch_predict", run_id)).get("resolve")
-                       in ("queued", "running", "success") and s, RUN_S, interval=0.3)
+    at_kill = api.wait(
+        "the run's first task to be handed to the worker",
+        lambda: (
+            (s := api.task_states("churn__batch_predict", run_id)).get("resolve") in ("queued", "running", "success")
+            and s
+        ),
+        RUN_S,
+        interval=0.3,
+    )
     stack.kill_component("scheduler")
     assert at_kill.get("score") not in ("running", "success"), f"the run was not mid-way when killed: {at_kill}"
     time.sleep(3)  # the run sits without a scheduler; its running task goes on in the worker

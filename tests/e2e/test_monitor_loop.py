@@ -21,9 +21,15 @@ def loop(airflow_db, lake, tmp_path, monkeypatch):
     from conveyor.serving.process import stop_endpoint
 
     # Tiny data and 10 s budgets: the gate's absolute floor is lowered; the comparison with v1 stays.
-    port = private_churn(tmp_path, monkeypatch, {
-        "capture_share: 0.1": "capture_share: 1.0", "min_new_labels: 200": "min_new_labels: 100",
-        "thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}": "thresholds: {roc_auc: 0.60}"})
+    port = private_churn(
+        tmp_path,
+        monkeypatch,
+        {
+            "capture_share: 0.1": "capture_share: 1.0",
+            "min_new_labels: 200": "min_new_labels: 100",
+            "thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}": "thresholds: {roc_auc: 0.60}",
+        },
+    )
     yield {"url": f"http://127.0.0.1:{port}", "lake": lake}
     stop_endpoint("churn")
 
@@ -54,15 +60,21 @@ def test_drift_and_feedback_retrain_and_replace_the_model(loop):
     assert str(run.state) == "success", states(run)
     live_rows = inference.iloc[900:1000].drop(columns=["customer_id"])
     for number, (_, row) in enumerate(live_rows.iterrows()):
-        answer = httpx.post(f"{url}/invocations", content=row.to_frame().T.to_csv(index=False, header=False),
-                            headers={"Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"req-{number}"})
+        answer = httpx.post(
+            f"{url}/invocations",
+            content=row.to_frame().T.to_csv(index=False, header=False),
+            headers={"Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"req-{number}"},
+        )
         assert answer.status_code == 200, answer.text
 
     # Ground truth: a drop for the batch rows (with bad rows), and POST /feedback for live requests.
     truth = shifted[["customer_id", "churned"]].rename(columns={"customer_id": "id", "churned": "label"})
     rows = truth.iloc[:900].copy()
-    bad = [{"id": "NOPE-1", "label": "yes"}, {"id": rows.iloc[0]["id"], "label": "no"},
-           {"id": rows.iloc[1]["id"] + "x", "label": "maybe"}]
+    bad = [
+        {"id": "NOPE-1", "label": "yes"},
+        {"id": rows.iloc[0]["id"], "label": "no"},
+        {"id": rows.iloc[1]["id"] + "x", "label": "maybe"},
+    ]
     import pandas as pd
 
     drop = pd.concat([rows, pd.DataFrame(bad)], ignore_index=True)

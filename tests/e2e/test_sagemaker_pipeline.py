@@ -23,20 +23,27 @@ from sagemaker_pipeline import sagemaker_include
 pytestmark = pytest.mark.slow
 
 
-def test_train_register_approve_deploy_and_batch_on_sagemaker(airflow_db, s3_lake, sagemaker_aws, training_emulator,
-                                                              transform_emulator, tmp_path, monkeypatch):
+def test_train_register_approve_deploy_and_batch_on_sagemaker(
+    airflow_db, s3_lake, sagemaker_aws, training_emulator, transform_emulator, tmp_path, monkeypatch
+):
     from conveyor.demo import churn_frame
     from conveyor.registry import registry_hook
     from conveyor.spec import get_spec
 
-    sagemaker_include(tmp_path / "include", monkeypatch, {
-        "trainer": {"time_limit": 10, "hyperparameters": {"GBM": {}}},
-        # A 10-second model of 1,200 rows: the gate only has to let it through (quality is not tested here).
-        "gate": {"thresholds": {"roc_auc": 0.6, "balanced_accuracy": 0.5}, "on_reject": "fail"},
-        "sagemaker": {"check_interval_seconds": 1, "inference_image_uri": None},
-        "deploy": {"endpoint": {"enabled": True, "name": "churn", "capture_share": 0.1},
-                   "batch": {"enabled": True, "chunk_rows": 700, "table": "churn_predictions"}},
-    })
+    sagemaker_include(
+        tmp_path / "include",
+        monkeypatch,
+        {
+            "trainer": {"time_limit": 10, "hyperparameters": {"GBM": {}}},
+            # A 10-second model of 1,200 rows: the gate only has to let it through (quality is not tested here).
+            "gate": {"thresholds": {"roc_auc": 0.6, "balanced_accuracy": 0.5}, "on_reject": "fail"},
+            "sagemaker": {"check_interval_seconds": 1, "inference_image_uri": None},
+            "deploy": {
+                "endpoint": {"enabled": True, "name": "churn", "capture_share": 0.1},
+                "batch": {"enabled": True, "chunk_rows": 700, "table": "churn_predictions"},
+            },
+        },
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # experiment tracking
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
@@ -52,7 +59,9 @@ def test_train_register_approve_deploy_and_batch_on_sagemaker(airflow_db, s3_lak
     assert str(train.state) == "success", states(train)
     from conveyor.aws.training import plain_s3_uri, training_job_name
 
-    assert training_emulator.created == [training_job_name("churn", "churn__train", train.run_id)]  # one, named after the run
+    assert training_emulator.created == [
+        training_job_name("churn", "churn__train", train.run_id)
+    ]  # one, named after the run
     champion = registry.champion("churn")
     assert champion is not None and str(champion.version) == "1" and champion.tags["approval_status"] == "Approved"
     assert champion.source == plain_s3_uri(s3_lake.models("churn", train.run_id) / "model.tar.gz")
@@ -90,17 +99,24 @@ def test_train_register_approve_deploy_and_batch_on_sagemaker(airflow_db, s3_lak
     assert len(transform_emulator.created) == 1
     engine = sa.create_engine(f"sqlite:///{tmp_path}/warehouse.db")
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT run_id, model_version, COUNT(*), COUNT(DISTINCT customer_id), "
-                                    "MIN(proba_yes + proba_no), MAX(proba_yes + proba_no) "
-                                    "FROM churn_predictions GROUP BY 1, 2")).fetchall()
+        rows = conn.execute(
+            sa.text(
+                "SELECT run_id, model_version, COUNT(*), COUNT(DISTINCT customer_id), "
+                "MIN(proba_yes + proba_no), MAX(proba_yes + proba_no) "
+                "FROM churn_predictions GROUP BY 1, 2"
+            )
+        ).fetchall()
     assert len(rows) == 1
     run_id, version, count, ids, low, high = rows[0]
     assert (run_id, version, count, ids) == (batch.run_id, "1", 2000, 2000)
     assert abs(low - 1) < 1e-6 and abs(high - 1) < 1e-6
     assert (s3_lake.landing("churn", "inference", "b1") / "_SCORED.json").exists()
     success = json.loads((s3_lake.predictions("churn", batch.run_id) / "_SUCCESS.json").read_text())
-    assert success["rows"] == 2000 and success["parts"] == ["part-00000.parquet", "part-00001.parquet",
-                                                            "part-00002.parquet"]
+    assert success["rows"] == 2000 and success["parts"] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     assert success["transform_job"] == transform_emulator.created[0]
     job = sagemaker.describe_transform_job(TransformJobName=transform_emulator.created[0])
     assert job["TransformJobStatus"] == "Completed" and job["ModelName"] == model["ModelName"]

@@ -56,12 +56,15 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
     # A second version whose answers differ from its evaluation: the smoke test must roll it back
     # while a client keeps calling the endpoint.
     v1 = hook.version("churn", "1")
-    source = broken_copy(v1.source, tmp_path / "broken" / "model.tar.gz",
-                         "_original_predict = predict_fn\n"
-                         "def predict_fn(data, model):\n"
-                         "    out = _original_predict(data, model)\n"
-                         "    out['prediction'] = 'no'\n"
-                         "    return out\n")
+    source = broken_copy(
+        v1.source,
+        tmp_path / "broken" / "model.tar.gz",
+        "_original_predict = predict_fn\n"
+        "def predict_fn(data, model):\n"
+        "    out = _original_predict(data, model)\n"
+        "    out['prediction'] = 'no'\n"
+        "    return out\n",
+    )
     mlflow_run = hook.ensure_run("churn", "broken-run", "broken-run", {})
     v2 = hook.register("churn", source, mlflow_run, {"conveyor_run_id": v1.tags["conveyor_run_id"]})
     hook.promote("churn", str(v2.version))
@@ -72,8 +75,9 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
         deadline = time.monotonic() + 240
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                response = httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"},
-                                      timeout=30)
+                response = httpx.post(
+                    f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}, timeout=30
+                )
                 if response.status_code == 200:
                     answers.append(response.headers.get("X-Conveyor-Model-Version"))
                 else:
@@ -90,8 +94,12 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
     assert str(run.state) == "failed" and states(run)["deploy"] == "failed"
     assert failures == [] and answers and set(answers) == {"1"}
     assert hook.live_version("churn", "churn") == "1"
-    assert httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}).headers[
-        "X-Conveyor-Model-Version"] == "1"
+    assert (
+        httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}).headers[
+            "X-Conveyor-Model-Version"
+        ]
+        == "1"
+    )
 
     # Batch: score an inference drop with version 1, twice for the same run id, no duplicates.
     import sqlalchemy as sa

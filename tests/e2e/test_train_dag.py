@@ -48,8 +48,9 @@ def pipeline_variant(tmp_path, monkeypatch, old: str, new: str) -> None:
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
 
 
-def test_train_twice_registers_gates_against_the_champion_and_promotes(airflow_db, lake, registry, dataset,
-                                                                       tmp_path, monkeypatch):
+def test_train_twice_registers_gates_against_the_champion_and_promotes(
+    airflow_db, lake, registry, dataset, tmp_path, monkeypatch
+):
     # Two short trainings can differ a little; let the second pass as long as it is within 0.5.
     pipeline_variant(tmp_path, monkeypatch, "min_improvement: 0.0", "min_improvement: -0.5")
     dag = train_dag()
@@ -106,8 +107,9 @@ def test_rejected_model_is_not_registered(airflow_db, lake, registry, dataset, t
     assert mlflow_run.data.tags["gate_decision"] == "rejected"
 
 
-def test_crashing_training_script_fails_the_run_and_registers_nothing(airflow_db, lake, registry, dataset, tmp_path,
-                                                                      monkeypatch):
+def test_crashing_training_script_fails_the_run_and_registers_nothing(
+    airflow_db, lake, registry, dataset, tmp_path, monkeypatch
+):
     include = tmp_path / "include"
     shutil.copytree(settings.include_dir(), include)
     script = include / "training" / "autogluon_tabular" / "train.py"

@@ -94,8 +94,14 @@ class Traffic:
                 try:
                     answer = client.post("/invocations", content=self.body, headers={"Content-Type": "text/csv"})
                     ok = answer.status_code == 200 and len(answer.json()["predictions"]) == 1
-                    self.outcomes.append((at, answer.status_code, answer.headers.get("X-Conveyor-Model-Version"),
-                                          None if ok else answer.text[:200]))
+                    self.outcomes.append(
+                        (
+                            at,
+                            answer.status_code,
+                            answer.headers.get("X-Conveyor-Model-Version"),
+                            None if ok else answer.text[:200],
+                        )
+                    )
                 except httpx.HTTPError as error:
                     self.outcomes.append((at, None, None, f"{type(error).__name__}: {error}"))
                 time.sleep(0.005)
@@ -124,12 +130,15 @@ def test_ping_then_predictions_equal_in_process(endpoint, client, churn_model, i
     test = churn_model["test"].head(25)
     expected = in_process.predict_frame(test)
 
-    answer = client.post("/invocations", content=csv_body(test, in_process.feature_names),
-                         headers={"Content-Type": "text/csv", "Accept": "application/json"})
+    answer = client.post(
+        "/invocations",
+        content=csv_body(test, in_process.feature_names),
+        headers={"Content-Type": "text/csv", "Accept": "application/json"},
+    )
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
     predictions = answer.json()["predictions"]
     assert [p["prediction"] for p in predictions] == expected["prediction"].tolist()
-    classes = [c[len("proba_"):] for c in expected.columns if c.startswith("proba_")]
+    classes = [c[len("proba_") :] for c in expected.columns if c.startswith("proba_")]
     assert classes and all(list(p["probabilities"]) == classes for p in predictions)
     for label in classes:
         got = [p["probabilities"][label] for p in predictions]
@@ -148,11 +157,18 @@ def test_sagemaker_runtime_client_invokes_the_endpoint(endpoint, churn_model, in
     from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint["url"], region_name="us-east-1",
-                           aws_access_key_id="x", aws_secret_access_key="x", config=Config(retries={"max_attempts": 1}))
+    runtime = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=endpoint["url"],
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(retries={"max_attempts": 1}),
+    )
     test = churn_model["test"].head(10)
-    response = runtime.invoke_endpoint(EndpointName=NAME, ContentType="text/csv",
-                                       Body=csv_body(test, in_process.feature_names))
+    response = runtime.invoke_endpoint(
+        EndpointName=NAME, ContentType="text/csv", Body=csv_body(test, in_process.feature_names)
+    )
     assert response["ContentType"] == "application/json"
     assert response["InvokedProductionVariant"] == live_version()
     predictions = json.loads(response["Body"].read())["predictions"]
@@ -174,8 +190,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(endpoint, client, chu
     assert unsupported.status_code == 415 and "'text/plain' is not supported" in unsupported.json()["error"]
     malformed_csv = client.post("/invocations", content=b'1,"unterminated\n', headers=csv)
     assert malformed_csv.status_code == 400 and "malformed CSV" in malformed_csv.json()["error"]
-    malformed_json = client.post("/invocations", content=b'{"instances": [',
-                                 headers={"Content-Type": "application/json"})
+    malformed_json = client.post(
+        "/invocations", content=b'{"instances": [', headers={"Content-Type": "application/json"}
+    )
     assert malformed_json.status_code == 400 and "application/json" in malformed_json.json()["error"]
     short = client.post("/invocations", content=b"1,2,3\n", headers=csv)
     message = short.json()["error"]
@@ -196,12 +213,16 @@ def test_rollout_under_traffic_drops_no_request(endpoint, client, churn_model, i
     with Traffic(endpoint["url"], row) as traffic:  # a connection per request: both workers answer
         es.stage_candidate(NAME, new, new_dir)
         es.wait_for_workers(NAME, new, timeout=90)
-        smoke = client.post("/invocations", content=row,
-                            headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"})
+        smoke = client.post(
+            "/invocations", content=row, headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"}
+        )
         assert (smoke.status_code, smoke.headers["X-Conveyor-Model-Version"]) == (200, new)
         es.promote_candidate(NAME)
-        wait_until(lambda: all(w["live"]["version"] == new and w["candidate"] is None for w in es.worker_states(NAME)),
-                   30, "every worker swapped")
+        wait_until(
+            lambda: all(w["live"]["version"] == new and w["candidate"] is None for w in es.worker_states(NAME)),
+            30,
+            "every worker swapped",
+        )
         seen = len(traffic.outcomes)
         wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the swap")
     print(f"\nrollout: {len(traffic.outcomes)} requests in {traffic.outcomes[-1][0]:.1f}s, failures {traffic.failures}")
@@ -225,8 +246,11 @@ def test_a_broken_candidate_is_rolled_back_under_traffic(endpoint, churn_model, 
         with pytest.raises(es.RolloutFailed, match=failed):
             es.wait_for_workers(NAME, "v-broken", timeout=60)
         es.drop_candidate(NAME)
-        wait_until(lambda: all(w["error"] is None and w["candidate"] is None for w in es.worker_states(NAME)), 30,
-                   "the candidate dropped everywhere")
+        wait_until(
+            lambda: all(w["error"] is None and w["candidate"] is None for w in es.worker_states(NAME)),
+            30,
+            "the candidate dropped everywhere",
+        )
         seen = len(traffic.outcomes)
         wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the rollback")
     assert traffic.failures == []
@@ -240,8 +264,10 @@ def connection_holder(pids: set[int], port: int) -> int | None:
 
     for pid in sorted(pids):
         with contextlib.suppress(psutil.Error):
-            if any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
-                   for c in psutil.Process(pid).net_connections("tcp")):
+            if any(
+                c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                for c in psutil.Process(pid).net_connections("tcp")
+            ):
                 return pid
     return None
 
@@ -256,18 +282,26 @@ def test_a_killed_worker_is_restarted_and_the_endpoint_keeps_answering(endpoint,
         killed_at = time.monotonic() - traffic.started
         os.kill(victim, signal.SIGKILL)
         states = wait_until(
-            lambda: (s := es.worker_states(NAME)) and len(s) == 2 and victim not in {w["pid"] for w in s}
-            and all((w["live"] or {}).get("version") == live for w in s) and s,
-            60, "a replacement worker with the live model",
+            lambda: (
+                (s := es.worker_states(NAME))
+                and len(s) == 2
+                and victim not in {w["pid"] for w in s}
+                and all((w["live"] or {}).get("version") == live for w in s)
+                and s
+            ),
+            60,
+            "a replacement worker with the live model",
         )
         restarted_at = time.monotonic() - traffic.started
         seen = len(traffic.outcomes)
         wait_until(lambda: len(traffic.outcomes) >= seen + 5, 30, "answers after the restart")
     during = [o for o in traffic.outcomes if killed_at <= o[0] <= restarted_at]
     replacement = sorted({w["pid"] for w in states} - before)
-    print(f"\nkill: worker {victim} killed at {killed_at:.2f}s, replacement {replacement} "
-          f"serving at {restarted_at:.2f}s; {len(during)} requests answered meanwhile; "
-          f"{len(traffic.outcomes)} requests, failures {traffic.failures}")
+    print(
+        f"\nkill: worker {victim} killed at {killed_at:.2f}s, replacement {replacement} "
+        f"serving at {restarted_at:.2f}s; {len(during)} requests answered meanwhile; "
+        f"{len(traffic.outcomes)} requests, failures {traffic.failures}"
+    )
     # The request in flight on the killed worker dies with it (SIGKILL leaves no time to answer); the client is
     # sequential, so at most one can; it shows as a dropped connection, never as an HTTP error. Its next request
     # opens a new connection, which the surviving worker accepts.

@@ -51,9 +51,12 @@ def test_creates_each_database_for_its_own_owner(postgres):
 
     tag = uuid.uuid4().hex[:10]
     names = {
-        "MLFLOW_DB_USER": f"t_mlflow_{tag}", "MLFLOW_DB_NAME": f"t_mlflow_db_{tag}",
-        "MLFLOW_DB_PASSWORD": "it's a \"quoted\" pass; DROP ROLE x",  # quoted by psql, never pasted into SQL
-        "WAREHOUSE_DB_USER": f"t_wh_{tag}", "WAREHOUSE_DB_NAME": f"t_wh_db_{tag}", "WAREHOUSE_DB_PASSWORD": f"pw-{tag}",
+        "MLFLOW_DB_USER": f"t_mlflow_{tag}",
+        "MLFLOW_DB_NAME": f"t_mlflow_db_{tag}",
+        "MLFLOW_DB_PASSWORD": 'it\'s a "quoted" pass; DROP ROLE x',  # quoted by psql, never pasted into SQL
+        "WAREHOUSE_DB_USER": f"t_wh_{tag}",
+        "WAREHOUSE_DB_NAME": f"t_wh_db_{tag}",
+        "WAREHOUSE_DB_PASSWORD": f"pw-{tag}",
     }
     env = {**os.environ, **postgres, **names, "POSTGRES_USER": ADMIN, "POSTGRES_DB": "postgres"}
     try:
@@ -69,8 +72,13 @@ def test_creates_each_database_for_its_own_owner(postgres):
             conn.close()
         # One service's login does not open the other's database.
         with pytest.raises(psycopg2.OperationalError, match="CONNECT privilege|permission denied"):
-            psycopg2.connect(host=HOST, port=PORT, user=names["WAREHOUSE_DB_USER"],
-                             password=names["WAREHOUSE_DB_PASSWORD"], dbname=names["MLFLOW_DB_NAME"]).close()
+            psycopg2.connect(
+                host=HOST,
+                port=PORT,
+                user=names["WAREHOUSE_DB_USER"],
+                password=names["WAREHOUSE_DB_PASSWORD"],
+                dbname=names["MLFLOW_DB_NAME"],
+            ).close()
         # A second run (the volume was kept) refuses to overwrite: it fails loudly, nothing is dropped.
         again = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode != 0 and "already exists" in again.stderr
@@ -81,9 +89,18 @@ def test_creates_each_database_for_its_own_owner(postgres):
 
 
 def test_missing_password_is_refused_before_anything_is_created(postgres):
-    env = {**os.environ, **postgres, "POSTGRES_USER": ADMIN, "POSTGRES_DB": "postgres",
-           "MLFLOW_DB_USER": "t_never", "MLFLOW_DB_NAME": "t_never_db", "MLFLOW_DB_PASSWORD": "",
-           "WAREHOUSE_DB_USER": "t_never_wh", "WAREHOUSE_DB_NAME": "t_never_wh_db", "WAREHOUSE_DB_PASSWORD": "x"}
+    env = {
+        **os.environ,
+        **postgres,
+        "POSTGRES_USER": ADMIN,
+        "POSTGRES_DB": "postgres",
+        "MLFLOW_DB_USER": "t_never",
+        "MLFLOW_DB_NAME": "t_never_db",
+        "MLFLOW_DB_PASSWORD": "",
+        "WAREHOUSE_DB_USER": "t_never_wh",
+        "WAREHOUSE_DB_NAME": "t_never_wh_db",
+        "WAREHOUSE_DB_PASSWORD": "x",
+    }
     result = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "MLFLOW_DB_PASSWORD" in result.stderr
     import psycopg2

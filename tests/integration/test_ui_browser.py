@@ -69,7 +69,9 @@ class Server:
         return json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
 
     def token(self) -> str:
-        return get_json(f"{self.url}/auth/token", data={"username": "admin", "password": self.password()})["access_token"]
+        return get_json(f"{self.url}/auth/token", data={"username": "admin", "password": self.password()})[
+            "access_token"
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +87,9 @@ def shots() -> Path:
 def browser_binaries() -> None:
     """Debian's chromium and chromedriver, installed by the project's script when missing."""
     script = PROJECT / "scripts" / "install-browser.sh"
-    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+    )
     if result.returncode != 0 or not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         pytest.skip(f"chromium could not be installed by {script}: {(result.stderr or result.stdout).strip()[-600:]}")
 
@@ -113,12 +116,23 @@ def airflow_ui(tmp_path_factory, shots) -> Server:
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-    for name in ("AIRFLOW__CORE__UNIT_TEST_MODE", "CONVEYOR_LAKE_CONN_ID", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"):
+    for name in (
+        "AIRFLOW__CORE__UNIT_TEST_MODE",
+        "CONVEYOR_LAKE_CONN_ID",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS",
+    ):
         env.pop(name, None)
     log = shots / "standalone.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, cwd=PROJECT,
-                                   stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "standalone"],
+            env=env,
+            cwd=PROJECT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     server = Server(url, home, lake_root, log, process)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -167,8 +181,14 @@ def browser(browser_binaries):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--lang=en-US"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--lang=en-US",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     yield driver
@@ -213,7 +233,9 @@ class Steps:
         from selenium.webdriver.common.by import By
 
         literal = json.dumps(text)
-        return self.visible(By.XPATH, f"{within}//*[normalize-space()={literal} or text()[normalize-space()={literal}]]")
+        return self.visible(
+            By.XPATH, f"{within}//*[normalize-space()={literal} or text()[normalize-space()={literal}]]"
+        )
 
     def says(self, text: str) -> None:
         """Wait until the page's text contains this."""
@@ -279,7 +301,13 @@ def test_train_form_shows_the_pipeline_params(person):
     person.visible(By.CSS_SELECTOR, "[data-testid=trigger-dag-button]").click()
     dialog = "//*[@role='dialog'][.//*[normalize-space()='Trigger Dag - churn__train']]"
     person.visible(By.XPATH, dialog)
-    for label in ("Run Parameters", "Dataset version", "Time budget (seconds)", "Deploy once approved", "AutoGluon presets"):
+    for label in (
+        "Run Parameters",
+        "Dataset version",
+        "Time budget (seconds)",
+        "Deploy once approved",
+        "AutoGluon presets",
+    ):
         person.text(label, within=dialog)
     driver = person.driver
     assert driver.find_element(By.NAME, "element_dataset_version").get_attribute("value") == ""
@@ -311,7 +339,9 @@ def wait_for_validation(server: Server) -> str:
             if ti["task_id"] == "validate" and ti["state"] == "success":
                 return ti["dag_run_id"]
             if ti["task_id"] in ("ingest", "validate") and ti["state"] in ("failed", "upstream_failed"):
-                pytest.fail(f"churn__ingest {ti['task_id']} {ti['state']} in {ti['dag_run_id']}; logs in {server.home}/logs")
+                pytest.fail(
+                    f"churn__ingest {ti['task_id']} {ti['state']} in {ti['dag_run_id']}; logs in {server.home}/logs"
+                )
         time.sleep(2)
     pytest.fail(f"churn__ingest did not validate the drop within {RUN_TIMEOUT_S}s:\n{server.log_tail()}")
 

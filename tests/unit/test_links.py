@@ -25,14 +25,18 @@ def ti_key(dag_id: str = "churn__train", run_id: str = RUN) -> SimpleNamespace:
 def test_report_url_quotes_the_run_and_honours_the_base_url():
     path = "/conveyor/reports/churn__train/manual__2026-01-02T03%3A04%3A05%2B00%3A00/evaluation/"
     assert report_url("churn__train", RUN, "evaluation", base_url="") == path
-    assert report_url("churn__train", RUN, "evaluation", base_url="https://airflow.example.com/") == \
-        "https://airflow.example.com" + path
+    assert (
+        report_url("churn__train", RUN, "evaluation", base_url="https://airflow.example.com/")
+        == "https://airflow.example.com" + path
+    )
 
 
 def test_base_url_comes_from_airflow_config(monkeypatch):
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://airflow.internal:8080")
-    assert report_url("churn__ingest", "r1", "validation") == \
-        "http://airflow.internal:8080/conveyor/reports/churn__ingest/r1/validation/"
+    assert (
+        report_url("churn__ingest", "r1", "validation")
+        == "http://airflow.internal:8080/conveyor/reports/churn__ingest/r1/validation/"
+    )
 
 
 def test_link_only_when_the_report_exists(lake, monkeypatch):
@@ -56,21 +60,32 @@ def test_the_pipeline_comes_from_the_operators_spec(lake, monkeypatch):
     (report / "index.html").write_text("<html></html>")
     for spec in ({"name": "churn"}, literal({"name": "churn"})):
         operator = SimpleNamespace(spec=spec)
-        assert EvaluationReportLink().get_link(operator, ti_key=ti_key()) == report_url("churn__train", RUN, "evaluation")
+        assert EvaluationReportLink().get_link(operator, ti_key=ti_key()) == report_url(
+            "churn__train", RUN, "evaluation"
+        )
 
 
 def test_each_link_has_its_own_name_section_and_xcom_key():
     links = [ValidationReportLink(), EvaluationReportLink(), GateReportLink(), BatchReportLink(), MonitorReportLink()]
-    assert [link.name for link in links] == ["Validation report", "Evaluation report", "Gate report", "Batch report",
-                                             "Monitoring report"]
+    assert [link.name for link in links] == [
+        "Validation report",
+        "Evaluation report",
+        "Gate report",
+        "Batch report",
+        "Monitoring report",
+    ]
     assert [link.section for link in links] == ["validation", "evaluation", "gate", "batch", "monitor"]
     assert len({link.xcom_key for link in links}) == 5
 
 
 @pytest.mark.parametrize(
     ("dag_kind", "task_id", "name"),
-    [("ingest", "validate", "Validation report"), ("train", "evaluate", "Evaluation report"),
-     ("train", "gate", "Gate report"), ("batch_predict", "score", "Batch report")],
+    [
+        ("ingest", "validate", "Validation report"),
+        ("train", "evaluate", "Evaluation report"),
+        ("train", "gate", "Gate report"),
+        ("batch_predict", "score", "Batch report"),
+    ],
 )
 def test_the_pipeline_tasks_carry_their_report_link(dag_kind, task_id, name):
     """The serialized DAG (what the API server reads) names the link and its XCom key."""

@@ -38,10 +38,29 @@ CSV = "text/csv"
 JSON = "application/json"
 PROBA_PREFIX = "proba_"
 # Strings read as a missing number (pandas' default NA markers, as training read CSV files).
-NA_STRINGS = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
-})
+NA_STRINGS = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 TRUE_STRINGS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_STRINGS = frozenset({"false", "f", "no", "n", "0"})
 MAX_NAMES_SHOWN = 50
@@ -135,8 +154,9 @@ def predict_fn(data: pd.DataFrame, model: TabularModel) -> pd.DataFrame:
     return out
 
 
-def transform_fn(model: TabularModel, request_body: str | bytes, request_content_type: str | None,
-                 accept: str | None) -> tuple[str, str]:
+def transform_fn(
+    model: TabularModel, request_body: str | bytes, request_content_type: str | None, accept: str | None
+) -> tuple[str, str]:
     """The whole request in one call, as AutoGluon's SageMaker inference container calls it.
 
     :param model: what :func:`model_fn` returned.
@@ -172,7 +192,7 @@ def output_fn(prediction: pd.DataFrame, accept: str | None) -> str:
     if media == CSV:
         ordered = prediction[id_columns[:1] + ["prediction"] + proba_columns]
         return ordered.to_csv(header=False, index=False, lineterminator="\n")
-    classes = [str(c)[len(PROBA_PREFIX):] for c in proba_columns]
+    classes = [str(c)[len(PROBA_PREFIX) :] for c in proba_columns]
     ids = prediction[id_columns[0]].tolist() if id_columns else None
     predictions = prediction["prediction"].tolist()
     probabilities = prediction[proba_columns].to_numpy(dtype="float64") if proba_columns else None
@@ -213,9 +233,7 @@ def parse_request(body: str | bytes, content_type: str | None, model: TabularMod
     elif media == JSON:
         rows, columns = _json_rows(_decode(body, JSON), model)
     else:
-        raise UnsupportedContentType(
-            f"content type {content_type!r} is not supported: send {CSV} or {JSON}"
-        )
+        raise UnsupportedContentType(f"content type {content_type!r} is not supported: send {CSV} or {JSON}")
     return _frame(rows, columns, model, media)
 
 
@@ -309,9 +327,7 @@ def _csv_rows(text: str, model: TabularModel) -> tuple[list[tuple[int, list[Any]
             raise ValueError(f"{CSV}: empty input: a header but no rows")
         for number, row in records:
             if len(row) != len(columns):
-                raise ValueError(
-                    f"{CSV}: row {number} has {len(row)} values; the header names {len(columns)} columns"
-                )
+                raise ValueError(f"{CSV}: row {number} has {len(row)} values; the header names {len(columns)} columns")
         return records, columns
     for number, row in records:
         if len(row) != len(model.features):

@@ -80,12 +80,14 @@ def build_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], to
     interpolation = preprocessing.get("interpolation", "bilinear")
     if interpolation not in INTERPOLATION:
         raise ValueError(f"metadata.json: preprocessing interpolation {interpolation!r} is not supported")
-    return transforms.Compose([
-        transforms.Resize(int(preprocessing["resize"]), interpolation=INTERPOLATION[interpolation], antialias=True),
-        transforms.CenterCrop(int(preprocessing["crop"])),
-        transforms.ToTensor(),
-        transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(int(preprocessing["resize"]), interpolation=INTERPOLATION[interpolation], antialias=True),
+            transforms.CenterCrop(int(preprocessing["crop"])),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -162,17 +164,22 @@ def predict_fn(data: Any, model: ImageModel) -> pd.DataFrame:
     if isinstance(data, torch.Tensor):
         if data.ndim != 4 or data.shape[1] != 3:
             raise ValueError(f"predict_fn: expected a batch of shape (N, 3, H, W), got {tuple(data.shape)}")
-        chunks = (data[i:i + BATCH_SIZE] for i in range(0, len(data), BATCH_SIZE))
+        chunks = (data[i : i + BATCH_SIZE] for i in range(0, len(data), BATCH_SIZE))
         proba = _stack([_forward(model, chunk) for chunk in chunks], len(model.class_labels))
     else:
         loaders = _frame_loaders(data) if isinstance(data, pd.DataFrame) else _list_loaders(data)
         batches = []
         for start in range(0, len(loaders), BATCH_SIZE):
-            tensors = [preprocess(decode(load(), where), model) for where, load in loaders[start:start + BATCH_SIZE]]
+            tensors = [preprocess(decode(load(), where), model) for where, load in loaders[start : start + BATCH_SIZE]]
             batches.append(_forward(model, torch.stack(tensors)))
         proba = _stack(batches, len(model.class_labels))
-    out = pd.DataFrame({"prediction": np.asarray(model.class_labels, dtype=object)[proba.argmax(axis=1)]
-                        if len(proba) else np.array([], dtype=object)})
+    out = pd.DataFrame(
+        {
+            "prediction": np.asarray(model.class_labels, dtype=object)[proba.argmax(axis=1)]
+            if len(proba)
+            else np.array([], dtype=object)
+        }
+    )
     for i, label in enumerate(model.class_labels):
         out[f"{PROBA_PREFIX}{label}"] = proba[:, i]
     return out
@@ -193,7 +200,7 @@ def output_fn(prediction: pd.DataFrame, accept: str | None) -> str:
     proba_columns = [c for c in prediction.columns if str(c).startswith(PROBA_PREFIX)]
     if media == CSV:
         return prediction[["prediction", *proba_columns]].to_csv(header=False, index=False, lineterminator="\n")
-    classes = [str(c)[len(PROBA_PREFIX):] for c in proba_columns]
+    classes = [str(c)[len(PROBA_PREFIX) :] for c in proba_columns]
     probabilities = prediction[proba_columns].to_numpy(dtype="float64")
     records = [
         {"prediction": str(label), "probabilities": dict(zip(classes, map(float, probabilities[i])))}
@@ -321,8 +328,10 @@ def _json_images(body: str | bytes) -> list[tuple[str, bytes]]:
     elif isinstance(document, list):
         instances = document
     else:
-        raise ValueError(f'{JSON}: expected {{"instances": [{{"b64": "<base64>"}}, ...]}} or a list of base64 '
-                         f"strings, got a JSON {type(document).__name__}")
+        raise ValueError(
+            f'{JSON}: expected {{"instances": [{{"b64": "<base64>"}}, ...]}} or a list of base64 '
+            f"strings, got a JSON {type(document).__name__}"
+        )
     if not isinstance(instances, list):
         raise ValueError(f'{JSON}: "instances" must be a list, got a JSON {type(instances).__name__}')
     if not instances:
@@ -365,8 +374,10 @@ def _frame_loaders(frame: pd.DataFrame) -> list[tuple[str, Callable[[], Any]]]:
         values = frame["image"].tolist()
         for position, value in enumerate(values):
             if isinstance(value, str):
-                raise ValueError(f"predict_fn: row {position}: column 'image' holds text; it takes encoded image "
-                                 "bytes (put file paths in a 'path' column)")
+                raise ValueError(
+                    f"predict_fn: row {position}: column 'image' holds text; it takes encoded image "
+                    "bytes (put file paths in a 'path' column)"
+                )
         return [(f"predict_fn: row {i} (column 'image')", (lambda v=value: v)) for i, value in enumerate(values)]
     if "path" in frame.columns:
         root = frame.attrs.get("image_root")
@@ -379,8 +390,10 @@ def _frame_loaders(frame: pd.DataFrame) -> list[tuple[str, Callable[[], Any]]]:
                 path = Path(root) / path
             loaders.append((f"predict_fn: row {position} ({path})", (lambda p=path: _read(p))))
         return loaders
-    raise ValueError(f"predict_fn: the data needs an 'image' column (encoded bytes) or a 'path' column; "
-                     f"it has {', '.join(map(str, frame.columns)) or 'no columns'}")
+    raise ValueError(
+        f"predict_fn: the data needs an 'image' column (encoded bytes) or a 'path' column; "
+        f"it has {', '.join(map(str, frame.columns)) or 'no columns'}"
+    )
 
 
 def _list_loaders(data: Any) -> list[tuple[str, Callable[[], Any]]]:
@@ -392,7 +405,8 @@ def _list_loaders(data: Any) -> list[tuple[str, Callable[[], Any]]]:
         data = [data]
     if not isinstance(data, (list, tuple)):
         raise ValueError(
-            f"predict_fn: expected a batch tensor, a DataFrame or a list of images, got {type(data).__name__}")
+            f"predict_fn: expected a batch tensor, a DataFrame or a list of images, got {type(data).__name__}"
+        )
     return [(f"predict_fn: item {i}", (lambda v=value: v)) for i, value in enumerate(data)]
 
 

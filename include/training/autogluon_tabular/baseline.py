@@ -110,8 +110,9 @@ def build_baseline(train: pd.DataFrame, label: str, problem_type: str) -> Baseli
     return baseline
 
 
-def prediction_baseline(predictor: Any, validation: pd.DataFrame, label: str, problem_type: str,
-                        model: str) -> dict[str, Any]:
+def prediction_baseline(
+    predictor: Any, validation: pd.DataFrame, label: str, problem_type: str, model: str
+) -> dict[str, Any]:
     """The distribution of a model's predictions on the validation data (held out from its fit).
 
     The drift monitor compares live predictions with it: ``{class: share}`` over every class the
@@ -130,4 +131,3 @@ def prediction_baseline(predictor: Any, validation: pd.DataFrame, label: str, pr
     counts = pd.Series(np.asarray(predicted)).map(str).value_counts()
     total = int(counts.sum())
     return {str(c): float(counts.get(str(c), 0) / total) for c in predictor.class_labels}
-

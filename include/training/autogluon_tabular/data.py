@@ -27,7 +27,6 @@ def log(message: str) -> None:
     print(f"[train.py] {message}", flush=True)
 
 
-
 def list_data_files(folder: Path | None, channel: str, env_name: str) -> list[Path]:
     """The data files of a channel folder, sorted, searched recursively; hidden files skipped.
 
@@ -40,14 +39,14 @@ def list_data_files(folder: Path | None, channel: str, env_name: str) -> list[Pa
     if not folder.is_dir():
         raise TrainingInputError(f"{channel} channel: folder {folder} does not exist")
     files = sorted(
-        path for path in folder.rglob("*")
-        if path.is_file() and path.name.lower().endswith(DATA_SUFFIXES)
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.name.lower().endswith(DATA_SUFFIXES)
         and not any(part.startswith((".", "_")) for part in path.relative_to(folder).parts)
     )
     if not files:
-        raise TrainingInputError(
-            f"{channel} channel: folder {folder} holds no data file ({', '.join(DATA_SUFFIXES)})"
-        )
+        raise TrainingInputError(f"{channel} channel: folder {folder} holds no data file ({', '.join(DATA_SUFFIXES)})")
     return files
 
 
@@ -118,9 +117,7 @@ def check_label(data: pd.DataFrame, label: str, problem_type: str, channel: str)
         classes = data[label].unique()
         if len(classes) < 2:
             value = classes[0].item() if hasattr(classes[0], "item") else classes[0]
-            raise TrainingInputError(
-                f"label '{label}' has a single class {value!r}: a classifier needs at least 2"
-            )
+            raise TrainingInputError(f"label '{label}' has a single class {value!r}: a classifier needs at least 2")
         if problem_type == "binary" and len(classes) > 2:
             raise TrainingInputError(
                 f"label '{label}' has {len(classes)} classes ({_class_list(classes)}): "
@@ -166,4 +163,3 @@ def prepare_data(
                 f"label '{label}' has classes in the validation data never seen in training: {_class_list(unseen)}"
             )
     return train, validation
-

@@ -42,8 +42,14 @@ from conveyor_metadata import Feature, ModelMetadata, finite
 from data import TrainingInputError, log, prepare_data, read_channel
 
 __all__ = [
-    "TrainingInputError", "build_baseline", "categorical_baseline", "get_args_parser", "main", "numeric_baseline",
-    "prediction_baseline", "run",
+    "TrainingInputError",
+    "build_baseline",
+    "categorical_baseline",
+    "get_args_parser",
+    "main",
+    "numeric_baseline",
+    "prediction_baseline",
+    "run",
 ]
 
 TRAINER = "autogluon_tabular"
@@ -101,6 +107,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
     :param text: the option's value, e.g. ``'{"GBM": {}, "CAT": {"iterations": 200}}'``.
     """
+
     def refuse_constant(name: str) -> None:
         raise ValueError(f"{name} is not allowed")
 
@@ -145,41 +152,86 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     paths = parser.add_argument_group("paths (default: the SageMaker environment variables)")
-    paths.add_argument("--train", type=Path, default=env.get("SM_CHANNEL_TRAIN"),
-                       help="folder of .parquet/.csv training files (SM_CHANNEL_TRAIN)")
-    paths.add_argument("--validation", type=Path, default=env.get("SM_CHANNEL_VALIDATION"),
-                       help="folder of .parquet/.csv validation files (SM_CHANNEL_VALIDATION); "
-                            "without one AutoGluon holds out part of the training data")
-    paths.add_argument("--model-dir", type=Path, default=env.get("SM_MODEL_DIR"),
-                       help="where the predictor and metadata.json are written (SM_MODEL_DIR)")
-    paths.add_argument("--output-data-dir", type=Path, default=env.get("SM_OUTPUT_DATA_DIR"),
-                       help="where leaderboard.csv and fit_summary.json are written (SM_OUTPUT_DATA_DIR)")
+    paths.add_argument(
+        "--train",
+        type=Path,
+        default=env.get("SM_CHANNEL_TRAIN"),
+        help="folder of .parquet/.csv training files (SM_CHANNEL_TRAIN)",
+    )
+    paths.add_argument(
+        "--validation",
+        type=Path,
+        default=env.get("SM_CHANNEL_VALIDATION"),
+        help="folder of .parquet/.csv validation files (SM_CHANNEL_VALIDATION); "
+        "without one AutoGluon holds out part of the training data",
+    )
+    paths.add_argument(
+        "--model-dir",
+        type=Path,
+        default=env.get("SM_MODEL_DIR"),
+        help="where the predictor and metadata.json are written (SM_MODEL_DIR)",
+    )
+    paths.add_argument(
+        "--output-data-dir",
+        type=Path,
+        default=env.get("SM_OUTPUT_DATA_DIR"),
+        help="where leaderboard.csv and fit_summary.json are written (SM_OUTPUT_DATA_DIR)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--label", required=True, help="name of the label column")
     model.add_argument("--problem-type", required=True, choices=PROBLEM_TYPES, help="kind of prediction")
-    model.add_argument("--eval-metric", default=None,
-                       help="AutoGluon metric name (e.g. roc_auc, f1, accuracy, rmse); AutoGluon's default if unset")
-    model.add_argument("--presets", default="medium_quality",
-                       help="AutoGluon presets, comma-separated (e.g. medium_quality, good_quality)")
+    model.add_argument(
+        "--eval-metric",
+        default=None,
+        help="AutoGluon metric name (e.g. roc_auc, f1, accuracy, rmse); AutoGluon's default if unset",
+    )
+    model.add_argument(
+        "--presets",
+        default="medium_quality",
+        help="AutoGluon presets, comma-separated (e.g. medium_quality, good_quality)",
+    )
     model.add_argument("--time-limit", type=_positive_int, default=600, help="fit time budget in seconds (> 0)")
-    model.add_argument("--excluded-model-types", type=_comma_list, default="NN_TORCH,FASTAI",
-                       help="comma-separated AutoGluon model types never trained ('none' for none); "
-                            "neural nets are excluded because AutoGluon's torch extras are not installed")
-    model.add_argument("--hyperparameters", type=_json_object, default=None,
-                       help='AutoGluon hyperparameters as a JSON object, e.g. \'{"GBM": {}, "CAT": {}}\'; '
-                            "the presets' model set if unset")
+    model.add_argument(
+        "--excluded-model-types",
+        type=_comma_list,
+        default="NN_TORCH,FASTAI",
+        help="comma-separated AutoGluon model types never trained ('none' for none); "
+        "neural nets are excluded because AutoGluon's torch extras are not installed",
+    )
+    model.add_argument(
+        "--hyperparameters",
+        type=_json_object,
+        default=None,
+        help='AutoGluon hyperparameters as a JSON object, e.g. \'{"GBM": {}, "CAT": {}}\'; '
+        "the presets' model set if unset",
+    )
     model.add_argument("--id-column", default=None, help="row identifier column: dropped, never a feature")
-    model.add_argument("--refit-full", type=_flag, nargs="?", const=True, default=False,
-                       help="refit the best model on train + validation and serve the refit model "
-                            "(a bare flag, or true/false: SageMaker passes every hyperparameter a value)")
-    model.add_argument("--infer-limit", type=_positive_float, default=None,
-                       help=f"max prediction seconds per row (measured on batches of {INFER_LIMIT_BATCH_SIZE})")
+    model.add_argument(
+        "--refit-full",
+        type=_flag,
+        nargs="?",
+        const=True,
+        default=False,
+        help="refit the best model on train + validation and serve the refit model "
+        "(a bare flag, or true/false: SageMaker passes every hyperparameter a value)",
+    )
+    model.add_argument(
+        "--infer-limit",
+        type=_positive_float,
+        default=None,
+        help=f"max prediction seconds per row (measured on batches of {INFER_LIMIT_BATCH_SIZE})",
+    )
     model.add_argument("--seed", type=int, default=0, help="random seed of data splits and folds")
-    model.add_argument("--num-gpus", type=_non_negative_int, default=int(env.get("SM_NUM_GPUS") or 0),
-                       help="GPUs AutoGluon may use (SM_NUM_GPUS)")
-    model.add_argument("--verbosity", type=int, default=2, choices=range(5), metavar="{0..4}",
-                       help="AutoGluon log verbosity")
+    model.add_argument(
+        "--num-gpus",
+        type=_non_negative_int,
+        default=int(env.get("SM_NUM_GPUS") or 0),
+        help="GPUs AutoGluon may use (SM_NUM_GPUS)",
+    )
+    model.add_argument(
+        "--verbosity", type=int, default=2, choices=range(5), metavar="{0..4}", help="AutoGluon log verbosity"
+    )
     return parser
 
 
@@ -286,7 +338,8 @@ def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame
     else:
         board = predictor.leaderboard(validation, silent=True)
         board = board.rename(
-            columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c)
+            columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c
+        )
     refits = set(predictor.model_refit_map().values())
     board["trained_on_validation"] = board["model"].isin(refits)
     return board
@@ -314,8 +367,10 @@ def train_and_clone(
     board = score_table(predictor, validation)
     scored_model = predictor.model_refit_map(inverse=True).get(fitted_best, fitted_best)
     score = board.set_index("model").loc[scored_model, "score_validation"]
-    log(f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation "
-        f"{predictor.eval_metric.name} = {finite(score) if pd.notna(score) else None} ({scored_model})")
+    log(
+        f"fit done in {time.time() - started:.1f}s: best model {fitted_best}, validation "
+        f"{predictor.eval_metric.name} = {finite(score) if pd.notna(score) else None} ({scored_model})"
+    )
     predictions = None
     if validation is not None:  # before any refit: the scored model never saw these rows
         predictions = prediction_baseline(predictor, validation, args.label, args.problem_type, scored_model)
@@ -355,8 +410,10 @@ def _read_data(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame | N
     if args.validation is not None:
         validation = read_channel(args.validation, "validation", "SM_CHANNEL_VALIDATION")
     train, validation = prepare_data(train, validation, args.label, args.problem_type, args.id_column)
-    log(f"data: train {train.shape[0]} rows x {train.shape[1] - 1} features; "
-        + (f"validation {validation.shape[0]} rows" if validation is not None else "no validation channel"))
+    log(
+        f"data: train {train.shape[0]} rows x {train.shape[1] - 1} features; "
+        + (f"validation {validation.shape[0]} rows" if validation is not None else "no validation channel")
+    )
     return train, validation
 
 
@@ -370,8 +427,10 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         raise TrainingInputError("model dir: none given (set SM_MODEL_DIR or pass --model-dir)")
     if args.output_data_dir is None:
         raise TrainingInputError("output data dir: none given (set SM_OUTPUT_DATA_DIR or pass --output-data-dir)")
-    log(f"start: label={args.label!r} problem_type={args.problem_type} presets={args.presets} "
-        f"time_limit={args.time_limit}s")
+    log(
+        f"start: label={args.label!r} problem_type={args.problem_type} presets={args.presets} "
+        f"time_limit={args.time_limit}s"
+    )
     train, validation = _read_data(args)
     check_eval_metric(args.eval_metric, args.problem_type)
 
@@ -385,7 +444,8 @@ def run(args: argparse.Namespace) -> ModelMetadata:
 
     try:
         predictor, board, best, scored_model, score, predictions = train_and_clone(
-            args, train, validation, work_dir, final_dir)
+            args, train, validation, work_dir, final_dir
+        )
     except BaseException:
         _reset_dir(work_dir)  # nothing half-written stays behind
         _reset_dir(final_dir)
@@ -394,8 +454,9 @@ def run(args: argparse.Namespace) -> ModelMetadata:
     size_mb = sum(p.stat().st_size for p in final_dir.rglob("*") if p.is_file()) / 2**20
     log(f"saved: {final_dir} ({size_mb:.1f} MB), serving model {best}")
 
-    fields = _metadata_fields(args, predictor, (train, validation), (best, scored_model, score, predictions),
-                              started, size_mb)
+    fields = _metadata_fields(
+        args, predictor, (train, validation), (best, scored_model, score, predictions), started, size_mb
+    )
     metadata = ModelMetadata(**fields)
     conveyor_metadata.write_fields(metadata, model_dir / conveyor_metadata.FILENAME, fields)
     write_reports(board, metadata, output_dir)
@@ -403,8 +464,14 @@ def run(args: argparse.Namespace) -> ModelMetadata:
     return metadata
 
 
-def _metadata_fields(args: argparse.Namespace, predictor: Any, data: tuple[pd.DataFrame, pd.DataFrame | None],
-                     fitted: tuple[str, str, Any, Any], started: float, size_mb: float) -> dict[str, Any]:
+def _metadata_fields(
+    args: argparse.Namespace,
+    predictor: Any,
+    data: tuple[pd.DataFrame, pd.DataFrame | None],
+    fitted: tuple[str, str, Any, Any],
+    started: float,
+    size_mb: float,
+) -> dict[str, Any]:
     """The ``ModelMetadata`` fields this trainer sets (a regressor has no classes, only binary a threshold).
 
     :param args: the parsed command line.

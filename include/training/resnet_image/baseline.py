@@ -49,8 +49,9 @@ def build_baseline(items: list[Item], seed: int, limit: int = BASELINE_IMAGES) -
         try:
             image = load_rgb(item.path)
         except DECODE_ERRORS as error:
-            raise ImageDecodeError(f"train channel: image {item.name!r} ({MANIFEST} line {item.line}) "
-                                   f"does not decode: {error}") from None
+            raise ImageDecodeError(
+                f"train channel: image {item.name!r} ({MANIFEST} line {item.line}) does not decode: {error}"
+            ) from None
         channel_counts += np.asarray(image.histogram(), dtype=np.int64).reshape(3, 256)
         luma = np.asarray(image.convert("L").histogram(), dtype=np.float64)
         brightness.append(float((luma * levels).sum() / luma.sum() / 255.0))
@@ -81,8 +82,9 @@ def build_baseline(items: list[Item], seed: int, limit: int = BASELINE_IMAGES) -
     }
 
 
-def with_predictions(baseline: Baseline | None, classes: list[str], predicted: list[int] | None,
-                     epoch: int) -> Baseline | None:
+def with_predictions(
+    baseline: Baseline | None, classes: list[str], predicted: list[int] | None, epoch: int
+) -> Baseline | None:
     """The baseline plus what live predictions are compared with: the best epoch's predictions on
     held-out images (unchanged without them, e.g. in the history of a run resumed from an older checkpoint).
 
@@ -94,6 +96,8 @@ def with_predictions(baseline: Baseline | None, classes: list[str], predicted: l
     if baseline is None or not predicted or not sum(predicted):
         return baseline
     total = sum(predicted)
-    return {**baseline,
-            "predictions": {str(c): n / total for c, n in zip(classes, predicted, strict=True)},
-            "predictions_source": {"channel": "validation", "rows": int(total), "epoch": epoch}}
+    return {
+        **baseline,
+        "predictions": {str(c): n / total for c, n in zip(classes, predicted, strict=True)},
+        "predictions_source": {"channel": "validation", "rows": int(total), "epoch": epoch},
+    }

@@ -116,24 +116,41 @@ class Progress:
             self.stale_epochs = 0
         else:
             self.stale_epochs += 1
-        self.history.append({
-            "epoch": self.epoch, "lr": train["lr"], "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            f"train_{gate_metric}": train[gate_metric], "train_images_per_second": train["images_per_second"],
-            "val_loss": finite(val["loss"]), **{f"val_{name}": val[name] for name in METRICS},
-            "val_score": val["score"], "val_predicted": val.get("predicted"), "best": improved,
-            "seconds": round(seconds, 3),
-        })
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "lr": train["lr"],
+                "train_loss": train["loss"],
+                "train_accuracy": train["accuracy"],
+                f"train_{gate_metric}": train[gate_metric],
+                "train_images_per_second": train["images_per_second"],
+                "val_loss": finite(val["loss"]),
+                **{f"val_{name}": val[name] for name in METRICS},
+                "val_score": val["score"],
+                "val_predicted": val.get("predicted"),
+                "best": improved,
+                "seconds": round(seconds, 3),
+            }
+        )
         return improved
 
     def counters(self) -> dict[str, Any]:
         """What a checkpoint keeps besides ``epoch``, ``best_metric`` and ``history``."""
-        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs,
-                "stopped": self.stopped}
+        return {
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "stale_epochs": self.stale_epochs,
+            "stopped": self.stopped,
+        }
 
 
-
-def restore(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-            lr_scheduler: Any, scaler: torch.amp.GradScaler | None) -> Progress:
+def restore(
+    checkpoint: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> Progress:
     """Load a checkpoint's states into the training objects; the progress it records.
 
     A run stopped by early stopping stays stopped; one stopped by the time limit goes on.
@@ -152,11 +169,11 @@ def restore(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim
     if checkpoint.get("rng") is not None:
         torch.set_rng_state(checkpoint["rng"])
     return Progress(
-        epoch=int(checkpoint["epoch"]), best_score=float(checkpoint["best_metric"]),
-        best_loss=float(checkpoint.get("best_loss", math.inf)), best_epoch=int(checkpoint.get("best_epoch", 0)),
+        epoch=int(checkpoint["epoch"]),
+        best_score=float(checkpoint["best_metric"]),
+        best_loss=float(checkpoint.get("best_loss", math.inf)),
+        best_epoch=int(checkpoint.get("best_epoch", 0)),
         stale_epochs=int(checkpoint.get("stale_epochs", 0)),
         stopped="early_stopping" if checkpoint.get("stopped") == "early_stopping" else None,
         history=list(checkpoint.get("history", [])),
     )
-
-

@@ -162,8 +162,9 @@ class ManifestImageDataset(Dataset):
     :param transform: the transform from a PIL image to a tensor.
     """
 
-    def __init__(self, items: list[Item], class_to_idx: dict[str, int],
-                 transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self, items: list[Item], class_to_idx: dict[str, int], transform: Callable[[Image.Image], torch.Tensor]
+    ):
         self.items = items
         self.targets = [class_to_idx[item.label] for item in items]
         self.transform = transform
@@ -177,7 +178,8 @@ class ManifestImageDataset(Dataset):
             image = load_rgb(item.path)
         except DECODE_ERRORS as error:
             raise ImageDecodeError(
-                f"image {item.name!r} ({MANIFEST} line {item.line}) does not decode: {error}") from None
+                f"image {item.name!r} ({MANIFEST} line {item.line}) does not decode: {error}"
+            ) from None
         return self.transform(image), self.targets[index]
 
 
@@ -194,8 +196,15 @@ class EpochSampler(Sampler[int]):
     :param world: the number of processes.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, weights: list[float] | None = None,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        weights: list[float] | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
         self.epoch = 0
@@ -220,11 +229,17 @@ class EpochSampler(Sampler[int]):
             order = list(range(self.size))
         total = len(self) * self.world
         order = (order * math.ceil(total / max(1, len(order))))[:total]
-        return iter(order[self.rank::self.world])
+        return iter(order[self.rank :: self.world])
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device,
-                sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
     """A DataLoader: pinned memory on CUDA, persistent workers when there are workers.
 
     :param dataset: the dataset.
@@ -235,8 +250,13 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.d
     :param drop_last: whether to drop a last, incomplete batch.
     """
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
     )
 
 
@@ -280,5 +300,3 @@ def class_weights(targets: list[int], num_classes: int) -> list[float]:
     """
     counts = np.bincount(np.asarray(targets), minlength=num_classes).astype(np.float64)
     return [len(targets) / (num_classes * c) if c else 0.0 for c in counts]
-
-

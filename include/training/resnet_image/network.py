@@ -22,8 +22,11 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 WEIGHT_NAME = re.compile(r"(resnet\d+(_weights)?\.)?(imagenet1k_v\d+|default)|resnet\d+", re.IGNORECASE)
 # resnet variants by (bottleneck blocks?, blocks per stage), to name what a weights file holds.
 KNOWN_ARCHS = {
-    (False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34", (True, (3, 4, 6, 3)): "resnet50",
-    (True, (3, 4, 23, 3)): "resnet101", (True, (3, 8, 36, 3)): "resnet152",
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+    (True, (3, 8, 36, 3)): "resnet152",
 }
 
 
@@ -61,8 +64,9 @@ def resolve_weights(value: str) -> Path:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".pt", ".pth"))
         if len(files) != 1:
-            raise TrainingInputError(f"pretrained weights folder {path} must hold exactly one .pt/.pth file, "
-                                     f"found {len(files)}")
+            raise TrainingInputError(
+                f"pretrained weights folder {path} must hold exactly one .pt/.pth file, found {len(files)}"
+            )
         path = files[0]
     return path
 
@@ -115,6 +119,7 @@ def describe_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tenso
     :param own: the model's state_dict.
     :param ignore_head: whether the fc layer is left out of the comparison.
     """
+
     def counted(key: str) -> bool:
         return not (ignore_head and key.startswith("fc."))
 
@@ -127,8 +132,9 @@ def describe_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tenso
     if missing:
         parts.append(f"{len(missing)} missing keys ({_examples(missing)})")
     if shapes:
-        shown = ", ".join(f"{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
-                          for k in shapes[:3])
+        shown = ", ".join(
+            f"{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model" for k in shapes[:3]
+        )
         parts.append(f"{len(shapes)} shape mismatches ({shown}{', ...' if len(shapes) > 3 else ''})")
     return "; ".join(parts) or "the keys match but loading failed"
 
@@ -149,9 +155,7 @@ def load_pretrained(model: nn.Module, path: Path, arch: str) -> None:
     if state is None:
         raise TrainingInputError(f"pretrained weights {path}: holds no state_dict (a dict of tensors)")
     own = model.state_dict()
-    head_differs = any(
-        key not in state or state[key].shape != own[key].shape for key in ("fc.weight", "fc.bias")
-    )
+    head_differs = any(key not in state or state[key].shape != own[key].shape for key in ("fc.weight", "fc.bias"))
     guess = guess_arch(state)
     looks = f" (the file looks like {guess})" if guess and guess != arch else ""
     if head_differs:
@@ -169,8 +173,10 @@ def load_pretrained(model: nn.Module, path: Path, arch: str) -> None:
                 f"pretrained weights {path} do not fit --arch {arch}{looks}: {describe_mismatch(state, own, True)}"
             )
         classes = model.fc.out_features
-        log(f"pretrained weights {path}: loaded everything but fc (the file's head does not have {classes} "
-            f"classes); fc starts new for {classes} classes")
+        log(
+            f"pretrained weights {path}: loaded everything but fc (the file's head does not have {classes} "
+            f"classes); fc starts new for {classes} classes"
+        )
     else:
         log(f"pretrained weights {path}: loaded (fc included)")
 
@@ -208,5 +214,3 @@ def lr_factor(epoch: int, args: argparse.Namespace) -> float:
     if args.lr_scheduler == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * (epoch - warm) / max(1, args.epochs - warm)))
     return args.lr_gamma ** ((epoch - warm) // args.lr_step_size)
-
-

@@ -36,12 +36,16 @@ def eval_transform(preprocessing: dict[str, Any]) -> transforms.Compose:
 
     :param preprocessing: the dict from :func:`eval_preprocessing`.
     """
-    return transforms.Compose([
-        transforms.Resize(preprocessing["resize"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(preprocessing["crop"]),
-        transforms.ToTensor(),
-        transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(
+                preprocessing["resize"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True
+            ),
+            transforms.CenterCrop(preprocessing["crop"]),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
+        ]
+    )
 
 
 def train_transform(image_size: int) -> transforms.Compose:
@@ -49,10 +53,12 @@ def train_transform(image_size: int) -> transforms.Compose:
 
     :param image_size: the crop size.
     """
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

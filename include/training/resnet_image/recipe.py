@@ -124,8 +124,9 @@ def prepare_outputs(args: argparse.Namespace, train_items: list[Item], model_dir
     return baseline
 
 
-def prepared_model(args: argparse.Namespace, num_classes: int, weights_path: Path | None, device: torch.device,
-                   channels_last: bool) -> nn.Module:
+def prepared_model(
+    args: argparse.Namespace, num_classes: int, weights_path: Path | None, device: torch.device, channels_last: bool
+) -> nn.Module:
     """The model: built, pretrained weights loaded, backbone frozen if asked, on the device.
 
     :param args: the parsed command line.
@@ -147,9 +148,15 @@ def prepared_model(args: argparse.Namespace, num_classes: int, weights_path: Pat
     return model
 
 
-def build_training(args: argparse.Namespace, runtime: Runtime, precision: tuple[torch.dtype | None, bool, bool],
-                   model: nn.Module, train_items: list[Item], val_items: list[Item],
-                   classes: list[str]) -> Training:
+def build_training(
+    args: argparse.Namespace,
+    runtime: Runtime,
+    precision: tuple[torch.dtype | None, bool, bool],
+    model: nn.Module,
+    train_items: list[Item],
+    val_items: list[Item],
+    classes: list[str],
+) -> Training:
     """The optimisation, the data loaders and the wrapped models of a training run.
 
     :param args: the parsed command line.
@@ -173,23 +180,41 @@ def build_training(args: argparse.Namespace, runtime: Runtime, precision: tuple[
     draw_weights = [weights[t] for t in train_set.targets] if args.balance == "sampler" else None
     sampler = EpochSampler(len(train_set), args.seed, weights=draw_weights, rank=runtime.rank, world=runtime.world)
     per_process = len(sampler)
-    train_loader = make_loader(train_set, args.batch_size, args.workers, device, sampler,
-                               drop_last=per_process > 1 and per_process % args.batch_size == 1)  # BatchNorm needs 2
+    train_loader = make_loader(
+        train_set,
+        args.batch_size,
+        args.workers,
+        device,
+        sampler,
+        drop_last=per_process > 1 and per_process % args.batch_size == 1,
+    )  # BatchNorm needs 2
     val_shard = Subset(val_set, list(range(runtime.rank, len(val_set), runtime.world)))
     val_loader = make_loader(val_shard, args.batch_size, args.workers, device)
     train_model: nn.Module = model
     if runtime.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     eval_model: nn.Module = model
     if compile_model:
         train_model, eval_model = torch.compile(train_model), torch.compile(model)
     return Training(
-        model=model, train_model=train_model, eval_model=eval_model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        scaler=scaler, criterion=nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=args.label_smoothing),
-        sampler=sampler, train_loader=train_loader, val_loader=val_loader,
-        class_to_idx=class_to_idx, preprocessing=preprocessing, amp_dtype=amp_dtype, channels_last=channels_last,
-        compile_model=compile_model, best_path=args.checkpoint_dir / "best.pt",
+        model=model,
+        train_model=train_model,
+        eval_model=eval_model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=scaler,
+        criterion=nn.CrossEntropyLoss(weight=loss_weight, label_smoothing=args.label_smoothing),
+        sampler=sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        class_to_idx=class_to_idx,
+        preprocessing=preprocessing,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        compile_model=compile_model,
+        best_path=args.checkpoint_dir / "best.pt",
         last_path=args.checkpoint_dir / "last.pt",
     )
 
@@ -207,12 +232,15 @@ def resume(training: Training, args: argparse.Namespace) -> None:
         progress = restore(checkpoint, training.model, optimizer, training.lr_scheduler, training.scaler)
         training.progress = progress
         left = 0 if progress.stopped else max(0, args.epochs - progress.epoch)
-        log(f"resuming from {resume_from}: epoch {progress.epoch} done (best {args.gate_metric} "
+        log(
+            f"resuming from {resume_from}: epoch {progress.epoch} done (best {args.gate_metric} "
             f"{progress.best_score:.4f} at epoch {progress.best_epoch}); "
-            + (f"continuing at epoch {progress.epoch + 1} of {args.epochs}" if left else "nothing left to train"))
+            + (f"continuing at epoch {progress.epoch + 1} of {args.epochs}" if left else "nothing left to train")
+        )
     for group in optimizer.param_groups:  # the current flags rule, also after a resume
-        group.update(initial_lr=args.lr, lr=args.lr * lr_factor(training.progress.epoch, args),
-                     weight_decay=args.weight_decay)
+        group.update(
+            initial_lr=args.lr, lr=args.lr * lr_factor(training.progress.epoch, args), weight_decay=args.weight_decay
+        )
         if args.optimizer == "sgd":
             group["momentum"] = args.momentum
     training.lr_scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)

@@ -89,11 +89,33 @@ from utils import (
 )
 
 __all__ = [
-    "EpochSampler", "ImageDecodeError", "Item", "ManifestImageDataset", "TrainingInputError", "amp_dtype_for",
-    "build_baseline", "build_model", "build_optimizer", "checkpoint_path", "clean_message", "eval_transform",
-    "evaluate", "get_args_parser", "load_pretrained", "load_rgb", "main", "make_loader", "metrics_from_confusion",
-    "read_checkpoint", "read_manifest", "resolve_weights", "run", "seed_everything", "setup_runtime",
-    "train_one_epoch", "train_transform",
+    "EpochSampler",
+    "ImageDecodeError",
+    "Item",
+    "ManifestImageDataset",
+    "TrainingInputError",
+    "amp_dtype_for",
+    "build_baseline",
+    "build_model",
+    "build_optimizer",
+    "checkpoint_path",
+    "clean_message",
+    "eval_transform",
+    "evaluate",
+    "get_args_parser",
+    "load_pretrained",
+    "load_rgb",
+    "main",
+    "make_loader",
+    "metrics_from_confusion",
+    "read_checkpoint",
+    "read_manifest",
+    "resolve_weights",
+    "run",
+    "seed_everything",
+    "setup_runtime",
+    "train_one_epoch",
+    "train_transform",
 ]
 
 TRAINER = "resnet_image"
@@ -117,73 +139,151 @@ def get_args_parser() -> argparse.ArgumentParser:
         group.add_argument(name, nargs="?", const=True, default=default, type=boolean, metavar="BOOL", help=help_text)
 
     paths = parser.add_argument_group("paths (default: the SageMaker environment variables)")
-    paths.add_argument("--train", type=Path, default=env.get("SM_CHANNEL_TRAIN"),
-                       help=f"folder with {MANIFEST} (path,label) and the training images (SM_CHANNEL_TRAIN)")
-    paths.add_argument("--validation", type=Path, default=env.get("SM_CHANNEL_VALIDATION"),
-                       help="the same for validation (SM_CHANNEL_VALIDATION); without one, --validation-split "
-                            "of the training images is held out")
-    paths.add_argument("--model-dir", type=Path, default=env.get("SM_MODEL_DIR"),
-                       help="where model.pt and metadata.json are written (SM_MODEL_DIR)")
-    paths.add_argument("--output-data-dir", type=Path, default=env.get("SM_OUTPUT_DATA_DIR"),
-                       help="where history.json is written (SM_OUTPUT_DATA_DIR)")
-    paths.add_argument("--checkpoint-dir", type=Path, default=None,
-                       help="where last.pt and best.pt are written; <output-data-dir>/checkpoints if unset "
-                            "(on SageMaker, /opt/ml/checkpoints survives spot interruptions)")
-    paths.add_argument("--num-gpus", type=number_type(int, 0), default=env.get("SM_NUM_GPUS") or None,
-                       help="GPUs this process may use (SM_NUM_GPUS); 0 forces the CPU; every visible GPU if unset")
+    paths.add_argument(
+        "--train",
+        type=Path,
+        default=env.get("SM_CHANNEL_TRAIN"),
+        help=f"folder with {MANIFEST} (path,label) and the training images (SM_CHANNEL_TRAIN)",
+    )
+    paths.add_argument(
+        "--validation",
+        type=Path,
+        default=env.get("SM_CHANNEL_VALIDATION"),
+        help="the same for validation (SM_CHANNEL_VALIDATION); without one, --validation-split "
+        "of the training images is held out",
+    )
+    paths.add_argument(
+        "--model-dir",
+        type=Path,
+        default=env.get("SM_MODEL_DIR"),
+        help="where model.pt and metadata.json are written (SM_MODEL_DIR)",
+    )
+    paths.add_argument(
+        "--output-data-dir",
+        type=Path,
+        default=env.get("SM_OUTPUT_DATA_DIR"),
+        help="where history.json is written (SM_OUTPUT_DATA_DIR)",
+    )
+    paths.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="where last.pt and best.pt are written; <output-data-dir>/checkpoints if unset "
+        "(on SageMaker, /opt/ml/checkpoints survives spot interruptions)",
+    )
+    paths.add_argument(
+        "--num-gpus",
+        type=number_type(int, 0),
+        default=env.get("SM_NUM_GPUS") or None,
+        help="GPUs this process may use (SM_NUM_GPUS); 0 forces the CPU; every visible GPU if unset",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", choices=ARCHS, default="resnet18", help="torchvision architecture")
-    model.add_argument("--pretrained-weights", default=None,
-                       help="local file (path or file:// URI) holding a state_dict or checkpoint for --arch; "
-                            "never downloaded; a different class count in fc is replaced by a new head")
+    model.add_argument(
+        "--pretrained-weights",
+        default=None,
+        help="local file (path or file:// URI) holding a state_dict or checkpoint for --arch; "
+        "never downloaded; a different class count in fc is replaced by a new head",
+    )
     flag(model, "--freeze-backbone", "train only the new fc head (backbone weights and BatchNorm statistics frozen)")
-    model.add_argument("--image-size", type=number_type(int, 32), default=224,
-                       help="training crop and evaluation crop in pixels (evaluation resizes to size*256/224 first)")
+    model.add_argument(
+        "--image-size",
+        type=number_type(int, 32),
+        default=224,
+        help="training crop and evaluation crop in pixels (evaluation resizes to size*256/224 first)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=number_type(int, 1), default=15, help="epochs to train at most")
     optim.add_argument("--batch-size", type=number_type(int, 1), default=32, help="images per batch and process")
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="optimizer")
-    optim.add_argument("--lr", type=number_type(float, 0, low_open=True), default=None,
-                       help=f"learning rate; {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw if unset")
+    optim.add_argument(
+        "--lr",
+        type=number_type(float, 0, low_open=True),
+        default=None,
+        help=f"learning rate; {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw if unset",
+    )
     optim.add_argument("--momentum", type=number_type(float, 0, 1, high_open=True), default=0.9, help="SGD momentum")
     optim.add_argument("--weight-decay", type=number_type(float, 0), default=1e-4, help="weight decay")
     optim.add_argument("--lr-scheduler", choices=("cosine", "step"), default="cosine", help="LR schedule after warm-up")
     optim.add_argument("--lr-warmup-epochs", type=number_type(int, 0), default=0, help="epochs of linear LR warm-up")
-    optim.add_argument("--lr-warmup-decay", type=number_type(float, 0, 1, low_open=True), default=0.01,
-                       help="LR multiplier at the start of warm-up")
+    optim.add_argument(
+        "--lr-warmup-decay",
+        type=number_type(float, 0, 1, low_open=True),
+        default=0.01,
+        help="LR multiplier at the start of warm-up",
+    )
     optim.add_argument("--lr-step-size", type=number_type(int, 1), default=10, help="epochs between LR steps (step)")
-    optim.add_argument("--lr-gamma", type=number_type(float, 0, 1, low_open=True), default=0.1,
-                       help="LR multiplier at every step (step)")
-    optim.add_argument("--label-smoothing", type=number_type(float, 0, 1, high_open=True), default=0.0,
-                       help="label smoothing of the training loss")
-    optim.add_argument("--balance", choices=("none", "sampler", "loss"), default="none",
-                       help="class imbalance: draw images by inverse class frequency (sampler) or weight the loss")
-    optim.add_argument("--early-stopping-patience", type=number_type(int, 0), default=5,
-                       help="stop after this many epochs without a better validation score (0: never)")
-    optim.add_argument("--gate-metric", choices=METRICS, default="balanced_accuracy",
-                       help="validation metric that picks the best epoch and is reported as validation_score")
-    optim.add_argument("--time-limit", type=number_type(float, 0, low_open=True), default=None,
-                       help="seconds; training stops after the epoch that crosses it")
-    optim.add_argument("--validation-split", type=number_type(float, 0, 0.5, low_open=True, high_open=True),
-                       default=0.15, help="share of training images held out when there is no validation channel")
+    optim.add_argument(
+        "--lr-gamma",
+        type=number_type(float, 0, 1, low_open=True),
+        default=0.1,
+        help="LR multiplier at every step (step)",
+    )
+    optim.add_argument(
+        "--label-smoothing",
+        type=number_type(float, 0, 1, high_open=True),
+        default=0.0,
+        help="label smoothing of the training loss",
+    )
+    optim.add_argument(
+        "--balance",
+        choices=("none", "sampler", "loss"),
+        default="none",
+        help="class imbalance: draw images by inverse class frequency (sampler) or weight the loss",
+    )
+    optim.add_argument(
+        "--early-stopping-patience",
+        type=number_type(int, 0),
+        default=5,
+        help="stop after this many epochs without a better validation score (0: never)",
+    )
+    optim.add_argument(
+        "--gate-metric",
+        choices=METRICS,
+        default="balanced_accuracy",
+        help="validation metric that picks the best epoch and is reported as validation_score",
+    )
+    optim.add_argument(
+        "--time-limit",
+        type=number_type(float, 0, low_open=True),
+        default=None,
+        help="seconds; training stops after the epoch that crosses it",
+    )
+    optim.add_argument(
+        "--validation-split",
+        type=number_type(float, 0, 0.5, low_open=True, high_open=True),
+        default=0.15,
+        help="share of training images held out when there is no validation channel",
+    )
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--workers", type=number_type(int, 0), default=2, help="DataLoader worker processes")
     runtime.add_argument("--seed", type=int, default=0, help="random seed")
     flag(runtime, "--deterministic", "deterministic algorithms (torch.use_deterministic_algorithms, cudnn flags)")
-    runtime.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                         help="mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU")
+    runtime.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU",
+    )
     flag(runtime, "--channels-last", "channels_last memory format (default: on for CUDA, off for CPU)", None)
     flag(runtime, "--compile", "torch.compile the model (CUDA only)")
-    runtime.add_argument("--resume", type=resume_option, default="auto",
-                         help="auto: resume from <checkpoint-dir>/last.pt when it exists; never; or a checkpoint path")
+    runtime.add_argument(
+        "--resume",
+        type=resume_option,
+        default="auto",
+        help="auto: resume from <checkpoint-dir>/last.pt when it exists; never; or a checkpoint path",
+    )
     flag(runtime, "--verify-images", "decode every image once before training so a bad file fails fast", True)
-    runtime.add_argument("--print-freq", type=number_type(int, 0), default=0,
-                         help="also print progress every N training steps (0: once per epoch)")
+    runtime.add_argument(
+        "--print-freq",
+        type=number_type(int, 0),
+        default=0,
+        help="also print progress every N training steps (0: once per epoch)",
+    )
     return parser
-
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -213,8 +313,9 @@ def _count(confusion: torch.Tensor, targets: torch.Tensor, output: torch.Tensor,
     confusion.scatter_add_(0, cells, torch.ones_like(cells))
 
 
-def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(
+    images: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch on the training device (images in channels_last memory format if asked).
 
     :param images: the images.
@@ -229,9 +330,15 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets
 
 
-def _train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                targets: torch.Tensor, scaler: torch.amp.GradScaler | None,
-                amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    scaler: torch.amp.GradScaler | None,
+    amp_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch (autocast, fp16 gradient scaling); the logits and the loss.
 
     :param model: the model to train.
@@ -257,11 +364,23 @@ def _train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.O
 
 
 def train_one_epoch(
-    model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    device: torch.device, epoch: int, num_classes: int, *, epochs: int | None = None,
-    scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-    gate_metric: str = "balanced_accuracy", max_steps: int | None = None, print_freq: int = 0,
-    distributed: bool = False, log_fn: Callable[[str], None] = log,
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    num_classes: int,
+    *,
+    epochs: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    gate_metric: str = "balanced_accuracy",
+    max_steps: int | None = None,
+    print_freq: int = 0,
+    distributed: bool = False,
+    log_fn: Callable[[str], None] = log,
 ) -> dict[str, float]:
     """Train one epoch and print its progress line: loss, train metric, images/s, LR, ETA.
 
@@ -302,8 +421,10 @@ def train_one_epoch(
         seen += images.shape[0]
         if print_freq and (step + 1) % print_freq == 0 and step + 1 < steps:
             elapsed = time.perf_counter() - started
-            log_fn(f"epoch {epoch} step {step + 1}/{steps}: loss {loss_sum.item() / seen:.4f} | "
-                   f"{seen / elapsed:.1f} images/s | eta epoch {clock(elapsed / (step + 1) * (steps - step - 1))}")
+            log_fn(
+                f"epoch {epoch} step {step + 1}/{steps}: loss {loss_sum.item() / seen:.4f} | "
+                f"{seen / elapsed:.1f} images/s | eta epoch {clock(elapsed / (step + 1) * (steps - step - 1))}"
+            )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -321,16 +442,25 @@ def train_one_epoch(
     }
     eta = f" | eta {clock(seconds * (epochs - epoch))}" if epochs is not None else ""
     total = f"/{epochs}" if epochs is not None else ""
-    log_fn(f"epoch {epoch}{total} train: loss {result['loss']:.4f} {gate_metric} {result[gate_metric]:.4f} "
-           f"accuracy {result['accuracy']:.4f} | {result['images_per_second']:.1f} images/s ({images_total} in "
-           f"{seconds:.1f}s) | lr {result['lr']:.6g}{eta}")
+    log_fn(
+        f"epoch {epoch}{total} train: loss {result['loss']:.4f} {gate_metric} {result[gate_metric]:.4f} "
+        f"accuracy {result['accuracy']:.4f} | {result['images_per_second']:.1f} images/s ({images_total} in "
+        f"{seconds:.1f}s) | lr {result['lr']:.6g}{eta}"
+    )
     return result
 
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, criterion: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, *,
-    gate_metric: str = "balanced_accuracy", amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int,
+    *,
+    gate_metric: str = "balanced_accuracy",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Score the model on a loader; ``score`` is the gate metric (higher is better).
@@ -362,16 +492,22 @@ def evaluate(
     count = int(seen.item())
     matrix = confusion.view(num_classes, num_classes).cpu().numpy()
     metrics = metrics_from_confusion(matrix)
-    return {"score": metrics[gate_metric], "metric": gate_metric,
-            "loss": loss_sum.item() / count if count else float("nan"), **metrics, "images": count,
-            "predicted": [int(v) for v in matrix.sum(axis=0)]}
+    return {
+        "score": metrics[gate_metric],
+        "metric": gate_metric,
+        "loss": loss_sum.item() / count if count else float("nan"),
+        **metrics,
+        "images": count,
+        "predicted": [int(v) for v in matrix.sum(axis=0)],
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
 
 
-def _epoch(training: Training, args: argparse.Namespace, runtime: Runtime,
-           log_fn: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _epoch(
+    training: Training, args: argparse.Namespace, runtime: Runtime, log_fn: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one epoch, step the LR schedule and evaluate; the training and validation figures.
 
     :param training: the training run.
@@ -382,10 +518,21 @@ def _epoch(training: Training, args: argparse.Namespace, runtime: Runtime,
     epoch, num_classes = training.progress.epoch + 1, len(training.class_to_idx)
     try:
         train = train_one_epoch(
-            training.train_model, training.criterion, training.optimizer, training.train_loader, runtime.device,
-            epoch, num_classes, epochs=args.epochs, scaler=training.scaler, amp_dtype=training.amp_dtype,
-            channels_last=training.channels_last, gate_metric=args.gate_metric, print_freq=args.print_freq,
-            distributed=runtime.distributed, log_fn=log_fn,
+            training.train_model,
+            training.criterion,
+            training.optimizer,
+            training.train_loader,
+            runtime.device,
+            epoch,
+            num_classes,
+            epochs=args.epochs,
+            scaler=training.scaler,
+            amp_dtype=training.amp_dtype,
+            channels_last=training.channels_last,
+            gate_metric=args.gate_metric,
+            print_freq=args.print_freq,
+            distributed=runtime.distributed,
+            log_fn=log_fn,
         )
     except ImageDecodeError as error:
         raise ImageDecodeError(f"train channel: {clean_message(str(error))}") from None
@@ -393,9 +540,17 @@ def _epoch(training: Training, args: argparse.Namespace, runtime: Runtime,
         raise TrainingInputError(f"training diverged: the loss is {train['loss']} in epoch {epoch} (lower --lr)")
     training.lr_scheduler.step()
     try:
-        val = evaluate(training.eval_model, training.eval_criterion, training.val_loader, runtime.device, num_classes,
-                       gate_metric=args.gate_metric, amp_dtype=training.amp_dtype,
-                       channels_last=training.channels_last, distributed=runtime.distributed)
+        val = evaluate(
+            training.eval_model,
+            training.eval_criterion,
+            training.val_loader,
+            runtime.device,
+            num_classes,
+            gate_metric=args.gate_metric,
+            amp_dtype=training.amp_dtype,
+            channels_last=training.channels_last,
+            distributed=runtime.distributed,
+        )
     except ImageDecodeError as error:
         raise ImageDecodeError(f"validation channel: {clean_message(str(error))}") from None
     return train, val
@@ -410,20 +565,38 @@ def _save_checkpoints(training: Training, args: argparse.Namespace, improved: bo
     """
     model, progress, scaler = training.model, training.progress, training.scaler
     if improved:
-        save_atomic({"model": model.state_dict(), "epoch": progress.epoch, "metric": args.gate_metric,
-                     "score": progress.best_score, "class_to_idx": training.class_to_idx, "arch": args.arch},
-                    training.best_path)
-    save_atomic({
-        "model": model.state_dict(), "optimizer": training.optimizer.state_dict(),
-        "lr_scheduler": training.lr_scheduler.state_dict(), "epoch": progress.epoch,
-        "best_metric": progress.best_score, **progress.counters(), "args": json_args(args),
-        "class_to_idx": training.class_to_idx, "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": torch.get_rng_state(), "history": progress.history,
-    }, training.last_path)
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "epoch": progress.epoch,
+                "metric": args.gate_metric,
+                "score": progress.best_score,
+                "class_to_idx": training.class_to_idx,
+                "arch": args.arch,
+            },
+            training.best_path,
+        )
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "lr_scheduler": training.lr_scheduler.state_dict(),
+            "epoch": progress.epoch,
+            "best_metric": progress.best_score,
+            **progress.counters(),
+            "args": json_args(args),
+            "class_to_idx": training.class_to_idx,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": torch.get_rng_state(),
+            "history": progress.history,
+        },
+        training.last_path,
+    )
 
 
-def _train_epochs(training: Training, args: argparse.Namespace, runtime: Runtime, started: float,
-                  output_dir: Path) -> None:
+def _train_epochs(
+    training: Training, args: argparse.Namespace, runtime: Runtime, started: float, output_dir: Path
+) -> None:
     """Train until the last epoch, early stopping or the time limit; (rank 0) checkpoint every epoch.
 
     :param training: the training run.
@@ -439,15 +612,17 @@ def _train_epochs(training: Training, args: argparse.Namespace, runtime: Runtime
         training.sampler.set_epoch(progress.epoch)
         train, val = _epoch(training, args, runtime, log_fn)
         improved = progress.record(train, val, args.gate_metric, time.monotonic() - epoch_started)
-        log_fn(f"epoch {progress.epoch}/{args.epochs} validation: loss {val['loss']:.4f} {args.gate_metric} "
-               f"{val['score']:.4f} accuracy {val['accuracy']:.4f}"
-               + (" (best so far)" if improved else
-                  f" (best {progress.best_score:.4f} at epoch {progress.best_epoch})"))
+        log_fn(
+            f"epoch {progress.epoch}/{args.epochs} validation: loss {val['loss']:.4f} {args.gate_metric} "
+            f"{val['score']:.4f} accuracy {val['accuracy']:.4f}"
+            + (" (best so far)" if improved else f" (best {progress.best_score:.4f} at epoch {progress.best_epoch})")
+        )
         if args.early_stopping_patience and progress.stale_epochs >= args.early_stopping_patience:
             progress.stopped = "early_stopping"
             log_fn(f"early stopping: no better {args.gate_metric} for {progress.stale_epochs} epochs")
-        elif args.time_limit is not None and agree(time.monotonic() - started >= args.time_limit, runtime,
-                                                   runtime.device):
+        elif args.time_limit is not None and agree(
+            time.monotonic() - started >= args.time_limit, runtime, runtime.device
+        ):
             progress.stopped = "time_limit"
             log_fn(f"time limit: {args.time_limit:g}s reached after epoch {progress.epoch}; stopping")
         if runtime.is_main:
@@ -473,26 +648,43 @@ def run(args: argparse.Namespace) -> ModelMetadata | None:
     training = build_training(args, runtime, precision, model, train_items, val_items, classes)
     resume(training, args)
     amp_dtype, channels_last, compile_model = precision
-    log(f"start: {args.arch}, {len(classes)} classes, {len(train_items)} training and {len(val_items)} validation "
+    log(
+        f"start: {args.arch}, {len(classes)} classes, {len(train_items)} training and {len(val_items)} validation "
         f"images, device {device}{f' x{runtime.world} processes' if runtime.distributed else ''}, amp "
         f"{str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'}, channels_last {channels_last}, compile "
-        f"{compile_model}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, epochs {args.epochs}")
+        f"{compile_model}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, epochs {args.epochs}"
+    )
     _train_epochs(training, args, runtime, started, output_dir)
     if not runtime.is_main:
         return None
-    return finish(args, model_dir, output_dir, training.best_path, training.progress, {
-        "classes": classes, "preprocessing": training.preprocessing, "baseline": baseline, "device": device,
-        "world": runtime.world, "rows": {"train": len(train_items), "validation": len(val_items)},
-        "seconds": time.monotonic() - started,
-    })
+    return finish(
+        args,
+        model_dir,
+        output_dir,
+        training.best_path,
+        training.progress,
+        {
+            "classes": classes,
+            "preprocessing": training.preprocessing,
+            "baseline": baseline,
+            "device": device,
+            "world": runtime.world,
+            "rows": {"train": len(train_items), "validation": len(val_items)},
+            "seconds": time.monotonic() - started,
+        },
+    )
 
 
 def _versions() -> dict[str, str]:
     """Versions of the libraries the artifact needs to load."""
     import PIL
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _device(device: torch.device, processes: int) -> dict[str, Any]:
@@ -505,8 +697,14 @@ def _device(device: torch.device, processes: int) -> dict[str, Any]:
     return {"type": device.type, "name": name, "processes": processes}
 
 
-def finish(args: argparse.Namespace, model_dir: Path, output_dir: Path, best_path: Path, progress: Progress,
-           state: dict[str, Any]) -> ModelMetadata:
+def finish(
+    args: argparse.Namespace,
+    model_dir: Path,
+    output_dir: Path,
+    best_path: Path,
+    progress: Progress,
+    state: dict[str, Any],
+) -> ModelMetadata:
     """Write ``model.pt`` (the best epoch's weights), ``history.json`` and, last, ``metadata.json``.
 
     :param args: the parsed command line.
@@ -547,15 +745,18 @@ def finish(args: argparse.Namespace, model_dir: Path, output_dir: Path, best_pat
         "device": _device(state["device"], state["world"]),
         "versions": _versions(),
         # best_row has no val_predicted in the history of a run resumed from an older checkpoint
-        "baseline": with_predictions(state["baseline"], state["classes"], best_row.get("val_predicted"),
-                                     progress.best_epoch),
+        "baseline": with_predictions(
+            state["baseline"], state["classes"], best_row.get("val_predicted"), progress.best_epoch
+        ),
     }
     metadata = ModelMetadata(**fields)
     conveyor_metadata.write_fields(metadata, model_dir / conveyor_metadata.FILENAME, fields)
     size_mb = (model_dir / "model.pt").stat().st_size / 2**20
-    log(f"saved: {model_dir / 'model.pt'} ({size_mb:.1f} MB, epoch {progress.best_epoch}, {args.gate_metric} "
+    log(
+        f"saved: {model_dir / 'model.pt'} ({size_mb:.1f} MB, epoch {progress.best_epoch}, {args.gate_metric} "
         f"{progress.best_score:.4f}), {model_dir / 'metadata.json'}, {output_dir / 'history.json'}; "
-        f"stopped by {stopped} after {progress.epoch} epochs")
+        f"stopped by {stopped} after {progress.epoch} epochs"
+    )
     return metadata
 
 

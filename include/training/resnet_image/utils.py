@@ -73,8 +73,9 @@ def clock(seconds: float) -> str:
 # --------------------------------------------------------------------------------- option types
 
 
-def number_type(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
-                high_open: bool = False) -> Callable[[str], Any]:
+def number_type(
+    kind: type, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], Any]:
     """An argparse ``type`` that parses a finite number within bounds.
 
     :param kind: ``int`` or ``float``.
@@ -83,6 +84,7 @@ def number_type(kind: type, low: float | None = None, high: float | None = None,
     :param low_open: whether ``low`` itself is refused.
     :param high_open: whether ``high`` itself is refused.
     """
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -96,6 +98,7 @@ def number_type(kind: type, low: float | None = None, high: float | None = None,
         if high is not None and (value > high or (high_open and value == high)):
             raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high}, got {text}")
         return value
+
     return parse
 
 
@@ -169,10 +172,13 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         return Runtime(device=device, rank=rank, world=world, distributed=True)
     if use_cuda and torch.cuda.device_count() > 1:
-        log(f"{torch.cuda.device_count()} GPUs visible, this process uses one: run under "
-            f"torchrun --nproc_per_node {torch.cuda.device_count()} to use them all")
-    return Runtime(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"), rank=0, world=1,
-                   distributed=False)
+        log(
+            f"{torch.cuda.device_count()} GPUs visible, this process uses one: run under "
+            f"torchrun --nproc_per_node {torch.cuda.device_count()} to use them all"
+        )
+    return Runtime(
+        device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"), rank=0, world=1, distributed=False
+    )
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:

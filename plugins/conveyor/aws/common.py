@@ -37,10 +37,17 @@ CONTENT_TYPES = {
 }
 RESPONSE_TYPES = ["application/json", "text/csv"]
 
-_CREDENTIAL_ERRORS = frozenset({
-    "ExpiredToken", "ExpiredTokenException", "RequestExpired", "InvalidClientTokenId",
-    "UnrecognizedClientException", "InvalidSignatureException", "SignatureDoesNotMatch",
-})
+_CREDENTIAL_ERRORS = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+    }
+)
 _PERMISSION_ERRORS = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
 
 

@@ -102,9 +102,11 @@ def tags(spec: PipelineSpec, version: str, run_id: str) -> list[dict[str, str]]:
     :param version: the registered model version.
     :param run_id: the Airflow run that creates the resource.
     """
-    return [{"Key": "conveyor:pipeline", "Value": spec.name},
-            {"Key": "conveyor:model-version", "Value": str(version)},
-            {"Key": "conveyor:run-id", "Value": run_id[:256]}]
+    return [
+        {"Key": "conveyor:pipeline", "Value": spec.name},
+        {"Key": "conveyor:model-version", "Value": str(version)},
+        {"Key": "conveyor:run-id", "Value": run_id[:256]},
+    ]
 
 
 def model_request(spec: PipelineSpec, model: dict[str, Any], region: str, run_id: str) -> dict[str, Any]:
@@ -154,8 +156,9 @@ def capture_config(spec: PipelineSpec, lake: Lake) -> dict[str, Any] | None:
     }
 
 
-def endpoint_config_request(spec: PipelineSpec, lake: Lake, model_name: str, version: str,
-                            run_id: str) -> dict[str, Any]:
+def endpoint_config_request(
+    spec: PipelineSpec, lake: Lake, model_name: str, version: str, run_id: str
+) -> dict[str, Any]:
     """The ``CreateEndpointConfig`` request: one variant of the model, with data capture when asked.
 
     :param spec: the pipeline (instance type and count, capture share).
@@ -165,8 +168,15 @@ def endpoint_config_request(spec: PipelineSpec, lake: Lake, model_name: str, ver
     :param run_id: the Airflow run (a tag).
     """
     settings = spec.deploy.endpoint
-    variants = [{"VariantName": VARIANT, "ModelName": model_name, "InitialInstanceCount": settings.instance_count,
-                 "InstanceType": settings.instance_type, "InitialVariantWeight": 1.0}]
+    variants = [
+        {
+            "VariantName": VARIANT,
+            "ModelName": model_name,
+            "InitialInstanceCount": settings.instance_count,
+            "InstanceType": settings.instance_type,
+            "InitialVariantWeight": 1.0,
+        }
+    ]
     capture = capture_config(spec, lake)
     content = {"variants": variants, "capture": capture}
     request: dict[str, Any] = {
@@ -205,8 +215,10 @@ def deployment_config(settings: EndpointSpec) -> dict[str, Any]:
 
     :param settings: ``deploy.endpoint``.
     """
-    routing: dict[str, Any] = {"Type": settings.traffic_routing,
-                               "WaitIntervalInSeconds": settings.wait_interval_seconds}
+    routing: dict[str, Any] = {
+        "Type": settings.traffic_routing,
+        "WaitIntervalInSeconds": settings.wait_interval_seconds,
+    }
     if settings.traffic_routing == "CANARY":
         routing["CanarySize"] = percent(settings.traffic_step_share)
     elif settings.traffic_routing == "LINEAR":
@@ -311,8 +323,9 @@ def transform_job_name(spec: PipelineSpec, run_id: str) -> str:
     return resource_name(spec, spec.name, f"batch-{hashlib.sha256(run_id.encode()).hexdigest()[:12]}")
 
 
-def transform_request(spec: PipelineSpec, job: str, model_name: str, input_uri: str, output_uri: str,
-                      version: str, run_id: str) -> dict[str, Any]:
+def transform_request(
+    spec: PipelineSpec, job: str, model_name: str, input_uri: str, output_uri: str, version: str, run_id: str
+) -> dict[str, Any]:
     """The ``CreateTransformJob`` request: CSV lines in mini-batches, JSON answers assembled by line.
 
     :param spec: the pipeline (``deploy.batch``: instances, payload size).

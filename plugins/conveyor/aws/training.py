@@ -56,12 +56,21 @@ from conveyor.aws.common import (
 from conveyor.errors import ConveyorError
 
 if TYPE_CHECKING:
-
     from conveyor.spec import PipelineSpec
 
 __all__ = [  # the shared AWS helpers, importable from here too (``conveyor.aws.common`` holds them)
-    "CONTENT_TYPES", "INFERENCE_IMAGES", "RESPONSE_TYPES", "AwsCredentialsExpired", "AwsPermissionDenied", "NotOnS3",
-    "aws_errors", "error_code", "error_message", "inference_image", "model_package_group", "plain_s3_uri",
+    "CONTENT_TYPES",
+    "INFERENCE_IMAGES",
+    "RESPONSE_TYPES",
+    "AwsCredentialsExpired",
+    "AwsPermissionDenied",
+    "NotOnS3",
+    "aws_errors",
+    "error_code",
+    "error_message",
+    "inference_image",
+    "model_package_group",
+    "plain_s3_uri",
     "sagemaker_name",
 ]
 
@@ -143,12 +152,14 @@ def hyperparameters(args: list[str], program: str, submit_dir: str, region: str)
                 f"hyperparameter {name!r}: {len(value)} characters, rule 'at most {HYPERPARAMETER_VALUE_MAX}' "
                 "(SageMaker's limit): shorten trainer.hyperparameters"
             )
-    encoded.update({
-        "sagemaker_program": json.dumps(program),
-        "sagemaker_submit_directory": json.dumps(submit_dir),
-        "sagemaker_region": json.dumps(region),
-        "sagemaker_container_log_level": "20",
-    })
+    encoded.update(
+        {
+            "sagemaker_program": json.dumps(program),
+            "sagemaker_submit_directory": json.dumps(submit_dir),
+            "sagemaker_region": json.dumps(region),
+            "sagemaker_container_log_level": "20",
+        }
+    )
     return encoded
 
 
@@ -209,16 +220,23 @@ def training_job_config(
         "InputDataConfig": [
             {
                 "ChannelName": channel,
-                "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
-                                                "S3DataDistributionType": "FullyReplicated"}},
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": uri,
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
                 "InputMode": "File",
             }
             for channel, uri in channels.items()
         ],
         "OutputDataConfig": {"S3OutputPath": output_uri},
-        "ResourceConfig": {"InstanceType": settings.training_instance_type,
-                           "InstanceCount": settings.training_instance_count,
-                           "VolumeSizeInGB": settings.training_volume_gb},
+        "ResourceConfig": {
+            "InstanceType": settings.training_instance_type,
+            "InstanceCount": settings.training_instance_count,
+            "VolumeSizeInGB": settings.training_volume_gb,
+        },
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": settings.use_spot,
         "Tags": [{"Key": key, "Value": value} for key, value in tags.items()],
@@ -259,7 +277,9 @@ def training_log_tail(conn_id: str | None, region: str | None, job_name: str, li
         events = []
         for stream in streams:
             events += client.get_log_events(
-                logGroupName=TRAINING_LOG_GROUP, logStreamName=stream["logStreamName"], limit=lines,
+                logGroupName=TRAINING_LOG_GROUP,
+                logStreamName=stream["logStreamName"],
+                limit=lines,
                 startFromHead=False,
             )["events"]
     except Exception as exc:  # botocore's, or the connection's: a log that cannot be read is one line
@@ -303,14 +323,22 @@ def job_arguments(spec: PipelineSpec, time_limit: int, presets: str) -> list[str
     args = trainer_args(spec, time_limit, presets, num_gpus=0)
     if spec.trainer.gpu and "--num-gpus" in args:  # the container's SM_NUM_GPUS (the script's default)
         at = args.index("--num-gpus")
-        del args[at:at + 2]
+        del args[at : at + 2]
     if spec.trainer.kind == "resnet":
         args += ["--checkpoint-dir", CHECKPOINT_LOCAL_PATH]
     return args
 
 
-def job_request(spec: PipelineSpec, lake: Any, run_id: str, name: str, region: str, tags: dict[str, str],
-                time_limit: int, presets: str) -> dict[str, Any]:
+def job_request(
+    spec: PipelineSpec,
+    lake: Any,
+    run_id: str,
+    name: str,
+    region: str,
+    tags: dict[str, str],
+    time_limit: int,
+    presets: str,
+) -> dict[str, Any]:
     """The ``CreateTrainingJob`` request of a run; uploads the script's ``sourcedir.tar.gz`` first.
 
     :param spec: the pipeline.
@@ -341,12 +369,15 @@ def job_request(spec: PipelineSpec, lake: Any, run_id: str, name: str, region: s
     if spec.trainer.kind == "resnet" or spec.sagemaker.use_spot:
         checkpoints = plain_s3_uri(run_dir / "checkpoints") + "/"
     return training_job_config(
-        spec, name, training_image(spec, region),
+        spec,
+        name,
+        training_image(spec, region),
         channels=channels,
         output_uri=plain_s3_uri(run_dir / "sagemaker") + "/",
         checkpoint_uri=checkpoints,
-        hyperparameters=hyperparameters(job_arguments(spec, time_limit, presets), script.name,
-                                        plain_s3_uri(source), region),
+        hyperparameters=hyperparameters(
+            job_arguments(spec, time_limit, presets), script.name, plain_s3_uri(source), region
+        ),
         tags=tags,
     )
 
@@ -371,8 +402,9 @@ def job_failure(spec: PipelineSpec, description: dict[str, Any], lines: int, log
     )
 
 
-def job_model(spec: PipelineSpec, lake: Any, run_id: str, split: dict[str, Any], description: dict[str, Any],
-              logger: Any) -> dict[str, Any]:
+def job_model(
+    spec: PipelineSpec, lake: Any, run_id: str, split: dict[str, Any], description: dict[str, Any], logger: Any
+) -> dict[str, Any]:
     """A completed job's model, repacked like the local backend's into the run's ``model.tar.gz``.
 
     :param spec: the pipeline.
@@ -398,15 +430,24 @@ def job_model(spec: PipelineSpec, lake: Any, run_id: str, split: dict[str, Any],
         scratch = Path(tmp)
         logger.info("Fetching the model of training job %s: %s", name, model_uri)
         try:
-            copy_verified(ObjectStoragePath(model_uri, conn_id=lake.conn_id),
-                          ObjectStoragePath((scratch / "job-model.tar.gz").as_uri()), 1 << 20)
+            copy_verified(
+                ObjectStoragePath(model_uri, conn_id=lake.conn_id),
+                ObjectStoragePath((scratch / "job-model.tar.gz").as_uri()),
+                1 << 20,
+            )
         except FileNotFoundError:
             raise TrainedModelInvalid(f"training job {name} completed but wrote no model at {model_uri}") from None
         model_dir = artifacts.unpack(scratch / "job-model.tar.gz", scratch / "model")
         metadata = run_metadata(
-            trained_metadata(model_dir, f"training job {name} ({model_uri})"), spec, run_id, split, "sagemaker",
-            train_seconds(description), code_version=submitted_code_version(description),
-            training_job=name, training_job_arn=description.get("TrainingJobArn"),
+            trained_metadata(model_dir, f"training job {name} ({model_uri})"),
+            spec,
+            run_id,
+            split,
+            "sagemaker",
+            train_seconds(description),
+            code_version=submitted_code_version(description),
+            training_job=name,
+            training_job_arn=description.get("TrainingJobArn"),
             instance_type=(description.get("ResourceConfig") or {}).get("InstanceType"),
             billable_seconds=description.get("BillableTimeInSeconds"),
         )
@@ -415,8 +456,13 @@ def job_model(spec: PipelineSpec, lake: Any, run_id: str, split: dict[str, Any],
         if output.exists():
             copy_verified(output, ObjectStoragePath((scratch / "output.tar.gz").as_uri()), 1 << 20)
             upload_tree(artifacts.unpack(scratch / "output.tar.gz", scratch / "output"), run_dir / "output")
-        logger.info("Model artifact: %s (%.1f MB) from training job %s (%.0fs)", target, size / 1e6, name,
-                    metadata.train_seconds)
+        logger.info(
+            "Model artifact: %s (%.1f MB) from training job %s (%.0fs)",
+            target,
+            size / 1e6,
+            name,
+            metadata.train_seconds,
+        )
     return train_result(str(target), metadata)
 
 

@@ -57,8 +57,14 @@ def read_metadata(model_uri: str, conn_id: str | None) -> ModelMetadata:
         raise BatchInputError(f"{exc} (not a Conveyor model.tar.gz)") from exc
 
 
-def prepare_input(source: str, metadata: ModelMetadata, work: ObjectStoragePath, chunk_rows: int,
-                  conn_id: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def prepare_input(
+    source: str,
+    metadata: ModelMetadata,
+    work: ObjectStoragePath,
+    chunk_rows: int,
+    conn_id: str | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the transform's input files and id files for a source; replaces an earlier attempt's.
 
     :param source: the input file or folder (CSV or Parquet, as the local transform reads).
@@ -95,8 +101,11 @@ def prepare_input(source: str, metadata: ModelMetadata, work: ObjectStoragePath,
     rows = sum(part["rows"] for part in parts)
     if rows == 0:
         raise BatchInputError(f"{source}: no rows to score (every input file is empty)")
-    model = {"problem_type": metadata.problem_type, "id_column": metadata.id_column,
-             "class_labels": metadata.class_labels}
+    model = {
+        "problem_type": metadata.problem_type,
+        "id_column": metadata.id_column,
+        "class_labels": metadata.class_labels,
+    }
     manifest = {**(extra or {}), "parts": parts, "rows": rows, "source": source, "model": model}
     write_json(work / IDS / MANIFEST, manifest)
     return manifest
@@ -114,8 +123,10 @@ def _refuse_line_breaks(frame: pd.DataFrame, source: str, first_row: int) -> Non
             broken = frame[column].astype("string").str.contains(r"[\r\n]", regex=True, na=False)
             if broken.any():
                 row = first_row + int(broken.to_numpy().argmax()) + 1
-                raise BatchInputError(f"{source}: row {row}, column '{column}' holds a line break, which a "
-                                      "SageMaker transform (SplitType Line) cannot carry")
+                raise BatchInputError(
+                    f"{source}: row {row}, column '{column}' holds a line break, which a "
+                    "SageMaker transform (SplitType Line) cannot carry"
+                )
 
 
 def read_answers(path: ObjectStoragePath, class_labels: list[Any] | None) -> pd.DataFrame:
@@ -138,12 +149,14 @@ def read_answers(path: ObjectStoragePath, class_labels: list[Any] | None) -> pd.
             try:
                 records.extend(json.loads(line)["predictions"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise BatchInputError(f"{path}: line {number} is not an application/json answer of "
-                                      f"code/inference.py ({exc!r})") from None
+                raise BatchInputError(
+                    f"{path}: line {number} is not an application/json answer of code/inference.py ({exc!r})"
+                ) from None
     out = pd.DataFrame({"prediction": [record.get("prediction") for record in records]})
     for label in class_labels or []:
-        out[f"{PROBA_PREFIX}{label}"] = [float((record.get("probabilities") or {}).get(str(label), "nan"))
-                                         for record in records]
+        out[f"{PROBA_PREFIX}{label}"] = [
+            float((record.get("probabilities") or {}).get(str(label), "nan")) for record in records
+        ]
     return out
 
 
@@ -168,8 +181,10 @@ def load_output(work: ObjectStoragePath, context: dict[str, Any]) -> Iterator[pa
     for part in manifest["parts"]:
         answers = read_answers(work / OUTPUT / f"{part['name']}.csv.out", labels)
         if len(answers) != part["rows"]:
-            raise BatchInputError(f"{work / OUTPUT / (part['name'] + '.csv.out')}: {len(answers)} answers for "
-                                  f"{part['rows']} input rows: the output cannot be matched to the input")
+            raise BatchInputError(
+                f"{work / OUTPUT / (part['name'] + '.csv.out')}: {len(answers)} answers for "
+                f"{part['rows']} input rows: the output cannot be matched to the input"
+            )
         if id_column:
             with (work / IDS / f"{part['name']}.parquet").open("rb") as handle:
                 frame = pq.read_table(handle).to_pandas()

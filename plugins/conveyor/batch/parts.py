@@ -95,8 +95,12 @@ def write_part(folder: ObjectStoragePath, name: str, table: pa.Table) -> None:
         pq.write_table(table, handle)
 
 
-def write_parts(out: str | Path | ObjectStoragePath, tables: Iterator[pa.Table], manifest: dict[str, Any],
-                conn_id: str | None = None) -> BatchResult:
+def write_parts(
+    out: str | Path | ObjectStoragePath,
+    tables: Iterator[pa.Table],
+    manifest: dict[str, Any],
+    conn_id: str | None = None,
+) -> BatchResult:
     """Write output tables as the run's parts and ``_SUCCESS.json``, with ``score_file``'s layout and rules.
 
     Parts are staged and replace the run's old ones only once every table is written; a failure

@@ -77,8 +77,9 @@ def lake_path(location: str | Path | ObjectStoragePath, conn_id: str | None) -> 
     return ObjectStoragePath(text, conn_id=None if text.startswith("file://") else conn_id)
 
 
-def read_chunks(source: str | Path | ObjectStoragePath, metadata: ModelMetadata, chunk_rows: int,
-                conn_id: str | None = None) -> Iterator[pa.Table]:
+def read_chunks(
+    source: str | Path | ObjectStoragePath, metadata: ModelMetadata, chunk_rows: int, conn_id: str | None = None
+) -> Iterator[pa.Table]:
     """The model's feature and id columns of an input file or folder, in tables of ``chunk_rows`` rows.
 
     Every file is checked (readable, has the columns) before the first table is yielded; the same
@@ -130,8 +131,9 @@ def input_files(source: ObjectStoragePath) -> list[ObjectStoragePath]:
     if not source.exists():
         raise BatchInputError(f"{source}: no such file or folder")
     if source.is_dir():
-        files = sorted((p for p in source.iterdir() if p.is_file() and not p.name.startswith(("_", "."))),
-                       key=lambda p: p.name)
+        files = sorted(
+            (p for p in source.iterdir() if p.is_file() and not p.name.startswith(("_", "."))), key=lambda p: p.name
+        )
         if not files:
             raise BatchInputError(f"{source}: no rows to score (the folder holds no data files)")
     else:
@@ -187,8 +189,10 @@ def _read(file: ObjectStoragePath, columns: Columns, chunk_rows: int, check_only
                 return  # an empty CSV file: no header, no rows
             missing = [name for name in columns.required if name not in names]
             if missing:
-                raise BatchInputError(f"{file}: missing required columns: {', '.join(missing)} "
-                                      f"(the model reads {', '.join(columns.required)})")
+                raise BatchInputError(
+                    f"{file}: missing required columns: {', '.join(missing)} "
+                    f"(the model reads {', '.join(columns.required)})"
+                )
             if is_csv:
                 batches = _csv_batches(source, file.name, columns, int(row_bytes * chunk_rows * 1.05))
             else:
@@ -196,8 +200,9 @@ def _read(file: ObjectStoragePath, columns: Columns, chunk_rows: int, check_only
             if not check_only:
                 yield from batches
         except (pa.ArrowException, OSError) as error:
-            raise BatchInputError(f"{file}: cannot be read as {'CSV' if is_csv else 'Parquet'}: "
-                                  f"{_describe(error, names)}") from None
+            raise BatchInputError(
+                f"{file}: cannot be read as {'CSV' if is_csv else 'Parquet'}: {_describe(error, names)}"
+            ) from None
 
 
 def _describe(error: Exception, names: list[str]) -> str:
@@ -248,7 +253,8 @@ def _csv_batches(source: str, name: str, columns: Columns, block_bytes: int) -> 
         read_options=pcsv.ReadOptions(block_size=min(max(block_bytes, 1 << 16), 1 << 28)),
         convert_options=pcsv.ConvertOptions(
             column_types={k: v for k, v in types.items() if v is not None},
-            include_columns=columns.required, strings_can_be_null=True,
+            include_columns=columns.required,
+            strings_can_be_null=True,
         ),
     )
 

@@ -148,10 +148,13 @@ def summarize(parts: Sequence[str | Path | ObjectStoragePath], conn_id: str | No
                     present[name] = present.get(name, 0) + len(column) - column.null_count
     if numeric is not None:
         n = numeric["n"]
-        predictions: dict[str, Any] = {"mean": numeric["sum"] / n if n else None,
-                                       "min": numeric["min"] if n else None, "max": numeric["max"] if n else None}
+        predictions: dict[str, Any] = {
+            "mean": numeric["sum"] / n if n else None,
+            "min": numeric["min"] if n else None,
+            "max": numeric["max"] if n else None,
+        }
     else:
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         predictions = {label: {"count": count, "share": count / rows} for label, count in ordered}
-    means = {name[len(PROBA_PREFIX):]: (sums[name] / present[name] if present[name] else None) for name in sums}
+    means = {name[len(PROBA_PREFIX) :]: (sums[name] / present[name] if present[name] else None) for name in sums}
     return {"rows": rows, "predictions": predictions, "mean_probability": means}

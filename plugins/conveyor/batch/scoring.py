@@ -86,20 +86,40 @@ def score_file(
         names, rows = _score(files, columns, Path(model_dir), staging, constants, chunk_rows, workers)
         if rows == 0:
             raise BatchInputError(f"{source}: no rows to score (every input file is empty)")
-        manifest = {"rows": rows, "parts": names, "model": model_name, "version": model_version,
-                    "run_id": run_id, "scored_at": stamp.isoformat(), "source": str(source)}
+        manifest = {
+            "rows": rows,
+            "parts": names,
+            "model": model_name,
+            "version": model_version,
+            "run_id": run_id,
+            "scored_at": stamp.isoformat(),
+            "source": str(source),
+        }
         publish(target, staging, names, manifest)
     except BaseException:
         remove(staging, quiet=True)
         raise
     seconds = time.monotonic() - started
-    log.info("scored %s rows into %s parts at %s in %.1fs (%.0f rows/s)", rows, len(names), target, seconds,
-             rows / max(seconds, 1e-9))
+    log.info(
+        "scored %s rows into %s parts at %s in %.1fs (%.0f rows/s)",
+        rows,
+        len(names),
+        target,
+        seconds,
+        rows / max(seconds, 1e-9),
+    )
     return BatchResult(str(target), [str(target / name) for name in names], rows, round(seconds, 3))
 
 
-def _score(files: list[ObjectStoragePath], columns: Columns, model_dir: Path, staging: ObjectStoragePath,
-           constants: dict[str, Any], chunk_rows: int, workers: int) -> tuple[list[str], int]:
+def _score(
+    files: list[ObjectStoragePath],
+    columns: Columns,
+    model_dir: Path,
+    staging: ObjectStoragePath,
+    constants: dict[str, Any],
+    chunk_rows: int,
+    workers: int,
+) -> tuple[list[str], int]:
     """Feed chunks to a lazily started pool (bounded in flight) and write their results in order.
 
     :param files: the input files.
@@ -125,7 +145,8 @@ def _score(files: list[ObjectStoragePath], columns: Columns, model_dir: Path, st
             raise
         except ValueError as error:
             raise BatchInputError(
-                f"{file}: rows {first + 1}-{first + count} were rejected by the model: {error}") from error
+                f"{file}: rows {first + 1}-{first + count} were rejected by the model: {error}"
+            ) from error
         if state["schema"] is None:
             state["schema"] = table.schema
         table = table.cast(state["schema"])
@@ -134,8 +155,13 @@ def _score(files: list[ObjectStoragePath], columns: Columns, model_dir: Path, st
         names.append(name)
         state["rows"] += table.num_rows
         elapsed = time.monotonic() - state["clock"]
-        log.info("wrote %s (%s rows, %s in all, %.0f rows/s)", name, table.num_rows, state["rows"],
-                 state["rows"] / max(elapsed, 1e-9))
+        log.info(
+            "wrote %s (%s rows, %s in all, %.0f rows/s)",
+            name,
+            table.num_rows,
+            state["rows"],
+            state["rows"] / max(elapsed, 1e-9),
+        )
 
     context = {"id_column": columns.id_column, **constants}
     start = 0
@@ -146,8 +172,12 @@ def _score(files: list[ObjectStoragePath], columns: Columns, model_dir: Path, st
             for chunk in file_chunks(file, columns, chunk_rows):
                 if pool is None:
                     threads = max(1, (os.cpu_count() or 1) // workers)
-                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_start_worker, initargs=(str(model_dir), threads))
+                    pool = ProcessPoolExecutor(
+                        max_workers=workers,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_start_worker,
+                        initargs=(str(model_dir), threads),
+                    )
                 pending.append((pool.submit(_score_chunk, _to_ipc(chunk), start, context), file, first, chunk.num_rows))
                 start, first = start + chunk.num_rows, first + chunk.num_rows
                 if len(pending) >= 2 * workers:
@@ -240,7 +270,8 @@ def output_table(frame: Any, predicted: Any, start: int, context: dict[str, Any]
 
     if "prediction" not in predicted.columns or len(predicted) != len(frame):
         raise RuntimeError(
-            f"predict_fn returned {len(predicted)} rows without a prediction column for {len(frame)} rows")
+            f"predict_fn returned {len(predicted)} rows without a prediction column for {len(frame)} rows"
+        )
     id_column = context["id_column"]
     out: dict[str, Any] = {}
     if id_column:

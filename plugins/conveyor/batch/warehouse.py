@@ -123,11 +123,17 @@ def _ensure_table(conn: Connection, name: str, schema: pa.Schema) -> Any:
         existing = sa.Table(name, metadata, autoload_with=conn)
         missing = [column for column in schema.names if column not in existing.c]
         if missing:
-            raise ValueError(f"table {name!r} lacks the columns {', '.join(missing)} of these parts: "
-                             "write a model with another output to another table")
+            raise ValueError(
+                f"table {name!r} lacks the columns {', '.join(missing)} of these parts: "
+                "write a model with another output to another table"
+            )
         return existing
-    created = sa.Table(name, metadata, *(sa.Column(f.name, sql_type(f.name, f.type)) for f in schema),
-                       sa.Index(f"ix_{name}_run_id", "run_id"))
+    created = sa.Table(
+        name,
+        metadata,
+        *(sa.Column(f.name, sql_type(f.name, f.type)) for f in schema),
+        sa.Index(f"ix_{name}_run_id", "run_id"),
+    )
     created.create(conn, checkfirst=True)
     return created
 

@@ -97,8 +97,7 @@ def _profile_csv(rel: str, handle: _HashingReader, spec: PipelineSpec) -> dict[s
         for other in (";", "\t", "|", ","):
             if other != options.delimiter and other in only:
                 raise DropRejected(
-                    f"{rel}: rule 'delimiter {options.delimiter!r}': the header {only!r} looks "
-                    f"{other!r}-delimited"
+                    f"{rel}: rule 'delimiter {options.delimiter!r}': the header {only!r} looks {other!r}-delimited"
                 )
     return {"rows": rows, "schema": schema}
 
@@ -161,8 +160,14 @@ def version_of(entries: list[dict[str, Any]]) -> str:
 
 
 def copy_drop(
-    lake: Lake, spec: PipelineSpec, drop: str, files: list[tuple[str, ObjectStoragePath]],
-    entries: list[dict[str, Any]], version: str, run_id: str, extra: dict[str, bytes] | None = None,
+    lake: Lake,
+    spec: PipelineSpec,
+    drop: str,
+    files: list[tuple[str, ObjectStoragePath]],
+    entries: list[dict[str, Any]],
+    version: str,
+    run_id: str,
+    extra: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Copy a profiled drop into ``raw/<pipeline>/<version>/`` and write its manifest last.
 
@@ -309,8 +314,12 @@ def read_table(lake: Lake, manifest: dict[str, Any], spec: PipelineSpec, columns
             if manifest["format"] == "csv":
                 frames.append(
                     pd.read_csv(
-                        handle, sep=spec.data.csv.delimiter, encoding=spec.data.csv.encoding,
-                        header=0 if spec.data.csv.header else None, usecols=columns, low_memory=False,
+                        handle,
+                        sep=spec.data.csv.delimiter,
+                        encoding=spec.data.csv.encoding,
+                        header=0 if spec.data.csv.header else None,
+                        usecols=columns,
+                        low_memory=False,
                     )
                 )
             else:

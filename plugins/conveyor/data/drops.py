@@ -13,7 +13,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 def find_complete_drops(landing: ObjectStoragePath, marker: str) -> list[str]:
     """Names of the drops that hold their completion marker and were not processed yet.
 
@@ -64,9 +63,7 @@ def mark_processed(lake: Lake, pipeline: str, drop: str, receipt: dict[str, Any]
     write_json(lake.landing(pipeline, drop) / PROCESSED_MARKER, receipt)
 
 
-def quarantine_drop(
-    lake: Lake, pipeline: str, drop: str, run_id: str, report: dict[str, Any], chunk_bytes: int
-) -> str:
+def quarantine_drop(lake: Lake, pipeline: str, drop: str, run_id: str, report: dict[str, Any], chunk_bytes: int) -> str:
     """Move a rejected drop, bytes untouched, to ``quarantine/<pipeline>/<drop>/`` with its report.
 
     Every file is copied and verified before the landing copy is deleted, so a crash half-way

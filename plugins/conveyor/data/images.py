@@ -38,7 +38,12 @@ def describe_image(payload: bytes) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
     info: dict[str, Any] = {
-        "width": None, "height": None, "mode": None, "format": None, "decodes": False, "error": None,
+        "width": None,
+        "height": None,
+        "mode": None,
+        "format": None,
+        "decodes": False,
+        "error": None,
     }
     if not payload:
         info["error"] = "zero bytes"
@@ -103,8 +108,9 @@ def profile_image_drop(
         sha = hashlib.sha256(payload).hexdigest()
         entries.append({"path": rel, "bytes": len(payload), "sha256": sha})
         if rel in label_of:
-            table.append({"path": rel, "label": label_of[rel], "sha256": sha, "bytes": len(payload),
-                          **describe_image(payload)})
+            table.append(
+                {"path": rel, "label": label_of[rel], "sha256": sha, "bytes": len(payload), **describe_image(payload)}
+            )
     bad = [row for row in table if not row["decodes"]]
     classes = len({row["label"] for row in table})
     log.info("Profiled %s image(s) in %s classes; %s do not decode", len(table), classes, len(bad))
@@ -169,6 +175,9 @@ def judge_images(frame: Any, max_bad_file_share: float) -> tuple[Any, dict[str, 
         )
         problems += [f"corrupt image {item['path']}: {item['error']}" for item in corrupt]
     elif corrupt:
-        log.warning("%s corrupt image(s) within the tolerated share; they are left out: %s",
-                    len(corrupt), [item["path"] for item in corrupt])
+        log.warning(
+            "%s corrupt image(s) within the tolerated share; they are left out: %s",
+            len(corrupt),
+            [item["path"] for item in corrupt],
+        )
     return good, extra, problems

@@ -82,13 +82,14 @@ def split_frame(frame: Any, spec: PipelineSpec, version: str = "") -> dict[str, 
             frame, test_size=holdout, random_state=seed, stratify=frame[spec.data.label] if stratify else None
         )
         validation, test = train_test_split(
-            rest, test_size=spec.split.test / holdout, random_state=seed,
+            rest,
+            test_size=spec.split.test / holdout,
+            random_state=seed,
             stratify=rest[spec.data.label] if stratify else None,
         )
     except ValueError as exc:
         raise SplitError(
-            f"dataset {version}: rule 'enough rows of every class to stratify into train, validation and "
-            f"test': {exc}"
+            f"dataset {version}: rule 'enough rows of every class to stratify into train, validation and test': {exc}"
         ) from None
     return {"train": train, "validation": validation, "test": test}
 

@@ -186,14 +186,20 @@ def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, ru
     if not outcome.success:
         where = quarantine_drop(lake, spec.name, drop, run_id, report, spec.ingest.chunk_bytes)
         remove_tree(lake.raw(spec.name, version))
-        raise ValidationFailed(f"drop {drop!r} (version {version}, quarantined at {where})",
-                               outcome.failures, report_uri)
+        raise ValidationFailed(
+            f"drop {drop!r} (version {version}, quarantined at {where})", outcome.failures, report_uri
+        )
     document = {**receipt, "report": report_uri, "statistics": outcome.statistics, "rows": manifest["rows"]}
     write_json(lake.raw(spec.name, version) / VALIDATED, document)
     write_json(lake.raw(spec.name) / LATEST, document)
     mark_processed(lake, spec.name, drop, receipt)
-    return {"version": version, "rows": manifest["rows"], "report": report_uri, "statistics": outcome.statistics,
-            "uri": manifest["uri"]}
+    return {
+        "version": version,
+        "rows": manifest["rows"],
+        "report": report_uri,
+        "statistics": outcome.statistics,
+        "uri": manifest["uri"],
+    }
 
 
 def _judge_version(
@@ -219,8 +225,15 @@ def _judge_version(
     if problems:
         outcome.success = False
         outcome.failures = problems + outcome.failures
-    report = {"pipeline": spec.name, "drop": drop, "version": version, "run_id": run_id,
-              "suite": suite["name"], **extra, **outcome.to_dict()}
+    report = {
+        "pipeline": spec.name,
+        "drop": drop,
+        "version": version,
+        "run_id": run_id,
+        "suite": suite["name"],
+        **extra,
+        **outcome.to_dict(),
+    }
     write_json(report_dir / "result.json", report)
     report_uri = str(report_dir / "index.html")
     log.info("Validation report: %s", report_uri)

@@ -28,8 +28,15 @@ def tags(spec: PipelineSpec, kind: str) -> list[str]:
 
 def pipeline_dag(spec: PipelineSpec, kind: str, **kwargs: Any) -> DAG:
     """A DAG of a pipeline's family: ``<name>__<kind>``, tagged, owned, retried, one run at a time."""
-    settings_ = {"start_date": START, "catchup": False, "max_active_runs": 1, "render_template_as_native_obj": True,
-                 "tags": tags(spec, kind.split("_")[0]), "default_args": default_args(spec), **kwargs}
+    settings_ = {
+        "start_date": START,
+        "catchup": False,
+        "max_active_runs": 1,
+        "render_template_as_native_obj": True,
+        "tags": tags(spec, kind.split("_")[0]),
+        "default_args": default_args(spec),
+        **kwargs,
+    }
     return DAG(dag_id=f"{spec.name}__{kind}", **settings_)
 
 

@@ -19,7 +19,8 @@ def ingest_dag(spec: PipelineSpec) -> DAG:
     from conveyor.sensors.drop import DropSensor
 
     with pipeline_dag(
-        spec, "ingest",
+        spec,
+        "ingest",
         description=f"Ingest and validate {spec.name} drops",
         schedule=spec.ingest.schedule,
         render_template_as_native_obj=False,

@@ -20,8 +20,9 @@ def monitor_schedule(spec: PipelineSpec) -> Any:
     if not spec.deploy.batch.enabled:
         return cron
     if cron:
-        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"),
-                                   assets=predictions_asset(spec.name))
+        return AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=predictions_asset(spec.name)
+        )
     return [predictions_asset(spec.name)]
 
 
@@ -39,15 +40,25 @@ def monitor_dag(spec: PipelineSpec) -> DAG:
 
     xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
     m = spec.monitor
-    live_rule = (f"below {m.min_live_metric} over at least {m.min_new_labels} new labels"
-                 if m.min_live_metric is not None else "not used (no `monitor.min_live_metric`)")
+    live_rule = (
+        f"below {m.min_live_metric} over at least {m.min_new_labels} new labels"
+        if m.min_live_metric is not None
+        else "not used (no `monitor.min_live_metric`)"
+    )
     with pipeline_dag(
-        spec, "monitor",
+        spec,
+        "monitor",
         description=f"Drift, feedback and live {m.metric or spec.gate.metric} of {spec.name}; retrains when needed",
         schedule=monitor_schedule(spec),
-        params={"input": Param("", type=["null", "string"], title="Also check this input",
-                               description="Optional: a CSV/Parquet file or folder URI compared with the live "
-                                           "model's training baseline")},
+        params={
+            "input": Param(
+                "",
+                type=["null", "string"],
+                title="Also check this input",
+                description="Optional: a CSV/Parquet file or folder URI compared with the live "
+                "model's training baseline",
+            )
+        },
         doc_md=f"""
 ### {spec.name}: monitor
 Runs on `{m.schedule}` and after every batch prediction run, or by hand.
@@ -66,9 +77,15 @@ Runs on `{m.schedule}` and after every batch prediction run, or by hand.
     ) as dag:
         drift = CheckDriftOperator(task_id="drift", spec=spec_arg(spec), input_uri="{{ params.input }}")
         feedback = IngestFeedbackOperator(task_id="feedback", spec=spec_arg(spec))
-        decide = RetrainDecisionOperator(task_id="decide", spec=spec_arg(spec), drift=xcom("drift"),
-                                         feedback=xcom("feedback"), trigger_rule="none_failed")
-        trigger = TriggerRetrainOperator(task_id="trigger_retrain", spec=spec_arg(spec), decision=xcom("decide"),
-                                         outlets=[retrain_asset(spec.name)])
+        decide = RetrainDecisionOperator(
+            task_id="decide",
+            spec=spec_arg(spec),
+            drift=xcom("drift"),
+            feedback=xcom("feedback"),
+            trigger_rule="none_failed",
+        )
+        trigger = TriggerRetrainOperator(
+            task_id="trigger_retrain", spec=spec_arg(spec), decision=xcom("decide"), outlets=[retrain_asset(spec.name)]
+        )
         drift >> feedback >> decide >> trigger
     return dag

@@ -22,11 +22,18 @@ def deploy_dag(spec: PipelineSpec) -> DAG:
 
     endpoint = spec.deploy.endpoint.name or spec.name
     with pipeline_dag(
-        spec, "deploy",
+        spec,
+        "deploy",
         description=f"Roll an approved {spec.name} model out to the {endpoint} endpoint",
         schedule=[model_asset(spec.name)],
-        params={"version": Param("champion", type="string", title="Version or alias",
-                                 description="A registered version number, or an alias such as champion")},
+        params={
+            "version": Param(
+                "champion",
+                type="string",
+                title="Version or alias",
+                description="A registered version number, or an alias such as champion",
+            )
+        },
         doc_md=f"""
 ### {spec.name}: deploy
 Starts when a version is approved (the `{spec.name}.model` Asset, unless the training run said not
@@ -43,11 +50,13 @@ to deploy), or by hand with a version number or alias.
         if spec.compute == "sagemaker":  # blue/green SageMaker endpoint, deferred wait (docs/aws.md)
             from conveyor.operators.deploy_sagemaker import SageMakerDeployEndpointOperator
 
-            deploy = SageMakerDeployEndpointOperator(task_id="deploy", spec=spec_arg(spec),
-                                                     model="{{ ti.xcom_pull(task_ids='resolve') }}")
+            deploy = SageMakerDeployEndpointOperator(
+                task_id="deploy", spec=spec_arg(spec), model="{{ ti.xcom_pull(task_ids='resolve') }}"
+            )
         else:
-            deploy = DeployEndpointOperator(task_id="deploy", spec=spec_arg(spec),
-                                            model="{{ ti.xcom_pull(task_ids='resolve') }}")
+            deploy = DeployEndpointOperator(
+                task_id="deploy", spec=spec_arg(spec), model="{{ ti.xcom_pull(task_ids='resolve') }}"
+            )
         resolve >> deploy
     return dag
 
@@ -60,8 +69,9 @@ def batch_schedule(spec: PipelineSpec) -> Any:
 
     cron = spec.deploy.batch.schedule
     if cron:
-        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"),
-                                   assets=inference_asset(spec.name))
+        return AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=inference_asset(spec.name)
+        )
     return [inference_asset(spec.name)]
 
 
@@ -77,13 +87,18 @@ def batch_dag(spec: PipelineSpec) -> DAG:
     batch = spec.deploy.batch
     table = predictions_table(spec)
     with pipeline_dag(
-        spec, "batch_predict",
+        spec,
+        "batch_predict",
         description=f"Score new {spec.name} data in batch into Parquet and the {table} table",
         schedule=batch_schedule(spec),
         params={
-            "input": Param(batch.input or "", type=["null", "string"], title="Input location",
-                           description="A file or folder URI; empty: the oldest complete drop in landing/"
-                                       f"{spec.name}/inference/ not scored yet"),
+            "input": Param(
+                batch.input or "",
+                type=["null", "string"],
+                title="Input location",
+                description="A file or folder URI; empty: the oldest complete drop in landing/"
+                f"{spec.name}/inference/ not scored yet",
+            ),
             "model": Param("champion", type="string", title="Model version or alias"),
         },
         doc_md=f"""
@@ -103,12 +118,20 @@ Asset), or by hand (input location, model version or alias).
         if spec.compute == "sagemaker":  # a SageMaker batch transform job, then the same files and table
             from conveyor.operators.batch_sagemaker import SageMakerBatchPredictOperator
 
-            score = SageMakerBatchPredictOperator(task_id="score", spec=spec_arg(spec), input_uri="{{ params.input }}",
-                                                  model="{{ ti.xcom_pull(task_ids='resolve') }}",
-                                                  outlets=[predictions_asset(spec.name)])
+            score = SageMakerBatchPredictOperator(
+                task_id="score",
+                spec=spec_arg(spec),
+                input_uri="{{ params.input }}",
+                model="{{ ti.xcom_pull(task_ids='resolve') }}",
+                outlets=[predictions_asset(spec.name)],
+            )
         else:
-            score = BatchPredictOperator(task_id="score", spec=spec_arg(spec), input_uri="{{ params.input }}",
-                                         model="{{ ti.xcom_pull(task_ids='resolve') }}",
-                                         outlets=[predictions_asset(spec.name)])
+            score = BatchPredictOperator(
+                task_id="score",
+                spec=spec_arg(spec),
+                input_uri="{{ params.input }}",
+                model="{{ ti.xcom_pull(task_ids='resolve') }}",
+                outlets=[predictions_asset(spec.name)],
+            )
         resolve >> score
     return dag

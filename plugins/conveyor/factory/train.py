@@ -35,11 +35,19 @@ def train_params(spec: PipelineSpec) -> dict[str, Any]:
     from airflow.sdk import Param
 
     params = {
-        "dataset_version": Param("", type=["null", "string"], title="Dataset version",
-                                 description="Empty: the version that triggered the run, else the latest validated"),
-        "labelled_rows": Param("", type=["null", "string"], title="Newly labelled rows",
-                               description="Empty: those of the retraining event that started the run, if any; "
-                                           "else a Parquet URI of labelled rows added to the dataset"),
+        "dataset_version": Param(
+            "",
+            type=["null", "string"],
+            title="Dataset version",
+            description="Empty: the version that triggered the run, else the latest validated",
+        ),
+        "labelled_rows": Param(
+            "",
+            type=["null", "string"],
+            title="Newly labelled rows",
+            description="Empty: those of the retraining event that started the run, if any; "
+            "else a Parquet URI of labelled rows added to the dataset",
+        ),
         "time_limit": Param(spec.trainer.time_limit, type="integer", minimum=1, title="Time budget (seconds)"),
         "deploy": Param(spec.deploy.endpoint.enabled, type="boolean", title="Deploy once approved"),
     }
@@ -66,7 +74,8 @@ def train_dag(spec: PipelineSpec) -> DAG:
     xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
     spec_json = spec_arg(spec)  # one per DAG: every task shows the same validated spec
     with pipeline_dag(
-        spec, "train",
+        spec,
+        "train",
         description=f"Train, evaluate, gate, register and approve a {spec.name} model",
         schedule=train_schedule(spec),
         params=train_params(spec),
@@ -77,52 +86,77 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
 
 1. **split** — seeded ({spec.split.seed}), stratified train/validation/test split under
    `models/{spec.name}/<run>/split/`.
-2. **train** — `include/training/` script in SageMaker script mode, {"as a SageMaker training job"
-   if spec.compute == "sagemaker" else "as a child process"}; writes `models/{spec.name}/<run>/model.tar.gz`.
+2. **train** — `include/training/` script in SageMaker script mode, {
+            "as a SageMaker training job" if spec.compute == "sagemaker" else "as a child process"
+        }; writes `models/{spec.name}/<run>/model.tar.gz`.
 3. **evaluate** — test-set metrics and plots: `reports/{spec.name}/<run>/evaluation/index.html`.
 4. **gate** — thresholds {dict(spec.gate.thresholds)} and a gain of at least {spec.gate.min_improvement}
    in `{spec.gate.metric}` over the champion, both scored on this test set:
    `reports/{spec.name}/<run>/gate/index.html`. On reject: **{spec.gate.on_reject}**.
-5. **register** — a new version of `{spec.name}` in the {"SageMaker Model Registry" if spec.registry == "sagemaker"
-   else "MLflow registry"} (`PendingManualApproval`).
+5. **register** — a new version of `{spec.name}` in the {
+            "SageMaker Model Registry" if spec.registry == "sagemaker" else "MLflow registry"
+        } (`PendingManualApproval`).
 6. **approve** — **{spec.approval}**: approval sets `Approved` and makes it the champion.
 7. **publish** — updates the `{spec.name}.model` Asset (version, deploy flag): it starts `{spec.name}__deploy`.
 """,
     ) as dag:
-        split = SplitDatasetOperator(task_id="split", spec=spec_json, dataset_version="{{ params.dataset_version }}",
-                                     labelled_rows="{{ params.get('labelled_rows') or '' }}")
+        split = SplitDatasetOperator(
+            task_id="split",
+            spec=spec_json,
+            dataset_version="{{ params.dataset_version }}",
+            labelled_rows="{{ params.get('labelled_rows') or '' }}",
+        )
         if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
             from conveyor.aws.training import wait_limit_seconds
             from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
 
             train: BaseOperator = SageMakerTrainModelOperator(
-                task_id="train", spec=spec_json, split=xcom("split"),
-                time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
+                task_id="train",
+                spec=spec_json,
+                split=xcom("split"),
+                time_limit="{{ params.time_limit }}",
+                presets="{{ params.get('presets') }}",
                 execution_timeout=timedelta(seconds=wait_limit_seconds(spec) + 1800),
             )
         else:
             train = TrainModelOperator(
-                task_id="train", spec=spec_json, split=xcom("split"),
-                time_limit="{{ params.time_limit }}", presets="{{ params.get('presets') }}",
+                task_id="train",
+                spec=spec_json,
+                split=xcom("split"),
+                time_limit="{{ params.time_limit }}",
+                presets="{{ params.get('presets') }}",
                 execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
                 **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
             )
         evaluate = EvaluateModelOperator(task_id="evaluate", spec=spec_json, model=xcom("train"))
         gate = GateModelOperator(task_id="gate", spec=spec_json, model=xcom("train"), evaluation=xcom("evaluate"))
-        register = RegisterModelOperator(task_id="register", spec=spec_json, model=xcom("train"),
-                                         gate=xcom("gate"), deploy="{{ params.deploy }}", evaluation=xcom("evaluate"))
+        register = RegisterModelOperator(
+            task_id="register",
+            spec=spec_json,
+            model=xcom("train"),
+            gate=xcom("gate"),
+            deploy="{{ params.deploy }}",
+            evaluation=xcom("evaluate"),
+        )
         if spec.approval == "auto":
-            approve: BaseOperator = AutoApproveOperator(task_id="approve", spec=spec_json,
-                                                        registration=xcom("register"))
+            approve: BaseOperator = AutoApproveOperator(
+                task_id="approve", spec=spec_json, registration=xcom("register")
+            )
         else:
             approve = ModelApprovalOperator(
-                task_id="approve", spec=spec_json,
+                task_id="approve",
+                spec=spec_json,
                 subject=f"Approve {spec.name} model version {{{{ ti.xcom_pull(task_ids='register')['version'] }}}}?",
                 body="{{ ti.xcom_pull(task_ids='gate')['summary_md'] }}\n\nReports: "
-                     "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
+                "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
                 retries=0,
             )
-        publish = PublishModelOperator(task_id="publish", spec=spec_json, registration=xcom("register"),
-                                       deploy="{{ params.deploy }}", outlets=[model_asset(spec.name)])
+        publish = PublishModelOperator(
+            task_id="publish",
+            spec=spec_json,
+            registration=xcom("register"),
+            deploy="{{ params.deploy }}",
+            outlets=[model_asset(spec.name)],
+        )
         split >> train >> evaluate >> gate >> register >> approve >> publish
     return dag

@@ -28,9 +28,23 @@ from conveyor.model.contract.conveyor_metadata import (
 )
 
 __all__ = [
-    "FILENAME", "HISTOGRAM_BINS", "IMAGE_CHANNELS", "OTHER", "PIXEL_BINS", "QUANTILES", "SCHEMA_VERSION",
-    "TOP_VALUES", "Baseline", "Feature", "MetadataError", "ModelMetadata", "numeric_summary", "read", "write",
-    "sidecar_uri", "read_sidecar",
+    "FILENAME",
+    "HISTOGRAM_BINS",
+    "IMAGE_CHANNELS",
+    "OTHER",
+    "PIXEL_BINS",
+    "QUANTILES",
+    "SCHEMA_VERSION",
+    "TOP_VALUES",
+    "Baseline",
+    "Feature",
+    "MetadataError",
+    "ModelMetadata",
+    "numeric_summary",
+    "read",
+    "write",
+    "sidecar_uri",
+    "read_sidecar",
 ]
 
 

@@ -51,6 +51,7 @@ _PROBA_METRICS = {
     "image_classification": "log_loss and top-k accuracy",
 }
 
+
 def compute_metrics(
     problem_type: str,
     y_true: ArrayLike,
@@ -78,7 +79,6 @@ def compute_metrics(
         return _regression_metrics(truth, pred)
     classes = classes_of(problem_type, truth, pred, proba, class_labels, positive_class)
     return _classification_metrics(problem_type, classes)
-
 
 
 # ---------------------------------------------------------------------------------------- inputs

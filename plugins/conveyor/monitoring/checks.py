@@ -99,8 +99,15 @@ def check_batch(lake: Lake, pipeline: str, run: str, models: ModelCache, limits:
     report = drift_report(metadata, inputs, predictions["prediction"], limits)
     id_column = metadata.id_column
     ids = predictions[id_column].astype(str) if id_column and id_column in predictions else None
-    observed = records.observations(inputs[metadata.feature_names], predictions, ids=ids, model_version=version,
-                                    scored_at=str(manifest["scored_at"]), source="batch", source_id=run)
+    observed = records.observations(
+        inputs[metadata.feature_names],
+        predictions,
+        ids=ids,
+        model_version=version,
+        scored_at=str(manifest["scored_at"]),
+        source="batch",
+        source_id=run,
+    )
     records.save_observations(lake, pipeline, "batch", run, observed)
     return {"rows": len(inputs), "report": report, "model_version": version}
 
@@ -119,8 +126,15 @@ def capture_groups(slices: list[tuple[str, list[dict[str, Any]]]]) -> list[tuple
     return groups
 
 
-def check_capture(lake: Lake, spec: PipelineSpec, ident: str, version: str, lines: list[dict[str, Any]],
-                  models: ModelCache, limits: dict[str, float]) -> dict[str, Any]:
+def check_capture(
+    lake: Lake,
+    spec: PipelineSpec,
+    ident: str,
+    version: str,
+    lines: list[dict[str, Any]],
+    models: ModelCache,
+    limits: dict[str, float],
+) -> dict[str, Any]:
     """Check the traffic one version answered in a capture slice against its baseline; keep its rows.
 
     :param lake: the lake.
@@ -134,7 +148,8 @@ def check_capture(lake: Lake, spec: PipelineSpec, ident: str, version: str, line
     metadata = models.metadata(version)
     images = spec.data.format == "images"
     features, predictions, ids, versions, times = records.capture_rows(
-        lines, models.loaded, metadata.id_column, images=images)
+        lines, models.loaded, metadata.id_column, images=images
+    )
     answers = predictions["prediction"] if len(predictions) else None
     if images:
         names = list(features.columns)
@@ -142,14 +157,22 @@ def check_capture(lake: Lake, spec: PipelineSpec, ident: str, version: str, line
     else:
         names = metadata.feature_names
         report = drift_report(metadata, features, answers, limits)
-    observed = records.observations(features[names], predictions, ids=ids, model_version=versions, scored_at=times,
-                                    source="capture", source_id=f"{ident}/v{version}")
+    observed = records.observations(
+        features[names],
+        predictions,
+        ids=ids,
+        model_version=versions,
+        scored_at=times,
+        source="capture",
+        source_id=f"{ident}/v{version}",
+    )
     records.save_observations(lake, spec.name, "capture", f"{ident}-v{version}", observed)
     return {"rows": len(features), "report": report, "model_version": version}
 
 
-def check_input(lake: Lake, spec: PipelineSpec, uri: str, models: ModelCache,
-                limits: dict[str, float]) -> dict[str, Any]:
+def check_input(
+    lake: Lake, spec: PipelineSpec, uri: str, models: ModelCache, limits: dict[str, float]
+) -> dict[str, Any]:
     """Check a file or folder a person named against the champion's baseline (nothing is kept).
 
     :param lake: the lake.
@@ -167,5 +190,8 @@ def check_input(lake: Lake, spec: PipelineSpec, uri: str, models: ModelCache,
     metadata = models.metadata(str(champion.version))
     location = uri if "://" in uri else f"file://{uri}"
     frame = records.read_frame(ObjectStoragePath(location, conn_id=lake.conn_id))
-    return {"rows": len(frame), "report": drift_report(metadata, frame, None, limits),
-            "model_version": str(champion.version)}
+    return {
+        "rows": len(frame),
+        "report": drift_report(metadata, frame, None, limits),
+        "model_version": str(champion.version),
+    }

@@ -81,10 +81,18 @@ def history_record(check: Mapping[str, Any], at: str) -> dict[str, Any]:
     features = report.get("features") or {}
     psis = [f["psi"] for f in features.values() if f.get("psi") is not None]
     prediction = report.get("prediction") or {}
-    return {"at": at, "source": check["source"], "id": check["id"], "rows": check.get("rows", 0),
-            "drift_share": report.get("drift_share"), "drifted_features": report.get("drifted_features", []),
-            "max_psi": max(psis) if psis else None, "prediction_psi": prediction.get("psi"),
-            "drifted": bool(report.get("drifted")), "error": check.get("error")}
+    return {
+        "at": at,
+        "source": check["source"],
+        "id": check["id"],
+        "rows": check.get("rows", 0),
+        "drift_share": report.get("drift_share"),
+        "drifted_features": report.get("drifted_features", []),
+        "max_psi": max(psis) if psis else None,
+        "prediction_psi": prediction.get("psi"),
+        "drifted": bool(report.get("drifted")),
+        "error": check.get("error"),
+    }
 
 
 def save_history(lake: Lake, pipeline: str, run_id: str, at: str, checks: list[dict[str, Any]]) -> None:
@@ -96,8 +104,10 @@ def save_history(lake: Lake, pipeline: str, run_id: str, at: str, checks: list[d
     :param at: the run's time (ISO).
     :param checks: the run's checks.
     """
-    write_json(lake.monitor(pipeline, "history", f"{safe_name(run_id)}.json"),
-               {"run_id": run_id, "at": at, "sources": [history_record(c, at) for c in checks]})
+    write_json(
+        lake.monitor(pipeline, "history", f"{safe_name(run_id)}.json"),
+        {"run_id": run_id, "at": at, "sources": [history_record(c, at) for c in checks]},
+    )
 
 
 def load_history(lake: Lake, pipeline: str) -> list[dict[str, Any]]:
@@ -156,23 +166,34 @@ def _drift_reasons(monitor: MonitorSpec, checks: list[dict[str, Any]]) -> tuple[
         if not report:
             continue
         if int(check.get("rows") or report.get("rows") or 0) < monitor.min_rows:
-            notes.append(f"{check['source']} {check['id']}: {check.get('rows')} rows, fewer than monitor.min_rows "
-                         f"({monitor.min_rows}): reported, no drift verdict")
+            notes.append(
+                f"{check['source']} {check['id']}: {check.get('rows')} rows, fewer than monitor.min_rows "
+                f"({monitor.min_rows}): reported, no drift verdict"
+            )
             continue
         share = report.get("drift_share") or 0.0
         if report.get("drifted_features") and share > monitor.max_drift_share:
-            reasons.append(f"data drift in {check['source']} {check['id']}: {len(report['drifted_features'])} of "
-                           f"{len(report['features'])} features drifted ({share:.0%} > {monitor.max_drift_share:.0%}): "
-                           f"{', '.join(report['drifted_features'][:10])}")
+            reasons.append(
+                f"data drift in {check['source']} {check['id']}: {len(report['drifted_features'])} of "
+                f"{len(report['features'])} features drifted ({share:.0%} > {monitor.max_drift_share:.0%}): "
+                f"{', '.join(report['drifted_features'][:10])}"
+            )
         prediction = report.get("prediction") or {}
         if monitor.retrain_on_prediction_drift and prediction.get("drifted"):
-            reasons.append(f"prediction drift in {check['source']} {check['id']}: "
-                           f"{'; '.join(prediction.get('reasons') or ['distribution moved'])}")
+            reasons.append(
+                f"prediction drift in {check['source']} {check['id']}: "
+                f"{'; '.join(prediction.get('reasons') or ['distribution moved'])}"
+            )
     return reasons, notes
 
 
-def decide(spec: PipelineSpec, checks: list[dict[str, Any]], live: dict[str, Any], triggers: list[dict[str, Any]],
-           now: datetime) -> dict[str, Any]:
+def decide(
+    spec: PipelineSpec,
+    checks: list[dict[str, Any]],
+    live: dict[str, Any],
+    triggers: list[dict[str, Any]],
+    now: datetime,
+) -> dict[str, Any]:
     """Whether to retrain now, and why (every reason is kept, fired or not).
 
     Drift: a source of at least ``monitor.min_rows`` rows whose share of drifted features exceeds
@@ -191,19 +212,35 @@ def decide(spec: PipelineSpec, checks: list[dict[str, Any]], live: dict[str, Any
     monitor = spec.monitor
     reasons, notes = _drift_reasons(monitor, checks)
     value, count = live.get("value"), int(live.get("labels") or 0)
-    if monitor.min_live_metric is not None and value is not None and count >= monitor.min_new_labels \
-            and value < monitor.min_live_metric:
-        reasons.append(f"live {live['metric']} of version {live.get('version')} is {value:.4f} < "
-                       f"{monitor.min_live_metric} over {count} new labels (at least {monitor.min_new_labels} needed)")
+    if (
+        monitor.min_live_metric is not None
+        and value is not None
+        and count >= monitor.min_new_labels
+        and value < monitor.min_live_metric
+    ):
+        reasons.append(
+            f"live {live['metric']} of version {live.get('version')} is {value:.4f} < "
+            f"{monitor.min_live_metric} over {count} new labels (at least {monitor.min_new_labels} needed)"
+        )
     last = last_fired(triggers)
     until = last + timedelta(hours=monitor.cooldown_hours) if last else None
     suppressed = bool(reasons) and until is not None and now < until
-    return {"retrain": bool(reasons) and not suppressed, "reasons": reasons, "notes": notes,
-            "suppressed_by_cooldown": suppressed,
-            "cooldown_until": until.isoformat() if until else None, "last_trigger": last.isoformat() if last else None,
-            "at": now.isoformat(),
-            "thresholds": {"psi": monitor.psi_threshold, "ks_pvalue": monitor.ks_pvalue,
-                           "missing_rate": monitor.missing_rate, "max_drift_share": monitor.max_drift_share,
-                           "min_rows": monitor.min_rows,
-                           "min_live_metric": monitor.min_live_metric, "min_new_labels": monitor.min_new_labels,
-                           "cooldown_hours": monitor.cooldown_hours}}
+    return {
+        "retrain": bool(reasons) and not suppressed,
+        "reasons": reasons,
+        "notes": notes,
+        "suppressed_by_cooldown": suppressed,
+        "cooldown_until": until.isoformat() if until else None,
+        "last_trigger": last.isoformat() if last else None,
+        "at": now.isoformat(),
+        "thresholds": {
+            "psi": monitor.psi_threshold,
+            "ks_pvalue": monitor.ks_pvalue,
+            "missing_rate": monitor.missing_rate,
+            "max_drift_share": monitor.max_drift_share,
+            "min_rows": monitor.min_rows,
+            "min_live_metric": monitor.min_live_metric,
+            "min_new_labels": monitor.min_new_labels,
+            "cooldown_hours": monitor.cooldown_hours,
+        },
+    }

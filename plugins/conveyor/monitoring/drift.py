@@ -55,8 +55,19 @@ from conveyor.errors import ConveyorError
 from conveyor.model.metadata import OTHER, QUANTILES, ModelMetadata
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "OTHER", "QUANTILES", "BaselineCDF", "DriftInputError", "baseline_cdf", "categorical_drift",
-    "drift_report", "image_drift", "ks_test", "numeric_drift", "prediction_drift", "psi",
+    "DEFAULT_THRESHOLDS",
+    "OTHER",
+    "QUANTILES",
+    "BaselineCDF",
+    "DriftInputError",
+    "baseline_cdf",
+    "categorical_drift",
+    "drift_report",
+    "image_drift",
+    "ks_test",
+    "numeric_drift",
+    "prediction_drift",
+    "psi",
 ]
 
 DEFAULT_THRESHOLDS: dict[str, float] = {"psi": 0.2, "ks_pvalue": 0.01, "missing_rate": 0.1, "channel_shift": 0.25}
@@ -64,8 +75,10 @@ MIN_EXPECTED = 5.0
 EXACT_KS_ROWS = 10_000  # above: the asymptotic KS p-value (scipy's exact one takes seconds at 1M rows)
 NEW_CATEGORIES_LISTED = 20
 IMAGE_STATS = ("width", "height", "brightness")
-RULE = ("drifted when psi > {psi}, or test p-value < {ks_pvalue} and psi > {half_psi}, "
-        "or |missing-rate change| > {missing_rate}")
+RULE = (
+    "drifted when psi > {psi}, or test p-value < {ks_pvalue} and psi > {half_psi}, "
+    "or |missing-rate change| > {missing_rate}"
+)
 
 
 class DriftInputError(ConveyorError, ValueError):
@@ -137,8 +150,9 @@ def _missing(baseline_feature: Mapping[str, Any], missing_rate: float) -> dict[s
     }
 
 
-def psi(expected_shares: Sequence[float] | np.ndarray, actual_shares: Sequence[float] | np.ndarray,
-        eps: float = 1e-4) -> float:
+def psi(
+    expected_shares: Sequence[float] | np.ndarray, actual_shares: Sequence[float] | np.ndarray, eps: float = 1e-4
+) -> float:
     """Population stability index ``sum((a - e) * ln(a / e))`` over aligned bins or categories.
 
     Shares below ``eps`` are raised to ``eps`` so an empty bin costs a large but finite amount.
@@ -150,8 +164,10 @@ def psi(expected_shares: Sequence[float] | np.ndarray, actual_shares: Sequence[f
     expected = np.asarray(expected_shares, dtype="float64")
     actual = np.asarray(actual_shares, dtype="float64")
     if expected.ndim != 1 or expected.shape != actual.shape or not len(expected):
-        raise ValueError(f"psi: expected and actual shares must be two non-empty lists of the same length, "
-                         f"got shapes {expected.shape} and {actual.shape}")
+        raise ValueError(
+            f"psi: expected and actual shares must be two non-empty lists of the same length, "
+            f"got shapes {expected.shape} and {actual.shape}"
+        )
     if not (np.isfinite(expected).all() and np.isfinite(actual).all()) or (expected < 0).any() or (actual < 0).any():
         raise ValueError("psi: shares must be finite and non-negative")
     expected = np.maximum(expected, eps)
@@ -281,11 +297,19 @@ def numeric_drift(baseline_feature: Mapping[str, Any], values: Any, name: str = 
     base_mean, base_std = _num(baseline_feature.get("mean")), _num(baseline_feature.get("std"))
     mean = _num(present.mean()) if count else None
     result |= {
-        "mean": mean, "baseline_mean": base_mean,
+        "mean": mean,
+        "baseline_mean": base_mean,
         "mean_shift_std": _num((mean - base_mean) / base_std)
-        if mean is not None and base_mean is not None and base_std else None,
-        "constant_baseline": False, "bins": None, "expected_shares": None, "actual_shares": None,
-        "psi": None, "test": "ks", "statistic": None, "pvalue": None,
+        if mean is not None and base_mean is not None and base_std
+        else None,
+        "constant_baseline": False,
+        "bins": None,
+        "expected_shares": None,
+        "actual_shares": None,
+        "psi": None,
+        "test": "ks",
+        "statistic": None,
+        "pvalue": None,
     }
     histogram = baseline_feature.get("histogram")
     if not count or not histogram:
@@ -306,8 +330,11 @@ def numeric_drift(baseline_feature: Mapping[str, Any], values: Any, name: str = 
         result["bins"] = [[float(lo), float(hi)] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     statistic, pvalue = ks_test(ordered, baseline_cdf(baseline_feature))
     result |= {
-        "expected_shares": [float(v) for v in expected], "actual_shares": [float(v) for v in actual],
-        "psi": _num(psi(expected, actual)), "statistic": _num(statistic), "pvalue": _num(pvalue),
+        "expected_shares": [float(v) for v in expected],
+        "actual_shares": [float(v) for v in actual],
+        "psi": _num(psi(expected, actual)),
+        "statistic": _num(statistic),
+        "pvalue": _num(pvalue),
     }
     return result
 
@@ -328,11 +355,23 @@ def categorical_drift(baseline_feature: Mapping[str, Any], values: Any, name: st
     if not counts.index.is_unique:
         counts = counts.groupby(level=0, sort=False).sum()
     total = int(counts.sum())
-    result: dict[str, Any] = {"kind": baseline_feature.get("kind", "categorical"), "count": total,
-                              **_missing(baseline_feature, 1.0 - total / len(series))}
+    result: dict[str, Any] = {
+        "kind": baseline_feature.get("kind", "categorical"),
+        "count": total,
+        **_missing(baseline_feature, 1.0 - total / len(series)),
+    }
     frequencies = dict(baseline_feature.get("frequencies") or {})
-    result |= {"categories": None, "expected_shares": None, "actual_shares": None, "new_categories": {},
-               "new_category_share": None, "psi": None, "test": "chi2", "statistic": None, "pvalue": None}
+    result |= {
+        "categories": None,
+        "expected_shares": None,
+        "actual_shares": None,
+        "new_categories": {},
+        "new_category_share": None,
+        "psi": None,
+        "test": "chi2",
+        "statistic": None,
+        "pvalue": None,
+    }
     if not frequencies or not total:
         return result
     categories = [key for key in frequencies if key != OTHER]
@@ -345,10 +384,13 @@ def categorical_drift(baseline_feature: Mapping[str, Any], values: Any, name: st
     statistic, pvalue = _chisquare(observed, expected)
     result |= {
         "categories": categories + [OTHER],
-        "expected_shares": [float(v) for v in expected], "actual_shares": [float(v) for v in actual],
+        "expected_shares": [float(v) for v in expected],
+        "actual_shares": [float(v) for v in actual],
         "new_categories": {str(k): float(v / total) for k, v in new.iloc[:NEW_CATEGORIES_LISTED].items()},
         "new_category_share": float(new.sum() / total),
-        "psi": _num(psi(expected, actual)), "statistic": statistic, "pvalue": pvalue,
+        "psi": _num(psi(expected, actual)),
+        "statistic": statistic,
+        "pvalue": pvalue,
     }
     return result
 
@@ -363,9 +405,16 @@ def _datetime_drift(baseline_feature: Mapping[str, Any], values: Any, name: str)
     series = _series(values, name)
     parsed = pd.to_datetime(series, errors="coerce")
     present = parsed.dropna()
-    result: dict[str, Any] = {"kind": "datetime", "count": int(len(present)),
-                              **_missing(baseline_feature, 1.0 - len(present) / len(series)),
-                              "out_of_range_share": None, "psi": None, "test": None, "statistic": None, "pvalue": None}
+    result: dict[str, Any] = {
+        "kind": "datetime",
+        "count": int(len(present)),
+        **_missing(baseline_feature, 1.0 - len(present) / len(series)),
+        "out_of_range_share": None,
+        "psi": None,
+        "test": None,
+        "statistic": None,
+        "pvalue": None,
+    }
     low, high = baseline_feature.get("min"), baseline_feature.get("max")
     if len(present) and low and high:
         try:
@@ -401,10 +450,13 @@ def _decide(result: dict[str, Any], thresholds: Mapping[str, float]) -> dict[str
     value, pvalue, change = result.get("psi"), result.get("pvalue"), result.get("missing_rate_change")
     if value is not None and value > thresholds["psi"]:
         reasons.append(f"psi {value:.3f} > {thresholds['psi']:g}")
-    elif (value is not None and pvalue is not None and pvalue < thresholds["ks_pvalue"]
-          and value > thresholds["psi"] / 2):
-        reasons.append(f"{result['test']} p-value {pvalue:.2g} < {thresholds['ks_pvalue']:g} "
-                       f"and psi {value:.3f} > {thresholds['psi'] / 2:g}")
+    elif (
+        value is not None and pvalue is not None and pvalue < thresholds["ks_pvalue"] and value > thresholds["psi"] / 2
+    ):
+        reasons.append(
+            f"{result['test']} p-value {pvalue:.2g} < {thresholds['ks_pvalue']:g} "
+            f"and psi {value:.3f} > {thresholds['psi'] / 2:g}"
+        )
     if change is not None and abs(change) > thresholds["missing_rate"]:
         reasons.append(f"missing rate {result['baseline_missing_rate']:.3f} -> {result['missing_rate']:.3f}")
     return result | {"drifted": bool(reasons), "reasons": reasons}
@@ -446,8 +498,9 @@ def _check_columns(frame: pd.DataFrame, names: list[str], ignore: set[str]) -> N
                 f"batch columns do not match the model's features (renamed?): missing {missing}, unexpected "
                 f"{unexpected}; every feature the model was trained on must be present under its name"
             )
-        raise DriftInputError(f"batch lacks feature column(s) {missing}: every feature the model was trained on "
-                              f"must be present")
+        raise DriftInputError(
+            f"batch lacks feature column(s) {missing}: every feature the model was trained on must be present"
+        )
     duplicated = sorted({c for c in columns if columns.count(c) > 1 and c in names})
     if duplicated:
         raise DriftInputError(f"batch has duplicated feature column(s) {duplicated}: each must appear once")
@@ -455,8 +508,9 @@ def _check_columns(frame: pd.DataFrame, names: list[str], ignore: set[str]) -> N
         raise DriftInputError("batch has no rows: there is nothing to compare with the baseline")
 
 
-def _summarise(features: dict[str, dict[str, Any]], prediction: dict[str, Any] | None, rows: int,
-               thresholds: Mapping[str, float]) -> dict[str, Any]:
+def _summarise(
+    features: dict[str, dict[str, Any]], prediction: dict[str, Any] | None, rows: int, thresholds: Mapping[str, float]
+) -> dict[str, Any]:
     """The report's top level: drifted features, their share, the verdict.
 
     :param features: per-feature results with ``drifted``.
@@ -477,8 +531,9 @@ def _summarise(features: dict[str, dict[str, Any]], prediction: dict[str, Any] |
     }
 
 
-def drift_report(metadata: ModelMetadata, frame: pd.DataFrame, predictions: Any = None,
-                 thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
+def drift_report(
+    metadata: ModelMetadata, frame: pd.DataFrame, predictions: Any = None, thresholds: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     """Compare a batch of a tabular model's features (and its predictions) with the model's training baseline.
 
     Every feature of ``metadata.features`` is checked by its baseline kind; other columns of the
@@ -492,8 +547,10 @@ def drift_report(metadata: ModelMetadata, frame: pd.DataFrame, predictions: Any 
     limits = _thresholds(thresholds)
     baseline = metadata.baseline
     if not isinstance(baseline, Mapping) or not isinstance(baseline.get("features"), Mapping):
-        raise DriftInputError("metadata: no training 'baseline' with per-feature statistics; retrain the model "
-                              "with a trainer that writes one")
+        raise DriftInputError(
+            "metadata: no training 'baseline' with per-feature statistics; retrain the model "
+            "with a trainer that writes one"
+        )
     names = metadata.feature_names
     if not names:
         raise DriftInputError("metadata: 'features' must list the model's features")
@@ -534,8 +591,12 @@ def _prediction_reference(baseline: Mapping[str, Any]) -> tuple[str | None, Mapp
     return None, None
 
 
-def image_drift(baseline: ModelMetadata | Mapping[str, Any], stats_frame: pd.DataFrame, predictions: Any = None,
-                thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
+def image_drift(
+    baseline: ModelMetadata | Mapping[str, Any],
+    stats_frame: pd.DataFrame,
+    predictions: Any = None,
+    thresholds: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """Compare per-image statistics of a batch with an image model's training baseline.
 
     ``width``, ``height`` and ``brightness`` (mean luma in [0, 1]) are checked with
@@ -571,11 +632,20 @@ def image_drift(baseline: ModelMetadata | Mapping[str, Any], stats_frame: pd.Dat
         shift = _num((mean - base_mean) / base_std) if mean is not None and base_mean is not None and base_std else None
         moved = shift is not None and abs(shift) > limits["channel_shift"]
         features[name] = {
-            "kind": "channel_mean", "count": int(len(present)), "mean": mean, "baseline_mean": base_mean,
-            "baseline_std": base_std, "mean_shift_std": shift, "psi": None, "test": None, "statistic": None,
-            "pvalue": None, "drifted": moved,
+            "kind": "channel_mean",
+            "count": int(len(present)),
+            "mean": mean,
+            "baseline_mean": base_mean,
+            "baseline_std": base_std,
+            "mean_shift_std": shift,
+            "psi": None,
+            "test": None,
+            "statistic": None,
+            "pvalue": None,
+            "drifted": moved,
             "reasons": [f"channel mean moved {shift:+.2f} pixel std (limit {limits['channel_shift']:g})"]
-            if moved else [],
+            if moved
+            else [],
         }
     prediction = None
     key, reference = _prediction_reference(baseline)

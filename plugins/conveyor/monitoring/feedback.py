@@ -67,7 +67,8 @@ def _columns(frame: pd.DataFrame, spec: PipelineSpec, name: str) -> pd.DataFrame
         wanted = f"'{ID}'" + (f" (or '{spec.data.id_column}')" if spec.data.id_column else "")
         raise FeedbackDropError(
             f"{name}: a feedback file needs an id column {wanted} and a label column '{LABEL}' (or "
-            f"'{spec.data.label}'); found {sorted(columns)}")
+            f"'{spec.data.label}'); found {sorted(columns)}"
+        )
     return pd.DataFrame({ID: frame[id_col], LABEL: frame[label_col]})
 
 
@@ -159,8 +160,9 @@ def canonical_label(value: str, classes: list[str] | None) -> str | None:
     return None
 
 
-def check_rows(rows: pd.DataFrame, classes: list[str] | None, known_ids: set[str],
-               labelled_ids: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def check_rows(
+    rows: pd.DataFrame, classes: list[str] | None, known_ids: set[str], labelled_ids: set[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split feedback rows into accepted and rejected (with the rule each broke).
 
     :param rows: ``id``/``label`` rows (text), in arrival order.
@@ -196,8 +198,10 @@ def check_rows(rows: pd.DataFrame, classes: list[str] | None, known_ids: set[str
         seen.add(ident)
         accepted.append({**record, LABEL: canonical_label(label, classes)})
     columns = [*rows.columns]
-    return (pd.DataFrame(accepted, columns=columns, dtype=object),
-            pd.DataFrame(rejected, columns=[*columns, "rule"], dtype=object))
+    return (
+        pd.DataFrame(accepted, columns=columns, dtype=object),
+        pd.DataFrame(rejected, columns=[*columns, "rule"], dtype=object),
+    )
 
 
 def feedback_records(payload: Any) -> list[dict[str, str]]:
@@ -231,8 +235,12 @@ def rule_counts(rejected: pd.DataFrame) -> dict[str, int]:
     :param rejected: the rejected rows of :func:`check_rows` (a ``rule`` column).
     """
     counts = {"unknown_ids": 0, "duplicates": 0, "out_of_set": 0}
-    for rule, key in ((RULE_UNKNOWN, "unknown_ids"), (RULE_CLASS, "out_of_set"), (RULE_DUPLICATE, "duplicates"),
-                      (RULE_LABELLED, "duplicates")):
+    for rule, key in (
+        (RULE_UNKNOWN, "unknown_ids"),
+        (RULE_CLASS, "out_of_set"),
+        (RULE_DUPLICATE, "duplicates"),
+        (RULE_LABELLED, "duplicates"),
+    ):
         counts[key] += int(rejected["rule"].str.startswith(rule).sum()) if len(rejected) else 0
     return counts
 

@@ -44,8 +44,9 @@ def labelled_training_rows(rows: pd.DataFrame, features: list[str], label: str, 
     return frame
 
 
-def save_labelled_rows(lake: Lake, spec: PipelineSpec, run_id: str, rows: pd.DataFrame,
-                       metadata: ModelMetadata) -> tuple[str, int]:
+def save_labelled_rows(
+    lake: Lake, spec: PipelineSpec, run_id: str, rows: pd.DataFrame, metadata: ModelMetadata
+) -> tuple[str, int]:
     """Write the labelled predictions as training rows for a retraining run; returns ``(uri, rows)``.
 
     :param lake: the lake.
@@ -60,8 +61,9 @@ def save_labelled_rows(lake: Lake, spec: PipelineSpec, run_id: str, rows: pd.Dat
     return str(target), int(len(frame))
 
 
-def with_labelled_rows(frame: pd.DataFrame, uri: str, spec: PipelineSpec, conn_id: str | None = None
-                       ) -> tuple[pd.DataFrame, int]:
+def with_labelled_rows(
+    frame: pd.DataFrame, uri: str, spec: PipelineSpec, conn_id: str | None = None
+) -> tuple[pd.DataFrame, int]:
     """A dataset plus newly labelled rows (retraining): the rows' label cast to the dataset's, a row
     with an id already in the dataset replacing it (the newer truth wins).
 
@@ -80,8 +82,9 @@ def with_labelled_rows(frame: pd.DataFrame, uri: str, spec: PipelineSpec, conn_i
         raise LabelledRowsError(f"{uri}: labelled rows cannot be read ({type(exc).__name__}: {exc})") from None
     missing = [c for c in frame.columns if c not in rows.columns]
     if missing:
-        raise LabelledRowsError(f"{uri}: labelled rows lack dataset column(s) {missing}: "
-                                "features must match the dataset")
+        raise LabelledRowsError(
+            f"{uri}: labelled rows lack dataset column(s) {missing}: features must match the dataset"
+        )
     rows = rows[list(frame.columns)].copy()
     for column in frame.columns:
         try:
@@ -90,8 +93,9 @@ def with_labelled_rows(frame: pd.DataFrame, uri: str, spec: PipelineSpec, conn_i
             rows[column] = rows[column].astype(frame[column].dtype)
         except (TypeError, ValueError, KeyError):
             if column == spec.data.label:
-                raise LabelledRowsError(f"{uri}: labels cannot be read as the dataset's label type "
-                                        f"{frame[column].dtype}") from None
+                raise LabelledRowsError(
+                    f"{uri}: labels cannot be read as the dataset's label type {frame[column].dtype}"
+                ) from None
     id_column = spec.data.id_column
     if id_column and id_column in frame:
         frame = frame[~frame[id_column].astype(str).isin(set(rows[id_column].astype(str)))]

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from conveyor.model.metadata import ModelMetadata
 
 
-def score(rows: pd.DataFrame, problem_type: str, metric: str, classes: list[str] | None,
-          positive_class: str | None) -> float | None:
+def score(
+    rows: pd.DataFrame, problem_type: str, metric: str, classes: list[str] | None, positive_class: str | None
+) -> float | None:
     """The metric of labelled predictions, or None when it cannot be computed (e.g. one class only).
 
     :param rows: labelled predictions (``_label``, ``prediction``, ``proba_<class>``).
@@ -42,14 +43,21 @@ def score(rows: pd.DataFrame, problem_type: str, metric: str, classes: list[str]
         proba = None
         if classes and all(f"{PROBA_PREFIX}{c}" in rows for c in classes):
             proba = pd.DataFrame({c: rows[f"{PROBA_PREFIX}{c}"].astype(float).to_numpy() for c in classes})
-        values = compute_metrics(problem_type, rows["_label"].astype(str).to_numpy(),
-                                 rows["prediction"].astype(str).to_numpy(), proba, classes, positive_class)
+        values = compute_metrics(
+            problem_type,
+            rows["_label"].astype(str).to_numpy(),
+            rows["prediction"].astype(str).to_numpy(),
+            proba,
+            classes,
+            positive_class,
+        )
     value = values.get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def live_series(rows: pd.DataFrame, problem_type: str, metric: str, classes: list[str] | None,
-                positive_class: str | None) -> list[dict[str, Any]]:
+def live_series(
+    rows: pd.DataFrame, problem_type: str, metric: str, classes: list[str] | None, positive_class: str | None
+) -> list[dict[str, Any]]:
     """The live metric per day of prediction and model version.
 
     :param rows: labelled predictions.
@@ -63,8 +71,15 @@ def live_series(rows: pd.DataFrame, problem_type: str, metric: str, classes: lis
     days = pd.to_datetime(rows["scored_at"], utc=True, format="mixed").dt.strftime("%Y-%m-%d")
     series = []
     for (day, version), group in rows.groupby([days, rows["model_version"]], sort=True):
-        series.append({"day": day, "model_version": str(version), "labels": int(len(group)), "metric": metric,
-                       "value": score(group, problem_type, metric, classes, positive_class)})
+        series.append(
+            {
+                "day": day,
+                "model_version": str(version),
+                "labels": int(len(group)),
+                "metric": metric,
+                "value": score(group, problem_type, metric, classes, positive_class),
+            }
+        )
     return series
 
 
@@ -94,8 +109,9 @@ def new_labels(rows: pd.DataFrame, version: str, since: datetime | None) -> pd.D
     return current
 
 
-def live_metric(rows: pd.DataFrame, problem_type: str, metric: str, version: str, metadata: ModelMetadata,
-                since: datetime | None) -> dict[str, Any]:
+def live_metric(
+    rows: pd.DataFrame, problem_type: str, metric: str, version: str, metadata: ModelMetadata, since: datetime | None
+) -> dict[str, Any]:
     """The live version's metric over its labels received since the last trigger (what the decision reads).
 
     :param rows: labelled predictions.
@@ -108,8 +124,12 @@ def live_metric(rows: pd.DataFrame, problem_type: str, metric: str, version: str
     """
     classes, positive = scoring(metadata)
     current = new_labels(rows, version, since)
-    return {"metric": metric, "version": version, "labels": int(len(current)),
-            "value": score(current, problem_type, metric, classes, positive) if len(current) else None}
+    return {
+        "metric": metric,
+        "version": version,
+        "labels": int(len(current)),
+        "value": score(current, problem_type, metric, classes, positive) if len(current) else None,
+    }
 
 
 def evaluation_score(lake: Lake, pipeline: str, run: str | None, metric: str) -> float | None:

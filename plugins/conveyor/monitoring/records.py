@@ -85,9 +85,18 @@ def read_frame(location: ObjectStoragePath) -> pd.DataFrame:
     :param location: the file or folder.
     :raises SourceError: no table file there.
     """
-    files = [location] if location.is_file() else sorted(
-        (p for p in location.rglob("*") if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES)
-         and not p.name.startswith(("_", "."))), key=lambda p: p.path)
+    files = (
+        [location]
+        if location.is_file()
+        else sorted(
+            (
+                p
+                for p in location.rglob("*")
+                if p.is_file() and p.name.lower().endswith(TABLE_SUFFIXES) and not p.name.startswith(("_", "."))
+            ),
+            key=lambda p: p.path,
+        )
+    )
     if not files:
         raise SourceError(f"{location}: no CSV or Parquet file to read")
     frames = []
@@ -144,7 +153,9 @@ def batch_rows(lake: Lake, pipeline: str, run: str) -> tuple[pd.DataFrame, pd.Da
     manifest = read_json(folder / SUCCESS)
     predictions = pd.concat([read_parquet(folder / name) for name in manifest["parts"]], ignore_index=True)
     source = str(manifest["source"])
-    location = ObjectStoragePath(source, conn_id=lake.conn_id) if "://" in source else ObjectStoragePath(f"file://{source}")
+    location = (
+        ObjectStoragePath(source, conn_id=lake.conn_id) if "://" in source else ObjectStoragePath(f"file://{source}")
+    )
     if not location.exists():
         raise SourceError(f"batch run {run}: its input {source} no longer exists")
     inputs = read_frame(location)
@@ -153,8 +164,16 @@ def batch_rows(lake: Lake, pipeline: str, run: str) -> tuple[pd.DataFrame, pd.Da
     return inputs, predictions, manifest
 
 
-def observations(features: pd.DataFrame, predictions: pd.DataFrame, *, ids: Any, model_version: str | Sequence[str],
-                 scored_at: str | Sequence[str], source: str, source_id: str) -> pd.DataFrame:
+def observations(
+    features: pd.DataFrame,
+    predictions: pd.DataFrame,
+    *,
+    ids: Any,
+    model_version: str | Sequence[str],
+    scored_at: str | Sequence[str],
+    source: str,
+    source_id: str,
+) -> pd.DataFrame:
     """What the monitor keeps of a scored row: features, id, prediction, probabilities, model and time.
 
     :param features: the rows as the model read them (feature columns; others are dropped).
@@ -173,8 +192,9 @@ def observations(features: pd.DataFrame, predictions: pd.DataFrame, *, ids: Any,
     for column in predictions.columns:
         if str(column).startswith(PROBA_PREFIX):
             frame[str(column)] = predictions[column].astype("float64")
-    frame["model_version"] = (model_version if isinstance(model_version, str)
-                              else pd.Series(model_version).astype(str).to_numpy())
+    frame["model_version"] = (
+        model_version if isinstance(model_version, str) else pd.Series(model_version).astype(str).to_numpy()
+    )
     frame["scored_at"] = scored_at if isinstance(scored_at, str) else pd.Series(scored_at).astype(str).to_numpy()
     frame["source"], frame["source_id"] = source, source_id
     return frame
@@ -236,7 +256,7 @@ def capture_slices(lake: Lake, pipeline: str) -> tuple[list[tuple[str, list[dict
         return slices, offsets
     base = root.path.rstrip("/")
     for file in sorted((p for p in root.rglob("*.jsonl") if p.is_file()), key=lambda p: p.path):
-        rel = file.path[len(base):].lstrip("/")
+        rel = file.path[len(base) :].lstrip("/")
         start = int(offsets.get(rel, 0))
         with file.open("rb") as handle:
             data = handle.read()
@@ -255,8 +275,9 @@ def capture_slices(lake: Lake, pipeline: str) -> tuple[list[tuple[str, list[dict
             elif record is not None:
                 bad += 1
         if bad:
-            log.warning("capture %s: %s line(s) between bytes %s and %s are not JSON records; left out",
-                        rel, bad, start, end)
+            log.warning(
+                "capture %s: %s line(s) between bytes %s and %s are not JSON records; left out", rel, bad, start, end
+            )
         slices.append((f"{rel.removesuffix('.jsonl')}@{start}-{end}", lines))
         offsets[rel] = end
     return slices, offsets
@@ -287,8 +308,11 @@ def image_stats(image: Any) -> dict[str, float]:
     levels = np.arange(256, dtype=np.float64)
     luma = np.asarray(rgb.convert("L").histogram(), dtype=np.float64)
     channels = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, 256)
-    stats = {"width": float(rgb.width), "height": float(rgb.height),
-             "brightness": float((luma * levels).sum() / luma.sum() / 255.0)}
+    stats = {
+        "width": float(rgb.width),
+        "height": float(rgb.height),
+        "brightness": float((luma * levels).sum() / luma.sum() / 255.0),
+    }
     for name, counts in zip(IMAGE_CHANNELS, channels, strict=True):
         stats[f"mean_{name}"] = float((counts * levels).sum() / counts.sum() / 255.0)
     return stats
@@ -309,8 +333,9 @@ def image_request_stats(body: bytes, content_type: str | None, handlers: Any) ->
     return pd.DataFrame([image_stats(handlers.decode(data, where)) for where, data in payloads])
 
 
-def capture_rows(records: list[dict[str, Any]], model_for: Callable[[str], Any], id_column: str | None,
-                 images: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str | None], list[str], list[str]]:
+def capture_rows(
+    records: list[dict[str, Any]], model_for: Callable[[str], Any], id_column: str | None, images: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str | None], list[str], list[str]]:
     """Captured requests as feature rows, and their responses as predictions (one per row).
 
     A request is parsed by the answering version's own handlers (``parse_request``), the response
@@ -337,13 +362,21 @@ def capture_rows(records: list[dict[str, Any]], model_for: Callable[[str], Any],
             classes = [str(c) for c in loaded.metadata.class_labels or []]
             lines = [line for line in csv.reader(io.StringIO(answer)) if line]  # quoted ids may hold commas
             offset = 1 if id_column and id_column in frame.columns else 0
-            rows = [{"prediction": line[offset],
-                     **{f"{PROBA_PREFIX}{c}": float(v) for c, v in zip(classes, line[offset + 1:], strict=False)}}
-                    for line in lines]
+            rows = [
+                {
+                    "prediction": line[offset],
+                    **{f"{PROBA_PREFIX}{c}": float(v) for c, v in zip(classes, line[offset + 1 :], strict=False)},
+                }
+                for line in lines
+            ]
         else:
-            rows = [{"prediction": r["prediction"],
-                     **{f"{PROBA_PREFIX}{c}": p for c, p in (r.get("probabilities") or {}).items()}}
-                    for r in json.loads(answer)["predictions"]]
+            rows = [
+                {
+                    "prediction": r["prediction"],
+                    **{f"{PROBA_PREFIX}{c}": p for c, p in (r.get("probabilities") or {}).items()},
+                }
+                for r in json.loads(answer)["predictions"]
+            ]
         if len(rows) != len(frame):
             continue  # a response that does not match its request cannot be attributed: left out
         inference_id = record.get("inference_id")

@@ -47,7 +47,7 @@ def translate_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def pipeline_spec(spec: "PipelineSpec | dict[str, Any]") -> "PipelineSpec":
+def pipeline_spec(spec: PipelineSpec | dict[str, Any]) -> PipelineSpec:
     """The validated spec an operator was built with (a dict after DAG serialisation).
 
     :param spec: the spec as the factory passed it (``PipelineSpec.model_dump(mode="json")``) or a model.

@@ -54,8 +54,17 @@ class BaseBatchPredictOperator(BaseOperator):
             raise AirflowSkipException(f"no complete, unscored drop in {lake.uri('landing', spec.name, 'inference')}")
         return found
 
-    def finish(self, context: Any, *, spec: PipelineSpec, lake: Lake, source: str, drop: str | None,
-               result: BatchResult, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        context: Any,
+        *,
+        spec: PipelineSpec,
+        lake: Lake,
+        source: str,
+        drop: str | None,
+        result: BatchResult,
+        details: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """After the parts are written: the SQL table, the report, the drop marked scored, the predictions Asset.
 
         :param context: the task context (run id, outlet events).
@@ -73,13 +82,27 @@ class BaseBatchPredictOperator(BaseOperator):
 
         run_id, version, table = context["run_id"], self.model["version"], predictions_table(spec)
         rows, summary = load_run(result, table=table, run_id=run_id, conn_id=lake.conn_id)
-        facts = {"pipeline": spec.name, "run": run_id, "input": source, "model": f"{spec.name} v{version}",
-                 "rows": rows, "parquet": result.uri, "table": table, "seconds": result.seconds, **(details or {})}
+        facts = {
+            "pipeline": spec.name,
+            "run": run_id,
+            "input": source,
+            "model": f"{spec.name} v{version}",
+            "rows": rows,
+            "parquet": result.uri,
+            "table": table,
+            "seconds": result.seconds,
+            **(details or {}),
+        }
         report = write_report(lake, spec.name, run_id, summary, facts)
         if drop is not None:
             mark_scored(lake, spec.name, drop, run_id, rows)
         context["outlet_events"][predictions_asset(spec.name)].extra = {
-            "run_id": run_id, "rows": rows, "model_version": version, "table": table, "parquet": result.uri}
+            "run_id": run_id,
+            "rows": rows,
+            "model_version": version,
+            "table": table,
+            "parquet": result.uri,
+        }
         self.log.info("Scored %s rows in %.1fs; report: %s", rows, result.seconds, report)
         return {"rows": rows, "parquet": result.uri, "table": table, "report": report, "model_version": version}
 
@@ -113,12 +136,26 @@ class BatchPredictOperator(BaseBatchPredictOperator):
         run_id = context["run_id"]
         source, drop = self.batch_input(spec, lake)
         out = lake.predictions(spec.name, run_id)
-        self.log.info("Scoring %s with %s version %s into %s and table %s", source, spec.name,
-                      self.model["version"], out, predictions_table(spec))
+        self.log.info(
+            "Scoring %s with %s version %s into %s and table %s",
+            source,
+            spec.name,
+            self.model["version"],
+            out,
+            predictions_table(spec),
+        )
         with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as tmp:
             model_dir = fetch(self.model["model_uri"], Path(tmp) / "model", lake.conn_id)
-            result = score_file(source, model_dir, out, run_id=run_id, model_name=spec.name,
-                                model_version=self.model["version"], scored_at=run_timestamp(context),
-                                chunk_rows=spec.deploy.batch.chunk_rows, workers=spec.deploy.batch.workers,
-                                conn_id=lake.conn_id)
+            result = score_file(
+                source,
+                model_dir,
+                out,
+                run_id=run_id,
+                model_name=spec.name,
+                model_version=self.model["version"],
+                scored_at=run_timestamp(context),
+                chunk_rows=spec.deploy.batch.chunk_rows,
+                workers=spec.deploy.batch.workers,
+                conn_id=lake.conn_id,
+            )
         return self.finish(context, spec=spec, lake=lake, source=source, drop=drop, result=result)

@@ -67,12 +67,26 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                 model = hosting.model_request(spec, self.model, region, run_id)
                 if hosting.ensure_model(hook, model):
                     self.log.info("Created SageMaker model %s", model["ModelName"])
-                request = hosting.transform_request(spec, job, model["ModelName"], plain_s3_uri(work / INPUT),
-                                                    plain_s3_uri(work / OUTPUT), str(self.model["version"]), run_id)
+                request = hosting.transform_request(
+                    spec,
+                    job,
+                    model["ModelName"],
+                    plain_s3_uri(work / INPUT),
+                    plain_s3_uri(work / OUTPUT),
+                    str(self.model["version"]),
+                    run_id,
+                )
                 hook.create_transform_job(request, wait_for_completion=False)
-                self.log.info("Started transform job %s: %s rows in %s files of %s with %s (%s x %s)", job,
-                              manifest["rows"], len(manifest["parts"]), manifest["source"], model["ModelName"],
-                              spec.deploy.batch.instance_count, spec.deploy.batch.instance_type)
+                self.log.info(
+                    "Started transform job %s: %s rows in %s files of %s with %s (%s x %s)",
+                    job,
+                    manifest["rows"],
+                    len(manifest["parts"]),
+                    manifest["source"],
+                    model["ModelName"],
+                    spec.deploy.batch.instance_count,
+                    spec.deploy.batch.instance_type,
+                )
             else:
                 status = found["TransformJobStatus"]
                 self.log.info("Transform job %s of this run exists already (%s): reusing it", job, status)
@@ -83,9 +97,14 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         interval = spec.sagemaker.check_interval_seconds
         timeout = spec.deploy.batch.timeout_seconds
         self.defer(
-            trigger=SageMakerTrigger(job_name=job, job_type="transform", waiter_delay=interval,
-                                     waiter_max_attempts=max(1, math.ceil(timeout / interval)), aws_conn_id=conn_id,
-                                     region_name=spec.sagemaker.region),
+            trigger=SageMakerTrigger(
+                job_name=job,
+                job_type="transform",
+                waiter_delay=interval,
+                waiter_max_attempts=max(1, math.ceil(timeout / interval)),
+                aws_conn_id=conn_id,
+                region_name=spec.sagemaker.region,
+            ),
             method_name="execute_complete",
             timeout=timedelta(seconds=timeout + 10 * interval),
         )
@@ -105,8 +124,9 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         source, drop = self.batch_input(spec, lake)
         metadata = read_metadata(self.model["model_uri"], lake.conn_id)
         if metadata.problem_type == "image_classification":
-            raise BatchInputError(f"{spec.name}: batch predictions score tables; an image model "
-                                  "has no SageMaker batch path here")
+            raise BatchInputError(
+                f"{spec.name}: batch predictions score tables; an image model has no SageMaker batch path here"
+            )
         self.log.info("Preparing %s for the transform job under %s", source, work)
         return prepare_input(source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop})
 
@@ -117,10 +137,12 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         :param job: the job's name.
         :param described: the job as described.
         """
-        return (f"transform job {job} ended {described.get('TransformJobStatus')}: "
-                f"{described.get('FailureReason') or 'no reason given'}; its log is in CloudWatch "
-                f"(/aws/sagemaker/TransformJobs, streams {job}/...). A run's job name is fixed: start a new run "
-                "to score again")
+        return (
+            f"transform job {job} ended {described.get('TransformJobStatus')}: "
+            f"{described.get('FailureReason') or 'no reason given'}; its log is in CloudWatch "
+            f"(/aws/sagemaker/TransformJobs, streams {job}/...). A run's job name is fixed: start a new run "
+            "to score again"
+        )
 
     @translate_errors
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
@@ -148,9 +170,11 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             with aws_errors(f"check transform job {job}", spec.sagemaker.aws_conn_id):
                 described = hosting.sagemaker_hook(spec).describe_transform_job(job)
             if described["TransformJobStatus"] in ("InProgress", "Stopping"):
-                raise TransformStillRunning(f"transform job {job} is still {described['TransformJobStatus']} after "
-                                            f"{spec.deploy.batch.timeout_seconds}s ({event.get('message')}); "
-                                            "a retry waits for it again")
+                raise TransformStillRunning(
+                    f"transform job {job} is still {described['TransformJobStatus']} after "
+                    f"{spec.deploy.batch.timeout_seconds}s ({event.get('message')}); "
+                    "a retry waits for it again"
+                )
             if described["TransformJobStatus"] != "Completed":
                 raise AirflowFailException(self._failure(job, described))
         out = lake.predictions(spec.name, run_id)
@@ -158,11 +182,32 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         stamp = utc(run_timestamp(context))
         version = str(self.model["version"])
         constants = {"model_name": spec.name, "model_version": version, "run_id": run_id, "scored_at": stamp}
-        self.log.info("Loading the answers of transform job %s (%s rows) into %s and table %s", job,
-                      manifest["rows"], out, predictions_table(spec))
-        result = write_parts(out, load_output(out / WORK, constants),
-                             {"model": spec.name, "version": version, "run_id": run_id, "scored_at": str(stamp),
-                              "source": manifest["source"], "transform_job": job},
-                             conn_id=lake.conn_id)
-        return self.finish(context, spec=spec, lake=lake, source=manifest["source"], drop=manifest.get("drop"),
-                           result=result, details={"transform_job": job})
+        self.log.info(
+            "Loading the answers of transform job %s (%s rows) into %s and table %s",
+            job,
+            manifest["rows"],
+            out,
+            predictions_table(spec),
+        )
+        result = write_parts(
+            out,
+            load_output(out / WORK, constants),
+            {
+                "model": spec.name,
+                "version": version,
+                "run_id": run_id,
+                "scored_at": str(stamp),
+                "source": manifest["source"],
+                "transform_job": job,
+            },
+            conn_id=lake.conn_id,
+        )
+        return self.finish(
+            context,
+            spec=spec,
+            lake=lake,
+            source=manifest["source"],
+            drop=manifest.get("drop"),
+            result=result,
+            details={"transform_job": job},
+        )

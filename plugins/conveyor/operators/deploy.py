@@ -32,8 +32,15 @@ class ResolveModelOperator(BaseOperator):
     template_fields = ("spec", "version")
     template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, spec: Any, version: str = "champion", require_approved: bool = True,
-                 tracking_uri: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        spec: Any,
+        version: str = "champion",
+        require_approved: bool = True,
+        tracking_uri: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.version = version
@@ -62,8 +69,13 @@ class ResolveModelOperator(BaseOperator):
         if self.require_approved and status != APPROVED:
             raise AirflowFailException(f"{name} version {found.version} is {status}, not {APPROVED}: not deployed")
         self.log.info("Resolved %s %r to version %s (%s)", name, wanted, found.version, found.source)
-        return {"model_name": name, "version": str(found.version), "model_uri": found.source,
-                "train_run": found.tags.get("conveyor_run_id"), "status": status}
+        return {
+            "model_name": name,
+            "version": str(found.version),
+            "model_uri": found.source,
+            "train_run": found.tags.get("conveyor_run_id"),
+            "status": status,
+        }
 
 
 class DeployEndpointOperator(BaseOperator):
@@ -84,8 +96,9 @@ class DeployEndpointOperator(BaseOperator):
     template_fields = ("spec", "model")
     template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, spec: Any, model: Any, load_timeout: float = 300, tracking_uri: str | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *, spec: Any, model: Any, load_timeout: float = 300, tracking_uri: str | None = None, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.model = model
@@ -124,7 +137,8 @@ class DeployEndpointOperator(BaseOperator):
             state.drop_candidate(name)
             self.log.error("Rolled back: version %s dropped, version %s keeps serving", version, live)
             raise AirflowFailException(
-                f"rollout of {spec.name} version {version} to {name} rolled back: {exc}") from exc
+                f"rollout of {spec.name} version {version} to {name} rolled back: {exc}"
+            ) from exc
         state.promote_candidate(name)
         state.wait_for_workers(name, version, timeout=60, live=True)  # every worker has switched
         previous = registry_hook(spec, self.tracking_uri).record_deployment(spec.name, version, name)
@@ -150,7 +164,9 @@ class DeployEndpointOperator(BaseOperator):
         if lake.conn_id is None:  # the server writes feedback drops straight into the local lake
             env["CONVEYOR_FEEDBACK_DIR"] = str(lake.landing(spec.name, "feedback").path)
         if endpoint.capture_share > 0:
-            env |= {"CONVEYOR_CAPTURE_DIR": str(lake.capture(spec.name).path) if lake.conn_id is None else "",
-                    "CONVEYOR_CAPTURE_SHARE": str(endpoint.capture_share)}
+            env |= {
+                "CONVEYOR_CAPTURE_DIR": str(lake.capture(spec.name).path) if lake.conn_id is None else "",
+                "CONVEYOR_CAPTURE_SHARE": str(endpoint.capture_share),
+            }
             env = {k: v for k, v in env.items() if v}
         return ensure_endpoint(name, endpoint.port, endpoint.workers, env=env)["url"]

@@ -76,28 +76,41 @@ class SageMakerDeployEndpointOperator(BaseOperator):
             if current is not None:
                 status = current["EndpointStatus"]
                 if status == "InService" and current["EndpointConfigName"] == config["EndpointConfigName"]:
-                    self.log.info("Endpoint %s already serves %s (version %s)", endpoint, config["EndpointConfigName"],
-                                  version)
+                    self.log.info(
+                        "Endpoint %s already serves %s (version %s)", endpoint, config["EndpointConfigName"], version
+                    )
                     return self._live(spec, model, config, current)
                 if status in hosting.ENDPOINT_BUSY and current["EndpointConfigName"] != config["EndpointConfigName"]:
-                    raise EndpointBusy(f"endpoint {endpoint} is {status} (another change is in progress); "
-                                       "the deploy is retried once it ends")
+                    raise EndpointBusy(
+                        f"endpoint {endpoint} is {status} (another change is in progress); "
+                        "the deploy is retried once it ends"
+                    )
                 if status == "Failed":
                     raise AirflowFailException(
                         f"endpoint {endpoint} is Failed ({current.get('FailureReason') or 'no reason given'}): it "
                         "serves nothing and SageMaker cannot update it; delete it (aws sagemaker delete-endpoint "
-                        f"--endpoint-name {endpoint}) and deploy again")
+                        f"--endpoint-name {endpoint}) and deploy again"
+                    )
             if current is None or current["EndpointStatus"] not in hosting.ENDPOINT_BUSY:
                 self._start(hook, spec, run_id, endpoint, model, config, current)
             else:
-                self.log.info("Endpoint %s is %s on %s already (an earlier try): waiting for it", endpoint,
-                              current["EndpointStatus"], config["EndpointConfigName"])
+                self.log.info(
+                    "Endpoint %s is %s on %s already (an earlier try): waiting for it",
+                    endpoint,
+                    current["EndpointStatus"],
+                    config["EndpointConfigName"],
+                )
         interval = spec.sagemaker.check_interval_seconds
         wait = spec.deploy.endpoint.deploy_timeout_seconds + hosting.rollout_seconds(spec.deploy.endpoint)
         self.defer(
-            trigger=SageMakerTrigger(job_name=endpoint, job_type="endpoint", waiter_delay=interval,
-                                     waiter_max_attempts=max(1, math.ceil(wait / interval)), aws_conn_id=conn_id,
-                                     region_name=spec.sagemaker.region),
+            trigger=SageMakerTrigger(
+                job_name=endpoint,
+                job_type="endpoint",
+                waiter_delay=interval,
+                waiter_max_attempts=max(1, math.ceil(wait / interval)),
+                aws_conn_id=conn_id,
+                region_name=spec.sagemaker.region,
+            ),
             method_name="execute_complete",
             timeout=timedelta(seconds=wait + 10 * interval),
         )
@@ -112,12 +125,21 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         from conveyor.aws import hosting
 
         model = hosting.model_request(spec, self.model, hook.conn_region_name, run_id)
-        config = hosting.endpoint_config_request(spec, Lake.from_env(), model["ModelName"], str(self.model["version"]),
-                                                 run_id)
+        config = hosting.endpoint_config_request(
+            spec, Lake.from_env(), model["ModelName"], str(self.model["version"]), run_id
+        )
         return model, config
 
-    def _start(self, hook: SageMakerHook, spec: PipelineSpec, run_id: str, endpoint: str, model: dict[str, Any],
-               config: dict[str, Any], current: dict[str, Any] | None) -> None:
+    def _start(
+        self,
+        hook: SageMakerHook,
+        spec: PipelineSpec,
+        run_id: str,
+        endpoint: str,
+        model: dict[str, Any],
+        config: dict[str, Any],
+        current: dict[str, Any] | None,
+    ) -> None:
         """Create the model and configuration if missing, then create or update the endpoint.
 
         :param hook: the SageMaker hook.
@@ -132,21 +154,37 @@ class SageMakerDeployEndpointOperator(BaseOperator):
 
         try:
             if hosting.ensure_model(hook, model):
-                self.log.info("Created SageMaker model %s from %s", model["ModelName"],
-                              model["PrimaryContainer"]["ModelDataUrl"])
+                self.log.info(
+                    "Created SageMaker model %s from %s", model["ModelName"], model["PrimaryContainer"]["ModelDataUrl"]
+                )
             if hosting.ensure_endpoint_config(hook, config):
                 self.log.info("Created endpoint configuration %s", config["EndpointConfigName"])
             if current is None:
-                hook.create_endpoint({"EndpointName": endpoint, "EndpointConfigName": config["EndpointConfigName"],
-                                      "Tags": config["Tags"]}, wait_for_completion=False)
+                hook.create_endpoint(
+                    {
+                        "EndpointName": endpoint,
+                        "EndpointConfigName": config["EndpointConfigName"],
+                        "Tags": config["Tags"],
+                    },
+                    wait_for_completion=False,
+                )
                 self.log.info("Creating endpoint %s on %s", endpoint, config["EndpointConfigName"])
             else:
-                hook.update_endpoint({"EndpointName": endpoint, "EndpointConfigName": config["EndpointConfigName"],
-                                      "DeploymentConfig": hosting.deployment_config(spec.deploy.endpoint)},
-                                     wait_for_completion=False)
-                self.log.info("Updating endpoint %s from %s to %s (blue/green, %s)", endpoint,
-                              current["EndpointConfigName"], config["EndpointConfigName"],
-                              spec.deploy.endpoint.traffic_routing)
+                hook.update_endpoint(
+                    {
+                        "EndpointName": endpoint,
+                        "EndpointConfigName": config["EndpointConfigName"],
+                        "DeploymentConfig": hosting.deployment_config(spec.deploy.endpoint),
+                    },
+                    wait_for_completion=False,
+                )
+                self.log.info(
+                    "Updating endpoint %s from %s to %s (blue/green, %s)",
+                    endpoint,
+                    current["EndpointConfigName"],
+                    config["EndpointConfigName"],
+                    spec.deploy.endpoint.traffic_routing,
+                )
         except BaseException:
             try:
                 self._clean_up(hook, run_id, endpoint, model["ModelName"], config["EndpointConfigName"], None)
@@ -174,15 +212,19 @@ class SageMakerDeployEndpointOperator(BaseOperator):
             model, config = self._requests(spec, hook, run_id)
             current = hosting.describe_or_none(hook.describe_endpoint, endpoint)
             status = (current or {}).get("EndpointStatus")
-            if current is not None and status == "InService" and (
-                    current["EndpointConfigName"] == config["EndpointConfigName"]):
+            if (
+                current is not None
+                and status == "InService"
+                and (current["EndpointConfigName"] == config["EndpointConfigName"])
+            ):
                 return self._live(spec, model, config, current)
             reason = (current or {}).get("FailureReason") or event.get("message") or "no reason given"
             if status in hosting.ENDPOINT_BUSY:
                 raise AirflowFailException(
                     f"deploy of {target}: the endpoint is still {status} after the deploy's wait "
                     f"({event.get('status')}); nothing was deleted (SageMaker rolls a stuck update back itself): "
-                    f"{reason}")
+                    f"{reason}"
+                )
             deleted = self._clean_up(hook, run_id, endpoint, model["ModelName"], config["EndpointConfigName"], current)
         if current is None:
             what = "the endpoint disappeared during the deploy"
@@ -190,11 +232,14 @@ class SageMakerDeployEndpointOperator(BaseOperator):
             what = f"SageMaker rolled the update back: the endpoint still serves {current['EndpointConfigName']}"
         else:
             what = f"the endpoint is {status}"
-        raise AirflowFailException(f"deploy of {target} failed: {what}; reason: {reason}. "
-                                   f"Deleted what this deploy created: {', '.join(deleted) or 'nothing'}")
+        raise AirflowFailException(
+            f"deploy of {target} failed: {what}; reason: {reason}. "
+            f"Deleted what this deploy created: {', '.join(deleted) or 'nothing'}"
+        )
 
-    def _clean_up(self, hook: SageMakerHook, run_id: str, endpoint: str, model: str, config: str,
-                  current: dict[str, Any] | None) -> list[str]:
+    def _clean_up(
+        self, hook: SageMakerHook, run_id: str, endpoint: str, model: str, config: str, current: dict[str, Any] | None
+    ) -> list[str]:
         """Delete what this deploy's run created: a ``Failed`` endpoint, the configuration, the model.
 
         :param hook: the SageMaker hook.
@@ -208,15 +253,23 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         from conveyor.aws import hosting
 
         deleted = []
-        if current is not None and current.get("EndpointStatus") == "Failed" and hosting.created_by_run(
-                hook, current["EndpointArn"], run_id):
-            if hosting.delete_quietly(self.log, f"endpoint {endpoint}", hook.conn.delete_endpoint,
-                                      EndpointName=endpoint):
+        if (
+            current is not None
+            and current.get("EndpointStatus") == "Failed"
+            and hosting.created_by_run(hook, current["EndpointArn"], run_id)
+        ):
+            if hosting.delete_quietly(
+                self.log, f"endpoint {endpoint}", hook.conn.delete_endpoint, EndpointName=endpoint
+            ):
                 deleted.append(f"endpoint {endpoint}")
         found = hosting.describe_or_none(hook.describe_endpoint_config, config)
         if found is not None and hosting.created_by_run(hook, found["EndpointConfigArn"], run_id):
-            if hosting.delete_quietly(self.log, f"endpoint configuration {config}", hook.conn.delete_endpoint_config,
-                                      EndpointConfigName=config):
+            if hosting.delete_quietly(
+                self.log,
+                f"endpoint configuration {config}",
+                hook.conn.delete_endpoint_config,
+                EndpointConfigName=config,
+            ):
                 deleted.append(f"endpoint configuration {config}")
         found = hosting.describe_or_none(hook.describe_model, model)
         if found is not None and hosting.created_by_run(hook, found["ModelArn"], run_id):
@@ -224,8 +277,9 @@ class SageMakerDeployEndpointOperator(BaseOperator):
                 deleted.append(f"model {model}")
         return deleted
 
-    def _live(self, spec: PipelineSpec, model: dict[str, Any], config: dict[str, Any],
-              described: dict[str, Any]) -> dict[str, Any]:
+    def _live(
+        self, spec: PipelineSpec, model: dict[str, Any], config: dict[str, Any], described: dict[str, Any]
+    ) -> dict[str, Any]:
         """Record the live version in the registry; the task's result.
 
         :param spec: the pipeline.
@@ -238,8 +292,19 @@ class SageMakerDeployEndpointOperator(BaseOperator):
         version = str(self.model["version"])
         endpoint = described["EndpointName"]
         previous = registry_hook(spec, self.tracking_uri).record_deployment(spec.name, version, endpoint)
-        self.log.info("Version %s of %s is live on SageMaker endpoint %s (%s); it replaced %s", version,
-                      spec.name, endpoint, config["EndpointConfigName"], previous or "nothing")
-        return {"endpoint": endpoint, "endpoint_arn": described.get("EndpointArn"),
-                "config": config["EndpointConfigName"], "model": model["ModelName"], "version": version,
-                "previous": previous}
+        self.log.info(
+            "Version %s of %s is live on SageMaker endpoint %s (%s); it replaced %s",
+            version,
+            spec.name,
+            endpoint,
+            config["EndpointConfigName"],
+            previous or "nothing",
+        )
+        return {
+            "endpoint": endpoint,
+            "endpoint_arn": described.get("EndpointArn"),
+            "config": config["EndpointConfigName"],
+            "model": model["ModelName"],
+            "version": version,
+            "previous": previous,
+        }

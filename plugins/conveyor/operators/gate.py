@@ -55,8 +55,12 @@ class GateModelOperator(BaseOperator):
             scratch = Path(tmp)
             champion_metrics, champion_version = self._champion(spec, lake, run_id, scratch)
             decision = decide(spec.gate, self.evaluation["metrics"], champion_metrics, champion_version)
-            report_context = {"pipeline": spec.name, "run": run_id, "model": self.model["model_uri"],
-                              "dataset version": self.model["dataset_version"]}
+            report_context = {
+                "pipeline": spec.name,
+                "run": run_id,
+                "model": self.model["model_uri"],
+                "dataset version": self.model["dataset_version"],
+            }
             write_report(scratch / "gate", decision, report_context)
             report_dir = lake.reports(spec.name, run_id)
             upload_tree(scratch / "gate", report_dir / "gate")
@@ -64,20 +68,28 @@ class GateModelOperator(BaseOperator):
             self.log.info("%s", decision.summary)
             self.log.info("Gate report: %s", report_uri)
             mlflow_run = self._track(tracking, spec, run_id, decision, report_dir, scratch)
-        result = {"passed": decision.passed, "reasons": decision.reasons, "report": report_uri,
-                  "mlflow_run_id": mlflow_run, "champion_version": decision.champion_version,
-                  "summary_md": markdown(decision)}
+        result = {
+            "passed": decision.passed,
+            "reasons": decision.reasons,
+            "report": report_uri,
+            "mlflow_run_id": mlflow_run,
+            "champion_version": decision.champion_version,
+            "summary_md": markdown(decision),
+        }
         if not decision.passed:
             tracking.finish_run(mlflow_run)
-            message = (f"{spec.name}: model of run {run_id} rejected by the gate: {'; '.join(decision.reasons)}; "
-                       f"report: {report_uri}")
+            message = (
+                f"{spec.name}: model of run {run_id} rejected by the gate: {'; '.join(decision.reasons)}; "
+                f"report: {report_uri}"
+            )
             if spec.gate.on_reject == "fail":
                 raise AirflowFailException(message)
             raise AirflowSkipException(message)
         return result
 
-    def _champion(self, spec: Any, lake: Lake, run_id: str,
-                  scratch: Path) -> tuple[dict[str, float] | None, str | None]:
+    def _champion(
+        self, spec: Any, lake: Lake, run_id: str, scratch: Path
+    ) -> tuple[dict[str, float] | None, str | None]:
         """The live model's metrics on this run's test set (None when it cannot score it), and its version."""
         from conveyor.registry import registry_hook
         from conveyor.training.evaluate import scalar_metrics, score_model
@@ -89,8 +101,9 @@ class GateModelOperator(BaseOperator):
         try:
             scored = score_model(lake, spec, run_id, champion.source, scratch / "champion")
         except (KeyError, ValueError) as exc:  # e.g. the features changed since the champion
-            self.log.warning("Champion v%s cannot score this test set (%s): judged on thresholds only",
-                             champion.version, exc)
+            self.log.warning(
+                "Champion v%s cannot score this test set (%s): judged on thresholds only", champion.version, exc
+            )
             return None, str(champion.version)
         return scalar_metrics(scored.metrics), str(champion.version)
 
@@ -101,16 +114,27 @@ class GateModelOperator(BaseOperator):
         mlflow_run = tracking.ensure_run(spec.name, run_id, run_name=run_id, tags={"pipeline": spec.name})
         tracking.log_run(
             mlflow_run,
-            params={**spec.trainer.model_dump(), "dataset_version": self.model["dataset_version"],
-                    "code_version": self.model["code_version"], "split_seed": spec.split.seed},
-            metrics={**{f"test_{k}": v for k, v in self.evaluation["metrics"].items()},
-                     "train_seconds": self.model.get("train_seconds") or 0},
-            tags={"gate_decision": "passed" if decision.passed else "rejected",
-                  "gate_reasons": "; ".join(decision.reasons)[:4900], "dataset_version": self.model["dataset_version"],
-                  "code_version": self.model["code_version"], "backend": spec.compute,
-                  "model_uri": self.model["model_uri"]},
+            params={
+                **spec.trainer.model_dump(),
+                "dataset_version": self.model["dataset_version"],
+                "code_version": self.model["code_version"],
+                "split_seed": spec.split.seed,
+            },
+            metrics={
+                **{f"test_{k}": v for k, v in self.evaluation["metrics"].items()},
+                "train_seconds": self.model.get("train_seconds") or 0,
+            },
+            tags={
+                "gate_decision": "passed" if decision.passed else "rejected",
+                "gate_reasons": "; ".join(decision.reasons)[:4900],
+                "dataset_version": self.model["dataset_version"],
+                "code_version": self.model["code_version"],
+                "backend": spec.compute,
+                "model_uri": self.model["model_uri"],
+            },
         )
-        tracking.log_artifacts(mlflow_run, as_local_folder(report_dir / "evaluation", scratch / "ev"),
-                               "reports/evaluation")
+        tracking.log_artifacts(
+            mlflow_run, as_local_folder(report_dir / "evaluation", scratch / "ev"), "reports/evaluation"
+        )
         tracking.log_artifacts(mlflow_run, scratch / "gate", "reports/gate")
         return mlflow_run

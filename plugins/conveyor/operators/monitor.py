@@ -56,15 +56,22 @@ class CheckDriftOperator(_SpecOperator):
         self.spec = spec
         self.input_uri = input_uri
 
-    def _check(self, lake: Lake, pipeline: str, run_id: str, source: str, ident: str,
-               compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _check(
+        self, lake: Lake, pipeline: str, run_id: str, source: str, ident: str, compute: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
         """Check one source and record the check (its report, or the error that stopped it)."""
         from conveyor.monitoring.decisions import save_check
         from conveyor.monitoring.drift import DriftInputError
         from conveyor.registry import lookup_errors
 
-        check: dict[str, Any] = {"source": source, "id": ident, "run_id": run_id, "rows": 0, "report": None,
-                                 "error": None}
+        check: dict[str, Any] = {
+            "source": source,
+            "id": ident,
+            "run_id": run_id,
+            "rows": 0,
+            "report": None,
+            "error": None,
+        }
         recorded: tuple[type[Exception], ...] = (DriftInputError, ValueError, KeyError, *lookup_errors())
         try:
             check.update(compute())
@@ -73,8 +80,14 @@ class CheckDriftOperator(_SpecOperator):
             self.log.warning("Drift check failed: %s", check["error"])
         save_check(lake, pipeline, check)
         report = check["report"] or {}
-        self.log.info("%s %s: %s rows, drifted %s (%s)", source, ident, check["rows"], report.get("drifted"),
-                      ", ".join(report.get("drifted_features") or []) or "no feature")
+        self.log.info(
+            "%s %s: %s rows, drifted %s (%s)",
+            source,
+            ident,
+            check["rows"],
+            report.get("drifted"),
+            ", ".join(report.get("drifted_features") or []) or "no feature",
+        )
         return check
 
     @translate_errors
@@ -103,9 +116,19 @@ class CheckDriftOperator(_SpecOperator):
             if self.input_uri:
                 compute = partial(sources.check_input, lake, spec, self.input_uri, models, limits)
                 checks.append(self._check(lake, spec.name, run_id, "input", self.input_uri, compute))
-        return {"checks": [{"source": c["source"], "id": c["id"], "rows": c["rows"], "error": c["error"],
-                            "drifted": bool((c["report"] or {}).get("drifted")),
-                            "drift_share": (c["report"] or {}).get("drift_share")} for c in checks]}
+        return {
+            "checks": [
+                {
+                    "source": c["source"],
+                    "id": c["id"],
+                    "rows": c["rows"],
+                    "error": c["error"],
+                    "drifted": bool((c["report"] or {}).get("drifted")),
+                    "drift_share": (c["report"] or {}).get("drift_share"),
+                }
+                for c in checks
+            ]
+        }
 
 
 def champion_metadata(spec: PipelineSpec, lake: Lake, champion: Any) -> ModelMetadata:
@@ -147,8 +170,16 @@ class IngestFeedbackOperator(_SpecOperator):
         spec = pipeline_spec(self.spec)
         lake = Lake.from_env()
         root = lake.landing(spec.name, "feedback")
-        counts: dict[str, Any] = {"drops": 0, "received": 0, "accepted": 0, "unknown_ids": 0, "duplicates": 0,
-                                  "out_of_set": 0, "rejected_drops": 0, "rejected_examples": []}
+        counts: dict[str, Any] = {
+            "drops": 0,
+            "received": 0,
+            "accepted": 0,
+            "unknown_ids": 0,
+            "duplicates": 0,
+            "out_of_set": 0,
+            "rejected_drops": 0,
+            "rejected_examples": [],
+        }
         drops = find_complete_drops(root, spec.monitor.feedback_marker)
         if not drops:
             self.log.info("No new feedback drop in %s", root)
@@ -167,8 +198,17 @@ class IngestFeedbackOperator(_SpecOperator):
         self.log.info("Feedback: %s", {k: v for k, v in counts.items() if k != "rejected_examples"})
         return counts
 
-    def _take_drop(self, lake: Lake, spec: PipelineSpec, drop: str, classes: list[str] | None, known: set[str],
-                   labelled: set[str], counts: dict[str, Any], context: Any) -> None:
+    def _take_drop(
+        self,
+        lake: Lake,
+        spec: PipelineSpec,
+        drop: str,
+        classes: list[str] | None,
+        known: set[str],
+        labelled: set[str],
+        counts: dict[str, Any],
+        context: Any,
+    ) -> None:
         """Check one drop's rows, keep the accepted labels and the rejected rows, mark it processed."""
         import pandas as pd
 
@@ -199,8 +239,14 @@ class IngestFeedbackOperator(_SpecOperator):
         if len(rejected):
             target = feedback.save_rejected(lake, spec.name, drop, rejected)
             counts["rejected_examples"] += rejected[["id", "label", "rule"]].head(20).to_dict("records")
-            self.log.warning("Feedback drop %s: %s of %s rows rejected (kept with their rule in %s): %s", drop,
-                             len(rejected), len(rows), target, pd.Series(rejected["rule"]).value_counts().to_dict())
+            self.log.warning(
+                "Feedback drop %s: %s of %s rows rejected (kept with their rule in %s): %s",
+                drop,
+                len(rejected),
+                len(rows),
+                target,
+                pd.Series(rejected["rule"]).value_counts().to_dict(),
+            )
         mark_processed(lake, spec.name, name, {"run_id": run_id, "accepted": len(accepted), "rejected": len(rejected)})
 
 
@@ -260,30 +306,58 @@ class RetrainDecisionOperator(_SpecOperator):
             decision |= {"labelled_uri": uri, "labelled_rows": count}
         decisions.save_decision(lake, spec.name, run_id, decision)
         report = self._report(lake, spec.name, run_id, model, checks, series, decision)
-        self.log.info("Retrain: %s (%s); report: %s", decision["retrain"],
-                      "; ".join(decision["reasons"]) or "no reason", report)
+        self.log.info(
+            "Retrain: %s (%s); report: %s", decision["retrain"], "; ".join(decision["reasons"]) or "no reason", report
+        )
         if decision["suppressed_by_cooldown"]:
             self.log.info("Suppressed by the cool-down until %s", decision["cooldown_until"])
-        return {"retrain": decision["retrain"], "reasons": decision["reasons"], "report": report,
-                "suppressed_by_cooldown": decision["suppressed_by_cooldown"], "live": current,
-                "labelled_uri": decision.get("labelled_uri"), "labelled_rows": decision.get("labelled_rows", 0)}
+        return {
+            "retrain": decision["retrain"],
+            "reasons": decision["reasons"],
+            "report": report,
+            "suppressed_by_cooldown": decision["suppressed_by_cooldown"],
+            "live": current,
+            "labelled_uri": decision.get("labelled_uri"),
+            "labelled_rows": decision.get("labelled_rows", 0),
+        }
 
-    def _report(self, lake: Lake, pipeline: str, run_id: str, model: dict[str, Any], checks: list[dict[str, Any]],
-                series: list[dict[str, Any]], decision: dict[str, Any]) -> str:
+    def _report(
+        self,
+        lake: Lake,
+        pipeline: str,
+        run_id: str,
+        model: dict[str, Any],
+        checks: list[dict[str, Any]],
+        series: list[dict[str, Any]],
+        decision: dict[str, Any],
+    ) -> str:
         """Write the monitor report into ``reports/<pipeline>/<run>/monitor/``; returns its URI."""
         from conveyor.lake import upload_tree
         from conveyor.monitoring.decisions import load_history
         from conveyor.reports.monitoring import write_monitor_report
 
         feedback = self.feedback if isinstance(self.feedback, dict) else {}
-        labels = {"received": feedback.get("received", 0), "accepted": feedback.get("accepted", 0),
-                  "unknown_ids": feedback.get("unknown_ids", 0), "duplicates": feedback.get("duplicates", 0),
-                  "out_of_set": feedback.get("out_of_set", 0), "new_since_training": decision["live"]["labels"],
-                  "rejected_examples": feedback.get("rejected_examples", [])}
+        labels = {
+            "received": feedback.get("received", 0),
+            "accepted": feedback.get("accepted", 0),
+            "unknown_ids": feedback.get("unknown_ids", 0),
+            "duplicates": feedback.get("duplicates", 0),
+            "out_of_set": feedback.get("out_of_set", 0),
+            "new_since_training": decision["live"]["labels"],
+            "rejected_examples": feedback.get("rejected_examples", []),
+        }
         target = lake.reports(pipeline, run_id) / "monitor"
         with tempfile.TemporaryDirectory(prefix="conveyor-monitor-report-") as tmp:
-            write_monitor_report(Path(tmp), pipeline=pipeline, model=model, sources=checks,
-                                 history=load_history(lake, pipeline), live=series, labels=labels, decision=decision)
+            write_monitor_report(
+                Path(tmp),
+                pipeline=pipeline,
+                model=model,
+                sources=checks,
+                history=load_history(lake, pipeline),
+                live=series,
+                labels=labels,
+                decision=decision,
+            )
             upload_tree(Path(tmp), target)
         return str(target / "index.html")
 
@@ -314,9 +388,13 @@ class TriggerRetrainOperator(_SpecOperator):
             cooled = (self.decision or {}).get("suppressed_by_cooldown")
             why = "suppressed by the cool-down" if cooled else "no reason to"
             raise AirflowSkipException(f"not retraining {name}: {why}")
-        extra = {"reasons": self.decision["reasons"], "labelled_uri": self.decision.get("labelled_uri"),
-                 "labelled_rows": self.decision.get("labelled_rows", 0), "monitor_run": context["run_id"],
-                 "report": self.decision.get("report")}
+        extra = {
+            "reasons": self.decision["reasons"],
+            "labelled_uri": self.decision.get("labelled_uri"),
+            "labelled_rows": self.decision.get("labelled_rows", 0),
+            "monitor_run": context["run_id"],
+            "report": self.decision.get("report"),
+        }
         context["outlet_events"][retrain_asset(name)].extra = extra
         self.log.info("Retraining %s: %s", name, "; ".join(extra["reasons"]))
         return extra

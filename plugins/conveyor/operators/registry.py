@@ -30,8 +30,17 @@ class RegisterModelOperator(BaseOperator):
     template_fields = ("spec", "model", "gate", "deploy", "evaluation")
     template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, spec: Any, model: Any, gate: Any, deploy: Any = True, evaluation: Any = None,
-                 tracking_uri: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        spec: Any,
+        model: Any,
+        gate: Any,
+        deploy: Any = True,
+        evaluation: Any = None,
+        tracking_uri: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.model = model
@@ -51,17 +60,34 @@ class RegisterModelOperator(BaseOperator):
         if evaluation.get("report"):
             metrics_uri = str(Lake.from_env().reports(spec.name, context["run_id"]) / "evaluation" / "metrics.json")
         version = registry_hook(spec, self.tracking_uri).register(
-            spec.name, self.model["model_uri"], self.gate["mlflow_run_id"],
-            tags={"dataset_version": self.model["dataset_version"], "code_version": self.model["code_version"],
-                  "backend": spec.compute, "gate_decision": "passed", "conveyor_run_id": context["run_id"],
-                  "deploy": str(self.deploy).lower()},
-            metrics=evaluation.get("metrics"), metrics_uri=metrics_uri,
+            spec.name,
+            self.model["model_uri"],
+            self.gate["mlflow_run_id"],
+            tags={
+                "dataset_version": self.model["dataset_version"],
+                "code_version": self.model["code_version"],
+                "backend": spec.compute,
+                "gate_decision": "passed",
+                "conveyor_run_id": context["run_id"],
+                "deploy": str(self.deploy).lower(),
+            },
+            metrics=evaluation.get("metrics"),
+            metrics_uri=metrics_uri,
         )
         MlflowRegistryHook(self.tracking_uri).finish_run(self.gate["mlflow_run_id"])
-        self.log.info("Registered %s version %s (PendingManualApproval, %s registry) from %s", spec.name,
-                      version.version, spec.registry, self.model["model_uri"])
-        return {"model_name": spec.name, "version": str(version.version),
-                "mlflow_run_id": self.gate["mlflow_run_id"], "model_uri": self.model["model_uri"]}
+        self.log.info(
+            "Registered %s version %s (PendingManualApproval, %s registry) from %s",
+            spec.name,
+            version.version,
+            spec.registry,
+            self.model["model_uri"],
+        )
+        return {
+            "model_name": spec.name,
+            "version": str(version.version),
+            "mlflow_run_id": self.gate["mlflow_run_id"],
+            "model_uri": self.model["model_uri"],
+        }
 
 
 class AutoApproveOperator(BaseOperator):
@@ -106,8 +132,9 @@ class ModelApprovalOperator(ApprovalOperator):
     template_fields = (*ApprovalOperator.template_fields, "spec")
     template_fields_renderers = {**ApprovalOperator.template_fields_renderers, "spec": "json"}
 
-    def __init__(self, *, spec: Any, registration_task: str = "register", tracking_uri: str | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *, spec: Any, registration_task: str = "register", tracking_uri: str | None = None, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.registration_task = registration_task
@@ -168,8 +195,7 @@ class PublishModelOperator(BaseOperator):
 
         name = pipeline_spec(self.spec).name
         deploy = str(self.deploy).lower() not in {"false", "0", "no", "none"}
-        extra = {"version": self.registration["version"], "deploy": deploy,
-                 "model_uri": self.registration["model_uri"]}
+        extra = {"version": self.registration["version"], "deploy": deploy, "model_uri": self.registration["model_uri"]}
         context["outlet_events"][model_asset(name)].extra = extra
         self.log.info("Published %s version %s (deploy: %s)", name, extra["version"], deploy)
         return extra

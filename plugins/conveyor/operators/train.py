@@ -63,8 +63,9 @@ class SplitDatasetOperator(BaseOperator):
     template_fields = ("spec", "dataset_version", "labelled_rows")
     template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, spec: Any, dataset_version: str | None = None, labelled_rows: str | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *, spec: Any, dataset_version: str | None = None, labelled_rows: str | None = None, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.dataset_version = dataset_version
@@ -131,8 +132,9 @@ class TrainModelOperator(BaseOperator):
             raise AirflowFailException(f"compute {spec.compute!r} is not available in this deployment")
         time_limit = time_budget(spec, self.time_limit)
         self._backend = LocalTrainingBackend(self.log)
-        return train_locally(spec, Lake.from_env(), context["run_id"], self.split, time_limit,
-                             presets(spec, self.presets), self._backend)
+        return train_locally(
+            spec, Lake.from_env(), context["run_id"], self.split, time_limit, presets(spec, self.presets), self._backend
+        )
 
     def on_kill(self) -> None:
         if self._backend is not None:

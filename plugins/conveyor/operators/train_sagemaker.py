@@ -40,8 +40,17 @@ class SageMakerTrainModelOperator(BaseOperator):
     template_fields = ("spec", "split", "time_limit", "presets")
     template_fields_renderers = {"spec": "json"}
 
-    def __init__(self, *, spec: Any, split: Any, time_limit: Any = None, presets: str | None = None,
-                 deferrable: bool = True, log_lines: int = 30, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        spec: Any,
+        split: Any,
+        time_limit: Any = None,
+        presets: str | None = None,
+        deferrable: bool = True,
+        log_lines: int = 30,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.split = split
@@ -95,13 +104,25 @@ class SageMakerTrainModelOperator(BaseOperator):
 
         time_limit = time_budget(spec, self.time_limit)
         check_budget(spec, time_limit)
-        config = job_request(spec, Lake.from_env(), context["run_id"], name, hook.conn_region_name,
-                             {"conveyor:pipeline": spec.name, "conveyor:dag_id": self.dag_id},
-                             time_limit, presets(spec, self.presets))
-        self.log.info("Starting SageMaker training job %s (%s x %s, image %s, spot %s, max run %ss)", name,
-                      spec.sagemaker.training_instance_count, spec.sagemaker.training_instance_type,
-                      config["AlgorithmSpecification"]["TrainingImage"], spec.sagemaker.use_spot,
-                      spec.sagemaker.max_run_seconds)
+        config = job_request(
+            spec,
+            Lake.from_env(),
+            context["run_id"],
+            name,
+            hook.conn_region_name,
+            {"conveyor:pipeline": spec.name, "conveyor:dag_id": self.dag_id},
+            time_limit,
+            presets(spec, self.presets),
+        )
+        self.log.info(
+            "Starting SageMaker training job %s (%s x %s, image %s, spot %s, max run %ss)",
+            name,
+            spec.sagemaker.training_instance_count,
+            spec.sagemaker.training_instance_type,
+            config["AlgorithmSpecification"]["TrainingImage"],
+            spec.sagemaker.use_spot,
+            spec.sagemaker.max_run_seconds,
+        )
         try:
             with aws_errors("sagemaker:CreateTrainingJob", spec.sagemaker.aws_conn_id):
                 hook.conn.create_training_job(**config)
@@ -122,8 +143,9 @@ class SageMakerTrainModelOperator(BaseOperator):
         self._job = (hook, name)
         description = self._describe(spec, hook, name)
         if description is not None:
-            self.log.info("Training job %s of an earlier try is %s: not starting another",
-                          name, description["TrainingJobStatus"])
+            self.log.info(
+                "Training job %s of an earlier try is %s: not starting another", name, description["TrainingJobStatus"]
+            )
         else:
             self._start(spec, hook, name, context)
             description = self._describe(spec, hook, name) or {"TrainingJobStatus": "InProgress"}
@@ -142,16 +164,23 @@ class SageMakerTrainModelOperator(BaseOperator):
         if self.deferrable:
             self.log.info("Waiting for training job %s in the triggerer (every %ss)", name, interval)
             self.defer(
-                trigger=SageMakerTrigger(job_name=name, job_type="training", waiter_delay=interval,
-                                         waiter_max_attempts=limit // interval + 1,
-                                         aws_conn_id=spec.sagemaker.aws_conn_id, region_name=spec.sagemaker.region),
+                trigger=SageMakerTrigger(
+                    job_name=name,
+                    job_type="training",
+                    waiter_delay=interval,
+                    waiter_max_attempts=limit // interval + 1,
+                    aws_conn_id=spec.sagemaker.aws_conn_id,
+                    region_name=spec.sagemaker.region,
+                ),
                 method_name="execute_complete",
                 timeout=timedelta(seconds=limit),
             )
         started, status = time.monotonic(), None
         while True:
-            description = self._describe(spec, hook, name) or {"TrainingJobStatus": "Failed",
-                                                               "FailureReason": "the job disappeared"}
+            description = self._describe(spec, hook, name) or {
+                "TrainingJobStatus": "Failed",
+                "FailureReason": "the job disappeared",
+            }
             if description.get("SecondaryStatus") != status:
                 status = description.get("SecondaryStatus")
                 self.log.info("Training job %s: %s (%s)", name, description["TrainingJobStatus"], status)
@@ -171,8 +200,9 @@ class SageMakerTrainModelOperator(BaseOperator):
         self._job = (hook, name)
         status = event.get("status")
         if status == "timeout":
-            raise AirflowException(f"training job {name} did not end in time ({event.get('message')}); "
-                                   "a retry waits for it again")
+            raise AirflowException(
+                f"training job {name} did not end in time ({event.get('message')}); a retry waits for it again"
+            )
         if status not in ("success", "failed", "stopped"):
             raise AirflowException(f"waiting for training job {name} failed: {event.get('message') or event}")
         description = self._describe(spec, hook, name)

@@ -54,6 +54,9 @@ class ValidateDatasetOperator(BaseOperator):
         if published is None:
             raise AirflowSkipException(f"Dataset version {self.version} was validated before: nothing new to publish")
         context["outlet_events"][dataset_asset(spec.name)].extra = {
-            "version": self.version, "rows": published["rows"], "uri": published["uri"]}
+            "version": self.version,
+            "rows": published["rows"],
+            "uri": published["uri"],
+        }
         self.log.info("Published dataset version %s (%s rows)", self.version, published["rows"])
         return {key: published[key] for key in ("version", "rows", "report", "statistics")}

@@ -64,8 +64,15 @@ def check_status(status: str) -> str:
 class RegistryHook(Protocol):
     """What Conveyor's operators ask of a model registry."""
 
-    def register(self, model_name: str, source: str, run_id: str, tags: dict[str, str],
-                 metrics: dict[str, float] | None = None, metrics_uri: str | None = None) -> Any: ...
+    def register(
+        self,
+        model_name: str,
+        source: str,
+        run_id: str,
+        tags: dict[str, str],
+        metrics: dict[str, float] | None = None,
+        metrics_uri: str | None = None,
+    ) -> Any: ...
 
     def set_status(self, model_name: str, version: str, status: str) -> None: ...
 

@@ -62,12 +62,18 @@ class MlflowRegistryHook(BaseHook):
     def ensure_run(self, experiment: str, run_key: str, run_name: str, tags: dict[str, str]) -> str:
         """The MLflow run of an Airflow run, created on first call (idempotent by ``run_key``)."""
         exp_id = self.experiment_id(experiment)
-        found = self._call("search runs", self.client.search_runs, [exp_id],
-                           filter_string=f"tags.{RUN_TAG} = '{run_key}'", max_results=1)
+        found = self._call(
+            "search runs",
+            self.client.search_runs,
+            [exp_id],
+            filter_string=f"tags.{RUN_TAG} = '{run_key}'",
+            max_results=1,
+        )
         if found:
             return found[0].info.run_id
-        run = self._call("create run", self.client.create_run, exp_id, run_name=run_name,
-                         tags={RUN_TAG: run_key, **tags})
+        run = self._call(
+            "create run", self.client.create_run, exp_id, run_name=run_name, tags={RUN_TAG: run_key, **tags}
+        )
         return run.info.run_id
 
     def log_run(self, run_id: str, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str]) -> None:
@@ -93,8 +99,15 @@ class MlflowRegistryHook(BaseHook):
         )
         return found[0] if found else None
 
-    def register(self, model_name: str, source: str, run_id: str, tags: dict[str, str],
-                 metrics: dict[str, float] | None = None, metrics_uri: str | None = None) -> Any:
+    def register(
+        self,
+        model_name: str,
+        source: str,
+        run_id: str,
+        tags: dict[str, str],
+        metrics: dict[str, float] | None = None,
+        metrics_uri: str | None = None,
+    ) -> Any:
         """Register a model version (status ``PendingManualApproval``); a retry returns the same one.
 
         ``metrics`` and ``metrics_uri`` are not stored on the version: the MLflow run has them.
@@ -110,7 +123,11 @@ class MlflowRegistryHook(BaseHook):
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         return self._call(
-            "create model version", self.client.create_model_version, model_name, source, run_id=run_id,
+            "create model version",
+            self.client.create_model_version,
+            model_name,
+            source,
+            run_id=run_id,
             tags={STATUS_TAG: PENDING, **tags},
         )
 

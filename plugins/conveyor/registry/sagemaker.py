@@ -97,9 +97,15 @@ class SageMakerRegistryHook(BaseHook):
     :param realtime_instance_types: instance types the package declares for endpoints.
     """
 
-    def __init__(self, aws_conn_id: str | None = "aws_default", region_name: str | None = None,
-                 trainer: str = "autogluon", inference_image_uri: str | None = None, name_prefix: str = "",
-                 realtime_instance_types: list[str] | None = None):
+    def __init__(
+        self,
+        aws_conn_id: str | None = "aws_default",
+        region_name: str | None = None,
+        trainer: str = "autogluon",
+        inference_image_uri: str | None = None,
+        name_prefix: str = "",
+        realtime_instance_types: list[str] | None = None,
+    ):
         super().__init__()
         self.aws_conn_id = aws_conn_id
         self.region_name = region_name
@@ -115,9 +121,14 @@ class SageMakerRegistryHook(BaseHook):
         :param spec: the pipeline.
         """
         settings = spec.sagemaker
-        return cls(aws_conn_id=settings.aws_conn_id, region_name=settings.region, trainer=spec.trainer.kind,
-                   inference_image_uri=settings.inference_image_uri, name_prefix=settings.name_prefix,
-                   realtime_instance_types=[spec.deploy.endpoint.instance_type])
+        return cls(
+            aws_conn_id=settings.aws_conn_id,
+            region_name=settings.region,
+            trainer=spec.trainer.kind,
+            inference_image_uri=settings.inference_image_uri,
+            name_prefix=settings.name_prefix,
+            realtime_instance_types=[spec.deploy.endpoint.instance_type],
+        )
 
     @cached_property
     def hook(self) -> Any:
@@ -164,8 +175,12 @@ class SageMakerRegistryHook(BaseHook):
 
     def _summaries(self, model_name: str, status: str | None = None) -> Iterator[dict[str, Any]]:
         """The group's package summaries, newest first."""
-        kwargs: dict[str, Any] = {"ModelPackageGroupName": self.group(model_name), "SortBy": "CreationTime",
-                                  "SortOrder": "Descending", "MaxResults": 100}
+        kwargs: dict[str, Any] = {
+            "ModelPackageGroupName": self.group(model_name),
+            "SortBy": "CreationTime",
+            "SortOrder": "Descending",
+            "MaxResults": 100,
+        }
         if status:
             kwargs["ModelApprovalStatus"] = status
         while True:
@@ -181,8 +196,12 @@ class SageMakerRegistryHook(BaseHook):
         tags[STATUS_TAG] = found.get("ModelApprovalStatus") or PENDING
         containers = (found.get("InferenceSpecification") or {}).get("Containers") or [{}]
         return RegisteredVersion(
-            name=model_name, version=str(found["ModelPackageVersion"]), source=containers[0].get("ModelDataUrl", ""),
-            tags=tags, run_id=tags.get("mlflow_run_id"), arn=found["ModelPackageArn"],
+            name=model_name,
+            version=str(found["ModelPackageVersion"]),
+            source=containers[0].get("ModelDataUrl", ""),
+            tags=tags,
+            run_id=tags.get("mlflow_run_id"),
+            arn=found["ModelPackageArn"],
             group=found.get("ModelPackageGroupName") or self.group(model_name),
         )
 
@@ -207,8 +226,15 @@ class SageMakerRegistryHook(BaseHook):
                 return self._describe(model_name, summary["ModelPackageArn"])
         return None
 
-    def register(self, model_name: str, source: str, run_id: str, tags: dict[str, str],
-                 metrics: dict[str, float] | None = None, metrics_uri: str | None = None) -> RegisteredVersion:
+    def register(
+        self,
+        model_name: str,
+        source: str,
+        run_id: str,
+        tags: dict[str, str],
+        metrics: dict[str, float] | None = None,
+        metrics_uri: str | None = None,
+    ) -> RegisteredVersion:
         """A new model package (``PendingManualApproval``); a retry with the same key returns the same one.
 
         :param model_name: the registered model (pipeline).
@@ -230,25 +256,32 @@ class SageMakerRegistryHook(BaseHook):
         airflow_run = tags.get(RUN_TAG, "")
         request: dict[str, Any] = {
             "ModelPackageGroupName": group,
-            "ModelPackageDescription":
-                f"{model_name} model of Airflow run {airflow_run} {_registration_key(run_id)}"[-1024:],
+            "ModelPackageDescription": f"{model_name} model of Airflow run {airflow_run} {_registration_key(run_id)}"[
+                -1024:
+            ],
             "InferenceSpecification": self.inference_specification(model_data_url),
             "ModelApprovalStatus": PENDING,
             "CustomerMetadataProperties": metadata,
-            "MetadataProperties": {"GeneratedBy": f"conveyor run {airflow_run}"[:1024],
-                                   "CommitId": str(tags.get("code_version", ""))[:1024] or "unknown",
-                                   "ProjectId": model_name},
+            "MetadataProperties": {
+                "GeneratedBy": f"conveyor run {airflow_run}"[:1024],
+                "CommitId": str(tags.get("code_version", ""))[:1024] or "unknown",
+                "ProjectId": model_name,
+            },
             "ClientToken": hashlib.sha256(f"{group}\n{run_id}".encode()).hexdigest()[:36],
-            "Tags": [{"Key": "conveyor:pipeline", "Value": model_name},
-                     {"Key": "conveyor:run_id", "Value": _TAG_UNSAFE.sub("_", airflow_run)[:256]}],
+            "Tags": [
+                {"Key": "conveyor:pipeline", "Value": model_name},
+                {"Key": "conveyor:run_id", "Value": _TAG_UNSAFE.sub("_", airflow_run)[:256]},
+            ],
         }
         if metrics_s3:
-            request["ModelMetrics"] = {"ModelQuality": {"Statistics": {
-                "ContentType": "application/json", "S3Uri": metrics_s3}}}
+            request["ModelMetrics"] = {
+                "ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": metrics_s3}}
+            }
         created = self._call("CreateModelPackage", **request)
         version = self._describe(model_name, created["ModelPackageArn"])
-        self.log.info("Registered %s version %s (%s) in model package group %s", model_name, version.version,
-                      version.arn, group)
+        self.log.info(
+            "Registered %s version %s (%s) in model package group %s", model_name, version.version, version.arn, group
+        )
         return version
 
     def inference_specification(self, model_data_url: str) -> dict[str, Any]:
@@ -257,13 +290,17 @@ class SageMakerRegistryHook(BaseHook):
         :param model_data_url: the ``s3://`` URI of ``model.tar.gz``.
         """
         specification: dict[str, Any] = {
-            "Containers": [{
-                "Image": inference_image(self.trainer, self.hook.conn_region_name, self.inference_image_uri),
-                "ModelDataUrl": model_data_url,
-                "Environment": {"SAGEMAKER_PROGRAM": "inference.py",
-                                "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                                "SAGEMAKER_CONTAINER_LOG_LEVEL": "20"},
-            }],
+            "Containers": [
+                {
+                    "Image": inference_image(self.trainer, self.hook.conn_region_name, self.inference_image_uri),
+                    "ModelDataUrl": model_data_url,
+                    "Environment": {
+                        "SAGEMAKER_PROGRAM": "inference.py",
+                        "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                        "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                    },
+                }
+            ],
             "SupportedContentTypes": list(CONTENT_TYPES[self.trainer]),
             "SupportedResponseMIMETypes": list(RESPONSE_TYPES),
         }
@@ -271,16 +308,24 @@ class SageMakerRegistryHook(BaseHook):
             specification["SupportedRealtimeInferenceInstanceTypes"] = list(self.realtime_instance_types)
         return specification
 
-    def _update(self, arn: str, status: str | None = None, set_tags: dict[str, str] | None = None,
-                remove: tuple[str, ...] = (), reason: str | None = None) -> None:
+    def _update(
+        self,
+        arn: str,
+        status: str | None = None,
+        set_tags: dict[str, str] | None = None,
+        remove: tuple[str, ...] = (),
+        reason: str | None = None,
+    ) -> None:
         """Update a package, sending its whole status and metadata (what is not sent may be lost)."""
         current = self._call("DescribeModelPackage", ModelPackageName=arn)
         old = dict(current.get("CustomerMetadataProperties") or {})
         metadata = {**old, **{k: _value(v) for k, v in (set_tags or {}).items()}}
         for key in remove:
             metadata.pop(key, None)
-        request: dict[str, Any] = {"ModelPackageArn": arn,
-                                   "ModelApprovalStatus": status or current.get("ModelApprovalStatus") or PENDING}
+        request: dict[str, Any] = {
+            "ModelPackageArn": arn,
+            "ModelApprovalStatus": status or current.get("ModelApprovalStatus") or PENDING,
+        }
         if metadata:
             request["CustomerMetadataProperties"] = metadata
         dropped = [key for key in remove if key in old]
@@ -305,8 +350,12 @@ class SageMakerRegistryHook(BaseHook):
         self.set_status(model_name, version, APPROVED)
         champion = self.champion(model_name)
         if champion is not None and champion.version != str(version):
-            self.log.warning("%s version %s approved, but the newer approved version %s stays champion",
-                             model_name, version, champion.version)
+            self.log.warning(
+                "%s version %s approved, but the newer approved version %s stays champion",
+                model_name,
+                version,
+                champion.version,
+            )
 
     def set_version_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
         """Add or replace metadata of a version (its approval status is kept)."""

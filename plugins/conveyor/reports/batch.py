@@ -21,11 +21,13 @@ def report_html(summary: dict[str, Any], context: dict[str, Any]) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in context.items())
     dist = summary.get("prediction_distribution") or summary.get("predictions") or {}
     body = html.escape(json.dumps(dist, indent=2, default=str))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Batch predictions</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 10px;"
-            f"text-align:left}}table{{border-collapse:collapse}}</style></head><body><h1>Batch predictions</h1>"
-            f"<table>{rows}</table><h2>Prediction distribution</h2><pre>{body}</pre>"
-            f"<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre></body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Batch predictions</title>"
+        f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 10px;"
+        f"text-align:left}}table{{border-collapse:collapse}}</style></head><body><h1>Batch predictions</h1>"
+        f"<table>{rows}</table><h2>Prediction distribution</h2><pre>{body}</pre>"
+        f"<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre></body></html>"
+    )
 
 
 def write_report(lake: Lake, pipeline: str, run_id: str, summary: dict[str, Any], context: dict[str, Any]) -> str:

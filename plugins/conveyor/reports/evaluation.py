@@ -95,8 +95,12 @@ def _plain(text: Any) -> str:
 
 
 def _write_plots(
-    out: Path, metrics: dict[str, Any], truth: np.ndarray, pred: np.ndarray,
-    classes: Classes | None, importance: dict[str, float],
+    out: Path,
+    metrics: dict[str, Any],
+    truth: np.ndarray,
+    pred: np.ndarray,
+    classes: Classes | None,
+    importance: dict[str, float],
 ) -> dict[str, Path]:
     """Draw the plots that fit the problem (classes is None for regression); returns name -> path."""
     plots: dict[str, Path] = {}
@@ -297,8 +301,13 @@ def _number(value: Any) -> str:
 
 
 def _render_html(
-    title: str, problem_type: str, metrics: dict[str, Any], context: dict[str, Any],
-    plots: dict[str, Path], importance: dict[str, float], extra_sections: list[tuple[str, str]],
+    title: str,
+    problem_type: str,
+    metrics: dict[str, Any],
+    context: dict[str, Any],
+    plots: dict[str, Path],
+    importance: dict[str, float],
+    extra_sections: list[tuple[str, str]],
 ) -> str:
     from jinja2 import Environment
     from markupsafe import Markup
@@ -307,27 +316,32 @@ def _render_html(
         (label, {key: _number(value) for key, value in row.items()})
         for label, row in (metrics.get("per_class") or {}).items()
     ]
-    return Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(_PAGE).render(
-        title=title,
-        problem_type=problem_type,
-        n=metrics.get("n"),
-        positive_class=metrics.get("positive_class"),
-        context=[(str(key), str(value)) for key, value in context.items()],
-        scalars=[
-            (name, _number(value), "higher" if HIGHER_IS_BETTER[name] else "lower")
-            for name, value in metrics.items()
-            if name in HIGHER_IS_BETTER
-        ],
-        notes=metrics.get("notes") or [],
-        per_class=per_class,
-        plots=[(path.name, _CAPTIONS[name]) for name, path in plots.items()],
-        importance=[(name, _number(value)) for name, value in _ranked(importance)],
-        extra_sections=[(heading, Markup(body)) for heading, body in extra_sections],
+    return (
+        Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+        .from_string(_PAGE)
+        .render(
+            title=title,
+            problem_type=problem_type,
+            n=metrics.get("n"),
+            positive_class=metrics.get("positive_class"),
+            context=[(str(key), str(value)) for key, value in context.items()],
+            scalars=[
+                (name, _number(value), "higher" if HIGHER_IS_BETTER[name] else "lower")
+                for name, value in metrics.items()
+                if name in HIGHER_IS_BETTER
+            ],
+            notes=metrics.get("notes") or [],
+            per_class=per_class,
+            plots=[(path.name, _CAPTIONS[name]) for name, path in plots.items()],
+            importance=[(name, _number(value)) for name, value in _ranked(importance)],
+            extra_sections=[(heading, Markup(body)) for heading, body in extra_sections],
+        )
     )
 
 
-def write_model_report(out: Path, scored: Scored, spec: PipelineSpec, run_id: str, title: str,
-                       importance: dict[str, float] | None = None) -> dict[str, str]:
+def write_model_report(
+    out: Path, scored: Scored, spec: PipelineSpec, run_id: str, title: str, importance: dict[str, float] | None = None
+) -> dict[str, str]:
     """The evaluate task's report of a scored model: predictions, metrics, plots and ``index.html``.
 
     :param out: the report folder.
@@ -355,10 +369,20 @@ def write_model_report(out: Path, scored: Scored, spec: PipelineSpec, run_id: st
         "best model": meta.best_model,
         "test rows": len(scored.test),
     }
-    return write_evaluation_report(out, scored.metrics, spec.data.problem_type, scored.y_true, scored.y_pred,
-                                   scored.proba, meta.class_labels, meta.positive_class,
-                                   feature_importance=importance or None, title=f"{spec.name}: {title}",
-                                   context=context, extra_sections=sections)
+    return write_evaluation_report(
+        out,
+        scored.metrics,
+        spec.data.problem_type,
+        scored.y_true,
+        scored.y_pred,
+        scored.proba,
+        meta.class_labels,
+        meta.positive_class,
+        feature_importance=importance or None,
+        title=f"{spec.name}: {title}",
+        context=context,
+        extra_sections=sections,
+    )
 
 
 def misclassified_grid(test: Any, y_pred: Any, proba: Any, out: Path, limit: int = 16) -> str:

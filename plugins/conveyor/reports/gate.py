@@ -33,7 +33,7 @@ def write_report(out_dir: Path, decision: GateDecision, context: dict[str, Any])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Gate: {verdict}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}.ok{{background:#eafbea}}.bad{{background:#fde8e8}}
-h1 span{{color:{'#1a7f37' if decision.passed else '#b42318'}}}</style></head><body>
+h1 span{{color:{"#1a7f37" if decision.passed else "#b42318"}}}</style></head><body>
 <h1>Gate: <span>{verdict}</span></h1><table>{ctx}</table><h2>Why</h2><ul>{reasons}</ul>
 <h2>Checks</h2><table><tr><th>check</th><th>value</th><th>result</th></tr>{checks}</table>
 <h2>Challenger vs champion{versus} (same test set)</h2>

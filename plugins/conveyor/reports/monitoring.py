@@ -23,19 +23,51 @@ from conveyor.reports.plots import plain, save, stacked
 MAX_PLOTTED_CATEGORIES = 30
 MAX_HISTORY_ROWS = 100
 _SOURCE_NAMES = {"batch": "Batch run", "capture": "Endpoint capture"}
-_FEATURE_HEAD = ("feature", "kind", "PSI", "test: statistic", "p-value", "missing rate (baseline -> now)", "details",
-                 "new categories", "drifted", "reasons")
-_HISTORY_HEAD = ("at", "source", "id", "rows", "drift share", "drifted features", "max PSI", "prediction PSI",
-                 "drifted")
+_FEATURE_HEAD = (
+    "feature",
+    "kind",
+    "PSI",
+    "test: statistic",
+    "p-value",
+    "missing rate (baseline -> now)",
+    "details",
+    "new categories",
+    "drifted",
+    "reasons",
+)
+_HISTORY_HEAD = (
+    "at",
+    "source",
+    "id",
+    "rows",
+    "drift share",
+    "drifted features",
+    "max PSI",
+    "prediction PSI",
+    "drifted",
+)
 _LIVE_KEYS = ("day", "labels", "metric", "value", "model_version")
-_LABEL_COUNTS = (("received", "labels received"), ("accepted", "accepted (joined with a prediction)"),
-                 ("unknown_ids", "rejected: unknown prediction id"), ("duplicates", "rejected: duplicate"),
-                 ("out_of_set", "rejected: label outside the class set"),
-                 ("new_since_training", "new labels since the model was trained"))
+_LABEL_COUNTS = (
+    ("received", "labels received"),
+    ("accepted", "accepted (joined with a prediction)"),
+    ("unknown_ids", "rejected: unknown prediction id"),
+    ("duplicates", "rejected: duplicate"),
+    ("out_of_set", "rejected: label outside the class set"),
+    ("new_since_training", "new labels since the model was trained"),
+)
 
 
-def write_monitor_report(out_dir: Path, *, pipeline: str, model: dict, sources: list[dict], history: list[dict],
-                         live: list[dict], labels: dict, decision: dict) -> Path:
+def write_monitor_report(
+    out_dir: Path,
+    *,
+    pipeline: str,
+    model: dict,
+    sources: list[dict],
+    history: list[dict],
+    live: list[dict],
+    labels: dict,
+    decision: dict,
+) -> Path:
     """Render out_dir/index.html (+ PNG plots + monitor.json with all inputs) and return the index path.
 
     :param out_dir: the report folder (created; plots of an earlier render are replaced).
@@ -48,8 +80,17 @@ def write_monitor_report(out_dir: Path, *, pipeline: str, model: dict, sources: 
     :param decision: ``retrain``, ``reasons``, ``suppressed_by_cooldown``, ``cooldown_until``, ``last_trigger``
         and ``thresholds``.
     """
-    data = _clean({"pipeline": pipeline, "model": model or {}, "sources": sources or [], "history": history or [],
-                   "live": live or [], "labels": labels or {}, "decision": decision or {}})
+    data = _clean(
+        {
+            "pipeline": pipeline,
+            "model": model or {},
+            "sources": sources or [],
+            "history": history or [],
+            "live": live or [],
+            "labels": labels or {},
+            "decision": decision or {},
+        }
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stale = [*out.glob("drift_*.png"), *out.glob("prediction_*.png"), out / "history.png", out / "live_metric.png"]
@@ -60,7 +101,8 @@ def write_monitor_report(out_dir: Path, *, pipeline: str, model: dict, sources: 
     thresholds = dict(data["decision"].get("thresholds") or {})
     sections = [_source_section(out, index, source) for index, source in enumerate(data["sources"], 1)]
     psi_limit = _first(thresholds, "psi", "psi_threshold") or next(
-        (s["thresholds"].get("psi") for s in sections if s["thresholds"].get("psi") is not None), None)
+        (s["thresholds"].get("psi") for s in sections if s["thresholds"].get("psi") is not None), None
+    )
     share_limit = _first(thresholds, "max_drift_share", "drift_share")
     history_plot = _plot_history(out / "history.png", data["history"], psi_limit, share_limit)
     live_plot = _plot_live(out / "live_metric.png", data["live"], data["model"], _first(thresholds, "min_live_metric"))
@@ -68,14 +110,20 @@ def write_monitor_report(out_dir: Path, *, pipeline: str, model: dict, sources: 
     plots = [f for s in sections for f in [*(row["plot"] for row in s["rows"]), s["prediction_plot"]] if f]
     plots += [path.name for path in (history_plot, live_plot) if path]
     (out / "monitor.json").write_text(
-        json.dumps(data | {"verdict": verdict, "plots": plots}, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        json.dumps(data | {"verdict": verdict, "plots": plots}, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
 
     records, rejected = data["history"], data["labels"].get("rejected_examples") or []
     page = _render(
-        data=data, verdict=verdict, verdict_class=verdict_class, sections=sections,
+        data=data,
+        verdict=verdict,
+        verdict_class=verdict_class,
+        sections=sections,
         thresholds=[(False, [k, _fmt(v)]) for k, v in thresholds.items()],
-        history_plot=history_plot and history_plot.name, live_plot=live_plot and live_plot.name,
-        history_rows=[_history_row(r) for r in reversed(records[-MAX_HISTORY_ROWS:])], history_total=len(records),
+        history_plot=history_plot and history_plot.name,
+        live_plot=live_plot and live_plot.name,
+        history_rows=[_history_row(r) for r in reversed(records[-MAX_HISTORY_ROWS:])],
+        history_total=len(records),
         live_rows=[(False, [_fmt(r.get(k)) for k in _LIVE_KEYS]) for r in data["live"]],
         label_counts=_label_counts(data["labels"]),
         rejected=[(False, [_text(e.get(k)) for k in ("id", "label", "rule")]) for e in rejected],
@@ -160,8 +208,11 @@ def _bin_labels(result: Mapping[str, Any]) -> list[str]:
 def _feature_row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
     """One line of a source's feature table, as text, from a feature's (or the predictions') drift result."""
     before, after, change = (result.get(k) for k in ("baseline_missing_rate", "missing_rate", "missing_rate_change"))
-    missing = "-" if after is None else f"{_fmt(before, '.3f')} -> {after:.3f}" + (
-        f" ({change:+.3f})" if change is not None else "")
+    missing = (
+        "-"
+        if after is None
+        else f"{_fmt(before, '.3f')} -> {after:.3f}" + (f" ({change:+.3f})" if change is not None else "")
+    )
     details = []
     if result.get("constant_baseline"):
         details.append("constant in training")
@@ -177,8 +228,18 @@ def _feature_row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
     test, drifted, reasons = result.get("test"), bool(result.get("drifted")), "; ".join(result.get("reasons") or [])
     psi = _fmt(result.get("psi"), ".3f")
     statistic = f"{test}: {_fmt(result.get('statistic'), '.4g')}" if test else "-"
-    cells = [name, _text(result.get("kind")), psi, statistic, _fmt(result.get("pvalue"), ".2g"), missing,
-             "; ".join(details) or "-", listed or "-", _fmt(drifted), reasons]
+    cells = [
+        name,
+        _text(result.get("kind")),
+        psi,
+        statistic,
+        _fmt(result.get("pvalue"), ".2g"),
+        missing,
+        "; ".join(details) or "-",
+        listed or "-",
+        _fmt(drifted),
+        reasons,
+    ]
     return {"name": name, "psi": psi, "drifted": drifted, "reasons": reasons, "cells": cells, "plot": None}
 
 
@@ -187,12 +248,20 @@ def _source_section(out: Path, index: int, source: Mapping[str, Any]) -> dict[st
     report = source.get("report") or {}
     kind = _SOURCE_NAMES.get(str(source.get("source")), _text(source.get("source")))
     section: dict[str, Any] = {
-               "title": f"{kind} {_text(source.get('id'))}", "error": source.get("error"), "has_report": bool(report),
-               "rows_count": _text(source.get("rows", report.get("rows"))), "rule": report.get("rule"),
-               "thresholds": report.get("thresholds") or {}, "drifted": bool(report.get("drifted")), "rows": [],
-               "prediction": None, "prediction_plot": None, "drifted_features": report.get("drifted_features") or [],
-               "feature_count": len(report.get("features") or {}),
-               "drift_share": _fmt(report.get("drift_share"), ".1%")}
+        "title": f"{kind} {_text(source.get('id'))}",
+        "error": source.get("error"),
+        "has_report": bool(report),
+        "rows_count": _text(source.get("rows", report.get("rows"))),
+        "rule": report.get("rule"),
+        "thresholds": report.get("thresholds") or {},
+        "drifted": bool(report.get("drifted")),
+        "rows": [],
+        "prediction": None,
+        "prediction_plot": None,
+        "drifted_features": report.get("drifted_features") or [],
+        "feature_count": len(report.get("features") or {}),
+        "drift_share": _fmt(report.get("drift_share"), ".1%"),
+    }
     features = sorted((report.get("features") or {}).items(), key=lambda item: not item[1].get("drifted"))
     for number, (name, result) in enumerate(features, 1):
         row = _feature_row(name, result)
@@ -215,9 +284,14 @@ def _source_section(out: Path, index: int, source: Mapping[str, Any]) -> dict[st
 def _history_row(record: Mapping[str, Any]) -> tuple[bool, list[str]]:
     features, drifted = record.get("drifted_features") or [], bool(record.get("drifted"))
     shown = ", ".join(map(str, features[:10])) + (f" (+{len(features) - 10} more)" if len(features) > 10 else "")
-    return drifted, [*(_text(record.get(k)) for k in ("at", "source", "id", "rows")),
-                     _fmt(record.get("drift_share"), ".1%"), shown or "-", _fmt(record.get("max_psi"), ".3f"),
-                     _fmt(record.get("prediction_psi"), ".3f"), _fmt(drifted)]
+    return drifted, [
+        *(_text(record.get(k)) for k in ("at", "source", "id", "rows")),
+        _fmt(record.get("drift_share"), ".1%"),
+        shown or "-",
+        _fmt(record.get("max_psi"), ".3f"),
+        _fmt(record.get("prediction_psi"), ".3f"),
+        _fmt(drifted),
+    ]
 
 
 def _label_counts(labels: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -240,8 +314,9 @@ def _plot_shares(path: Path, title: str, result: Mapping[str, Any]) -> Path:
     ax.bar([x - 0.2 for x in xs], [expected[i] or 0.0 for i in keep], 0.4, label="baseline (training)", color="#7f9fbf")
     ax.bar([x + 0.2 for x in xs], [actual[i] or 0.0 for i in keep], 0.4, label="current", color="#d9822b")
     rotate = len(keep) > 5 or any(len(labels[i]) > 10 for i in keep)
-    ax.set_xticks(list(xs), [plain(labels[i], 25) for i in keep], rotation=45 if rotate else 0,
-                  ha="right" if rotate else "center")
+    ax.set_xticks(
+        list(xs), [plain(labels[i], 25) for i in keep], rotation=45 if rotate else 0, ha="right" if rotate else "center"
+    )
     ax.set(ylabel="share of rows", title=plain(title, 80))
     ax.legend()
     return save(figure, path)
@@ -284,8 +359,9 @@ def _plot_history(path: Path, history: list[dict], psi_limit: float | None, shar
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=plain(source, 40))
                 ringed = [p for p in points if p[2]]
-                ax.scatter([p[0] for p in ringed], [p[1] for p in ringed], s=120, facecolors="none",
-                           edgecolors="red", zorder=3)
+                ax.scatter(
+                    [p[0] for p in ringed], [p[1] for p in ringed], s=120, facecolors="none", edgecolors="red", zorder=3
+                )
     for ax, limit, name in ((share_ax, share_limit, "drift share"), (psi_ax, psi_limit, "max PSI")):
         if limit is not None:
             ax.axhline(limit, color="red", linestyle="--", label=f"threshold {limit:g}")
@@ -313,11 +389,18 @@ def _plot_live(path: Path, live: list[dict], model: Mapping[str, Any], minimum: 
     if minimum is not None:
         ax.axhline(minimum, color="red", linestyle="--", label=f"minimum {minimum:g}")
     if model.get("baseline_metric") is not None:
-        ax.axhline(model["baseline_metric"], color="grey", linestyle=":",
-                   label=f"evaluation (test set) {model['baseline_metric']:.4g}")
+        ax.axhline(
+            model["baseline_metric"],
+            color="grey",
+            linestyle=":",
+            label=f"evaluation (test set) {model['baseline_metric']:.4g}",
+        )
     metric = points[0].get("metric") or model.get("metric") or "metric"
-    ax.set(ylabel=plain(metric, 40), xlabel="day" if days else "record",
-           title=plain(f"Live {metric} on labelled predictions", 80))
+    ax.set(
+        ylabel=plain(metric, 40),
+        xlabel="day" if days else "record",
+        title=plain(f"Live {metric} on labelled predictions", 80),
+    )
     ax.legend(loc="lower left")
     if days:
         _time_axis(figure, ax, days, "%Y-%m-%d")

@@ -19,17 +19,21 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.common.db.common import SessionDep
+from airflow.api_fastapi.core_api.security import requires_access_dag
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-from airflow.api_fastapi.common.db.common import SessionDep
-from airflow.api_fastapi.core_api.security import requires_access_dag
-
 CHUNK_BYTES = 1 << 20
-SECTION_TITLES = {"validation": "Data validation", "evaluation": "Evaluation", "gate": "Gate decision",
-                  "batch": "Batch predictions", "monitor": "Monitoring (drift, live accuracy)"}
+SECTION_TITLES = {
+    "validation": "Data validation",
+    "evaluation": "Evaluation",
+    "gate": "Gate decision",
+    "batch": "Batch predictions",
+    "monitor": "Monitoring (drift, live accuracy)",
+}
 
 app = FastAPI(title="Conveyor reports", description="Reports of Conveyor's pipeline runs, read from the lake.")
 
@@ -53,8 +57,9 @@ def safe_parts(path: str) -> list[str]:
     parts = [part for part in path.split("/") if part]
     for part in parts:
         if part.startswith(".") or "\\" in part or "\x00" in part:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"report path {path!r}: segments must not start with '.' or contain '\\'")
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, f"report path {path!r}: segments must not start with '.' or contain '\\'"
+            )
     return parts
 
 
@@ -65,9 +70,8 @@ def run_reports(session: Any, dag_id: str, run_id: str) -> Any:
     :param dag_id: the run's DAG.
     :param run_id: the run.
     """
-    from sqlalchemy import select
-
     from airflow.models import DagRun
+    from sqlalchemy import select
 
     from conveyor.lake import Lake
 
@@ -86,13 +90,21 @@ def read_chunks(path: Any) -> Iterator[bytes]:
 
 def index_page(dag_id: str, run_id: str, folder: Any) -> HTMLResponse:
     """A page listing the reports a run wrote (the sections that have an ``index.html``)."""
-    sections = sorted(item.name for item in folder.iterdir() if (item / "index.html").exists()) if folder.exists() else []
-    items = "".join(
-        f'<li><a href="{html.escape(quote(name))}/">{html.escape(SECTION_TITLES.get(name, name))}</a></li>' for name in sections
-    ) or "<li>This run wrote no report yet.</li>"
+    sections = (
+        sorted(item.name for item in folder.iterdir() if (item / "index.html").exists()) if folder.exists() else []
+    )
+    items = (
+        "".join(
+            f'<li><a href="{html.escape(quote(name))}/">{html.escape(SECTION_TITLES.get(name, name))}</a></li>'
+            for name in sections
+        )
+        or "<li>This run wrote no report yet.</li>"
+    )
     title = f"Reports of {html.escape(dag_id)} / {html.escape(run_id)}"
-    return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-                        f"<body><h1>{title}</h1><ul>{items}</ul></body></html>")
+    return HTMLResponse(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body><h1>{title}</h1><ul>{items}</ul></body></html>"
+    )
 
 
 @app.get(
@@ -109,13 +121,18 @@ def report_file(dag_id: str, run_id: str, path: str, session: SessionDep) -> Res
     target = folder.joinpath(*parts)
     if target.is_dir():
         if not path.endswith("/"):  # so the report's relative links resolve inside its folder
-            return RedirectResponse(quote(parts[-1]) + "/", status.HTTP_307_TEMPORARY_REDIRECT)  # relative: keeps the quoting
+            return RedirectResponse(
+                quote(parts[-1]) + "/", status.HTTP_307_TEMPORARY_REDIRECT
+            )  # relative: keeps the quoting
         target = target / "index.html"
     if not target.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id!r} of {dag_id!r} has no report file {path!r}")
     media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-    return StreamingResponse(read_chunks(target), media_type=media_type,
-                             headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+    return StreamingResponse(
+        read_chunks(target),
+        media_type=media_type,
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 @app.exception_handler(HTTPException)

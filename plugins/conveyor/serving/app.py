@@ -140,8 +140,9 @@ def _media_of(handlers: Any, accept: str | None) -> str:
     return JSON_MEDIA
 
 
-def run_handlers(served: ServedModel, body: bytes, content_type: str | None,
-                 accept: str | None) -> tuple[bytes | str, str]:
+def run_handlers(
+    served: ServedModel, body: bytes, content_type: str | None, accept: str | None
+) -> tuple[bytes | str, str]:
     """Answer one request with the model's handlers (blocking; call in a thread): body and content type.
 
     :param served: the model that answers.
@@ -200,9 +201,14 @@ class ModelWorker:
     def heartbeat(self) -> None:
         """Write this worker's heartbeat (what it has loaded, the last load error)."""
         state = {
-            "pid": os.getpid(), "host": endpoint_state.HOST, "live": self.live.ref() if self.live else None,
-            "candidate": self.candidate.ref() if self.candidate else None, "loaded_at": self.loaded_at,
-            "error": self.error, "serial": (self.control or {}).get("serial"), "updated_at": _now(),
+            "pid": os.getpid(),
+            "host": endpoint_state.HOST,
+            "live": self.live.ref() if self.live else None,
+            "candidate": self.candidate.ref() if self.candidate else None,
+            "loaded_at": self.loaded_at,
+            "error": self.error,
+            "serial": (self.control or {}).get("serial"),
+            "updated_at": _now(),
         }
         try:
             path = endpoint_state.heartbeat_path(self.name, os.getpid())
@@ -279,8 +285,13 @@ class ModelWorker:
         except Exception as error:  # noqa: BLE001 - any failure of foreign model code is reported
             message = f"{type(error).__name__}: {error}"
             logger.exception("endpoint %s: loading %s version %s failed", self.name, role, ref["version"])
-            self.error = {"version": ref["version"], "model_dir": ref["model_dir"], "role": role, "message": message,
-                          "at": _now()}
+            self.error = {
+                "version": ref["version"],
+                "model_dir": ref["model_dir"],
+                "role": role,
+                "message": message,
+                "at": _now(),
+            }
             return None
         logger.info("endpoint %s: loaded version %s in %.2fs", self.name, ref["version"], time.monotonic() - started)
         self.loaded_at = served.loaded_at
@@ -362,8 +373,9 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     capture = Capture(config.capture_dir, config.capture_share, name) if config.capture_dir else None
     _configure_logging()
     served = Endpoint(name, ModelWorker(name, poll_interval), config.max_body_bytes, capture, config.feedback_dir)
-    app = FastAPI(title=f"Conveyor endpoint {name}", lifespan=_lifespan(served, config.concurrency),
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title=f"Conveyor endpoint {name}", lifespan=_lifespan(served, config.concurrency), docs_url=None, redoc_url=None
+    )
     app.state.worker = served.worker
     app.state.endpoint = name
     _add_routes(app, served)
@@ -381,8 +393,12 @@ def _lifespan(served: Endpoint, concurrency: int) -> Any:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.limiter = anyio.CapacityLimiter(concurrency)
         await served.worker.start()
-        logger.info("endpoint %s: worker %s serving (live: %s)", served.name, os.getpid(),
-                    served.worker.live.version if served.worker.live else None)
+        logger.info(
+            "endpoint %s: worker %s serving (live: %s)",
+            served.name,
+            os.getpid(),
+            served.worker.live.version if served.worker.live else None,
+        )
         try:
             yield
         finally:
@@ -451,14 +467,24 @@ async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) 
         if isinstance(error, ValueError):
             return error_response(400, str(error), model.version)
         logger.exception("endpoint %s: version %s failed on a request", name, model.version)
-        return error_response(500, f"the model failed on this request ({type(error).__name__}); see the server log",
-                              model.version)
+        return error_response(
+            500, f"the model failed on this request ({type(error).__name__}); see the server log", model.version
+        )
     capture = served.capture
     if capture is not None and target == "live" and capture.sampled():
-        await anyio.to_thread.run_sync(capture.write, model.version, content_type, accept, body, answer, media,
-                                       request.headers.get(INFERENCE_ID_HEADER))
-    return Response(content=answer, media_type=media,
-                    headers={VERSION_HEADER: model.version, VARIANT_HEADER: model.version})
+        await anyio.to_thread.run_sync(
+            capture.write,
+            model.version,
+            content_type,
+            accept,
+            body,
+            answer,
+            media,
+            request.headers.get(INFERENCE_ID_HEADER),
+        )
+    return Response(
+        content=answer, media_type=media, headers={VERSION_HEADER: model.version, VARIANT_HEADER: model.version}
+    )
 
 
 def _configure_logging() -> None:

@@ -53,8 +53,16 @@ class Capture:
         except UnicodeDecodeError:
             return {"encoding": "base64", "data": base64.b64encode(data).decode("ascii")}
 
-    def write(self, version: str, content_type: str | None, accept: str | None, body: bytes,
-              response: bytes | str, response_type: str, inference_id: str | None = None) -> None:
+    def write(
+        self,
+        version: str,
+        content_type: str | None,
+        accept: str | None,
+        body: bytes,
+        response: bytes | str,
+        response_type: str,
+        inference_id: str | None = None,
+    ) -> None:
         """Append one request and its response (blocking; never raises).
 
         :param version: the model version that answered.
@@ -67,7 +75,9 @@ class Capture:
         """
         now = dt.datetime.now(dt.UTC)
         record = {
-            "timestamp": now.isoformat(timespec="milliseconds"), "endpoint": self.endpoint, "version": version,
+            "timestamp": now.isoformat(timespec="milliseconds"),
+            "endpoint": self.endpoint,
+            "version": version,
             "inference_id": inference_id,
             "request": {"content_type": content_type, "accept": accept, "body": self._payload(body)},
             "response": {"content_type": response_type, "body": self._payload(response)},

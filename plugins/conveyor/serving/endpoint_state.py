@@ -199,7 +199,8 @@ def stage_candidate(name: str, version: str, model_dir: str | Path) -> dict[str,
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "code" / "inference.py").is_file():
         raise EndpointError(
-            f"endpoint {name}: {model_dir} holds no code/inference.py; is it an extracted model.tar.gz?")
+            f"endpoint {name}: {model_dir} holds no code/inference.py; is it an extracted model.tar.gz?"
+        )
     with _locked(name):
         control = read_control(name)
         control["candidate"] = {"version": version, "model_dir": str(model_dir)}
@@ -323,8 +324,9 @@ def _expected_workers(name: str) -> int:
         return settings.endpoint_service_workers()
 
 
-def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: float = 0.1,
-                     live: bool = False) -> list[dict[str, Any]]:
+def wait_for_workers(
+    name: str, version: str, timeout: float = 120.0, poll: float = 0.1, live: bool = False
+) -> list[dict[str, Any]]:
     """Wait until every running worker has loaded ``version`` (as candidate or live); their states.
 
     Waits for as many workers as ``server.json`` says the server runs (a restarting worker is
@@ -358,11 +360,14 @@ def wait_for_workers(name: str, version: str, timeout: float = 120.0, poll: floa
         if states and len(ready) == len(states) and len(states) >= expected:
             return states
         if time.monotonic() >= deadline:
-            shown = "; ".join(
-                f"worker {state['pid']}: live={_version(state.get('live'))} "
-                f"candidate={_version(state.get('candidate'))}"
-                for state in states
-            ) or "no worker reported"
+            shown = (
+                "; ".join(
+                    f"worker {state['pid']}: live={_version(state.get('live'))} "
+                    f"candidate={_version(state.get('candidate'))}"
+                    for state in states
+                )
+                or "no worker reported"
+            )
             raise RolloutFailed(
                 f"endpoint {name}: version {version} not loaded by {expected} worker(s) within {timeout:g}s: {shown}"
             )

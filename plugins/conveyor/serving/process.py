@@ -119,8 +119,9 @@ def _ping(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def start_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1",
-                   env: Mapping[str, str] | None = None) -> int:
+def start_endpoint(
+    name: str, port: int, workers: int, host: str = "127.0.0.1", env: Mapping[str, str] | None = None
+) -> int:
     """Start the endpoint's server in the background; its pid (the uvicorn supervisor).
 
     Returns once the process is started, not when it serves (see :func:`ensure_endpoint`).
@@ -144,25 +145,56 @@ def start_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1",
     # The workers share the cores: one math-library thread pool each, sized so they don't fight.
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     defaults = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    child_env = {**defaults, **os.environ, **(env or {}), "CONVEYOR_ENDPOINT": name,
-                 "CONVEYOR_STATE_DIR": str(settings.state_dir())}
+    child_env = {
+        **defaults,
+        **os.environ,
+        **(env or {}),
+        "CONVEYOR_ENDPOINT": name,
+        "CONVEYOR_STATE_DIR": str(settings.state_dir()),
+    }
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [plugins, child_env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "uvicorn", APP, "--factory", "--workers", str(workers), "--host", host,
-        "--port", str(port), "--no-access-log", "--timeout-worker-healthcheck", str(HEALTHCHECK_TIMEOUT_S),
+        sys.executable,
+        "-m",
+        "uvicorn",
+        APP,
+        "--factory",
+        "--workers",
+        str(workers),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--timeout-worker-healthcheck",
+        str(HEALTHCHECK_TIMEOUT_S),
     ]
     with open(log_file(name), "ab") as log:
         log.write(f"--- starting endpoint {name} on {host}:{port} with {workers} worker(s)\n".encode())
         log.flush()
         process = subprocess.Popen(
-            command, env=child_env, cwd=folder, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            command,
+            env=child_env,
+            cwd=folder,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
         )
     url_host = f"[{host}]" if ":" in host else host
-    write_json_atomic(server_file(name), {
-        "name": name, "pid": process.pid, "host": host, "port": port, "workers": workers,
-        "url": f"http://{url_host}:{port}", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    write_json_atomic(
+        server_file(name),
+        {
+            "name": name,
+            "pid": process.pid,
+            "host": host,
+            "port": port,
+            "workers": workers,
+            "url": f"http://{url_host}:{port}",
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     return process.pid
 
 
@@ -180,7 +212,9 @@ def endpoint_status(name: str) -> dict[str, Any]:
         return {"name": name, "running": False, "pid": None, "url": None, "ping": None, "worker_states": []}
     running = _is_server(int(server["pid"]))
     return {
-        **server, "running": running, "ping": _ping(server["url"]) if running else None,
+        **server,
+        "running": running,
+        "ping": _ping(server["url"]) if running else None,
         "worker_states": worker_states(name) if running else [],
     }
 
@@ -239,8 +273,14 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def ensure_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1", timeout: float = 120.0,
-                    env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def ensure_endpoint(
+    name: str,
+    port: int,
+    workers: int,
+    host: str = "127.0.0.1",
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Start the endpoint unless it runs (idempotent); wait until a worker answers; its status.
 
     :param name: the endpoint name.
@@ -267,13 +307,16 @@ def ensure_endpoint(name: str, port: int, workers: int, host: str = "127.0.0.1",
     deadline = time.monotonic() + timeout
     while True:
         if not _is_server(pid):
-            raise EndpointError(f"endpoint {name}: the server (pid {pid}) exited while starting; "
-                                f"server.log ends:\n{_log_tail(name)}")
+            raise EndpointError(
+                f"endpoint {name}: the server (pid {pid}) exited while starting; server.log ends:\n{_log_tail(name)}"
+            )
         if _accepts(host, port) and _ping(server["url"]) is not None:
             return endpoint_status(name)
         if time.monotonic() >= deadline:
-            raise EndpointError(f"endpoint {name}: not answering on {server['url']} after {timeout:g}s; "
-                                f"server.log ends:\n{_log_tail(name)}")
+            raise EndpointError(
+                f"endpoint {name}: not answering on {server['url']} after {timeout:g}s; "
+                f"server.log ends:\n{_log_tail(name)}"
+            )
         time.sleep(0.2)
 
 

@@ -46,8 +46,9 @@ def _request(spec: PipelineSpec, lake: Lake, train_run: str, rows: int, scratch:
     return features.to_csv(index=False).encode(), "text/csv", test
 
 
-def smoke_test(url: str, spec: PipelineSpec, lake: Lake, train_run: str, rows: int = 50,
-               target: str = "candidate") -> dict[str, Any]:
+def smoke_test(
+    url: str, spec: PipelineSpec, lake: Lake, train_run: str, rows: int = 50, target: str = "candidate"
+) -> dict[str, Any]:
     """Score up to ``rows`` held-out rows on the endpoint and compare with the evaluation.
 
     :param url: the endpoint's base URL.
@@ -74,7 +75,8 @@ def smoke_test(url: str, spec: PipelineSpec, lake: Lake, train_run: str, rows: i
         raise SmokeTestFailed(f"the endpoint at {url} did not answer the smoke test: {exc}") from None
     if response.status_code != 200:
         raise SmokeTestFailed(
-            f"the {target} answered the smoke test with {response.status_code}: {response.text[:500]}")
+            f"the {target} answered the smoke test with {response.status_code}: {response.text[:500]}"
+        )
     answers = response.json()["predictions"]
     if len(answers) != len(expected):
         raise SmokeTestFailed(f"the {target} returned {len(answers)} predictions for {len(expected)} rows")
@@ -87,8 +89,12 @@ def smoke_test(url: str, spec: PipelineSpec, lake: Lake, train_run: str, rows: i
             got = (answer.get("probabilities") or {}).get(column[len("proba_") :])
             if got is not None:
                 worst = max(worst, abs(float(got) - float(row[column])))
-    result = {"rows": len(expected), "agreement": agree, "max_proba_diff": worst,
-              "version": response.headers.get("X-Conveyor-Model-Version")}
+    result = {
+        "rows": len(expected),
+        "agreement": agree,
+        "max_proba_diff": worst,
+        "version": response.headers.get("X-Conveyor-Model-Version"),
+    }
     if agree < MIN_AGREEMENT or worst > MAX_PROBA_DIFF:
         raise SmokeTestFailed(
             f"the {target}'s answers differ from its evaluation: {agree:.1%} of {len(expected)} predictions agree "

@@ -30,9 +30,7 @@ def time_budget(spec: PipelineSpec, requested: Any = None) -> int:
     """
     time_limit = int(spec.trainer.time_limit if requested in UNSET else requested)
     if time_limit <= 0:
-        raise TrainingSettingsError(
-            f"time budget {time_limit}s: rule 'time_limit > 0' (a model needs time to train)"
-        )
+        raise TrainingSettingsError(f"time budget {time_limit}s: rule 'time_limit > 0' (a model needs time to train)")
     return time_limit
 
 
@@ -57,13 +55,20 @@ def trainer_args(spec: PipelineSpec, time_limit: int, presets: str, num_gpus: in
     if trainer.kind == "resnet":
         return _resnet_args(spec, time_limit)
     args = [
-        "--label", spec.data.label,
-        "--problem-type", spec.data.problem_type,
-        "--presets", presets,
-        "--time-limit", str(time_limit),
-        "--excluded-model-types", ",".join(trainer.excluded_model_types),
-        "--seed", str(spec.split.seed),
-        "--num-gpus", str(num_gpus),
+        "--label",
+        spec.data.label,
+        "--problem-type",
+        spec.data.problem_type,
+        "--presets",
+        presets,
+        "--time-limit",
+        str(time_limit),
+        "--excluded-model-types",
+        ",".join(trainer.excluded_model_types),
+        "--seed",
+        str(spec.split.seed),
+        "--num-gpus",
+        str(num_gpus),
     ]
     if trainer.eval_metric:
         args += ["--eval-metric", trainer.eval_metric]

@@ -53,8 +53,14 @@ def permutation_importance(model: Any, frame: Any, spec: PipelineSpec, metric: s
 
     def score(data: Any) -> float | None:
         y_pred, proba = predictions(model, data)
-        value = compute_metrics(spec.data.problem_type, data[spec.data.label].to_numpy(), y_pred, proba,
-                                classes, model.metadata.positive_class).get(metric)
+        value = compute_metrics(
+            spec.data.problem_type,
+            data[spec.data.label].to_numpy(),
+            y_pred,
+            proba,
+            classes,
+            model.metadata.positive_class,
+        ).get(metric)
         return None if value is None else sign * float(value)
 
     base = score(sample)
@@ -133,6 +139,7 @@ def score_model(lake: Lake, spec: PipelineSpec, run_id: str, model_uri: str, wor
         test = read_part(lake, spec.name, run_id, "test")
     y_true = test[spec.data.label].to_numpy()
     y_pred, proba = predictions(model, test)
-    metrics = compute_metrics(spec.data.problem_type, y_true, y_pred, proba, model.metadata.class_labels,
-                              model.metadata.positive_class)
+    metrics = compute_metrics(
+        spec.data.problem_type, y_true, y_pred, proba, model.metadata.class_labels, model.metadata.positive_class
+    )
     return Scored(model, test, y_true, y_pred, proba, metrics)

@@ -73,10 +73,13 @@ def decide(
         higher = _better(gate.metric)
         gain = (challenger[gate.metric] - champion[gate.metric]) * (1 if higher else -1)
         ok = gain >= gate.min_improvement - 1e-9  # a gain of exactly the minimum passes despite rounding
-        decision.checks.append({
-            "check": f"{gate.metric} improves on champion v{champion_version} by >= {gate.min_improvement}",
-            "value": round(gain, 6), "passed": ok,
-        })
+        decision.checks.append(
+            {
+                "check": f"{gate.metric} improves on champion v{champion_version} by >= {gate.min_improvement}",
+                "value": round(gain, 6),
+                "passed": ok,
+            }
+        )
         verb = "beats" if ok else "does not beat"
         decision.reasons.append(
             f"challenger {gate.metric} {challenger[gate.metric]:.4f} {verb} champion v{champion_version} "

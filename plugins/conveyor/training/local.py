@@ -143,8 +143,14 @@ class LocalTrainingBackend:
         self.logger.info("Starting training: %s (budget %.0fs, %s GPU)", " ".join(command), job.timeout_s, job.num_gpus)
         started = time.monotonic()
         self._proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=job.environment(), start_new_session=True, cwd=str(job.output_dir),
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=job.environment(),
+            start_new_session=True,
+            cwd=str(job.output_dir),
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         reader = threading.Thread(target=self._stream, args=(job,), daemon=True)
@@ -185,8 +191,15 @@ class LocalTrainingBackend:
                 continue
 
 
-def train_locally(spec: PipelineSpec, lake: Lake, run_id: str, split: dict[str, Any], time_limit: int,
-                  presets: str, backend: LocalTrainingBackend) -> dict[str, Any]:
+def train_locally(
+    spec: PipelineSpec,
+    lake: Lake,
+    run_id: str,
+    split: dict[str, Any],
+    time_limit: int,
+    presets: str,
+    backend: LocalTrainingBackend,
+) -> dict[str, Any]:
     """The local train task: the trainer's script on the run's split, then the model into the lake.
 
     The ResNet trainer's checkpoints are kept outside the scratch folder (in the state folder), so

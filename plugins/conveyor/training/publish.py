@@ -43,9 +43,16 @@ def trained_metadata(model_dir: Path, source: str) -> ModelMetadata:
         raise TrainedModelInvalid(f"{source}: {exc}") from exc
 
 
-def run_metadata(trained: ModelMetadata, spec: PipelineSpec, run_id: str, split: dict[str, Any],
-                 backend: str, train_seconds: float, code_version: str | None = None,
-                 **job: Any) -> ModelMetadata:
+def run_metadata(
+    trained: ModelMetadata,
+    spec: PipelineSpec,
+    run_id: str,
+    split: dict[str, Any],
+    backend: str,
+    train_seconds: float,
+    code_version: str | None = None,
+    **job: Any,
+) -> ModelMetadata:
     """The model's full metadata: the trainer's, plus what the train task knows of the run.
 
     :param trained: what the trainer wrote (:func:`trained_metadata`).
@@ -74,8 +81,9 @@ def run_metadata(trained: ModelMetadata, spec: PipelineSpec, run_id: str, split:
     )
 
 
-def publish(model_dir: Path, metadata: ModelMetadata, kind: str, run_dir: ObjectStoragePath,
-            scratch: Path) -> tuple[ObjectStoragePath, int]:
+def publish(
+    model_dir: Path, metadata: ModelMetadata, kind: str, run_dir: ObjectStoragePath, scratch: Path
+) -> tuple[ObjectStoragePath, int]:
     """Pack the model and put it in the lake: ``<run_dir>/model.tar.gz`` and its ``metadata.json`` sidecar.
 
     :param model_dir: the trained model folder.

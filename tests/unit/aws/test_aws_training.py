@@ -67,11 +67,24 @@ def test_hyperparameters_refuse_what_sagemaker_refuses():
 
 
 def test_training_job_request_with_spot(tmp_path, monkeypatch):
-    spec = sagemaker_pipeline(tmp_path, monkeypatch, use_spot=True, max_run_seconds=900,
-                              training_instance_type="ml.c5.2xlarge", training_instance_count=2, training_volume_gb=50)
+    spec = sagemaker_pipeline(
+        tmp_path,
+        monkeypatch,
+        use_spot=True,
+        max_run_seconds=900,
+        training_instance_type="ml.c5.2xlarge",
+        training_instance_count=2,
+        training_volume_gb=50,
+    )
     config = sm.training_job_config(
-        spec, "churn-0123456789ab", "img:1", {"train": "s3://b/split/train/", "validation": "s3://b/split/validation/"},
-        "s3://b/run/sagemaker/", "s3://b/run/checkpoints/", {"a": '"1"'}, {"conveyor:pipeline": "churn"},
+        spec,
+        "churn-0123456789ab",
+        "img:1",
+        {"train": "s3://b/split/train/", "validation": "s3://b/split/validation/"},
+        "s3://b/run/sagemaker/",
+        "s3://b/run/checkpoints/",
+        {"a": '"1"'},
+        {"conveyor:pipeline": "churn"},
     )
     assert config == {
         "TrainingJobName": "churn-0123456789ab",
@@ -79,11 +92,28 @@ def test_training_job_request_with_spot(tmp_path, monkeypatch):
         "AlgorithmSpecification": {"TrainingImage": "img:1", "TrainingInputMode": "File"},
         "HyperParameters": {"a": '"1"'},
         "InputDataConfig": [
-            {"ChannelName": "train", "InputMode": "File", "DataSource": {"S3DataSource": {
-                "S3DataType": "S3Prefix", "S3Uri": "s3://b/split/train/", "S3DataDistributionType": "FullyReplicated"}}},
-            {"ChannelName": "validation", "InputMode": "File", "DataSource": {"S3DataSource": {
-                "S3DataType": "S3Prefix", "S3Uri": "s3://b/split/validation/",
-                "S3DataDistributionType": "FullyReplicated"}}},
+            {
+                "ChannelName": "train",
+                "InputMode": "File",
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": "s3://b/split/train/",
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            },
+            {
+                "ChannelName": "validation",
+                "InputMode": "File",
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": "s3://b/split/validation/",
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            },
         ],
         "OutputDataConfig": {"S3OutputPath": "s3://b/run/sagemaker/"},
         "ResourceConfig": {"InstanceType": "ml.c5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 50},
@@ -105,21 +135,25 @@ def test_training_job_request_on_demand_has_no_wait_or_checkpoints(tmp_path, mon
 
 def test_images_default_to_the_trainers_aws_containers(tmp_path, monkeypatch):
     spec = sagemaker_pipeline(tmp_path, monkeypatch)
-    assert sm.training_image(spec, "eu-west-1") == \
-        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023"
+    assert (
+        sm.training_image(spec, "eu-west-1")
+        == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023"
+    )
     gpu = sagemaker_pipeline(tmp_path, monkeypatch, trainer={"gpu": True})
     assert sm.training_image(gpu, "us-east-1").endswith("/autogluon:1.6.3-cu133-amzn2023")
     custom = sagemaker_pipeline(tmp_path, monkeypatch, image_uri="123.dkr.ecr.us-east-1.amazonaws.com/mine:1")
     assert sm.training_image(custom, "us-east-1") == "123.dkr.ecr.us-east-1.amazonaws.com/mine:1"
-    assert sm.inference_image("resnet", "us-west-2") == \
-        "763104351884.dkr.ecr.us-west-2.amazonaws.com/pytorch-inference:2.9.0-cpu-py312-ubuntu22.04-sagemaker"
+    assert (
+        sm.inference_image("resnet", "us-west-2")
+        == "763104351884.dkr.ecr.us-west-2.amazonaws.com/pytorch-inference:2.9.0-cpu-py312-ubuntu22.04-sagemaker"
+    )
     assert sm.inference_image("autogluon", "us-west-2", "mine:2") == "mine:2"
 
 
 def test_plain_s3_uri_drops_the_connection_and_refuses_other_stores(s3_lake):
     path = s3_lake.models("churn", "manual__1") / "model.tar.gz"
     assert "@" in str(path)  # ObjectStoragePath's text names its connection
-    bucket = s3_lake.root[len("s3://"):].split("/")[0]
+    bucket = s3_lake.root[len("s3://") :].split("/")[0]
     expected = f"s3://{bucket}/conveyor/models/churn/manual__1/model.tar.gz"
     assert sm.plain_s3_uri(path) == expected == sm.plain_s3_uri(str(path))
     with pytest.raises(common.NotOnS3, match="needs the lake on S3"):
@@ -183,12 +217,16 @@ def test_log_tail_reads_the_last_lines_of_every_instance_in_time_order(sagemaker
     for host, offset in (("algo-1", 0), ("algo-2", 1)):
         stream = f"{job}/{host}-1"
         logs.create_log_stream(logGroupName=sm.TRAINING_LOG_GROUP, logStreamName=stream)
-        logs.put_log_events(logGroupName=sm.TRAINING_LOG_GROUP, logStreamName=stream, logEvents=[
-            {"timestamp": now + 10 * i + offset, "message": f"{host} step {i}"} for i in range(40)])
+        logs.put_log_events(
+            logGroupName=sm.TRAINING_LOG_GROUP,
+            logStreamName=stream,
+            logEvents=[{"timestamp": now + 10 * i + offset, "message": f"{host} step {i}"} for i in range(40)],
+        )
     tail = sm.training_log_tail("aws_default", None, job, lines=4)
     assert tail == ["algo-1 step 38", "algo-2 step 38", "algo-1 step 39", "algo-2 step 39"]
     assert sm.training_log_tail("aws_default", None, "no-such-job", lines=4) == [
-        f"(no CloudWatch log in {sm.TRAINING_LOG_GROUP} for no-such-job)"]
+        f"(no CloudWatch log in {sm.TRAINING_LOG_GROUP} for no-such-job)"
+    ]
 
 
 def test_spec_needs_a_role_for_sagemaker_compute_and_a_long_enough_spot_wait(tmp_path, monkeypatch):
@@ -259,5 +297,7 @@ def test_job_durations_and_submitted_code_versions():
     assert sm.train_seconds({}) == 0.0
     submit = json.dumps("s3://b/models/churn/r/source/c-0123456789ab/sourcedir.tar.gz")
     assert sm.submitted_code_version({"HyperParameters": {"sagemaker_submit_directory": submit}}) == "c-0123456789ab"
-    assert sm.submitted_code_version({"HyperParameters": {"sagemaker_submit_directory": '"s3://b/x/src.tar.gz"'}}) is None
+    assert (
+        sm.submitted_code_version({"HyperParameters": {"sagemaker_submit_directory": '"s3://b/x/src.tar.gz"'}}) is None
+    )
     assert sm.submitted_code_version({}) is None

@@ -43,8 +43,9 @@ def loaded(churn_model):
 def score(source, model, out, run_id, **options):
     """``score_file`` with the test's model name, version and timestamp."""
     options = {"chunk_rows": 1000, "workers": 1, **options}
-    return score_file(source, model["dir"], out, run_id=run_id, model_name="churn", model_version="3",
-                      scored_at=SCORED_AT, **options)
+    return score_file(
+        source, model["dir"], out, run_id=run_id, model_name="churn", model_version="3", scored_at=SCORED_AT, **options
+    )
 
 
 def read_parts(parts) -> pd.DataFrame:
@@ -78,21 +79,26 @@ def table_rows(url: str, table: str, run_id: str | None = None) -> int:
         engine.dispose()
 
 
-def fake_parts(folder: Path, run_id: str, sizes: list[int], predictions: str = "yyn",
-               extra: bool = False) -> list[Path]:
+def fake_parts(
+    folder: Path, run_id: str, sizes: list[int], predictions: str = "yyn", extra: bool = False
+) -> list[Path]:
     """Part files as a batch run writes them, with known predictions and probabilities."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, offset = [], 0
     for i, size in enumerate(sizes):
         labels = [{"y": "yes", "n": "no"}[predictions[(offset + k) % len(predictions)]] for k in range(size)]
-        frame = pd.DataFrame({
-            "customer_id": [f"C{offset + k:05d}" for k in range(size)],
-            "prediction": labels,
-            "proba_no": [0.25 if label == "yes" else 0.75 for label in labels],
-            "proba_yes": [0.75 if label == "yes" else 0.25 for label in labels],
-            "model_name": "churn", "model_version": "3", "run_id": run_id,
-            "scored_at": pd.Timestamp(SCORED_AT),
-        })
+        frame = pd.DataFrame(
+            {
+                "customer_id": [f"C{offset + k:05d}" for k in range(size)],
+                "prediction": labels,
+                "proba_no": [0.25 if label == "yes" else 0.75 for label in labels],
+                "proba_yes": [0.75 if label == "yes" else 0.25 for label in labels],
+                "model_name": "churn",
+                "model_version": "3",
+                "run_id": run_id,
+                "scored_at": pd.Timestamp(SCORED_AT),
+            }
+        )
         if extra:
             frame["proba_maybe"] = 0.0
         paths.append(folder / f"part-{i:05d}.parquet")
@@ -118,7 +124,12 @@ def test_csv_scores_like_the_model_and_a_rerun_replaces_its_output(churn_model, 
     assert result.rows == 5000 and result.parts == [str(out / name) for name in parts]
     manifest = json.loads((out / "_SUCCESS.json").read_text())
     assert {k: manifest[k] for k in ("rows", "parts", "model", "version", "run_id")} == {
-        "rows": 5000, "parts": parts, "model": "churn", "version": "3", "run_id": "manual__1"}
+        "rows": 5000,
+        "parts": parts,
+        "model": "churn",
+        "version": "3",
+        "run_id": "manual__1",
+    }
     assert [str(p) for p in completed_parts(out)] == result.parts
     got = read_parts(result.parts)
     assert list(got.columns) == OUTPUT
@@ -149,8 +160,9 @@ def test_csv_scores_like_the_model_and_a_rerun_replaces_its_output(churn_model, 
     assert names(out) == ["_SUCCESS.json", *parts]
 
 
-def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_works(churn_model, loaded, s3_lake,
-                                                                                   tmp_path):
+def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_works(
+    churn_model, loaded, s3_lake, tmp_path
+):
     """On an S3 lake (moto): remote input, staging and publishing on an object store, remote parts to SQL."""
     url = f"sqlite:///{tmp_path / 'warehouse.db'}"
     write_table(url, "churn_predictions", fake_parts(tmp_path / "other", "other_run", [20]), "other_run")
@@ -176,8 +188,14 @@ def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_work
         with (folder / name).open("wb") as handle:
             frame.to_parquet(handle, index=False)
     (folder / "_SUCCESS").write_bytes(b"")
-    result = score(s3_lake.uri("landing", "churn", "inference"), churn_model, out, "scheduled__2",
-                   chunk_rows=700, conn_id=s3_lake.conn_id)
+    result = score(
+        s3_lake.uri("landing", "churn", "inference"),
+        churn_model,
+        out,
+        "scheduled__2",
+        chunk_rows=700,
+        conn_id=s3_lake.conn_id,
+    )
 
     # 3 + 2 parts: parts never span files
     assert names(out) == ["_SUCCESS.json", *(f"part-{i:05d}.parquet" for i in range(5))]
@@ -262,8 +280,11 @@ def test_unreadable_input_is_named(churn_model, lake, tmp_path):
 
 def postgres_url() -> str:
     """The local test server's URL with an installed driver, or skip."""
-    for module, dialect in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2"),
-                            ("pg8000", "postgresql+pg8000")):
+    for module, dialect in (
+        ("psycopg", "postgresql+psycopg"),
+        ("psycopg2", "postgresql+psycopg2"),
+        ("pg8000", "postgresql+pg8000"),
+    ):
         if importlib.util.find_spec(module):
             url = f"{dialect}://{PG_URL}"
             break
@@ -338,12 +359,17 @@ def test_summarize_counts_shares_and_mean_probabilities(tmp_path):
     assert summarize(parts) == {
         "rows": 9,
         "predictions": {"yes": {"count": 6, "share": 6 / 9}, "no": {"count": 3, "share": 3 / 9}},
-        "mean_probability": {"no": pytest.approx((3 * 0.75 + 6 * 0.25) / 9),
-                             "yes": pytest.approx((6 * 0.75 + 3 * 0.25) / 9)},
+        "mean_probability": {
+            "no": pytest.approx((3 * 0.75 + 6 * 0.25) / 9),
+            "yes": pytest.approx((6 * 0.75 + 3 * 0.25) / 9),
+        },
     }
     pd.DataFrame({"row_number": [0, 1, 2], "prediction": [1.0, 2.0, 6.0]}).to_parquet(tmp_path / "reg.parquet")
     assert summarize([tmp_path / "reg.parquet"]) == {
-        "rows": 3, "predictions": {"mean": 3.0, "min": 1.0, "max": 6.0}, "mean_probability": {}}
+        "rows": 3,
+        "predictions": {"mean": 3.0, "min": 1.0, "max": 6.0},
+        "mean_probability": {},
+    }
 
 
 # --- the run around the scoring -----------------------------------------------------------------------
@@ -369,7 +395,9 @@ def test_batch_input_is_the_given_input_else_the_oldest_unscored_drop_else_none(
     assert batch_input(lake, "churn", "_SUCCESS", None) == (lake.uri("landing", "churn", "inference", "d-1"), "d-1")
     mark_scored(lake, "churn", "d-1", "run-1", 1)
     assert json.loads((lake.landing("churn", "inference", "d-1") / SCORED_MARKER).read_text()) == {
-        "run_id": "run-1", "rows": 1}
+        "run_id": "run-1",
+        "rows": 1,
+    }
     assert batch_input(lake, "churn", "_SUCCESS", None)[1] == "d-2"
 
     run = SimpleNamespace(run_after=SCORED_AT)

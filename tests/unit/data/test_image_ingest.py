@@ -136,8 +136,11 @@ def test_same_image_in_two_classes(lake):
 
 @pytest.mark.parametrize(
     ("row", "rule"),
-    [("../../etc/passwd,circle", "paths inside the drop"), ("/etc/passwd,circle", "paths inside the drop"),
-     ("img/missing.png,circle", "file exists")],
+    [
+        ("../../etc/passwd,circle", "paths inside the drop"),
+        ("/etc/passwd,circle", "paths inside the drop"),
+        ("img/missing.png,circle", "file exists"),
+    ],
 )
 def test_manifest_rows_outside_the_drop_or_missing_are_rejected(lake, row, rule):
     files = {"img/0.png": png(), "manifest.csv": f"path,label\nimg/0.png,circle\n{row}\n".encode()}

@@ -83,8 +83,14 @@ def test_parquet_drop_with_several_files(lake, parquet_pipeline):
     from conveyor.demo import churn_frame
 
     frame = churn_frame(400)
-    write_drop(lake, "p1", {"part-0.parquet": frame.iloc[:200].to_parquet(index=False),
-                            "part-1.parquet": frame.iloc[200:].to_parquet(index=False)})
+    write_drop(
+        lake,
+        "p1",
+        {
+            "part-0.parquet": frame.iloc[:200].to_parquet(index=False),
+            "part-1.parquet": frame.iloc[200:].to_parquet(index=False),
+        },
+    )
     ingested, validated = ingest_and_validate("p1")
     assert ingested["rows"] == 400 and validated["rows"] == 400
     manifest = read_json(lake.raw("churn", ingested["version"]) / "manifest.json")

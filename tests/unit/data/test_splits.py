@@ -176,8 +176,9 @@ def test_a_class_just_at_the_minimum_gives_a_split_error_not_a_crash(lake, spec,
     frame.loc[frame.index[:rare_rows], "churned"] = "maybe"
     check_splittable(frame, spec, VERSION)  # enough rows to pass the per-class minimum ...
     # ... but too few for the second stratified cut (validation/test): sklearn's ValueError becomes a SplitError
-    with pytest.raises(SplitError, match="enough rows of every class to stratify into train, validation and test"
-                       ) as caught:
+    with pytest.raises(
+        SplitError, match="enough rows of every class to stratify into train, validation and test"
+    ) as caught:
         write_split(lake, spec, VERSION, "run1", frame)
     assert VERSION in str(caught.value) and "maybe" in str(caught.value)
     assert not isinstance(caught.value, ValueError)

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PROJECT = Path(__file__).resolve().parents[3]
 HEAVY = ("pandas", "torch", "torchvision", "autogluon", "great_expectations", "mlflow", "sklearn")
 
@@ -53,7 +51,8 @@ def test_dag_file_parses_without_heavy_imports():
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(PROJECT / "dags" / "conveyor_pipelines.py")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -77,7 +76,14 @@ def test_invalid_pipeline_is_one_import_error_and_others_still_load(tmp_path, mo
 def test_train_dag_shape_params_and_schedule():
     dag = dagbag().dags["churn__train"]
     assert [t.task_id for t in dag.topological_sort()] == [
-        "split", "train", "evaluate", "gate", "register", "approve", "publish"]
+        "split",
+        "train",
+        "evaluate",
+        "gate",
+        "register",
+        "approve",
+        "publish",
+    ]
     (outlet,) = dag.get_task("publish").outlets
     assert outlet.name == "churn.model"
     assert set(dag.params) == {"dataset_version", "labelled_rows", "time_limit", "presets", "deploy"}

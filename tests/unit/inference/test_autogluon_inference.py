@@ -22,8 +22,15 @@ from scripts import load_script, script_env
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "autogluon_tabular" / "train.py"
 FEATURES = [
-    "tenure_months", "monthly_charges", "total_charges", "contract", "payment_method",
-    "internet_service", "support_calls", "age", "region",
+    "tenure_months",
+    "monthly_charges",
+    "total_charges",
+    "contract",
+    "payment_method",
+    "internet_service",
+    "support_calls",
+    "age",
+    "region",
 ]
 TINY_GBM = '{"GBM": {"num_boost_round": 40}}'
 
@@ -41,12 +48,17 @@ def train(root: Path, frame: pd.DataFrame, *flags: str) -> Path:
     frame.iloc[:cut].to_parquet(root / "train" / "train.parquet", index=False)
     frame.iloc[cut:].to_parquet(root / "validation" / "validation.parquet", index=False)
     env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")}) | {
-        "SM_CHANNEL_TRAIN": str(root / "train"), "SM_CHANNEL_VALIDATION": str(root / "validation"),
-        "SM_MODEL_DIR": str(root / "model"), "SM_OUTPUT_DATA_DIR": str(root / "output"),
+        "SM_CHANNEL_TRAIN": str(root / "train"),
+        "SM_CHANNEL_VALIDATION": str(root / "validation"),
+        "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DATA_DIR": str(root / "output"),
     }
     result = subprocess.run(
         [sys.executable, str(TRAIN_PY), "--time-limit", "15", "--hyperparameters", TINY_GBM, *flags],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "model"
@@ -55,8 +67,14 @@ def train(root: Path, frame: pd.DataFrame, *flags: str) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return train(
-        tmp_path_factory.mktemp("ag-serve"), churn_frame(300),
-        "--label", "churned", "--problem-type", "binary", "--id-column", "customer_id",
+        tmp_path_factory.mktemp("ag-serve"),
+        churn_frame(300),
+        "--label",
+        "churned",
+        "--problem-type",
+        "binary",
+        "--id-column",
+        "customer_id",
     )
 
 
@@ -138,7 +156,9 @@ def test_csv_with_header_takes_columns_in_any_order_and_carries_the_id(model, re
     plain = inference.predict_fn(inference.input_fn(csv_body(requests[FEATURES]), "text/csv"), model)
     assert prediction["prediction"].tolist() == plain["prediction"].tolist()
 
-    rows = list(pd.read_csv(io.StringIO(inference.output_fn(prediction, "text/csv")), header=None).itertuples(index=False))
+    rows = list(
+        pd.read_csv(io.StringIO(inference.output_fn(prediction, "text/csv")), header=None).itertuples(index=False)
+    )
     assert [row[0] for row in rows] == requests["customer_id"].tolist()
     answer = json.loads(inference.output_fn(prediction, "application/json"))
     assert [p["id"] for p in answer["predictions"]] == requests["customer_id"].tolist()
@@ -154,9 +174,7 @@ def test_csv_row_with_wrong_number_of_fields_names_the_counts():
     body = "12,70.5,800,month-to-month,card,fiber,3,40,north\n12,70.5,800,month-to-month,card,fiber,3,40\n"
     with pytest.raises(ValueError) as error:
         inference.input_fn(body, "text/csv")
-    assert str(error.value) == (
-        "text/csv: row 2 has 8 values; the model expects 9 features: " + ", ".join(FEATURES)
-    )
+    assert str(error.value) == ("text/csv: row 2 has 8 values; the model expects 9 features: " + ", ".join(FEATURES))
 
 
 def test_csv_header_missing_a_feature_names_it(requests):
@@ -214,8 +232,15 @@ def test_json_shapes_give_the_same_predictions(model, requests):
 
 def test_json_values_are_coerced_to_training_dtypes(model):
     record = {
-        "tenure_months": "12", "monthly_charges": "70.5", "total_charges": "", "contract": "month-to-month",
-        "payment_method": "card", "internet_service": "fiber", "support_calls": 3, "age": 40.0, "region": None,
+        "tenure_months": "12",
+        "monthly_charges": "70.5",
+        "total_charges": "",
+        "contract": "month-to-month",
+        "payment_method": "card",
+        "internet_service": "fiber",
+        "support_calls": 3,
+        "age": 40.0,
+        "region": None,
         "unknown_column": "ignored",
     }
     data = inference.input_fn(json.dumps([record]), "application/json")
@@ -292,8 +317,9 @@ def test_input_fn_needs_a_loaded_model(monkeypatch):
 def test_multiclass_model_smoke(tmp_path, monkeypatch, model):
     monkeypatch.setattr(inference, "_loaded", inference._loaded)  # keep the binary model loaded afterwards
     frame = churn_frame(240, seed=3).drop(columns=["churned"])
-    model_dir = train(tmp_path, frame, "--label", "contract", "--problem-type", "multiclass",
-                      "--id-column", "customer_id")
+    model_dir = train(
+        tmp_path, frame, "--label", "contract", "--problem-type", "multiclass", "--id-column", "customer_id"
+    )
     multiclass = inference.model_fn(str(model_dir))
     classes = ["month-to-month", "one-year", "two-year"]
     assert multiclass.class_labels == classes

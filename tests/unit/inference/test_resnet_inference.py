@@ -66,12 +66,18 @@ def model_dir(tmp_path_factory) -> Path:
     make_channel(root / "train", 6)
     make_channel(root / "validation", 2)
     env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")}) | {
-        "SM_CHANNEL_TRAIN": str(root / "train"), "SM_CHANNEL_VALIDATION": str(root / "validation"),
-        "SM_MODEL_DIR": str(root / "model"), "SM_OUTPUT_DATA_DIR": str(root / "output"), "SM_NUM_GPUS": "0",
+        "SM_CHANNEL_TRAIN": str(root / "train"),
+        "SM_CHANNEL_VALIDATION": str(root / "validation"),
+        "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DATA_DIR": str(root / "output"),
+        "SM_NUM_GPUS": "0",
     }
     result = subprocess.run(
         [sys.executable, str(TRAIN_PY), "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "model"
@@ -84,8 +90,11 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, bytes]:
-    return {"png": encode(picture("red"), "PNG"), "jpeg": encode(picture("green", 50, 36), "JPEG"),
-            "gif": encode(picture("blue"), "GIF")}
+    return {
+        "png": encode(picture("red"), "PNG"),
+        "jpeg": encode(picture("green", 50, 36), "JPEG"),
+        "gif": encode(picture("blue"), "GIF"),
+    }
 
 
 def assert_probabilities(prediction: pd.DataFrame, rows: int) -> None:
@@ -115,9 +124,15 @@ def test_model_fn_rebuilds_the_network_for_the_artifact(model, model_dir):
 # ------------------------------------------------------------------------------ image bodies
 
 
-@pytest.mark.parametrize("fmt, content_type", [
-    ("png", "image/png"), ("jpeg", "image/jpeg"), ("gif", "application/x-image"), ("jpeg", "application/x-image"),
-])
+@pytest.mark.parametrize(
+    "fmt, content_type",
+    [
+        ("png", "image/png"),
+        ("jpeg", "image/jpeg"),
+        ("gif", "application/x-image"),
+        ("jpeg", "application/x-image"),
+    ],
+)
 def test_one_image_body(model, images, fmt, content_type):
     batch = inference.input_fn(images[fmt], content_type)
     assert batch.shape == (1, 3, 32, 32) and batch.dtype == torch.float32
@@ -188,8 +203,10 @@ def test_dataframe_of_bytes_and_of_paths_score_like_requests(model, images, tmp_
     order = ("png", "jpeg", "gif")
     from_bytes = inference.predict_fn(pd.DataFrame({"image": [images[f] for f in order], "label": ["red"] * 3}), model)
     assert_probabilities(from_bytes, 3)
-    one_by_one = pd.concat([inference.predict_fn(inference.input_fn(images[f], "application/x-image"), model)
-                            for f in order], ignore_index=True)
+    one_by_one = pd.concat(
+        [inference.predict_fn(inference.input_fn(images[f], "application/x-image"), model) for f in order],
+        ignore_index=True,
+    )
     pd.testing.assert_frame_equal(from_bytes, one_by_one)
 
     for fmt in order:
@@ -231,19 +248,22 @@ def test_the_pipeline_evaluation_path_loads_the_artifact_and_scores_a_frame(mode
 # -------------------------------------------------------------------------------- bad requests
 
 
-@pytest.mark.parametrize("body, content_type, rule", [
-    (b"definitely not an image", "image/jpeg", "image/jpeg: the body: not an image PIL can decode (23 bytes)"),
-    (b"", "image/png", "image/png: empty input: the body holds no image"),
-    ("text body", "image/png", "image/png: the body must be the image's bytes, got text"),
-    ("", "application/json", "application/json: empty input"),
-    ("{not json", "application/json", "application/json: malformed JSON"),
-    ('{"instances": []}', "application/json", "application/json: empty input: no instances"),
-    ('{"instances": {"b64": "x"}}', "application/json", '"instances" must be a list'),
-    ('{"image": "abc"}', "application/json", "expected {\"instances\""),
-    ('[{"b64": 12}]', "application/json", "instance 1: expected {\"b64\": \"<base64>\"} or a base64 string"),
-    ('["@@@@ not base64 !!"]', "application/json", "application/json: instance 1: not valid base64"),
-    ('[{"b64": ""}]', "application/json", "instance 1: empty image (no base64 text)"),
-])
+@pytest.mark.parametrize(
+    "body, content_type, rule",
+    [
+        (b"definitely not an image", "image/jpeg", "image/jpeg: the body: not an image PIL can decode (23 bytes)"),
+        (b"", "image/png", "image/png: empty input: the body holds no image"),
+        ("text body", "image/png", "image/png: the body must be the image's bytes, got text"),
+        ("", "application/json", "application/json: empty input"),
+        ("{not json", "application/json", "application/json: malformed JSON"),
+        ('{"instances": []}', "application/json", "application/json: empty input: no instances"),
+        ('{"instances": {"b64": "x"}}', "application/json", '"instances" must be a list'),
+        ('{"image": "abc"}', "application/json", 'expected {"instances"'),
+        ('[{"b64": 12}]', "application/json", 'instance 1: expected {"b64": "<base64>"} or a base64 string'),
+        ('["@@@@ not base64 !!"]', "application/json", "application/json: instance 1: not valid base64"),
+        ('[{"b64": ""}]', "application/json", "instance 1: empty image (no base64 text)"),
+    ],
+)
 def test_bad_requests_are_refused_with_the_rule(model, body, content_type, rule):
     with pytest.raises(ValueError) as error:
         inference.input_fn(body, content_type)
@@ -256,7 +276,9 @@ def test_a_truncated_image_in_a_batch_names_the_instance(model, images):
     cut = encode(noise, "JPEG")[:1500]
     good = base64.b64encode(images["png"]).decode()
     body = json.dumps({"instances": [{"b64": good}, {"b64": base64.b64encode(cut).decode()}]})
-    with pytest.raises(ValueError, match=r"application/json: instance 2: the image does not decode \(image file is truncated"):
+    with pytest.raises(
+        ValueError, match=r"application/json: instance 2: the image does not decode \(image file is truncated"
+    ):
         inference.input_fn(body, "application/json")
     garbage = json.dumps([good, base64.b64encode(b"GIF89a not really").decode()])
     with pytest.raises(ValueError, match="instance 2: not an image PIL can decode"):

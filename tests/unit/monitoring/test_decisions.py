@@ -25,13 +25,28 @@ def with_monitor(spec, **changes):
     return spec.model_copy(update={"monitor": spec.monitor.model_copy(update=changes)})
 
 
-def check(share: float, drifted: list[str], features: int = 4, prediction: dict | None = None, source: str = "batch",
-          ident: str = "run-1") -> dict:
+def check(
+    share: float,
+    drifted: list[str],
+    features: int = 4,
+    prediction: dict | None = None,
+    source: str = "batch",
+    ident: str = "run-1",
+) -> dict:
     names = drifted + [f"f{i}" for i in range(features - len(drifted))]
-    return {"source": source, "id": ident, "rows": 100, "error": None,
-            "report": {"drift_share": share, "drifted_features": drifted, "features": {n: {} for n in names},
-                       "prediction": prediction,
-                       "drifted": bool(drifted) or bool(prediction and prediction["drifted"])}}
+    return {
+        "source": source,
+        "id": ident,
+        "rows": 100,
+        "error": None,
+        "report": {
+            "drift_share": share,
+            "drifted_features": drifted,
+            "features": {n: {} for n in names},
+            "prediction": prediction,
+            "drifted": bool(drifted) or bool(prediction and prediction["drifted"]),
+        },
+    }
 
 
 NO_LIVE = {"metric": "roc_auc", "value": None, "labels": 0, "version": "1"}
@@ -45,7 +60,8 @@ def test_drift_share_above_the_limit_retrains_and_says_why(spec):
     decision = decisions.decide(s, [check(0.5, ["contract", "tenure_months"])], NO_LIVE, [], NOW)
     assert decision["retrain"] is True and decision["suppressed_by_cooldown"] is False
     assert decision["reasons"] == [
-        "data drift in batch run-1: 2 of 4 features drifted (50% > 25%): contract, tenure_months"]
+        "data drift in batch run-1: 2 of 4 features drifted (50% > 25%): contract, tenure_months"
+    ]
     assert decision["last_trigger"] is None and decision["cooldown_until"] is None
     assert decision["at"] == NOW.isoformat()
     assert decision["thresholds"]["max_drift_share"] == 0.25 and decision["thresholds"]["cooldown_hours"] == 24
@@ -86,7 +102,8 @@ def test_live_metric_counts_only_with_enough_new_labels(spec):
     decision = decisions.decide(s, [], poor | {"labels": 200}, [], NOW)
     assert decision["retrain"] is True
     assert decision["reasons"] == [
-        "live roc_auc of version 3 is 0.5800 < 0.65 over 200 new labels (at least 200 needed)"]
+        "live roc_auc of version 3 is 0.5800 < 0.65 over 200 new labels (at least 200 needed)"
+    ]
     good = {"metric": "roc_auc", "value": 0.65, "labels": 5000, "version": "3"}
     assert decisions.decide(s, [], good, [], NOW)["retrain"] is False  # not below
     assert decisions.decide(s, [], poor | {"labels": 500, "value": None}, [], NOW)["retrain"] is False
@@ -117,21 +134,52 @@ def test_cool_down_suppresses_and_is_recorded(spec):
 
 def test_history_record_summarises_a_check():
     at = NOW.isoformat()
-    report = {"drift_share": 0.5, "drifted_features": ["a"], "drifted": True, "prediction": {"psi": 0.31},
-              "features": {"a": {"psi": 0.9}, "b": {"psi": 0.05}, "c": {"psi": None}}}
+    report = {
+        "drift_share": 0.5,
+        "drifted_features": ["a"],
+        "drifted": True,
+        "prediction": {"psi": 0.31},
+        "features": {"a": {"psi": 0.9}, "b": {"psi": 0.05}, "c": {"psi": None}},
+    }
     line = decisions.history_record({"source": "batch", "id": "r1", "rows": 10, "report": report, "error": None}, at)
-    assert line == {"at": at, "source": "batch", "id": "r1", "rows": 10, "drift_share": 0.5, "drifted_features": ["a"],
-                    "max_psi": 0.9, "prediction_psi": 0.31, "drifted": True, "error": None}
+    assert line == {
+        "at": at,
+        "source": "batch",
+        "id": "r1",
+        "rows": 10,
+        "drift_share": 0.5,
+        "drifted_features": ["a"],
+        "max_psi": 0.9,
+        "prediction_psi": 0.31,
+        "drifted": True,
+        "error": None,
+    }
     failed = decisions.history_record({"source": "input", "id": "x", "report": None, "error": "x: no rows"}, at)
-    assert failed == {"at": at, "source": "input", "id": "x", "rows": 0, "drift_share": None, "drifted_features": [],
-                      "max_psi": None, "prediction_psi": None, "drifted": False, "error": "x: no rows"}
+    assert failed == {
+        "at": at,
+        "source": "input",
+        "id": "x",
+        "rows": 0,
+        "drift_share": None,
+        "drifted_features": [],
+        "max_psi": None,
+        "prediction_psi": None,
+        "drifted": False,
+        "error": "x: no rows",
+    }
 
 
 def test_a_runs_checks_history_and_decision_are_recorded_under_its_run(lake):
     at = NOW.isoformat()
     mine = {"source": "batch", "id": "r1", "run_id": "scheduled__2", "rows": 10, "report": None, "error": "r1: gone"}
-    other = {"source": "capture", "id": "2026-03-10/1@0-9/v1", "run_id": "scheduled__1", "rows": 3, "report": None,
-             "error": None}
+    other = {
+        "source": "capture",
+        "id": "2026-03-10/1@0-9/v1",
+        "run_id": "scheduled__1",
+        "rows": 3,
+        "report": None,
+        "error": None,
+    }
     for check in (mine, other):
         decisions.save_check(lake, "churn", check)
     assert (lake.monitor("churn", "checks", f"{decisions.source_key('capture', other['id'])}.json")).exists()
@@ -141,12 +189,18 @@ def test_a_runs_checks_history_and_decision_are_recorded_under_its_run(lake):
     decisions.save_history(lake, "churn", "scheduled__2", at, [mine])
     decisions.save_history(lake, "churn", "scheduled__1", (NOW - timedelta(hours=1)).isoformat(), [other])
     assert [(line["id"], line["error"]) for line in decisions.load_history(lake, "churn")] == [
-        (other["id"], None), ("r1", "r1: gone")]  # oldest first, whatever the file names
+        (other["id"], None),
+        ("r1", "r1: gone"),
+    ]  # oldest first, whatever the file names
     assert read_json(lake.monitor("churn", "history", "scheduled__2.json"))["run_id"] == "scheduled__2"
 
     decisions.save_decision(lake, "churn", "scheduled__2", {"at": at, "retrain": True, "run_id": "scheduled__2"})
-    decisions.save_decision(lake, "churn", "scheduled__1", {"at": (NOW - timedelta(hours=1)).isoformat(),
-                                                            "retrain": False, "run_id": "scheduled__1"})
+    decisions.save_decision(
+        lake,
+        "churn",
+        "scheduled__1",
+        {"at": (NOW - timedelta(hours=1)).isoformat(), "retrain": False, "run_id": "scheduled__1"},
+    )
     triggers = decisions.load_triggers(lake, "churn")
     assert [t["run_id"] for t in triggers] == ["scheduled__1", "scheduled__2"]
     assert decisions.last_fired(triggers) == NOW

@@ -35,29 +35,41 @@ def reference_frame(rows: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     income = rng.normal(50.0, 10.0, rows)
     income[rng.random(rows) < 0.05] = np.nan
-    return pd.DataFrame({
-        "income": income,
-        "tenure": rng.integers(0, 60, rows),
-        "plan": rng.choice(["basic", "plus", "pro"], rows, p=[0.5, 0.3, 0.2]),
-        "autopay": rng.random(rows) < 0.4,
-        "version": np.full(rows, 3.0),
-        "churned": rng.choice(["no", "yes"], rows, p=[0.8, 0.2]),
-    })
+    return pd.DataFrame(
+        {
+            "income": income,
+            "tenure": rng.integers(0, 60, rows),
+            "plan": rng.choice(["basic", "plus", "pro"], rows, p=[0.5, 0.3, 0.2]),
+            "autopay": rng.random(rows) < 0.4,
+            "version": np.full(rows, 3.0),
+            "churned": rng.choice(["no", "yes"], rows, p=[0.8, 0.2]),
+        }
+    )
 
 
 def metadata_for(train: pd.DataFrame, problem_type: str = "binary", label: str = "churned") -> ModelMetadata:
     """Metadata as the tabular trainer writes it (features and baseline), built by its own functions."""
-    return ModelMetadata.from_dict({
-        "trainer": "autogluon", "label": label, "problem_type": problem_type, "id_column": None,
-        "features": [{"name": c, "dtype": str(train[c].dtype)} for c in train.columns if c != label],
-        "baseline": tabular.build_baseline(train, label, problem_type),
-    })
+    return ModelMetadata.from_dict(
+        {
+            "trainer": "autogluon",
+            "label": label,
+            "problem_type": problem_type,
+            "id_column": None,
+            "features": [{"name": c, "dtype": str(train[c].dtype)} for c in train.columns if c != label],
+            "baseline": tabular.build_baseline(train, label, problem_type),
+        }
+    )
 
 
 def table_metadata(baseline: dict, *names: str) -> ModelMetadata:
     """The metadata of a model of numeric features with this baseline."""
-    return ModelMetadata(trainer="autogluon", problem_type="binary", label="y",
-                         features=tuple(Feature(name, "float64") for name in names), baseline=baseline)
+    return ModelMetadata(
+        trainer="autogluon",
+        problem_type="binary",
+        label="y",
+        features=tuple(Feature(name, "float64") for name in names),
+        baseline=baseline,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +145,21 @@ def test_numeric_binning_and_ks_follow_the_baseline():
 
 def test_ks_handles_a_point_mass_at_the_minimum():
     rng = np.random.default_rng(4)
+
     def sample(rows):  # 30% zeros, the rest spread: a zero-inflated amount
         return np.where(rng.random(rows) < 0.3, 0.0, rng.exponential(100.0, rows))
+
     summary = tabular.numeric_baseline(pd.Series(sample(20_000)))
     values = sample(5_000)
     result = numeric_drift(summary, values)
     # the summary only pins F(0) between p25's 0.25 and the next point: the KS floor here is ~0.05
     assert result["statistic"] < 0.06 and result["psi"] < 0.02
-    assert drift_report(table_metadata({"features": {"amount": summary}}, "amount"),
-                        pd.DataFrame({"amount": values}))["drifted"] is False
+    assert (
+        drift_report(table_metadata({"features": {"amount": summary}}, "amount"), pd.DataFrame({"amount": values}))[
+            "drifted"
+        ]
+        is False
+    )
     # scipy's kstest assumes a continuous CDF: it compares the rebuilt F(0) = 0.25 with no rows below 0
     assert stats.kstest(values, baseline_cdf(summary)).statistic >= 0.25
 
@@ -213,10 +231,18 @@ def image_baseline(stats_frame: pd.DataFrame) -> dict:
     """The resnet trainer's baseline structure; numeric summaries by the tabular trainer's function,
     whose format the resnet trainer's ``numeric_summary`` repeats (checked by the slow test below)."""
     return {
-        "kind": "image", "rows": len(stats_frame), "sampled_images": len(stats_frame),
-        "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2],
-                  "histogram": {"edges": [i / 16 for i in range(17)],
-                                "counts": {c: [1] * 16 for c in ("red", "green", "blue")}}},
+        "kind": "image",
+        "rows": len(stats_frame),
+        "sampled_images": len(stats_frame),
+        "pixel": {
+            "channels": ["red", "green", "blue"],
+            "mean": [0.5, 0.4, 0.3],
+            "std": [0.2, 0.2, 0.2],
+            "histogram": {
+                "edges": [i / 16 for i in range(17)],
+                "counts": {c: [1] * 16 for c in ("red", "green", "blue")},
+            },
+        },
         "brightness": tabular.numeric_baseline(stats_frame["brightness"]) | {"missing_rate": 0.0},
         "width": tabular.numeric_baseline(stats_frame["width"]),
         "height": tabular.numeric_baseline(stats_frame["height"]),
@@ -226,12 +252,16 @@ def image_baseline(stats_frame: pd.DataFrame) -> dict:
 
 def image_stats(rows: int, seed: int, brightness: float = 0.45, red: float = 0.5) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "width": rng.choice([224, 256, 320], rows), "height": np.full(rows, 224),
-        "brightness": rng.normal(brightness, 0.08, rows).clip(0, 1),
-        "mean_red": rng.normal(red, 0.05, rows), "mean_green": rng.normal(0.4, 0.05, rows),
-        "mean_blue": rng.normal(0.3, 0.05, rows),
-    })
+    return pd.DataFrame(
+        {
+            "width": rng.choice([224, 256, 320], rows),
+            "height": np.full(rows, 224),
+            "brightness": rng.normal(brightness, 0.08, rows).clip(0, 1),
+            "mean_red": rng.normal(red, 0.05, rows),
+            "mean_green": rng.normal(0.4, 0.05, rows),
+            "mean_blue": rng.normal(0.3, 0.05, rows),
+        }
+    )
 
 
 def test_image_stats_drift():
@@ -239,8 +269,13 @@ def test_image_stats_drift():
     same = image_drift(baseline, image_stats(400, seed=1), predictions=["cat", "dog"] * 200)
     assert not same["drifted"] and same["features"]["height"]["constant_baseline"]
     assert same["prediction"]["psi"] == pytest.approx(0.0, abs=1e-12)
-    whole = ModelMetadata(trainer="resnet", problem_type="multiclass", label="label",
-                          features=(Feature("image", "object"),), baseline=baseline)
+    whole = ModelMetadata(
+        trainer="resnet",
+        problem_type="multiclass",
+        label="label",
+        features=(Feature("image", "object"),),
+        baseline=baseline,
+    )
     darker = image_drift(whole, image_stats(400, seed=2, brightness=0.25, red=0.6))  # the metadata, or its baseline
     assert darker["drifted"] and darker["drifted_features"] == ["brightness", "mean_red"]
     assert darker["features"]["brightness"]["psi"] > 1.0
@@ -261,8 +296,16 @@ def test_image_drift_reads_the_resnet_trainers_baseline(tmp_path):
         Image.new("RGB", (32 + i % 3, 32), (100 + 5 * i, 80, 60)).save(path)
         items.append(resnet.Item(path=path, name=path.name, label="a" if i % 2 else "b", line=i + 2))
     baseline = resnet.build_baseline(items, seed=0)
-    frame = pd.DataFrame({"width": [32, 33, 34], "height": [32, 32, 32], "brightness": [0.35, 0.36, 0.37],
-                          "mean_red": [0.5, 0.6, 0.7], "mean_green": [0.31] * 3, "mean_blue": [0.24] * 3})
+    frame = pd.DataFrame(
+        {
+            "width": [32, 33, 34],
+            "height": [32, 32, 32],
+            "brightness": [0.35, 0.36, 0.37],
+            "mean_red": [0.5, 0.6, 0.7],
+            "mean_green": [0.31] * 3,
+            "mean_blue": [0.24] * 3,
+        }
+    )
     report = image_drift(baseline, frame, predictions=["a", "b", "a"])
     assert set(report["features"]) == {"width", "height", "brightness", "mean_red", "mean_green", "mean_blue"}
     assert report["features"]["height"]["constant_baseline"] and report["prediction"]["problem"] == "classification"
@@ -288,8 +331,11 @@ def test_empty_batch(metadata, batch):
 def test_text_in_numeric_column(metadata, batch):
     batch["tenure"] = batch["tenure"].astype(object)
     batch.loc[3, "tenure"] = "twelve"
-    with pytest.raises(DriftInputError, match=r"column 'tenure' is numeric in the baseline but holds 1 value\(s\) "
-                                              r"that are not numbers \(e\.g\. 'twelve'\)"):
+    with pytest.raises(
+        DriftInputError,
+        match=r"column 'tenure' is numeric in the baseline but holds 1 value\(s\) "
+        r"that are not numbers \(e\.g\. 'twelve'\)",
+    ):
         drift_report(metadata, batch)
     batch.loc[3, "tenure"] = "12"  # numbers read as text are fine
     assert not drift_report(metadata, batch)["features"]["tenure"]["drifted"]

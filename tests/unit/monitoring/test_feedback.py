@@ -67,8 +67,16 @@ def test_every_file_format_reads_as_text_ids_and_labels(tmp_path, spec):
     parquet = ("e.parquet", storage(parquet_path))
 
     rows = read_drop([csv, jsonl, listed, wrapped, parquet], spec)
-    assert rows_of(rows) == [("C-1", "yes"), ("C-2", "no"), ("C-3", "yes"), ("4", "no"), ("C-5", "yes"),
-                             ("C-6", "no"), ("7", "1"), ("8", "0")]
+    assert rows_of(rows) == [
+        ("C-1", "yes"),
+        ("C-2", "no"),
+        ("C-3", "yes"),
+        ("4", "no"),
+        ("C-5", "yes"),
+        ("C-6", "no"),
+        ("7", "1"),
+        ("8", "0"),
+    ]
     assert list(rows["file"]) == ["a.csv"] * 2 + ["b.jsonl"] * 2 + ["c.json", "d.json"] + ["e.parquet"] * 2
 
 
@@ -100,8 +108,12 @@ def test_missing_columns_name_the_file_and_the_rule(tmp_path, spec):
 
 
 def test_unreadable_files_name_the_file(tmp_path, spec):
-    for name, data in (("bad.json", "{not json"), ("bad.jsonl", '{"id": 1, "label": "yes"}\nnope\n'),
-                       ("bad.parquet", b"not parquet"), ("empty.csv", b"")):
+    for name, data in (
+        ("bad.json", "{not json"),
+        ("bad.jsonl", '{"id": 1, "label": "yes"}\nnope\n'),
+        ("bad.parquet", b"not parquet"),
+        ("empty.csv", b""),
+    ):
         _, path = write(tmp_path, name, data)
         with pytest.raises(FeedbackDropError, match=rf"^{name}: not a readable feedback file \("):
             read_file(path, spec)
@@ -115,8 +127,9 @@ def test_a_drop_without_rows_or_files_or_with_another_file_is_refused(tmp_path, 
         read_drop([], spec)
     good = write(tmp_path, "good.csv", "id,label\nC-1,yes\n")
     notes = write(tmp_path, "notes.txt", "labels from the call centre")
-    with pytest.raises(FeedbackDropError,
-                       match=r"^notes.txt: feedback files must be one of .csv, .jsonl, .json, .parquet"):
+    with pytest.raises(
+        FeedbackDropError, match=r"^notes.txt: feedback files must be one of .csv, .jsonl, .json, .parquet"
+    ):
         read_drop([good, notes], spec)
 
 
@@ -132,16 +145,31 @@ def rules(rejected: pd.DataFrame) -> dict[str, str]:
 
 
 def test_check_rows_applies_every_rule_and_keeps_arrival_order():
-    rows = frame(("a", "yes"), ("b", "no"), ("a", "no"), ("zzz", "yes"), ("c", "maybe"), ("old", "yes"),
-                 ("d", None), (None, "yes"), ("e", "YES"), ("f", "No"))
-    accepted, rejected = check_rows(rows, ["no", "yes"], known_ids={"a", "b", "c", "d", "e", "f", "old"},
-                                    labelled_ids={"old"})
+    rows = frame(
+        ("a", "yes"),
+        ("b", "no"),
+        ("a", "no"),
+        ("zzz", "yes"),
+        ("c", "maybe"),
+        ("old", "yes"),
+        ("d", None),
+        (None, "yes"),
+        ("e", "YES"),
+        ("f", "No"),
+    )
+    accepted, rejected = check_rows(
+        rows, ["no", "yes"], known_ids={"a", "b", "c", "d", "e", "f", "old"}, labelled_ids={"old"}
+    )
     assert rows_of(accepted) == [("a", "yes"), ("b", "no"), ("e", "yes"), ("f", "no")]  # canonical case
     assert list(accepted.columns) == ["id", "label", "file"]
     assert list(rejected.columns) == ["id", "label", "file", "rule"]
     assert rules(rejected) == {
-        "a": RULE_DUPLICATE, "zzz": RULE_UNKNOWN, "c": f"{RULE_CLASS} ['no', 'yes']", "old": RULE_LABELLED,
-        "d": RULE_MISSING, "None": RULE_MISSING,
+        "a": RULE_DUPLICATE,
+        "zzz": RULE_UNKNOWN,
+        "c": f"{RULE_CLASS} ['no', 'yes']",
+        "old": RULE_LABELLED,
+        "d": RULE_MISSING,
+        "None": RULE_MISSING,
     }
     assert rejected.loc[rejected["id"] == "a", "label"].tolist() == ["no"]  # the later label is the one kept aside
 
@@ -152,8 +180,12 @@ def test_a_rejected_first_label_does_not_block_a_valid_later_one():
 
 
 def test_numeric_classes_accept_labels_written_another_way():
-    accepted, rejected = check_rows(frame(("a", "1.0"), ("b", "0"), ("c", "2"), ("d", "1e0"), ("e", "one")),
-                                    ["0", "1"], {"a", "b", "c", "d", "e"}, set())
+    accepted, rejected = check_rows(
+        frame(("a", "1.0"), ("b", "0"), ("c", "2"), ("d", "1e0"), ("e", "one")),
+        ["0", "1"],
+        {"a", "b", "c", "d", "e"},
+        set(),
+    )
     assert rows_of(accepted) == [("a", "1"), ("b", "0"), ("d", "1")]
     assert set(rules(rejected)) == {"c", "e"}
     assert canonical_label("True", ["False", "True"]) == "True" and canonical_label("true", ["False", "True"]) == "True"
@@ -162,8 +194,12 @@ def test_numeric_classes_accept_labels_written_another_way():
 
 
 def test_regression_labels_must_be_numbers():
-    accepted, rejected = check_rows(frame(("a", "12.5"), ("b", "-3"), ("c", "twelve"), ("d", "nan"), ("e", "-inf")),
-                                    None, {"a", "b", "c", "d", "e"}, set())
+    accepted, rejected = check_rows(
+        frame(("a", "12.5"), ("b", "-3"), ("c", "twelve"), ("d", "nan"), ("e", "-inf")),
+        None,
+        {"a", "b", "c", "d", "e"},
+        set(),
+    )
     assert rows_of(accepted) == [("a", "12.5"), ("b", "-3")]
     assert rules(rejected) == {"c": RULE_NUMBER, "d": RULE_NUMBER, "e": RULE_NUMBER}
 
@@ -191,22 +227,27 @@ def test_rejected_rows_are_counted_by_rule_and_kept_in_quarantine(lake):
 def test_feedback_records_accepts_one_a_list_or_a_wrapper():
     assert feedback_records({"id": "a", "label": "yes"}) == [{"id": "a", "label": "yes"}]
     assert feedback_records([{"id": 1, "label": 0}, {"id": "b", "label": True, "note": "x"}]) == [
-        {"id": "1", "label": "0"}, {"id": "b", "label": "True"}]
+        {"id": "1", "label": "0"},
+        {"id": "b", "label": "True"},
+    ]
     assert feedback_records({"feedback": [{"id": "c", "label": "no"}]}) == [{"id": "c", "label": "no"}]
 
 
-@pytest.mark.parametrize(("payload", "message"), [
-    ([], "feedback must be"),
-    ({"feedback": []}, "feedback must be"),
-    ("yes", "feedback must be"),
-    (42, "feedback must be"),
-    ([{"id": "a"}], "record 1: needs 'id' and 'label'"),
-    ([{"id": "a", "label": "yes"}, "b"], "record 2: needs 'id' and 'label'"),
-    ([{"id": " ", "label": "yes"}], "record 1: 'id' and 'label' must not be empty"),
-    ([{"id": "a", "label": None}], "record 1: 'id' and 'label' must not be empty"),
-    ([{"id": {"x": 1}, "label": "yes"}], "record 1: 'id' and 'label' must be plain values"),
-    ([{"id": "a", "label": ["yes"]}], "record 1: 'id' and 'label' must be plain values"),
-])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ([], "feedback must be"),
+        ({"feedback": []}, "feedback must be"),
+        ("yes", "feedback must be"),
+        (42, "feedback must be"),
+        ([{"id": "a"}], "record 1: needs 'id' and 'label'"),
+        ([{"id": "a", "label": "yes"}, "b"], "record 2: needs 'id' and 'label'"),
+        ([{"id": " ", "label": "yes"}], "record 1: 'id' and 'label' must not be empty"),
+        ([{"id": "a", "label": None}], "record 1: 'id' and 'label' must not be empty"),
+        ([{"id": {"x": 1}, "label": "yes"}], "record 1: 'id' and 'label' must be plain values"),
+        ([{"id": "a", "label": ["yes"]}], "record 1: 'id' and 'label' must be plain values"),
+    ],
+)
 def test_feedback_records_refuses_bad_bodies(payload, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         feedback_records(payload)

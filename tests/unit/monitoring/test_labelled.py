@@ -23,8 +23,15 @@ def spec():
 def labelled_rows() -> pd.DataFrame:
     """Labelled predictions as the monitor joins them (observations and labels)."""
     n = 3
-    return pd.DataFrame({"_id": [f"C-{i}" for i in range(n)], "_label": ["no", "yes", "no"],
-                         "prediction": ["no", "no", "yes"], "model_version": "1", "tenure_months": np.arange(n)})
+    return pd.DataFrame(
+        {
+            "_id": [f"C-{i}" for i in range(n)],
+            "_label": ["no", "yes", "no"],
+            "prediction": ["no", "no", "yes"],
+            "model_version": "1",
+            "tenure_months": np.arange(n),
+        }
+    )
 
 
 def test_labelled_training_rows_are_features_id_and_label():
@@ -34,17 +41,23 @@ def test_labelled_training_rows_are_features_id_and_label():
     assert frame["customer_id"].tolist() == ["C-0", "C-1", "C-2"]
     assert frame["churned"].tolist() == rows["_label"].tolist()
     assert list(labelled.labelled_training_rows(rows, ["tenure_months"], "churned", None).columns) == [
-        "tenure_months", "churned"]
+        "tenure_months",
+        "churned",
+    ]
 
 
 def test_labelled_rows_are_saved_for_the_retraining_run(lake, spec):
-    metadata = ModelMetadata(trainer="autogluon", problem_type="binary", label="churned",
-                             features=(Feature("tenure_months", "int64"),))
+    metadata = ModelMetadata(
+        trainer="autogluon", problem_type="binary", label="churned", features=(Feature("tenure_months", "int64"),)
+    )
     uri, count = labelled.save_labelled_rows(lake, spec, "scheduled__1", labelled_rows(), metadata)
     assert uri == str(lake.monitor("churn", "retrain", "scheduled__1", "labelled.parquet")) and count == 3
     rows = pd.read_parquet(uri.removeprefix("file://"))
-    assert rows.to_dict("list") == {"tenure_months": [0, 1, 2], "customer_id": ["C-0", "C-1", "C-2"],
-                                    "churned": ["no", "yes", "no"]}
+    assert rows.to_dict("list") == {
+        "tenure_months": [0, 1, 2],
+        "customer_id": ["C-0", "C-1", "C-2"],
+        "churned": ["no", "yes", "no"],
+    }
 
 
 # ------------------------------------------------------------------------ with labelled rows
@@ -62,23 +75,35 @@ def dataset() -> pd.DataFrame:
 
 
 def test_labelled_rows_are_added_and_replace_rows_of_the_same_id(tmp_path, spec):
-    uri = write_rows(tmp_path, pd.DataFrame({"tenure_months": [20, 30], "customer_id": ["102", "900"],
-                                             "churned": ["yes", "no"], "_extra": [1, 2]}))
+    uri = write_rows(
+        tmp_path,
+        pd.DataFrame(
+            {"tenure_months": [20, 30], "customer_id": ["102", "900"], "churned": ["yes", "no"], "_extra": [1, 2]}
+        ),
+    )
     rows, added = labelled.with_labelled_rows(dataset(), uri, spec)
     assert added == 2
     assert rows.to_dict("records") == [
         {"customer_id": 101, "tenure_months": 1, "churned": "no"},
         {"customer_id": 103, "tenure_months": 3, "churned": "yes"},
         {"customer_id": 102, "tenure_months": 20, "churned": "yes"},
-        {"customer_id": 900, "tenure_months": 30, "churned": "no"}]
+        {"customer_id": 900, "tenure_months": 30, "churned": "no"},
+    ]
     assert str(rows["customer_id"].dtype) == "int64"  # ids came back as text; cast to the dataset's type
 
 
 def test_labels_read_as_text_are_cast_to_the_datasets_label_type(tmp_path, spec):
     frame = pd.DataFrame({"customer_id": [1, 2], "tenure_months": [5, 6], "churned": [True, False]})
-    uri = write_rows(tmp_path, pd.DataFrame({"customer_id": ["3", "4", "5", "6"],
-                                             "tenure_months": ["7", "8", "9", "10"],
-                                             "churned": ["True", "false", "1", " 0 "]}))
+    uri = write_rows(
+        tmp_path,
+        pd.DataFrame(
+            {
+                "customer_id": ["3", "4", "5", "6"],
+                "tenure_months": ["7", "8", "9", "10"],
+                "churned": ["True", "false", "1", " 0 "],
+            }
+        ),
+    )
     rows, added = labelled.with_labelled_rows(frame, uri, spec)
     assert added == 4 and rows["churned"].dtype == bool
     assert rows["churned"].tolist() == [True, False, True, False, True, False]

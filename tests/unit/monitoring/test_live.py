@@ -20,12 +20,20 @@ def labelled_rows(seed: int = 0) -> pd.DataFrame:
     truth = rng.choice(["no", "yes"], n, p=[0.6, 0.4])
     p_yes = np.clip(np.where(truth == "yes", 0.65, 0.35) + rng.normal(0, 0.25, n), 0, 1)
     days = np.array(["2026-03-01T08:00:00+00:00", "2026-03-02T23:59:00+00:00", "2026-03-02T01:00:00+01:00"])[
-        np.arange(n) % 3]
-    return pd.DataFrame({
-        "_id": [f"C-{i}" for i in range(n)], "_label": truth, "prediction": np.where(p_yes >= 0.5, "yes", "no"),
-        "proba_no": 1 - p_yes, "proba_yes": p_yes, "scored_at": days,
-        "model_version": np.where(np.arange(n) < 90, "1", "2"), "tenure_months": np.arange(n),
-    })
+        np.arange(n) % 3
+    ]
+    return pd.DataFrame(
+        {
+            "_id": [f"C-{i}" for i in range(n)],
+            "_label": truth,
+            "prediction": np.where(p_yes >= 0.5, "yes", "no"),
+            "proba_no": 1 - p_yes,
+            "proba_yes": p_yes,
+            "scored_at": days,
+            "model_version": np.where(np.arange(n) < 90, "1", "2"),
+            "tenure_months": np.arange(n),
+        }
+    )
 
 
 def test_score_is_the_binary_roc_auc_from_probabilities():
@@ -55,7 +63,11 @@ def test_live_series_per_day_and_version():
     # "2026-03-02T01:00:00+01:00" is 2026-03-02 00:00 UTC: the same UTC day as 23:59 UTC
     days = pd.to_datetime(rows["scored_at"], utc=True).dt.strftime("%Y-%m-%d")
     assert [(s["day"], s["model_version"]) for s in series] == [
-        ("2026-03-01", "1"), ("2026-03-01", "2"), ("2026-03-02", "1"), ("2026-03-02", "2")]
+        ("2026-03-01", "1"),
+        ("2026-03-01", "2"),
+        ("2026-03-02", "1"),
+        ("2026-03-02", "2"),
+    ]
     for line in series:
         group = rows[(days == line["day"]) & (rows["model_version"] == line["model_version"])]
         assert line["labels"] == len(group) and line["metric"] == "roc_auc"
@@ -67,13 +79,19 @@ def test_live_series_per_day_and_version():
 
 
 def churn_metadata(**fields) -> ModelMetadata:
-    return ModelMetadata(trainer="autogluon", problem_type="binary", label="churned",
-                         features=(Feature("tenure_months", "int64"),), **fields)
+    return ModelMetadata(
+        trainer="autogluon",
+        problem_type="binary",
+        label="churned",
+        features=(Feature("tenure_months", "int64"),),
+        **fields,
+    )
 
 
 def test_the_live_version_is_scored_on_its_labels_since_the_last_trigger():
-    rows = labelled_rows().assign(received_at=lambda f: np.where(np.arange(len(f)) < 30, "2026-03-01T00:00:00+00:00",
-                                                                 "2026-03-05T00:00:00+00:00"))
+    rows = labelled_rows().assign(
+        received_at=lambda f: np.where(np.arange(len(f)) < 30, "2026-03-01T00:00:00+00:00", "2026-03-05T00:00:00+00:00")
+    )
     metadata = churn_metadata(class_labels=["no", "yes"], positive_class="yes")
     assert live.scoring(metadata) == (["no", "yes"], "yes")
     assert live.scoring(churn_metadata(class_labels=[0, 1], positive_class=1)) == (["0", "1"], "1")
@@ -81,8 +99,12 @@ def test_the_live_version_is_scored_on_its_labels_since_the_last_trigger():
 
     everything = live.live_metric(rows, "binary", "roc_auc", "1", metadata, None)
     version_1 = rows[rows["model_version"] == "1"]
-    assert everything == {"metric": "roc_auc", "version": "1", "labels": 90,
-                          "value": pytest.approx(live.score(version_1, "binary", "roc_auc", ["no", "yes"], "yes"))}
+    assert everything == {
+        "metric": "roc_auc",
+        "version": "1",
+        "labels": 90,
+        "value": pytest.approx(live.score(version_1, "binary", "roc_auc", ["no", "yes"], "yes")),
+    }
     since = datetime(2026, 3, 2, tzinfo=UTC)
     newer = live.new_labels(rows, "1", since)
     assert len(newer) == 60 and set(newer["model_version"]) == {"1"}

@@ -19,13 +19,21 @@ from conveyor.monitoring.checks import capture_groups
 
 
 def test_joined_takes_the_first_observation_of_an_id():
-    observed = pd.DataFrame({"_id": ["a", None, "b", "a", "c"], "prediction": ["yes", "no", "no", "no", "yes"],
-                             "source_id": ["r1", "r1", "r1", "r2", "r2"]})
-    labels = pd.DataFrame({"id": ["a", "b", "zzz"], "label": ["yes", "yes", "no"],
-                           "received_at": ["t"] * 3, "drop": ["f1"] * 3})
+    observed = pd.DataFrame(
+        {
+            "_id": ["a", None, "b", "a", "c"],
+            "prediction": ["yes", "no", "no", "no", "yes"],
+            "source_id": ["r1", "r1", "r1", "r2", "r2"],
+        }
+    )
+    labels = pd.DataFrame(
+        {"id": ["a", "b", "zzz"], "label": ["yes", "yes", "no"], "received_at": ["t"] * 3, "drop": ["f1"] * 3}
+    )
     rows = records.joined(observed, labels)
     assert list(zip(rows["_id"], rows["prediction"], rows["source_id"], rows["_label"])) == [
-        ("a", "yes", "r1", "yes"), ("b", "no", "r1", "yes")]
+        ("a", "yes", "r1", "yes"),
+        ("b", "no", "r1", "yes"),
+    ]
     assert records.joined(None, labels).empty
     assert records.joined(observed, labels.iloc[0:0]).empty
 
@@ -57,8 +65,10 @@ def test_capture_slices_take_whole_lines_and_continue_from_the_offset(lake):
     second.write_text('{"n": 5}\n')
     slices, offsets = records.capture_slices(lake, "churn")
     total = first.stat().st_size
-    assert slices == [(f"2026-03-01/111@{end}-{total}", [{"n": 3, "part": 1}, {"n": 4}]),
-                      ("2026-03-02/222@0-9", [{"n": 5}])]
+    assert slices == [
+        (f"2026-03-01/111@{end}-{total}", [{"n": 3, "part": 1}, {"n": 4}]),
+        ("2026-03-02/222@0-9", [{"n": 5}]),
+    ]
     assert offsets == {"2026-03-01/111.jsonl": total, "2026-03-02/222.jsonl": 9}
 
 
@@ -99,16 +109,21 @@ def test_capture_rows_parse_real_requests_and_responses(lake, churn_model):
     with_id = rows.iloc[:2][["customer_id", *features]].to_csv(index=False).encode()  # header + id column
     no_id = rows.iloc[2:3][features].to_csv(index=False, header=False).encode()
     three = rows.iloc[3:6][features].to_csv(index=False, header=False).encode()
-    json_id = json.dumps({"instances": [{**rows.iloc[0][features].to_dict(), "customer_id": "J,1"}]},
-                         default=lambda v: v.item()).encode()
+    json_id = json.dumps(
+        {"instances": [{**rows.iloc[0][features].to_dict(), "customer_id": "J,1"}]}, default=lambda v: v.item()
+    ).encode()
     anonymous = json.dumps({"instances": [rows.iloc[1][features].to_dict()]}, default=lambda v: v.item()).encode()
-    lines = captured(lake, model, [
-        (with_id, "text/csv", "text/csv", "ignored-because-the-id-column-is-there"),
-        (no_id, "text/csv", "text/csv", "req-1"),
-        (three, "text/csv", "application/json", "req-2"),
-        (json_id, "application/json", "text/csv", None),
-        (anonymous, "application/json", "application/json", None),
-    ])
+    lines = captured(
+        lake,
+        model,
+        [
+            (with_id, "text/csv", "text/csv", "ignored-because-the-id-column-is-there"),
+            (no_id, "text/csv", "text/csv", "req-1"),
+            (three, "text/csv", "application/json", "req-2"),
+            (json_id, "application/json", "text/csv", None),
+            (anonymous, "application/json", "application/json", None),
+        ],
+    )
     assert len(lines) == 5
     versions_asked = []
 
@@ -120,15 +135,21 @@ def test_capture_rows_parse_real_requests_and_responses(lake, churn_model):
     assert ids == [*rows.iloc[:2]["customer_id"], "req-1", "req-2#0", "req-2#1", "req-2#2", "J,1", None]
     assert len(frame) == len(predictions) == 8 and versions == ["1"] * 8 and set(versions_asked) == {"1"}
     assert times == [r["timestamp"] for r, n in zip(lines, (2, 1, 3, 1, 1)) for _ in range(n)]
-    assert frame[features].iloc[:2].reset_index(drop=True).astype(str).equals(
-        rows.iloc[:2][features].reset_index(drop=True).astype(str))
+    assert (
+        frame[features]
+        .iloc[:2]
+        .reset_index(drop=True)
+        .astype(str)
+        .equals(rows.iloc[:2][features].reset_index(drop=True).astype(str))
+    )
     expected = model.predict_frame(pd.concat([rows.iloc[:6], rows.iloc[:2]])[features].reset_index(drop=True))
     assert predictions["prediction"].astype(str).tolist() == expected["prediction"].astype(str).tolist()
     for label in ("no", "yes"):
         assert predictions[f"proba_{label}"].to_numpy() == pytest.approx(expected[f"proba_{label}"].to_numpy())
 
-    observed = records.observations(frame[features], predictions, ids=ids, model_version=versions, scored_at=times,
-                                    source="capture", source_id="s1")
+    observed = records.observations(
+        frame[features], predictions, ids=ids, model_version=versions, scored_at=times, source="capture", source_id="s1"
+    )
     assert observed["_id"].tolist() == ids and observed["source"].unique().tolist() == ["capture"]
     assert {"prediction", "proba_no", "proba_yes", "model_version", "scored_at", "source_id"} <= set(observed.columns)
 
@@ -147,11 +168,16 @@ def test_a_response_that_does_not_match_its_request_is_left_out(lake, churn_mode
 
 
 def test_capture_groups_split_a_slice_by_the_version_that_answered():
-    slices = [("a@0-9", [{"version": "2", "n": 0}, {"version": "1", "n": 1}, {"version": 2, "n": 2}]),
-              ("b@0-3", [{"version": "1", "n": 3}]), ("c@0-0", [])]
-    assert capture_groups(slices) == [("a@0-9", "1", [{"version": "1", "n": 1}]),
-                                      ("a@0-9", "2", [{"version": "2", "n": 0}, {"version": 2, "n": 2}]),
-                                      ("b@0-3", "1", [{"version": "1", "n": 3}])]
+    slices = [
+        ("a@0-9", [{"version": "2", "n": 0}, {"version": "1", "n": 1}, {"version": 2, "n": 2}]),
+        ("b@0-3", [{"version": "1", "n": 3}]),
+        ("c@0-0", []),
+    ]
+    assert capture_groups(slices) == [
+        ("a@0-9", "1", [{"version": "1", "n": 1}]),
+        ("a@0-9", "2", [{"version": "2", "n": 0}, {"version": 2, "n": 2}]),
+        ("b@0-3", "1", [{"version": "1", "n": 3}]),
+    ]
 
 
 # ------------------------------------------------------------------------------- batch runs
@@ -197,10 +223,27 @@ def test_captured_image_requests_become_the_statistics_the_image_baseline_holds(
     handlers = _resnet_handlers()
     red = _png((255, 0, 0), (32, 24))
     stats = records.image_request_stats(red, "image/png", handlers)
-    assert stats.to_dict("records") == [pytest.approx({"width": 32.0, "height": 24.0, "brightness": 76 / 255,
-                                                       "mean_red": 1.0, "mean_green": 0.0, "mean_blue": 0.0}, abs=1e-3)]
-    body = json.dumps({"instances": [{"b64": base64.b64encode(_png((0, 0, 255), (32, 24))).decode()},
-                                     {"b64": base64.b64encode(red).decode()}]}).encode()
+    assert stats.to_dict("records") == [
+        pytest.approx(
+            {
+                "width": 32.0,
+                "height": 24.0,
+                "brightness": 76 / 255,
+                "mean_red": 1.0,
+                "mean_green": 0.0,
+                "mean_blue": 0.0,
+            },
+            abs=1e-3,
+        )
+    ]
+    body = json.dumps(
+        {
+            "instances": [
+                {"b64": base64.b64encode(_png((0, 0, 255), (32, 24))).decode()},
+                {"b64": base64.b64encode(red).decode()},
+            ]
+        }
+    ).encode()
     assert len(records.image_request_stats(body, "application/json", handlers)) == 2
     with pytest.raises(ValueError, match="image"):
         records.image_request_stats(b"not an image", "image/png", handlers)
@@ -209,30 +252,65 @@ def test_captured_image_requests_become_the_statistics_the_image_baseline_holds(
     def line(body: bytes, media: str, answer: list[str], inference_id: str | None) -> dict:
         encoded = {"encoding": "base64", "data": base64.b64encode(body).decode()}
         response = json.dumps({"predictions": [{"prediction": a, "probabilities": {a: 1.0}} for a in answer]})
-        return {"version": "3", "timestamp": "2026-11-21T10:00:00+00:00", "inference_id": inference_id,
-                "request": {"content_type": media, "body": encoded},
-                "response": {"content_type": "application/json", "body": {"encoding": "text", "data": response}}}
+        return {
+            "version": "3",
+            "timestamp": "2026-11-21T10:00:00+00:00",
+            "inference_id": inference_id,
+            "request": {"content_type": media, "body": encoded},
+            "response": {"content_type": "application/json", "body": {"encoding": "text", "data": response}},
+        }
 
-    metadata = ModelMetadata(trainer="resnet", problem_type="multiclass", label="label",
-                             features=(Feature("image", "object"),), class_labels=["circle", "square"])
+    metadata = ModelMetadata(
+        trainer="resnet",
+        problem_type="multiclass",
+        label="label",
+        features=(Feature("image", "object"),),
+        class_labels=["circle", "square"],
+    )
     loaded = SimpleNamespace(handlers=handlers, metadata=metadata, model=None)
     features, predictions, ids, versions, _ = records.capture_rows(
         [line(red, "image/png", ["circle"], "img-1"), line(body, "application/json", ["square", "circle"], "img-2")],
-        lambda version: loaded, None, images=True)
+        lambda version: loaded,
+        None,
+        images=True,
+    )
     assert len(features) == 3 and ids == ["img-1", "img-2#0", "img-2#1"] and versions == ["3"] * 3
     assert predictions["prediction"].tolist() == ["circle", "square", "circle"]
 
     # Against a baseline of grey 32x24 images, pure red and blue images drift in brightness and colour.
-    grey = {"kind": "numeric", "count": 50, "missing_rate": 0.0, "mean": 0.5, "std": 0.05, "min": 0.4, "max": 0.6,
-            "quantiles": {"p01": 0.41, "p05": 0.42, "p25": 0.47, "p50": 0.5, "p75": 0.53, "p95": 0.58, "p99": 0.59},
-            "histogram": {"edges": [0.4, 0.45, 0.5, 0.55, 0.6], "counts": [10, 15, 15, 10]}}
-    size = {**grey, "mean": 32.0, "std": 0.0, "min": 32.0, "max": 32.0,
-            "histogram": {"edges": [32.0, 32.0], "counts": [50]}}
-    baseline = {"kind": "image", "width": size, "height": {**size, "mean": 24.0, "min": 24.0, "max": 24.0,
-                                                           "histogram": {"edges": [24.0, 24.0], "counts": [50]}},
-                "brightness": grey,
-                "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5] * 3, "std": [0.1] * 3},
-                "label_distribution": {"circle": 0.5, "square": 0.5}}
+    grey = {
+        "kind": "numeric",
+        "count": 50,
+        "missing_rate": 0.0,
+        "mean": 0.5,
+        "std": 0.05,
+        "min": 0.4,
+        "max": 0.6,
+        "quantiles": {"p01": 0.41, "p05": 0.42, "p25": 0.47, "p50": 0.5, "p75": 0.53, "p95": 0.58, "p99": 0.59},
+        "histogram": {"edges": [0.4, 0.45, 0.5, 0.55, 0.6], "counts": [10, 15, 15, 10]},
+    }
+    size = {
+        **grey,
+        "mean": 32.0,
+        "std": 0.0,
+        "min": 32.0,
+        "max": 32.0,
+        "histogram": {"edges": [32.0, 32.0], "counts": [50]},
+    }
+    baseline = {
+        "kind": "image",
+        "width": size,
+        "height": {
+            **size,
+            "mean": 24.0,
+            "min": 24.0,
+            "max": 24.0,
+            "histogram": {"edges": [24.0, 24.0], "counts": [50]},
+        },
+        "brightness": grey,
+        "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5] * 3, "std": [0.1] * 3},
+        "label_distribution": {"circle": 0.5, "square": 0.5},
+    }
     report = image_drift(baseline, features, predictions["prediction"])
     assert {"brightness", "mean_red", "mean_green"} <= set(report["drifted_features"])
     assert "width" not in report["drifted_features"]

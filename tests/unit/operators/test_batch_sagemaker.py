@@ -30,8 +30,11 @@ pytestmark = pytest.mark.slow  # the session's churn model trains once (about 20
 RUN = "scheduled__2026-03-01T06:00:00+00:00"
 WHEN = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
 ROWS = 2300
-TAGS = [{"Key": "conveyor:pipeline", "Value": "churn"}, {"Key": "conveyor:model-version", "Value": "3"},
-        {"Key": "conveyor:run-id", "Value": RUN}]
+TAGS = [
+    {"Key": "conveyor:pipeline", "Value": "churn"},
+    {"Key": "conveyor:model-version", "Value": "3"},
+    {"Key": "conveyor:run-id", "Value": RUN},
+]
 
 
 def missing(what: str) -> ClientError:
@@ -43,9 +46,21 @@ def setup(s3_lake, churn_model, moto_server, tmp_path, monkeypatch):
     """Churn in sagemaker mode on an S3 lake (moto), its model on S3, an inference drop, a mocked SageMaker hook."""
     from conveyor.demo import churn_frame
 
-    sagemaker_include(tmp_path / "include", monkeypatch, {"deploy": {"batch": {
-        "enabled": True, "chunk_rows": 1000, "instance_type": "ml.c5.xlarge", "instance_count": 2,
-        "max_payload_mb": 1}}})
+    sagemaker_include(
+        tmp_path / "include",
+        monkeypatch,
+        {
+            "deploy": {
+                "batch": {
+                    "enabled": True,
+                    "chunk_rows": 1000,
+                    "instance_type": "ml.c5.xlarge",
+                    "instance_count": 2,
+                    "max_payload_mb": 1,
+                }
+            }
+        },
+    )
     monkeypatch.setenv("CONVEYOR_WAREHOUSE_URL", f"sqlite:///{tmp_path}/warehouse.db")
     archive = s3_lake.models("churn", "train-7") / "model.tar.gz"
     archive.parent.mkdir(parents=True, exist_ok=True)
@@ -61,11 +76,21 @@ def setup(s3_lake, churn_model, moto_server, tmp_path, monkeypatch):
     hook.describe_transform_job.side_effect = missing("transform job")
     monkeypatch.setattr("conveyor.aws.hosting.sagemaker_hook", lambda spec: hook)
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    model = {"model_name": "churn", "version": "3",
-             "model_uri": s3_lake.uri("models", "churn", "train-7", "model.tar.gz"),
-             "train_run": "train-7", "status": "Approved"}
-    return {"lake": s3_lake, "hook": hook, "s3": s3, "frame": frame, "model": model,
-            "engine": sa.create_engine(f"sqlite:///{tmp_path}/warehouse.db")}
+    model = {
+        "model_name": "churn",
+        "version": "3",
+        "model_uri": s3_lake.uri("models", "churn", "train-7", "model.tar.gz"),
+        "train_run": "train-7",
+        "status": "Approved",
+    }
+    return {
+        "lake": s3_lake,
+        "hook": hook,
+        "s3": s3,
+        "frame": frame,
+        "model": model,
+        "engine": sa.create_engine(f"sqlite:///{tmp_path}/warehouse.db"),
+    }
 
 
 def ctx() -> dict:
@@ -75,8 +100,9 @@ def ctx() -> dict:
 def operator(setup, **kwargs):
     from conveyor.operators.batch_sagemaker import SageMakerBatchPredictOperator
 
-    return SageMakerBatchPredictOperator(task_id="score", spec=pipeline_spec_dict("churn"), model=setup["model"],
-                                         **kwargs)
+    return SageMakerBatchPredictOperator(
+        task_id="score", spec=pipeline_spec_dict("churn"), model=setup["model"], **kwargs
+    )
 
 
 def start(setup) -> TaskDeferred:
@@ -107,8 +133,12 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
             "ModelName": model_name,
             "BatchStrategy": "MultiRecord",
             "MaxPayloadInMB": 1,
-            "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"{work}/input/"}},
-                               "ContentType": "text/csv", "CompressionType": "None", "SplitType": "Line"},
+            "TransformInput": {
+                "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"{work}/input/"}},
+                "ContentType": "text/csv",
+                "CompressionType": "None",
+                "SplitType": "Line",
+            },
             "TransformOutput": {"S3OutputPath": f"{work}/output", "Accept": "application/json", "AssembleWith": "Line"},
             "TransformResources": {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2},
             "Tags": TAGS,
@@ -119,8 +149,13 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
     job = request["TransformJobName"]
     classpath, kwargs = event.trigger.serialize()
     assert classpath == "airflow.providers.amazon.aws.triggers.sagemaker.SageMakerTrigger"
-    assert kwargs == {"job_name": job, "job_type": "transform", "waiter_delay": 30, "waiter_max_attempts": 720,
-                      "aws_conn_id": "aws_default"}
+    assert kwargs == {
+        "job_name": job,
+        "job_type": "transform",
+        "waiter_delay": 30,
+        "waiter_max_attempts": 720,
+        "aws_conn_id": "aws_default",
+    }
     assert SageMakerTrigger(**kwargs).serialize() == (classpath, kwargs)
     assert event.method_name == "execute_complete" and not event.kwargs  # the job's name derives from the run
 
@@ -134,8 +169,16 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
     assert result["rows"] == ROWS and result["table"] == "churn_predictions" and result["model_version"] == "3"
 
     rows = table_rows(setup)
-    assert list(rows.columns) == ["customer_id", "prediction", "proba_no", "proba_yes", "model_name",
-                                  "model_version", "run_id", "scored_at"]
+    assert list(rows.columns) == [
+        "customer_id",
+        "prediction",
+        "proba_no",
+        "proba_yes",
+        "model_name",
+        "model_version",
+        "run_id",
+        "scored_at",
+    ]
     frame = setup["frame"].sort_values("customer_id").reset_index(drop=True)
     expected = LoadedModel(churn_model["dir"]).predict_frame(frame)
     assert list(rows["customer_id"]) == list(frame["customer_id"])
@@ -175,8 +218,10 @@ def test_a_failed_job_fails_the_task_with_its_reason(setup):
     job = hook.create_transform_job.call_args.args[0]["TransformJobName"]
     hook.describe_transform_job.side_effect = None
     hook.describe_transform_job.return_value = {
-        "TransformJobName": job, "TransformJobStatus": "Failed",
-        "FailureReason": "ClientError: See job logs for more information"}
+        "TransformJobName": job,
+        "TransformJobStatus": "Failed",
+        "FailureReason": "ClientError: See job logs for more information",
+    }
     with pytest.raises(AirflowFailException, match=f"{job} ended Failed: ClientError: See job logs"):
         operator(setup).execute_complete(ctx(), {"status": "failed", "message": "x"})
     with pytest.raises(AirflowFailException, match="start a new run"):
@@ -222,9 +267,14 @@ def test_an_expired_credential_is_a_clear_retryable_error(setup):
     from conveyor.aws.common import AwsCredentialsExpired
 
     setup["hook"].create_transform_job.side_effect = ClientError(
-        {"Error": {"Code": "ExpiredTokenException",
-                   "Message": "The security token included in the request is expired"}},
-        "CreateTransformJob")
+        {
+            "Error": {
+                "Code": "ExpiredTokenException",
+                "Message": "The security token included in the request is expired",
+            }
+        },
+        "CreateTransformJob",
+    )
     with pytest.raises(AwsCredentialsExpired, match="ExpiredTokenException.*refresh") as caught:
         operator(setup).execute(ctx())
     assert caught.value.retryable and not isinstance(caught.value, AirflowFailException)  # the task's retries apply

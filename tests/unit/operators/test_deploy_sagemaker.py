@@ -18,15 +18,31 @@ from botocore.exceptions import ClientError
 from helpers import context, pipeline_spec_dict
 from sagemaker_pipeline import IMAGE, ROLE, Matches, sagemaker_include
 
-MODEL = {"model_name": "churn", "version": "3", "model_uri": "s3://lake-bucket/conveyor/models/churn/train-7/model.tar.gz",
-         "train_run": "train-7", "status": "Approved"}
+MODEL = {
+    "model_name": "churn",
+    "version": "3",
+    "model_uri": "s3://lake-bucket/conveyor/models/churn/train-7/model.tar.gz",
+    "train_run": "train-7",
+    "status": "Approved",
+}
 RUN = "manual__deploy-1"
-TAGS = [{"Key": "conveyor:pipeline", "Value": "churn"}, {"Key": "conveyor:model-version", "Value": "3"},
-        {"Key": "conveyor:run-id", "Value": RUN}]
+TAGS = [
+    {"Key": "conveyor:pipeline", "Value": "churn"},
+    {"Key": "conveyor:model-version", "Value": "3"},
+    {"Key": "conveyor:run-id", "Value": RUN},
+]
 ENDPOINT_SETTINGS = {
-    "enabled": True, "name": "churn_live", "instance_type": "ml.c5.large", "instance_count": 2, "capture_share": 0.25,
-    "traffic_routing": "CANARY", "traffic_step_share": 0.2, "wait_interval_seconds": 120,
-    "termination_wait_seconds": 60, "rollback_alarms": ["churn-5xx", "churn-latency"], "deploy_timeout_seconds": 900,
+    "enabled": True,
+    "name": "churn_live",
+    "instance_type": "ml.c5.large",
+    "instance_count": 2,
+    "capture_share": 0.25,
+    "traffic_routing": "CANARY",
+    "traffic_step_share": 0.2,
+    "wait_interval_seconds": 120,
+    "termination_wait_seconds": 60,
+    "rollback_alarms": ["churn-5xx", "churn-latency"],
+    "deploy_timeout_seconds": 900,
 }
 
 
@@ -50,8 +66,11 @@ def hook(tmp_path, monkeypatch):
     The mock keeps the models and endpoint configurations it is asked to create, with their tags,
     so describe and ListTags answer as SageMaker would; every call stays recorded.
     """
-    sagemaker_include(tmp_path / "include", monkeypatch,
-                      {"deploy": {"endpoint": ENDPOINT_SETTINGS}, "sagemaker": {"check_interval_seconds": 15}})
+    sagemaker_include(
+        tmp_path / "include",
+        monkeypatch,
+        {"deploy": {"endpoint": ENDPOINT_SETTINGS}, "sagemaker": {"check_interval_seconds": 15}},
+    )
     monkeypatch.setenv("CONVEYOR_LAKE_URI", "s3://lake-bucket/conveyor")
     monkeypatch.setenv("CONVEYOR_LAKE_CONN_ID", "lake_s3")
     fake = mock.MagicMock(name="SageMakerHook")
@@ -63,6 +82,7 @@ def hook(tmp_path, monkeypatch):
             if name not in store:
                 raise missing(what, "Describe")
             return store[name]
+
         return describe
 
     def creator(store: dict, kind: str, name_key: str, arn_key: str):
@@ -71,13 +91,15 @@ def hook(tmp_path, monkeypatch):
             store[request[name_key]] = {name_key: request[name_key], arn_key: arn}
             fake.tags[arn] = request.get("Tags", [])
             return {arn_key: arn}
+
         return create
 
     fake.describe_model.side_effect = describer(fake.models, "model")
     fake.create_model.side_effect = creator(fake.models, "model", "ModelName", "ModelArn")
     fake.describe_endpoint_config.side_effect = describer(fake.configs, "endpoint configuration")
-    fake.create_endpoint_config.side_effect = creator(fake.configs, "endpoint-config", "EndpointConfigName",
-                                                      "EndpointConfigArn")
+    fake.create_endpoint_config.side_effect = creator(
+        fake.configs, "endpoint-config", "EndpointConfigName", "EndpointConfigArn"
+    )
     fake.create_endpoint.side_effect = creator({}, "endpoint", "EndpointName", "EndpointArn")
     fake.conn.list_tags.side_effect = lambda ResourceArn: {"Tags": fake.tags.get(ResourceArn, [])}
     monkeypatch.setattr("conveyor.aws.hosting.sagemaker_hook", lambda spec: fake)
@@ -116,8 +138,12 @@ def expected_model_request() -> dict:
         "PrimaryContainer": {
             "Image": IMAGE,
             "ModelDataUrl": "s3://lake-bucket/conveyor/models/churn/train-7/model.tar.gz",
-            "Environment": {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": "us-east-1"},
+            "Environment": {
+                "SAGEMAKER_PROGRAM": "inference.py",
+                "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                "SAGEMAKER_REGION": "us-east-1",
+            },
         },
         "Tags": TAGS,
     }
@@ -126,8 +152,15 @@ def expected_model_request() -> dict:
 def expected_config_request(model_name: str) -> dict:
     return {
         "EndpointConfigName": CONFIG_NAME,
-        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": model_name, "InitialInstanceCount": 2,
-                                "InstanceType": "ml.c5.large", "InitialVariantWeight": 1.0}],
+        "ProductionVariants": [
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": model_name,
+                "InitialInstanceCount": 2,
+                "InstanceType": "ml.c5.large",
+                "InitialVariantWeight": 1.0,
+            }
+        ],
         "DataCaptureConfig": {
             "EnableCapture": True,
             "InitialSamplingPercentage": 25,
@@ -140,14 +173,21 @@ def expected_config_request(model_name: str) -> dict:
 
 
 def in_service(config: str, **extra) -> dict:
-    return {"EndpointName": "churn-live", "EndpointArn": ARN.format("endpoint", "churn-live"),
-            "EndpointConfigName": config, "EndpointStatus": "InService", **extra}
+    return {
+        "EndpointName": "churn-live",
+        "EndpointArn": ARN.format("endpoint", "churn-live"),
+        "EndpointConfigName": config,
+        "EndpointStatus": "InService",
+        **extra,
+    }
 
 
 def names(hook) -> tuple[str, str]:
     """The model and endpoint configuration the deploy asked for."""
-    return (hook.create_model.call_args.args[0]["ModelName"],
-            hook.create_endpoint_config.call_args.args[0]["EndpointConfigName"])
+    return (
+        hook.create_model.call_args.args[0]["ModelName"],
+        hook.create_endpoint_config.call_args.args[0]["EndpointConfigName"],
+    )
 
 
 def test_first_deploy_creates_model_config_and_endpoint_then_defers(hook):
@@ -162,7 +202,8 @@ def test_first_deploy_creates_model_config_and_endpoint_then_defers(hook):
     config_name = hook.create_endpoint_config.call_args.args[0]["EndpointConfigName"]
     assert config_name != model_name  # the configuration's hash covers its variants, not only the model
     hook.create_endpoint.assert_called_once_with(
-        {"EndpointName": "churn-live", "EndpointConfigName": config_name, "Tags": TAGS}, wait_for_completion=False)
+        {"EndpointName": "churn-live", "EndpointConfigName": config_name, "Tags": TAGS}, wait_for_completion=False
+    )
     hook.update_endpoint.assert_not_called()
 
     # The wait is the provider's trigger; nothing but the trigger is needed to resume.
@@ -171,16 +212,27 @@ def test_first_deploy_creates_model_config_and_endpoint_then_defers(hook):
     classpath, kwargs = event.trigger.serialize()
     assert classpath == "airflow.providers.amazon.aws.triggers.sagemaker.SageMakerTrigger"
     # 900 s of timeout plus the canary schedule (2 x 120 s + 60 s) at one check every 15 s.
-    assert kwargs == {"job_name": "churn-live", "job_type": "endpoint", "waiter_delay": 15,
-                      "waiter_max_attempts": 80, "aws_conn_id": "aws_default"}
+    assert kwargs == {
+        "job_name": "churn-live",
+        "job_type": "endpoint",
+        "waiter_delay": 15,
+        "waiter_max_attempts": 80,
+        "aws_conn_id": "aws_default",
+    }
     assert SageMakerTrigger(**json.loads(json.dumps(kwargs))).serialize() == (classpath, kwargs)
 
     # The endpoint comes up on the new configuration: the registry records the live version.
     hook.describe_endpoint.side_effect = None
     hook.describe_endpoint.return_value = in_service(config_name)
     result = resume({"status": "success", "job_name": "churn-live"})
-    assert result == {"endpoint": "churn-live", "endpoint_arn": ARN.format("endpoint", "churn-live"),
-                      "config": config_name, "model": model_name, "version": "3", "previous": "2"}
+    assert result == {
+        "endpoint": "churn-live",
+        "endpoint_arn": ARN.format("endpoint", "churn-live"),
+        "config": config_name,
+        "model": model_name,
+        "version": "3",
+        "previous": "2",
+    }
     hook.registry.record_deployment.assert_called_once_with("churn", "3", "churn-live")
     hook.conn.delete_model.assert_not_called()
 
@@ -197,8 +249,11 @@ def test_update_is_blue_green_with_auto_rollback(hook):
             "EndpointConfigName": config_name,
             "DeploymentConfig": {
                 "BlueGreenUpdatePolicy": {
-                    "TrafficRoutingConfiguration": {"Type": "CANARY", "WaitIntervalInSeconds": 120,
-                                                    "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 20}},
+                    "TrafficRoutingConfiguration": {
+                        "Type": "CANARY",
+                        "WaitIntervalInSeconds": 120,
+                        "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 20},
+                    },
                     "TerminationWaitInSeconds": 60,
                     "MaximumExecutionTimeoutInSeconds": 1200,
                 },
@@ -215,7 +270,8 @@ def test_rolled_back_update_deletes_the_new_config_and_model_and_fails_with_the_
     model_name, config_name = names(hook)
     # SageMaker rolled back: the endpoint is in service again, on the old configuration.
     hook.describe_endpoint.return_value = in_service(
-        "churn-v2-0a1b2c", FailureReason="Deployment rolled back: alarm churn-5xx went to ALARM during baking")
+        "churn-v2-0a1b2c", FailureReason="Deployment rolled back: alarm churn-5xx went to ALARM during baking"
+    )
     with pytest.raises(AirflowFailException, match="rolled the update back.*churn-v2-0a1b2c.*churn-5xx went to ALARM"):
         resume({"status": "success", "job_name": "churn-live"})
     hook.conn.delete_endpoint_config.assert_called_once_with(EndpointConfigName=config_name)
@@ -230,8 +286,10 @@ def test_failed_create_deletes_the_endpoint_it_created(hook):
     model_name, config_name = names(hook)
     hook.describe_endpoint.side_effect = None
     hook.describe_endpoint.return_value = {
-        **in_service(config_name), "EndpointStatus": "Failed",
-        "FailureReason": "The primary container for production variant AllTraffic did not pass the ping health check"}
+        **in_service(config_name),
+        "EndpointStatus": "Failed",
+        "FailureReason": "The primary container for production variant AllTraffic did not pass the ping health check",
+    }
     with pytest.raises(AirflowFailException, match="endpoint is Failed.*did not pass the ping health check"):
         resume({"status": "failed", "job_name": "churn-live", "message": "Waiter EndpointInService failed"})
     hook.conn.delete_endpoint.assert_called_once_with(EndpointName="churn-live")
@@ -241,8 +299,9 @@ def test_failed_create_deletes_the_endpoint_it_created(hook):
 
 def test_a_failing_update_call_deletes_what_it_created(hook):
     hook.describe_endpoint.return_value = in_service("churn-v2-0a1b2c")
-    hook.update_endpoint.side_effect = aws_error("ValidationException", "Cannot update in-progress endpoint",
-                                                 "UpdateEndpoint")
+    hook.update_endpoint.side_effect = aws_error(
+        "ValidationException", "Cannot update in-progress endpoint", "UpdateEndpoint"
+    )
     with pytest.raises(ClientError):
         operator().execute(context(RUN))
     model_name, config_name = names(hook)
@@ -294,8 +353,11 @@ def test_an_endpoint_busy_with_another_change_is_retried_later(hook):
 
 
 def test_a_failed_endpoint_is_not_touched(hook):
-    hook.describe_endpoint.return_value = {**in_service("churn-v2-0a1b2c"), "EndpointStatus": "Failed",
-                                           "FailureReason": "capacity"}
+    hook.describe_endpoint.return_value = {
+        **in_service("churn-v2-0a1b2c"),
+        "EndpointStatus": "Failed",
+        "FailureReason": "capacity",
+    }
     with pytest.raises(AirflowFailException, match="churn-live is Failed \\(capacity\\).*delete-endpoint"):
         operator().execute(context(RUN))
     hook.update_endpoint.assert_not_called()
@@ -306,7 +368,8 @@ def test_an_expired_credential_is_a_clear_retryable_error(hook):
     from conveyor.aws.common import AwsCredentialsExpired
 
     hook.describe_endpoint.side_effect = aws_error(
-        "ExpiredTokenException", "The security token included in the request is expired", "DescribeEndpoint")
+        "ExpiredTokenException", "The security token included in the request is expired", "DescribeEndpoint"
+    )
     with pytest.raises(AwsCredentialsExpired, match="'aws_default'.*ExpiredTokenException.*refresh") as caught:
         operator().execute(context(RUN))
     assert caught.value.retryable and not isinstance(caught.value, AirflowFailException)  # retried
@@ -318,26 +381,47 @@ def test_deployment_config_and_names_follow_the_spec():
     from conveyor.aws import hosting
     from conveyor.spec import EndpointSpec, PipelineSpec
 
-    linear = EndpointSpec(traffic_routing="LINEAR", traffic_step_share=0.25, wait_interval_seconds=60,
-                          termination_wait_seconds=0, deploy_timeout_seconds=60)
-    assert hosting.deployment_config(linear) == {"BlueGreenUpdatePolicy": {
-        "TrafficRoutingConfiguration": {"Type": "LINEAR", "WaitIntervalInSeconds": 60,
-                                        "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25}},
-        "TerminationWaitInSeconds": 0, "MaximumExecutionTimeoutInSeconds": 600}}  # SageMaker's minimum
+    linear = EndpointSpec(
+        traffic_routing="LINEAR",
+        traffic_step_share=0.25,
+        wait_interval_seconds=60,
+        termination_wait_seconds=0,
+        deploy_timeout_seconds=60,
+    )
+    assert hosting.deployment_config(linear) == {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {
+                "Type": "LINEAR",
+                "WaitIntervalInSeconds": 60,
+                "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25},
+            },
+            "TerminationWaitInSeconds": 0,
+            "MaximumExecutionTimeoutInSeconds": 600,
+        }
+    }  # SageMaker's minimum
     all_at_once = hosting.deployment_config(EndpointSpec())
-    assert all_at_once["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {"Type": "ALL_AT_ONCE",
-                                                                                   "WaitIntervalInSeconds": 300}
+    assert all_at_once["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
+        "Type": "ALL_AT_ONCE",
+        "WaitIntervalInSeconds": 300,
+    }
     assert "AutoRollbackConfiguration" not in all_at_once  # SageMaker refuses an empty alarm list
 
-    spec = PipelineSpec.model_validate({
-        "name": "a_very_long_pipeline_name_for_customer_lifetime_value_scoring", "data": {
-            "format": "csv", "label": "y", "problem_type": "binary"}, "trainer": {"kind": "autogluon"},
-        "gate": {"metric": "roc_auc"}, "compute": "sagemaker", "sagemaker": {"role_arn": ROLE, "name_prefix": "team-"}})
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "a_very_long_pipeline_name_for_customer_lifetime_value_scoring",
+            "data": {"format": "csv", "label": "y", "problem_type": "binary"},
+            "trainer": {"kind": "autogluon"},
+            "gate": {"metric": "roc_auc"},
+            "compute": "sagemaker",
+            "sagemaker": {"role_arn": ROLE, "name_prefix": "team-"},
+        }
+    )
     name = hosting.model_request(spec, MODEL, "eu-west-1", RUN)["ModelName"]
     assert len(name) <= 63 and re.fullmatch(r"team-a-very-long-[a-z0-9-]+-v3-[0-9a-f]{6}", name)
     assert hosting.endpoint_name(spec).startswith("team-a-very-long-pipeline")
     assert hosting.model_request(spec, MODEL, "eu-west-1", RUN)["PrimaryContainer"]["Image"] == (
-        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023")  # the framework image
+        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023"
+    )  # the framework image
     job = hosting.transform_job_name(spec, RUN)
     assert len(job) <= 63
     assert job == hosting.transform_job_name(spec, RUN) != hosting.transform_job_name(spec, RUN + "x")
@@ -349,8 +433,12 @@ def test_capture_share_becomes_whole_percents(monkeypatch):
     from conveyor.spec import PipelineSpec
 
     lake = Lake("s3://b/root", "lake_s3")
-    base = {"name": "churn", "data": {"format": "csv", "label": "y", "problem_type": "binary"},
-            "trainer": {"kind": "autogluon"}, "gate": {"metric": "roc_auc"}}
+    base = {
+        "name": "churn",
+        "data": {"format": "csv", "label": "y", "problem_type": "binary"},
+        "trainer": {"kind": "autogluon"},
+        "gate": {"metric": "roc_auc"},
+    }
     for share, percent in ((0.004, 1), (0.1, 10), (1.0, 100)):
         spec = PipelineSpec.model_validate({**base, "deploy": {"endpoint": {"capture_share": share}}})
         assert hosting.capture_config(spec, lake)["InitialSamplingPercentage"] == percent
@@ -375,19 +463,26 @@ def test_sagemaker_pipelines_get_the_sagemaker_deploy_and_batch_tasks(tmp_path, 
     assert isinstance(dags["churn__deploy"].get_task("deploy"), SageMakerDeployEndpointOperator)
     assert isinstance(dags["churn__batch_predict"].get_task("score"), SageMakerBatchPredictOperator)
     # Every task gets the spec the DAG was built from (shown in Rendered Template, never re-read at run time).
-    for dag_id, task_id in (("churn__deploy", "resolve"), ("churn__deploy", "deploy"),
-                            ("churn__batch_predict", "resolve"), ("churn__batch_predict", "score")):
+    for dag_id, task_id in (
+        ("churn__deploy", "resolve"),
+        ("churn__deploy", "deploy"),
+        ("churn__batch_predict", "resolve"),
+        ("churn__batch_predict", "score"),
+    ):
         task = dags[dag_id].get_task(task_id)
         assert "spec" in task.template_fields and task.template_fields_renderers["spec"] == "json"
         assert task.spec.value == spec.model_dump(mode="json")
 
 
-@pytest.mark.parametrize("endpoint, field", [
-    ({"rollback_alarms": [f"alarm-{n}" for n in range(11)]}, "deploy.endpoint.rollback_alarms"),
-    ({"traffic_step_share": 1.0}, "deploy.endpoint.traffic_step_share"),
-    ({"traffic_routing": "BLUE_GREEN"}, "deploy.endpoint.traffic_routing"),
-    ({"termination_wait_seconds": 3601}, "deploy.endpoint.termination_wait_seconds"),
-])
+@pytest.mark.parametrize(
+    "endpoint, field",
+    [
+        ({"rollback_alarms": [f"alarm-{n}" for n in range(11)]}, "deploy.endpoint.rollback_alarms"),
+        ({"traffic_step_share": 1.0}, "deploy.endpoint.traffic_step_share"),
+        ({"traffic_routing": "BLUE_GREEN"}, "deploy.endpoint.traffic_routing"),
+        ({"termination_wait_seconds": 3601}, "deploy.endpoint.termination_wait_seconds"),
+    ],
+)
 def test_blue_green_settings_outside_sagemakers_limits_are_refused(tmp_path, monkeypatch, endpoint, field):
     from conveyor.errors import SpecError
     from conveyor.spec import load_spec

@@ -55,8 +55,15 @@ def store_observations(lake, ids: list[str], source_id: str = "b1") -> None:
     """Stored predictions (what feedback is joined with), as the drift task keeps them."""
     features = pd.DataFrame({"tenure_months": range(len(ids))})
     predictions = pd.DataFrame({"prediction": ["no"] * len(ids), "proba_no": 0.7, "proba_yes": 0.3})
-    observed = records.observations(features, predictions, ids=ids, model_version="1",
-                                    scored_at=RUN_AFTER.isoformat(), source="batch", source_id=source_id)
+    observed = records.observations(
+        features,
+        predictions,
+        ids=ids,
+        model_version="1",
+        scored_at=RUN_AFTER.isoformat(),
+        source="batch",
+        source_id=source_id,
+    )
     records.write_parquet(lake.monitor("churn", "observations", f"batch-{source_id}.parquet"), observed)
 
 
@@ -117,6 +124,7 @@ def test_a_deterministic_domain_error_fails_the_task_and_a_transient_one_is_retr
     def failing(error: Exception):
         def champion(name: str):
             raise error
+
         return lambda spec: SimpleNamespace(champion=champion)
 
     write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])})
@@ -138,13 +146,23 @@ def test_a_good_drop_is_accepted_and_not_read_twice(lake, champion):
     store_observations(lake, [f"C-{n}" for n in range(10)])
     write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes"), ("C-2", "no"), ("C-3", "YES")])})
     counts = ingest()
-    assert {k: counts[k] for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set",
-                                   "rejected_drops")} == {"drops": 1, "received": 3, "accepted": 3, "unknown_ids": 0,
-                                                          "duplicates": 0, "out_of_set": 0, "rejected_drops": 0}
+    assert {
+        k: counts[k]
+        for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set", "rejected_drops")
+    } == {
+        "drops": 1,
+        "received": 3,
+        "accepted": 3,
+        "unknown_ids": 0,
+        "duplicates": 0,
+        "out_of_set": 0,
+        "rejected_drops": 0,
+    }
     labels = records.load_labels(lake, "churn")
     assert labels.to_dict("records") == [
         {"id": f"C-{n}", "label": label, "received_at": RUN_AFTER.isoformat(), "drop": "f1"}
-        for n, label in ((1, "yes"), (2, "no"), (3, "yes"))]  # "YES" is the class "yes"
+        for n, label in ((1, "yes"), (2, "no"), (3, "yes"))
+    ]  # "YES" is the class "yes"
     receipt = read_json(lake.landing("churn", "feedback", "f1") / PROCESSED_MARKER)
     assert receipt == {"run_id": "scheduled__1", "accepted": 3, "rejected": 0}
     assert not lake.quarantine("churn", "feedback/f1").exists()
@@ -160,20 +178,38 @@ def test_bad_rows_are_quarantined_with_their_rule_and_good_ones_kept(lake, champ
     write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])})
     ingest()
     rows = [("C-2", "no"), ("NOPE", "yes"), ("C-2", "yes"), ("C-3", "maybe"), ("C-1", "no"), ("C-4", "yes")]
-    write_drop(lake, "feedback/f2", {"part-1.csv": csv(rows[:3], header="customer_id,churned"),
-                                     "part-2.jsonl": "".join(json.dumps({"id": i, "label": label}) + "\n"
-                                                             for i, label in rows[3:]).encode()})
+    write_drop(
+        lake,
+        "feedback/f2",
+        {
+            "part-1.csv": csv(rows[:3], header="customer_id,churned"),
+            "part-2.jsonl": "".join(json.dumps({"id": i, "label": label}) + "\n" for i, label in rows[3:]).encode(),
+        },
+    )
     counts = ingest("scheduled__2")
     assert {k: counts[k] for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set")} == {
-        "drops": 1, "received": 6, "accepted": 2, "unknown_ids": 1, "duplicates": 2, "out_of_set": 1}
+        "drops": 1,
+        "received": 6,
+        "accepted": 2,
+        "unknown_ids": 1,
+        "duplicates": 2,
+        "out_of_set": 1,
+    }
     assert {(e["id"], e["rule"].split(" [")[0]) for e in counts["rejected_examples"]} == {
-        ("NOPE", RULE_UNKNOWN), ("C-2", RULE_DUPLICATE), ("C-3", RULE_CLASS), ("C-1", RULE_LABELLED)}
+        ("NOPE", RULE_UNKNOWN),
+        ("C-2", RULE_DUPLICATE),
+        ("C-3", RULE_CLASS),
+        ("C-1", RULE_LABELLED),
+    }
 
     rejected = pd.read_csv(Path(lake.quarantine("churn", "feedback/f2").path) / "rejected.csv", dtype=str)
     assert list(rejected.columns) == ["id", "label", "file", "rule"]
     assert rejected[["id", "label", "file"]].values.tolist() == [
-        ["NOPE", "yes", "part-1.csv"], ["C-2", "yes", "part-1.csv"], ["C-3", "maybe", "part-2.jsonl"],
-        ["C-1", "no", "part-2.jsonl"]]
+        ["NOPE", "yes", "part-1.csv"],
+        ["C-2", "yes", "part-1.csv"],
+        ["C-3", "maybe", "part-2.jsonl"],
+        ["C-1", "no", "part-2.jsonl"],
+    ]
     assert rejected["rule"].tolist() == [RULE_UNKNOWN, RULE_DUPLICATE, f"{RULE_CLASS} ['no', 'yes']", RULE_LABELLED]
 
     labels = records.load_labels(lake, "churn")
@@ -202,8 +238,9 @@ def test_an_unreadable_drop_is_moved_to_quarantine_whole(lake, champion):
 
 
 @pytest.mark.slow
-def test_the_champions_classes_come_from_the_metadata_sidecar_without_downloading_the_model(lake, registry,
-                                                                                          churn_model):
+def test_the_champions_classes_come_from_the_metadata_sidecar_without_downloading_the_model(
+    lake, registry, churn_model
+):
     """A registered archive that cannot be read at all: its sidecar alone gives the class labels."""
     folder = Path(lake.models("churn", "train-1").path)
     folder.mkdir(parents=True)
@@ -300,12 +337,23 @@ def write_batch_run(lake, run: str, inputs: pd.DataFrame, version: str, source: 
         source = str(folder.parent.parent.parent / "landing" / "churn" / "inference" / run / "part.csv")
         Path(source).parent.mkdir(parents=True)
         inputs.to_csv(source, index=False)
-    predictions = pd.DataFrame({"customer_id": inputs["customer_id"], "prediction": ["no"] * len(inputs),
-                                "proba_no": 0.8, "proba_yes": 0.2})
+    predictions = pd.DataFrame(
+        {"customer_id": inputs["customer_id"], "prediction": ["no"] * len(inputs), "proba_no": 0.8, "proba_yes": 0.2}
+    )
     predictions.to_parquet(folder / "part-00000.parquet", index=False)
-    (folder / "_SUCCESS.json").write_text(json.dumps({
-        "rows": len(inputs), "parts": ["part-00000.parquet"], "model": "churn", "version": version, "run_id": run,
-        "scored_at": RUN_AFTER.isoformat(), "source": source}))
+    (folder / "_SUCCESS.json").write_text(
+        json.dumps(
+            {
+                "rows": len(inputs),
+                "parts": ["part-00000.parquet"],
+                "model": "churn",
+                "version": version,
+                "run_id": run,
+                "scored_at": RUN_AFTER.isoformat(),
+                "source": source,
+            }
+        )
+    )
 
 
 @pytest.mark.slow
@@ -341,9 +389,16 @@ def test_captured_traffic_is_checked_and_its_offsets_kept(lake, champion, churn_
     capture = Capture(Path(lake.capture("churn").path), 1.0, "churn")
     rows = churn_model["test"].iloc[:40]
     for n in range(0, 40, 4):
-        body = rows.iloc[n:n + 4][model.feature_names].to_csv(index=False, header=False).encode()
-        capture.write(champion, "text/csv", "application/json", body, model.invoke(body, "text/csv"),
-                      "application/json", f"req-{n}")
+        body = rows.iloc[n : n + 4][model.feature_names].to_csv(index=False, header=False).encode()
+        capture.write(
+            champion,
+            "text/csv",
+            "application/json",
+            body,
+            model.invoke(body, "text/csv"),
+            "application/json",
+            f"req-{n}",
+        )
     result = CheckDriftOperator(task_id="drift", spec=SPEC).execute(monitor_context("scheduled__1"))
     assert len(result["checks"]) == 1
     only = result["checks"][0]
@@ -375,10 +430,18 @@ def test_poor_live_accuracy_retrains_once_with_the_labelled_rows(lake, champion,
     test = churn_model["test"].iloc[:240]
     features = read_metadata(churn_model["dir"]).feature_names
     p_yes = np.random.default_rng(0).random(len(test))  # a model no better than chance on the new data
-    predictions = pd.DataFrame({"prediction": np.where(p_yes > 0.5, "yes", "no"), "proba_no": 1 - p_yes,
-                                "proba_yes": p_yes})
-    observed = records.observations(test[features], predictions, ids=test["customer_id"], model_version=champion,
-                                    scored_at=RUN_AFTER.isoformat(), source="batch", source_id="b1")
+    predictions = pd.DataFrame(
+        {"prediction": np.where(p_yes > 0.5, "yes", "no"), "proba_no": 1 - p_yes, "proba_yes": p_yes}
+    )
+    observed = records.observations(
+        test[features],
+        predictions,
+        ids=test["customer_id"],
+        model_version=champion,
+        scored_at=RUN_AFTER.isoformat(),
+        source="batch",
+        source_id="b1",
+    )
     records.write_parquet(lake.monitor("churn", "observations", "batch-b1.parquet"), observed)
     truth = test[["customer_id", "churned"]].itertuples(index=False)
     write_drop(lake, "feedback/f1", {"labels.csv": csv(list(truth))})
@@ -391,8 +454,10 @@ def test_poor_live_accuracy_retrains_once_with_the_labelled_rows(lake, champion,
 
     decision = decide("scheduled__1")
     assert decision["retrain"] is True and decision["live"]["labels"] == 240 and decision["live"]["value"] < 0.65
-    assert decision["reasons"] == [f"live roc_auc of version {champion} is {decision['live']['value']:.4f} < 0.65 over "
-                                   "240 new labels (at least 200 needed)"]
+    assert decision["reasons"] == [
+        f"live roc_auc of version {champion} is {decision['live']['value']:.4f} < 0.65 over "
+        "240 new labels (at least 200 needed)"
+    ]
     rows = pd.read_parquet(decision["labelled_uri"].removeprefix("file://"))
     assert list(rows.columns) == [*features, "customer_id", "churned"] and len(rows) == decision["labelled_rows"] == 240
     assert rows["churned"].tolist() == test["churned"].tolist()
@@ -410,8 +475,11 @@ def test_poor_live_accuracy_retrains_once_with_the_labelled_rows(lake, champion,
 
 
 def test_trigger_skips_without_a_retrain_decision():
-    for decision, why in ((None, "no reason to"), ({"retrain": False, "reasons": []}, "no reason to"),
-                          ({"retrain": False, "reasons": ["drift"], "suppressed_by_cooldown": True}, "cool-down")):
+    for decision, why in (
+        (None, "no reason to"),
+        ({"retrain": False, "reasons": []}, "no reason to"),
+        ({"retrain": False, "reasons": ["drift"], "suppressed_by_cooldown": True}, "cool-down"),
+    ):
         with pytest.raises(AirflowSkipException, match=f"not retraining churn: .*{why}"):
             TriggerRetrainOperator(task_id="trigger", spec=SPEC, decision=decision).execute(context())
 
@@ -419,12 +487,22 @@ def test_trigger_skips_without_a_retrain_decision():
 def test_trigger_sets_the_retrain_events_extra():
     from conveyor.assets import retrain_asset
 
-    decision = {"retrain": True, "reasons": ["live roc_auc of version 1 is 0.5 < 0.65"], "report": "file:///r/index.html",
-                "labelled_uri": "file:///lake/monitor/churn/retrain/scheduled__1/labelled.parquet", "labelled_rows": 12}
+    decision = {
+        "retrain": True,
+        "reasons": ["live roc_auc of version 1 is 0.5 < 0.65"],
+        "report": "file:///r/index.html",
+        "labelled_uri": "file:///lake/monitor/churn/retrain/scheduled__1/labelled.parquet",
+        "labelled_rows": 12,
+    }
     ctx = context("scheduled__1")
     extra = TriggerRetrainOperator(task_id="trigger", spec=SPEC, decision=decision).execute(ctx)
-    assert extra == {"reasons": decision["reasons"], "labelled_uri": decision["labelled_uri"], "labelled_rows": 12,
-                     "monitor_run": "scheduled__1", "report": "file:///r/index.html"}
+    assert extra == {
+        "reasons": decision["reasons"],
+        "labelled_uri": decision["labelled_uri"],
+        "labelled_rows": 12,
+        "monitor_run": "scheduled__1",
+        "report": "file:///r/index.html",
+    }
     assert ctx["outlet_events"][retrain_asset("churn")].extra == extra
     json.dumps(extra)
 

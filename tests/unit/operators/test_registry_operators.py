@@ -45,8 +45,9 @@ def gate_result(store, run_id: str) -> dict[str, Any]:
 
 
 def register(store, run_id: str = "manual__1", **kwargs: Any) -> dict[str, Any]:
-    op = RegisterModelOperator(task_id="register", spec=SPEC, model=MODEL, gate=gate_result(store, run_id),
-                               tracking_uri=store.uri, **kwargs)
+    op = RegisterModelOperator(
+        task_id="register", spec=SPEC, model=MODEL, gate=gate_result(store, run_id), tracking_uri=store.uri, **kwargs
+    )
     return op.execute(context(run_id))
 
 
@@ -64,16 +65,26 @@ def champion_version(store) -> str | None:
 
 def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
     gate = gate_result(store, "manual__1")
-    op = RegisterModelOperator(task_id="register", spec=SPEC, model=MODEL, gate=gate, deploy=False,
-                               tracking_uri=store.uri)
+    op = RegisterModelOperator(
+        task_id="register", spec=SPEC, model=MODEL, gate=gate, deploy=False, tracking_uri=store.uri
+    )
     result = op.execute(context("manual__1"))
-    assert result == {"model_name": "churn", "version": "1", "mlflow_run_id": gate["mlflow_run_id"],
-                      "model_uri": MODEL["model_uri"]}
+    assert result == {
+        "model_name": "churn",
+        "version": "1",
+        "mlflow_run_id": gate["mlflow_run_id"],
+        "model_uri": MODEL["model_uri"],
+    }
     version = store.hook.version("churn", "1")
     assert version.source == MODEL["model_uri"] and version.run_id == gate["mlflow_run_id"]
     assert version.tags == {
-        STATUS_TAG: PENDING, "dataset_version": MODEL["dataset_version"], "code_version": "c0ffee",
-        "backend": "local", "gate_decision": "passed", "conveyor_run_id": "manual__1", "deploy": "false",
+        STATUS_TAG: PENDING,
+        "dataset_version": MODEL["dataset_version"],
+        "code_version": "c0ffee",
+        "backend": "local",
+        "gate_decision": "passed",
+        "conveyor_run_id": "manual__1",
+        "deploy": "false",
     }
     assert store.hook.client.get_run(gate["mlflow_run_id"]).info.status == "FINISHED"
     assert champion_version(store) is None
@@ -127,13 +138,23 @@ class FakeTI:
 
 
 def approval_op(store, **kwargs: Any) -> ModelApprovalOperator:
-    return ModelApprovalOperator(task_id="approve", spec=SPEC, subject="Approve churn model version 1?",
-                                 body="gate PASSED", tracking_uri=store.uri, **kwargs)
+    return ModelApprovalOperator(
+        task_id="approve",
+        spec=SPEC,
+        subject="Approve churn model version 1?",
+        body="gate PASSED",
+        tracking_uri=store.uri,
+        **kwargs,
+    )
 
 
 def answer(option: str, user: dict[str, str] | None = ANA) -> dict[str, Any]:
-    return {"chosen_options": [option], "params_input": {}, "responded_by_user": user,
-            "responded_at": datetime(2026, 1, 1, 12, 0, tzinfo=UTC)}
+    return {
+        "chosen_options": [option],
+        "params_input": {},
+        "responded_by_user": user,
+        "responded_at": datetime(2026, 1, 1, 12, 0, tzinfo=UTC),
+    }
 
 
 def approval_context(op: ModelApprovalOperator, registration: dict[str, Any]) -> dict[str, Any]:
@@ -236,8 +257,9 @@ def test_a_registry_error_fails_the_task_with_it_as_the_cause(store, monkeypatch
     from conveyor.registry.base import UnknownApprovalStatus
 
     registration = register(store)
-    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration={**registration, "version": "9"},
-                             tracking_uri=store.uri)
+    op = AutoApproveOperator(
+        task_id="approve", spec=SPEC, registration={**registration, "version": "9"}, tracking_uri=store.uri
+    )
     with pytest.raises(MlflowException):  # not Conveyor's: as before, MLflow's own error
         op.execute(context("manual__1"))
 
@@ -257,8 +279,12 @@ def test_an_unreachable_registry_is_retried(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    op = AutoApproveOperator(task_id="approve", spec=SPEC, registration={"model_name": "churn", "version": "1"},
-                             tracking_uri="http://127.0.0.1:9")
+    op = AutoApproveOperator(
+        task_id="approve",
+        spec=SPEC,
+        registration={"model_name": "churn", "version": "1"},
+        tracking_uri="http://127.0.0.1:9",
+    )
     with pytest.raises(RegistryUnavailable):  # transient: propagates as itself, so the task's retries apply
         op.execute(context("manual__1"))
 
@@ -268,7 +294,6 @@ def test_publish_announces_the_version_on_the_model_asset():
 
     ctx = context("manual__1")
     registration = {"model_name": "churn", "version": "3", "model_uri": MODEL["model_uri"]}
-    result = PublishModelOperator(task_id="publish", spec=SPEC, registration=registration,
-                                  deploy="False").execute(ctx)
+    result = PublishModelOperator(task_id="publish", spec=SPEC, registration=registration, deploy="False").execute(ctx)
     assert result == {"version": "3", "deploy": False, "model_uri": MODEL["model_uri"]}
     assert ctx["outlet_events"][model_asset("churn")].extra == result

@@ -27,8 +27,13 @@ def setup(mlflow_template, tmp_path, monkeypatch, s3_lake, sagemaker_aws):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path))
     spec = sagemaker_pipeline(tmp_path, monkeypatch, name_prefix=f"o{uuid.uuid4().hex[:8]}-")
-    return {"spec": spec, "uri": uri, "lake": s3_lake, "registry": registry_hook(spec),
-            "mlflow": MlflowRegistryHook(uri)}
+    return {
+        "spec": spec,
+        "uri": uri,
+        "lake": s3_lake,
+        "registry": registry_hook(spec),
+        "mlflow": MlflowRegistryHook(uri),
+    }
 
 
 def spec_json(setup: dict) -> dict[str, Any]:
@@ -37,12 +42,22 @@ def spec_json(setup: dict) -> dict[str, Any]:
 
 
 def register(setup: dict, run_id: str, **kwargs: Any) -> dict[str, Any]:
-    model = {"model_uri": str(setup["lake"].models("churn", run_id) / "model.tar.gz"),
-             "dataset_version": "v-1", "code_version": "c-1"}
+    model = {
+        "model_uri": str(setup["lake"].models("churn", run_id) / "model.tar.gz"),
+        "dataset_version": "v-1",
+        "code_version": "c-1",
+    }
     mlflow_run = setup["mlflow"].ensure_run("churn", run_id, run_name=run_id, tags={})
     evaluation = {"metrics": {"roc_auc": 0.81, "accuracy": 0.77}, "report": "s3://x/evaluation/index.html"}
-    op = RegisterModelOperator(task_id="register", spec=spec_json(setup), model=model, tracking_uri=setup["uri"],
-                               gate={"mlflow_run_id": mlflow_run}, evaluation=evaluation, **kwargs)
+    op = RegisterModelOperator(
+        task_id="register",
+        spec=spec_json(setup),
+        model=model,
+        tracking_uri=setup["uri"],
+        gate={"mlflow_run_id": mlflow_run},
+        evaluation=evaluation,
+        **kwargs,
+    )
     return op.execute(context(run_id))
 
 
@@ -68,8 +83,9 @@ def test_a_person_rejects_a_version_in_the_model_registry(setup):
     first = register(setup, "manual__1")
     AutoApproveOperator(task_id="approve", spec=spec_json(setup), registration=first).execute(context("manual__1"))
     second = register(setup, "manual__2")
-    op = ModelApprovalOperator(task_id="approve", spec=spec_json(setup), subject="Approve?", body="gate PASSED",
-                               tracking_uri=setup["uri"])
+    op = ModelApprovalOperator(
+        task_id="approve", spec=spec_json(setup), subject="Approve?", body="gate PASSED", tracking_uri=setup["uri"]
+    )
     monkeypatch_skip: list = []
     op.skip = lambda **kwargs: monkeypatch_skip.append(kwargs)  # no downstream tasks here
 
@@ -77,8 +93,12 @@ def test_a_person_rejects_a_version_in_the_model_registry(setup):
         def xcom_pull(self, task_ids: Any = None, **kwargs: Any) -> Any:
             return second
 
-    event = {"chosen_options": ["Reject"], "params_input": {}, "responded_by_user": {"id": "1", "name": "ana"},
-             "responded_at": datetime(2026, 1, 1, tzinfo=UTC)}
+    event = {
+        "chosen_options": ["Reject"],
+        "params_input": {},
+        "responded_by_user": {"id": "1", "name": "ana"},
+        "responded_at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
     op.execute_complete({**context("manual__2"), "ti": TI(), "task": op}, event)
     rejected = setup["registry"].version("churn", "2")
     assert rejected.tags[STATUS_TAG] == REJECTED and rejected.tags["decided_by"] == "ana"
@@ -97,16 +117,26 @@ def test_resolve_reads_the_pipelines_registry(setup):
         resolve(version="1")
     setup["registry"].promote("churn", "1")
     resolved = resolve()
-    assert resolved == {"model_name": "churn", "version": "1", "status": APPROVED, "train_run": "manual__1",
-                        "model_uri": setup["registry"].version("churn", "1").source}
+    assert resolved == {
+        "model_name": "churn",
+        "version": "1",
+        "status": APPROVED,
+        "train_run": "manual__1",
+        "model_uri": setup["registry"].version("churn", "1").source,
+    }
     assert resolved["model_uri"].startswith("s3://") and "@" not in resolved["model_uri"]
 
 
 def test_registering_a_model_off_s3_is_refused_before_anything_is_written(setup, tmp_path):
     mlflow_run = setup["mlflow"].ensure_run("churn", "manual__9", run_name="manual__9", tags={})
     model = {"model_uri": (tmp_path / "model.tar.gz").as_uri(), "dataset_version": "v-1", "code_version": "c-1"}
-    op = RegisterModelOperator(task_id="register", spec=spec_json(setup), model=model,
-                               gate={"mlflow_run_id": mlflow_run}, tracking_uri=setup["uri"])
+    op = RegisterModelOperator(
+        task_id="register",
+        spec=spec_json(setup),
+        model=model,
+        gate={"mlflow_run_id": mlflow_run},
+        tracking_uri=setup["uri"],
+    )
     with pytest.raises(AirflowFailException, match="needs an s3:// location") as caught:
         op.execute(context("manual__9"))
     assert isinstance(caught.value.__cause__, NotOnS3)

@@ -27,8 +27,9 @@ from helpers import context
 from sagemaker_emulator import ROLE_ARN, sagemaker_pipeline
 
 RESULT_KEYS = {"model_uri", "code_version", "dataset_version", "best_model", "validation_score", "train_seconds"}
-NOT_FOUND = ClientError({"Error": {"Code": "ValidationException", "Message": "Could not find training job 'x'."}},
-                        "DescribeTrainingJob")
+NOT_FOUND = ClientError(
+    {"Error": {"Code": "ValidationException", "Message": "Could not find training job 'x'."}}, "DescribeTrainingJob"
+)
 
 
 @pytest.fixture
@@ -37,12 +38,17 @@ def run(tmp_path, monkeypatch, s3_lake, sagemaker_aws):
     from conveyor.data.splits import write_split
     from conveyor.demo import churn_frame
 
-    spec = sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=1,
-                              trainer={"time_limit": 5, "hyperparameters": {"GBM": {}}})
+    spec = sagemaker_pipeline(
+        tmp_path, monkeypatch, check_interval_seconds=1, trainer={"time_limit": 5, "hyperparameters": {"GBM": {}}}
+    )
     run_id = f"manual__{uuid.uuid4().hex[:8]}"
     record = write_split(s3_lake, spec, "v-test", run_id, churn_frame(600, seed=5))
-    return {"spec": spec, "lake": s3_lake, "run_id": run_id,
-            "split": {"dataset_version": "v-test", "parts": record["parts"]}}
+    return {
+        "spec": spec,
+        "lake": s3_lake,
+        "run_id": run_id,
+        "split": {"dataset_version": "v-test", "parts": record["parts"]},
+    }
 
 
 def operator(run: dict, spec=None, **kwargs) -> SageMakerTrainModelOperator:
@@ -76,8 +82,16 @@ def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monk
 
     from conveyor.model import artifacts
 
-    spec = sagemaker_pipeline(tmp_path, monkeypatch, check_interval_seconds=7, use_spot=True, max_run_seconds=900,
-                              max_wait_seconds=2700, training_instance_type="ml.c5.2xlarge", image_uri="img:train")
+    spec = sagemaker_pipeline(
+        tmp_path,
+        monkeypatch,
+        check_interval_seconds=7,
+        use_spot=True,
+        max_run_seconds=900,
+        max_wait_seconds=2700,
+        training_instance_type="ml.c5.2xlarge",
+        image_uri="img:train",
+    )
     conn = mocked_conn(NOT_FOUND, {"TrainingJobName": "x", "TrainingJobStatus": "InProgress"})
     op = operator(run, spec, time_limit=5)
     assert "spec" in op.template_fields and op.template_fields_renderers["spec"] == "json"
@@ -91,16 +105,33 @@ def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monk
         RoleArn=ROLE_ARN,
         AlgorithmSpecification={"TrainingImage": "img:train", "TrainingInputMode": "File"},
         HyperParameters={
-            "label": '"churned"', "problem-type": '"binary"', "presets": '"medium_quality"', "time-limit": '"5"',
-            "excluded-model-types": '"NN_TORCH,FASTAI"', "seed": '"42"', "num-gpus": '"0"', "eval-metric": '"roc_auc"',
-            "hyperparameters": json.dumps('{"GBM": {}}'), "id-column": '"customer_id"',
-            "sagemaker_program": '"train.py"', "sagemaker_submit_directory": json.dumps(source),
-            "sagemaker_region": '"us-east-1"', "sagemaker_container_log_level": "20",
+            "label": '"churned"',
+            "problem-type": '"binary"',
+            "presets": '"medium_quality"',
+            "time-limit": '"5"',
+            "excluded-model-types": '"NN_TORCH,FASTAI"',
+            "seed": '"42"',
+            "num-gpus": '"0"',
+            "eval-metric": '"roc_auc"',
+            "hyperparameters": json.dumps('{"GBM": {}}'),
+            "id-column": '"customer_id"',
+            "sagemaker_program": '"train.py"',
+            "sagemaker_submit_directory": json.dumps(source),
+            "sagemaker_region": '"us-east-1"',
+            "sagemaker_container_log_level": "20",
         },
         InputDataConfig=[
-            {"ChannelName": part, "InputMode": "File", "DataSource": {"S3DataSource": {
-                "S3DataType": "S3Prefix", "S3Uri": s3(run, "split", part) + "/",
-                "S3DataDistributionType": "FullyReplicated"}}}
+            {
+                "ChannelName": part,
+                "InputMode": "File",
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": s3(run, "split", part) + "/",
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            }
             for part in ("train", "validation")
         ],
         OutputDataConfig={"S3OutputPath": s3(run, "sagemaker") + "/"},
@@ -211,8 +242,12 @@ def test_polling_without_a_triggerer_sees_the_failure(run, monkeypatch):
 
     monkeypatch.setattr(training, "training_log_tail", lambda *args, **kwargs: ["oom at step 3"])
     running = {"TrainingJobName": "x", "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"}
-    failed = {"TrainingJobName": "x", "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
-              "FailureReason": "ClientError: Please use an instance type with more memory"}
+    failed = {
+        "TrainingJobName": "x",
+        "TrainingJobStatus": "Failed",
+        "SecondaryStatus": "Failed",
+        "FailureReason": "ClientError: Please use an instance type with more memory",
+    }
     conn = mocked_conn(running, running, failed)
     expected = "x Failed: ClientError: Please use.*\noom at step 3"
     with patched(conn), pytest.raises(AirflowFailException, match=expected) as err:
@@ -222,17 +257,25 @@ def test_polling_without_a_triggerer_sees_the_failure(run, monkeypatch):
 
 
 def test_an_expired_credential_is_a_clear_retryable_error(run):
-    expired = ClientError({"Error": {"Code": "ExpiredTokenException",
-                                     "Message": "The security token included in the request is expired"}},
-                          "DescribeTrainingJob")
+    expired = ClientError(
+        {
+            "Error": {
+                "Code": "ExpiredTokenException",
+                "Message": "The security token included in the request is expired",
+            }
+        },
+        "DescribeTrainingJob",
+    )
     with patched(mocked_conn(expired)), pytest.raises(AwsCredentialsExpired) as err:
         operator(run).execute(context(run["run_id"]))
     assert not isinstance(err.value, AirflowFailException) and err.value.retryable  # propagates: retried
     assert "sagemaker:DescribeTrainingJob" in str(err.value) and "'aws_default'" in str(err.value)
 
 
-@pytest.mark.parametrize("event", [{"status": "timeout", "message": "max attempts"},
-                                   {"status": "error", "message": "connection reset"}, None])
+@pytest.mark.parametrize(
+    "event",
+    [{"status": "timeout", "message": "max attempts"}, {"status": "error", "message": "connection reset"}, None],
+)
 def test_a_wait_that_ends_without_an_outcome_is_retried(run, event):
     with patched(mocked_conn()), pytest.raises(AirflowException) as err:
         operator(run).execute_complete(context(run["run_id"]), event)
@@ -266,14 +309,19 @@ def test_gpu_and_resumable_trainers_in_the_request(tmp_path, monkeypatch, s3_lak
     spec = sagemaker_pipeline(tmp_path, monkeypatch, trainer={"gpu": True}, training_instance_type="ml.g5.xlarge")
     config = job_request(spec, s3_lake, "r1", training_job_name("churn", "d", "r1"), "us-west-2", {}, 60, "")
     assert "num-gpus" not in config["HyperParameters"] and "CheckpointConfig" not in config
-    assert config["AlgorithmSpecification"]["TrainingImage"] == \
-        "763104351884.dkr.ecr.us-west-2.amazonaws.com/autogluon:1.6.3-cu133-amzn2023"
+    assert (
+        config["AlgorithmSpecification"]["TrainingImage"]
+        == "763104351884.dkr.ecr.us-west-2.amazonaws.com/autogluon:1.6.3-cu133-amzn2023"
+    )
 
     spec = sagemaker_pipeline(tmp_path, monkeypatch, pipeline="shapes")
     config = job_request(spec, s3_lake, "r1", training_job_name("shapes", "d", "r1"), "us-west-2", {}, 60, "")
     assert config["HyperParameters"]["checkpoint-dir"] == '"/opt/ml/checkpoints"'
-    assert config["CheckpointConfig"] == {"S3Uri": plain_s3_uri(s3_lake.models("shapes", "r1") / "checkpoints") + "/",
-                                          "LocalPath": "/opt/ml/checkpoints"}
+    assert config["CheckpointConfig"] == {
+        "S3Uri": plain_s3_uri(s3_lake.models("shapes", "r1") / "checkpoints") + "/",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
     assert config["HyperParameters"]["sagemaker_program"] == '"train.py"'
     assert config["AlgorithmSpecification"]["TrainingImage"].endswith(  # shapes.yaml: trainer.gpu
-        "/pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker")
+        "/pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker"
+    )

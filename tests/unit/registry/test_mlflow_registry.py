@@ -79,10 +79,10 @@ def test_ensure_run_is_idempotent_by_run_key(hook):
 
 def test_log_run_twice_does_not_fail_and_logs_params_once(hook):
     run_id = new_run(hook, "log-twice")
-    hook.log_run(run_id, {"presets": "medium_quality", "long": "x" * 7000}, {"roc_auc": 0.8, "note": "n/a"},
-                 {"stage": "trained"})
-    hook.log_run(run_id, {"presets": "best_quality", "new": 1}, {"roc_auc": 0.8, "accuracy": 0.75},
-                 {"stage": "gated"})
+    hook.log_run(
+        run_id, {"presets": "medium_quality", "long": "x" * 7000}, {"roc_auc": 0.8, "note": "n/a"}, {"stage": "trained"}
+    )
+    hook.log_run(run_id, {"presets": "best_quality", "new": 1}, {"roc_auc": 0.8, "accuracy": 0.75}, {"stage": "gated"})
     data = hook.client.get_run(run_id).data
     assert data.params == {"presets": "medium_quality", "long": "x" * 6000, "new": "1"}
     assert data.metrics == {"roc_auc": 0.8, "accuracy": 0.75}
@@ -92,8 +92,9 @@ def test_log_run_twice_does_not_fail_and_logs_params_once(hook):
 
 def test_register_creates_a_pending_version_with_the_given_tags(hook, model):
     run_id = new_run(hook, f"register-{model}")
-    version = hook.register(model, "file:///lake/models/churn/run/model.tar.gz", run_id,
-                            {"dataset_version": "v-1", "code_version": "abc"})
+    version = hook.register(
+        model, "file:///lake/models/churn/run/model.tar.gz", run_id, {"dataset_version": "v-1", "code_version": "abc"}
+    )
     assert str(version.version) == "1"
     assert version.run_id == run_id
     stored = hook.version(model, "1")

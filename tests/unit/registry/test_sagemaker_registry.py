@@ -9,13 +9,19 @@ import pytest
 from botocore.exceptions import ClientError
 
 from conveyor.aws.common import AwsCredentialsExpired
+from conveyor.registry import ModelVersionNotFound, registry_hook
 from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG, UnknownApprovalStatus
 from conveyor.registry.sagemaker import SageMakerRegistryHook
-from conveyor.registry import ModelVersionNotFound, registry_hook
 from sagemaker_emulator import sagemaker_pipeline
 
-TAGS = {"dataset_version": "v-0123", "code_version": "c-abc", "backend": "sagemaker", "gate_decision": "passed",
-        "conveyor_run_id": "manual__2026-01-01T00:00:00+00:00", "deploy": "true"}
+TAGS = {
+    "dataset_version": "v-0123",
+    "code_version": "c-abc",
+    "backend": "sagemaker",
+    "gate_decision": "passed",
+    "conveyor_run_id": "manual__2026-01-01T00:00:00+00:00",
+    "deploy": "true",
+}
 
 
 @pytest.fixture
@@ -39,8 +45,12 @@ def packages(hook: SageMakerRegistryHook) -> list[dict]:
 def test_register_creates_the_group_once_and_a_pending_package_with_its_provenance(hook):
     create_group = mock.Mock(wraps=hook.hook.conn.create_model_package_group)
     with mock.patch.object(hook.hook.conn, "create_model_package_group", create_group):
-        first = register(hook, "run1", metrics={"roc_auc": 0.8123456789, "accuracy": 0.75},
-                         metrics_uri="s3://lake_s3@lake-bucket/conveyor/reports/churn/run1/evaluation/metrics.json")
+        first = register(
+            hook,
+            "run1",
+            metrics={"roc_auc": 0.8123456789, "accuracy": 0.75},
+            metrics_uri="s3://lake_s3@lake-bucket/conveyor/reports/churn/run1/evaluation/metrics.json",
+        )
         second = register(hook, "run2")
     assert create_group.call_count == 1
     assert (first.version, second.version) == ("1", "2")
@@ -51,18 +61,29 @@ def test_register_creates_the_group_once_and_a_pending_package_with_its_provenan
     described = hook.hook.conn.describe_model_package(ModelPackageName=first.arn)
     assert described["ModelPackageGroupName"] == hook.group("churn")
     assert described["InferenceSpecification"] == {
-        "Containers": [{
-            "Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023",
-            "ModelDataUrl": "s3://lake-bucket/conveyor/models/churn/run1/model.tar.gz",
-            "Environment": {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                            "SAGEMAKER_CONTAINER_LOG_LEVEL": "20"},
-        }],
+        "Containers": [
+            {
+                "Image": "763104351884.dkr.ecr.us-east-1.amazonaws.com/autogluon:1.6.3-cpu-amzn2023",
+                "ModelDataUrl": "s3://lake-bucket/conveyor/models/churn/run1/model.tar.gz",
+                "Environment": {
+                    "SAGEMAKER_PROGRAM": "inference.py",
+                    "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                    "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                },
+            }
+        ],
         "SupportedContentTypes": ["text/csv", "application/json"],
         "SupportedResponseMIMETypes": ["application/json", "text/csv"],
         "SupportedRealtimeInferenceInstanceTypes": ["ml.m5.large"],
     }
-    assert described["ModelMetrics"] == {"ModelQuality": {"Statistics": {
-        "ContentType": "application/json", "S3Uri": "s3://lake-bucket/conveyor/reports/churn/run1/evaluation/metrics.json"}}}
+    assert described["ModelMetrics"] == {
+        "ModelQuality": {
+            "Statistics": {
+                "ContentType": "application/json",
+                "S3Uri": "s3://lake-bucket/conveyor/reports/churn/run1/evaluation/metrics.json",
+            }
+        }
+    }
     assert described["MetadataProperties"]["CommitId"] == "c-abc"
     assert "ModelMetrics" not in hook.hook.conn.describe_model_package(ModelPackageName=second.arn)
 
@@ -100,7 +121,10 @@ def test_resolve_by_number_and_alias(hook):
     hook.promote("churn", "1")
     found = hook.resolve("churn", "champion")
     assert (found.version, found.source, found.tags["conveyor_run_id"]) == (
-        "1", "s3://lake-bucket/conveyor/models/churn/r1/model.tar.gz", "r1")
+        "1",
+        "s3://lake-bucket/conveyor/models/churn/r1/model.tar.gz",
+        "r1",
+    )
     assert hook.resolve("churn", "2").tags[STATUS_TAG] == PENDING
     assert hook.resolve("churn", "latest").version == "2"
     with pytest.raises(ModelVersionNotFound, match="has no version 7"):
@@ -132,7 +156,8 @@ def test_record_deployment_moves_the_live_version(hook):
     assert hook.record_deployment("churn", "2", "churn-endpoint") == "2"  # a redeploy of the same version
     tags = hook.hook.conn.list_tags(ResourceArn=hook.group_arn("churn"))["Tags"]
     assert [tag for tag in tags if tag["Key"] == "conveyor:live_on:churn-endpoint"] == [
-        {"Key": "conveyor:live_on:churn-endpoint", "Value": "2"}]
+        {"Key": "conveyor:live_on:churn-endpoint", "Value": "2"}
+    ]
 
 
 def test_nothing_registered_means_no_group_no_champion_no_live_version(hook):
@@ -150,15 +175,24 @@ def test_exact_requests_at_the_hook_boundary():
     conn.describe_model_package_group.return_value = {"ModelPackageGroupArn": "arn:group/p-shapes"}
     conn.create_model_package.return_value = {"ModelPackageArn": "arn:pkg/p-shapes/1"}
     conn.describe_model_package.return_value = {
-        "ModelPackageArn": "arn:pkg/p-shapes/1", "ModelPackageVersion": 1, "ModelPackageGroupName": "p-shapes",
-        "ModelApprovalStatus": PENDING, "CustomerMetadataProperties": {"conveyor_run_id": "r9", "x": "1"},
+        "ModelPackageArn": "arn:pkg/p-shapes/1",
+        "ModelPackageVersion": 1,
+        "ModelPackageGroupName": "p-shapes",
+        "ModelApprovalStatus": PENDING,
+        "CustomerMetadataProperties": {"conveyor_run_id": "r9", "x": "1"},
         "InferenceSpecification": {"Containers": [{"ModelDataUrl": "s3://b/m.tar.gz"}]},
     }
     with mock.patch.object(type(hook.hook), "conn", conn):
-        version = hook.register("shapes", "s3://b/m.tar.gz", "mlflow-9", {"conveyor_run_id": "r9", "code_version": "c-9"},
-                                metrics={"accuracy": 0.5, "flag": True})
-        conn.list_model_packages.return_value = {"ModelPackageSummaryList": [
-            {"ModelPackageArn": "arn:pkg/p-shapes/1", "ModelPackageVersion": 1}]}
+        version = hook.register(
+            "shapes",
+            "s3://b/m.tar.gz",
+            "mlflow-9",
+            {"conveyor_run_id": "r9", "code_version": "c-9"},
+            metrics={"accuracy": 0.5, "flag": True},
+        )
+        conn.list_model_packages.return_value = {
+            "ModelPackageSummaryList": [{"ModelPackageArn": "arn:pkg/p-shapes/1", "ModelPackageVersion": 1}]
+        }
         hook.set_status("shapes", "1", APPROVED)
     assert version.version == "1" and version.arn == "arn:pkg/p-shapes/1"
     request = conn.create_model_package.call_args.kwargs
@@ -166,15 +200,27 @@ def test_exact_requests_at_the_hook_boundary():
         "ModelPackageGroupName": "p-shapes",
         "ModelPackageDescription": "shapes model of Airflow run r9 [registration mlflow-9]",
         "InferenceSpecification": {
-            "Containers": [{"Image": "img:serve", "ModelDataUrl": "s3://b/m.tar.gz", "Environment": {
-                "SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                "SAGEMAKER_CONTAINER_LOG_LEVEL": "20"}}],
+            "Containers": [
+                {
+                    "Image": "img:serve",
+                    "ModelDataUrl": "s3://b/m.tar.gz",
+                    "Environment": {
+                        "SAGEMAKER_PROGRAM": "inference.py",
+                        "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                        "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                    },
+                }
+            ],
             "SupportedContentTypes": ["image/jpeg", "image/png", "application/x-image", "application/json"],
             "SupportedResponseMIMETypes": ["application/json", "text/csv"],
         },
         "ModelApprovalStatus": PENDING,
-        "CustomerMetadataProperties": {"conveyor_run_id": "r9", "code_version": "c-9", "mlflow_run_id": "mlflow-9",
-                                       "test_accuracy": "0.5"},
+        "CustomerMetadataProperties": {
+            "conveyor_run_id": "r9",
+            "code_version": "c-9",
+            "mlflow_run_id": "mlflow-9",
+            "test_accuracy": "0.5",
+        },
         "MetadataProperties": {"GeneratedBy": "conveyor run r9", "CommitId": "c-9", "ProjectId": "shapes"},
         "ClientToken": request["ClientToken"],
         "Tags": [{"Key": "conveyor:pipeline", "Value": "shapes"}, {"Key": "conveyor:run_id", "Value": "r9"}],
@@ -182,8 +228,10 @@ def test_exact_requests_at_the_hook_boundary():
     assert len(request["ClientToken"]) == 36
     conn.create_model_package_group.assert_not_called()  # the group existed
     conn.update_model_package.assert_called_once_with(
-        ModelPackageArn="arn:pkg/p-shapes/1", ModelApprovalStatus=APPROVED,
-        CustomerMetadataProperties={"conveyor_run_id": "r9", "x": "1"}, ApprovalDescription="Approved by Conveyor",
+        ModelPackageArn="arn:pkg/p-shapes/1",
+        ModelApprovalStatus=APPROVED,
+        CustomerMetadataProperties={"conveyor_run_id": "r9", "x": "1"},
+        ApprovalDescription="Approved by Conveyor",
     )
 
 
@@ -191,8 +239,14 @@ def test_expired_credentials_become_a_clear_retryable_error():
     hook = SageMakerRegistryHook()
     conn = mock.MagicMock()
     conn.list_model_packages.side_effect = ClientError(
-        {"Error": {"Code": "ExpiredTokenException", "Message": "The security token included in the request is expired"}},
-        "ListModelPackages")
+        {
+            "Error": {
+                "Code": "ExpiredTokenException",
+                "Message": "The security token included in the request is expired",
+            }
+        },
+        "ListModelPackages",
+    )
     with mock.patch.object(type(hook.hook), "conn", conn):
         with pytest.raises(AwsCredentialsExpired, match="sagemaker:ListModelPackages.*'aws_default'.*expired"):
             hook.champion("churn")
@@ -203,10 +257,20 @@ def test_registry_hook_follows_the_spec(tmp_path, monkeypatch):
     from conveyor.spec import get_spec
 
     assert isinstance(registry_hook(get_spec("churn"), "sqlite:////tmp/x.db"), MlflowRegistryHook)
-    spec = sagemaker_pipeline(tmp_path, monkeypatch, aws_conn_id="aws_ml", region="eu-central-1",
-                              inference_image_uri="img:2", name_prefix="team-")
+    spec = sagemaker_pipeline(
+        tmp_path,
+        monkeypatch,
+        aws_conn_id="aws_ml",
+        region="eu-central-1",
+        inference_image_uri="img:2",
+        name_prefix="team-",
+    )
     hook = registry_hook(spec)
     assert isinstance(hook, SageMakerRegistryHook)
     assert (hook.aws_conn_id, hook.region_name, hook.inference_image_uri, hook.trainer) == (
-        "aws_ml", "eu-central-1", "img:2", "autogluon")
+        "aws_ml",
+        "eu-central-1",
+        "img:2",
+        "autogluon",
+    )
     assert hook.group("churn") == "team-churn" and hook.realtime_instance_types == ["ml.m5.large"]

@@ -264,7 +264,12 @@ def _assert_png(path: str) -> None:
 def test_binary_report_writes_plots_json_and_an_escaped_page(tmp_path):
     out = tmp_path / "report"
     paths = write_evaluation_report(
-        out, _binary(), "binary", B_TRUE, B_PRED, B_PROBA,
+        out,
+        _binary(),
+        "binary",
+        B_TRUE,
+        B_PRED,
+        B_PROBA,
         feature_importance={"age": 0.4, "income$": -0.2, "<b>zip</b>": 0.1},
         title="<script>alert(1)</script>",
         context={"model": "churn", "version": 3, "run_id": "manual__<x>"},

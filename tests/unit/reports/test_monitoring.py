@@ -26,18 +26,24 @@ tabular = load_script("include/training/autogluon_tabular/train.py", "monitoring
 
 def frame(rows: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "income": rng.normal(50.0, 10.0, rows),
-        "plan": rng.choice(["basic", "plus", "pro"], rows, p=[0.5, 0.3, 0.2]),
-        "version": np.full(rows, 3.0),
-        "churned": rng.choice(["no", "yes"], rows, p=[0.8, 0.2]),
-    })
+    return pd.DataFrame(
+        {
+            "income": rng.normal(50.0, 10.0, rows),
+            "plan": rng.choice(["basic", "plus", "pro"], rows, p=[0.5, 0.3, 0.2]),
+            "version": np.full(rows, 3.0),
+            "churned": rng.choice(["no", "yes"], rows, p=[0.8, 0.2]),
+        }
+    )
 
 
 def metadata_for(train: pd.DataFrame, problem_type: str, label: str) -> ModelMetadata:
-    return ModelMetadata(trainer="autogluon", problem_type=problem_type, label=label,
-                         features=tuple(Feature(c, str(train[c].dtype)) for c in train.columns if c != label),
-                         baseline=tabular.build_baseline(train, label, problem_type))
+    return ModelMetadata(
+        trainer="autogluon",
+        problem_type=problem_type,
+        label=label,
+        features=tuple(Feature(c, str(train[c].dtype)) for c in train.columns if c != label),
+        baseline=tabular.build_baseline(train, label, problem_type),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +88,33 @@ def bad_batch_error(classifier) -> str:
 
 
 def history(n_past: int = 3) -> list[dict]:
-    records = [{"at": f"2024-05-0{day}T06:00:00+00:00", "source": "batch", "id": f"run_{day}", "rows": 1000,
-                "drift_share": 0.0, "drifted_features": [], "max_psi": 0.01 * day, "prediction_psi": 0.005,
-                "drifted": False} for day in range(1, n_past + 1)]
-    records.append({"at": "2024-05-04T06:00:00+00:00", "source": "capture", "id": "2024-05-03", "rows": 1000,
-                    "drift_share": 1 / 3, "drifted_features": ["version"], "max_psi": float("nan"),
-                    "prediction_psi": np.float64(3.2), "drifted": np.bool_(True)})
+    records = [
+        {
+            "at": f"2024-05-0{day}T06:00:00+00:00",
+            "source": "batch",
+            "id": f"run_{day}",
+            "rows": 1000,
+            "drift_share": 0.0,
+            "drifted_features": [],
+            "max_psi": 0.01 * day,
+            "prediction_psi": 0.005,
+            "drifted": False,
+        }
+        for day in range(1, n_past + 1)
+    ]
+    records.append(
+        {
+            "at": "2024-05-04T06:00:00+00:00",
+            "source": "capture",
+            "id": "2024-05-03",
+            "rows": 1000,
+            "drift_share": 1 / 3,
+            "drifted_features": ["version"],
+            "max_psi": float("nan"),
+            "prediction_psi": np.float64(3.2),
+            "drifted": np.bool_(True),
+        }
+    )
     return records
 
 
@@ -96,30 +123,65 @@ LIVE = [
     {"day": "2024-05-02", "labels": 0, "metric": "accuracy", "value": None, "model_version": "3"},
     {"day": "2024-05-03", "labels": 150, "metric": "accuracy", "value": 0.71, "model_version": "3"},
 ]
-LABELS = {"received": 300, "accepted": 270, "unknown_ids": 20, "duplicates": 6, "out_of_set": 4,
-          "new_since_training": 270,
-          "rejected_examples": [{"id": "p-404", "label": "no", "rule": "unknown prediction id"},
-                                {"id": "p-7", "label": "<b>maybe</b>",
-                                 "rule": "label outside the class set ['no', 'yes']"}]}
+LABELS = {
+    "received": 300,
+    "accepted": 270,
+    "unknown_ids": 20,
+    "duplicates": 6,
+    "out_of_set": 4,
+    "new_since_training": 270,
+    "rejected_examples": [
+        {"id": "p-404", "label": "no", "rule": "unknown prediction id"},
+        {"id": "p-7", "label": "<b>maybe</b>", "rule": "label outside the class set ['no', 'yes']"},
+    ],
+}
 MODEL = {"name": "churn", "version": "3", "metric": "accuracy", "baseline_metric": 0.9}
 
 
-def render(out: Path, sources: list[dict], *, decision: dict | None = None, hist: list[dict] | None = None,
-           live: list[dict] | None = None, labels: dict | None = None) -> tuple[Path, str]:
-    decision = decision if decision is not None else {
-        "retrain": True, "reasons": ["drift: 2 of 3 features drifted in batch run_a", "live accuracy 0.71 < 0.8"],
-        "suppressed_by_cooldown": False, "cooldown_until": None, "last_trigger": "2024-04-20T06:00:00+00:00",
-        "thresholds": {"psi": 0.2, "max_drift_share": 0.25, "min_live_metric": 0.8, "min_new_labels": 100,
-                       "cooldown_hours": 24.0}}
-    index = write_monitor_report(out, pipeline="churn", model=MODEL, sources=sources,
-                                 history=history() if hist is None else hist, live=LIVE if live is None else live,
-                                 labels=LABELS if labels is None else labels, decision=decision)
+def render(
+    out: Path,
+    sources: list[dict],
+    *,
+    decision: dict | None = None,
+    hist: list[dict] | None = None,
+    live: list[dict] | None = None,
+    labels: dict | None = None,
+) -> tuple[Path, str]:
+    decision = (
+        decision
+        if decision is not None
+        else {
+            "retrain": True,
+            "reasons": ["drift: 2 of 3 features drifted in batch run_a", "live accuracy 0.71 < 0.8"],
+            "suppressed_by_cooldown": False,
+            "cooldown_until": None,
+            "last_trigger": "2024-04-20T06:00:00+00:00",
+            "thresholds": {
+                "psi": 0.2,
+                "max_drift_share": 0.25,
+                "min_live_metric": 0.8,
+                "min_new_labels": 100,
+                "cooldown_hours": 24.0,
+            },
+        }
+    )
+    index = write_monitor_report(
+        out,
+        pipeline="churn",
+        model=MODEL,
+        sources=sources,
+        history=history() if hist is None else hist,
+        live=LIVE if live is None else live,
+        labels=LABELS if labels is None else labels,
+        decision=decision,
+    )
     return index, index.read_text(encoding="utf-8")
 
 
 def no_nan(text: str) -> dict:
     def refuse(constant: str) -> None:
         raise AssertionError(f"monitor.json holds {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -128,9 +190,11 @@ def drifted_with_shares(report: dict) -> list[str]:
 
 
 def test_full_report(tmp_path, batch_report, capture_report, bad_batch_error):
-    sources = [{"source": "batch", "id": "run_a", "rows": 1000, "report": batch_report, "error": None},
-               {"source": "capture", "id": "2024-05-03", "rows": 1000, "report": capture_report, "error": None},
-               {"source": "batch", "id": "run_bad", "rows": 50, "report": None, "error": bad_batch_error}]
+    sources = [
+        {"source": "batch", "id": "run_a", "rows": 1000, "report": batch_report, "error": None},
+        {"source": "capture", "id": "2024-05-03", "rows": 1000, "report": capture_report, "error": None},
+        {"source": "batch", "id": "run_bad", "rows": 50, "report": None, "error": bad_batch_error},
+    ]
     assert batch_report["drifted_features"] == ["income", "plan"]
     assert capture_report["drifted_features"] == ["version"]
     index, page = render(tmp_path / "report", sources)
@@ -178,8 +242,13 @@ def test_full_report(tmp_path, batch_report, capture_report, bad_batch_error):
     # monitor.json: every input, no NaN, numpy values plain
     document = no_nan((out / "monitor.json").read_text(encoding="utf-8"))
     assert document["sources"][0]["report"] == json.loads(json.dumps(batch_report))
-    assert document["sources"][2] == {"source": "batch", "id": "run_bad", "rows": 50, "report": None,
-                                      "error": bad_batch_error}
+    assert document["sources"][2] == {
+        "source": "batch",
+        "id": "run_bad",
+        "rows": 50,
+        "report": None,
+        "error": bad_batch_error,
+    }
     assert document["history"][-1]["max_psi"] is None and document["history"][-1]["drifted"] is True
     assert document["history"][-1]["prediction_psi"] == 3.2
     assert document["live"] == LIVE and document["labels"] == LABELS and document["model"] == MODEL
@@ -187,8 +256,9 @@ def test_full_report(tmp_path, batch_report, capture_report, bad_batch_error):
 
 
 def test_html_from_data_is_escaped(tmp_path, batch_report):
-    evil_feature = {("<b>x</b>" if name == "income" else name): result
-                    for name, result in batch_report["features"].items()}
+    evil_feature = {
+        ("<b>x</b>" if name == "income" else name): result for name, result in batch_report["features"].items()
+    }
     report = batch_report | {"features": evil_feature, "drifted_features": ["<b>x</b>", "plan"]}
     sources = [{"source": "batch", "id": "<i>run</i>", "rows": 1000, "report": report, "error": None}]
     labels = LABELS | {"rejected_examples": [{"id": "<img src=x onerror=alert(1)>", "label": EVIL, "rule": "a & b"}]}
@@ -203,8 +273,14 @@ def test_html_from_data_is_escaped(tmp_path, batch_report):
 
 
 def test_empty_inputs_render_cleanly(tmp_path):
-    decision = {"retrain": False, "reasons": [], "suppressed_by_cooldown": False, "cooldown_until": None,
-                "last_trigger": None, "thresholds": {}}
+    decision = {
+        "retrain": False,
+        "reasons": [],
+        "suppressed_by_cooldown": False,
+        "cooldown_until": None,
+        "last_trigger": None,
+        "thresholds": {},
+    }
     index, page = render(tmp_path / "empty", [], decision=decision, hist=[], live=[], labels={})
     assert '<p class="verdict ok">No action</p>' in page and "No trigger condition was met." in page
     assert "No batch or captured traffic was checked" in page and "No monitoring history yet." in page
@@ -216,11 +292,21 @@ def test_empty_inputs_render_cleanly(tmp_path):
 
 
 def test_error_only_and_missing_report(tmp_path):
-    sources = [{"source": "batch", "id": "run_empty", "rows": 0, "report": None,
-                "error": "batch has no rows: there is nothing to compare with the baseline"},
-               {"source": "capture", "id": "w1", "rows": 0, "report": None, "error": None}]
-    _, page = render(tmp_path, sources, live=[{"day": "2024-05-01", "labels": 0, "metric": "accuracy", "value": None,
-                                               "model_version": "3"}])
+    sources = [
+        {
+            "source": "batch",
+            "id": "run_empty",
+            "rows": 0,
+            "report": None,
+            "error": "batch has no rows: there is nothing to compare with the baseline",
+        },
+        {"source": "capture", "id": "w1", "rows": 0, "report": None, "error": None},
+    ]
+    _, page = render(
+        tmp_path,
+        sources,
+        live=[{"day": "2024-05-01", "labels": 0, "metric": "accuracy", "value": None, "model_version": "3"}],
+    )
     assert "<strong>This data could not be checked:</strong> batch has no rows" in page
     assert "No drift report for this source." in page
     assert not list(tmp_path.glob("drift_*.png")) and not list(tmp_path.glob("prediction_*.png"))
@@ -233,11 +319,17 @@ def test_suppressed_verdict_and_stale_plots_removed(tmp_path, batch_report, clas
     assert len(list(out.glob("drift_*.png"))) == 2
     calm = drift_report(classifier, frame(500, seed=9).drop(columns="churned"))
     assert not calm["drifted"]
-    decision = {"retrain": False, "reasons": ["drift: psi 0.4 > 0.2"], "suppressed_by_cooldown": True,
-                "cooldown_until": "2024-05-05T06:00:00+00:00", "last_trigger": "2024-05-04T06:00:00+00:00",
-                "thresholds": {"cooldown_hours": 24}}
-    _, page = render(out, [{"source": "batch", "id": "run_b", "rows": 500, "report": calm, "error": None}],
-                     decision=decision)
+    decision = {
+        "retrain": False,
+        "reasons": ["drift: psi 0.4 > 0.2"],
+        "suppressed_by_cooldown": True,
+        "cooldown_until": "2024-05-05T06:00:00+00:00",
+        "last_trigger": "2024-05-04T06:00:00+00:00",
+        "thresholds": {"cooldown_hours": 24},
+    }
+    _, page = render(
+        out, [{"source": "batch", "id": "run_b", "rows": 500, "report": calm, "error": None}], decision=decision
+    )
     assert '<p class="verdict suppressed">Retrain suppressed by cool-down until 2024-05-05T06:00:00+00:00</p>' in page
     assert not list(out.glob("drift_*.png")) and not (out / "prediction_s1.png").exists()
     assert "0 of 3 features drifted" in page and "no drift" in page
@@ -245,18 +337,28 @@ def test_suppressed_verdict_and_stale_plots_removed(tmp_path, batch_report, clas
 
 def test_image_report_channel_means_are_tabled_not_plotted(tmp_path):
     rng = np.random.default_rng(0)
+
     def stats(rows, brightness, red):
-        return pd.DataFrame({"width": rng.choice([224, 256], rows), "height": np.full(rows, 224),
-                             "brightness": rng.normal(brightness, 0.08, rows).clip(0, 1),
-                             "mean_red": rng.normal(red, 0.05, rows), "mean_green": rng.normal(0.4, 0.05, rows),
-                             "mean_blue": rng.normal(0.3, 0.05, rows)})
+        return pd.DataFrame(
+            {
+                "width": rng.choice([224, 256], rows),
+                "height": np.full(rows, 224),
+                "brightness": rng.normal(brightness, 0.08, rows).clip(0, 1),
+                "mean_red": rng.normal(red, 0.05, rows),
+                "mean_green": rng.normal(0.4, 0.05, rows),
+                "mean_blue": rng.normal(0.3, 0.05, rows),
+            }
+        )
+
     reference = stats(400, 0.45, 0.5)
-    baseline = {"kind": "image", "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5, 0.4, 0.3],
-                                           "std": [0.2, 0.2, 0.2]},
-                "brightness": tabular.numeric_baseline(reference["brightness"]),
-                "width": tabular.numeric_baseline(reference["width"]),
-                "height": tabular.numeric_baseline(reference["height"]),
-                "label_distribution": {"cat": 0.5, "dog": 0.5}}
+    baseline = {
+        "kind": "image",
+        "pixel": {"channels": ["red", "green", "blue"], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]},
+        "brightness": tabular.numeric_baseline(reference["brightness"]),
+        "width": tabular.numeric_baseline(reference["width"]),
+        "height": tabular.numeric_baseline(reference["height"]),
+        "label_distribution": {"cat": 0.5, "dog": 0.5},
+    }
     report = image_drift(baseline, stats(300, 0.25, 0.6), predictions=["cat"] * 250 + ["dog"] * 50)
     assert report["drifted_features"] == ["brightness", "mean_red"]
     _, page = render(tmp_path, [{"source": "batch", "id": "img_run", "rows": 300, "report": report, "error": None}])
@@ -276,11 +378,30 @@ def test_bin_labels():
 
 
 def test_history_with_times_that_are_not_iso_is_plotted_by_position(tmp_path):
-    records = [{"at": "yesterday", "source": "batch", "id": "r1", "rows": 10, "drift_share": 0.5,
-                "drifted_features": [f"f{i}" for i in range(12)], "max_psi": 0.5, "prediction_psi": None,
-                "drifted": True},
-               {"at": "2024-05-02T00:00:00", "source": "batch", "id": "r2", "rows": 10, "drift_share": None,
-                "drifted_features": [], "max_psi": None, "prediction_psi": None, "drifted": False}]
+    records = [
+        {
+            "at": "yesterday",
+            "source": "batch",
+            "id": "r1",
+            "rows": 10,
+            "drift_share": 0.5,
+            "drifted_features": [f"f{i}" for i in range(12)],
+            "max_psi": 0.5,
+            "prediction_psi": None,
+            "drifted": True,
+        },
+        {
+            "at": "2024-05-02T00:00:00",
+            "source": "batch",
+            "id": "r2",
+            "rows": 10,
+            "drift_share": None,
+            "drifted_features": [],
+            "max_psi": None,
+            "prediction_psi": None,
+            "drifted": False,
+        },
+    ]
     _, page = render(tmp_path, [], hist=records, live=[], labels={})
     assert (tmp_path / "history.png").read_bytes()[:8] == PNG_MAGIC
     assert "f9 (+2 more)" in page and "f10" not in page
@@ -288,8 +409,13 @@ def test_history_with_times_that_are_not_iso_is_plotted_by_position(tmp_path):
 
 def test_many_categories_are_cut_to_the_largest(tmp_path):
     baseline = tabular.categorical_baseline(pd.Series([f"c{i:02d}" for i in range(45)] * 20))
-    metadata = ModelMetadata(trainer="autogluon", problem_type="binary", label="churned",
-                             features=(Feature("city", "object"),), baseline={"features": {"city": baseline}})
+    metadata = ModelMetadata(
+        trainer="autogluon",
+        problem_type="binary",
+        label="churned",
+        features=(Feature("city", "object"),),
+        baseline={"features": {"city": baseline}},
+    )
     values = [f"c{i:02d}" for i in range(10)] * 60 + ["new_town"] * 100
     report = drift_report(metadata, pd.DataFrame({"city": values}))
     assert report["features"]["city"]["drifted"] and len(report["features"]["city"]["categories"]) == 46

@@ -100,7 +100,11 @@ def test_run_index_of_a_run_without_reports(viewer):
 @pytest.mark.parametrize(
     ("path", "status", "message"),
     [
-        (f"{BASE}/validation/missing.html", 404, f"run {RUN!r} of 'churn__ingest' has no report file 'validation/missing.html'"),
+        (
+            f"{BASE}/validation/missing.html",
+            404,
+            f"run {RUN!r} of 'churn__ingest' has no report file 'validation/missing.html'",
+        ),
         ("/reports/churn__ingest/manual__other/validation/", 404, "DAG 'churn__ingest' has no run 'manual__other'"),
         (f"/reports/plain_dag/{RUN}/validation/", 404, "DAG 'plain_dag' is not a Conveyor pipeline DAG"),
         (f"{BASE}/validation/%2e%2e/%2e%2e/%2e%2e/secrets.txt", 400, "segments must not start with '.'"),

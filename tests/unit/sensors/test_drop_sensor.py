@@ -40,8 +40,12 @@ def test_execute_defers_to_a_serialisable_trigger(lake):
     classpath, kwargs = trigger.serialize()
     module, name = classpath.rsplit(".", 1)
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
-    assert kwargs == {"landing_uri": lake.uri("landing", "churn"), "conn_id": None,
-                      "marker": "_SUCCESS", "poke_interval": 0.05}
+    assert kwargs == {
+        "landing_uri": lake.uri("landing", "churn"),
+        "conn_id": None,
+        "marker": "_SUCCESS",
+        "poke_interval": 0.05,
+    }
     assert rebuilt.serialize() == trigger.serialize()
 
 

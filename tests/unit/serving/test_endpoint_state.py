@@ -61,8 +61,13 @@ def make_model(root: Path, factor: float = 2, fail: str | None = None) -> Path:
     """An extracted model folder with the tiny handlers: predictions are the values times ``factor``."""
     (root / "code").mkdir(parents=True)
     (root / "code" / "inference.py").write_text(HANDLERS)
-    metadata = {"trainer": "tiny", "problem_type": "regression", "label": "y",
-                "features": [{"name": "x", "dtype": "float64"}], "factor": factor}
+    metadata = {
+        "trainer": "tiny",
+        "problem_type": "regression",
+        "label": "y",
+        "features": [{"name": "x", "dtype": "float64"}],
+        "factor": factor,
+    }
     if fail:
         metadata["fail"] = fail
     (root / "metadata.json").write_text(json.dumps(metadata))
@@ -129,9 +134,16 @@ def test_bad_control_documents_and_names_are_refused(state):
 
 def heartbeat(pid: int, live: str | None = "v1", candidate: str | None = None, error: dict | None = None) -> None:
     ref = lambda version: {"version": version, "model_dir": f"/m/{version}"} if version else None  # noqa: E731
-    es.write_json_atomic(es.heartbeat_path("ep", pid), {
-        "pid": pid, "live": ref(live), "candidate": ref(candidate), "loaded_at": None, "error": error,
-    })
+    es.write_json_atomic(
+        es.heartbeat_path("ep", pid),
+        {
+            "pid": pid,
+            "live": ref(live),
+            "candidate": ref(candidate),
+            "loaded_at": None,
+            "error": error,
+        },
+    )
 
 
 def test_worker_states_lists_running_workers_only(state):
@@ -146,8 +158,12 @@ def test_wait_for_workers_returns_when_loaded_and_raises_on_failure_or_timeout(s
     heartbeat(os.getpid(), live="v1", candidate="v2")
     assert [s["pid"] for s in es.wait_for_workers("ep", "v2", timeout=2)] == [os.getpid()]
 
-    heartbeat(os.getpid(), live="v1", candidate=None,
-              error={"version": "v3", "model_dir": "/m/v3", "message": "RuntimeError: no predictor"})
+    heartbeat(
+        os.getpid(),
+        live="v1",
+        candidate=None,
+        error={"version": "v3", "model_dir": "/m/v3", "message": "RuntimeError: no predictor"},
+    )
     match = "v3 failed to load on 1 of 1 worker.*RuntimeError: no predictor"
     with pytest.raises(es.RolloutFailed, match=match) as failed:
         es.wait_for_workers("ep", "v3", timeout=5)
@@ -210,8 +226,12 @@ def test_a_broken_candidate_is_reported_and_dropped(state, tmp_path):
         es.stage_candidate("ep", "v-broken", broken)
         with pytest.raises(es.RolloutFailed, match="RuntimeError: predictor files are missing"):
             es.wait_for_workers("ep", "v-broken", timeout=10)
-        assert client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv",
-                                                                   "X-Conveyor-Target": "candidate"}).status_code == 409
+        assert (
+            client.post(
+                "/invocations", content=b"1", headers={"Content-Type": "text/csv", "X-Conveyor-Target": "candidate"}
+            ).status_code
+            == 409
+        )
         es.drop_candidate("ep")
         wait_until(lambda: es.worker_states("ep")[0]["error"] is None, what="error cleared")
         answer = client.post("/invocations", content=b"5", headers={"Content-Type": "text/csv"})
@@ -246,11 +266,13 @@ def test_the_default_body_limit_is_six_mib(state, tmp_path):
     es.stage_candidate("ep", "v1", make_model(tmp_path / "v1"))
     es.promote_candidate("ep")
     with TestClient(create_app("ep")) as client:
-        over = client.post("/invocations", content=b"1" * (DEFAULT_MAX_BODY_BYTES + 1),
-                           headers={"Content-Type": "text/csv"})
+        over = client.post(
+            "/invocations", content=b"1" * (DEFAULT_MAX_BODY_BYTES + 1), headers={"Content-Type": "text/csv"}
+        )
         assert over.status_code == 413 and str(6 * 1024 * 1024) in over.json()["error"]
-        at = client.post("/invocations", content=b"1" * DEFAULT_MAX_BODY_BYTES,
-                         headers={"Content-Type": "application/octet-stream"})
+        at = client.post(
+            "/invocations", content=b"1" * DEFAULT_MAX_BODY_BYTES, headers={"Content-Type": "application/octet-stream"}
+        )
         assert at.json() == {"predictions": [2.0 * DEFAULT_MAX_BODY_BYTES]}
 
 
@@ -271,8 +293,10 @@ def test_data_capture_appends_a_sampled_share(state, tmp_path, monkeypatch):
         ("v1", "text/csv", {"encoding": "text", "data": "1,2"}),
         ("v1", "application/octet-stream", {"encoding": "base64", "data": "/wA="}),
     ]
-    assert lines[0]["response"] == {"content_type": "application/json",
-                                    "body": {"encoding": "text", "data": '{"predictions": [2.0, 4.0]}'}}
+    assert lines[0]["response"] == {
+        "content_type": "application/json",
+        "body": {"encoding": "text", "data": '{"predictions": [2.0, 4.0]}'},
+    }
     assert lines[0]["endpoint"] == "ep" and lines[0]["timestamp"]
 
     monkeypatch.setenv("CONVEYOR_CAPTURE_DIR", str(tmp_path / "none"))

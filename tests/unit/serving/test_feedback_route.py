@@ -17,7 +17,7 @@ from conveyor.serving.app import create_app
 from conveyor.serving.feedback import MAX_FEEDBACK_BYTES, write_feedback
 from helpers import wait_until
 
-HANDLERS = '''
+HANDLERS = """
 import json
 
 def model_fn(model_dir):
@@ -31,13 +31,14 @@ def predict_fn(data, model):
 
 def output_fn(prediction, accept):
     return json.dumps({"predictions": prediction})
-'''
+"""
 
 
 def live_model(classes: list) -> SimpleNamespace:
     """What ``write_feedback`` reads of the live model: its metadata's class labels."""
-    metadata = ModelMetadata(trainer="tiny", problem_type="binary", label="y", features=(Feature("x", "float64"),),
-                             class_labels=classes)
+    metadata = ModelMetadata(
+        trainer="tiny", problem_type="binary", label="y", features=(Feature("x", "float64"),), class_labels=classes
+    )
     return SimpleNamespace(loaded=SimpleNamespace(metadata=metadata))
 
 
@@ -80,8 +81,11 @@ def test_the_drop_is_what_the_monitor_reads(tmp_path, lake):
     from conveyor.spec import get_spec
 
     folder = Path(lake.landing("churn", "feedback").path)
-    write_feedback(folder, json.dumps([{"id": "a", "label": "yes"}, {"id": "b", "label": "NO"}]).encode(),
-                   live_model(["no", "yes"]))
+    write_feedback(
+        folder,
+        json.dumps([{"id": "a", "label": "yes"}, {"id": "b", "label": "NO"}]).encode(),
+        live_model(["no", "yes"]),
+    )
     root = lake.landing("churn", "feedback")
     (name,) = find_complete_drops(root, "_SUCCESS")
     rows = read_drop(drop_files(root / name, "_SUCCESS"), get_spec("churn"))
@@ -96,9 +100,13 @@ def test_labels_outside_the_class_set_write_nothing(tmp_path):
 
 
 def test_bad_bodies_are_refused(tmp_path):
-    for body, message in ((b"{not json", "the body is not JSON"), (b"\xff\xfe", "the body is not JSON"),
-                          (b"[]", "feedback must be"), (b'[{"id": "a"}]', "needs 'id' and 'label'"),
-                          (b'{"id": "", "label": "yes"}', "must not be empty")):
+    for body, message in (
+        (b"{not json", "the body is not JSON"),
+        (b"\xff\xfe", "the body is not JSON"),
+        (b"[]", "feedback must be"),
+        (b'[{"id": "a"}]', "needs 'id' and 'label'"),
+        (b'{"id": "", "label": "yes"}', "must not be empty"),
+    ):
         with pytest.raises(ValueError, match=message):
             write_feedback(tmp_path / "feedback", body, live_model(["no", "yes"]))
     assert drops(tmp_path / "feedback") == []
@@ -115,8 +123,13 @@ def test_without_a_live_model_labels_are_kept_as_sent(tmp_path):
 @pytest.fixture
 def state(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
-    for name in ("CONVEYOR_CAPTURE_DIR", "CONVEYOR_CAPTURE_SHARE", "CONVEYOR_MAX_BODY_BYTES", "CONVEYOR_ENDPOINT",
-                 "CONVEYOR_FEEDBACK_DIR"):
+    for name in (
+        "CONVEYOR_CAPTURE_DIR",
+        "CONVEYOR_CAPTURE_SHARE",
+        "CONVEYOR_MAX_BODY_BYTES",
+        "CONVEYOR_ENDPOINT",
+        "CONVEYOR_FEEDBACK_DIR",
+    ):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "state"
 
@@ -124,9 +137,17 @@ def state(tmp_path, monkeypatch) -> Path:
 def make_model(root: Path, classes: list[str]) -> Path:
     (root / "code").mkdir(parents=True)
     (root / "code" / "inference.py").write_text(HANDLERS)
-    (root / "metadata.json").write_text(json.dumps({
-        "trainer": "tiny", "problem_type": "binary", "label": "y", "features": [{"name": "x", "dtype": "float64"}],
-        "class_labels": classes}))
+    (root / "metadata.json").write_text(
+        json.dumps(
+            {
+                "trainer": "tiny",
+                "problem_type": "binary",
+                "label": "y",
+                "features": [{"name": "x", "dtype": "float64"}],
+                "class_labels": classes,
+            }
+        )
+    )
     return root
 
 
@@ -160,10 +181,12 @@ def test_the_route_checks_labels_against_the_live_model(state, tmp_path, monkeyp
         assert garbage.status_code == 400 and "not JSON" in garbage.json()["error"]
         empty = client.post("/feedback", json=[])
         assert empty.status_code == 400 and "feedback must be" in empty.json()["error"]
-        huge = client.post("/feedback", content=b"[" + b" " * MAX_FEEDBACK_BYTES + b"]",
-                           headers={"Content-Type": "application/json"})
+        huge = client.post(
+            "/feedback", content=b"[" + b" " * MAX_FEEDBACK_BYTES + b"]", headers={"Content-Type": "application/json"}
+        )
         assert huge.status_code == 413
         # The server keeps serving after bad requests.
         assert client.post("/invocations", content=b"1,-1", headers={"Content-Type": "text/csv"}).json() == {
-            "predictions": ["yes", "no"]}
+            "predictions": ["yes", "no"]
+        }
     assert len(drops(folder)) == 2

@@ -19,8 +19,15 @@ from scripts import load_script, script_env
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "autogluon_tabular" / "train.py"
 FEATURES = [
-    "tenure_months", "monthly_charges", "total_charges", "contract", "payment_method",
-    "internet_service", "support_calls", "age", "region",
+    "tenure_months",
+    "monthly_charges",
+    "total_charges",
+    "contract",
+    "payment_method",
+    "internet_service",
+    "support_calls",
+    "age",
+    "region",
 ]
 TINY_GBM = '{"GBM": {"num_boost_round": 40}}'
 
@@ -33,9 +40,7 @@ def run_train(channels: dict[str, Path], model_dir: Path, output_dir: Path, *fla
     env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")})
     env |= {f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()}
     env |= {"SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir), "SM_NUM_GPUS": "0"}
-    return subprocess.run(
-        [sys.executable, str(TRAIN_PY), *flags], env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, str(TRAIN_PY), *flags], env=env, capture_output=True, text=True, timeout=300)
 
 
 def parse(*argv: str):
@@ -59,9 +64,22 @@ def trained(tmp_path_factory, churn):
     (root / "train" / "_SUCCESS").write_text("")  # a drop marker is not data
     churn.iloc[230:].to_csv(root / "validation" / "validation.csv", index=False)
     result = run_train(
-        {"train": root / "train", "validation": root / "validation"}, root / "model", root / "output",
-        "--label", "churned", "--problem-type", "binary", "--eval-metric", "roc_auc",
-        "--id-column", "customer_id", "--time-limit", "15", "--hyperparameters", TINY_GBM, "--refit-full",
+        {"train": root / "train", "validation": root / "validation"},
+        root / "model",
+        root / "output",
+        "--label",
+        "churned",
+        "--problem-type",
+        "binary",
+        "--eval-metric",
+        "roc_auc",
+        "--id-column",
+        "customer_id",
+        "--time-limit",
+        "15",
+        "--hyperparameters",
+        TINY_GBM,
+        "--refit-full",
     )
     return result, root / "model", root / "output"
 
@@ -112,9 +130,26 @@ def test_metadata_describes_the_model(metadata):
     assert metadata["rows"] == {"train": 230, "validation": 70}
     # the keys the trainer sets, plus the contract's schema_version (no other field of ModelMetadata as null)
     assert set(metadata) == {
-        "trainer", "label", "problem_type", "eval_metric", "id_column", "features", "class_labels", "positive_class",
-        "decision_threshold", "best_model", "validation_score", "validation_metric", "validation_model",
-        "hyperparameters", "rows", "training_seconds", "artifact_mb", "versions", "baseline", "schema_version",
+        "trainer",
+        "label",
+        "problem_type",
+        "eval_metric",
+        "id_column",
+        "features",
+        "class_labels",
+        "positive_class",
+        "decision_threshold",
+        "best_model",
+        "validation_score",
+        "validation_metric",
+        "validation_model",
+        "hyperparameters",
+        "rows",
+        "training_seconds",
+        "artifact_mb",
+        "versions",
+        "baseline",
+        "schema_version",
     }
     assert metadata["schema_version"] == 1
 
@@ -154,7 +189,11 @@ def test_metadata_baseline_holds_training_statistics(metadata, churn):
     assert list(baseline["predictions"]) == ["no", "yes"]
     assert sum(baseline["predictions"].values()) == pytest.approx(1.0)
     assert all(round(share * 70, 6) == int(round(share * 70)) for share in baseline["predictions"].values())
-    assert baseline["predictions_source"] == {"channel": "validation", "rows": 70, "model": metadata["validation_model"]}
+    assert baseline["predictions_source"] == {
+        "channel": "validation",
+        "rows": 70,
+        "model": metadata["validation_model"],
+    }
 
 
 @pytest.mark.slow
@@ -175,9 +214,19 @@ def test_regression_without_validation_channel(tmp_path, churn):
     train.mkdir()
     churn.drop(columns=["churned"]).to_csv(train / "data.csv", index=False)
     result = run_train(
-        {"train": train}, tmp_path / "model", tmp_path / "output",
-        "--label", "monthly_charges", "--problem-type", "regression", "--id-column", "customer_id",
-        "--time-limit", "15", "--hyperparameters", TINY_GBM,
+        {"train": train},
+        tmp_path / "model",
+        tmp_path / "output",
+        "--label",
+        "monthly_charges",
+        "--problem-type",
+        "regression",
+        "--id-column",
+        "customer_id",
+        "--time-limit",
+        "15",
+        "--hyperparameters",
+        TINY_GBM,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
@@ -197,11 +246,13 @@ def test_regression_without_validation_channel(tmp_path, churn):
 @pytest.fixture
 def channel(tmp_path):
     """Write a frame as the only file of a train channel; returns the writer."""
+
     def write(frame: pd.DataFrame, name: str = "data.csv") -> Path:
         folder = tmp_path / "train"
         folder.mkdir(exist_ok=True)
         frame.to_csv(folder / name, index=False)
         return folder
+
     return write
 
 
@@ -219,8 +270,15 @@ def test_single_class_label_exits_non_zero_with_the_rule(tmp_path, channel):
     frame = churn_frame(40).assign(churned="yes")
     folder = channel(frame)
     result = run_train(
-        {"train": folder}, tmp_path / "model", tmp_path / "out",
-        "--label", "churned", "--problem-type", "binary", "--time-limit", "10",
+        {"train": folder},
+        tmp_path / "model",
+        tmp_path / "out",
+        "--label",
+        "churned",
+        "--problem-type",
+        "binary",
+        "--time-limit",
+        "10",
     )
     assert result.returncode == 1
     assert "train.py: label 'churned' has a single class 'yes': a classifier needs at least 2" in result.stderr
@@ -266,8 +324,15 @@ def test_validation_with_unknown_class_is_refused(tmp_path, channel):
     validation.mkdir()
     frame.assign(churned="maybe").to_parquet(validation / "v.parquet")
     message = refused(
-        tmp_path, "--train", str(folder), "--validation", str(validation),
-        "--label", "churned", "--problem-type", "binary",
+        tmp_path,
+        "--train",
+        str(folder),
+        "--validation",
+        str(validation),
+        "--label",
+        "churned",
+        "--problem-type",
+        "binary",
     )
     assert "never seen in training: 'maybe'" in message
 
@@ -275,7 +340,15 @@ def test_validation_with_unknown_class_is_refused(tmp_path, channel):
 def test_unknown_eval_metric_is_refused(tmp_path, channel):
     folder = channel(churn_frame(40))
     message = refused(
-        tmp_path, "--train", str(folder), "--label", "churned", "--problem-type", "binary", "--eval-metric", "nope",
+        tmp_path,
+        "--train",
+        str(folder),
+        "--label",
+        "churned",
+        "--problem-type",
+        "binary",
+        "--eval-metric",
+        "nope",
     )
     assert message.startswith("train.py: eval metric 'nope' is not an AutoGluon binary metric")
 
@@ -354,8 +427,10 @@ def test_prediction_baseline_is_the_share_of_each_class_or_a_numeric_summary():
     assert numeric["kind"] == "numeric" and numeric["mean"] == 3.0
 
 
-@pytest.mark.parametrize(("argv", "expected"), [((), False), (("--refit-full",), True),
-                                               (("--refit-full", "True"), True), (("--refit-full", "false"), False)])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [((), False), (("--refit-full",), True), (("--refit-full", "True"), True), (("--refit-full", "false"), False)],
+)
 def test_refit_full_is_a_bare_flag_or_a_value_as_sagemaker_passes_it(argv, expected):
     assert parse("--label", "churned", "--problem-type", "binary", *argv).refit_full is expected
 

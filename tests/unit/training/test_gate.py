@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conveyor.reports.gate import write_report
-from conveyor.training.gate import GateDecision, decide, markdown
 from conveyor.spec import GateSpec
+from conveyor.training.gate import GateDecision, decide, markdown
 
 
 def auc_gate(**changes) -> GateSpec:
@@ -28,7 +28,8 @@ def test_first_model_passes_on_its_thresholds():
     assert "no champion to beat: the first model only has to pass the thresholds" in decision.reasons
     assert not any("misses" in r for r in decision.reasons)
     assert [(c["check"], c["passed"]) for c in decision.checks] == [
-        ("balanced_accuracy >= 0.6", True), ("roc_auc >= 0.7", True)
+        ("balanced_accuracy >= 0.6", True),
+        ("roc_auc >= 0.7", True),
     ]
     assert decision.summary.startswith("gate PASSED: ")
 
@@ -66,7 +67,8 @@ def test_missing_a_threshold_rejects_even_when_the_champion_is_beaten():
 
 
 @pytest.mark.parametrize(
-    ("value", "passed"), [(0.45, True), (0.5, True), (0.55, False)],
+    ("value", "passed"),
+    [(0.45, True), (0.5, True), (0.55, False)],
 )
 def test_log_loss_threshold_is_an_upper_bound(value, passed):
     gate = auc_gate(thresholds={"roc_auc": 0.7, "log_loss": 0.5})
@@ -134,7 +136,8 @@ def test_no_min_improvement_means_a_tie_is_enough():
 
 
 @pytest.mark.parametrize(
-    ("challenger", "passed"), [(9.4, True), (9.5, True), (9.6, False), (10.5, False)],
+    ("challenger", "passed"),
+    [(9.4, True), (9.5, True), (9.6, False), (10.5, False)],
 )
 def test_lower_is_better_gate_metric_must_go_down_by_the_required_gain(challenger, passed):
     gate = GateSpec(metric="rmse", thresholds={"rmse": 20.0}, min_improvement=0.5)

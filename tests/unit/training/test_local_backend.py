@@ -51,19 +51,25 @@ def script(tmp_path: Path, body: str, name: str = "train.py") -> Path:
     return path
 
 
-def job_for(tmp_path: Path, script_path: Path, args: list[str] | None = None, timeout_s: float = 60,
-            num_gpus: int = 0) -> TrainingJob:
+def job_for(
+    tmp_path: Path, script_path: Path, args: list[str] | None = None, timeout_s: float = 60, num_gpus: int = 0
+) -> TrainingJob:
     channels = {"train": tmp_path / "in" / "train", "validation": tmp_path / "in" / "validation"}
     for folder in channels.values():
         folder.mkdir(parents=True, exist_ok=True)
     return TrainingJob(
-        script=script_path, args=args or [], channels=channels, model_dir=tmp_path / "model",
-        output_dir=tmp_path / "output", timeout_s=timeout_s, num_gpus=num_gpus,
+        script=script_path,
+        args=args or [],
+        channels=channels,
+        model_dir=tmp_path / "model",
+        output_dir=tmp_path / "output",
+        timeout_s=timeout_s,
+        num_gpus=num_gpus,
     )
 
 
 def trained_lines(logger) -> list[str]:
-    return [m[len("[train] "):] for m in logger.messages if m.startswith("[train] ")]
+    return [m[len("[train] ") :] for m in logger.messages if m.startswith("[train] ")]
 
 
 def gone(pid: int, within: float = 5.0) -> bool:
@@ -287,13 +293,17 @@ def test_the_script_dies_with_a_task_process_killed_outright(tmp_path):
     import sys
 
     pid_file = tmp_path / "script.pid"
-    train = script(tmp_path, f"""
+    train = script(
+        tmp_path,
+        f"""
         import os, time
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(120)
-    """)
+    """,
+    )
     task = tmp_path / "task.py"
-    task.write_text(textwrap.dedent(f"""
+    task.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[3] / "plugins")!r})
         from pathlib import Path
@@ -302,7 +312,8 @@ def test_the_script_dies_with_a_task_process_killed_outright(tmp_path):
         job = TrainingJob(script=Path({str(train)!r}), args=[], channels={{}}, model_dir=root / "model",
                           output_dir=root / "output", timeout_s=120)
         LocalTrainingBackend().run(job)
-    """))
+    """)
+    )
     parent = subprocess.Popen([sys.executable, str(task)])
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
@@ -337,8 +348,9 @@ def test_trainer_arguments_come_from_the_spec():
     assert args[:4] == ["--time-limit", "30", "--seed", str(shapes.split.seed)] and "--label" not in args
 
 
-@pytest.mark.parametrize(("error", "retried"), [(TrainingFailed, False), (TrainingTimedOut, False),
-                                                (TrainingInterrupted, True)])
+@pytest.mark.parametrize(
+    ("error", "retried"), [(TrainingFailed, False), (TrainingTimedOut, False), (TrainingInterrupted, True)]
+)
 def test_the_train_task_fails_at_once_or_is_retried_as_the_error_says(error, retried, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -386,8 +398,9 @@ def packed_model(tmp_path: Path, name: str) -> Path:
     (model_dir / "weights.bin").write_bytes(b"\0" * 10)
     (model_dir / "metadata.json").write_text("{}")  # the trainer's: replaced by the full metadata
     (code_dir / "inference.py").write_text(textwrap.dedent(INFERENCE))
-    metadata = ModelMetadata(trainer="autogluon", problem_type="binary", label="churned",
-                             features=(Feature("age", "int64"),), run_id=name)
+    metadata = ModelMetadata(
+        trainer="autogluon", problem_type="binary", label="churned", features=(Feature("age", "int64"),), run_id=name
+    )
     return artifacts.pack(model_dir, code_dir, metadata, tmp_path / name / "model.tar.gz")
 
 

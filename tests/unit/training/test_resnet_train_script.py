@@ -54,9 +54,7 @@ def run_train(channels: dict[str, Path], model_dir: Path, output_dir: Path, *fla
     env = script_env({k: v for k, v in os.environ.items() if not k.startswith("SM_")})
     env |= {f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()}
     env |= {"SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir), "SM_NUM_GPUS": "0"}
-    return subprocess.run(
-        [sys.executable, str(TRAIN_PY), *flags], env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, str(TRAIN_PY), *flags], env=env, capture_output=True, text=True, timeout=300)
 
 
 def parse(*argv: str):
@@ -80,7 +78,9 @@ def trained(tmp_path_factory, data) -> dict:
     result = run_train(channels, root / "model", root / "output", *TINY, "--epochs", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {
-        "result": result, "root": root, "channels": channels,
+        "result": result,
+        "root": root,
+        "channels": channels,
         "metadata": json.loads((root / "model" / "metadata.json").read_text()),
         "history": json.loads((root / "output" / "history.json").read_text()),
         "model": torch.load(root / "model" / "model.pt", map_location="cpu", weights_only=True),
@@ -125,8 +125,14 @@ def test_metadata_describes_the_model(trained):
     assert metadata["class_labels"] == ["blue", "green", "red"]
     assert metadata["image_size"] == 32
     assert metadata["preprocessing"] | {} == {
-        "resize": 36, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "resize_mode": "shorter_side", "interpolation": "bilinear", "color_mode": "RGB", "exif_transpose": True,
+        "resize": 36,
+        "crop": 32,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "resize_mode": "shorter_side",
+        "interpolation": "bilinear",
+        "color_mode": "RGB",
+        "exif_transpose": True,
     }
     assert metadata["features"] == [{"name": "image", "dtype": "image"}] and metadata["label"] == "label"
     assert metadata["validation_metric"] == "balanced_accuracy"
@@ -142,9 +148,28 @@ def test_metadata_describes_the_model(trained):
     assert metadata["versions"]["torch"] == torch.__version__
     # the keys the trainer sets, plus the contract's schema_version (no other field of ModelMetadata as null)
     assert set(metadata) == {
-        "trainer", "problem_type", "label", "features", "arch", "class_labels", "image_size", "preprocessing",
-        "best_model", "best_epoch", "validation_score", "validation_metric", "eval_metric", "validation_metrics",
-        "epochs_run", "stopped", "hyperparameters", "rows", "training_seconds", "device", "versions", "baseline",
+        "trainer",
+        "problem_type",
+        "label",
+        "features",
+        "arch",
+        "class_labels",
+        "image_size",
+        "preprocessing",
+        "best_model",
+        "best_epoch",
+        "validation_score",
+        "validation_metric",
+        "eval_metric",
+        "validation_metrics",
+        "epochs_run",
+        "stopped",
+        "hyperparameters",
+        "rows",
+        "training_seconds",
+        "device",
+        "versions",
+        "baseline",
         "schema_version",
     }
     assert metadata["schema_version"] == 1
@@ -161,9 +186,18 @@ def test_metadata_baseline_holds_training_image_statistics(trained):
     # The reference of prediction drift: the best epoch's predictions on the 9 validation images.
     best = trained["history"][trained["metadata"]["best_epoch"] - 1]
     assert sum(best["val_predicted"]) == 9
-    assert baseline["predictions"] == pytest.approx({c: n / 9 for c, n in zip(["blue", "green", "red"], best["val_predicted"])})
-    assert baseline["predictions_source"] == {"channel": "validation", "rows": 9, "epoch": trained["metadata"]["best_epoch"]}
-    pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path in sorted((train / "img").iterdir())]
+    assert baseline["predictions"] == pytest.approx(
+        {c: n / 9 for c, n in zip(["blue", "green", "red"], best["val_predicted"])}
+    )
+    assert baseline["predictions_source"] == {
+        "channel": "validation",
+        "rows": 9,
+        "epoch": trained["metadata"]["best_epoch"],
+    }
+    pixels = [
+        np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+        for path in sorted((train / "img").iterdir())
+    ]
     flat = np.concatenate([p.reshape(-1, 3) for p in pixels])
     assert baseline["pixel"]["mean"] == pytest.approx(flat.mean(axis=0).tolist())
     assert baseline["pixel"]["std"] == pytest.approx(flat.std(axis=0).tolist())
@@ -179,8 +213,18 @@ def test_metadata_baseline_holds_training_image_statistics(trained):
 def test_history_and_checkpoint_are_written(trained):
     history = trained["history"]
     assert [row["epoch"] for row in history] == [1, 2]
-    for key in ("lr", "train_loss", "train_accuracy", "train_balanced_accuracy", "train_images_per_second",
-                "val_loss", "val_accuracy", "val_balanced_accuracy", "val_f1_macro", "best"):
+    for key in (
+        "lr",
+        "train_loss",
+        "train_accuracy",
+        "train_balanced_accuracy",
+        "train_images_per_second",
+        "val_loss",
+        "val_accuracy",
+        "val_balanced_accuracy",
+        "val_f1_macro",
+        "best",
+    ):
         assert key in history[0]
     last = trained["last"]
     assert {"model", "optimizer", "lr_scheduler", "epoch", "best_metric", "args", "class_to_idx", "scaler"} <= set(last)
@@ -220,8 +264,9 @@ def refused(tmp_path: Path, *argv: str) -> str:
 
 def test_undecodable_images_exit_non_zero_naming_each_file(tmp_path, data):
     folder = tmp_path / "train"
-    make_channel(folder, per_class=2, extra_rows=[("bad/empty.jpg", "red"), ("bad/notes.png", "green"),
-                                                  ("bad/cut.jpg", "blue")])
+    make_channel(
+        folder, per_class=2, extra_rows=[("bad/empty.jpg", "red"), ("bad/notes.png", "green"), ("bad/cut.jpg", "blue")]
+    )
     (folder / "bad").mkdir()
     (folder / "bad" / "empty.jpg").write_bytes(b"")
     (folder / "bad" / "notes.png").write_text("this is not a picture\n")
@@ -229,8 +274,14 @@ def test_undecodable_images_exit_non_zero_naming_each_file(tmp_path, data):
     noise.save(folder / "bad" / "full.jpg")
     payload = (folder / "bad" / "full.jpg").read_bytes()
     (folder / "bad" / "cut.jpg").write_bytes(payload[: int(len(payload) * 0.6)])
-    result = run_train({"train": folder, "validation": data / "validation"}, tmp_path / "model", tmp_path / "out",
-                       *TINY, "--epochs", "1")
+    result = run_train(
+        {"train": folder, "validation": data / "validation"},
+        tmp_path / "model",
+        tmp_path / "out",
+        *TINY,
+        "--epochs",
+        "1",
+    )
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("train.py: train channel: 3 images do not decode:"), message
@@ -246,8 +297,9 @@ def test_truncated_image_is_named_even_without_the_upfront_check(tmp_path, data)
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     noise.save(folder / "full.jpg")
     (folder / "cut.jpg").write_bytes((folder / "full.jpg").read_bytes()[:1500])
-    message = refused(tmp_path, "--train", str(folder), "--validation", str(data / "validation"),
-                      "--verify-images", "false")
+    message = refused(
+        tmp_path, "--train", str(folder), "--validation", str(data / "validation"), "--verify-images", "false"
+    )
     assert message.startswith("train.py: train channel: image 'cut.jpg' (manifest.csv line 8) does not decode"), message
 
 
@@ -255,7 +307,10 @@ def test_truncated_image_is_named_even_without_the_upfront_check(tmp_path, data)
 def test_manifest_path_outside_the_channel_is_refused(tmp_path, path):
     folder = make_channel(tmp_path / "train", per_class=2, extra_rows=[(path, "red")])
     message = refused(tmp_path, "--train", str(folder))
-    assert message == f"train.py: train channel: manifest.csv line 8: path {path!r} points outside the channel folder: refused"
+    assert (
+        message
+        == f"train.py: train channel: manifest.csv line 8: path {path!r} points outside the channel folder: refused"
+    )
 
 
 def test_manifest_row_naming_a_missing_file_is_refused(tmp_path):
@@ -280,23 +335,36 @@ def test_manifest_without_the_columns_is_refused(tmp_path):
 def test_a_single_class_is_refused(tmp_path):
     folder = make_channel(tmp_path / "train", per_class=3, colours={"red": COLOURS["red"]})
     message = refused(tmp_path, "--train", str(folder))
-    assert message == "train.py: train channel: a classifier needs at least 2 classes; manifest.csv has only 'red' (3 images)"
+    assert (
+        message
+        == "train.py: train channel: a classifier needs at least 2 classes; manifest.csv has only 'red' (3 images)"
+    )
 
 
 def test_validation_class_unseen_in_training_is_refused(tmp_path):
     train = make_channel(tmp_path / "train", per_class=2, colours={k: COLOURS[k] for k in ("red", "green")})
     validation = make_channel(tmp_path / "validation", per_class=1)
     message = refused(tmp_path, "--train", str(train), "--validation", str(validation))
-    assert message == "train.py: validation channel: classes never seen in training: 'blue' (training has 'green', 'red')"
+    assert (
+        message == "train.py: validation channel: classes never seen in training: 'blue' (training has 'green', 'red')"
+    )
 
 
 def test_pretrained_weights_of_another_arch_are_refused_with_the_mismatch(tmp_path, data):
     weights = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34(weights=None, num_classes=3).state_dict(), weights)
-    message = refused(tmp_path, "--train", str(data / "train"), "--validation", str(data / "validation"),
-                      "--pretrained-weights", str(weights))
-    assert message.startswith(f"train.py: pretrained weights {weights} do not fit --arch resnet18 "
-                              "(the file looks like resnet34): "), message
+    message = refused(
+        tmp_path,
+        "--train",
+        str(data / "train"),
+        "--validation",
+        str(data / "validation"),
+        "--pretrained-weights",
+        str(weights),
+    )
+    assert message.startswith(
+        f"train.py: pretrained weights {weights} do not fit --arch resnet18 (the file looks like resnet34): "
+    ), message
     assert "unexpected keys (layer1.2.conv1.weight" in message
 
 
@@ -319,10 +387,15 @@ def test_a_file_that_is_not_weights_is_named(tmp_path):
         train_py.load_pretrained(train_py.build_model("resnet18", 3), weights, "resnet18")
 
 
-@pytest.mark.parametrize("value", [
-    "https://download.pytorch.org/models/resnet18-f37072fd.pth", "s3://bucket/resnet18.pth",
-    "IMAGENET1K_V1", "ResNet18_Weights.DEFAULT",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        "s3://bucket/resnet18.pth",
+        "IMAGENET1K_V1",
+        "ResNet18_Weights.DEFAULT",
+    ],
+)
 def test_pretrained_weights_are_never_downloaded(tmp_path, value):
     message = refused(tmp_path, "--pretrained-weights", value)
     assert "will not download weights at run time; give a local file" in message, message
@@ -340,10 +413,17 @@ def test_unknown_option_is_refused(capsys):
     assert "unrecognized arguments: --presets best_quality" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--arch", "resnet101"], "--arch"), (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"),
-    (["--image-size", "16"], "--image-size"), (["--amp", "fp8"], "--amp"), (["--freeze-backbone", "maybe"], "--freeze-backbone"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--arch", "resnet101"], "--arch"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "-1"], "--lr"),
+        (["--image-size", "16"], "--image-size"),
+        (["--amp", "fp8"], "--amp"),
+        (["--freeze-backbone", "maybe"], "--freeze-backbone"),
+    ],
+)
 def test_bad_option_values_are_refused(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(*argv)
@@ -362,7 +442,12 @@ def test_paths_and_flags_default_to_the_sagemaker_environment(monkeypatch):
     assert (args.arch, args.image_size, args.workers, args.gate_metric) == ("resnet18", 224, 2, "balanced_accuracy")
     assert args.freeze_backbone is False and args.channels_last is None and args.resume == "auto"
     flags = parse("--freeze-backbone", "--compile", "true", "--channels-last", "false", "--verify-images", "no")
-    assert (flags.freeze_backbone, flags.compile, flags.channels_last, flags.verify_images) == (True, True, False, False)
+    assert (flags.freeze_backbone, flags.compile, flags.channels_last, flags.verify_images) == (
+        True,
+        True,
+        False,
+        False,
+    )
 
 
 # --------------------------------------------------------------------------- loop and helpers
@@ -396,11 +481,23 @@ def test_train_one_epoch_and_evaluate_are_reusable_without_the_cli(capsys):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     lines = []
-    result = train_py.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, torch.device("cpu"), 1, 3,
-                                      epochs=4, max_steps=2, log_fn=lines.append)
+    result = train_py.train_one_epoch(
+        model,
+        torch.nn.CrossEntropyLoss(),
+        optimizer,
+        loader,
+        torch.device("cpu"),
+        1,
+        3,
+        epochs=4,
+        max_steps=2,
+        log_fn=lines.append,
+    )
     assert result["images"] == 8 and result["images_per_second"] > 0 and result["lr"] == 0.1
     assert lines and lines[0].startswith("epoch 1/4 train: loss ") and "images/s" in lines[0] and "eta" in lines[0]
-    scored = train_py.evaluate(model, torch.nn.CrossEntropyLoss(), loader, torch.device("cpu"), 3, gate_metric="f1_macro")
+    scored = train_py.evaluate(
+        model, torch.nn.CrossEntropyLoss(), loader, torch.device("cpu"), 3, gate_metric="f1_macro"
+    )
     assert scored["metric"] == "f1_macro" and scored["score"] == scored["f1_macro"] and scored["images"] == 12
     assert 0 <= scored["accuracy"] <= 1 and scored["loss"] > 0
     with torch.inference_mode():
@@ -418,19 +515,26 @@ def test_a_decode_error_from_a_dataloader_worker_reads_cleanly():
     with pytest.raises(train_py.ImageDecodeError) as error:
         wrapped.reraise()
     assert "Traceback" in str(error.value)
-    assert train_py.clean_message(str(error.value)) == "image 'img/cut.jpg' (manifest.csv line 11) does not decode: truncated"
+    assert (
+        train_py.clean_message(str(error.value))
+        == "image 'img/cut.jpg' (manifest.csv line 11) does not decode: truncated"
+    )
 
 
 def test_resume_checks_the_checkpoint_belongs_to_this_training(tmp_path, capsys):
     args = parse("--model-dir", str(tmp_path), "--output-data-dir", str(tmp_path), "--resume", "auto")
     args.checkpoint_dir = tmp_path
     checkpoint = tmp_path / "last.pt"
-    torch.save({"model": {}, "epoch": 3, "class_to_idx": {"cat": 0, "dog": 1}, "args": {"arch": "resnet18"}}, checkpoint)
+    torch.save(
+        {"model": {}, "epoch": 3, "class_to_idx": {"cat": 0, "dog": 1}, "args": {"arch": "resnet18"}}, checkpoint
+    )
     assert train_py.checkpoint_path(args) == checkpoint
     assert train_py.read_checkpoint(checkpoint, args, {"blue": 0, "red": 1}) is None
     assert "ignoring checkpoint" in capsys.readouterr().out
     args.resume = str(checkpoint)
-    with pytest.raises(train_py.TrainingInputError, match=r"--resume .*last.pt: it was trained on other classes \(\['cat', 'dog'\]\)"):
+    with pytest.raises(
+        train_py.TrainingInputError, match=r"--resume .*last.pt: it was trained on other classes \(\['cat', 'dog'\]\)"
+    ):
         train_py.read_checkpoint(checkpoint, args, {"blue": 0, "red": 1})
     args.resume = str(tmp_path / "nope.pt")
     with pytest.raises(train_py.TrainingInputError, match="no such checkpoint"):

@@ -25,8 +25,15 @@ FILENAME = "metadata.json"
 # --------------------------------------------------------------------------- drift baseline layout
 # A numeric summary: count, missing rate, moments, these quantiles, and a histogram whose edges are
 # the distinct deciles of the values (HISTOGRAM_BINS bins, fewer when deciles coincide).
-QUANTILES: dict[str, float] = {"p01": 0.01, "p05": 0.05, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p95": 0.95,
-                               "p99": 0.99}
+QUANTILES: dict[str, float] = {
+    "p01": 0.01,
+    "p05": 0.05,
+    "p25": 0.25,
+    "p50": 0.50,
+    "p75": 0.75,
+    "p95": 0.95,
+    "p99": 0.99,
+}
 HISTOGRAM_BINS = 10
 # A categorical summary: the shares of the TOP_VALUES most frequent values, the rest under OTHER.
 TOP_VALUES = 50
@@ -201,8 +208,10 @@ class ModelMetadata:
             raise MetadataError(f"{source}: must be a JSON object, got {type(document).__name__}")
         version = document.get("schema_version", 1)
         if not isinstance(version, int) or version < 1 or version > SCHEMA_VERSION:
-            raise MetadataError(f"{source}: schema_version {version!r} is not supported (this Conveyor reads "
-                                f"1 to {SCHEMA_VERSION}); upgrade Conveyor to read this model")
+            raise MetadataError(
+                f"{source}: schema_version {version!r} is not supported (this Conveyor reads "
+                f"1 to {SCHEMA_VERSION}); upgrade Conveyor to read this model"
+            )
         missing = [name for name in ("trainer", "problem_type", "label", "features") if name not in document]
         if missing:
             raise MetadataError(f"{source}: required field(s) {', '.join(missing)} missing")
