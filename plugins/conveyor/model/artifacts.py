@@ -143,14 +143,16 @@ def importable(code_dir: Path) -> Iterator[None]:
 
 
 def _other_model_code(module: Any, code_dir: Path) -> bool:
-    """Whether a module was imported from another model's ``code/`` folder."""
+    """Whether a module was imported from another model's ``code/`` folder (or the shipped contract folder)."""
+    from conveyor.model.contract import FOLDER
+
     file = getattr(module, "__file__", None)
     if not file:
         return False
     folder = Path(file).parent
     if Path(file).name == "__init__.py":
         folder = folder.parent
-    return folder != code_dir and (folder / "inference.py").exists()
+    return folder != code_dir and ((folder / "inference.py").exists() or folder == FOLDER)
 
 
 class LoadedModel:
