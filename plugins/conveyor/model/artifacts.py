@@ -123,9 +123,9 @@ def fetch(model_uri: str, dest: Path, conn_id: str | None = None) -> Path:
 def importable(code_dir: Path) -> Iterator[None]:
     """``code_dir`` first on ``sys.path`` inside the block, its modules imported from there.
 
-    Modules of the same names that another model's ``code/`` imported before (a folder holding an
-    ``inference.py``) are dropped from ``sys.modules`` first, so this model's code imports the
-    copies packed beside it.
+    Modules of the same names imported from anywhere else before (another model's ``code/``, the
+    shipped contract folder) are dropped from ``sys.modules`` first, so this model's code imports
+    the copies packed beside it.
 
     :param code_dir: a model's ``code/`` folder.
     """
@@ -143,16 +143,15 @@ def importable(code_dir: Path) -> Iterator[None]:
 
 
 def _other_model_code(module: Any, code_dir: Path) -> bool:
-    """Whether a module was imported from another model's ``code/`` folder (or the shipped contract folder)."""
-    from conveyor.model.contract import FOLDER
-
+    """Whether a module of one of this model's names was imported from anywhere but its ``code/`` folder
+    (another model's, the shipped contract folder, a training source folder since removed)."""
     file = getattr(module, "__file__", None)
     if not file:
         return False
     folder = Path(file).parent
     if Path(file).name == "__init__.py":
         folder = folder.parent
-    return folder != code_dir and ((folder / "inference.py").exists() or folder == FOLDER)
+    return folder.resolve() != Path(code_dir).resolve()
 
 
 class LoadedModel:
