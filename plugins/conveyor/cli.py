@@ -191,14 +191,10 @@ def batch_demo(pipeline: str, rows: int) -> None:
 def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
     """The closed loop: the market shifts; drifted data and poor feedback retrain the model, which
     passes the gate and replaces the old one on the endpoint."""
-    import json
-
     import httpx
 
     from conveyor.demo import churn_frame
     from conveyor.lake import Lake
-    from conveyor.monitoring.decisions import load_triggers
-    from conveyor.registry import registry_hook
     from conveyor.serving.process import endpoint_status
     from conveyor.spec import get_spec
 
@@ -247,6 +243,23 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
             },
         )
         print(f"    POST /feedback  : {answer.status_code} {answer.text}")
+    retrain_demo(spec, lake, name, time_limit)
+
+
+def retrain_demo(spec: Any, lake: Any, name: str, time_limit: int) -> None:
+    """The loop's second half: the monitor decides, the model retrains and, if it passes, goes live.
+
+    :param spec: the pipeline.
+    :param lake: the lake.
+    :param name: the endpoint.
+    :param time_limit: the retraining's time budget.
+    """
+    import json
+
+    from conveyor.monitoring.decisions import load_triggers
+    from conveyor.registry import registry_hook
+
+    pipeline = spec.name
     run_dag(f"{pipeline}__monitor", settings.state_dir() / "logs")
     decision = load_triggers(lake, pipeline)[-1]
     report = lake.reports(pipeline, decision["run_id"]) / "monitor" / "index.html"

@@ -143,14 +143,12 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    """The command line of this script; paths default to the SageMaker environment variables."""
-    env = os.environ
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train an AutoGluon TabularPredictor (SageMaker script mode).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_paths(parser: argparse.ArgumentParser, env: Any) -> None:
+    """The input channels and output folders (SageMaker environment defaults).
+
+    :param parser: the parser.
+    :param env: the environment the defaults come from.
+    """
     paths = parser.add_argument_group("paths (default: the SageMaker environment variables)")
     paths.add_argument(
         "--train",
@@ -178,6 +176,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where leaderboard.csv and fit_summary.json are written (SM_OUTPUT_DATA_DIR)",
     )
 
+
+def add_model(parser: argparse.ArgumentParser, env: Any) -> None:
+    """The label, problem, metric, budget and AutoGluon settings (GPUs from ``SM_NUM_GPUS``).
+
+    :param parser: the parser.
+    :param env: the environment the defaults come from.
+    """
     model = parser.add_argument_group("model")
     model.add_argument("--label", required=True, help="name of the label column")
     model.add_argument("--problem-type", required=True, choices=PROBLEM_TYPES, help="kind of prediction")
@@ -232,6 +237,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--verbosity", type=int, default=2, choices=range(5), metavar="{0..4}", help="AutoGluon log verbosity"
     )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line of this script; paths default to the SageMaker environment variables."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train an AutoGluon TabularPredictor (SageMaker script mode).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_paths(parser, os.environ)
+    add_model(parser, os.environ)
     return parser
 
 

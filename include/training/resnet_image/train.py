@@ -17,13 +17,11 @@ takes a local file. This script imports nothing from Airflow or Conveyor.
 
 Laid out as torchvision's reference classification recipe: this file holds the command line,
 :func:`main`, :func:`train_one_epoch`, :func:`evaluate` and the checkpoint dicts; its siblings,
-imported as plain modules from the script's folder (SageMaker puts the source folder on
-``sys.path``, ``python train.py`` puts the script's folder there), hold the rest: ``presets``
-(preprocessing), ``data`` (manifests, datasets, sampler), ``network`` (model, weights, optimizer,
-LR schedule), ``recipe`` (what a run builds before the first epoch), ``checkpoint`` (progress and
-resuming), ``baseline`` (drift statistics) and ``utils`` (errors, logging, DDP, mixed precision,
-files, metrics). ``metadata.json`` is a ``ModelMetadata`` of
-the shipped contract module ``conveyor_metadata``, on ``sys.path`` beside the scripts.
+imported as plain modules from the script's folder, hold the rest: ``arguments`` (the command
+line), ``presets`` (preprocessing), ``data`` (manifests, datasets, sampler), ``network`` (model,
+weights, optimizer, LR schedule), ``recipe`` (what a run builds before the first epoch),
+``checkpoint`` (progress, resuming), ``baseline`` (drift statistics) and ``utils`` (errors, logging,
+DDP, precision, files, metrics). ``metadata.json`` is a ``ModelMetadata`` of ``conveyor_metadata``.
 
 The training loop is reusable (a benchmark imports :func:`train_one_epoch`, :func:`build_model`,
 :class:`ManifestImageDataset` and :func:`make_loader`, all in ``__all__``); it keeps no global state.
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import sys
 import time
@@ -47,14 +44,14 @@ import conveyor_metadata
 import torch
 import torch.distributed as dist
 import torchvision
+from arguments import get_args_parser
 from baseline import build_baseline, with_predictions
 from checkpoint import Progress, checkpoint_path, read_checkpoint
 from conveyor_metadata import Feature, ModelMetadata, finite
-from data import MANIFEST, EpochSampler, Item, ManifestImageDataset, load_channels, load_rgb, make_loader, read_manifest
-from network import ARCHS, build_model, build_optimizer, load_pretrained, resolve_weights
+from data import EpochSampler, Item, ManifestImageDataset, load_channels, load_rgb, make_loader, read_manifest
+from network import build_model, build_optimizer, load_pretrained, resolve_weights
 from presets import eval_transform, train_transform
 from recipe import (
-    DEFAULT_LR,
     Training,
     build_training,
     check_options,
@@ -72,16 +69,14 @@ from utils import (
     TrainingInputError,
     agree,
     amp_dtype_for,
-    boolean,
     clean_message,
     clock,
+    epoch_summary,
     json_args,
     log,
     metrics_from_confusion,
-    number_type,
     quiet,
     reduce_sum,
-    resume_option,
     save_atomic,
     seed_everything,
     setup_runtime,
@@ -120,170 +115,6 @@ __all__ = [
 
 TRAINER = "resnet_image"
 PROBLEM_TYPE = "image_classification"
-
-
-# --------------------------------------------------------------------------------------- options
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """The command line of this script; paths default to the SageMaker environment variables."""
-    env = os.environ
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Fine-tune a torchvision ResNet image classifier (SageMaker script mode).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-
-    def flag(group: Any, name: str, help_text: str, default: bool | None = False) -> None:
-        """A boolean option: ``--name`` alone means true; ``--name false`` also works."""
-        group.add_argument(name, nargs="?", const=True, default=default, type=boolean, metavar="BOOL", help=help_text)
-
-    paths = parser.add_argument_group("paths (default: the SageMaker environment variables)")
-    paths.add_argument(
-        "--train",
-        type=Path,
-        default=env.get("SM_CHANNEL_TRAIN"),
-        help=f"folder with {MANIFEST} (path,label) and the training images (SM_CHANNEL_TRAIN)",
-    )
-    paths.add_argument(
-        "--validation",
-        type=Path,
-        default=env.get("SM_CHANNEL_VALIDATION"),
-        help="the same for validation (SM_CHANNEL_VALIDATION); without one, --validation-split "
-        "of the training images is held out",
-    )
-    paths.add_argument(
-        "--model-dir",
-        type=Path,
-        default=env.get("SM_MODEL_DIR"),
-        help="where model.pt and metadata.json are written (SM_MODEL_DIR)",
-    )
-    paths.add_argument(
-        "--output-data-dir",
-        type=Path,
-        default=env.get("SM_OUTPUT_DATA_DIR"),
-        help="where history.json is written (SM_OUTPUT_DATA_DIR)",
-    )
-    paths.add_argument(
-        "--checkpoint-dir",
-        type=Path,
-        default=None,
-        help="where last.pt and best.pt are written; <output-data-dir>/checkpoints if unset "
-        "(on SageMaker, /opt/ml/checkpoints survives spot interruptions)",
-    )
-    paths.add_argument(
-        "--num-gpus",
-        type=number_type(int, 0),
-        default=env.get("SM_NUM_GPUS") or None,
-        help="GPUs this process may use (SM_NUM_GPUS); 0 forces the CPU; every visible GPU if unset",
-    )
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--arch", choices=ARCHS, default="resnet18", help="torchvision architecture")
-    model.add_argument(
-        "--pretrained-weights",
-        default=None,
-        help="local file (path or file:// URI) holding a state_dict or checkpoint for --arch; "
-        "never downloaded; a different class count in fc is replaced by a new head",
-    )
-    flag(model, "--freeze-backbone", "train only the new fc head (backbone weights and BatchNorm statistics frozen)")
-    model.add_argument(
-        "--image-size",
-        type=number_type(int, 32),
-        default=224,
-        help="training crop and evaluation crop in pixels (evaluation resizes to size*256/224 first)",
-    )
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=number_type(int, 1), default=15, help="epochs to train at most")
-    optim.add_argument("--batch-size", type=number_type(int, 1), default=32, help="images per batch and process")
-    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="optimizer")
-    optim.add_argument(
-        "--lr",
-        type=number_type(float, 0, low_open=True),
-        default=None,
-        help=f"learning rate; {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw if unset",
-    )
-    optim.add_argument("--momentum", type=number_type(float, 0, 1, high_open=True), default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=number_type(float, 0), default=1e-4, help="weight decay")
-    optim.add_argument("--lr-scheduler", choices=("cosine", "step"), default="cosine", help="LR schedule after warm-up")
-    optim.add_argument("--lr-warmup-epochs", type=number_type(int, 0), default=0, help="epochs of linear LR warm-up")
-    optim.add_argument(
-        "--lr-warmup-decay",
-        type=number_type(float, 0, 1, low_open=True),
-        default=0.01,
-        help="LR multiplier at the start of warm-up",
-    )
-    optim.add_argument("--lr-step-size", type=number_type(int, 1), default=10, help="epochs between LR steps (step)")
-    optim.add_argument(
-        "--lr-gamma",
-        type=number_type(float, 0, 1, low_open=True),
-        default=0.1,
-        help="LR multiplier at every step (step)",
-    )
-    optim.add_argument(
-        "--label-smoothing",
-        type=number_type(float, 0, 1, high_open=True),
-        default=0.0,
-        help="label smoothing of the training loss",
-    )
-    optim.add_argument(
-        "--balance",
-        choices=("none", "sampler", "loss"),
-        default="none",
-        help="class imbalance: draw images by inverse class frequency (sampler) or weight the loss",
-    )
-    optim.add_argument(
-        "--early-stopping-patience",
-        type=number_type(int, 0),
-        default=5,
-        help="stop after this many epochs without a better validation score (0: never)",
-    )
-    optim.add_argument(
-        "--gate-metric",
-        choices=METRICS,
-        default="balanced_accuracy",
-        help="validation metric that picks the best epoch and is reported as validation_score",
-    )
-    optim.add_argument(
-        "--time-limit",
-        type=number_type(float, 0, low_open=True),
-        default=None,
-        help="seconds; training stops after the epoch that crosses it",
-    )
-    optim.add_argument(
-        "--validation-split",
-        type=number_type(float, 0, 0.5, low_open=True, high_open=True),
-        default=0.15,
-        help="share of training images held out when there is no validation channel",
-    )
-
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--workers", type=number_type(int, 0), default=2, help="DataLoader worker processes")
-    runtime.add_argument("--seed", type=int, default=0, help="random seed")
-    flag(runtime, "--deterministic", "deterministic algorithms (torch.use_deterministic_algorithms, cudnn flags)")
-    runtime.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "fp16", "off"),
-        default="auto",
-        help="mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU",
-    )
-    flag(runtime, "--channels-last", "channels_last memory format (default: on for CUDA, off for CPU)", None)
-    flag(runtime, "--compile", "torch.compile the model (CUDA only)")
-    runtime.add_argument(
-        "--resume",
-        type=resume_option,
-        default="auto",
-        help="auto: resume from <checkpoint-dir>/last.pt when it exists; never; or a checkpoint path",
-    )
-    flag(runtime, "--verify-images", "decode every image once before training so a bad file fails fast", True)
-    runtime.add_argument(
-        "--print-freq",
-        type=number_type(int, 0),
-        default=0,
-        help="also print progress every N training steps (0: once per epoch)",
-    )
-    return parser
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -428,23 +259,12 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    count = torch.tensor(seen, dtype=torch.int64, device=device)
-    reduce_sum([loss_sum, confusion, count], distributed)
-    images_total = int(count.item())
-    metrics = metrics_from_confusion(confusion.view(num_classes, num_classes).cpu().numpy())
-    result = {
-        "loss": loss_sum.item() / images_total if images_total else float("nan"),
-        **metrics,
-        "images": images_total,
-        "seconds": seconds,
-        "images_per_second": images_total / seconds if seconds > 0 else 0.0,
-        "lr": float(optimizer.param_groups[0]["lr"]),
-    }
+    result = epoch_summary(loss_sum, confusion, seen, num_classes, seconds, optimizer, distributed)
     eta = f" | eta {clock(seconds * (epochs - epoch))}" if epochs is not None else ""
     total = f"/{epochs}" if epochs is not None else ""
     log_fn(
         f"epoch {epoch}{total} train: loss {result['loss']:.4f} {gate_metric} {result[gate_metric]:.4f} "
-        f"accuracy {result['accuracy']:.4f} | {result['images_per_second']:.1f} images/s ({images_total} in "
+        f"accuracy {result['accuracy']:.4f} | {result['images_per_second']:.1f} images/s ({result['images']} in "
         f"{seconds:.1f}s) | lr {result['lr']:.6g}{eta}"
     )
     return result

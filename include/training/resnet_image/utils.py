@@ -285,3 +285,32 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict[str, float]:
         "balanced_accuracy": float((hits[present] / support[present]).mean()) if present.any() else 0.0,
         "f1_macro": float(f1[seen].mean()) if seen.any() else 0.0,
     }
+
+
+def epoch_summary(
+    loss_sum: Any, confusion: Any, seen: int, num_classes: int, seconds: float, optimizer: Any, distributed: bool
+) -> dict[str, float]:
+    """An epoch's training figures, summed over every process when distributed.
+
+    :param loss_sum: this process's summed loss (a float64 tensor).
+    :param confusion: this process's flat confusion counts (an int64 tensor).
+    :param seen: the images this process trained on.
+    :param num_classes: the number of classes.
+    :param seconds: the epoch's wall time.
+    :param optimizer: the optimizer (its current LR is reported).
+    :param distributed: whether to sum the figures over every process.
+    """
+    import torch
+
+    count = torch.tensor(seen, dtype=torch.int64, device=loss_sum.device)
+    reduce_sum([loss_sum, confusion, count], distributed)
+    images_total = int(count.item())
+    metrics = metrics_from_confusion(confusion.view(num_classes, num_classes).cpu().numpy())
+    return {
+        "loss": loss_sum.item() / images_total if images_total else float("nan"),
+        **metrics,
+        "images": images_total,
+        "seconds": seconds,
+        "images_per_second": images_total / seconds if seconds > 0 else 0.0,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+    }

@@ -59,27 +59,20 @@ def train_params(spec: PipelineSpec) -> dict[str, Any]:
     return params
 
 
-def train_dag(spec: PipelineSpec) -> DAG:
-    """``<name>__train``: split, train, evaluate, gate, register, approve."""
-    from conveyor.assets import model_asset
-    from conveyor.operators.gate import GateModelOperator
-    from conveyor.operators.registry import (
-        AutoApproveOperator,
-        ModelApprovalOperator,
-        PublishModelOperator,
-        RegisterModelOperator,
-    )
-    from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator, TrainModelOperator
+def _xcom(task_id: str) -> str:
+    """A template pulling the return value of ``task_id``.
 
-    xcom = "{{{{ ti.xcom_pull(task_ids='{}') }}}}".format
-    spec_json = spec_arg(spec)  # one per DAG: every task shows the same validated spec
-    with pipeline_dag(
-        spec,
-        "train",
-        description=f"Train, evaluate, gate, register and approve a {spec.name} model",
-        schedule=train_schedule(spec),
-        params=train_params(spec),
-        doc_md=f"""
+    :param task_id: the upstream task.
+    """
+    return f"{{{{ ti.xcom_pull(task_ids='{task_id}') }}}}"
+
+
+def train_doc(spec: PipelineSpec) -> str:
+    """The train DAG's ``doc_md``: when it runs and what each task does, for this spec.
+
+    :param spec: the pipeline.
+    """
+    return f"""
 ### {spec.name}: train
 Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain schedule
 (`{spec.retrain.schedule}`), or by hand with the form (dataset version, time budget, presets, deploy).
@@ -87,18 +80,86 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
 1. **split** — seeded ({spec.split.seed}), stratified train/validation/test split under
    `models/{spec.name}/<run>/split/`.
 2. **train** — `include/training/` script in SageMaker script mode, {
-            "as a SageMaker training job" if spec.compute == "sagemaker" else "as a child process"
-        }; writes `models/{spec.name}/<run>/model.tar.gz`.
+        "as a SageMaker training job" if spec.compute == "sagemaker" else "as a child process"
+    }; writes `models/{spec.name}/<run>/model.tar.gz`.
 3. **evaluate** — test-set metrics and plots: `reports/{spec.name}/<run>/evaluation/index.html`.
 4. **gate** — thresholds {dict(spec.gate.thresholds)} and a gain of at least {spec.gate.min_improvement}
    in `{spec.gate.metric}` over the champion, both scored on this test set:
    `reports/{spec.name}/<run>/gate/index.html`. On reject: **{spec.gate.on_reject}**.
 5. **register** — a new version of `{spec.name}` in the {
-            "SageMaker Model Registry" if spec.registry == "sagemaker" else "MLflow registry"
-        } (`PendingManualApproval`).
+        "SageMaker Model Registry" if spec.registry == "sagemaker" else "MLflow registry"
+    } (`PendingManualApproval`).
 6. **approve** — **{spec.approval}**: approval sets `Approved` and makes it the champion.
 7. **publish** — updates the `{spec.name}.model` Asset (version, deploy flag): it starts `{spec.name}__deploy`.
-""",
+"""
+
+
+def _train_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
+    """The ``train`` task: a SageMaker training job (deferred wait), or a local child process.
+
+    :param spec: the pipeline.
+    :param spec_json: the validated spec every task of the DAG receives.
+    """
+    if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
+        from conveyor.aws.training import wait_limit_seconds
+        from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
+
+        return SageMakerTrainModelOperator(
+            task_id="train",
+            spec=spec_json,
+            split=_xcom("split"),
+            time_limit="{{ params.time_limit }}",
+            presets="{{ params.get('presets') }}",
+            execution_timeout=timedelta(seconds=wait_limit_seconds(spec) + 1800),
+        )
+    from conveyor.operators.train import TrainModelOperator
+
+    return TrainModelOperator(
+        task_id="train",
+        spec=spec_json,
+        split=_xcom("split"),
+        time_limit="{{ params.time_limit }}",
+        presets="{{ params.get('presets') }}",
+        execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
+        **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
+    )
+
+
+def _approve_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
+    """The ``approve`` task: automatic, or a person's decision (``ModelApprovalOperator``).
+
+    :param spec: the pipeline.
+    :param spec_json: the validated spec every task of the DAG receives.
+    """
+    from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator
+
+    if spec.approval == "auto":
+        return AutoApproveOperator(task_id="approve", spec=spec_json, registration=_xcom("register"))
+    return ModelApprovalOperator(
+        task_id="approve",
+        spec=spec_json,
+        subject=f"Approve {spec.name} model version {{{{ ti.xcom_pull(task_ids='register')['version'] }}}}?",
+        body="{{ ti.xcom_pull(task_ids='gate')['summary_md'] }}\n\nReports: "
+        "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
+        retries=0,
+    )
+
+
+def train_dag(spec: PipelineSpec) -> DAG:
+    """``<name>__train``: split, train, evaluate, gate, register, approve."""
+    from conveyor.assets import model_asset
+    from conveyor.operators.gate import GateModelOperator
+    from conveyor.operators.registry import PublishModelOperator, RegisterModelOperator
+    from conveyor.operators.train import EvaluateModelOperator, SplitDatasetOperator
+
+    spec_json = spec_arg(spec)  # one per DAG: every task shows the same validated spec
+    with pipeline_dag(
+        spec,
+        "train",
+        description=f"Train, evaluate, gate, register and approve a {spec.name} model",
+        schedule=train_schedule(spec),
+        params=train_params(spec),
+        doc_md=train_doc(spec),
     ) as dag:
         split = SplitDatasetOperator(
             task_id="split",
@@ -106,55 +167,22 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
             dataset_version="{{ params.dataset_version }}",
             labelled_rows="{{ params.get('labelled_rows') or '' }}",
         )
-        if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
-            from conveyor.aws.training import wait_limit_seconds
-            from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
-
-            train: BaseOperator = SageMakerTrainModelOperator(
-                task_id="train",
-                spec=spec_json,
-                split=xcom("split"),
-                time_limit="{{ params.time_limit }}",
-                presets="{{ params.get('presets') }}",
-                execution_timeout=timedelta(seconds=wait_limit_seconds(spec) + 1800),
-            )
-        else:
-            train = TrainModelOperator(
-                task_id="train",
-                spec=spec_json,
-                split=xcom("split"),
-                time_limit="{{ params.time_limit }}",
-                presets="{{ params.get('presets') }}",
-                execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
-                **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
-            )
-        evaluate = EvaluateModelOperator(task_id="evaluate", spec=spec_json, model=xcom("train"))
-        gate = GateModelOperator(task_id="gate", spec=spec_json, model=xcom("train"), evaluation=xcom("evaluate"))
+        train = _train_task(spec, spec_json)
+        evaluate = EvaluateModelOperator(task_id="evaluate", spec=spec_json, model=_xcom("train"))
+        gate = GateModelOperator(task_id="gate", spec=spec_json, model=_xcom("train"), evaluation=_xcom("evaluate"))
         register = RegisterModelOperator(
             task_id="register",
             spec=spec_json,
-            model=xcom("train"),
-            gate=xcom("gate"),
+            model=_xcom("train"),
+            gate=_xcom("gate"),
             deploy="{{ params.deploy }}",
-            evaluation=xcom("evaluate"),
+            evaluation=_xcom("evaluate"),
         )
-        if spec.approval == "auto":
-            approve: BaseOperator = AutoApproveOperator(
-                task_id="approve", spec=spec_json, registration=xcom("register")
-            )
-        else:
-            approve = ModelApprovalOperator(
-                task_id="approve",
-                spec=spec_json,
-                subject=f"Approve {spec.name} model version {{{{ ti.xcom_pull(task_ids='register')['version'] }}}}?",
-                body="{{ ti.xcom_pull(task_ids='gate')['summary_md'] }}\n\nReports: "
-                "{{ ti.xcom_pull(task_ids='gate')['report'] }}",
-                retries=0,
-            )
+        approve = _approve_task(spec, spec_json)
         publish = PublishModelOperator(
             task_id="publish",
             spec=spec_json,
-            registration=xcom("register"),
+            registration=_xcom("register"),
             deploy="{{ params.deploy }}",
             outlets=[model_asset(spec.name)],
         )
