@@ -50,6 +50,21 @@ class IngestSpec(_Strict):
     chunk_bytes: int = Field(8 * 1024 * 1024, ge=4096)
 
 
+class ValidationSpec(_Strict):
+    """Implicit checks and limits every drop passes besides its suite (``conveyor.data.checks``)."""
+
+    # A column whose type family differs from the last validated version's (or that appeared or
+    # disappeared) rejects the drop, unless accepted here (then it is reported as a warning).
+    allow_schema_drift: bool = False
+    # inf/-inf in a numeric column rejects the drop unless accepted here (NaN is a missing value).
+    allow_non_finite: bool = False
+    # A version larger than these is rejected before it is loaded into memory for validation.
+    max_rows: int = Field(5_000_000, ge=1)
+    max_bytes: int = Field(1024**3, ge=1)
+    # Validation runs of one version that did not finish (killed, e.g. out of memory) before it is rejected.
+    max_attempts: int = Field(3, ge=1)
+
+
 class SplitSpec(_Strict):
     validation: float = Field(0.15, gt=0, lt=0.5)
     test: float = Field(0.15, gt=0, lt=0.5)
@@ -174,6 +189,9 @@ class MonitorSpec(_Strict):
     min_new_labels: int = Field(100, ge=1)
     cooldown_hours: float = Field(24.0, ge=0)
     feedback_marker: str = "_SUCCESS"
+    # Several labels for one id: the most recent wins (last), the first stays (first, later ones are
+    # rejected), or an id with conflicting labels is kept out of live metrics and retraining (reject).
+    feedback_duplicates: Literal["last", "first", "reject"] = "last"
 
 
 class PipelineSpec(_Strict):
@@ -187,6 +205,7 @@ class PipelineSpec(_Strict):
     data: DataSpec
     expectations: str | None = None
     ingest: IngestSpec = IngestSpec()
+    validation: ValidationSpec = ValidationSpec()
     split: SplitSpec = SplitSpec()
     trainer: TrainerSpec
     retrain: RetrainSpec = RetrainSpec()
