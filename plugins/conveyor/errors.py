@@ -42,3 +42,26 @@ class ValidationFailed(ConveyorError):
         super().__init__(
             f"{dataset} failed validation: {len(failures)} expectation(s) failed\n{shown}{more}\nreport: {report_uri}"
         )
+
+
+class IntegrityError(ConveyorError):
+    """A model archive is not the one the registry recorded: its sha256 differs, or none was recorded.
+
+    Names the model, the version, the archive, the expected and the actual sha256; never retried.
+
+    :param model: the registered model.
+    :param version: its version.
+    :param source: the archive's URI.
+    :param expected: the sha256 the registry recorded (None: none was, a version registered before hashes).
+    :param actual: the sha256 of the bytes read.
+    :param hint: what to do about it (appended to the message).
+    """
+
+    def __init__(self, model: str, version: str, source: str, expected: str | None, actual: str, hint: str = ""):
+        self.model, self.version, self.source = model, version, source
+        self.expected, self.actual = expected, actual
+        if expected is None:
+            what = f"the registry recorded no sha256 for it (registered before hashes were); its sha256 is {actual}"
+        else:
+            what = f"its sha256 is {actual}, the registry recorded {expected}"
+        super().__init__(f"{model} version {version}: archive {source} refused, not loaded: {what}{hint}")

@@ -17,6 +17,18 @@
 | ``CONVEYOR_CAPTURE_DIR`` | model server | none (no capture); set by deploy from the spec's ``capture_share`` |
 | ``CONVEYOR_CAPTURE_SHARE`` | model server | ``1.0`` of requests captured when capture is on |
 | ``CONVEYOR_FEEDBACK_DIR`` | model server | none (``POST /feedback`` answers 503); set by deploy for a local lake |
+| ``CONVEYOR_ENDPOINT_ACCESS_KEY_ID`` | endpoint, clients | SigV4 key id; none: ``<state>/endpoint-credentials.json`` |
+| ``CONVEYOR_ENDPOINT_SECRET_ACCESS_KEY`` | endpoint, clients | its secret (20+ characters); none: as above |
+| ``CONVEYOR_ENDPOINT_TOKEN`` | endpoint, clients | the bearer token (20+ characters); none: as above (generated, 0600) |
+| ``CONVEYOR_MAX_HEADER_BYTES`` | model server | ``16384``: request line + headers; more is answered 431 |
+| ``CONVEYOR_REQUEST_MAX_IMAGES`` | image inference | ``64`` images per request; more is answered 413 |
+| ``CONVEYOR_REQUEST_MAX_IMAGE_PIXELS`` | image inference | ``40000000`` pixels per image, read before decoding |
+| ``CONVEYOR_REQUEST_MAX_PIXELS`` | image inference | ``100000000`` pixels per request, all images together |
+| ``CONVEYOR_ALLOW_UNHASHED_MODELS`` | model loaders | ``false``: versions with no sha256 refused; ``true``: warned |
+| ``CONVEYOR_INGEST_MAX_ATTEMPTS`` | ingest | ``3`` tries of a drop that fails with an unclear error before it is quarantined |
+| ``CONVEYOR_MAX_DECOMPRESSED_BYTES`` | ingest, validation | ``2147483648`` (2 GiB) per compressed CSV file once inflated; more is refused |
+| ``CONVEYOR_MAX_IMAGE_PIXELS`` | ingest | ``89478485`` pixels per image (PIL's own limit); a larger image is a bad file |
+| ``CONVEYOR_MAX_MANIFEST_BYTES`` | ingest | ``67108864`` (64 MiB) for an image drop's ``manifest.csv`` |
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GPU_QUEUE_DEFAULT = "gpu"
 MAX_BODY_BYTES_DEFAULT = 6 * 1024 * 1024  # SageMaker's real-time payload limit
+MAX_HEADER_BYTES_DEFAULT = 16 * 1024  # the request line and every header together
 
 
 def state_dir() -> Path:
@@ -125,6 +138,7 @@ class ServerSettings:
     capture_dir: Path | None
     capture_share: float
     feedback_dir: Path | None
+    max_header_bytes: int = MAX_HEADER_BYTES_DEFAULT
 
 
 def server_settings() -> ServerSettings:
@@ -138,4 +152,37 @@ def server_settings() -> ServerSettings:
         capture_dir=Path(capture) if capture else None,
         capture_share=env_number("CONVEYOR_CAPTURE_SHARE", 1.0, 0.0, 1.0),
         feedback_dir=Path(feedback) if feedback else None,
+        max_header_bytes=int(env_number("CONVEYOR_MAX_HEADER_BYTES", MAX_HEADER_BYTES_DEFAULT, 1024)),
+    )
+
+
+def endpoint_auth_env() -> tuple[str | None, str | None, str | None]:
+    """The endpoint's configured credentials: access key id, secret access key, bearer token (None: unset)."""
+    names = ("CONVEYOR_ENDPOINT_ACCESS_KEY_ID", "CONVEYOR_ENDPOINT_SECRET_ACCESS_KEY", "CONVEYOR_ENDPOINT_TOKEN")
+    key_id, secret, token = (os.environ.get(name) for name in names)
+    return key_id, secret, token
+
+
+def allow_unhashed_models() -> bool:
+    """``CONVEYOR_ALLOW_UNHASHED_MODELS``: load versions registered before archive hashes were recorded (warned)."""
+    return (os.environ.get("CONVEYOR_ALLOW_UNHASHED_MODELS") or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The caps and the retry policy of drop ingest (``CONVEYOR_INGEST_MAX_ATTEMPTS``, ``CONVEYOR_MAX_*``)."""
+
+    max_attempts: int
+    max_decompressed_bytes: int
+    max_image_pixels: int
+    max_manifest_bytes: int
+
+
+def ingest_settings() -> IngestSettings:
+    """The ingest caps, read from the environment each time (a task sees its own environment)."""
+    return IngestSettings(
+        max_attempts=int(env_number("CONVEYOR_INGEST_MAX_ATTEMPTS", 3, 1)),
+        max_decompressed_bytes=int(env_number("CONVEYOR_MAX_DECOMPRESSED_BYTES", 2 * 1024**3, 1)),
+        max_image_pixels=int(env_number("CONVEYOR_MAX_IMAGE_PIXELS", 89_478_485, 1)),
+        max_manifest_bytes=int(env_number("CONVEYOR_MAX_MANIFEST_BYTES", 64 * 1024**2, 1)),
     )

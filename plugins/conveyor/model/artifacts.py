@@ -14,19 +14,32 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import logging
+import os
+import re
+import shutil
 import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor import settings
+from conveyor.errors import ConveyorError, IntegrityError
+from conveyor.registry.base import SHA256_TAG
 
 if TYPE_CHECKING:
     from conveyor.model.metadata import ModelMetadata
 
 TRAINER_DIRS = {"autogluon": "autogluon_tabular", "resnet": "resnet_image"}
+SHA256 = re.compile(r"[0-9a-f]{64}")
+logger = logging.getLogger(__name__)
+
+
+class ArchiveMissing(ConveyorError, FileNotFoundError):
+    """No model archive at the URI a registration or a load names."""
 
 
 def trainer_dir(kind: str) -> str:
@@ -97,25 +110,141 @@ def pack(model_dir: Path, code_dir: Path, metadata: ModelMetadata | dict[str, An
 
 
 def unpack(archive: Path, dest: Path) -> Path:
-    """Extract a ``model.tar.gz`` safely (no absolute paths, no links out) into ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(dest, filter="data")
+    """Extract a ``model.tar.gz`` safely (no absolute paths, no links out) into ``dest``.
+
+    The archive is extracted beside ``dest`` and renamed into place, so ``dest`` is either absent or
+    complete (a crash half-way never leaves a folder a cache would take for an extracted model).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(partial, filter="data")
+        if dest.exists():
+            shutil.rmtree(dest)
+        partial.rename(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return dest
 
 
-def fetch(model_uri: str, dest: Path, conn_id: str | None = None) -> Path:
-    """Copy a ``model.tar.gz`` from the lake (or any ObjectStoragePath URI) and extract it."""
+def _object_path(model_uri: str, conn_id: str | None) -> Any:
+    from airflow.sdk import ObjectStoragePath
+
+    if model_uri.startswith("file://") or "://" not in model_uri:
+        return ObjectStoragePath(model_uri if "://" in model_uri else Path(model_uri).as_uri())
+    return ObjectStoragePath(model_uri, conn_id=conn_id)
+
+
+def archive_sha256(model_uri: str, conn_id: str | None = None) -> str:
+    """The sha256 of an archive's bytes, streamed (1 MiB at a time) from the lake or any URI.
+
+    :param model_uri: the ``model.tar.gz`` URI (``file://``, ``s3://`` or a local path).
+    :param conn_id: the Airflow connection of its object store.
+    :raises ArchiveMissing: there is no file at that URI.
+    """
+    digest = hashlib.sha256()
+    try:
+        with _object_path(model_uri, conn_id).open("rb") as reader:
+            while chunk := reader.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ArchiveMissing(f"no model archive at {model_uri}") from None
+    return digest.hexdigest()
+
+
+def checked_sha256(value: str, what: str) -> str:
+    """A sha256 as 64 lower-case hex digits.
+
+    :param value: the hash.
+    :param what: what it is the hash of (named in the error).
+    :raises ConveyorError: it is not a sha256.
+    """
+    text = str(value).strip().lower()
+    if not SHA256.fullmatch(text):
+        raise ConveyorError(f"{what}: {value!r} is not a sha256 (64 hexadecimal digits)")
+    return text
+
+
+@dataclass(frozen=True)
+class RegisteredArchive:
+    """What the registry recorded of a version's archive: the sha256 its bytes must have.
+
+    :param model: the registered model.
+    :param version: the version.
+    :param sha256: the recorded sha256; None for a version registered before hashes were recorded.
+    """
+
+    model: str
+    version: str
+    sha256: str | None
+
+    @classmethod
+    def of(cls, entry: Any) -> RegisteredArchive:
+        """From a registry version (``.name``, ``.version``, ``.tags``) or a resolve task's result
+        (``model_name``, ``version``, ``sha256``).
+
+        :param entry: the version or the result.
+        """
+        if isinstance(entry, dict):
+            return cls(str(entry.get("model_name", "")), str(entry.get("version", "")), entry.get("sha256") or None)
+        tags = getattr(entry, "tags", None) or {}
+        return cls(str(getattr(entry, "name", "")), str(getattr(entry, "version", "")), tags.get(SHA256_TAG) or None)
+
+    def verify(self, actual: str, source: str) -> None:
+        """Refuse bytes whose sha256 is not the recorded one (or, unless allowed, when none was recorded).
+
+        :param actual: the sha256 of the bytes read.
+        :param source: the archive's URI (named in the error).
+        :raises IntegrityError: the hashes differ, or none was recorded and legacy versions are not allowed.
+        """
+        if self.sha256 is None:
+            hint = (
+                f". Re-run the {self.model}__train DAG to register a new version, or, if you trust this archive,"
+                f" record {actual} as the version's {SHA256_TAG!r} tag (MLflow) or metadata property (SageMaker);"
+                " CONVEYOR_ALLOW_UNHASHED_MODELS=true loads such versions with a warning"
+            )
+            if not settings.allow_unhashed_models():
+                raise IntegrityError(self.model, self.version, source, None, actual, hint)
+            logger.warning(
+                "%s version %s: loading %s with no recorded sha256 (CONVEYOR_ALLOW_UNHASHED_MODELS); its sha256 is %s",
+                self.model,
+                self.version,
+                source,
+                actual,
+            )
+            return
+        if actual != self.sha256.lower():
+            raise IntegrityError(self.model, self.version, source, self.sha256, actual)
+
+
+def fetch(model_uri: str, dest: Path, conn_id: str | None = None, registered: RegisteredArchive | None = None) -> Path:
+    """Copy a ``model.tar.gz`` from the lake (or any ObjectStoragePath URI) and extract it.
+
+    With ``registered``, the copy's sha256 is checked against the registry's record before anything
+    is extracted (so no code of a swapped archive is ever written out, let alone imported); a
+    mismatch removes the copy and raises.
+
+    :param model_uri: the archive's URI.
+    :param dest: the folder to extract into (replaced when it exists).
+    :param conn_id: the Airflow connection of its object store.
+    :param registered: what the registry recorded of the archive (None: the caller trusts it, e.g. a
+        model this run trained and has not registered yet).
+    :raises IntegrityError: the archive is not the one the registry recorded.
+    """
     from airflow.sdk import ObjectStoragePath
 
     from conveyor.lake import copy_verified
 
     local = dest.parent / f"{dest.name}.tar.gz"
-    if model_uri.startswith("file://") or "://" not in model_uri:
-        source = ObjectStoragePath(model_uri if "://" in model_uri else Path(model_uri).as_uri())
-    else:
-        source = ObjectStoragePath(model_uri, conn_id=conn_id)
-    copy_verified(source, ObjectStoragePath(local.as_uri()), 1 << 20)
+    try:
+        digest, _ = copy_verified(_object_path(model_uri, conn_id), ObjectStoragePath(local.as_uri()), 1 << 20)
+        if registered is not None:
+            registered.verify(digest, model_uri)
+    except BaseException:
+        local.unlink(missing_ok=True)
+        raise
     return unpack(local, dest)
 
 

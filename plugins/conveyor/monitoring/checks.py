@@ -40,6 +40,7 @@ class ModelCache:
     def __init__(self, registry: RegistryHook, pipeline: str, lake: Lake, scratch: Path):
         self.registry, self.pipeline, self.lake, self.scratch = registry, pipeline, lake, scratch
         self._sources: dict[str, str] = {}
+        self._entries: dict[str, Any] = {}
         self._metadata: dict[str, ModelMetadata] = {}
         self._loaded: dict[str, LoadedModel] = {}
 
@@ -49,7 +50,8 @@ class ModelCache:
         :param version: the version.
         """
         if version not in self._sources:
-            self._sources[version] = str(self.registry.version(self.pipeline, version).source)
+            self._entries[version] = self.registry.version(self.pipeline, version)
+            self._sources[version] = str(self._entries[version].source)
         return self._sources[version]
 
     def metadata(self, version: str) -> ModelMetadata:
@@ -68,10 +70,12 @@ class ModelCache:
 
         :param version: the version.
         """
-        from conveyor.model.artifacts import LoadedModel, fetch
+        from conveyor.model.artifacts import LoadedModel, RegisteredArchive, fetch
 
         if version not in self._loaded:
-            folder = fetch(self.source(version), self.scratch / f"v{version}", self.lake.conn_id)
+            source = self.source(version)
+            registered = RegisteredArchive.of(self._entries[version])  # its sha256 checked before loading
+            folder = fetch(source, self.scratch / f"v{version}", self.lake.conn_id, registered=registered)
             self._loaded[version] = LoadedModel(folder)
         return self._loaded[version]
 

@@ -91,6 +91,8 @@ class GateModelOperator(BaseOperator):
         self, spec: Any, lake: Lake, run_id: str, scratch: Path
     ) -> tuple[dict[str, float] | None, str | None]:
         """The live model's metrics on this run's test set (None when it cannot score it), and its version."""
+        from conveyor.errors import IntegrityError
+        from conveyor.model.artifacts import RegisteredArchive
         from conveyor.registry import registry_hook
         from conveyor.training.evaluate import scalar_metrics, score_model
 
@@ -99,7 +101,13 @@ class GateModelOperator(BaseOperator):
             return None, None
         self.log.info("Re-scoring champion v%s (%s) on this run's test set", champion.version, champion.source)
         try:
-            scored = score_model(lake, spec, run_id, champion.source, scratch / "champion")
+            registered = RegisteredArchive.of(champion)
+            scored = score_model(lake, spec, run_id, champion.source, scratch / "champion", registered=registered)
+        except IntegrityError as exc:
+            if exc.expected is not None:
+                raise  # its archive is not the one registered: never run its code
+            self.log.warning("Champion v%s not re-scored: %s; judged on thresholds only", champion.version, exc)
+            return None, str(champion.version)
         except (KeyError, ValueError) as exc:  # e.g. the features changed since the champion
             self.log.warning(
                 "Champion v%s cannot score this test set (%s): judged on thresholds only", champion.version, exc

@@ -16,7 +16,9 @@ class RegisterModelOperator(BaseOperator):
 
     The registry is the pipeline's (``registry: mlflow`` or ``sagemaker``). A retry of the same run
     returns the version it registered before (no duplicates).
-    Returns ``{"model_name", "version", "mlflow_run_id", "model_uri"}``.
+    The archive's sha256 is read from the lake and recorded with the version (``model_sha256``):
+    deploy, batch, monitor and the gate refuse an archive whose bytes differ.
+    Returns ``{"model_name", "version", "mlflow_run_id", "model_uri", "sha256"}``.
 
     :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory); its name is
         the registered model's.
@@ -51,14 +53,17 @@ class RegisterModelOperator(BaseOperator):
 
     @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from conveyor.model.artifacts import archive_sha256
         from conveyor.registry import registry_hook
         from conveyor.registry.mlflow import MlflowRegistryHook
 
         spec = pipeline_spec(self.spec)
+        lake = Lake.from_env()
         evaluation = self.evaluation if isinstance(self.evaluation, dict) else {}
         metrics_uri = None
         if evaluation.get("report"):
-            metrics_uri = str(Lake.from_env().reports(spec.name, context["run_id"]) / "evaluation" / "metrics.json")
+            metrics_uri = str(lake.reports(spec.name, context["run_id"]) / "evaluation" / "metrics.json")
+        sha256 = archive_sha256(self.model["model_uri"], lake.conn_id)
         version = registry_hook(spec, self.tracking_uri).register(
             spec.name,
             self.model["model_uri"],
@@ -73,20 +78,23 @@ class RegisterModelOperator(BaseOperator):
             },
             metrics=evaluation.get("metrics"),
             metrics_uri=metrics_uri,
+            sha256=sha256,
         )
         MlflowRegistryHook(self.tracking_uri).finish_run(self.gate["mlflow_run_id"])
         self.log.info(
-            "Registered %s version %s (PendingManualApproval, %s registry) from %s",
+            "Registered %s version %s (PendingManualApproval, %s registry) from %s (sha256 %s)",
             spec.name,
             version.version,
             spec.registry,
             self.model["model_uri"],
+            sha256,
         )
         return {
             "model_name": spec.name,
             "version": str(version.version),
             "mlflow_run_id": self.gate["mlflow_run_id"],
             "model_uri": self.model["model_uri"],
+            "sha256": sha256,
         }
 
 

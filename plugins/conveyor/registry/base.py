@@ -16,6 +16,10 @@ care which one a pipeline uses:
 | ``record_deployment(model_name, version, endpoint)`` | records the live version; returns the one it replaced |
 | ``live_version(model_name, endpoint)`` | the version recorded as live on an endpoint |
 
+``register`` records the archive's sha256 (``model_sha256``: a version tag in MLflow, a customer
+metadata property in SageMaker); ``conveyor.model.artifacts.fetch`` refuses an archive whose bytes
+differ from it before anything is extracted or imported.
+
 A version has ``.version`` (its number, as text), ``.source`` (the ``model.tar.gz`` URI),
 ``.tags`` (including ``approval_status`` and ``conveyor_run_id``) and ``.run_id`` (the MLflow run
 that judged it). MLflow's champion is the version its ``champion`` alias names; SageMaker's is the
@@ -31,6 +35,8 @@ from conveyor.errors import ConveyorError, TransientError
 
 STATUS_TAG = "approval_status"
 RUN_TAG = "conveyor_run_id"
+# The sha256 of a version's model.tar.gz, recorded at registration; loaders refuse an archive that differs.
+SHA256_TAG = "model_sha256"
 PENDING, APPROVED, REJECTED = "PendingManualApproval", "Approved", "Rejected"
 CHAMPION = "champion"
 
@@ -61,6 +67,40 @@ def check_status(status: str) -> str:
     return status
 
 
+def registered_sha256(model_name: str, source: str, sha256: str | None) -> str:
+    """The sha256 a registration records: the one given (checked), else read from the archive.
+
+    :param model_name: the registered model (named in errors).
+    :param source: the archive's URI (read through the lake's connection when no hash is given).
+    :param sha256: the archive's sha256, when the caller computed it.
+    :raises ArchiveMissing: no hash given and no archive at ``source``.
+    """
+    from conveyor import settings
+    from conveyor.model.artifacts import archive_sha256, checked_sha256
+
+    if sha256 is not None:
+        return checked_sha256(sha256, f"sha256 of {model_name}'s archive {source}")
+    return archive_sha256(source, settings.lake_conn_id())
+
+
+def check_retry(model_name: str, existing: Any, source: str, sha256: str) -> None:
+    """A registration retried by the same run must name the same bytes as the version it made.
+
+    :param model_name: the registered model.
+    :param existing: the version the first attempt registered.
+    :param source: the archive the retry names.
+    :param sha256: the sha256 of that archive.
+    :raises IntegrityError: the version's recorded sha256 differs.
+    """
+    from conveyor.errors import IntegrityError
+
+    recorded = (getattr(existing, "tags", None) or {}).get(SHA256_TAG)
+    if recorded and recorded != sha256:
+        raise IntegrityError(
+            model_name, str(existing.version), source, recorded, sha256, ": the archive changed since it was registered"
+        )
+
+
 class RegistryHook(Protocol):
     """What Conveyor's operators ask of a model registry."""
 
@@ -72,6 +112,7 @@ class RegistryHook(Protocol):
         tags: dict[str, str],
         metrics: dict[str, float] | None = None,
         metrics_uri: str | None = None,
+        sha256: str | None = None,
     ) -> Any: ...
 
     def set_status(self, model_name: str, version: str, status: str) -> None: ...

@@ -16,7 +16,18 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from conveyor import settings
-from conveyor.registry.base import APPROVED, CHAMPION, PENDING, RUN_TAG, STATUS_TAG, RegistryUnavailable, check_status
+from conveyor.registry.base import (
+    APPROVED,
+    CHAMPION,
+    PENDING,
+    RUN_TAG,
+    SHA256_TAG,
+    STATUS_TAG,
+    RegistryUnavailable,
+    check_retry,
+    check_status,
+    registered_sha256,
+)
 
 
 class MlflowRegistryHook(BaseHook):
@@ -107,15 +118,30 @@ class MlflowRegistryHook(BaseHook):
         tags: dict[str, str],
         metrics: dict[str, float] | None = None,
         metrics_uri: str | None = None,
+        sha256: str | None = None,
     ) -> Any:
         """Register a model version (status ``PendingManualApproval``); a retry returns the same one.
 
-        ``metrics`` and ``metrics_uri`` are not stored on the version: the MLflow run has them.
+        The archive's sha256 is recorded as the version's ``model_sha256`` tag; loaders refuse an
+        archive whose bytes differ. ``metrics`` and ``metrics_uri`` are not stored on the version:
+        the MLflow run has them.
+
+        :param model_name: the registered model (pipeline).
+        :param source: the ``model.tar.gz`` URI.
+        :param run_id: the MLflow run that judged the model (a retry with it returns the same version).
+        :param tags: the version's tags.
+        :param metrics: unused (the MLflow run has them).
+        :param metrics_uri: unused (the MLflow run has it).
+        :param sha256: the archive's sha256 (read from ``source`` through the lake's connection when None).
+        :raises ArchiveMissing: no archive at ``source``.
+        :raises IntegrityError: a retry names an archive whose bytes differ from the version's record.
         """
         from mlflow.exceptions import MlflowException
 
+        digest = registered_sha256(model_name, source, sha256)
         existing = self.find_version(model_name, run_id)
         if existing is not None:
+            check_retry(model_name, existing, source, digest)
             return existing
         try:
             self._call("create registered model", self.client.create_registered_model, model_name)
@@ -128,7 +154,7 @@ class MlflowRegistryHook(BaseHook):
             model_name,
             source,
             run_id=run_id,
-            tags={STATUS_TAG: PENDING, **tags},
+            tags={STATUS_TAG: PENDING, **tags, SHA256_TAG: digest},
         )
 
     def set_status(self, model_name: str, version: str, status: str) -> None:

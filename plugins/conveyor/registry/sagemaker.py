@@ -5,7 +5,7 @@ created on first use, reused when it exists). One model package per registered v
 inference container (the trainer's serving image and our ``model.tar.gz`` on S3, the content types
 the inference handlers accept), the test metrics (``ModelMetrics`` points at the evaluation's
 ``metrics.json``; ``CustomerMetadataProperties`` holds them as ``test_<metric>`` next to
-``conveyor_run_id``, ``dataset_version``, ``code_version``, ``mlflow_run_id``...). Its approval
+``conveyor_run_id``, ``dataset_version``, ``code_version``, ``mlflow_run_id``, ``model_sha256``...). Its approval
 status is the package's ``ModelApprovalStatus`` (``PendingManualApproval`` -> ``Approved`` /
 ``Rejected``); the champion is the latest ``Approved`` package of the group. The version live on
 an endpoint is a tag of the group (``conveyor:live_on:<endpoint>``) and ``live_on`` in the
@@ -44,9 +44,12 @@ from conveyor.registry.base import (
     CHAMPION,
     PENDING,
     RUN_TAG,
+    SHA256_TAG,
     STATUS_TAG,
     ModelVersionNotFound,
+    check_retry,
     check_status,
+    registered_sha256,
 )
 
 if TYPE_CHECKING:
@@ -234,6 +237,7 @@ class SageMakerRegistryHook(BaseHook):
         tags: dict[str, str],
         metrics: dict[str, float] | None = None,
         metrics_uri: str | None = None,
+        sha256: str | None = None,
     ) -> RegisteredVersion:
         """A new model package (``PendingManualApproval``); a retry with the same key returns the same one.
 
@@ -243,16 +247,22 @@ class SageMakerRegistryHook(BaseHook):
         :param tags: metadata (dataset_version, code_version, conveyor_run_id, ...).
         :param metrics: test metrics, stored as ``test_<metric>``.
         :param metrics_uri: the evaluation's ``metrics.json`` (``ModelMetrics``), on S3.
+        :param sha256: the archive's sha256 (read from ``source`` through the lake's connection when None),
+            recorded as the ``model_sha256`` metadata property; loaders refuse an archive that differs.
+        :raises ArchiveMissing: no archive at ``source``.
+        :raises IntegrityError: a retry names an archive whose bytes differ from the package's record.
         """
         model_data_url = plain_s3_uri(source)  # refused before anything is written when not on S3
         metrics_s3 = plain_s3_uri(metrics_uri) if metrics_uri else None
+        digest = registered_sha256(model_name, source, sha256)
         existing = self.find_version(model_name, run_id)
         if existing is not None:
+            check_retry(model_name, existing, source, digest)
             self.log.info("%s version %s was registered by this run before: reused", model_name, existing.version)
             return existing
         self.ensure_group(model_name)
         group = self.group(model_name)
-        metadata = _metadata({**tags, "mlflow_run_id": run_id}, metrics or {})
+        metadata = _metadata({**tags, "mlflow_run_id": run_id, SHA256_TAG: digest}, metrics or {})
         airflow_run = tags.get(RUN_TAG, "")
         request: dict[str, Any] = {
             "ModelPackageGroupName": group,

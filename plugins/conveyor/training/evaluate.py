@@ -119,7 +119,9 @@ class Scored:
         return self.model.metadata
 
 
-def score_model(lake: Lake, spec: PipelineSpec, run_id: str, model_uri: str, workdir: Path) -> Scored:
+def score_model(
+    lake: Lake, spec: PipelineSpec, run_id: str, model_uri: str, workdir: Path, registered: Any = None
+) -> Scored:
     """Load a ``model.tar.gz`` and score the run's test set through the model's own inference code.
 
     :param lake: the lake.
@@ -127,12 +129,14 @@ def score_model(lake: Lake, spec: PipelineSpec, run_id: str, model_uri: str, wor
     :param run_id: the run whose test set is used.
     :param model_uri: the model artifact's URI.
     :param workdir: a scratch folder (the model is unpacked in ``workdir/model``).
+    :param registered: a registered model's ``RegisteredArchive`` (its archive is checked against the
+        registry's sha256 before it is loaded); None for the model this run trained.
     """
     from conveyor.data.splits import read_part
     from conveyor.model.artifacts import LoadedModel, fetch
     from conveyor.model.metrics import compute_metrics
 
-    model = LoadedModel(fetch(model_uri, workdir / "model", lake.conn_id))
+    model = LoadedModel(fetch(model_uri, workdir / "model", lake.conn_id, registered=registered))
     if spec.data.format == "images":
         test = read_image_part(lake, spec.name, run_id, "test", workdir / "test")
     else:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
+from conveyor.errors import IntegrityError
 from conveyor.operators.registry import (
     AutoApproveOperator,
     ModelApprovalOperator,
     PublishModelOperator,
     RegisterModelOperator,
 )
-from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
+from conveyor.registry.base import APPROVED, PENDING, REJECTED, SHA256_TAG, STATUS_TAG
 from conveyor.registry.mlflow import MlflowRegistryHook
 from helpers import context, pipeline_spec_dict
 
@@ -36,6 +40,16 @@ def store(mlflow_template, tmp_path, monkeypatch):
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     return SimpleNamespace(uri=uri, hook=MlflowRegistryHook(uri))
+
+
+@pytest.fixture(autouse=True)
+def archive(tmp_path, monkeypatch) -> Path:
+    """The trained model's archive in this test's lake (``MODEL["model_uri"]`` names it)."""
+    path = tmp_path / "lake" / "models" / "churn" / "manual__1" / "model.tar.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"the trained model")
+    monkeypatch.setitem(MODEL, "model_uri", path.as_uri())
+    return path
 
 
 def gate_result(store, run_id: str) -> dict[str, Any]:
@@ -74,6 +88,7 @@ def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
         "version": "1",
         "mlflow_run_id": gate["mlflow_run_id"],
         "model_uri": MODEL["model_uri"],
+        "sha256": hashlib.sha256(b"the trained model").hexdigest(),
     }
     version = store.hook.version("churn", "1")
     assert version.source == MODEL["model_uri"] and version.run_id == gate["mlflow_run_id"]
@@ -85,9 +100,27 @@ def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
         "gate_decision": "passed",
         "conveyor_run_id": "manual__1",
         "deploy": "false",
+        SHA256_TAG: hashlib.sha256(b"the trained model").hexdigest(),
     }
     assert store.hook.client.get_run(gate["mlflow_run_id"]).info.status == "FINISHED"
     assert champion_version(store) is None
+
+
+def test_register_of_a_missing_archive_fails_without_a_version(store, archive):
+    archive.unlink()
+    with pytest.raises(AirflowFailException, match=f"no model archive at {MODEL['model_uri']}"):
+        register(store, "manual__1")
+    assert versions(store) == []
+
+
+def test_a_retry_after_the_archive_changed_fails_without_retry(store, archive):
+    first = register(store, "manual__1")
+    archive.write_bytes(b"a swapped model")
+    with pytest.raises(AirflowFailException, match="churn version 1: archive .* refused") as caught:
+        register(store, "manual__1")
+    assert isinstance(caught.value.__cause__, IntegrityError)
+    assert caught.value.__cause__.expected == first["sha256"] != caught.value.__cause__.actual
+    assert len(versions(store)) == 1
 
 
 def test_register_twice_in_one_run_is_one_version(store):

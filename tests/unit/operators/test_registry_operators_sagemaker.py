@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from conveyor.aws.common import NotOnS3
 from conveyor.operators.deploy import ResolveModelOperator
 from conveyor.operators.registry import AutoApproveOperator, ModelApprovalOperator, RegisterModelOperator
 from conveyor.registry import registry_hook
-from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG
+from conveyor.registry.base import APPROVED, PENDING, REJECTED, SHA256_TAG, STATUS_TAG
 from conveyor.registry.mlflow import MlflowRegistryHook
 from helpers import context
 from sagemaker_emulator import sagemaker_pipeline
@@ -42,11 +43,11 @@ def spec_json(setup: dict) -> dict[str, Any]:
 
 
 def register(setup: dict, run_id: str, **kwargs: Any) -> dict[str, Any]:
-    model = {
-        "model_uri": str(setup["lake"].models("churn", run_id) / "model.tar.gz"),
-        "dataset_version": "v-1",
-        "code_version": "c-1",
-    }
+    archive = setup["lake"].models("churn", run_id) / "model.tar.gz"
+    if not archive.exists():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        archive.write_bytes(f"model of {run_id}".encode())
+    model = {"model_uri": str(archive), "dataset_version": "v-1", "code_version": "c-1"}
     mlflow_run = setup["mlflow"].ensure_run("churn", run_id, run_name=run_id, tags={})
     evaluation = {"metrics": {"roc_auc": 0.81, "accuracy": 0.77}, "report": "s3://x/evaluation/index.html"}
     op = RegisterModelOperator(
@@ -68,6 +69,7 @@ def test_register_then_auto_approve_in_the_model_registry(setup):
     version = setup["registry"].version("churn", "1")
     assert version.tags[STATUS_TAG] == PENDING and version.tags["deploy"] == "false"
     assert version.tags["test_roc_auc"] == "0.81" and version.tags["backend"] == "sagemaker"
+    assert version.tags[SHA256_TAG] == registration["sha256"] == hashlib.sha256(b"model of manual__1").hexdigest()
     described = setup["registry"].hook.conn.describe_model_package(ModelPackageName=version.arn)
     metrics_uri = described["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     assert metrics_uri.endswith("/conveyor/reports/churn/manual__1/evaluation/metrics.json") and "@" not in metrics_uri
@@ -123,12 +125,14 @@ def test_resolve_reads_the_pipelines_registry(setup):
         "status": APPROVED,
         "train_run": "manual__1",
         "model_uri": setup["registry"].version("churn", "1").source,
+        "sha256": hashlib.sha256(b"model of manual__1").hexdigest(),
     }
     assert resolved["model_uri"].startswith("s3://") and "@" not in resolved["model_uri"]
 
 
 def test_registering_a_model_off_s3_is_refused_before_anything_is_written(setup, tmp_path):
     mlflow_run = setup["mlflow"].ensure_run("churn", "manual__9", run_name="manual__9", tags={})
+    (tmp_path / "model.tar.gz").write_bytes(b"a model off S3")
     model = {"model_uri": (tmp_path / "model.tar.gz").as_uri(), "dataset_version": "v-1", "code_version": "c-1"}
     op = RegisterModelOperator(
         task_id="register",

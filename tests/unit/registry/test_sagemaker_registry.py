@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from unittest import mock
 
@@ -9,8 +10,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from conveyor.aws.common import AwsCredentialsExpired
+from conveyor.errors import IntegrityError
 from conveyor.registry import ModelVersionNotFound, registry_hook
-from conveyor.registry.base import APPROVED, PENDING, REJECTED, STATUS_TAG, UnknownApprovalStatus
+from conveyor.registry.base import APPROVED, PENDING, REJECTED, SHA256_TAG, STATUS_TAG, UnknownApprovalStatus
 from conveyor.registry.sagemaker import SageMakerRegistryHook
 from sagemaker_emulator import sagemaker_pipeline
 
@@ -34,7 +36,13 @@ def model_uri(run: str) -> str:
     return f"s3://lake_s3@lake-bucket/conveyor/models/churn/{run}/model.tar.gz"
 
 
+def digest(run: str) -> str:
+    """The sha256 the tests give for the archive of ``run``."""
+    return hashlib.sha256(f"model of {run}".encode()).hexdigest()
+
+
 def register(hook: SageMakerRegistryHook, run: str, **kwargs) -> object:
+    kwargs.setdefault("sha256", digest(run))
     return hook.register("churn", model_uri(run), f"mlflow-{run}", {**TAGS, "conveyor_run_id": run}, **kwargs)
 
 
@@ -58,6 +66,7 @@ def test_register_creates_the_group_once_and_a_pending_package_with_its_provenan
     assert first.tags[STATUS_TAG] == PENDING and first.status == PENDING
     assert first.tags["conveyor_run_id"] == "run1" and first.tags["dataset_version"] == "v-0123"
     assert first.tags["test_roc_auc"] == "0.812346" and first.run_id == "mlflow-run1"
+    assert first.tags[SHA256_TAG] == digest("run1") and second.tags[SHA256_TAG] == digest("run2")
     described = hook.hook.conn.describe_model_package(ModelPackageName=first.arn)
     assert described["ModelPackageGroupName"] == hook.group("churn")
     assert described["InferenceSpecification"] == {
@@ -92,6 +101,25 @@ def test_register_is_idempotent_for_a_retry_of_the_same_run(hook):
     first = register(hook, "run1")
     again = register(hook, "run1")
     assert again.version == first.version == "1" and again.arn == first.arn
+    assert len(packages(hook)) == 1
+
+
+def test_register_reads_the_archive_sha256_through_the_lake_connection(hook, s3_lake):
+    target = s3_lake.models("churn", "read-run") / "model.tar.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"the archive on S3")
+    version = hook.register("churn", str(target), "mlflow-read-run", dict(TAGS))
+    described = hook.hook.conn.describe_model_package(ModelPackageName=version.arn)
+    recorded = described["CustomerMetadataProperties"][SHA256_TAG]
+    assert recorded == hashlib.sha256(b"the archive on S3").hexdigest()
+    assert hook.version("churn", version.version).tags[SHA256_TAG] == recorded
+
+
+def test_a_retry_naming_other_bytes_is_refused(hook):
+    first = register(hook, "run1")
+    with pytest.raises(IntegrityError, match=f"churn version 1: .* its sha256 is {digest('other')}") as caught:
+        register(hook, "run1", sha256=digest("other"))
+    assert (caught.value.expected, caught.value.version) == (digest("run1"), first.version)
     assert len(packages(hook)) == 1
 
 
@@ -189,6 +217,7 @@ def test_exact_requests_at_the_hook_boundary():
             "mlflow-9",
             {"conveyor_run_id": "r9", "code_version": "c-9"},
             metrics={"accuracy": 0.5, "flag": True},
+            sha256="ab" * 32,
         )
         conn.list_model_packages.return_value = {
             "ModelPackageSummaryList": [{"ModelPackageArn": "arn:pkg/p-shapes/1", "ModelPackageVersion": 1}]
@@ -219,6 +248,7 @@ def test_exact_requests_at_the_hook_boundary():
             "conveyor_run_id": "r9",
             "code_version": "c-9",
             "mlflow_run_id": "mlflow-9",
+            SHA256_TAG: "ab" * 32,
             "test_accuracy": "0.5",
         },
         "MetadataProperties": {"GeneratedBy": "conveyor run r9", "CommitId": "c-9", "ProjectId": "shapes"},
