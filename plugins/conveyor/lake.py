@@ -6,14 +6,22 @@ MinIO. The root and its connection come from ``conveyor.settings``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import posixpath
 import re
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import unquote, urlsplit
 
 from conveyor import settings
+from conveyor.errors import ConveyorError
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -22,6 +30,13 @@ PROCESSED_MARKER = "_PROCESSED"
 # Sub-folders of landing/<pipeline>/ that are not training drops.
 RESERVED_DROPS = frozenset({"feedback", "inference"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A dataset version as ingest names it (``conveyor.data.datasets.version_of``): ``v-`` and a hex digest.
+DATASET_VERSION = re.compile(r"v-[0-9a-f]{8,64}")
+_LOCAL = ("file", "local", "")
+
+
+class LocationRefused(ConveyorError):
+    """An input location or dataset version broke a rule (names the input and the rule); not retried."""
 
 
 def safe_name(value: str) -> str:
@@ -83,6 +98,69 @@ class Lake:
         """``monitor/<pipeline>/…``: the monitor's records (observations, labels, history, triggers)."""
         return self.path("monitor", pipeline, *parts)
 
+    def inside(self, location: str, what: str) -> str:
+        """The URI of a file or folder inside the lake, for a location a person or an event gave.
+
+        Accepted: a URI on the lake's own scheme and bucket below its root (``file:///…`` on a local
+        lake, ``s3://<the lake's bucket>/<prefix>/…`` on S3), an absolute local path below the root
+        (local lake), or a path relative to the root (``landing/churn/inference/d1``). Refused: any
+        other scheme (``http://``, ``ftp://``…), host or bucket, a query or fragment, control
+        characters, the root itself, and a path that leaves the root once normalised (``..``, and on
+        a local lake a symlink pointing out of it).
+
+        :param location: the location as given.
+        :param what: the input it came from, for the error (e.g. ``Param 'input'``).
+        :return: the location as a URI below :attr:`root` (normalised).
+        :raises LocationRefused: the location broke one of the rules above (named in the message).
+        """
+        root = urlsplit(self.root if "://" in self.root else Path(self.root).resolve().as_uri())
+        scheme = "file" if root.scheme in _LOCAL else root.scheme
+        base = posixpath.normpath(unquote(root.path) or "/")
+
+        def refuse(rule: str) -> LocationRefused:
+            return LocationRefused(f"{what}: {location!r} is refused: {rule} (the lake is {self.root})")
+
+        text = location.strip()
+        if not text:
+            raise refuse("it is empty")
+        if any(ord(char) < 32 for char in text):
+            raise refuse("it holds control characters")
+        given = urlsplit(text) if "://" in text else None
+        if given is not None:
+            given_scheme = "file" if given.scheme.lower() in _LOCAL else given.scheme.lower()
+            if given_scheme != scheme:
+                raise refuse(f"only locations inside the lake are read, and {given.scheme}:// is not the lake's scheme")
+            if given.query or given.fragment:
+                raise refuse("a location has no query or fragment")
+            if given.netloc.lower() not in self._hosts(root.netloc, scheme):
+                raise refuse(f"host or bucket {given.netloc!r} is not the lake's")
+            path = unquote(given.path)
+        elif text.startswith("/"):
+            if scheme != "file":
+                raise refuse("a local path, and the lake is not on this machine's disk")
+            path = text
+        else:
+            path = posixpath.join(base, text)
+        normal = posixpath.normpath(path)
+        if scheme == "file":  # a symlink below the root may point anywhere: compare where it leads
+            base, normal = os.path.realpath(base), os.path.realpath(normal)
+        prefix = base.rstrip("/") + "/"
+        if not normal.startswith(prefix):
+            raise refuse("once normalised it is not below the lake's root (only what is below the root is read)")
+        return self.uri(*normal[len(prefix) :].split("/"))
+
+    def _hosts(self, netloc: str, scheme: str) -> set[str]:
+        """The hosts a lake URI may name: none on a local lake; the bucket, bare or with the lake's
+        connection (``str(ObjectStoragePath)`` writes ``s3://<conn_id>@<bucket>/…``), on an object store.
+
+        :param netloc: the root's host part.
+        :param scheme: the root's scheme.
+        """
+        if scheme == "file":
+            return {"", "localhost"}
+        user, _, host = netloc.lower().rpartition("@")
+        return {host, *(f"{name.lower()}@{host}" for name in (user, self.conn_id) if name)}
+
 
 def read_json(path: ObjectStoragePath) -> Any:
     """Read a JSON document from the lake."""
@@ -91,11 +169,149 @@ def read_json(path: ObjectStoragePath) -> Any:
 
 
 def write_json(path: ObjectStoragePath, document: Any) -> None:
-    """Write a JSON document to the lake (parents created; a whole object on object stores)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(document, indent=2, sort_keys=True, default=str).encode("utf-8")
-    with path.open("wb") as handle:
+    """Write a JSON document to the lake at once (:func:`write_atomic`: a reader sees the old or the new one).
+
+    :param path: the document's place (parents created).
+    :param document: what to write (JSON; other values as text).
+    """
+    write_atomic(path, json.dumps(document, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def write_atomic(path: ObjectStoragePath, payload: bytes) -> None:
+    """Write a file so a reader sees the old content or the new, never part of it, and a failure keeps the old.
+
+    On a local lake the bytes go to a hidden temporary name in the same folder (``.<name>.<hex>.tmp``:
+    folder listings pass dot-names by), are flushed to disk, and replace the file in one
+    ``os.replace``; the temporary file is removed when anything fails. On an object store one PUT
+    of the whole object is already atomic, so the bytes are written in one object.
+
+    :param path: the file (parents created).
+    :param payload: its new content.
+    """
+    with replacing(path) as handle:
         handle.write(payload)
+
+
+@contextlib.contextmanager
+def replacing(path: ObjectStoragePath) -> Iterator[BinaryIO]:
+    """A binary handle whose bytes replace the file at once when the block ends (:func:`write_atomic`'s rule).
+
+    Nothing changes at ``path`` when the block raises: the local temporary file is removed; on an
+    object store the handle is discarded before its one PUT.
+
+    :param path: the file (parents created).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.protocol not in _LOCAL:
+        handle = path.open("wb")
+        try:
+            yield handle
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw = getattr(handle, "_obj", handle)  # inside Airflow's lineage-tracking wrapper
+                raw.discard()  # fsspec's buffered file: drop the buffer (and any multipart upload)
+                raw.closed = True  # so it is never flushed
+            raise
+        handle.close()
+        return
+    target = Path(path.path)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with temporary.open("xb") as local:
+            yield local
+            local.flush()
+            os.fsync(local.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+# errno values of failures that may pass on a retry: I/O and network errors, a busy or slow store
+# (s3fs maps S3's 5xx and SlowDown to EIO/EREMOTEIO/EBUSY).
+_TRANSIENT_ERRNO = frozenset(
+    getattr(errno, name)
+    for name in "EIO EREMOTEIO EBUSY EAGAIN ETIMEDOUT ECONNRESET ECONNREFUSED ECONNABORTED EHOSTUNREACH "
+    "ENETUNREACH ENETDOWN ENETRESET EPIPE ESTALE".split()
+    if hasattr(errno, name)
+)
+# AWS error codes of a store or service that is busy, throttling or failing on its side.
+_TRANSIENT_CODES = frozenset(
+    "InternalError InternalFailure ServiceUnavailable ServiceUnavailableException SlowDown RequestTimeout "
+    "RequestTimeoutException Throttling ThrottlingException ThrottledException RequestThrottled "
+    "RequestLimitExceeded TooManyRequestsException BandwidthLimitExceeded ProvisionedThroughputExceededException "
+    "EC2ThrottledException".split()
+)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether an error may pass on a retry: storage 5xx or throttling, a timeout, a lost connection.
+
+    Conveyor's own errors say it themselves (``retryable``); botocore's ``ClientError`` by its HTTP
+    status (5xx, 429) or error code (``SlowDown``, ``ServiceUnavailable``…); botocore's, aiohttp's and
+    requests' connection and timeout errors are transient, so are Python's ``TimeoutError`` and
+    ``ConnectionError`` and an ``OSError`` whose errno is an I/O or network failure (s3fs turns S3's
+    5xx into such OSErrors). An explicit cause (``raise … from``) is followed. Anything else (a file
+    missing, access denied, bad content) is not.
+
+    :param error: the error (None: not transient).
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConveyorError):
+            return error.retryable
+        if _transient_one(error):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _transient_one(error: BaseException) -> bool:
+    """:func:`is_transient` for one error, its cause not followed.
+
+    :param error: the error.
+    """
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    names = {f"{cls.__module__.split('.')[0]}.{cls.__name__}" for cls in type(error).__mro__}
+    if names & {
+        "botocore.ConnectionError",
+        "botocore.HTTPClientError",
+        "botocore.IncompleteReadError",
+        "aiohttp.ClientConnectionError",
+        "aiohttp.ClientPayloadError",
+        "requests.ConnectionError",
+        "requests.Timeout",
+        "urllib3.TimeoutError",
+        "urllib3.ProtocolError",
+    }:
+        return True
+    response = getattr(error, "response", None)
+    if "botocore.ClientError" in names and isinstance(response, dict):
+        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        code = str((response.get("Error") or {}).get("Code") or "")
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    if "requests.HTTPError" in names:
+        status = int(getattr(response, "status_code", 0) or 0)
+        return status >= 500 or status == 429
+    return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO
+
+
+def check_dataset_version(value: str, what: str) -> str:
+    """A dataset version as ingest names it (``v-`` and a hex digest), or a clear refusal.
+
+    :param value: the version as given.
+    :param what: the input it came from, for the error (e.g. ``Param 'dataset_version'``).
+    :raises LocationRefused: the value is not a dataset version's name.
+    """
+    if not DATASET_VERSION.fullmatch(value):
+        raise LocationRefused(
+            f"{what}: {value!r} is refused: a dataset version is 'v-' followed by the hex digest ingest "
+            "gave it (like v-0123456789abcdef0123; see the dataset Asset's events or raw/<pipeline>/)"
+        )
+    return value
 
 
 def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: int) -> tuple[str, int]:
@@ -129,9 +345,7 @@ def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
     for path in sorted(local_dir.rglob("*")):
         if path.is_file():
             rel = path.relative_to(local_dir).as_posix()
-            dest = target / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("rb") as reader, dest.open("wb") as writer:
+            with path.open("rb") as reader, replacing(target / rel) as writer:  # a reader never sees half a page
                 while chunk := reader.read(1 << 20):
                     writer.write(chunk)
             names.append(rel)
