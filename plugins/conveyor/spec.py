@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from conveyor import settings
 from conveyor.errors import SpecError
@@ -19,6 +19,27 @@ from conveyor.errors import SpecError
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 ProblemType = Literal["binary", "multiclass", "regression", "image_classification"]
+PIPELINE_SUFFIXES = (".yaml", ".yml")  # both accepted; a name with both files keeps the .yaml one
+
+
+def _cron(value: str | None, also: tuple[str, ...] = ()) -> str | None:
+    """A schedule Airflow accepts: None, a cron expression, or a preset (``@hourly`` ...), or one of ``also``.
+
+    Checked with Airflow's own timetable at parse time, so a bad one names its field instead of
+    failing the DAG file (imported here, not at the top: the spec is read outside Airflow too).
+
+    :param value: the schedule as written.
+    :param also: other values the field accepts (``@once``, ``@continuous`` for a DAG's own schedule).
+    """
+    if value is None or value in also:
+        return value
+    from airflow.sdk import CronTriggerTimetable
+
+    try:
+        CronTriggerTimetable(value, timezone="UTC").validate()
+    except Exception as exc:  # Airflow's AirflowTimetableInvalid (domain code raises no Airflow errors)
+        raise ValueError(f"{value!r} is not a cron expression or preset (@hourly, @daily, ...): {exc}") from None
+    return value
 
 
 class _Strict(BaseModel):
@@ -49,6 +70,11 @@ class IngestSpec(_Strict):
     timeout: float = Field(3600.0, gt=0)
     chunk_bytes: int = Field(8 * 1024 * 1024, ge=4096)
 
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return _cron(value, also=("@once", "@continuous"))
+
 
 class ValidationSpec(_Strict):
     """Implicit checks and limits every drop passes besides its suite (``conveyor.data.checks``)."""
@@ -74,7 +100,8 @@ class SplitSpec(_Strict):
 
 class TrainerSpec(_Strict):
     kind: Literal["autogluon", "resnet"]
-    time_limit: int = Field(300, ge=0)
+    # At least 1: the train DAG's time_limit Param has minimum 1 (0 failed the DAG at construction).
+    time_limit: int = Field(300, ge=1)
     presets: str = "medium_quality"
     eval_metric: str | None = None
     excluded_model_types: list[str] = ["NN_TORCH", "FASTAI"]
@@ -86,8 +113,18 @@ class TrainerSpec(_Strict):
     pretrained_weights: str | None = None
 
 
-class RetrainSpec(_Strict):
+class _Scheduled(_Strict):
+    """A section whose ``schedule`` is a time trigger (a cron expression or preset), or None."""
+
     schedule: str | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return _cron(value)
+
+
+class RetrainSpec(_Scheduled):
     on_new_data: bool = True
 
 
@@ -119,9 +156,8 @@ class EndpointSpec(_Strict):
     deploy_timeout_seconds: int = Field(3600, ge=60)
 
 
-class BatchSpec(_Strict):
+class BatchSpec(_Scheduled):
     enabled: bool = False
-    schedule: str | None = None
     input: str | None = None
     table: str | None = None
     chunk_rows: int = Field(50_000, ge=1)
@@ -169,7 +205,7 @@ class SageMakerSpec(_Strict):
         return self
 
 
-class MonitorSpec(_Strict):
+class MonitorSpec(_Scheduled):
     """``<name>__monitor``: drift of batch runs and endpoint traffic, live accuracy, retraining triggers."""
 
     enabled: bool = True
@@ -235,7 +271,18 @@ class PipelineSpec(_Strict):
             raise ValueError(f"data.features must not contain the label {self.data.label!r}")
         if self.compute == "sagemaker" and not self.sagemaker.role_arn:
             raise ValueError("compute 'sagemaker' needs sagemaker.role_arn (the role training jobs run as)")
+        problems = _metric_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    # The file it was read from (load_spec); None for a spec a task received as JSON. Not dumped.
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The pipeline file this spec was read from, or None when it was not read from one."""
+        return self._source
 
     @property
     def suite_name(self) -> str:
@@ -243,48 +290,196 @@ class PipelineSpec(_Strict):
         return self.expectations or self.name
 
 
+def _metric_problems(spec: PipelineSpec) -> list[str]:
+    """The gate and monitor metrics that the evaluation never computes for the spec's problem type.
+
+    :param spec: the pipeline (its problem type, gate and monitor sections).
+    """
+    from conveyor.model.metrics import METRICS_BY_PROBLEM_TYPE  # cheap: the functions import numpy
+
+    problem_type = spec.data.problem_type
+    computed = METRICS_BY_PROBLEM_TYPE[problem_type]
+    claims = [("gate.metric", spec.gate.metric), *(("gate.thresholds", name) for name in spec.gate.thresholds)]
+    if spec.monitor.metric is not None:
+        claims.append(("monitor.metric", spec.monitor.metric))
+    return [
+        f"field '{field}': {name!r} is not a metric {problem_type} pipelines compute "
+        f"(one of: {', '.join(sorted(computed))})"
+        for field, name in claims
+        if name not in computed
+    ]
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "<root>"
 
 
+def _problem(err: Any) -> str:
+    """One broken rule of a pydantic error as ``field '<path>': <message>``.
+
+    :param err: one entry of ``ValidationError.errors()``.
+    """
+    if not err["loc"] and err["type"] == "value_error":
+        return str(err["ctx"]["error"])  # a rule across fields names its fields itself
+    return f"field '{_field_path(err['loc'])}': {err['msg']}"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key appears twice in one YAML mapping (PyYAML would silently keep the last value)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (merge keys ``<<`` excepted)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in may be overridden: that is YAML's own rule
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the safe loader's own error names it
+            if first is not None:
+                raise DuplicateKeyError(
+                    f"line {line}: key {key!r} appears twice in one mapping (first on line {first})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A pipeline file's YAML, refusing duplicate keys.
+
+    :param path: the file.
+    :raises SpecError: naming the file, and the line for a syntax error or a duplicate key.
+    """
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as exc:
+        raise SpecError(f"{path}: {exc}: each key once (YAML would keep only the last value)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: not a readable YAML file: {exc}") from exc
+
+
 def load_spec(path: Path) -> PipelineSpec:
-    """Read and validate one pipeline file.
+    """Read and validate one pipeline file (``.yaml`` or ``.yml``).
 
     :param path: the YAML file.
     :raises SpecError: naming the file and the field that broke a rule.
     """
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: not a readable YAML file: {exc}") from exc
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a pipeline file must be a YAML mapping, got {type(raw).__name__}")
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"field '{_field_path(err['loc'])}': {err['msg']}" for err in exc.errors())
-        raise SpecError(f"{path}: {problems}") from None
+        raise SpecError(f"{path}: {'; '.join(_problem(err) for err in exc.errors())}") from None
     if spec.name != path.stem:
         raise SpecError(f"{path}: field 'name': {spec.name!r} must match the file name {path.stem!r}")
+    suite = settings.expectations_dir() / f"{spec.suite_name}.json"
+    if not suite.is_file():
+        raise SpecError(
+            f"{path}: field 'expectations': the expectation suite {suite} does not exist "
+            f"(the suite is include/expectations/<expectations, or the pipeline's name>.json)"
+        )
+    spec._source = path
     return spec
 
 
+def pipeline_files(folder: Path) -> list[Path]:
+    """The pipeline files of a folder: ``*.yaml`` and ``*.yml``, hidden files left out, sorted.
+
+    :param folder: the pipelines folder.
+    """
+    return sorted(p for p in folder.glob("*") if p.suffix in PIPELINE_SUFFIXES and not p.name.startswith("."))
+
+
 def load_specs(folder: Path) -> tuple[dict[str, PipelineSpec], dict[Path, SpecError]]:
-    """Load every ``*.yaml`` pipeline in a folder; a bad file does not stop the others.
+    """Load every pipeline file in a folder; a bad file does not stop the others.
+
+    Checked across files: one pipeline per name (``x.yml`` beside ``x.yaml`` is refused), and one
+    pipeline per endpoint name and local port (:func:`endpoint_conflicts`).
 
     :param folder: the pipelines folder.
     :return: the valid specs by name, and the error of every invalid file.
     """
     specs: dict[str, PipelineSpec] = {}
     errors: dict[Path, SpecError] = {}
-    for path in sorted(folder.glob("*.y*ml")):
+    seen: dict[str, Path] = {}
+    for path in pipeline_files(folder):
+        if path.stem in seen:  # sorted: x.yaml comes before x.yml
+            errors[path] = SpecError(
+                f"{path}: pipeline {path.stem!r} is already {seen[path.stem]}: one file per pipeline"
+            )
+            continue
+        seen[path.stem] = path
         try:
             specs[path.stem] = load_spec(path)
         except SpecError as exc:
             errors[path] = exc
-    return specs, errors
+    for name, problems in endpoint_conflicts(specs).items():
+        spec = specs.pop(name)
+        errors[spec.source or folder / f"{name}.yaml"] = SpecError(f"{spec.source}: {'; '.join(problems)}")
+    return specs, dict(sorted(errors.items()))
+
+
+def _endpoint(spec: PipelineSpec) -> str:
+    return spec.deploy.endpoint.name or spec.name
+
+
+def endpoint_conflicts(specs: dict[str, PipelineSpec]) -> dict[str, list[str]]:
+    """Pipelines that claim another's endpoint name or local port, with why (naming the other files).
+
+    Only enabled endpoints claim. An endpoint name shared by pipelines belongs to the pipeline named
+    like it (a copy of ``churn`` that kept ``name: churn`` is refused, churn keeps it); without such
+    an owner, every claimant is refused. A local port shared by the pipelines still standing refuses
+    all of them: Conveyor cannot tell which one was meant.
+
+    :param specs: the valid specs by name.
+    :return: the refused pipelines by name, each with its problems (``field '...': ...``).
+    """
+    refused: dict[str, list[str]] = {}
+    names: dict[tuple[str, str, str], list[PipelineSpec]] = {}
+    for spec in specs.values():
+        if spec.deploy.endpoint.enabled:
+            prefix = spec.sagemaker.name_prefix if spec.compute == "sagemaker" else ""
+            names.setdefault((spec.compute, prefix, _endpoint(spec)), []).append(spec)
+    for (_compute, _prefix, endpoint), claimants in names.items():
+        owners = [s for s in claimants if s.name == endpoint]
+        for spec in claimants if len(claimants) > 1 else []:
+            if spec in owners:
+                continue
+            others = ", ".join(str(o.source) for o in claimants if o is not spec)
+            why = f"pipeline {endpoint}'s own" if owners else "claimed by more than one pipeline"
+            refused.setdefault(spec.name, []).append(
+                f"field 'deploy.endpoint.name': endpoint {endpoint!r} is {why} (also in {others}); "
+                "give this pipeline's endpoint a name of its own"
+            )
+    ports: dict[int, list[PipelineSpec]] = {}
+    for spec in specs.values():
+        if spec.deploy.endpoint.enabled and spec.compute == "local" and spec.name not in refused:
+            ports.setdefault(spec.deploy.endpoint.port, []).append(spec)
+    for port, claimants in ports.items():
+        for spec in claimants if len(claimants) > 1 else []:
+            others = ", ".join(str(o.source) for o in claimants if o is not spec)
+            refused.setdefault(spec.name, []).append(
+                f"field 'deploy.endpoint.port': port {port} is also the endpoint port of {others}; "
+                "each endpoint needs a port of its own"
+            )
+    return refused
 
 
 def get_spec(name: str) -> PipelineSpec:
-    """The spec of one pipeline by name, read from the pipelines folder."""
-    return load_spec(settings.pipelines_dir() / f"{name}.yaml")
+    """The spec of one pipeline by name, read from its ``<name>.yaml`` (or ``<name>.yml``) file.
+
+    :param name: the pipeline.
+    :raises SpecError: when neither file exists, or the file breaks a rule.
+    """
+    folder = settings.pipelines_dir()
+    for suffix in PIPELINE_SUFFIXES:
+        if (folder / f"{name}{suffix}").is_file():
+            return load_spec(folder / f"{name}{suffix}")
+    raise SpecError(f"no pipeline {name!r}: neither {folder / name}.yaml nor .yml exists")

@@ -35,6 +35,8 @@ def pipeline_dag(spec: PipelineSpec, kind: str, **kwargs: Any) -> DAG:
         "render_template_as_native_obj": True,
         "tags": tags(spec, kind.split("_")[0]),
         "default_args": default_args(spec),
+        # Only the DAG file's globals count: a family that fails half-built leaves no DAG behind.
+        "auto_register": False,
         **kwargs,
     }
     return DAG(dag_id=f"{spec.name}__{kind}", **settings_)

@@ -41,6 +41,19 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "r2": True,
     "mape": False,
 }
+_MULTICLASS = ("accuracy", "balanced_accuracy", "log_loss") + tuple(
+    f"{name}_{mean}" for name in ("f1", "precision", "recall") for mean in ("macro", "weighted")
+)
+# The scalar metrics compute_metrics returns per problem type (given probabilities; top-k accuracy
+# needs 3 / 6 classes): the gate and monitor metrics a spec may name (checked at parse time).
+METRICS_BY_PROBLEM_TYPE: dict[str, frozenset[str]] = {
+    "binary": frozenset(
+        ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "mcc", "roc_auc", "pr_auc", "log_loss")
+    ),
+    "multiclass": frozenset(_MULTICLASS),
+    "image_classification": frozenset((*_MULTICLASS, "top_3_accuracy", "top_5_accuracy")),
+    "regression": frozenset(("rmse", "mae", "r2", "mape")),
+}
 # Top-level integer counts in the metrics that are not metrics (never gated on).
 COUNT_KEYS = frozenset({"n", "mape_ignored_rows"})
 
