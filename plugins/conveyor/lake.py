@@ -40,8 +40,17 @@ class LocationRefused(ConveyorError):
 
 
 def safe_name(value: str) -> str:
-    """A run id or drop name made safe for a file or object key (deterministic)."""
-    return _UNSAFE.sub("_", value).strip("_") or "_"
+    """A run id or drop name made safe for a file or object key (deterministic).
+
+    :param value: the name; one made only of dots (``.``, ``..``) would name a folder above it, so it is refused.
+    :raises ConveyorError: naming the value, when it is only dots (deterministic: not retried).
+    """
+    from conveyor.errors import ConveyorError
+
+    name = _UNSAFE.sub("_", value).strip("_") or "_"
+    if not name.strip("."):
+        raise ConveyorError(f"{value!r}: rule 'a name, not . or ..': it would name the folder or its parent")
+    return name
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from conveyor import settings
 from conveyor.errors import DropRejected, TransientError
 from conveyor.lake import Lake, copy_verified, read_json, write_json
 
@@ -59,93 +60,69 @@ class _HashingReader:
         self.closed = True
 
 
-def _schema_of(arrow_schema: Any) -> dict[str, str]:
-    return {field.name: str(field.type) for field in arrow_schema}
-
-
-def _profile_csv(rel: str, handle: _HashingReader, spec: PipelineSpec) -> dict[str, Any]:
-    import pyarrow as pa
-    from pyarrow import csv
-
-    options = spec.data.csv
-    try:
-        reader = csv.open_csv(
-            handle,
-            read_options=csv.ReadOptions(
-                block_size=1 << 20, encoding=options.encoding, autogenerate_column_names=not options.header
-            ),
-            parse_options=csv.ParseOptions(delimiter=options.delimiter),
-        )
-        schema = _schema_of(reader.schema)
-        rows = sum(batch.num_rows for batch in reader)
-    except pa.ArrowInvalid as exc:
-        message = str(exc)
-        if "Empty CSV file" in message:
-            raise DropRejected(f"{rel}: rule 'not empty': the file has no bytes") from None
-        if "UTF8" in message or "utf8" in message.lower():
-            raise DropRejected(f"{rel}: rule 'encoding {options.encoding}': {message}") from None
-        raise DropRejected(f"{rel}: rule 'readable CSV (delimiter {options.delimiter!r})': {message}") from None
-    # Arrow types a column whose bytes are not valid text as binary instead of failing.
-    not_text = [name for name, kind in schema.items() if "binary" in kind]
-    if not_text:
-        raise DropRejected(
-            f"{rel}: rule 'encoding {options.encoding}': column(s) {not_text} hold bytes that are not valid "
-            f"{options.encoding}"
-        )
-    if len(schema) == 1:
-        only = next(iter(schema))
-        for other in (";", "\t", "|", ","):
-            if other != options.delimiter and other in only:
-                raise DropRejected(
-                    f"{rel}: rule 'delimiter {options.delimiter!r}': the header {only!r} looks {other!r}-delimited"
-                )
-    return {"rows": rows, "schema": schema}
-
-
-def _profile_parquet(rel: str, path: ObjectStoragePath) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        with path.open("rb") as handle:
-            meta = pq.ParquetFile(handle).metadata
-            return {"rows": meta.num_rows, "schema": _schema_of(meta.schema.to_arrow_schema())}
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DropRejected(f"{rel}: rule 'readable Parquet': {exc}") from None
-
-
 def profile_drop(
-    files: list[tuple[str, ObjectStoragePath]], spec: PipelineSpec, chunk_bytes: int
+    files: list[tuple[str, ObjectStoragePath]],
+    spec: PipelineSpec,
+    chunk_bytes: int,
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Hash every file and read its row count and schema, one streaming pass per file.
+
+    Files may be compressed CSV or the parts of a table written as a folder; an empty part file
+    (Spark writes one per empty partition) is not data: it is added to ``skipped``.
 
     :param files: the drop's data files (relative name, path).
     :param spec: the pipeline, for the format and CSV options.
     :param chunk_bytes: bytes per read.
+    :param skipped: the drop's skipped files, extended with the empty part files.
     :raises DropRejected: naming the file and the rule it broke.
     """
-    suffixes = {"csv": (".csv",), "parquet": (".parquet", ".pq")}[spec.data.format]
+    from conveyor.data.formats import SUFFIXES, Peeked, is_part_file, is_table_file, profile_csv, profile_parquet
+
+    fmt = spec.data.format
+    cap = settings.ingest_settings().max_decompressed_bytes
     entries = []
     for rel, path in files:
-        if not rel.lower().endswith(suffixes):
-            raise DropRejected(f"{rel}: rule 'format {spec.data.format}': expected files ending in {suffixes}")
+        if not is_table_file(rel, fmt):
+            kinds = SUFFIXES[fmt] + ((".csv.gz", ".csv.bz2", ".csv.zst") if fmt == "csv" else ())
+            raise DropRejected(
+                f"{rel}: rule 'format {fmt}': expected files ending in {kinds} or part files of a folder "
+                f"named <table>{SUFFIXES[fmt][0]}/"
+            )
         with path.open("rb") as raw:
             handle = _HashingReader(raw)
-            if spec.data.format == "csv":
-                profile = _profile_csv(rel, handle, spec)
-            else:
-                profile = {}
+            head = handle.read(1)
+            profile: dict[str, Any] = {}
+            if head and fmt == "csv":
+                profile = profile_csv(rel, Peeked(head, handle), spec, cap)
             handle.drain(chunk_bytes)
         if handle.size == 0:
+            if is_part_file(rel, fmt) and skipped is not None:
+                skipped.append({"path": rel, "reason": "empty part file (no bytes; an empty partition)"})
+                continue
             raise DropRejected(f"{rel}: rule 'not empty': the file has no bytes")
-        if spec.data.format == "parquet":
-            profile = _profile_parquet(rel, path)
+        if fmt == "parquet":
+            profile = profile_parquet(rel, path)
         entries.append({"path": rel, "bytes": handle.size, "sha256": handle.digest.hexdigest(), **profile})
         log.info("Profiled %s: %s bytes, %s rows", rel, handle.size, profile["rows"])
-    schemas = {tuple(entry["schema"]) for entry in entries}
-    if len(schemas) > 1:
-        raise DropRejected(f"rule 'one schema per drop': files have different columns: {sorted(schemas)}")
+    if not entries:
+        raise DropRejected("rule 'data files': every data file of the drop is empty")
+    _check_one_schema(entries)
     return entries
+
+
+def _check_one_schema(entries: list[dict[str, Any]]) -> None:
+    """Every file holds the same columns, matched by name (their order may differ)."""
+    first = entries[0]
+    names = set(first["schema"])
+    for entry in entries[1:]:
+        other = set(entry["schema"])
+        if other != names:
+            missing, extra = sorted(names - other), sorted(other - names)
+            raise DropRejected(
+                f"rule 'one schema per drop': {entry['path']} has different columns from {first['path']}"
+                f" (missing {missing}, extra {extra})"
+            )
 
 
 def version_of(entries: list[dict[str, Any]]) -> str:
@@ -168,6 +145,7 @@ def copy_drop(
     version: str,
     run_id: str,
     extra: dict[str, bytes] | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Copy a profiled drop into ``raw/<pipeline>/<version>/`` and write its manifest last.
 
@@ -182,11 +160,14 @@ def copy_drop(
     :param version: the dataset version (from :func:`version_of`).
     :param run_id: the Airflow run (recorded in the manifest).
     :param extra: derived files written beside ``data/`` before the manifest (e.g. the image table).
+    :param skipped: the drop's files left out of the version, with why (listed in the manifest).
     :return: the manifest.
     """
     target = lake.raw(spec.name, version)
     by_rel = {entry["path"]: entry for entry in entries}
     for rel, path in files:
+        if rel not in by_rel:
+            continue  # an empty part file: listed as skipped
         sha, size = copy_verified(path, target / "data" / rel, spec.ingest.chunk_bytes)
         expected = by_rel[rel]
         if sha != expected["sha256"] or size != expected["bytes"]:
@@ -204,6 +185,7 @@ def copy_drop(
         "bytes": sum(entry["bytes"] for entry in entries),
         "rows": sum(entry["rows"] for entry in entries),
         "schema": schema,
+        "skipped": list(skipped or []),
         "uri": str(target),
     }
     write_json(target / MANIFEST, manifest)
@@ -213,20 +195,30 @@ def copy_drop(
 def ingest_drop(lake: Lake, spec: PipelineSpec, drop: str, run_id: str) -> dict[str, Any]:
     """Profile a drop and copy it into its content-addressed dataset version (once: same bytes, same version).
 
+    Every failure to read the drop ends in one of three ways (:mod:`conveyor.data.failures`): bad
+    bytes are quarantined at once; a storage failure propagates (Airflow retries; the drop is not
+    blamed); an unclear error is counted in ``_ATTEMPTS.json`` and quarantined at the
+    ``CONVEYOR_INGEST_MAX_ATTEMPTS``-th try, so a drop never blocks the ones after it.
+
     :param lake: the lake.
     :param spec: the pipeline.
     :param drop: the drop's folder name in ``landing/<pipeline>/``.
     :param run_id: the Airflow run (recorded in the manifest, names a quarantine receipt).
-    :return: ``{"drop", "version", "manifest_uri", "rows", "bytes", "already_validated"}``.
+    :return: ``{"drop", "version", "manifest_uri", "rows", "bytes", "already_validated", "skipped"}``.
     :raises DropRejected: after moving the drop to quarantine, naming the file, the rule and the quarantine folder.
     """
+    from conveyor.data.drops import check_drop_name
+
+    check_drop_name(drop)
     log.info("Ingesting drop %s", lake.landing(spec.name, drop))
-    files, entries, extra = _profile_or_quarantine(lake, spec, drop, run_id)
+    files, entries, extra, skipped = _profile_or_quarantine(lake, spec, drop, run_id)
+    for item in skipped:
+        log.warning("Skipped %s: %s", item["path"], item["reason"])
     version = version_of(entries)
     manifest = load_manifest(lake, spec.name, version)
     if manifest is None:
-        log.info("Copying %s file(s) to dataset version %s", len(files), version)
-        manifest = copy_drop(lake, spec, drop, files, entries, version, run_id, extra)
+        log.info("Copying %s file(s) to dataset version %s", len(entries), version)
+        manifest = copy_drop(lake, spec, drop, files, entries, version, run_id, extra, skipped)
     else:
         log.info("Version %s already holds these bytes (from drop %s): not copied again", version, manifest["drop"])
     log.info("Dataset version %s: %s rows, %s bytes", version, manifest["rows"], manifest["bytes"])
@@ -237,30 +229,65 @@ def ingest_drop(lake: Lake, spec: PipelineSpec, drop: str, run_id: str) -> dict[
         "rows": manifest["rows"],
         "bytes": manifest["bytes"],
         "already_validated": is_validated(lake, spec.name, version),
+        "skipped": len(skipped),
     }
 
 
-def _profile_or_quarantine(
-    lake: Lake, spec: PipelineSpec, drop: str, run_id: str
-) -> tuple[list[tuple[str, ObjectStoragePath]], list[dict[str, Any]], dict[str, bytes] | None]:
-    """The drop's files, their profile and derived files; a drop that cannot be read goes to quarantine."""
-    from conveyor.data.drops import drop_files, quarantine_drop
+_Profiled = tuple[
+    list[tuple[str, "ObjectStoragePath"]], list[dict[str, Any]], dict[str, bytes] | None, list[dict[str, str]]
+]
 
-    source = lake.landing(spec.name, drop)
+
+def _profile(source: ObjectStoragePath, spec: PipelineSpec) -> _Profiled:
+    """List, check and profile a drop: its files, their entries, derived files and the files skipped."""
+    from conveyor.data.drops import refuse_links, scan_drop
+
+    listing = scan_drop(source, spec.data.marker)
+    refuse_links(listing)
+    skipped = list(listing.skipped)
+    if not listing.files:
+        also = f" and {len(skipped)} skipped file(s): {[item['path'] for item in skipped][:10]}" if skipped else ""
+        raise DropRejected(f"{source}: rule 'data files': the drop holds nothing but its marker{also}")
+    if spec.data.format != "images":
+        entries = profile_drop(listing.files, spec, spec.ingest.chunk_bytes, skipped)
+        return listing.files, entries, None, sorted(skipped, key=lambda item: item["path"])
+    from conveyor.data.images import TABLE, profile_image_drop, table_bytes
+
+    entries, table = profile_image_drop(listing.files, spec, source)
+    return listing.files, entries, {TABLE: table_bytes(table)}, skipped
+
+
+def _profile_or_quarantine(lake: Lake, spec: PipelineSpec, drop: str, run_id: str) -> _Profiled:
+    """:func:`_profile`; a drop that cannot be read goes to quarantine (at once, or at its last try)."""
+    from conveyor.data.drops import attempts_of, quarantine_drop, record_attempt
+    from conveyor.data.failures import classify, describe
+
     try:
-        files = drop_files(source, spec.data.marker)
-        if not files:
-            raise DropRejected(f"{source}: rule 'data files': the drop holds nothing but its marker")
-        if spec.data.format != "images":
-            return files, profile_drop(files, spec, spec.ingest.chunk_bytes), None
-        from conveyor.data.images import TABLE, profile_image_drop, table_bytes
-
-        entries, table = profile_image_drop(files, spec, source)
-        return files, entries, {TABLE: table_bytes(table)}
-    except DropRejected as exc:
-        report = {"stage": "ingest", "drop": drop, "error": str(exc)}
+        return _profile(lake.landing(spec.name, drop), spec)
+    except Exception as exc:
+        kind = classify(exc)
+        if kind == "transient":
+            log.warning(
+                "Reading drop %s failed in the storage (%s): the drop is not blamed; a retry reads it again",
+                drop,
+                describe(exc),
+            )
+            raise
+        reason = str(exc) if isinstance(exc, DropRejected) else f"rule 'readable drop': {describe(exc)}"
+        if kind == "unclear":
+            tries, limit = (
+                record_attempt(lake, spec.name, drop, run_id, describe(exc)),
+                settings.ingest_settings().max_attempts,
+            )
+            if tries < limit:
+                log.warning(
+                    "Reading drop %s failed (try %s of %s before quarantine): %s", drop, tries, limit, describe(exc)
+                )
+                raise
+            reason = f"rule 'readable drop': reading it failed {tries} time(s), the last with {describe(exc)}"
+        report = {"stage": "ingest", "drop": drop, "error": reason, "attempts": attempts_of(lake, spec.name, drop)}
         where = quarantine_drop(lake, spec.name, drop, run_id, report, spec.ingest.chunk_bytes)
-        raise DropRejected(f"drop {drop!r} rejected: {exc}; kept in quarantine at {where}") from None
+        raise DropRejected(f"drop {drop!r} rejected: {reason}; kept in quarantine at {where}") from None
 
 
 def load_manifest(lake: Lake, pipeline: str, version: str) -> dict[str, Any] | None:
@@ -307,14 +334,17 @@ def read_table(lake: Lake, manifest: dict[str, Any], spec: PipelineSpec, columns
     if manifest["format"] == "images":
         with (lake.raw(manifest["pipeline"], manifest["version"]) / "images.parquet").open("rb") as handle:
             return pd.read_parquet(handle, columns=columns)
+    from conveyor.data.formats import open_for_pandas
+
     base = lake.raw(manifest["pipeline"], manifest["version"]) / "data"
+    cap = settings.ingest_settings().max_decompressed_bytes
     frames = []
     for entry in manifest["files"]:
         with (base / entry["path"]).open("rb") as handle:
             if manifest["format"] == "csv":
                 frames.append(
                     pd.read_csv(
-                        handle,
+                        open_for_pandas(handle, entry, cap),
                         sep=spec.data.csv.delimiter,
                         encoding=spec.data.csv.encoding,
                         header=0 if spec.data.csv.header else None,

@@ -30,12 +30,22 @@ TABLE = "images.parquet"
 COLUMNS = ["path", "label", "sha256", "bytes", "width", "height", "mode", "format", "decodes", "error"]
 
 
-def describe_image(payload: bytes) -> dict[str, Any]:
+def describe_image(payload: bytes, max_pixels: int | None = None) -> dict[str, Any]:
     """Width, height, mode and format of an image, and whether it decodes fully.
 
+    An image whose header claims more than ``max_pixels`` pixels is not decoded (a few kilobytes
+    of PNG can inflate to gigabytes): it is a bad file, with the reason.
+
     :param payload: the image file's bytes.
+    :param max_pixels: the most pixels an image may have (``CONVEYOR_MAX_IMAGE_PIXELS`` when None).
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
+
+    from conveyor import settings
+
+    cap = settings.ingest_settings().max_image_pixels if max_pixels is None else max_pixels
 
     info: dict[str, Any] = {
         "width": None,
@@ -49,10 +59,17 @@ def describe_image(payload: bytes) -> dict[str, Any]:
         info["error"] = "zero bytes"
         return info
     try:
-        with Image.open(io.BytesIO(payload)) as image:
-            info.update(width=image.width, height=image.height, mode=image.mode, format=image.format)
-            image.load()  # a truncated file fails here, not at open
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(io.BytesIO(payload)) as image:
+                info.update(width=image.width, height=image.height, mode=image.mode, format=image.format)
+                if image.width * image.height > cap:
+                    info["error"] = _too_many_pixels(image.width, image.height, cap)
+                    return info
+                image.load()  # a truncated file fails here, not at open
         info["decodes"] = True
+    except Image.DecompressionBombError as exc:
+        info["error"] = f"rule 'at most {cap} pixels' (CONVEYOR_MAX_IMAGE_PIXELS): {exc}"
     except UnidentifiedImageError:
         info["error"] = "not an image PIL can identify"
     except (OSError, SyntaxError, ValueError) as exc:
@@ -60,23 +77,52 @@ def describe_image(payload: bytes) -> dict[str, Any]:
     return info
 
 
+def _too_many_pixels(width: int, height: int, cap: int) -> str:
+    return (
+        f"rule 'at most {cap} pixels' (CONVEYOR_MAX_IMAGE_PIXELS): {width}x{height} is {width * height} pixels; "
+        "not decoded"
+    )
+
+
+def _manifest_rows(path: ObjectStoragePath) -> tuple[list[str] | None, list[dict[str, str]]]:
+    """The header and rows of ``manifest.csv``: UTF-8 with or without a BOM, at most ``CONVEYOR_MAX_MANIFEST_BYTES``."""
+    from conveyor import settings
+
+    cap = settings.ingest_settings().max_manifest_bytes
+    with path.open("rb") as handle:
+        payload = handle.read(cap + 1)
+    if len(payload) > cap:
+        raise DropRejected(f"{MANIFEST_CSV}: rule 'at most {cap} bytes' (CONVEYOR_MAX_MANIFEST_BYTES): it is larger")
+    try:
+        text = payload.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DropRejected(
+            f"{MANIFEST_CSV}: rule 'encoding utf-8': byte {exc.start} is not UTF-8 ({exc.reason})"
+        ) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+        return (list(reader.fieldnames) if reader.fieldnames else None), rows
+    except csv.Error as exc:
+        raise DropRejected(f"{MANIFEST_CSV}: rule 'readable CSV': line {reader.line_num}: {exc}") from None
+
+
 def _labelled_paths(files: dict[str, ObjectStoragePath], drop: ObjectStoragePath) -> list[tuple[str, str]]:
     if MANIFEST_CSV in files:
-        with files[MANIFEST_CSV].open("r", encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise DropRejected(f"{MANIFEST_CSV}: rule 'columns path,label': found {reader.fieldnames}")
-            rows = []
-            for number, row in enumerate(reader, start=2):
-                raw, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-                normal = posixpath.normpath(raw)
-                if not raw or raw.startswith("/") or normal.startswith("..") or "://" in raw:
-                    raise DropRejected(f"{MANIFEST_CSV} line {number}: rule 'paths inside the drop': {raw!r}")
-                if normal not in files:
-                    raise DropRejected(f"{MANIFEST_CSV} line {number}: rule 'file exists': {raw!r} is not in the drop")
-                if not label:
-                    raise DropRejected(f"{MANIFEST_CSV} line {number}: rule 'every image has a label'")
-                rows.append((normal, label))
+        fieldnames, lines = _manifest_rows(files[MANIFEST_CSV])
+        if not fieldnames or not {"path", "label"} <= set(fieldnames):
+            raise DropRejected(f"{MANIFEST_CSV}: rule 'columns path,label': found {fieldnames}")
+        rows = []
+        for number, row in enumerate(lines, start=2):
+            raw, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            normal = posixpath.normpath(raw)
+            if not raw or raw.startswith("/") or normal.startswith("..") or "://" in raw:
+                raise DropRejected(f"{MANIFEST_CSV} line {number}: rule 'paths inside the drop': {raw!r}")
+            if normal not in files:
+                raise DropRejected(f"{MANIFEST_CSV} line {number}: rule 'file exists': {raw!r} is not in the drop")
+            if not label:
+                raise DropRejected(f"{MANIFEST_CSV} line {number}: rule 'every image has a label'")
+            rows.append((normal, label))
         return rows
     rows = []
     for rel in files:
@@ -101,6 +147,9 @@ def profile_image_drop(
     labelled = _labelled_paths(by_rel, drop)
     if not labelled:
         raise DropRejected("rule 'images': the drop holds no image")
+    from conveyor import settings
+
+    max_pixels = settings.ingest_settings().max_image_pixels
     entries, table = [], []
     label_of = dict(labelled)
     for rel, path in files:
@@ -109,7 +158,13 @@ def profile_image_drop(
         entries.append({"path": rel, "bytes": len(payload), "sha256": sha})
         if rel in label_of:
             table.append(
-                {"path": rel, "label": label_of[rel], "sha256": sha, "bytes": len(payload), **describe_image(payload)}
+                {
+                    "path": rel,
+                    "label": label_of[rel],
+                    "sha256": sha,
+                    "bytes": len(payload),
+                    **describe_image(payload, max_pixels),
+                }
             )
     bad = [row for row in table if not row["decodes"]]
     classes = len({row["label"] for row in table})
