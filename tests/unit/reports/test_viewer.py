@@ -159,3 +159,84 @@ def test_pipeline_of_dag_ids():
     for bad in ("train", "__train", "churn__"):
         with pytest.raises(HTTPException):
             pipeline_of(bad)
+
+
+EVIL_PAGE = "<html><body><script>document.title='pwned'</script><img src=x onerror=alert(1)></body></html>"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{BASE}/",  # the run's index
+        f"{BASE}/validation/",  # a report
+        f"{BASE}/validation/static/style.css",  # a file beside it
+        f"{BASE}/validation/missing.html",  # a 404
+        f"{BASE}/.hidden",  # a 400
+        f"{BASE}/validation",  # a redirect
+    ],
+)
+def test_every_answer_is_sandboxed_and_not_sniffed(viewer, path):
+    from conveyor.reports.viewer import CONTENT_SECURITY_POLICY
+
+    answer = viewer.get(path, follow_redirects=False)
+    assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.headers["referrer-policy"] == "no-referrer"
+    assert answer.headers["x-frame-options"] == "SAMEORIGIN"
+
+
+def test_the_policy_lets_no_script_run_and_loads_nothing_remote():
+    from conveyor.reports.viewer import CONTENT_SECURITY_POLICY
+
+    directives = dict((d.strip().split(" ", 1) + [""])[:2] for d in CONTENT_SECURITY_POLICY.split(";"))
+    assert "allow-scripts" not in directives["sandbox"]  # a sandbox without scripts (and without forms, popups)
+    assert directives["sandbox"].split() == ["allow-same-origin"]
+    assert directives["default-src"] == "'none'"  # so no script-src: scripts are refused
+    assert "script-src" not in directives
+    assert all("http" not in value and "*" not in value for value in directives.values())
+    assert directives["frame-ancestors"] == "'self'"
+
+
+def test_a_report_with_a_script_is_served_as_it_is_under_the_policy(viewer, lake):
+    folder = lake.reports("churn", RUN) / "evil"
+    folder.mkdir()
+    (folder / "index.html").write_text(EVIL_PAGE)
+    page = viewer.get(f"{BASE}/evil/")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "sandbox" in page.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{BASE}/..%2F..%2F..%2Fsecrets.txt",
+        f"{BASE}/validation/..%2f..%2fgate/index.html",
+        f"{BASE}/validation/%2e%2e%5c%2e%2e%5csecrets.txt",
+        f"{BASE}/validation/..\\..\\secrets.txt",
+        f"{BASE}/validation/%00index.html",
+    ],
+)
+def test_paths_that_leave_the_run_folder_are_refused(viewer, lake, path):
+    (lake.reports("churn", RUN).parent / "secrets.txt").write_text("THE OTHER RUN'S CONTENT")
+    answer = viewer.get(path)
+    assert answer.status_code == 400
+    assert "segments must not start with '.'" in answer.json()["detail"]
+    assert "OTHER RUN" not in answer.text
+
+
+def test_an_absolute_path_stays_inside_the_run_folder(viewer):
+    answer = viewer.get(f"{BASE}//etc/passwd")
+    assert answer.status_code == 404
+    assert "root:" not in answer.text
+
+
+def test_run_index_escapes_the_run_id(viewer):
+    from urllib.parse import quote
+
+    run = 'manual__"><img src=x onerror=alert(1)>'
+    viewer.session.runs.add(("churn__train", run))
+    page = viewer.get(f"/reports/churn__train/{quote(run, safe='')}/")
+    assert page.status_code == 200
+    assert "<img" not in page.text
+    assert "manual__&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in page.text
