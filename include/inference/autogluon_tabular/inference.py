@@ -345,6 +345,8 @@ def _json_rows(text: str, model: TabularModel) -> tuple[list[tuple[int, list[Any
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{JSON}: malformed JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{JSON}: the body nests arrays or objects too deeply to parse") from None
     if isinstance(document, dict) and "columns" in document and "data" in document:
         return _json_split(document["columns"], document["data"], model)
     if isinstance(document, dict) and "instances" in document:

@@ -20,9 +20,14 @@ Conveyor's model server and the local batch transform all call the same four han
 
 Bad requests raise ``ValueError`` with a message that names the content type, the instance and
 the rule broken; an unsupported content type or accept raises :class:`UnsupportedContentType` (a
-``ValueError``). Nothing here imports Airflow or Conveyor: ``metadata.json`` is read through the
-shipped contract module ``conveyor_metadata`` (packed beside this file in ``code/``, on ``sys.path``
-there).
+``ValueError``). A request over the limits (:class:`RequestLimits`: images per request, pixels per
+image, pixels per request; ``CONVEYOR_REQUEST_MAX_IMAGES``, ``CONVEYOR_REQUEST_MAX_IMAGE_PIXELS``,
+``CONVEYOR_REQUEST_MAX_PIXELS``) raises :class:`RequestTooLarge` (a ``ValueError``; the server
+answers 413): an image's size is read from its header before it is decoded, and images are decoded
+and preprocessed one at a time, so a request never holds more than one decoded image.
+
+Nothing here imports Airflow or Conveyor: ``metadata.json`` is read through the shipped contract
+module ``conveyor_metadata`` (packed beside this file in ``code/``, on ``sys.path`` there).
 """
 
 import base64
@@ -30,6 +35,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,10 +69,54 @@ INTERPOLATION = {
 }
 DATA_URI = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+MAX_IMAGES = 64
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_REQUEST_PIXELS = 100_000_000
 
 
 class UnsupportedContentType(ValueError):
     """The request's content type, or the accept asked for, is not one this model speaks."""
+
+
+class RequestTooLarge(ValueError):
+    """The request has more images, or more pixels, than :class:`RequestLimits` allows (answered 413)."""
+
+
+def _env_limit(name: str, default: int) -> int:
+    """A positive whole number from the environment.
+
+    :param name: the variable.
+    :param default: the value when it is unset or empty.
+    """
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} must be a whole number of at least 1")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the model: images, pixels per image, pixels in all.
+
+    :param max_images: images per request.
+    :param max_image_pixels: width x height of one image (checked from its header, before decoding).
+    :param max_pixels: width x height of every image of the request together.
+    """
+
+    max_images: int = MAX_IMAGES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_pixels: int = MAX_REQUEST_PIXELS
+
+    @classmethod
+    def from_env(cls) -> "RequestLimits":
+        """The limits from ``CONVEYOR_REQUEST_MAX_IMAGES``, ``..._MAX_IMAGE_PIXELS``, ``..._MAX_PIXELS``."""
+        return cls(
+            max_images=_env_limit("CONVEYOR_REQUEST_MAX_IMAGES", MAX_IMAGES),
+            max_image_pixels=_env_limit("CONVEYOR_REQUEST_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
+            max_pixels=_env_limit("CONVEYOR_REQUEST_MAX_PIXELS", MAX_REQUEST_PIXELS),
+        )
 
 
 def build_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
@@ -97,11 +147,13 @@ class ImageModel:
     :param network: the ResNet, in eval mode, on ``device``.
     :param metadata: the artifact's ``metadata.json``.
     :param device: where the network runs.
+    :param limits: what one request may ask (read from the environment when the model loads).
     """
 
     network: torch.nn.Module
     metadata: ModelMetadata
     device: torch.device
+    limits: RequestLimits = field(default_factory=RequestLimits.from_env)
     class_labels: list[str] = field(init=False)
     transform: Callable[[Image.Image], torch.Tensor] = field(init=False)
     exif_transpose: bool = field(init=False)
@@ -232,14 +284,25 @@ def parse_request(body: str | bytes, content_type: str | None, model: ImageModel
             raise ValueError(f"{media}: the body must be bytes, got {type(body).__name__}")
         if not len(body):
             raise ValueError(f"{media}: empty input: the body holds no image")
-        images = [decode(bytes(body), f"{media}: the body")]
+        images = [(f"{media}: the body", bytes(body))]
     elif media == JSON:
-        images = [decode(payload, where) for where, payload in _json_images(body)]
+        images = _json_images(body, model.limits.max_images)
     else:
         raise UnsupportedContentType(
             f"content type {content_type!r} is not supported: send {JPEG}, {PNG}, {ANY_IMAGE} or {JSON}"
         )
-    return torch.stack([preprocess(image, model) for image in images])
+    limits, total, tensors = model.limits, 0, []
+    for where, payload in images:  # one decoded image at a time: open (size from the header), check, decode
+        image = open_image(payload, where, limits.max_image_pixels)
+        total += image.width * image.height
+        if total > limits.max_pixels:
+            raise RequestTooLarge(
+                f"{where}: the images up to this one have {total} pixels, more than the limit of "
+                f"{limits.max_pixels} per request (CONVEYOR_REQUEST_MAX_PIXELS): send fewer or smaller images"
+            )
+        tensors.append(preprocess(load_image(image, payload, where), model))
+        del image
+    return torch.stack(tensors)
 
 
 def choose_accept(accept: str | None) -> str:
@@ -270,13 +333,46 @@ def decode(payload: Any, where: str) -> Image.Image:
         payload = bytes(payload)
     if not isinstance(payload, bytes):
         raise ValueError(f"{where}: expected encoded image bytes, got {type(payload).__name__}")
+    return load_image(open_image(payload, where), payload, where)
+
+
+def open_image(payload: bytes, where: str, max_pixels: int | None = None) -> Image.Image:
+    """Open encoded image bytes without decoding them (PIL reads the header); refuse one over ``max_pixels``.
+
+    :param payload: the encoded bytes.
+    :param where: what the payload is, for messages.
+    :param max_pixels: the largest width x height allowed, or None (PIL's own decompression-bomb limit).
+    :raises RequestTooLarge: an image over ``max_pixels``.
+    """
     if not payload:
         raise ValueError(f"{where}: empty image (zero bytes)")
     try:
         image = Image.open(io.BytesIO(payload))
-        image.load()
     except UnidentifiedImageError:
         raise ValueError(f"{where}: not an image PIL can decode ({len(payload)} bytes)") from None
+    except Image.DecompressionBombError as error:
+        if max_pixels is not None:
+            raise RequestTooLarge(f"{where}: {error}; the limit is {max_pixels} pixels per image") from None
+        raise ValueError(f"{where}: the image does not decode ({error})") from None
+    except DECODE_ERRORS as error:
+        raise ValueError(f"{where}: the image does not decode ({error})") from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise RequestTooLarge(
+            f"{where}: the image is {image.width}x{image.height} = {image.width * image.height} pixels, more than "
+            f"the limit of {max_pixels} per image (CONVEYOR_REQUEST_MAX_IMAGE_PIXELS)"
+        )
+    return image
+
+
+def load_image(image: Image.Image, payload: bytes, where: str) -> Image.Image:
+    """Decode an opened image fully (a truncated file fails here).
+
+    :param image: the image :func:`open_image` opened.
+    :param payload: its encoded bytes (for messages).
+    :param where: what the payload is, for messages.
+    """
+    try:
+        image.load()
     except DECODE_ERRORS as error:
         raise ValueError(f"{where}: the image does not decode ({error})") from None
     return image
@@ -303,10 +399,11 @@ def _media_type(content_type: str | None) -> str | None:
     return content_type.split(";")[0].strip().lower()
 
 
-def _json_images(body: str | bytes) -> list[tuple[str, bytes]]:
+def _json_images(body: str | bytes, max_images: int) -> list[tuple[str, bytes]]:
     """The base64-decoded images of a JSON body, each with its place for messages.
 
     :param body: the request body.
+    :param max_images: the most instances allowed (more: :class:`RequestTooLarge`, before any is decoded).
     """
     if isinstance(body, (bytes, bytearray, memoryview)):
         try:
@@ -321,6 +418,8 @@ def _json_images(body: str | bytes) -> list[tuple[str, bytes]]:
         document = json.loads(body)
     except json.JSONDecodeError as error:
         raise ValueError(f"{JSON}: malformed JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{JSON}: the body nests arrays or objects too deeply to parse") from None
     if isinstance(document, dict) and "instances" in document:
         instances = document["instances"]
     elif isinstance(document, dict) and "b64" in document:
@@ -336,6 +435,11 @@ def _json_images(body: str | bytes) -> list[tuple[str, bytes]]:
         raise ValueError(f'{JSON}: "instances" must be a list, got a JSON {type(instances).__name__}')
     if not instances:
         raise ValueError(f"{JSON}: empty input: no instances")
+    if len(instances) > max_images:
+        raise RequestTooLarge(
+            f"{JSON}: {len(instances)} instances, more than the limit of {max_images} images per request "
+            "(CONVEYOR_REQUEST_MAX_IMAGES): split the batch"
+        )
     images = []
     for number, instance in enumerate(instances, 1):
         where = f"{JSON}: instance {number}"

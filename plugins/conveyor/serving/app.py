@@ -17,14 +17,21 @@ A request is parsed, predicted and serialised by the model's own handlers
 (``parse_request`` when the handler module has it, else ``input_fn``; ``predict_fn``;
 ``output_fn``) in a worker thread, and answered in the ``Accept`` media type (JSON by default)
 with ``X-Conveyor-Model-Version`` naming the version that answered. ``X-Conveyor-Target:
-candidate`` asks the staged candidate (deploy smoke tests). Bad requests get a 4xx and
-``{"error": message}``: 404 another endpoint's name, 409 no candidate loaded, 413 body too large,
-415 unsupported content type or accept, 400 any other ``ValueError`` of the handlers; 503 no
-model; 500 an unexpected error (logged; the worker keeps serving).
+candidate`` asks the staged candidate (deploy smoke tests).
+
+Every route but ``/ping`` needs credentials (:mod:`conveyor.serving.auth`: an AWS SigV4 signature,
+as ``sagemaker-runtime`` clients send, or ``Authorization: Bearer <token>``): 401 without, 403
+with wrong ones. Bad requests get a 4xx in the shape boto3 parses (``x-amzn-ErrorType`` and
+``{"message", "error"}``, see :mod:`conveyor.serving.http`): 404 another endpoint's name, 409 no
+candidate loaded, 413 body too large, 415 unsupported content type or accept, 431 request line
+and headers over ``CONVEYOR_MAX_HEADER_BYTES``, 400 any other ``ValueError`` of the handlers (and
+JSON nested too deeply to parse); 503 no model; 500 an unexpected error (``ModelError``; logged;
+the worker keeps serving).
 
 Settings come from ``conveyor.settings.server_settings()`` (``CONVEYOR_ENDPOINT``,
 ``CONVEYOR_MAX_BODY_BYTES``, ``CONVEYOR_INFERENCE_CONCURRENCY``, ``CONVEYOR_CAPTURE_DIR``,
-``CONVEYOR_CAPTURE_SHARE``, ``CONVEYOR_FEEDBACK_DIR``: see its table). Beside this module:
+``CONVEYOR_CAPTURE_SHARE``, ``CONVEYOR_FEEDBACK_DIR``, ``CONVEYOR_MAX_HEADER_BYTES``, the
+``CONVEYOR_ENDPOINT_*`` credentials: see its table). Beside this module:
 :mod:`conveyor.serving.http` (request bodies, error answers), :mod:`conveyor.serving.capture`
 (sampled live traffic as JSON lines) and :mod:`conveyor.serving.feedback` (``POST /feedback``:
 ground truth for earlier predictions, written as label drops the monitor reads).
@@ -50,12 +57,22 @@ import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from conveyor import settings
 from conveyor.serving import endpoint_state
+from conveyor.serving.auth import AuthFailed, Verifier, endpoint_credentials
 from conveyor.serving.capture import Capture
-from conveyor.serving.feedback import feedback_route
-from conveyor.serving.http import VERSION_HEADER, RequestRejected, error_response, read_body
+from conveyor.serving.feedback import MAX_FEEDBACK_BYTES, feedback_route
+from conveyor.serving.http import (
+    VERSION_HEADER,
+    RequestRejected,
+    error_response,
+    head_size,
+    read_body,
+    too_large_message,
+)
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -66,6 +83,7 @@ TARGET_HEADER = "x-conveyor-target"
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"  # boto3 returns it as InvokedProductionVariant
 INFERENCE_ID_HEADER = "x-amzn-sagemaker-inference-id"  # invoke_endpoint(InferenceId=...)
 JSON_MEDIA = "application/json"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="conveyor", AWS4-HMAC-SHA256'}
 REQUIRED_HANDLERS = ("model_fn", "predict_fn", "output_fn")
 
 
@@ -159,16 +177,22 @@ def run_handlers(
     return result, _media_of(handlers, accept)
 
 
-def _is_unsupported(error: BaseException, handlers: Any) -> bool:
-    """Whether a handler error is the module's ``UnsupportedContentType``.
+HANDLER_STATUS = {"UnsupportedContentType": 415, "RequestTooLarge": 413}  # a handler module's ValueErrors
+
+
+def _handler_status(error: BaseException, handlers: Any) -> int | None:
+    """The status of a handler error the module names: 415 ``UnsupportedContentType``, 413 ``RequestTooLarge``.
 
     :param error: the exception raised by a handler.
     :param handlers: the model's handler module.
     """
-    unsupported = getattr(handlers, "UnsupportedContentType", None)
-    if isinstance(unsupported, type) and isinstance(error, unsupported):
-        return True
-    return any(cls.__name__ == "UnsupportedContentType" for cls in type(error).__mro__)
+    for name, status in HANDLER_STATUS.items():
+        cls = getattr(handlers, name, None)
+        if isinstance(cls, type) and isinstance(error, cls):
+            return status
+        if any(base.__name__ == name for base in type(error).__mro__):
+            return status
+    return None
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -350,6 +374,7 @@ class Endpoint:
     :param max_body: the largest request body, in bytes.
     :param capture: the data capture, or None when off.
     :param feedback_dir: where ``POST /feedback`` writes drops, or None when off.
+    :param verifier: checks every request's credentials.
     """
 
     name: str
@@ -357,6 +382,27 @@ class Endpoint:
     max_body: int
     capture: Capture | None
     feedback_dir: Path | None
+    verifier: Verifier
+
+
+class HeaderLimit:
+    """ASGI middleware: 431 for a request line and headers over the limit (the protocol checks it first).
+
+    :param app: the app.
+    :param limit: the largest head, in bytes.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            target = scope.get("raw_path", b"") + b"?" + scope.get("query_string", b"")
+            if head_size(target, scope["headers"]) > self.limit:
+                await error_response(431, too_large_message(self.limit))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_S) -> FastAPI:
@@ -372,10 +418,22 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     endpoint_state.endpoint_dir(name)  # checks the name
     capture = Capture(config.capture_dir, config.capture_share, name) if config.capture_dir else None
     _configure_logging()
-    served = Endpoint(name, ModelWorker(name, poll_interval), config.max_body_bytes, capture, config.feedback_dir)
+    verifier = Verifier(endpoint_credentials())
+    worker = ModelWorker(name, poll_interval)
+    served = Endpoint(name, worker, config.max_body_bytes, capture, config.feedback_dir, verifier)
     app = FastAPI(
-        title=f"Conveyor endpoint {name}", lifespan=_lifespan(served, config.concurrency), docs_url=None, redoc_url=None
+        title=f"Conveyor endpoint {name}",
+        lifespan=_lifespan(served, config.concurrency),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
+    app.add_middleware(HeaderLimit, limit=config.max_header_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        return error_response(error.status_code, str(error.detail), headers=error.headers)
+
     app.state.worker = served.worker
     app.state.endpoint = name
     _add_routes(app, served)
@@ -431,7 +489,45 @@ def _add_routes(app: FastAPI, served: Endpoint) -> None:
 
     @app.post("/feedback")
     async def post_feedback(request: Request) -> Response:
-        return await feedback_route(request, served.name, served.feedback_dir, served.worker.live)
+        try:
+            body = await authorised_body(served, request, MAX_FEEDBACK_BYTES)
+        except RequestRejected as rejected:
+            return rejected_response(rejected)
+        return await feedback_route(body, served.name, served.feedback_dir, served.worker.live)
+
+
+def rejected_response(rejected: RequestRejected, version: str | None = None) -> Response:
+    """The answer to a refused request (401s carry the ``WWW-Authenticate`` challenge).
+
+    :param rejected: why it was refused.
+    :param version: the model version that would have answered, if any.
+    """
+    challenge = CHALLENGE if rejected.status == 401 else None
+    return error_response(rejected.status, rejected.message, version, rejected.code, challenge)
+
+
+async def authorised_body(served: Endpoint, request: Request, limit: int) -> bytes:
+    """Check the request's credentials and read its body (a bearer token or a signature's key and date first).
+
+    :param served: the endpoint (its verifier).
+    :param request: the request.
+    :param limit: the largest body allowed.
+    :raises RequestRejected: 401/403 for credentials, 400/413 for the body.
+    """
+    verifier = served.verifier
+    try:
+        signed = verifier.check_headers(request.headers)
+        body = await read_body(request, limit)
+        if signed is not None:
+            path = request.scope.get("raw_path") or request.url.path.encode()
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            verifier.check_signature(
+                signed, request.method, path.decode("latin-1"), query, request.headers.items(), body
+            )
+    except AuthFailed as failed:
+        logger.warning("endpoint %s: refused %s %s: %s", served.name, request.method, request.url.path, failed.message)
+        raise RequestRejected(failed.status, failed.message, failed.code) from None
+    return body
 
 
 async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) -> Response:
@@ -442,6 +538,10 @@ async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) 
     :param endpoint_name: the name in the path (``/endpoints/{name}/invocations``), or None.
     """
     name, worker = served.name, served.worker
+    try:
+        body = await authorised_body(served, request, served.max_body)
+    except RequestRejected as rejected:
+        return rejected_response(rejected)
     if endpoint_name is not None and endpoint_name != name:
         return error_response(404, f"endpoint {endpoint_name!r} is not served here (this is endpoint {name!r})")
     target = request.headers.get(TARGET_HEADER, "live").strip().lower()
@@ -452,24 +552,22 @@ async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) 
         if target == "candidate":
             return error_response(409, f"endpoint {name}: no candidate model is loaded")
         return error_response(503, f"endpoint {name}: no live model is loaded")
-    try:
-        body = await read_body(request, served.max_body)
-    except RequestRejected as rejected:
-        return error_response(rejected.status, rejected.message, model.version)
     content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
     try:
         answer, media = await anyio.to_thread.run_sync(
             run_handlers, model, body, content_type, accept, limiter=request.app.state.limiter
         )
     except Exception as error:  # noqa: BLE001 - every failure becomes a response; the worker keeps serving
-        if _is_unsupported(error, model.loaded.handlers):
-            return error_response(415, str(error), model.version)
+        status = _handler_status(error, model.loaded.handlers)
+        if status is not None:
+            return error_response(status, str(error), model.version)
         if isinstance(error, ValueError):
             return error_response(400, str(error), model.version)
+        if isinstance(error, RecursionError):  # json.loads of a deeply nested body, in a model's own parser
+            return error_response(400, "the request nests arrays or objects too deeply to parse", model.version)
         logger.exception("endpoint %s: version %s failed on a request", name, model.version)
-        return error_response(
-            500, f"the model failed on this request ({type(error).__name__}); see the server log", model.version
-        )
+        message = f"the model failed on this request ({type(error).__name__}); see the server log"
+        return error_response(500, message, model.version, "ModelError")
     capture = served.capture
     if capture is not None and target == "live" and capture.sampled():
         await anyio.to_thread.run_sync(

@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from conveyor.serving.http import RequestRejected, error_response, read_body
+from conveyor.serving.http import error_response
 
 MAX_FEEDBACK_BYTES = 1 << 20
 
 
-async def feedback_route(request: Request, endpoint: str, folder: Path | None, live: Any) -> Response:
-    """Answer ``POST /feedback``: 202 with the records accepted and the drop, 4xx with the reason.
+async def feedback_route(body: bytes, endpoint: str, folder: Path | None, live: Any) -> Response:
+    """Answer ``POST /feedback`` (its body already read and its credentials checked by the app): 202 or 4xx.
 
-    :param request: the request.
+    :param body: the request body (at most :data:`MAX_FEEDBACK_BYTES`).
     :param endpoint: the endpoint's name (for messages).
     :param folder: where drops go; None when feedback is off (404).
     :param live: the live model (its class labels check the labels), or None.
@@ -38,10 +37,7 @@ async def feedback_route(request: Request, endpoint: str, folder: Path | None, l
     if folder is None:
         return error_response(404, f"endpoint {endpoint}: feedback is not enabled (no CONVEYOR_FEEDBACK_DIR)")
     try:
-        body = await read_body(request, MAX_FEEDBACK_BYTES)
         drop = await anyio.to_thread.run_sync(write_feedback, folder, body, live)
-    except RequestRejected as rejected:
-        return error_response(rejected.status, rejected.message)
     except ValueError as error:
         return error_response(400, f"feedback: {error}")
     return JSONResponse(status_code=202, content={"accepted": drop["records"], "drop": drop["name"]})
@@ -63,6 +59,8 @@ def write_feedback(folder: Path, body: bytes, live: Any) -> dict[str, Any]:
         payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"the body is not JSON ({error})") from None
+    except RecursionError:
+        raise ValueError("the body nests JSON arrays or objects too deeply to parse") from None
     records = feedback_records(payload)
     classes = [str(c) for c in ((live.loaded.metadata.class_labels or []) if live is not None else [])]
     if classes:

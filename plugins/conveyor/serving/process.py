@@ -1,6 +1,7 @@
 """Run a local endpoint as a detached background process: start, status, stop, ensure.
 
-The server is ``python -m uvicorn conveyor.serving.app:create_app --factory --workers N`` in a
+The server is ``python -m uvicorn conveyor.serving.app:create_app --factory --workers N --http
+conveyor.serving.protocol:LimitedHttpToolsProtocol`` (httptools with a cap on request heads) in a
 new session (its own process group), logging to ``<endpoint folder>/server.log``;
 ``server.json`` records its pid, host, port, workers and URL. With ``workers >= 2`` uvicorn's
 supervisor (0.54) starts a new worker when one dies (checked every 0.5 s, at worst after the
@@ -25,14 +26,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from conveyor import settings
+from conveyor.serving.auth import endpoint_credentials
 from conveyor.serving.endpoint_state import EndpointError, endpoint_dir, pid_alive, worker_states, write_json_atomic
 
 APP = "conveyor.serving.app:create_app"
+PROTOCOL = "conveyor.serving.protocol:LimitedHttpToolsProtocol"  # httptools with a cap on request heads
 # uvicorn's supervisor pings each worker every 0.5 s and kills one that does not answer within this
 # time (a busy worker answers from a thread, well under a second even while loading a model). It
 # is also how late a dead worker may be replaced: a worker killed while still exiting can be pinged
@@ -141,6 +144,8 @@ def start_endpoint(
         raise EndpointError(f"endpoint {name} already runs (pid {running['pid']}, {running['url']}); stop it first")
     folder = endpoint_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
+    with _environment(env):
+        endpoint_credentials()  # refuses weak secrets here, and generates the local default's once, not per worker
     plugins = str(settings.PROJECT_ROOT / "plugins")
     # The workers share the cores: one math-library thread pool each, sized so they don't fight.
     threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -153,22 +158,7 @@ def start_endpoint(
         "CONVEYOR_STATE_DIR": str(settings.state_dir()),
     }
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [plugins, child_env.get("PYTHONPATH")]))
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        APP,
-        "--factory",
-        "--workers",
-        str(workers),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--timeout-worker-healthcheck",
-        str(HEALTHCHECK_TIMEOUT_S),
-    ]
+    command = _command(host, port, workers)
     with open(log_file(name), "ab") as log:
         log.write(f"--- starting endpoint {name} on {host}:{port} with {workers} worker(s)\n".encode())
         log.flush()
@@ -196,6 +186,51 @@ def start_endpoint(
         },
     )
     return process.pid
+
+
+def _command(host: str, port: int, workers: int) -> list[str]:
+    """The server's command line: uvicorn with the app factory and the head-limited protocol.
+
+    :param host: the address to listen on.
+    :param port: the TCP port.
+    :param workers: the number of worker processes.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        APP,
+        "--factory",
+        "--workers",
+        str(workers),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--http",
+        PROTOCOL,
+        "--timeout-worker-healthcheck",
+        str(HEALTHCHECK_TIMEOUT_S),
+    ]
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str] | None) -> Iterator[None]:
+    """``os.environ`` with ``env`` added for the duration (what the server will see), restored after.
+
+    :param env: the extra variables.
+    """
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def endpoint_status(name: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The deploy smoke test: held-out rows scored by the candidate on the endpoint must match the
-predictions the evaluation made of the same rows."""
+predictions the evaluation made of the same rows. It authenticates as any client does (a SigV4
+signature with the endpoint's access key, or its bearer token: :mod:`conveyor.serving.auth`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import ConveyorError
 from conveyor.lake import Lake
+from conveyor.serving.auth import auth_headers
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
@@ -69,6 +71,7 @@ def smoke_test(
     headers = {"Content-Type": content_type, "Accept": "application/json"}
     if target == "candidate":
         headers["X-Conveyor-Target"] = "candidate"
+    headers = auth_headers("POST", f"{url}/invocations", body, headers)  # SigV4 (or the bearer token)
     try:
         response = httpx.post(f"{url}/invocations", content=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:

@@ -17,7 +17,16 @@ from fastapi.testclient import TestClient
 
 from conveyor.serving import endpoint_state as es
 from conveyor.serving.app import DEFAULT_MAX_BODY_BYTES, create_app
+from conveyor.serving.auth import endpoint_credentials
 from helpers import wait_until
+
+AUTH_ENV = ("CONVEYOR_ENDPOINT_ACCESS_KEY_ID", "CONVEYOR_ENDPOINT_SECRET_ACCESS_KEY", "CONVEYOR_ENDPOINT_TOKEN")
+
+
+def client_for(app, **kwargs) -> TestClient:
+    """A TestClient that sends the endpoint's bearer token (``create_app`` generated the credentials)."""
+    return TestClient(app, headers={"Authorization": f"Bearer {endpoint_credentials().token}"}, **kwargs)
+
 
 HANDLERS = '''
 import json
@@ -78,7 +87,13 @@ def make_model(root: Path, factor: float = 2, fail: str | None = None) -> Path:
 def state(tmp_path, monkeypatch) -> Path:
     """A private state folder; the capture and limit variables unset."""
     monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path / "state"))
-    for name in ("CONVEYOR_CAPTURE_DIR", "CONVEYOR_CAPTURE_SHARE", "CONVEYOR_MAX_BODY_BYTES", "CONVEYOR_ENDPOINT"):
+    for name in (
+        "CONVEYOR_CAPTURE_DIR",
+        "CONVEYOR_CAPTURE_SHARE",
+        "CONVEYOR_MAX_BODY_BYTES",
+        "CONVEYOR_ENDPOINT",
+        *AUTH_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "state"
 
@@ -181,7 +196,7 @@ def test_wait_for_workers_returns_when_loaded_and_raises_on_failure_or_timeout(s
 
 def test_app_loads_promotes_and_routes_to_the_candidate(state, tmp_path):
     v1, v2 = make_model(tmp_path / "v1", factor=2), make_model(tmp_path / "v2", factor=3)
-    with TestClient(create_app("ep", poll_interval=0.02)) as client:
+    with client_for(create_app("ep", poll_interval=0.02)) as client:
         assert client.get("/ping").status_code == 503
         answer = client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv"})
         assert answer.status_code == 503 and "no live model" in answer.json()["error"]
@@ -221,7 +236,7 @@ def test_a_broken_candidate_is_reported_and_dropped(state, tmp_path):
     broken = make_model(tmp_path / "broken", fail="predictor files are missing")
     es.stage_candidate("ep", "v1", v1)
     es.promote_candidate("ep")
-    with TestClient(create_app("ep", poll_interval=0.02)) as client:
+    with client_for(create_app("ep", poll_interval=0.02)) as client:
         assert client.get("/ping").status_code == 200  # loaded at startup, before serving
         es.stage_candidate("ep", "v-broken", broken)
         with pytest.raises(es.RolloutFailed, match="RuntimeError: predictor files are missing"):
@@ -243,7 +258,7 @@ def test_bad_requests_get_4xx_and_the_worker_keeps_serving(state, tmp_path, monk
     es.promote_candidate("ep")
     monkeypatch.setenv("CONVEYOR_MAX_BODY_BYTES", "100")
     csv = {"Content-Type": "text/csv"}
-    with TestClient(create_app("ep"), raise_server_exceptions=False) as client:
+    with client_for(create_app("ep"), raise_server_exceptions=False) as client:
         big = client.post("/invocations", content=b"1," * 60, headers=csv)
         assert big.status_code == 413 and "120 bytes is larger than the limit of 100" in big.json()["error"]
         chunked = client.post("/invocations", content=iter([b"1," * 30] * 3), headers=csv)  # no Content-Length
@@ -253,9 +268,12 @@ def test_bad_requests_get_4xx_and_the_worker_keeps_serving(state, tmp_path, monk
         accept = client.post("/invocations", content=b"1", headers={**csv, "Accept": "image/png"})
         assert accept.status_code == 415
         malformed = client.post("/invocations", content=b"1,x", headers=csv)
-        assert malformed.status_code == 400 and malformed.json() == {"error": "text/csv: not a list of numbers: '1,x'"}
+        message = "text/csv: not a list of numbers: '1,x'"
+        assert malformed.status_code == 400 and malformed.json() == {"error": message, "message": message}
+        assert malformed.headers["x-amzn-ErrorType"] == "ValidationError"
         crash = client.post("/invocations", content=b"13", headers=csv)
         assert crash.status_code == 500 and "KeyError" in crash.json()["error"]
+        assert crash.headers["x-amzn-ErrorType"] == "ModelError" and crash.json()["OriginalStatusCode"] == 500
         target = client.post("/invocations", content=b"1", headers={**csv, "X-Conveyor-Target": "blue"})
         assert target.status_code == 400
         good = client.post("/invocations", content=b"21", headers=csv)
@@ -265,7 +283,7 @@ def test_bad_requests_get_4xx_and_the_worker_keeps_serving(state, tmp_path, monk
 def test_the_default_body_limit_is_six_mib(state, tmp_path):
     es.stage_candidate("ep", "v1", make_model(tmp_path / "v1"))
     es.promote_candidate("ep")
-    with TestClient(create_app("ep")) as client:
+    with client_for(create_app("ep")) as client:
         over = client.post(
             "/invocations", content=b"1" * (DEFAULT_MAX_BODY_BYTES + 1), headers={"Content-Type": "text/csv"}
         )
@@ -282,7 +300,7 @@ def test_data_capture_appends_a_sampled_share(state, tmp_path, monkeypatch):
     capture = tmp_path / "capture"
     monkeypatch.setenv("CONVEYOR_CAPTURE_DIR", str(capture))
     monkeypatch.setenv("CONVEYOR_CAPTURE_SHARE", "1")
-    with TestClient(create_app("ep")) as client:
+    with client_for(create_app("ep")) as client:
         client.post("/invocations", content=b"1,2", headers={"Content-Type": "text/csv"})
         client.post("/invocations", content=b"\xff\x00", headers={"Content-Type": "application/octet-stream"})
         client.post("/invocations", content=b"1,x", headers={"Content-Type": "text/csv"})  # a 400 is not captured
@@ -301,7 +319,7 @@ def test_data_capture_appends_a_sampled_share(state, tmp_path, monkeypatch):
 
     monkeypatch.setenv("CONVEYOR_CAPTURE_DIR", str(tmp_path / "none"))
     monkeypatch.setenv("CONVEYOR_CAPTURE_SHARE", "0")
-    with TestClient(create_app("ep")) as client:
+    with client_for(create_app("ep")) as client:
         assert client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv"}).status_code == 200
     assert not (tmp_path / "none").exists()
 

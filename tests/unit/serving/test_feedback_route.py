@@ -14,8 +14,17 @@ from fastapi.testclient import TestClient
 from conveyor.model.metadata import Feature, ModelMetadata
 from conveyor.serving import endpoint_state as es
 from conveyor.serving.app import create_app
+from conveyor.serving.auth import endpoint_credentials
 from conveyor.serving.feedback import MAX_FEEDBACK_BYTES, write_feedback
 from helpers import wait_until
+
+AUTH_ENV = ("CONVEYOR_ENDPOINT_ACCESS_KEY_ID", "CONVEYOR_ENDPOINT_SECRET_ACCESS_KEY", "CONVEYOR_ENDPOINT_TOKEN")
+
+
+def client_for(app, **kwargs) -> TestClient:
+    """A TestClient that sends the endpoint's bearer token (``create_app`` generated the credentials)."""
+    return TestClient(app, headers={"Authorization": f"Bearer {endpoint_credentials().token}"}, **kwargs)
+
 
 HANDLERS = """
 import json
@@ -129,6 +138,7 @@ def state(tmp_path, monkeypatch) -> Path:
         "CONVEYOR_MAX_BODY_BYTES",
         "CONVEYOR_ENDPOINT",
         "CONVEYOR_FEEDBACK_DIR",
+        *AUTH_ENV,
     ):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "state"
@@ -152,7 +162,7 @@ def make_model(root: Path, classes: list[str]) -> Path:
 
 
 def test_feedback_is_off_without_a_feedback_folder(state):
-    with TestClient(create_app("ep", poll_interval=0.02)) as client:
+    with client_for(create_app("ep", poll_interval=0.02)) as client:
         answer = client.post("/feedback", json={"id": "a", "label": "yes"})
     assert answer.status_code == 404 and "feedback is not enabled" in answer.json()["error"]
 
@@ -160,7 +170,7 @@ def test_feedback_is_off_without_a_feedback_folder(state):
 def test_the_route_checks_labels_against_the_live_model(state, tmp_path, monkeypatch):
     folder = tmp_path / "landing" / "ep" / "feedback"
     monkeypatch.setenv("CONVEYOR_FEEDBACK_DIR", str(folder))
-    with TestClient(create_app("ep", poll_interval=0.02)) as client:
+    with client_for(create_app("ep", poll_interval=0.02)) as client:
         # No live model yet: nothing to check labels against; they are accepted as sent.
         early = client.post("/feedback", json={"id": "a", "label": "later"})
         assert early.status_code == 202 and early.json()["accepted"] == 1
