@@ -1,6 +1,7 @@
 """A batch run around the scoring: what it scores, its one timestamp, its table, and what it leaves behind.
 
-A run scores the input it is given, else the oldest complete drop in
+A run scores the input it is given (a file or folder inside the lake: another scheme, host, bucket
+or a path leaving the lake's root is refused), else the oldest complete drop in
 ``landing/<pipeline>/inference/`` not scored yet (:func:`batch_input`; None when there is none, and
 the operator skips). After the parts are written (locally or by a SageMaker transform job),
 :func:`load_run` replaces the run's rows in the predictions table and summarises them for the
@@ -66,29 +67,35 @@ def batch_input(lake: Lake, pipeline: str, marker: str, input_uri: str | None) -
     :param lake: the lake.
     :param pipeline: the pipeline's name.
     :param marker: the marker that makes a drop complete.
-    :param input_uri: the run's input (Param); empty for the pending drop.
-    :return: the input's URI and the drop's name (None for a given input); None when no input is
-        given and no drop is pending (nothing to score).
+    :param input_uri: the run's input (Param ``input``): a file or folder inside the lake
+        (:meth:`~conveyor.lake.Lake.inside`); empty for the pending drop.
+    :return: the input's URI (normalised, below the lake's root) and the drop's name (None for a
+        given input); None when no input is given and no drop is pending (nothing to score).
+    :raises LocationRefused: the given input is not inside the lake (another scheme, host or
+        bucket, or a path that leaves the root).
     """
     if input_uri:
-        return input_uri, None
+        return lake.inside(input_uri, "Param 'input'"), None
     drop = pending_inference_drop(lake, pipeline, marker)
     if drop is None:
         return None
     return lake.uri("landing", pipeline, "inference", drop), drop
 
 
-def load_run(result: BatchResult, *, table: str, run_id: str, conn_id: str | None) -> tuple[int, dict[str, Any]]:
+def load_run(
+    result: BatchResult, *, table: str, pipeline: str, run_id: str, conn_id: str | None
+) -> tuple[int, dict[str, Any]]:
     """Replace the run's rows in the predictions table with its parts' rows; the rows and the summary.
 
     :param result: the parts the run wrote.
     :param table: the predictions table.
+    :param pipeline: the pipeline (the table's rows are keyed by pipeline and run).
     :param run_id: the run.
     :param conn_id: the lake's connection (for parts on an object store).
     """
     from conveyor.batch.warehouse import warehouse_url, write_table
 
-    rows = write_table(warehouse_url(), table, result.parts, run_id, conn_id=conn_id)
+    rows = write_table(warehouse_url(), table, result.parts, run_id, pipeline=pipeline, conn_id=conn_id)
     return rows, summarize(result.parts, conn_id=conn_id)
 
 

@@ -81,7 +81,7 @@ class BaseBatchPredictOperator(BaseOperator):
         from conveyor.reports.batch import write_report
 
         run_id, version, table = context["run_id"], self.model["version"], predictions_table(spec)
-        rows, summary = load_run(result, table=table, run_id=run_id, conn_id=lake.conn_id)
+        rows, summary = load_run(result, table=table, pipeline=spec.name, run_id=run_id, conn_id=lake.conn_id)
         facts = {
             "pipeline": spec.name,
             "run": run_id,
@@ -129,7 +129,7 @@ class BatchPredictOperator(BaseBatchPredictOperator):
 
         from conveyor.batch.runs import predictions_table, run_timestamp
         from conveyor.batch.scoring import score_file
-        from conveyor.model.artifacts import fetch
+        from conveyor.model.artifacts import RegisteredArchive, fetch
 
         spec = pipeline_spec(self.spec)
         lake = Lake.from_env()
@@ -145,7 +145,8 @@ class BatchPredictOperator(BaseBatchPredictOperator):
             predictions_table(spec),
         )
         with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as tmp:
-            model_dir = fetch(self.model["model_uri"], Path(tmp) / "model", lake.conn_id)
+            registered = RegisteredArchive.of({"model_name": spec.name, **self.model})  # its sha256 checked
+            model_dir = fetch(self.model["model_uri"], Path(tmp) / "model", lake.conn_id, registered=registered)
             result = score_file(
                 source,
                 model_dir,

@@ -136,7 +136,7 @@ def test_csv_scores_like_the_model_and_a_rerun_replaces_its_output(churn_model, 
     assert_matches(got, frame, loaded)
     assert set(got["model_name"]) == {"churn"} and set(got["model_version"]) == {"3"}
     assert set(got["run_id"]) == {"manual__1"} and set(got["scored_at"]) == {pd.Timestamp(SCORED_AT)}
-    assert write_table(url, "churn_predictions", result.parts, "manual__1") == 5000
+    assert write_table(url, "churn_predictions", result.parts, "manual__1", pipeline="churn") == 5000
 
     summary = summarize(result.parts)
     counts = got["prediction"].value_counts()
@@ -149,7 +149,7 @@ def test_csv_scores_like_the_model_and_a_rerun_replaces_its_output(churn_model, 
     again = score(source, churn_model, out, "manual__1", workers=1)
     assert again.parts == result.parts and names(out) == ["_SUCCESS.json", *parts]
     pd.testing.assert_frame_equal(read_parts(again.parts), got)
-    assert write_table(url, "churn_predictions", again.parts, "manual__1") == 5000
+    assert write_table(url, "churn_predictions", again.parts, "manual__1", pipeline="churn") == 5000
     assert table_rows(url, "churn_predictions") == 5000
 
     # A re-run that fails (here: nothing to score) keeps the last complete output and leaves no staging.
@@ -165,7 +165,9 @@ def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_work
 ):
     """On an S3 lake (moto): remote input, staging and publishing on an object store, remote parts to SQL."""
     url = f"sqlite:///{tmp_path / 'warehouse.db'}"
-    write_table(url, "churn_predictions", fake_parts(tmp_path / "other", "other_run", [20]), "other_run")
+    write_table(
+        url, "churn_predictions", fake_parts(tmp_path / "other", "other_run", [20]), "other_run", pipeline="churn"
+    )
     bad = churn_frame(3000, seed=21)
     bad["tenure_months"] = bad["tenure_months"].astype(str)
     bad.loc[1500, "tenure_months"] = "garbage"  # in the second chunk (rows 1001-2000)
@@ -201,7 +203,10 @@ def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_work
     assert names(out) == ["_SUCCESS.json", *(f"part-{i:05d}.parquet" for i in range(5))]
     assert result.parts[0].startswith("s3://") and [str(p) for p in completed_parts(out)] == result.parts
     assert_matches(read_parts(completed_parts(out)), pd.concat([first, second], ignore_index=True), loaded)
-    assert write_table(url, "churn_predictions", result.parts, "scheduled__2", conn_id=s3_lake.conn_id) == 2300
+    assert (
+        write_table(url, "churn_predictions", result.parts, "scheduled__2", pipeline="churn", conn_id=s3_lake.conn_id)
+        == 2300
+    )
     assert table_rows(url, "churn_predictions", "scheduled__2") == 2300
     assert table_rows(url, "churn_predictions", "other_run") == 20
     assert summarize(result.parts, conn_id=s3_lake.conn_id)["rows"] == 2300
@@ -320,19 +325,19 @@ def test_write_table_replaces_a_runs_rows_in_one_transaction(warehouse, tmp_path
     run_a = fake_parts(tmp_path / "a", "run_a", [20, 10])
     run_b = fake_parts(tmp_path / "b", "run_b", [10])
 
-    assert write_table(url, table, run_a, "run_a", batch_rows=7) == 30
-    assert write_table(url, table, run_b, "run_b") == 10
-    assert write_table(url, table, run_a, "run_a") == 30  # a re-run replaces, never duplicates
+    assert write_table(url, table, run_a, "run_a", pipeline="churn", batch_rows=7) == 30
+    assert write_table(url, table, run_b, "run_b", pipeline="churn") == 10
+    assert write_table(url, table, run_a, "run_a", pipeline="churn") == 30  # a re-run replaces, never duplicates
     assert (table_rows(url, table), table_rows(url, table, "run_a")) == (40, 30)
 
     # The second part holds another run's rows: found after the first part's rows went in, all rolled back.
     mixed = [fake_parts(tmp_path / "a2", "run_a", [5], predictions="n")[0], run_b[0]]
     with pytest.raises(ValueError, match="holds rows of another run than 'run_a'"):
-        write_table(url, table, mixed, "run_a")
+        write_table(url, table, mixed, "run_a", pipeline="churn")
     assert (table_rows(url, table), table_rows(url, table, "run_a")) == (40, 30)
 
     with pytest.raises(ValueError, match="lacks the columns proba_maybe"):
-        write_table(url, table, fake_parts(tmp_path / "c", "run_c", [3], extra=True), "run_c")
+        write_table(url, table, fake_parts(tmp_path / "c", "run_c", [3], extra=True), "run_c", pipeline="churn")
 
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -348,7 +353,7 @@ def test_write_table_replaces_a_runs_rows_in_one_transaction(warehouse, tmp_path
 def test_write_table_refuses_unsafe_names(tmp_path):
     parts = fake_parts(tmp_path, "r", [1])
     with pytest.raises(ValueError, match="not allowed"):
-        write_table(f"sqlite:///{tmp_path / 'w.db'}", "predictions; DROP TABLE x", parts, "r")
+        write_table(f"sqlite:///{tmp_path / 'w.db'}", "predictions; DROP TABLE x", parts, "r", pipeline="churn")
 
 
 # --- summary -----------------------------------------------------------------------------------------
@@ -384,7 +389,9 @@ def test_batch_input_is_the_given_input_else_the_oldest_unscored_drop_else_none(
 
     from conveyor.batch.runs import SCORED_MARKER, batch_input, mark_scored, run_timestamp
 
-    assert batch_input(lake, "churn", "_SUCCESS", "s3://bucket/in.csv") == ("s3://bucket/in.csv", None)
+    given = lake.uri("landing", "churn", "in.csv")
+    assert batch_input(lake, "churn", "_SUCCESS", given) == (given, None)
+    assert batch_input(lake, "churn", "_SUCCESS", "landing/churn/in.csv") == (given, None)  # relative to the root
     assert batch_input(lake, "churn", "_SUCCESS", "") is None  # nothing pending: the operator skips
     for name, complete in (("d-1", True), ("d-2", True), ("d-0", False)):
         folder = lake.landing("churn", "inference", name)
