@@ -9,6 +9,8 @@ and the id as text.
 Bad input raises :class:`BatchInputError` naming the file and the rule: an unsupported or
 unreadable file, missing feature or id columns, rows the model rejects, and an empty input (no
 rows in any file): an empty result would look like a successful run of nothing, so it is an error.
+A storage or network failure while reading (``conveyor.lake.is_transient``: an I/O or network errno,
+a timeout, a store's 5xx) is not the input's fault: it propagates as it is, so the task is retried.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conveyor.errors import ConveyorError
+from conveyor.lake import is_transient
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -200,6 +203,8 @@ def _read(file: ObjectStoragePath, columns: Columns, chunk_rows: int, check_only
             if not check_only:
                 yield from batches
         except (pa.ArrowException, OSError) as error:
+            if is_transient(error):
+                raise  # the disk or store failed, not the file: the task's retries apply
             raise BatchInputError(
                 f"{file}: cannot be read as {'CSV' if is_csv else 'Parquet'}: {_describe(error, names)}"
             ) from None
