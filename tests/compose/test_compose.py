@@ -30,6 +30,9 @@ ENV_EXAMPLE = PROJECT / ".env.example"
 SCHEMA = PROJECT / "tests" / "data" / "compose-spec.json"
 DOCKERFILE = PROJECT / "docker" / "Dockerfile"
 INIT_DB_SCRIPT = PROJECT / "docker" / "postgres" / "init-databases.sh"
+CHECK_SECRETS = PROJECT / "docker" / "check_secrets.py"
+SECRETS_CHECK = "secrets-check"
+BIND = "${CONVEYOR_BIND_ADDRESS:-127.0.0.1}:"
 
 AIRFLOW_COMPONENTS = {
     "airflow-apiserver": ["api-server"],
@@ -321,6 +324,70 @@ def port_rule(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
+def bind_rule(raw_doc: dict[str, Any], resolved_doc: dict[str, Any]) -> list[str]:
+    """Every published port binds to ``${CONVEYOR_BIND_ADDRESS:-127.0.0.1}``: localhost unless the user says otherwise.
+
+    :param raw_doc: the file as written.
+    :param resolved_doc: the file interpolated with ``.env.example`` (which keeps 127.0.0.1).
+    """
+    problems = []
+    for name, service in raw_doc["services"].items():
+        for port in service.get("ports") or []:
+            if not isinstance(port, str) or not port.startswith(BIND):
+                problems.append(f"{name}: publishes {port!r}, not on {BIND} (beyond localhost by default)")
+    for name, service in resolved_doc["services"].items():
+        for port in service.get("ports") or []:
+            host = str(port).rsplit(":", 2)[0] if str(port).count(":") == 2 else ""
+            if host != "127.0.0.1":
+                problems.append(f"{name}: publishes {port!r} beyond localhost with the example settings")
+    return problems
+
+
+def checker() -> Any:
+    """``docker/check_secrets.py``, imported by path (it is a standalone script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_secrets", CHECK_SECRETS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("check_secrets", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def secrets_check_rule(doc: dict[str, Any]) -> list[str]:
+    """The secrets check runs before everything: a one-shot ``secrets-check`` service given every secret,
+    that every other service waits for; services of the image that replace its entrypoint run the check first.
+
+    :param doc: the interpolated file.
+    """
+    services = doc["services"]
+    check = services.get(SECRETS_CHECK)
+    if check is None:
+        return [f"{SECRETS_CHECK}: missing"]
+    problems = []
+    if not is_one_shot(check):
+        problems.append(f'{SECRETS_CHECK}: not a one-shot job (restart: "no", no ports)')
+    if as_argv(check.get("entrypoint")) != ["python", "/opt/conveyor/check_secrets.py", "--all"]:
+        problems.append(f"{SECRETS_CHECK}: does not run check_secrets.py --all (runs {check.get('entrypoint')!r})")
+    given = environment(check)
+    for secret in checker().SECRETS:
+        if not given.get(secret.name):
+            problems.append(f"{SECRETS_CHECK}: is not given {secret.name}")
+    for name, service in services.items():
+        if name == SECRETS_CHECK:
+            continue
+        depends = service.get("depends_on") or {}
+        rule = depends.get(SECRETS_CHECK) if isinstance(depends, dict) else None
+        if (rule or {}).get("condition") != "service_completed_successfully":
+            problems.append(f"{name}: starts without waiting for {SECRETS_CHECK} to complete successfully")
+        if service.get("image") == doc["x-airflow-common"]["image"] and service.get("entrypoint"):
+            script = [line.strip() for line in "\n".join(as_argv(service.get("command"))).splitlines()]
+            steps = [line for line in script if line and not line.startswith(("#", "set ", "-c"))]
+            if not steps or not steps[0].startswith("python /opt/conveyor/check_secrets.py"):
+                problems.append(f"{name}: replaces the image's entrypoint without running the secrets check first")
+    return problems
+
+
 def all_problems(raw_doc: dict[str, Any], resolved_doc: dict[str, Any], env: dict[str, str]) -> list[str]:
     """Every rule's complaints about a compose file.
 
@@ -336,6 +403,8 @@ def all_problems(raw_doc: dict[str, Any], resolved_doc: dict[str, Any], env: dic
         *mount_rule(resolved_doc),
         *gpu_rule(resolved_doc, env.get("CONVEYOR_GPU_QUEUE") or "gpu"),
         *port_rule(resolved_doc),
+        *bind_rule(raw_doc, resolved_doc),
+        *secrets_check_rule(resolved_doc),
     ]
 
 
@@ -741,6 +810,38 @@ BROKEN = {
         "services/airflow-worker/command",
         "celery worker --queues default,gpu",
         "airflow-worker: serves the 'gpu' queue",
+    ),
+    "mlflow on every interface": ("services/mlflow/ports/0", "5000:5000", "mlflow: publishes '5000:5000'"),
+    "console on a fixed public address": (
+        "services/minio/ports/1",
+        "0.0.0.0:9001:9001",
+        "minio: publishes '0.0.0.0:9001:9001'",
+    ),
+    "no secrets check": ("services/secrets-check", _DELETE, "secrets-check: missing"),
+    "a service that does not wait for the check": (
+        "services/redis/depends_on",
+        _DELETE,
+        "redis: starts without waiting for secrets-check",
+    ),
+    "the check only started, not awaited": (
+        "services/mlflow/depends_on/secrets-check/condition",
+        "service_started",
+        "mlflow: starts without waiting for secrets-check",
+    ),
+    "the check not given a secret": (
+        "services/secrets-check/environment/AIRFLOW_JWT_SECRET",
+        _DELETE,
+        "secrets-check: is not given AIRFLOW_JWT_SECRET",
+    ),
+    "the check checking nothing": (
+        "services/secrets-check/entrypoint",
+        ["true"],
+        "secrets-check: does not run check_secrets.py --all",
+    ),
+    "init skips the check": (
+        "services/airflow-init/command/1",
+        "set -euo pipefail\n/entrypoint airflow version\n",
+        "airflow-init: replaces the image's entrypoint without running the secrets check",
     ),
     "server moved off its probed port": (
         "services/model-endpoint/command/8",
