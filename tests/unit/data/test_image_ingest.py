@@ -155,3 +155,99 @@ def test_images_outside_class_folders_are_rejected(lake):
     with pytest.raises(AirflowFailException, match="ImageFolder layout") as err:
         ingest({"loose.png": png()})
     assert isinstance(err.value.__cause__, DropRejected)
+
+
+# --- issue 17: image drops that blocked ingest, and the files operating systems leave behind ------------
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A 1-bit PNG of width x height black pixels: a few kilobytes that decode to width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_a_png_that_decodes_to_hundreds_of_megapixels_is_a_bad_file_and_quarantined(lake):
+    bomb = png_bomb(20_000, 20_000)  # 400 megapixels
+    assert len(bomb) < 200_000
+    files = good_files()
+    files["circle/bomb.png"] = bomb
+    with pytest.raises(AirflowFailException) as err:
+        ingest(files)
+    assert isinstance(err.value.__cause__, ValidationFailed)
+    assert "corrupt image circle/bomb.png: rule 'at most 89478485 pixels' (CONVEYOR_MAX_IMAGE_PIXELS)" in str(err.value)
+    assert (lake.quarantine("shapes", "d1") / "circle" / "bomb.png").read_bytes() == bomb
+
+
+def test_the_pixel_cap_is_a_setting(lake, monkeypatch):
+    from conveyor.data.images import describe_image
+
+    monkeypatch.setenv("CONVEYOR_MAX_IMAGE_PIXELS", "1000")
+    info = describe_image(png(size=(64, 64)))
+    assert info["decodes"] is False and "64x64 is 4096 pixels" in info["error"] and info["width"] == 64
+    assert describe_image(png(size=(16, 16)))["decodes"] is True
+
+
+def manifest_drop(manifest: bytes) -> dict[str, bytes]:
+    files = {f"img/{i}.png": payload for i, payload in enumerate(good_files().values())}
+    files["manifest.csv"] = manifest
+    return files
+
+
+def manifest_text() -> str:
+    labels = [name.split("/")[0] for name in good_files()]
+    return "path,label\n" + "".join(f"img/{i}.png,{labels[i]}\n" for i in range(30))
+
+
+def test_a_manifest_with_a_utf8_bom_is_accepted(lake):
+    ingested, _ = ingest(manifest_drop(b"\xef\xbb\xbf" + manifest_text().encode()))
+    assert ingested["rows"] == 30
+
+
+@pytest.mark.parametrize(
+    ("manifest", "cap", "rule"),
+    [
+        (manifest_text().replace("circle", "cercl\xe9").encode("latin-1"), None, "rule 'encoding utf-8': byte"),
+        (manifest_text().encode(), "100", "rule 'at most 100 bytes' (CONVEYOR_MAX_MANIFEST_BYTES)"),
+        (b'path,label\nimg/0.png,"' + b"x" * 200_000 + b'"\n', None, "rule 'readable CSV'"),
+    ],
+    ids=["not UTF-8", "over the size cap", "a field over csv's limit"],
+)
+def test_an_unreadable_manifest_is_rejected_not_left_blocking(lake, monkeypatch, manifest, cap, rule):
+    if cap:
+        monkeypatch.setenv("CONVEYOR_MAX_MANIFEST_BYTES", cap)
+    with pytest.raises(AirflowFailException) as err:
+        ingest(manifest_drop(manifest))
+    assert isinstance(err.value.__cause__, DropRejected)
+    assert f"manifest.csv: {rule}" in str(err.value)
+    assert (lake.quarantine("shapes", "d1") / "manifest.csv").read_bytes() == manifest
+    assert not lake.landing("shapes", "d1").exists()
+
+
+def test_files_operating_systems_leave_in_class_folders_are_skipped_and_listed(lake):
+    files = good_files()
+    files.update(
+        {
+            "circle/Thumbs.db": b"\xd0\xcf\x11\xe0junk",
+            "square/.DS_Store": b"\x00\x00\x00\x01Bud1",
+            "triangle/desktop.ini": b"[.ShellClassInfo]\r\n",
+        }
+    )
+    ingested, validated = ingest(files)
+    assert validated is not None and ingested["rows"] == 30 and ingested["skipped"] == 3
+    manifest = read_json(lake.raw("shapes", ingested["version"]) / "manifest.json")
+    assert {item["path"] for item in manifest["skipped"]} == {
+        "circle/Thumbs.db",
+        "square/.DS_Store",
+        "triangle/desktop.ini",
+    }
+    assert all("operating-system file" in item["reason"] for item in manifest["skipped"])
+    assert not any(f["path"].endswith(("Thumbs.db", ".DS_Store", "desktop.ini")) for f in manifest["files"])
