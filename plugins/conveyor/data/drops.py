@@ -293,7 +293,7 @@ def record_attempt(lake: Lake, pipeline: str, drop: str, run_id: str, error: str
     :return: the number of failed tries so far, this one included.
     """
     path = lake.landing(pipeline, drop) / ATTEMPTS
-    tries = list(read_json(path).get("attempts", [])) if path.exists() else []
+    tries = attempts_of(lake, pipeline, drop)
     tries.append({"run_id": run_id, "error": error, "at": time.time()})
     write_json(path, {"attempts": tries})
     return len(tries)
@@ -307,4 +307,10 @@ def attempts_of(lake: Lake, pipeline: str, drop: str) -> list[dict[str, Any]]:
     :param drop: the drop's folder name.
     """
     path = lake.landing(pipeline, drop) / ATTEMPTS
-    return list(read_json(path).get("attempts", [])) if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        return list(read_json(path).get("attempts", []))
+    except (ValueError, AttributeError):  # a torn or foreign file must not block the drop: count afresh
+        log.warning("%s is not a list of attempts; counting afresh", path)
+        return []

@@ -29,10 +29,12 @@ def ingest_dag(spec: PipelineSpec) -> DAG:
 {spec.description}
 
 1. **wait_for_drop** waits (deferred, in the triggerer) for a complete drop in
-   `landing/{spec.name}/<drop>/`: complete means its `{spec.data.marker}` marker exists.
+   `landing/{spec.name}/<drop>/`: complete means its `{spec.data.marker}` marker exists (the name
+   is case-sensitive). Drops waiting without it longer than the timeout are named in its log and
+   result.
 2. **ingest** copies it into `raw/{spec.name}/<version>/`, where the version is a hash of its
-   bytes, with `manifest.json` (files, bytes, sha256, rows, schema). Unreadable drops go to
-   `quarantine/{spec.name}/<drop>/` with a report.
+   bytes, with `manifest.json` (files, bytes, sha256, rows, schema, skipped files). Unreadable
+   drops go to `quarantine/{spec.name}/<drop>/` with a report; storage errors are retried.
 3. **validate** runs the expectation suite `include/expectations/{spec.suite_name}.json` and
    writes Data Docs to `reports/{spec.name}/<run>/validation/index.html`. A failing drop goes to
    quarantine; a passing one updates the `{spec.name}.dataset` Asset, which starts training.
