@@ -40,7 +40,9 @@ class SageMakerDeployEndpointOperator(BaseOperator):
 
     An endpoint already ``InService`` on the same configuration is left as it is (the version is
     recorded again); one with another change in progress makes the task retry later; a ``Failed``
-    endpoint serves nothing and cannot be updated, so the task fails and says to delete it.
+    endpoint serves nothing and cannot be updated, so the task fails and says to delete it. Before
+    anything is created, the archive's sha256 is checked against the registry's record (a mismatch,
+    or no record, fails the task: SageMaker would run the archive's code).
     Returns ``{"endpoint", "endpoint_arn", "config", "model", "version", "previous"}``.
 
     :param spec: the validated pipeline spec (its JSON dict, as the DAG factory passes it).
@@ -92,6 +94,7 @@ class SageMakerDeployEndpointOperator(BaseOperator):
                         f"--endpoint-name {endpoint}) and deploy again"
                     )
             if current is None or current["EndpointStatus"] not in hosting.ENDPOINT_BUSY:
+                self._verify(spec)
                 self._start(hook, spec, run_id, endpoint, model, config, current)
             else:
                 self.log.info(
@@ -113,6 +116,24 @@ class SageMakerDeployEndpointOperator(BaseOperator):
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=wait + 10 * interval),
+        )
+
+    def _verify(self, spec: PipelineSpec) -> None:
+        """Refuse to hand SageMaker an archive whose bytes are not the ones the registry recorded.
+
+        SageMaker runs the archive's ``code/inference.py``: its sha256 (streamed from S3) must be the
+        one recorded at registration, before any model, configuration or endpoint is created.
+
+        :param spec: the pipeline.
+        :raises IntegrityError: the hashes differ, or none was recorded (unless unhashed versions are allowed).
+        """
+        from conveyor.model.artifacts import RegisteredArchive, archive_sha256
+
+        uri = self.model["model_uri"]
+        actual = archive_sha256(uri, Lake.from_env().conn_id)
+        RegisteredArchive.of({"model_name": spec.name, **self.model}).verify(actual, uri)
+        self.log.info(
+            "%s version %s: archive %s has the registered sha256 %s", spec.name, self.model["version"], uri, actual
         )
 
     def _requests(self, spec: PipelineSpec, hook: SageMakerHook, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:

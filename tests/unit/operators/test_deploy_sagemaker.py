@@ -24,6 +24,7 @@ MODEL = {
     "model_uri": "s3://lake-bucket/conveyor/models/churn/train-7/model.tar.gz",
     "train_run": "train-7",
     "status": "Approved",
+    "sha256": "5a" * 32,
 }
 RUN = "manual__deploy-1"
 TAGS = [
@@ -103,6 +104,9 @@ def hook(tmp_path, monkeypatch):
     fake.create_endpoint.side_effect = creator({}, "endpoint", "EndpointName", "EndpointArn")
     fake.conn.list_tags.side_effect = lambda ResourceArn: {"Tags": fake.tags.get(ResourceArn, [])}
     monkeypatch.setattr("conveyor.aws.hosting.sagemaker_hook", lambda spec: fake)
+    # The archive on S3: its sha256 as streamed (the bytes the registry recorded unless a test changes it).
+    fake.archive_sha256 = mock.Mock(return_value=MODEL["sha256"])
+    monkeypatch.setattr("conveyor.model.artifacts.archive_sha256", fake.archive_sha256)
     registry = mock.MagicMock(name="registry")
     registry.record_deployment.return_value = "2"
     monkeypatch.setattr("conveyor.registry.registry_hook", lambda spec, tracking_uri=None: registry)
@@ -325,6 +329,35 @@ def test_only_what_this_run_created_is_deleted(hook):
         resume({"status": "success"})
     hook.conn.delete_model.assert_not_called()  # an earlier deploy made it: it may serve elsewhere
     hook.conn.delete_endpoint_config.assert_called_once()
+
+
+def test_an_archive_changed_since_registration_is_never_handed_to_sagemaker(hook):
+    from conveyor.errors import IntegrityError
+
+    hook.describe_endpoint.side_effect = missing("endpoint", "DescribeEndpoint")
+    hook.archive_sha256.return_value = "e1" * 32
+    with pytest.raises(AirflowFailException, match="churn version 3: archive s3://lake-bucket/.* refused") as caught:
+        operator().execute(context(RUN))
+    assert isinstance(caught.value.__cause__, IntegrityError)
+    assert (caught.value.__cause__.expected, caught.value.__cause__.actual) == ("5a" * 32, "e1" * 32)
+    hook.archive_sha256.assert_called_once_with(MODEL["model_uri"], "lake_s3")
+    hook.create_model.assert_not_called()
+    hook.create_endpoint_config.assert_not_called()
+    hook.create_endpoint.assert_not_called()
+
+
+def test_a_version_registered_without_a_sha256_is_refused_unless_allowed(hook, monkeypatch):
+    from conveyor.operators.deploy_sagemaker import SageMakerDeployEndpointOperator
+
+    hook.describe_endpoint.side_effect = missing("endpoint", "DescribeEndpoint")
+    legacy = {**MODEL, "sha256": None}
+    op = SageMakerDeployEndpointOperator(task_id="deploy", spec=pipeline_spec_dict("churn"), model=legacy)
+    with pytest.raises(AirflowFailException, match="registry recorded no sha256.*CONVEYOR_ALLOW_UNHASHED_MODELS"):
+        op.execute(context(RUN))
+    hook.create_model.assert_not_called()
+    monkeypatch.setenv("CONVEYOR_ALLOW_UNHASHED_MODELS", "true")
+    deferred(op)
+    hook.create_model.assert_called_once()
 
 
 def test_a_version_already_live_is_only_recorded(hook):
