@@ -12,11 +12,16 @@ Every row is checked; a row that breaks a rule is kept, with the rule, in
   prediction Conveyor made and kept: a batch row, or a captured endpoint request);
 * ``label outside the class set``: a classifier's label the model does not know (a regressor's
   label must be a number);
-* ``duplicate id in this drop`` / ``id already labelled``: the first label of an id wins; a
-  later one is rejected, so a label is never counted twice.
+* ``duplicate id in this drop`` / ``id already labelled``: with ``monitor.feedback_duplicates:
+  first`` the first label of an id wins and a later one is rejected; with ``last`` (the default)
+  or ``reject`` every label is kept and the policy picks the one that counts when labels are
+  joined with predictions (``conveyor.monitoring.labelled.current_labels``), so an id still
+  counts once.
 
 A drop that cannot be read at all (no such columns, unreadable file, no rows) is rejected whole
-and moved to quarantine with a report, like a bad data drop.
+and moved to quarantine with a report, like a bad data drop. A storage or network failure while
+reading it (``conveyor.lake.is_transient``) is not the drop's fault: it propagates, the drop stays
+in landing, and the task is retried.
 
 This module imports pandas at the top: import it inside a task.
 """
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from conveyor.errors import ConveyorError
+from conveyor.lake import is_transient, write_atomic
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -98,6 +104,8 @@ def read_file(path: ObjectStoragePath, spec: PipelineSpec) -> pd.DataFrame:
     except FeedbackDropError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault; say which file
+        if is_transient(exc):
+            raise  # the store failed, not the file: the drop stays in landing and the task is retried
         raise FeedbackDropError(f"{name}: not a readable feedback file ({type(exc).__name__}: {exc})") from None
     frame = _columns(frame, spec, name)
 
@@ -161,7 +169,11 @@ def canonical_label(value: str, classes: list[str] | None) -> str | None:
 
 
 def check_rows(
-    rows: pd.DataFrame, classes: list[str] | None, known_ids: set[str], labelled_ids: set[str]
+    rows: pd.DataFrame,
+    classes: list[str] | None,
+    known_ids: set[str],
+    labelled_ids: set[str],
+    duplicates: str = "first",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split feedback rows into accepted and rejected (with the rule each broke).
 
@@ -169,10 +181,14 @@ def check_rows(
     :param classes: the model's class labels as text, or None for a regressor.
     :param known_ids: ids of stored predictions.
     :param labelled_ids: ids labelled by earlier feedback.
+    :param duplicates: ``monitor.feedback_duplicates``: ``first`` rejects a later label of an id;
+        ``last`` and ``reject`` accept it (the policy is applied where labels are joined).
     :return: ``(accepted, rejected)``; rejected has a ``rule`` column.
     """
     accepted, rejected = [], []
     seen: set[str] = set()
+    if duplicates != "first":  # every label is kept; current_labels picks the one that counts
+        labelled_ids = set()
     for record in rows.to_dict("records"):
         ident, label = record[ID], record[LABEL]
         rule = None
@@ -180,7 +196,7 @@ def check_rows(
             rule = RULE_MISSING
         elif ident in labelled_ids:
             rule = RULE_LABELLED
-        elif ident in seen:
+        elif ident in seen and duplicates == "first":
             rule = RULE_DUPLICATE
         elif ident not in known_ids:
             rule = RULE_UNKNOWN
@@ -254,6 +270,5 @@ def save_rejected(lake: Lake, pipeline: str, drop: str, rejected: pd.DataFrame) 
     :param rejected: the rejected rows of :func:`check_rows`.
     """
     target = lake.quarantine(pipeline, f"feedback/{drop}") / "rejected.csv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(rejected.to_csv(index=False))
+    write_atomic(target, rejected.to_csv(index=False).encode("utf-8"))
     return target

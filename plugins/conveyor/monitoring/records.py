@@ -6,7 +6,7 @@ Everything lives in the lake under ``monitor/<pipeline>/``:
 observations/<source>-<id>.parquet   features, id, prediction, probabilities, model version, scored_at
 checks/<source>-<id>.json            the drift check of one batch run or capture slice (or its error)
 labels/<drop>.parquet                accepted feedback labels (id, label, received_at, drop)
-capture_offsets.json                 how far each capture file has been read
+capture_offsets.json                 how far each capture file has been read (written atomically)
 history/<run>.json                   one record per monitor run (every source it checked)
 triggers/<run>.json                  every retraining decision, fired or not, with its reasons
 retrain/<run>/labelled.parquet       the labelled rows a fired trigger hands to training
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from conveyor.errors import ConveyorError
-from conveyor.lake import Lake, read_json
+from conveyor.lake import Lake, read_json, write_atomic
 from conveyor.model.metadata import IMAGE_CHANNELS
 from conveyor.monitoring.decisions import source_key
 
@@ -58,16 +58,14 @@ class SourceError(ConveyorError, ValueError):
 
 
 def write_parquet(path: ObjectStoragePath, frame: pd.DataFrame) -> None:
-    """Write a frame as one Parquet object (parents created; whole object on object stores).
+    """Write a frame as one Parquet file at once (``lake.write_atomic``: readers see the old or the new file).
 
-    :param path: the target.
+    :param path: the target (parents created).
     :param frame: the rows.
     """
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        handle.write(buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def read_parquet(path: ObjectStoragePath) -> pd.DataFrame:
@@ -327,7 +325,8 @@ def image_request_stats(body: bytes, content_type: str | None, handlers: Any) ->
     """
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "application/json":
-        payloads = handlers._json_images(body)
+        limits = getattr(handlers, "RequestLimits", None)  # models packed since issue 17 cap the images per request
+        payloads = handlers._json_images(body, limits.from_env().max_images) if limits else handlers._json_images(body)
     else:
         payloads = [(media or "image", body)]
     return pd.DataFrame([image_stats(handlers.decode(data, where)) for where, data in payloads])

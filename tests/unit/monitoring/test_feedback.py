@@ -119,6 +119,55 @@ def test_unreadable_files_name_the_file(tmp_path, spec):
             read_file(path, spec)
 
 
+def s3_error(status: int, code: str) -> OSError:
+    """What s3fs raises for an S3 error response (its translation of botocore's ClientError, the cause kept)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, "GetObject"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: s3_error(503, "SlowDown"),
+        lambda: s3_error(500, "InternalError"),
+        lambda: __import__("botocore.exceptions").exceptions.ReadTimeoutError(endpoint_url="http://minio:9000"),
+        lambda: TimeoutError("read timed out"),
+        lambda: OSError(5, "Input/output error"),
+    ],
+    ids=["s3-503", "s3-500", "read-timeout", "timeout", "EIO"],
+)
+def test_a_storage_failure_is_not_the_files_fault(tmp_path, spec, monkeypatch, error):
+    from airflow.sdk import ObjectStoragePath
+
+    failure = error()
+    _, path = write(tmp_path, "labels.csv", "id,label\nC-1,yes\n")
+
+    def read_bytes(self):
+        raise failure
+
+    monkeypatch.setattr(ObjectStoragePath, "read_bytes", read_bytes)
+    with pytest.raises(type(failure)) as caught:
+        read_file(path, spec)
+    assert caught.value is failure  # propagates as it is: the drop stays in landing and the task is retried
+
+
+def test_a_file_the_store_does_not_have_or_refuses_is_still_rejected(tmp_path, spec, monkeypatch):
+    from airflow.sdk import ObjectStoragePath
+
+    _, path = write(tmp_path, "labels.csv", "id,label\nC-1,yes\n")
+    for failure in (s3_error(404, "NoSuchKey"), s3_error(403, "AccessDenied")):
+
+        def read_bytes(self, failure=failure):
+            raise failure
+
+        monkeypatch.setattr(ObjectStoragePath, "read_bytes", read_bytes)
+        with pytest.raises(FeedbackDropError, match=r"^labels.csv: not a readable feedback file"):
+            read_file(path, spec)
+
+
 def test_a_drop_without_rows_or_files_or_with_another_file_is_refused(tmp_path, spec):
     header = write(tmp_path, "header.csv", "id,label\n")
     with pytest.raises(FeedbackDropError, match=r"^header.csv: no feedback rows"):

@@ -314,3 +314,44 @@ def test_captured_image_requests_become_the_statistics_the_image_baseline_holds(
     report = image_drift(baseline, features, predictions["prediction"])
     assert {"brightness", "mean_red", "mean_green"} <= set(report["drifted_features"])
     assert "width" not in report["drifted_features"]
+
+
+def test_labels_and_offsets_written_half_way_keep_the_old_ones_and_leave_no_temp_file(lake):
+    """A full disk while the monitor rewrites its records (issue 17 item 10): the old labels and offsets stay whole."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from conveyor.lake import read_json
+
+    labels = pd.DataFrame({"id": ["C-1"], "label": ["yes"], "received_at": ["t"], "drop": ["f1"]})
+    records.save_labels(lake, "churn", "f1", labels)
+    offsets = lake.monitor("churn", "capture_offsets.json")
+    write_json(offsets, {"v1/a.jsonl": 120})
+    plugins = Path(__file__).resolve().parents[3] / "plugins"
+    code = f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # files cannot grow past 20 kB: a full disk
+        import pandas as pd
+        from conveyor.lake import Lake, write_json
+        from conveyor.monitoring import records
+        lake = Lake({lake.root!r})
+        ids = [f"C-{{n}}" for n in range(20_000)]
+        many = pd.DataFrame({{"id": ids, "label": "no", "received_at": "t", "drop": "f1"}})
+        offsets = {{f"v/{{n}}": n for n in range(5000)}}
+        for write in (lambda: records.save_labels(lake, "churn", "f1", many),
+                      lambda: write_json(lake.monitor("churn", "capture_offsets.json"), offsets)):
+            try:
+                write()
+            except OSError as error:
+                print("failed", error.errno)
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
+    assert result.stdout.count("failed") == 2, result.stderr[-2000:]
+    assert records.load_labels(lake, "churn").to_dict("records") == labels.to_dict("records")
+    assert read_json(offsets) == {"v1/a.jsonl": 120}
+    left = [p.name for p in Path(lake.monitor("churn").path).rglob("*") if p.name.endswith(".tmp")]
+    assert left == []
