@@ -24,8 +24,17 @@ TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\S+)")
 RUN_DONE = re.compile(r"DagRun Finished: dag_id=(\S+?),.*state=(\w+)")
 
 
+def show(text: str, file: Any = None) -> None:
+    """Print a line of the demo's output with any URL's credentials masked (``settings.mask_url``).
+
+    :param text: the line.
+    :param file: where to (standard output when None).
+    """
+    print(settings.mask_url(text), file=file, flush=True)
+
+
 def say(message: str) -> None:
-    print(f"==> {message}", flush=True)
+    show(f"==> {message}")
 
 
 def run_dag(dag_id: str, log_dir: Path, conf: str | None = None) -> str:
@@ -53,13 +62,14 @@ def run_dag(dag_id: str, log_dir: Path, conf: str | None = None) -> str:
         for line in proc.stdout:
             log.write(line)
             if match := TASK_END.search(line):
-                print(f"    task {match.group(1)} done ({time.monotonic() - started:.0f}s)", flush=True)
+                show(f"    task {match.group(1)} done ({time.monotonic() - started:.0f}s)")
             elif match := RUN_DONE.search(line):
                 state = match.group(2)
     if proc.returncode != 0 or state != "success":
         tail = log_path.read_text().splitlines()[-40:]
-        print("\n".join(tail), file=sys.stderr)
-        raise SystemExit(f"{dag_id} ended in state {state!r} (exit {proc.returncode}); full log: {log_path}")
+        show("\n".join(tail), file=sys.stderr)
+        ended = f"{dag_id} ended in state {state!r} (exit {proc.returncode}); full log: {log_path}"
+        raise SystemExit(settings.mask_url(ended))
     return state
 
 
@@ -89,8 +99,8 @@ def ingest_demo(pipeline: str, write: Any) -> str:
         raise SystemExit(f"The {pipeline} ingest run succeeded but published no dataset version")
     manifest = load_manifest(lake, pipeline, version)
     validated = read_json(lake.raw(pipeline, version) / "validation.json")
-    print(f"    dataset version : {version} ({manifest['rows']} rows, {manifest['bytes']} bytes)")
-    print(f"    data docs       : {validated['report']}")
+    show(f"    dataset version : {version} ({manifest['rows']} rows, {manifest['bytes']} bytes)")
+    show(f"    data docs       : {validated['report']}")
     return version
 
 
@@ -109,14 +119,14 @@ def train_demo(pipeline: str, version: str, time_limit: int, shown: tuple[str, .
         raise SystemExit(f"The {pipeline} train run succeeded but no model is champion: see the gate report")
     reports = Lake.from_env().reports(pipeline, champion.tags.get("conveyor_run_id", ""))
     metrics = read_json(reports / "evaluation" / "metrics.json")
-    print(
+    show(
         f"    registered model: {pipeline} version {champion.version} ({champion.tags.get('approval_status')}, "
         "alias champion)"
     )
-    print(f"    test metrics    : { ({k: round(metrics[k], 4) for k in shown if k in metrics}) }")
-    print(f"    evaluation      : {reports / 'evaluation' / 'index.html'}")
-    print(f"    gate            : {reports / 'gate' / 'index.html'}")
-    print(f"    model artifact  : {champion.source}")
+    show(f"    test metrics    : { ({k: round(metrics[k], 4) for k in shown if k in metrics}) }")
+    show(f"    evaluation      : {reports / 'evaluation' / 'index.html'}")
+    show(f"    gate            : {reports / 'gate' / 'index.html'}")
+    show(f"    model artifact  : {champion.source}")
 
 
 def deploy_demo(pipeline: str) -> None:
@@ -147,10 +157,10 @@ def deploy_demo(pipeline: str) -> None:
         aws_secret_access_key="local",
     )
     answer = client.invoke_endpoint(EndpointName=name, ContentType="text/csv", Accept="application/json", Body=body)
-    print(f"    endpoint        : {name} at {url} (version {registry.live_version(pipeline, name)} live)")
-    print(f"    sample answer   : {answer['Body'].read().decode()[:300]}")
+    show(f"    endpoint        : {name} at {url} (version {registry.live_version(pipeline, name)} live)")
+    show(f"    sample answer   : {answer['Body'].read().decode()[:300]}")
     first = body.splitlines()
-    print(
+    show(
         "    call it yourself: curl -s "
         + f"{url}/invocations -H 'Content-Type: text/csv' "
         + "--data-binary $'"
@@ -184,8 +194,8 @@ def batch_demo(pipeline: str, rows: int) -> None:
                 "ORDER BY run_id DESC LIMIT 1"
             )
         ).fetchall()
-    print(f"    warehouse       : {url}, table {pipeline}_predictions: {counts}")
-    print(f"    parquet         : {lake.uri('predictions', pipeline)}/<run>/part-*.parquet")
+    show(f"    warehouse       : {url}, table {pipeline}_predictions: {counts}")
+    show(f"    parquet         : {lake.uri('predictions', pipeline)}/<run>/part-*.parquet")
 
 
 def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
@@ -242,7 +252,7 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
                 ]
             },
         )
-        print(f"    POST /feedback  : {answer.status_code} {answer.text}")
+        show(f"    POST /feedback  : {answer.status_code} {answer.text}")
     retrain_demo(spec, lake, name, time_limit)
 
 
@@ -263,14 +273,14 @@ def retrain_demo(spec: Any, lake: Any, name: str, time_limit: int) -> None:
     run_dag(f"{pipeline}__monitor", settings.state_dir() / "logs")
     decision = load_triggers(lake, pipeline)[-1]
     report = lake.reports(pipeline, decision["run_id"]) / "monitor" / "index.html"
-    print(
+    show(
         f"    live {decision['live']['metric']:<11}: {decision['live']['value']} over {decision['live']['labels']} new labels"  # noqa: E501
     )
-    print(f"    monitor report  : {report}")
+    show(f"    monitor report  : {report}")
     for reason in decision["reasons"]:
-        print(f"    reason          : {reason}")
+        show(f"    reason          : {reason}")
     if not decision["retrain"]:
-        print("    no retraining was triggered (see the report)")
+        show("    no retraining was triggered (see the report)")
         return
     before = registry_hook(spec).champion(pipeline).version
     say(
@@ -284,12 +294,12 @@ def retrain_demo(spec: Any, lake: Any, name: str, time_limit: int) -> None:
     )
     after = registry_hook(spec).champion(pipeline)
     if str(after.version) == str(before):
-        print(f"    the retrained model did not pass the gate; version {before} stays live (see the gate report)")
+        show(f"    the retrained model did not pass the gate; version {before} stays live (see the gate report)")
         return
-    print(f"    new champion    : version {after.version} (was {before})")
+    show(f"    new champion    : version {after.version} (was {before})")
     say(f"Rolling version {after.version} out to the {name} endpoint")
     run_dag(f"{pipeline}__deploy", settings.state_dir() / "logs")
-    print(f"    endpoint        : {name} now serves version {registry_hook(spec).live_version(pipeline, name)}")
+    show(f"    endpoint        : {name} now serves version {registry_hook(spec).live_version(pipeline, name)}")
 
 
 def demo(rows: int, time_limit: int, images: bool) -> None:
@@ -307,9 +317,9 @@ def demo(rows: int, time_limit: int, images: bool) -> None:
         train_demo("shapes", version, 240, ("accuracy", "balanced_accuracy", "f1_macro"))
     uri = MlflowRegistryHook().tracking_uri
     say("Done.")
-    print(f"    MLflow store    : {uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {uri})")
-    print("    Airflow UI      : make ui  (trigger runs by hand, approve models)")
-    print("    the endpoint keeps running: make stop")
+    show(f"    MLflow store    : {uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {uri})")
+    show("    Airflow UI      : make ui  (trigger runs by hand, approve models)")
+    show("    the endpoint keeps running: make stop")
 
 
 def stop() -> None:

@@ -214,10 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     images.add_argument("--drop", default="demo-0001", help="drop folder name")
     images.add_argument("--seed", type=int, default=11, help="generator seed")
     args = parser.parse_args(argv)
+    from conveyor.settings import mask_url
+
     if args.command == "images":
-        print(write_image_drop(args.per_class, args.drop, args.seed))
+        print(mask_url(write_image_drop(args.per_class, args.drop, args.seed)))
     else:
-        print(write_drop(args.rows, args.drop, args.seed, fmt=args.format))
+        print(mask_url(write_drop(args.rows, args.drop, args.seed, fmt=args.format)))
 
 
 if __name__ == "__main__":

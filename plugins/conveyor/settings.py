@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,3 +187,22 @@ def ingest_settings() -> IngestSettings:
         max_image_pixels=int(env_number("CONVEYOR_MAX_IMAGE_PIXELS", 89_478_485, 1)),
         max_manifest_bytes=int(env_number("CONVEYOR_MAX_MANIFEST_BYTES", 64 * 1024**2, 1)),
     )
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#]*@")
+_SECRET_PARAMS = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|secret|[a-z_]*secret_access_key|token|access_token|api_key|apikey"
+    r"|x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig)=)[^&;\s#'\"]*",
+    re.IGNORECASE,
+)
+
+
+def mask_url(text: str) -> str:
+    """A URL, or any text holding URLs, with credentials replaced by ``***``: safe to print, log or raise.
+
+    ``postgresql://user:pw@db/warehouse`` -> ``postgresql://***@db/warehouse``; a ``password=``,
+    ``token=``, ``secret=`` or S3 signature parameter keeps its name, its value becomes ``***``.
+
+    :param text: a URL (warehouse, ``MLFLOW_TRACKING_URI``, lake) or a message that may contain one.
+    """
+    return _SECRET_PARAMS.sub(r"\g<key>***", _URL_USERINFO.sub(r"\g<scheme>***@", str(text)))

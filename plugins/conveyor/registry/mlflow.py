@@ -56,9 +56,11 @@ class MlflowRegistryHook(BaseHook):
         except MlflowException as exc:
             if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}:
                 raise
-            raise RegistryUnavailable(f"MLflow store at {self.tracking_uri} failed to {what}: {exc}") from exc
+            where, why = settings.mask_url(self.tracking_uri), settings.mask_url(str(exc))  # no credentials
+            raise RegistryUnavailable(f"MLflow store at {where} failed to {what}: {why}") from None
         except (OSError, ConnectionError) as exc:
-            raise RegistryUnavailable(f"MLflow store at {self.tracking_uri} is unreachable ({what}): {exc}") from exc
+            where, why = settings.mask_url(self.tracking_uri), settings.mask_url(f"{type(exc).__name__}: {exc}")
+            raise RegistryUnavailable(f"MLflow store at {where} is unreachable ({what}): {why}") from None
 
     def experiment_id(self, name: str) -> str:
         """The id of an experiment, created (artifacts in the state folder by default) if missing."""
