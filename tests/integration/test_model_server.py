@@ -1,6 +1,8 @@
 """Conveyor's model server as it runs: real uvicorn processes (2 workers) on free 127.0.0.1 ports,
 the real churn model, the SageMaker runtime client, a rollout and a rollback under continuous
-traffic, and a worker killed with SIGKILL. Every loop is bounded; the server is always stopped."""
+traffic, and a worker killed with SIGKILL; authentication (SigV4 from boto3, bearer tokens), the
+error shape boto3 parses, and the request limits (head size, body size, JSON depth). Every loop is
+bounded; the server is always stopped."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pytest
 
 from conveyor.model import artifacts
 from conveyor.serving import endpoint_state as es
+from conveyor.serving.auth import auth_headers, endpoint_credentials
 from conveyor.serving.process import endpoint_status, ensure_endpoint, stop_endpoint
 from helpers import free_port, wait_until
 
@@ -41,6 +44,27 @@ def csv_body(frame: pd.DataFrame, columns: list[str]) -> bytes:
 
 def live_version() -> str:
     return es.read_control(NAME)["live"]["version"]
+
+
+def bearer() -> dict[str, str]:
+    """The endpoint's bearer token (generated in the test state folder when the server started)."""
+    return {"Authorization": f"Bearer {endpoint_credentials().token}"}
+
+
+def runtime(url: str, secret: str | None = None, key_id: str | None = None):
+    """A plain boto3 ``sagemaker-runtime`` client for the local endpoint (the keys as configured, or others)."""
+    import boto3
+    from botocore.config import Config
+
+    credentials = endpoint_credentials()
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=key_id or credentials.access_key_id,
+        aws_secret_access_key=secret or credentials.secret_access_key,
+        config=Config(retries={"max_attempts": 1}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +91,7 @@ def in_process(churn_model):
 
 @pytest.fixture
 def client(endpoint):
-    with httpx.Client(base_url=endpoint["url"], timeout=30) as client:
+    with httpx.Client(base_url=endpoint["url"], timeout=30, headers=bearer()) as client:
         yield client
 
 
@@ -88,7 +112,7 @@ class Traffic:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30, limits=self.limits) as client:
+        with httpx.Client(base_url=self.url, timeout=30, limits=self.limits, headers=bearer()) as client:
             while not self.stop.is_set() and time.monotonic() - self.started < TRAFFIC_LIMIT_S:
                 at = time.monotonic() - self.started
                 try:
@@ -153,20 +177,11 @@ def test_ping_then_predictions_equal_in_process(endpoint, client, churn_model, i
 
 
 def test_sagemaker_runtime_client_invokes_the_endpoint(endpoint, churn_model, in_process):
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    runtime = boto3.client(
-        "sagemaker-runtime",
-        endpoint_url=endpoint["url"],
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-        config=Config(retries={"max_attempts": 1}),
-    )
+    client = runtime(endpoint["url"])  # SigV4 with the endpoint's access key
     test = churn_model["test"].head(10)
-    response = runtime.invoke_endpoint(
+    response = client.invoke_endpoint(
         EndpointName=NAME, ContentType="text/csv", Body=csv_body(test, in_process.feature_names)
     )
     assert response["ContentType"] == "application/json"
@@ -174,8 +189,119 @@ def test_sagemaker_runtime_client_invokes_the_endpoint(endpoint, churn_model, in
     predictions = json.loads(response["Body"].read())["predictions"]
     assert [p["prediction"] for p in predictions] == in_process.predict_frame(test)["prediction"].tolist()
     with pytest.raises(ClientError) as refused:
-        runtime.invoke_endpoint(EndpointName="another", ContentType="text/csv", Body=b"1")
+        client.invoke_endpoint(EndpointName="another", ContentType="text/csv", Body=b"1")
     assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert refused.value.response["Error"] == {
+        "Code": "ValidationError",
+        "Message": f"endpoint 'another' is not served here (this is endpoint '{NAME}')",
+    }
+
+
+def test_boto3_errors_carry_the_code_and_the_readable_message(endpoint, churn_model, in_process):
+    from botocore.exceptions import ClientError
+
+    client = runtime(endpoint["url"])
+    with pytest.raises(ClientError) as malformed:
+        client.invoke_endpoint(EndpointName=NAME, ContentType="text/csv", Body=b'1,"unterminated\n')
+    error = malformed.value
+    assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert error.response["Error"]["Code"] == "ValidationError"
+    assert "malformed CSV" in error.response["Error"]["Message"]
+    assert "(ValidationError) when calling the InvokeEndpoint operation: text/csv: malformed CSV" in str(error)
+    with pytest.raises(ClientError) as unsupported:
+        client.invoke_endpoint(EndpointName=NAME, ContentType="text/plain", Body=b"1")
+    assert unsupported.value.response["Error"]["Code"] == "ValidationError"
+    assert "'text/plain' is not supported" in str(unsupported.value)
+    with pytest.raises(ClientError) as large:
+        client.invoke_endpoint(EndpointName=NAME, ContentType="text/csv", Body=b"1," * MAX_BODY)
+    assert large.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert f"larger than the limit of {MAX_BODY} bytes" in large.value.response["Error"]["Message"]
+
+
+def test_requests_need_credentials_and_ping_stays_open(endpoint, churn_model, in_process):
+    from botocore.exceptions import ClientError
+
+    url, row = endpoint["url"], csv_body(churn_model["test"].head(1), in_process.feature_names)
+    assert httpx.get(f"{url}/ping").status_code == 200  # open: load balancers and health checks
+    csv = {"Content-Type": "text/csv"}
+    for path, headers in (
+        ("/invocations", csv),
+        ("/invocations", {**csv, "X-Conveyor-Target": "candidate"}),  # the unreleased model above all
+        (f"/endpoints/{NAME}/invocations", csv),
+        ("/feedback", {"Content-Type": "application/json"}),
+    ):
+        anonymous = httpx.post(f"{url}{path}", content=row, headers=headers)
+        assert anonymous.status_code == 401, path
+        assert anonymous.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
+        assert (
+            "needs authentication" in anonymous.json()["message"] and "Bearer" in anonymous.headers["WWW-Authenticate"]
+        )
+    wrong = httpx.post(f"{url}/invocations", content=row, headers={**csv, "Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 403 and "bearer token is not valid" in wrong.json()["message"]
+
+    with pytest.raises(ClientError) as bad_secret:
+        runtime(url, secret="a-wrong-secret-of-forty-characters-00000").invoke_endpoint(
+            EndpointName=NAME, ContentType="text/csv", Body=row
+        )
+    assert bad_secret.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert bad_secret.value.response["Error"]["Code"] == "InvalidSignatureException"
+    assert "signature does not match" in bad_secret.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as unknown:
+        runtime(url, key_id="AKIDSOMEBODYELSE0001").invoke_endpoint(EndpointName=NAME, ContentType="text/csv", Body=row)
+    assert unknown.value.response["Error"]["Code"] == "UnrecognizedClientException"
+
+    signed = auth_headers("POST", f"{url}/invocations", row, csv, bearer=False)
+    assert httpx.post(f"{url}/invocations", content=row, headers=signed).status_code == 200
+    tampered = httpx.post(f"{url}/invocations", content=row.replace(b",", b";", 1), headers=signed)
+    assert tampered.status_code == 403 and tampered.headers["x-amzn-ErrorType"] == "InvalidSignatureException"
+
+
+def raw_head(port: int, header_bytes: int, chunk: int = 16 * 1024) -> tuple[bytes, int]:
+    """Send a request whose one header has ``header_bytes`` bytes, in chunks; the answer and the bytes sent.
+
+    Stops sending as soon as the server answers (or closes), so an 8 MB head shows how early it is refused.
+    """
+    head = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * header_bytes + b"\r\n\r\n"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.settimeout(0.05)
+        try:
+            while sent < len(head):
+                conn.sendall(head[sent : sent + chunk])
+                sent += chunk
+                with contextlib.suppress(TimeoutError):
+                    first = conn.recv(65536)
+                    if first:
+                        return first, sent
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        conn.settimeout(10)
+        try:
+            return conn.recv(65536), sent
+        except (ConnectionResetError, TimeoutError):
+            return b"", sent
+
+
+def test_request_limits_heads_bodies_and_json_depth(endpoint, client, churn_model, in_process):
+    port = endpoint["port"]
+    answer, _ = raw_head(port, 8 * 1024)
+    assert answer.startswith(b"HTTP/1.1 200")  # an ordinary head is fine
+    for size in (64 * 1024, 8 * 1024 * 1024):
+        answer, sent = raw_head(port, size)
+        assert answer.startswith(b"HTTP/1.1 431"), (size, answer[:200])
+        assert b"larger than the limit of 16384 bytes" in answer and b"x-amzn-ErrorType: ValidationError" in answer
+        assert sent < 1024 * 1024  # refused early: the server never buffered the 8 MB
+    padded = client.post("/invocations", content=b"1", headers={"X-Padding": "a" * 20_000})
+    assert padded.status_code == 431
+
+    deep = b"[" * 30_000 + b"]" * 30_000  # under this endpoint's 64 KiB body limit
+    nested = client.post("/invocations", content=deep, headers={"Content-Type": "application/json"})
+    assert nested.status_code == 400 and "too deeply" in nested.json()["message"]
+    over = client.post("/invocations", content=b"1," * MAX_BODY, headers={"Content-Type": "text/csv"})
+    assert over.status_code == 413
+    row = csv_body(churn_model["test"].head(1), in_process.feature_names)
+    good = client.post("/invocations", content=row, headers={"Content-Type": "text/csv"})
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 1  # still serving
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(endpoint, client, churn_model, in_process):

@@ -260,6 +260,14 @@ def test_json_record_missing_a_feature_names_it(requests):
         inference.input_fn(json.dumps({"columns": FEATURES[1:], "data": [[1] * 8]}), "application/json")
 
 
+def test_json_nested_too_deeply_is_a_bad_request(model):
+    deep = "[" * 100_000 + "]" * 100_000  # a RecursionError in json.loads before (answered 500)
+    with pytest.raises(ValueError, match="application/json: the body nests arrays or objects too deeply to parse"):
+        inference.input_fn(deep, "application/json")
+    with pytest.raises(ValueError, match="too deeply"):
+        inference.input_fn(('{"instances": ' + "[" * 100_000 + "]" * 100_000 + "}").encode(), "application/json")
+
+
 def test_json_row_with_wrong_number_of_values_names_the_counts():
     with pytest.raises(ValueError, match=r"application/json: instance 1 has 3 values; the model expects 9 features"):
         inference.input_fn(json.dumps({"instances": [[1, 2, 3]]}), "application/json")

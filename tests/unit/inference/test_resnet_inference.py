@@ -310,3 +310,83 @@ def test_input_fn_needs_a_loaded_model(monkeypatch, images):
     monkeypatch.setattr(inference, "_loaded", None)
     with pytest.raises(RuntimeError, match="model_fn must run first"):
         inference.input_fn(images["png"], "image/png")
+
+
+# ------------------------------------------------------------------------------- request limits
+
+
+def bomb_png(width: int = 9000, height: int = 9000) -> bytes:
+    """A PNG of a few KiB that decodes to width x height pixels (a 1-bit image, one colour)."""
+    return encode(Image.new("1", (width, height)), "PNG")
+
+
+def b64_batch(payloads: list[bytes]) -> str:
+    return json.dumps({"instances": [{"b64": base64.b64encode(p).decode()} for p in payloads]})
+
+
+def test_the_issues_request_of_431_small_pngs_is_refused_before_decoding(model, monkeypatch):
+    bomb = bomb_png()  # 81 megapixels each: what the issue sent 431 of, in one body under 6 MiB
+    body = b64_batch([bomb] * 431)
+    assert len(body) < 6 * 1024 * 1024
+    loads: list[tuple[int, int]] = []
+    original = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self.size) or original(self))
+    with pytest.raises(inference.RequestTooLarge, match=r"431 instances, more than the limit of 64 images per request"):
+        inference.parse_request(body, "application/json", model)
+    with pytest.raises(
+        inference.RequestTooLarge,
+        match=r"instance 1: the image is 9000x9000 = 81000000 pixels, more than the limit of 40000000 per image",
+    ):
+        inference.parse_request(b64_batch([bomb]), "application/json", model)
+    with pytest.raises(inference.RequestTooLarge, match="the body: the image is 9000x9000"):
+        inference.parse_request(bomb, "image/png", model)
+    assert loads == []  # refused from the header: nothing was decoded
+    assert issubclass(inference.RequestTooLarge, ValueError)
+
+
+def test_the_pixels_of_a_request_are_capped_in_all(model):
+    import dataclasses
+
+    small = dataclasses.replace(model, limits=inference.RequestLimits(max_pixels=3 * 40 * 30))
+    image = encode(picture("red"), "PNG")  # 40 x 30
+    assert len(inference.parse_request(b64_batch([image] * 3), "application/json", small)) == 3
+    with pytest.raises(
+        inference.RequestTooLarge, match=r"instance 4: the images up to this one have 4800 pixels, more than the limit"
+    ):
+        inference.parse_request(b64_batch([image] * 4), "application/json", small)
+
+
+def test_images_are_decoded_and_preprocessed_one_at_a_time(model, monkeypatch):
+    events: list[str] = []
+    original_open, original_preprocess = Image.open, inference.preprocess
+
+    def open_(*args, **kwargs):
+        events.append("decode")
+        return original_open(*args, **kwargs)
+
+    def preprocess(image, m):
+        events.append("preprocess")
+        return original_preprocess(image, m)
+
+    monkeypatch.setattr(Image, "open", open_)
+    monkeypatch.setattr(inference, "preprocess", preprocess)
+    images = [encode(picture(label), "PNG") for label in ("red", "green", "blue")]
+    batch = inference.parse_request(b64_batch(images), "application/json", model)
+    assert batch.shape[0] == 3
+    assert events == ["decode", "preprocess"] * 3  # never two decoded images at once
+
+
+def test_the_limits_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CONVEYOR_REQUEST_MAX_IMAGES", "5")
+    monkeypatch.setenv("CONVEYOR_REQUEST_MAX_IMAGE_PIXELS", "1000")
+    monkeypatch.delenv("CONVEYOR_REQUEST_MAX_PIXELS", raising=False)
+    assert inference.RequestLimits.from_env() == inference.RequestLimits(5, 1000, inference.MAX_REQUEST_PIXELS)
+    monkeypatch.setenv("CONVEYOR_REQUEST_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="CONVEYOR_REQUEST_MAX_PIXELS='lots' must be a whole number"):
+        inference.RequestLimits.from_env()
+
+
+def test_json_nested_too_deeply_is_a_bad_request(model):
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ValueError, match="application/json: the body nests arrays or objects too deeply"):
+        inference.parse_request(deep, "application/json", model)

@@ -34,6 +34,9 @@ import json
 class UnsupportedContentType(ValueError):
     """Not a content type this model reads."""
 
+class RequestTooLarge(ValueError):
+    """More values than this model takes at once."""
+
 def model_fn(model_dir):
     meta = json.load(open(model_dir + "/metadata.json"))
     if meta.get("fail"):
@@ -43,6 +46,11 @@ def model_fn(model_dir):
 def input_fn(body, content_type):
     if content_type == "application/octet-stream":
         return [float(len(body))]
+    if content_type == "application/json":
+        values = json.loads(body)  # a bare json.loads: RecursionError on deep nesting
+        if len(values) > 5:
+            raise RequestTooLarge(f"application/json: {len(values)} values, more than the limit of 5")
+        return [float(v) for v in values]
     if content_type != "text/csv":
         raise UnsupportedContentType(f"content type {content_type!r} is not supported: send text/csv")
     text = body.decode() if isinstance(body, bytes) else body
@@ -278,6 +286,32 @@ def test_bad_requests_get_4xx_and_the_worker_keeps_serving(state, tmp_path, monk
         assert target.status_code == 400
         good = client.post("/invocations", content=b"21", headers=csv)
         assert (good.status_code, good.json()) == (200, {"predictions": [42.0]})
+
+
+def test_limits_auth_and_the_error_shape_in_process(state, tmp_path, monkeypatch):
+    es.stage_candidate("ep", "v1", make_model(tmp_path / "v1"))
+    es.promote_candidate("ep")
+    monkeypatch.setenv("CONVEYOR_MAX_HEADER_BYTES", "4096")
+    json_type = {"Content-Type": "application/json"}
+    with client_for(create_app("ep")) as client:
+        deep = client.post("/invocations", content=b"[" * 100_000 + b"]" * 100_000, headers=json_type)
+        assert (
+            deep.status_code == 400
+            and deep.json()["message"] == "the request nests arrays or objects too deeply to parse"
+        )
+        many = client.post("/invocations", content=b"[1, 2, 3, 4, 5, 6]", headers=json_type)
+        assert many.status_code == 413 and "more than the limit of 5" in many.json()["message"]
+        assert client.post("/invocations", content=b"[1, 2]", headers=json_type).json() == {"predictions": [2.0, 4.0]}
+        head = client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv", "X-Pad": "a" * 5000})
+        assert head.status_code == 431 and "larger than the limit of 4096 bytes" in head.json()["message"]
+        missing = client.get("/nothing-here")
+        assert (missing.status_code, missing.headers["x-amzn-ErrorType"]) == (404, "ValidationError")
+        assert missing.json()["message"] == "Not Found"
+        assert client.get("/invocations").status_code == 405
+        anonymous = client.post("/invocations", content=b"1", headers={"Authorization": ""})
+        assert anonymous.status_code == 401 and "WWW-Authenticate" in anonymous.headers
+        assert client.get("/ping", headers={"Authorization": ""}).status_code == 200
+        assert client.get("/openapi.json").status_code == 404  # no route list for anonymous callers
 
 
 def test_the_default_body_limit_is_six_mib(state, tmp_path):

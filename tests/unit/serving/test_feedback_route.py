@@ -115,6 +115,7 @@ def test_bad_bodies_are_refused(tmp_path):
         (b"[]", "feedback must be"),
         (b'[{"id": "a"}]', "needs 'id' and 'label'"),
         (b'{"id": "", "label": "yes"}', "must not be empty"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests JSON arrays or objects too deeply"),
     ):
         with pytest.raises(ValueError, match=message):
             write_feedback(tmp_path / "feedback", body, live_model(["no", "yes"]))
@@ -165,6 +166,19 @@ def test_feedback_is_off_without_a_feedback_folder(state):
     with client_for(create_app("ep", poll_interval=0.02)) as client:
         answer = client.post("/feedback", json={"id": "a", "label": "yes"})
     assert answer.status_code == 404 and "feedback is not enabled" in answer.json()["error"]
+
+
+def test_feedback_needs_credentials(state, tmp_path, monkeypatch):
+    folder = tmp_path / "landing" / "ep" / "feedback"
+    monkeypatch.setenv("CONVEYOR_FEEDBACK_DIR", str(folder))
+    with client_for(create_app("ep", poll_interval=0.02)) as client:
+        anonymous = client.post("/feedback", json={"id": "a", "label": "yes"}, headers={"Authorization": ""})
+        wrong = client.post("/feedback", json={"id": "a", "label": "yes"}, headers={"Authorization": "Bearer nope"})
+    assert (
+        anonymous.status_code == 401 and anonymous.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
+    )
+    assert wrong.status_code == 403 and "bearer token is not valid" in wrong.json()["message"]
+    assert drops(folder) == []  # nothing written for an anonymous caller
 
 
 def test_the_route_checks_labels_against_the_live_model(state, tmp_path, monkeypatch):
