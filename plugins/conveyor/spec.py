@@ -319,9 +319,12 @@ def _problem(err: Any) -> str:
 
     :param err: one entry of ``ValidationError.errors()``.
     """
-    if not err["loc"] and err["type"] == "value_error":
-        return str(err["ctx"]["error"])  # a rule across fields names its fields itself
-    return f"field '{_field_path(err['loc'])}': {err['msg']}"
+    if err["type"] == "value_error":  # a rule of Conveyor's own: its message says what was given
+        rule = str(err["ctx"]["error"])
+        return f"field '{_field_path(err['loc'])}': {rule}" if err["loc"] else rule  # a rule across fields names them
+    given = err.get("input")
+    shown = f" (got {given!r:.80})" if isinstance(given, int | float | str) and err["type"] != "missing" else ""
+    return f"field '{_field_path(err['loc'])}': {err['msg']}{shown}"
 
 
 class DuplicateKeyError(yaml.YAMLError):
