@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor import settings
 from conveyor.errors import ConveyorError, ValidationFailed
 from conveyor.lake import Lake, remove_tree, upload_tree, write_json
+from conveyor.reports import data_docs
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
@@ -77,7 +78,11 @@ def _describe(result: Any) -> str:
 
 def _result_row(result: Any) -> dict[str, Any]:
     config = result.expectation_config
-    return {"expectation": config.type, "kwargs": dict(config.kwargs), "success": result.success}
+    row = {"expectation": config.type, "kwargs": dict(config.kwargs), "success": result.success}
+    detail = result.result or {}
+    if not result.success and "unexpected_index_list" in detail:  # COMPLETE format, a row-wise expectation
+        row["unexpected_index"] = list(detail["unexpected_index_list"])
+    return row
 
 
 def as_arrow_strings(frame: Any) -> Any:
@@ -89,13 +94,21 @@ def as_arrow_strings(frame: Any) -> Any:
     return frame.astype(text) if text else frame
 
 
-def validate_frame(frame: Any, suite: dict[str, Any], run_name: str, docs_dir: Path | None = None) -> ValidationOutcome:
+def validate_frame(
+    frame: Any,
+    suite: dict[str, Any],
+    run_name: str,
+    docs_dir: Path | None = None,
+    result_format: dict[str, Any] | None = None,
+) -> ValidationOutcome:
     """Validate a pandas DataFrame against a suite, optionally rendering Data Docs.
 
     :param frame: the table to validate.
     :param suite: the suite document (GX 1.x JSON).
     :param run_name: names the validation run (and its Data Docs page) deterministically.
     :param docs_dir: a local folder for the Data Docs site, or None for no HTML.
+    :param result_format: GX's result format (default :data:`RESULT_FORMAT`); with ``COMPLETE`` a failed
+        row-wise expectation's result row lists the frame index of every unexpected row (``unexpected_index``).
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
@@ -119,14 +132,7 @@ def validate_frame(frame: Any, suite: dict[str, Any], run_name: str, docs_dir: P
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     actions: list[Any] = []
     if docs_dir is not None:
-        context.add_data_docs_site(
-            SITE,
-            {
-                "class_name": "SiteBuilder",
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            },
-        )
+        context.add_data_docs_site(SITE, data_docs.site_config(docs_dir))  # data values escaped
         actions.append(UpdateDataDocsAction(name="data_docs", site_names=[SITE]))
     name = suite["name"]
     try:
@@ -141,12 +147,14 @@ def validate_frame(frame: Any, suite: dict[str, Any], run_name: str, docs_dir: P
             name=name,
             validation_definitions=[definition],
             actions=actions,
-            result_format=RESULT_FORMAT,
+            result_format=result_format or RESULT_FORMAT,
         )
     )
     run = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
     (validation,) = run.run_results.values()
     failed = [r for r in validation.results if not r.success]
+    if docs_dir is not None:  # no CDN scripts or styles, nothing active, an index readable without JavaScript
+        data_docs.make_offline(docs_dir, bool(run.success), [_describe(r) for r in failed])
     return ValidationOutcome(
         success=bool(run.success),
         statistics=dict(validation.statistics),
@@ -155,13 +163,18 @@ def validate_frame(frame: Any, suite: dict[str, Any], run_name: str, docs_dir: P
     )
 
 
+ATTEMPTS = "validation-attempts.json"
+
+
 def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, run_id: str) -> dict[str, Any] | None:
-    """Run the pipeline's expectation suite on a dataset version, then publish it or quarantine its drop.
+    """Run the implicit checks and the pipeline's suite on a dataset version, then publish it or quarantine its drop.
 
     Writes ``reports/<pipeline>/<run>/validation/`` (``result.json`` and GX Data Docs, entry
     ``index.html``). On success the version is marked validated and becomes the pipeline's latest,
     and the drop is marked processed. On failure the drop moves to quarantine untouched with the
-    report and the unvalidated copy in ``raw/`` is removed.
+    report and the unvalidated copy in ``raw/`` is removed. A version over the spec's size caps is
+    rejected before it is loaded; one whose validation was started ``validation.max_attempts`` times
+    without finishing (the task killed, e.g. out of memory) is rejected instead of being tried again.
 
     :param lake: the lake.
     :param spec: the pipeline.
@@ -170,7 +183,7 @@ def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, ru
     :param run_id: the Airflow run (names the report folder).
     :return: ``{"version", "rows", "report", "statistics", "uri"}``, or None when the version was
         validated before (the drop is marked processed; there is nothing new to publish).
-    :raises ValidationFailed: listing the failed expectations, the report and the quarantine folder.
+    :raises ValidationFailed: listing the failed checks and expectations, the report and the quarantine folder.
     """
     from conveyor.data.datasets import LATEST, VALIDATED, is_validated, load_manifest
     from conveyor.data.drops import mark_processed, quarantine_drop
@@ -182,7 +195,17 @@ def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, ru
     manifest = load_manifest(lake, spec.name, version)
     if manifest is None:
         raise FileNotFoundError(f"dataset version {version} has no manifest: was the ingest task run?")
-    outcome, report, report_uri = _judge_version(lake, spec, manifest, drop, version, run_id)
+    suite = load_suite(spec.suite_name)
+    unfinished = _count_attempt(lake, spec.name, version, run_id)
+    if unfinished >= spec.validation.max_attempts:
+        reason = (
+            f"rule 'validation finishes': {unfinished} earlier validation run(s) of {version} did not finish "
+            f"(validation.max_attempts {spec.validation.max_attempts}; the task was killed, e.g. out of memory, "
+            "or storage kept failing): see those runs' logs"
+        )
+        outcome, report, report_uri = _rejected_unread(lake, spec, manifest, drop, run_id, suite, [reason])
+    else:
+        outcome, report, report_uri = _judge_version(lake, spec, manifest, drop, version, run_id, suite)
     if not outcome.success:
         where = quarantine_drop(lake, spec.name, drop, run_id, report, spec.ingest.chunk_bytes)
         remove_tree(lake.raw(spec.name, version))
@@ -202,40 +225,125 @@ def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, ru
     }
 
 
+def _count_attempt(lake: Lake, pipeline: str, version: str, run_id: str) -> int:
+    """Record that a validation of a version starts; returns how many earlier ones never finished.
+
+    A finished validation either publishes the version (it is not validated again) or removes its
+    copy with this record, so every attempt recorded before this one was cut short.
+    """
+    from conveyor.lake import read_json
+
+    path = lake.raw(pipeline, version) / ATTEMPTS
+    runs: list[str] = list(read_json(path).get("runs", [])) if path.exists() else []
+    write_json(path, {"runs": [*runs, run_id]})
+    return len(runs)
+
+
+def _previous_schema(lake: Lake, pipeline: str, version: str) -> tuple[str | None, dict[str, str] | None]:
+    """The last validated version of a pipeline other than this one, and its schema (None, None if none)."""
+    from conveyor.data.datasets import latest_version, load_manifest
+
+    previous = latest_version(lake, pipeline)
+    if previous is None or previous == version:
+        return None, None
+    manifest = load_manifest(lake, pipeline, previous)
+    return (previous, manifest.get("schema")) if manifest else (None, None)
+
+
 def _judge_version(
-    lake: Lake, spec: PipelineSpec, manifest: dict[str, Any], drop: str, version: str, run_id: str
+    lake: Lake,
+    spec: PipelineSpec,
+    manifest: dict[str, Any],
+    drop: str,
+    version: str,
+    run_id: str,
+    suite: dict[str, Any],
 ) -> tuple[ValidationOutcome, dict[str, Any], str]:
-    """Validate a version's table (and, for images, each file), write the report; returns outcome, report, URI."""
+    """Check a version (caps, implicit checks, the suite; for images each file), write the report;
+    returns outcome, report, URI."""
+    from conveyor.data.checks import CheckReport, check_caps, check_schema, check_values
     from conveyor.data.datasets import read_table
 
-    suite = load_suite(spec.suite_name)
+    too_big = check_caps(manifest, spec)
+    if too_big:
+        return _rejected_unread(lake, spec, manifest, drop, run_id, suite, too_big)
+    checks = CheckReport()
+    if spec.data.format != "images":
+        previous_version, previous = _previous_schema(lake, spec.name, version)
+        checks = check_schema(manifest["schema"], spec, previous, previous_version)
     log.info("Validating %s (%s rows) against suite %s", version, manifest["rows"], suite["name"])
-    frame = read_table(lake, manifest, spec)
+    try:
+        frame = read_table(lake, manifest, spec)
+    except (ValueError, TypeError, NotImplementedError) as exc:  # the data's fault (UnicodeDecodeError, Arrow, pandas)
+        reason = f"rule 'readable table': {type(exc).__name__}: {exc}"
+        return _rejected_unread(lake, spec, manifest, drop, run_id, suite, [*checks.failures, reason], checks)
     extra: dict[str, Any] = {}
-    problems: list[str] = []
+    problems = list(checks.failures)
     if spec.data.format == "images":
         from conveyor.data.images import judge_images
 
-        frame, extra, problems = judge_images(frame, spec.data.max_bad_file_share)
+        frame, extra, image_problems = judge_images(frame, spec.data.max_bad_file_share)
+        problems += image_problems
+    else:
+        frame = frame.drop(columns=checks.unusable)  # reported above; GX cannot read raw bytes or nested values
+        problems += check_values(frame, spec)
+    for line in checks.warnings:
+        log.warning("Accepted (validation.allow_schema_drift): %s", line)
     report_dir = lake.reports(spec.name, run_id) / "validation"
     with tempfile.TemporaryDirectory(prefix="conveyor-docs-") as tmp:
         outcome = validate_frame(frame, suite, run_name=f"{spec.name}-{version}", docs_dir=Path(tmp))
+        data_docs.write_index(Path(tmp), outcome.success and not problems, problems + outcome.failures)
         upload_tree(Path(tmp), report_dir)
     del frame
     if problems:
         outcome.success = False
         outcome.failures = problems + outcome.failures
-    report = {
+    report = {**_report_head(spec, manifest, drop, run_id, suite), **extra, "implicit_checks": checks.to_dict()}
+    return _written(outcome, report | outcome.to_dict(), report_dir)
+
+
+def _report_head(
+    spec: PipelineSpec, manifest: dict[str, Any], drop: str, run_id: str, suite: dict[str, Any]
+) -> dict[str, Any]:
+    return {
         "pipeline": spec.name,
         "drop": drop,
-        "version": version,
+        "version": manifest["version"],
         "run_id": run_id,
         "suite": suite["name"],
-        **extra,
-        **outcome.to_dict(),
     }
+
+
+def _written(
+    outcome: ValidationOutcome, report: dict[str, Any], report_dir: Any
+) -> tuple[ValidationOutcome, dict[str, Any], str]:
     write_json(report_dir / "result.json", report)
     report_uri = str(report_dir / "index.html")
     log.info("Validation report: %s", report_uri)
     log.info("Statistics: %s", outcome.statistics)
     return outcome, report, report_uri
+
+
+def _rejected_unread(
+    lake: Lake,
+    spec: PipelineSpec,
+    manifest: dict[str, Any],
+    drop: str,
+    run_id: str,
+    suite: dict[str, Any],
+    failures: list[str],
+    checks: Any = None,
+) -> tuple[ValidationOutcome, dict[str, Any], str]:
+    """A rejection decided without running the suite (over a cap, unreadable, never finishing): the
+    report is ``result.json`` and an ``index.html`` listing the reasons (escaped), no GX pages."""
+    for line in failures:
+        log.error("Rejected: %s", line)
+    outcome = ValidationOutcome(success=False, statistics={}, failures=failures)
+    report_dir = lake.reports(spec.name, run_id) / "validation"
+    with tempfile.TemporaryDirectory(prefix="conveyor-docs-") as tmp:
+        data_docs.write_index(Path(tmp), False, failures)
+        upload_tree(Path(tmp), report_dir)
+    report = _report_head(spec, manifest, drop, run_id, suite) | {"suite_run": False}
+    if checks is not None:
+        report["implicit_checks"] = checks.to_dict()
+    return _written(outcome, report | outcome.to_dict(), report_dir)

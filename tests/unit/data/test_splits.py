@@ -258,8 +258,9 @@ def test_operator_treats_an_empty_version_param_as_not_given(versions):
 
 
 def test_operator_refuses_an_unknown_version(versions):
-    with pytest.raises(AirflowFailException, match="v-doesnotexist.*does not exist or was not validated"):
-        split_op("v-doesnotexist").execute(context("op_unknown"))
+    absent = "v-" + "d" * 20  # well formed (lake.check_dataset_version), but never ingested
+    with pytest.raises(AirflowFailException, match=f"{absent}.*does not exist or was not validated"):
+        split_op(absent).execute(context("op_unknown"))
     assert not (versions.lake.models("churn", "op_unknown") / "split").exists()
 
 
@@ -269,7 +270,7 @@ def test_operator_refuses_an_unvalidated_version(versions):
     from conveyor.lake import read_json, write_json
 
     source = versions.lake.raw("churn", versions.first)
-    unvalidated = "v-unvalidated000000000"
+    unvalidated = "v-" + "0" * 19 + "1"
     target = versions.lake.raw("churn", unvalidated)
     shutil.copytree(source.path, target.path, ignore=shutil.ignore_patterns("validation.json"))
     manifest = read_json(target / "manifest.json")
