@@ -1,5 +1,8 @@
 """Labelled rows for retraining (conveyor.monitoring.labelled): predictions whose truth came back as
-training rows, and adding them to a dataset version (types cast, the newer truth wins, bad files refused)."""
+training rows, and adding them to a dataset version (types cast, the newer truth wins, bad files refused).
+
+The suite here asks for one row only: these tests are about reading and joining; the checks and the
+suite on labelled rows are tested in tests/unit/data/test_validation_labelled.py."""
 
 from __future__ import annotations
 
@@ -18,6 +21,30 @@ from conveyor.spec import get_spec
 @pytest.fixture(scope="module")
 def spec():
     return get_spec("churn")
+
+
+@pytest.fixture(autouse=True)
+def lenient(tmp_path, monkeypatch):
+    """A private include folder whose churn suite only asks for one row."""
+    import json
+    import shutil
+
+    from conveyor import settings
+
+    include = tmp_path / "include"
+    shutil.copytree(settings.pipelines_dir(), include / "pipelines")
+    (include / "expectations").mkdir()
+    suite = {
+        "name": "churn",
+        "expectations": [{"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 1}}],
+    }
+    (include / "expectations" / "churn.json").write_text(json.dumps(suite))
+    monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+
+
+def join(frame, uri, spec, lake):
+    joined = labelled.with_labelled_rows(frame, uri, spec, lake, "manual__t")
+    return joined.rows, joined.added
 
 
 def labelled_rows() -> pd.DataFrame:
@@ -74,14 +101,14 @@ def dataset() -> pd.DataFrame:
     return pd.DataFrame({"customer_id": [101, 102, 103], "tenure_months": [1, 2, 3], "churned": ["no", "no", "yes"]})
 
 
-def test_labelled_rows_are_added_and_replace_rows_of_the_same_id(tmp_path, spec):
+def test_labelled_rows_are_added_and_replace_rows_of_the_same_id(tmp_path, spec, lake):
     uri = write_rows(
         tmp_path,
         pd.DataFrame(
             {"tenure_months": [20, 30], "customer_id": ["102", "900"], "churned": ["yes", "no"], "_extra": [1, 2]}
         ),
     )
-    rows, added = labelled.with_labelled_rows(dataset(), uri, spec)
+    rows, added = join(dataset(), uri, spec, lake)
     assert added == 2
     assert rows.to_dict("records") == [
         {"customer_id": 101, "tenure_months": 1, "churned": "no"},
@@ -92,7 +119,7 @@ def test_labelled_rows_are_added_and_replace_rows_of_the_same_id(tmp_path, spec)
     assert str(rows["customer_id"].dtype) == "int64"  # ids came back as text; cast to the dataset's type
 
 
-def test_labels_read_as_text_are_cast_to_the_datasets_label_type(tmp_path, spec):
+def test_labels_read_as_text_are_cast_to_the_datasets_label_type(tmp_path, spec, lake):
     frame = pd.DataFrame({"customer_id": [1, 2], "tenure_months": [5, 6], "churned": [True, False]})
     uri = write_rows(
         tmp_path,
@@ -104,29 +131,29 @@ def test_labels_read_as_text_are_cast_to_the_datasets_label_type(tmp_path, spec)
             }
         ),
     )
-    rows, added = labelled.with_labelled_rows(frame, uri, spec)
+    rows, added = join(frame, uri, spec, lake)
     assert added == 4 and rows["churned"].dtype == bool
     assert rows["churned"].tolist() == [True, False, True, False, True, False]
     assert rows["tenure_months"].tolist() == [5, 6, 7, 8, 9, 10]
 
     bad = write_rows(tmp_path, pd.DataFrame({"customer_id": ["3"], "tenure_months": ["7"], "churned": ["maybe"]}))
     with pytest.raises(labelled.LabelledRowsError, match="labels cannot be read as the dataset's label type bool"):
-        labelled.with_labelled_rows(frame, bad, spec)
+        join(frame, bad, spec, lake)
     numeric = pd.DataFrame({"customer_id": [1], "tenure_months": [5], "churned": [0.5]})
     text = write_rows(tmp_path, pd.DataFrame({"customer_id": ["3"], "tenure_months": ["7"], "churned": ["high"]}))
     with pytest.raises(labelled.LabelledRowsError, match=r"labelled.parquet: labels cannot be read .* float64"):
-        labelled.with_labelled_rows(numeric, text, spec)
+        join(numeric, text, spec, lake)
 
 
-def test_labelled_rows_lacking_a_column_or_unreadable_are_refused(tmp_path, spec):
+def test_labelled_rows_lacking_a_column_or_unreadable_are_refused(tmp_path, spec, lake):
     assert issubclass(labelled.LabelledRowsError, ConveyorError)  # deterministic: the operator fails, no retry
     assert issubclass(labelled.LabelledRowsError, ValueError)
     uri = write_rows(tmp_path, pd.DataFrame({"customer_id": ["9"], "churned": ["yes"]}))
     with pytest.raises(labelled.LabelledRowsError, match=r"lack dataset column\(s\) \['tenure_months'\]"):
-        labelled.with_labelled_rows(dataset(), uri, spec)
+        join(dataset(), uri, spec, lake)
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"not parquet at all")
     with pytest.raises(labelled.LabelledRowsError, match=r"garbage.parquet: labelled rows cannot be read \("):
-        labelled.with_labelled_rows(dataset(), garbage.as_uri(), spec)
+        join(dataset(), garbage.as_uri(), spec, lake)
     with pytest.raises(labelled.LabelledRowsError, match="cannot be read"):
-        labelled.with_labelled_rows(dataset(), (tmp_path / "absent.parquet").as_uri(), spec)
+        join(dataset(), (tmp_path / "absent.parquet").as_uri(), spec, lake)
