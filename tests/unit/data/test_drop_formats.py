@@ -397,3 +397,22 @@ def test_transient_and_bad_bytes_are_told_apart():
     assert classify(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")) == "reject"
     assert classify(PermissionError(errno.EACCES, "denied")) == "unclear"
     assert classify(MemoryError()) == "unclear"
+
+
+def test_a_symlinked_folder_in_a_drop_is_rejected_and_what_it_points_to_survives(lake, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "other.csv").write_bytes(churn_csv(20))
+    write_drop(lake, "bad", {"customers.csv": churn_csv(100)})
+    os.symlink(outside, lake.landing("churn", "bad").path + "/more")
+    assert f"more -> {outside}" in str(rejected())
+    assert (outside / "other.csv").read_bytes() == churn_csv(20)  # removing the drop never follows the link
+    assert os.path.islink(lake.quarantine("churn", "bad").path + "/more")
+
+
+def test_a_torn_attempts_file_is_counted_afresh(lake, monkeypatch):
+    fail_reading(monkeypatch, PermissionError(errno.EACCES, "Permission denied"))
+    write_drop(lake, "d1", {"customers.csv": churn_csv(50), "_ATTEMPTS.json": b'{"attempts": [{"run_'})
+    with pytest.raises(PermissionError):
+        ingest_and_validate("d1", run_id="run1")
+    assert [a["run_id"] for a in read_json(lake.landing("churn", "d1") / "_ATTEMPTS.json")["attempts"]] == ["run1"]
