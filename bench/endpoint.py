@@ -6,8 +6,8 @@ single-row requests (rows of ``churn_frame(seed=11)``, features only):
 
 * ours: the Conveyor endpoint (``process.ensure_endpoint`` with 2 uvicorn workers, the model staged
   with ``stage_candidate``, loaded by every worker, then ``promote_candidate``), sent one-row
-  ``text/csv`` bodies (feature values in training order, no header) on ``POST /invocations``,
-  answered in JSON;
+  ``text/csv`` bodies (feature values in training order, no header) on ``POST /invocations``
+  with the endpoint's bearer token (every request is authenticated), answered in JSON;
 * MLflow: the same extracted model wrapped in an MLflow pyfunc (a ``PythonModel`` whose
   ``load_context`` loads it with ``LoadedModel`` and whose ``predict`` returns
   ``predict_frame``; signature inferred from the features, so MLflow checks the schema as ours
@@ -411,12 +411,14 @@ class OursServer:
 
     def start(self) -> None:
         from conveyor.serving import endpoint_state, process
+        from conveyor.serving.auth import ENV_TOKEN, endpoint_credentials
 
         started = time.perf_counter()
         status = process.ensure_endpoint(
             ENDPOINT, self.port, WORKERS, host="127.0.0.1", timeout=START_TIMEOUT_S, env=self.env
         )
         self.pid = int(status["pid"])
+        self.headers["Authorization"] = f"Bearer {self.env.get(ENV_TOKEN) or endpoint_credentials().token}"
         endpoint_state.stage_candidate(ENDPOINT, VERSION, self.model_dir)
         endpoint_state.wait_for_workers(ENDPOINT, VERSION, timeout=START_TIMEOUT_S)
         endpoint_state.promote_candidate(ENDPOINT)

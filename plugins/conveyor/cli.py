@@ -149,20 +149,26 @@ def deploy_demo(pipeline: str) -> None:
     champion = registry.champion(pipeline)
     sample = read_part(Lake.from_env(), pipeline, champion.tags["conveyor_run_id"], "test").head(2)
     body = sample.drop(columns=[spec.data.label]).to_csv(index=False)
+    from conveyor.serving.auth import credentials_path, endpoint_credentials
+
+    keys = endpoint_credentials()  # the endpoint's access key: a SigV4-signing client, unchanged
     client = boto3.client(
         "sagemaker-runtime",
         endpoint_url=url,
         region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
+        aws_access_key_id=keys.access_key_id,
+        aws_secret_access_key=keys.secret_access_key,
     )
     answer = client.invoke_endpoint(EndpointName=name, ContentType="text/csv", Accept="application/json", Body=body)
     show(f"    endpoint        : {name} at {url} (version {registry.live_version(pipeline, name)} live)")
     show(f"    sample answer   : {answer['Body'].read().decode()[:300]}")
     first = body.splitlines()
+    read_token = f"""python3 -c 'import json; print(json.load(open("{credentials_path()}"))["token"])'"""
+    token = "$CONVEYOR_ENDPOINT_TOKEN" if keys.source == "the environment" else f"$({read_token})"  # never the value
     show(
         "    call it yourself: curl -s "
         + f"{url}/invocations -H 'Content-Type: text/csv' "
+        + f'-H "Authorization: Bearer {token}" '
         + "--data-binary $'"
         + "\\n".join(first[:2])
         + "'"
@@ -224,7 +230,10 @@ def loop_demo(pipeline: str, rows: int, time_limit: int) -> None:
     run_dag(f"{pipeline}__batch_predict", settings.state_dir() / "logs")
     url = endpoint_status(name)["url"]
     live = shifted.head(200)
-    with httpx.Client(timeout=30) as client:
+    from conveyor.serving.auth import endpoint_credentials
+
+    bearer = {"Authorization": f"Bearer {endpoint_credentials().token}"}
+    with httpx.Client(timeout=30, headers=bearer) as client:
         for _, row in live.iterrows():
             body = row.drop(labels=[spec.data.label]).to_frame().T.to_csv(index=False)
             client.post(

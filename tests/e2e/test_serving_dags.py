@@ -46,11 +46,16 @@ def broken_copy(source_uri: str, target, predict_body: str) -> str:
 def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
     from airflow.sdk.exceptions import AirflowFailException  # noqa: F401  (the deploy task fails with one)
 
+    from conveyor.serving.auth import endpoint_credentials
+
     hook, url = served["hook"], served["url"]
     deploy = dags()["churn__deploy"]
-    run = deploy.test()
+    run = deploy.test()  # its smoke test signs its requests (SigV4) with the endpoint's generated key
     assert str(run.state) == "success", states(run)
     assert httpx.get(f"{url}/ping").status_code == 200
+    csv = {"Content-Type": "text/csv", "Authorization": f"Bearer {endpoint_credentials().token}"}
+    anonymous = httpx.post(f"{url}/invocations", content="1", headers={"X-Conveyor-Target": "candidate"})
+    assert anonymous.status_code == 401  # the endpoint a deploy starts needs credentials
     assert hook.live_version("churn", "churn") == "1"
 
     # A second version whose answers differ from its evaluation: the smoke test must roll it back
@@ -75,9 +80,7 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
         deadline = time.monotonic() + 240
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                response = httpx.post(
-                    f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}, timeout=30
-                )
+                response = httpx.post(f"{url}/invocations", content=row, headers=csv, timeout=30)
                 if response.status_code == 200:
                     answers.append(response.headers.get("X-Conveyor-Model-Version"))
                 else:
@@ -94,12 +97,7 @@ def test_deploy_rolls_out_rolls_back_and_batch_scores(served, tmp_path):
     assert str(run.state) == "failed" and states(run)["deploy"] == "failed"
     assert failures == [] and answers and set(answers) == {"1"}
     assert hook.live_version("churn", "churn") == "1"
-    assert (
-        httpx.post(f"{url}/invocations", content=row, headers={"Content-Type": "text/csv"}).headers[
-            "X-Conveyor-Model-Version"
-        ]
-        == "1"
-    )
+    assert httpx.post(f"{url}/invocations", content=row, headers=csv).headers["X-Conveyor-Model-Version"] == "1"
 
     # Batch: score an inference drop with version 1, twice for the same run id, no duplicates.
     import sqlalchemy as sa
