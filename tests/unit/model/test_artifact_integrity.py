@@ -182,3 +182,53 @@ def test_the_same_archive_again_is_taken_from_the_cache_and_reported_live(endpoi
     again = deploy(resolved(uri, sha))
     assert len(endpoint.staged) == 1 and again["previous"] == "1"
     endpoint.registry.record_deployment.assert_called_with("churn", "1", "churn")
+
+
+# --- the other loaders: the gate's champion and the monitor's captured-traffic models ---------------------
+
+
+def champion_entry(uri: str, sha: str | None) -> SimpleNamespace:
+    return SimpleNamespace(name="churn", version="2", source=uri, tags={SHA256_TAG: sha} if sha else {})
+
+
+def gate_champion(entry: SimpleNamespace, tmp_path: Path, monkeypatch) -> tuple[Any, Any]:
+    from conveyor.lake import Lake
+    from conveyor.operators.gate import GateModelOperator
+    from conveyor.spec import PipelineSpec
+
+    registry = mock.Mock()
+    registry.champion.return_value = entry
+    monkeypatch.setattr("conveyor.registry.registry_hook", lambda spec, tracking_uri=None: registry)
+    op = GateModelOperator(task_id="gate", spec=pipeline_spec_dict("churn"), model={}, evaluation={})
+    spec = PipelineSpec.model_validate(pipeline_spec_dict("churn"))
+    return op._champion(spec, Lake(root=(tmp_path / "lake").as_uri()), "run-1", tmp_path / "scratch")
+
+
+def test_the_gate_never_runs_a_champion_whose_archive_changed(tmp_path, monkeypatch):
+    uri, recorded = make_archive(tmp_path / "lake" / "champion" / "model.tar.gz", "champion")
+    make_archive(tmp_path / "lake" / "champion" / "model.tar.gz", "evil")
+    with pytest.raises(IntegrityError, match="churn version 2: archive .* refused"):
+        gate_champion(champion_entry(uri, recorded), tmp_path, monkeypatch)
+    assert not (tmp_path / "scratch" / "champion" / "model").exists()
+
+
+def test_the_gate_judges_on_thresholds_when_the_champion_has_no_recorded_sha256(tmp_path, monkeypatch):
+    monkeypatch.delenv("CONVEYOR_ALLOW_UNHASHED_MODELS", raising=False)
+    uri, _ = make_archive(tmp_path / "lake" / "champion" / "model.tar.gz", "champion")
+    metrics, version = gate_champion(champion_entry(uri, None), tmp_path, monkeypatch)
+    assert (metrics, version) == (None, "2")  # not re-scored: its code is not run, the new model is not blocked
+    assert not (tmp_path / "scratch" / "champion" / "model").exists()
+
+
+def test_the_monitor_refuses_to_load_a_changed_archive(tmp_path):
+    from conveyor.lake import Lake
+    from conveyor.monitoring.checks import ModelCache
+
+    uri, recorded = make_archive(tmp_path / "lake" / "m" / "model.tar.gz", "A")
+    make_archive(tmp_path / "lake" / "m" / "model.tar.gz", "evil")
+    registry = mock.Mock()
+    registry.version.return_value = champion_entry(uri, recorded)
+    models = ModelCache(registry, "churn", Lake(root=(tmp_path / "lake").as_uri()), tmp_path / "scratch")
+    with pytest.raises(IntegrityError, match="churn version 2"):
+        models.loaded("2")
+    assert not (tmp_path / "scratch" / "v2").exists()
