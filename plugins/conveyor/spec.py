@@ -423,6 +423,8 @@ def load_specs(folder: Path) -> tuple[dict[str, PipelineSpec], dict[Path, SpecEr
             specs[path.stem] = load_spec(path)
         except SpecError as exc:
             errors[path] = exc
+        except Exception as exc:  # e.g. RecursionError on absurdly nested YAML: still this file's error only
+            errors[path] = SpecError(f"{path}: not a readable pipeline file: {type(exc).__name__}: {exc}")
     for name, problems in endpoint_conflicts(specs).items():
         spec = specs.pop(name)
         errors[spec.source or folder / f"{name}.yaml"] = SpecError(f"{spec.source}: {'; '.join(problems)}")

@@ -312,3 +312,12 @@ def test_disabled_endpoints_claim_nothing(tmp_path, churn):
     endpoint_pipeline(tmp_path, churn, "churn_v2", enabled=False)  # same name and port, never deployed
     specs, errors = load_specs(tmp_path)
     assert errors == {} and set(specs) == {"churn", "churn_v2"}
+
+
+def test_absurdly_nested_yaml_is_that_files_error_only(tmp_path, churn):
+    write(tmp_path, "churn", churn)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")  # PyYAML recurses: RecursionError
+    specs, errors = load_specs(tmp_path)
+    assert list(specs) == ["churn"] and list(errors) == [deep]
+    assert "RecursionError" in str(errors[deep]) and str(deep) in str(errors[deep])
