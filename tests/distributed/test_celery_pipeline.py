@@ -15,6 +15,7 @@ module (see ``conftest.py``). The tests run in order and build on each other:
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -51,11 +52,12 @@ def versions_of(stack, model: str) -> list:
 
 
 def served_version(stack, pipeline: str) -> str:
-    """The model version that answers a request on the pipeline's endpoint."""
+    """The model version that answers a request on the pipeline's endpoint (with the stack's generated token)."""
+    token = json.loads((stack.root / "state" / "endpoint-credentials.json").read_text())["token"]
     answer = httpx.post(
         f"{stack.endpoint_url(pipeline)}/invocations",
         content=f"{HEADER}\n{SAMPLE_ROW}\n",
-        headers={"Content-Type": "text/csv"},
+        headers={"Content-Type": "text/csv", "Authorization": f"Bearer {token}"},
         timeout=30,
     )
     assert answer.status_code == 200, answer.text

@@ -59,11 +59,14 @@ def test_drift_and_feedback_retrain_and_replace_the_model(loop):
     run = family["churn__batch_predict"].test()
     assert str(run.state) == "success", states(run)
     live_rows = inference.iloc[900:1000].drop(columns=["customer_id"])
+    from conveyor.serving.auth import endpoint_credentials
+
+    bearer = {"Authorization": f"Bearer {endpoint_credentials().token}"}  # the endpoint's generated token
     for number, (_, row) in enumerate(live_rows.iterrows()):
         answer = httpx.post(
             f"{url}/invocations",
             content=row.to_frame().T.to_csv(index=False, header=False),
-            headers={"Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"req-{number}"},
+            headers={"Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"req-{number}", **bearer},
         )
         assert answer.status_code == 200, answer.text
 
@@ -80,9 +83,9 @@ def test_drift_and_feedback_retrain_and_replace_the_model(loop):
     drop = pd.concat([rows, pd.DataFrame(bad)], ignore_index=True)
     write_drop(lake, "feedback/f1", {"labels.csv": drop.to_csv(index=False).encode()})
     api = [{"id": f"req-{n}", "label": shifted.iloc[900 + n]["churned"]} for n in range(100)]
-    answer = httpx.post(f"{url}/feedback", json={"feedback": api})
+    answer = httpx.post(f"{url}/feedback", json={"feedback": api}, headers=bearer)
     assert answer.status_code == 202, answer.text
-    refused = httpx.post(f"{url}/feedback", json={"id": "req-1", "label": "perhaps"})
+    refused = httpx.post(f"{url}/feedback", json={"id": "req-1", "label": "perhaps"}, headers=bearer)
     assert refused.status_code == 400 and "class set" in refused.json()["error"]
 
     run = family["churn__monitor"].test()
