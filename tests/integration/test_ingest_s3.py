@@ -24,7 +24,13 @@ def test_s3_drop_is_sensed_versioned_and_validated(s3_lake, moto_server):
     write_drop(s3_lake, "incomplete", {"customers.csv": payload}, marker=False)
     assert DropSensor(task_id="w", pipeline="churn").poke({}).is_done is False
     write_drop(s3_lake, "d1", {"customers.csv": payload})
-    assert DropSensor(task_id="w", pipeline="churn").poke({}).xcom_value == {"drop": "d1", "pending": 1}
+    assert DropSensor(task_id="w", pipeline="churn").poke({}).xcom_value == {
+        "drop": "d1",
+        "pending": 1,
+        "incomplete": [],
+    }
+    late = DropSensor(task_id="w", pipeline="churn", timeout=0).poke({}).xcom_value["incomplete"]
+    assert [(item["drop"], item["reason"]) for item in late] == [("incomplete", "has no '_SUCCESS' marker")]
 
     ingested, validated = ingest_and_validate("d1", run_id="s3run")
     version = ingested["version"]
