@@ -4,7 +4,7 @@ They run as part of validation (:mod:`conveyor.data.validation`), so a failure i
 rejection: the drop is quarantined with the report and each failure names the column and the rule.
 
 * ``size caps``: the version's bytes and rows are within ``validation.max_bytes`` / ``max_rows``
-  (checked on the manifest, before anything is loaded);
+  (checked on the manifest, before anything is loaded; image versions: rows only);
 * ``spec columns``: the spec's label, id column and features are columns of the data;
 * ``no raw bytes`` and ``no nested columns``: tabular pipelines hold scalar columns (a binary,
   list, struct or map column is refused by name);
@@ -86,12 +86,15 @@ def type_family(arrow_type: str) -> str | None:
 def check_caps(manifest: dict[str, Any], spec: PipelineSpec) -> list[str]:
     """Rule ``size caps``: the version is small enough to load for validation (no data is read).
 
+    An image version's bytes are its images, which validation does not load (it reads the image
+    table, one row per image): only ``max_rows`` applies to it.
+
     :param manifest: the version's manifest (``bytes``, ``rows``).
     :param spec: the pipeline (``validation.max_bytes``, ``validation.max_rows``).
     """
     caps = spec.validation
     problems = []
-    if int(manifest.get("bytes") or 0) > caps.max_bytes:
+    if spec.data.format != "images" and int(manifest.get("bytes") or 0) > caps.max_bytes:
         problems.append(
             f"rule 'size caps': the drop holds {manifest['bytes']} bytes, more than validation.max_bytes "
             f"{caps.max_bytes}: split it into smaller drops or raise the cap in the pipeline file"

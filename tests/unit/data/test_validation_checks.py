@@ -98,13 +98,13 @@ def test_infinite_numbers_are_rejected_unless_allowed(lenient):
     assert any("'total_charges' holds 2 infinite" in line for line in report["failures"])
     write_drop(lenient, "inf-ok", {"c.csv": payload})
     _, validated = ingest_and_validate("inf-ok", spec=spec_with(validation={"allow_non_finite": True}))
-    assert validated["rows"] == 120
+    assert validated["rows"] == 300
 
 
 def test_missing_numbers_are_left_to_the_suite(lenient):
     write_drop(lenient, "nan", {"c.csv": churn_csv(120, total_charges=[None] * 120)})
     _, validated = ingest_and_validate("nan", spec=spec_with())
-    assert validated["rows"] == 120
+    assert validated["rows"] == 300
 
 
 def test_a_binary_problem_with_three_label_values_is_rejected(lenient):
@@ -199,7 +199,7 @@ def test_schema_drift_is_accepted_and_reported_when_the_spec_says_so(lenient):
     )
     result = read_json(lenient.reports("churn", "run-second") / "validation" / "result.json")
     drift = result["implicit_checks"]["schema_drift"]
-    assert validated["rows"] == 120 and len(drift) == 2
+    assert validated["rows"] == 300 and len(drift) == 2
     assert any("'region'" in line and "missing" in line for line in drift)
 
 
@@ -208,7 +208,7 @@ def test_integers_becoming_floats_are_not_drift(lenient):
     ingest_and_validate("first", run_id="run-first", spec=spec_with())
     write_drop(lenient, "second", {"c.csv": churn_csv(120, seed=8, age=[30.5] * 120)})
     _, validated = ingest_and_validate("second", run_id="run-second", spec=spec_with())
-    assert validated["rows"] == 120
+    assert validated["rows"] == 300
 
 
 def test_a_drop_over_the_caps_is_rejected_before_it_is_loaded(lenient, monkeypatch):
@@ -262,3 +262,23 @@ def test_a_table_that_cannot_be_read_is_a_rejection(lenient, monkeypatch):
 
     monkeypatch.setattr(conveyor.data.datasets, "read_table", unreadable)
     rejected(lenient, "bad", {"c.csv": churn_csv(120)}, spec_with(), "rule 'readable table': UnicodeDecodeError")
+
+
+def test_image_versions_are_capped_by_rows_not_by_the_bytes_of_their_images(lake):
+    from PIL import Image
+
+    def png(n: int, c: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (20 * n, 80 * c, 5 * n + c)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    spec = pipeline_spec_dict("shapes")
+    files = {f"{name}/{n}.png": png(n, c) for c, name in enumerate(("circle", "square", "triangle")) for n in range(10)}
+    write_drop(lake, "imgs", files, pipeline="shapes")
+    tiny = {**spec, "validation": {**spec["validation"], "max_bytes": 10}}
+    _, validated = ingest_and_validate("imgs", pipeline="shapes", run_id="run-imgs", spec=tiny)
+    assert validated["rows"] == 30
+    write_drop(lake, "imgs2", {**files, "circle/extra.png": png(9, 9)}, pipeline="shapes")
+    few = {**spec, "validation": {**spec["validation"], "max_rows": 5}}
+    with pytest.raises(AirflowFailException, match="31 rows, more than validation.max_rows 5"):
+        ingest_and_validate("imgs2", pipeline="shapes", run_id="run-imgs2", spec=few)
