@@ -229,6 +229,33 @@ def endpoint_credentials(create: bool = True) -> EndpointCredentials:
 # ------------------------------------------------------------------------------------- verifying
 
 
+PAYLOAD_DIGEST = "conveyor_payload_sha256"
+
+
+class _ServerSigner(SigV4Auth):
+    """botocore's SigV4 signer, given the body's SHA-256 already computed (it is checked against the header too)."""
+
+    def payload(self, request: AWSRequest) -> str:
+        """The hex SHA-256 of the body, as :meth:`SigV4Auth.payload` computes it for a signed payload.
+
+        :param request: the reconstructed request (its context holds the digest).
+        """
+        return request.context[PAYLOAD_DIGEST]
+
+
+def _epoch(amz_date: str) -> int:
+    """Seconds since the epoch of an ``X-Amz-Date`` (``YYYYMMDDTHHMMSSZ``, UTC).
+
+    :param amz_date: the header's value.
+    :raises ValueError: another format.
+    """
+    digits = amz_date[:8] + amz_date[9:15]
+    if len(amz_date) != 16 or amz_date[8] != "T" or amz_date[15] != "Z" or not (digits.isascii() and digits.isdigit()):
+        raise ValueError(amz_date)
+    fields = [int(digits[start:end]) for start, end in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))]
+    return calendar.timegm((*fields, 0, 0, 0))
+
+
 @dataclass(frozen=True)
 class SignedRequest:
     """The parts of a SigV4 ``Authorization`` header (checked before the body is read)."""
@@ -342,7 +369,7 @@ class Verifier:
             )
         amz_date = headers.get("x-amz-date", "")
         try:
-            signed_at = calendar.timegm(time.strptime(amz_date, AMZ_DATE))
+            signed_at = _epoch(amz_date)
         except ValueError:
             raise AuthFailed(
                 403, "IncompleteSignatureException", f"X-Amz-Date {amz_date[:40]!r} is missing or not YYYYMMDDTHHMMSSZ"
@@ -382,8 +409,9 @@ class Verifier:
         :raises AuthFailed: 403 when the signature differs.
         """
         values = list(headers)
+        digest = hashlib.sha256(body).hexdigest()
         content_hash = [value for name, value in values if name == "x-amz-content-sha256"]
-        if content_hash and content_hash[-1].strip().lower() != hashlib.sha256(body).hexdigest():
+        if content_hash and content_hash[-1].strip().lower() != digest:
             what = (
                 "UNSIGNED-PAYLOAD is not accepted" if content_hash[-1].strip() == UNSIGNED else "it is not the body's"
             )
@@ -394,7 +422,8 @@ class Verifier:
             if name in wanted:
                 request.headers[name] = value  # an HTTPMessage: a repeated header is added, not replaced
         request.context["timestamp"] = signed.amz_date
-        signer = SigV4Auth(self._signer_credentials, SERVICE, signed.region)
+        request.context[PAYLOAD_DIGEST] = digest
+        signer = _ServerSigner(self._signer_credentials, SERVICE, signed.region)
         expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
         if not hmac.compare_digest(expected.encode(), signed.signature.strip().encode()):
             raise AuthFailed(
