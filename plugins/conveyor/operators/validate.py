@@ -13,15 +13,17 @@ from conveyor.operators.base import pipeline_spec, translate_errors
 
 
 class ValidateDatasetOperator(BaseOperator):
-    """Run the pipeline's expectation suite on a dataset version.
+    """Run the implicit checks (``conveyor.data.checks``) and the expectation suite on a dataset version.
 
-    Writes ``reports/<pipeline>/<run>/validation/`` (``result.json`` and GX Data Docs, entry
-    ``index.html``). On success the version is marked validated, becomes the pipeline's latest,
-    the drop is marked processed and the dataset Asset is updated (extra: the version). On failure
-    the drop moves to quarantine untouched with the report, the unvalidated copy in ``raw/`` is
-    removed, and the task fails with the failed expectations (``AirflowFailException`` caused by
-    ``ValidationFailed``, not retried). A version that was validated before is not published again
-    (the task is skipped).
+    A version over ``validation.max_rows``/``max_bytes`` is rejected before it is loaded; one whose
+    validation started ``validation.max_attempts`` times without finishing (killed, e.g. out of
+    memory) is rejected instead of being tried again. Writes ``reports/<pipeline>/<run>/validation/``
+    (``result.json`` and GX Data Docs, entry ``index.html``). On success the version is marked
+    validated, becomes the pipeline's latest, the drop is marked processed and the dataset Asset is
+    updated (extra: the version). On failure the drop moves to quarantine untouched with the
+    report, the unvalidated copy in ``raw/`` is removed, and the task fails with the failed checks
+    and expectations (``AirflowFailException`` caused by ``ValidationFailed``, not retried). A
+    version that was validated before is not published again (the task is skipped).
 
     :param spec: the validated pipeline spec (its JSON dict, as the DAG factory passes it).
     :param drop: the drop the version came from (templated).

@@ -176,3 +176,20 @@ def test_live_metrics_and_retraining_count_one_label_per_id(policy, expected):
     )
     current = labelled.current_labels(joined, policy)
     assert dict(zip(current["_id"], current["_label"], strict=True)) == expected
+
+
+def test_the_split_task_adds_only_the_rows_that_pass_and_reports_the_rest(lake):
+    from conveyor.operators.train import SplitDatasetOperator
+    from helpers import churn_csv, context, ingest_and_validate, pipeline_spec_dict, write_drop
+
+    write_drop(lake, "d1", {"customers.csv": churn_csv(200)})
+    ingested, _ = ingest_and_validate("d1")
+    rows = churn(10, 96)
+    rows.loc[4, "contract"] = "lifetime"  # the suite: contract in its set
+    uri = write_rows(lake, rows)
+    op = SplitDatasetOperator(task_id="split", spec=pipeline_spec_dict("churn"), labelled_rows=uri)
+    result = op.execute({**context("manual__retrain"), "triggering_asset_events": {}})
+    assert result["dataset_version"] == ingested["version"]
+    assert result["labelled"]["rows"] == 9 and result["labelled"]["rejected"] == 1
+    assert result["labelled"]["quarantine"] == str(lake.quarantine("churn", "labelled/manual__retrain"))
+    assert sum(part["rows"] for part in result["parts"].values()) == 209
