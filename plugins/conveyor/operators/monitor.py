@@ -46,7 +46,8 @@ class CheckDriftOperator(_SpecOperator):
     Returns ``{"checks": [{"source", "id", "rows", "drifted", "drift_share", "error"}]}``.
 
     :param spec: the validated pipeline spec (its JSON dict, as the DAG factory passes it).
-    :param input_uri: also check this file or folder against the champion's baseline (templated; optional).
+    :param input_uri: also check this file or folder against the champion's baseline (templated; optional):
+        inside the lake (``Lake.inside``), anything else fails the task before any check.
     """
 
     template_fields = ("spec", "input_uri")
@@ -101,6 +102,7 @@ class CheckDriftOperator(_SpecOperator):
         lake = Lake.from_env()
         run_id = context["run_id"]
         limits = sources.thresholds(spec.monitor)
+        given = lake.inside(self.input_uri, "Param 'input'") if self.input_uri else None
         checks = []
         with tempfile.TemporaryDirectory(prefix="conveyor-monitor-") as tmp:
             models = sources.ModelCache(registry_hook(spec), spec.name, lake, Path(tmp))
@@ -113,9 +115,9 @@ class CheckDriftOperator(_SpecOperator):
                 checks.append(self._check(lake, spec.name, run_id, "capture", f"{ident}/v{version}", compute))
             if slices:
                 write_json(lake.monitor(spec.name, "capture_offsets.json"), offsets)
-            if self.input_uri:
-                compute = partial(sources.check_input, lake, spec, self.input_uri, models, limits)
-                checks.append(self._check(lake, spec.name, run_id, "input", self.input_uri, compute))
+            if given:
+                compute = partial(sources.check_input, lake, spec, given, models, limits)
+                checks.append(self._check(lake, spec.name, run_id, "input", given, compute))
         return {
             "checks": [
                 {

@@ -21,14 +21,18 @@ def resolve_version(context: Any, requested: str | None, lake: Lake, pipeline: s
     :param requested: the version the run asks for (empty: the event's, else the latest).
     :param lake: the lake.
     :param pipeline: the pipeline's name.
+    :raises LocationRefused: the asked or the event's version is not ``v-<hex digest>``.
     """
     from conveyor.data.datasets import is_validated, latest_version
+    from conveyor.lake import check_dataset_version
 
-    version = requested or None
+    version = check_dataset_version(requested, "Param 'dataset_version'") if requested else None
     if not version:
         for events in (context.get("triggering_asset_events") or {}).values():
             for event in events:
                 version = (event.extra or {}).get("version") or version
+        if version:
+            check_dataset_version(str(version), "the triggering dataset event's version")
     version = version or latest_version(lake, pipeline)
     if not version:
         raise AirflowFailException(f"pipeline {pipeline!r} has no validated dataset version yet: ingest a drop first")
@@ -57,7 +61,8 @@ class SplitDatasetOperator(BaseOperator):
     :param dataset_version: the version to split (templated); empty means the triggering Asset
         event's version, else the latest validated one.
     :param labelled_rows: a Parquet URI of newly labelled rows to add (templated); empty means
-        those of the retraining event that started the run, if any.
+        those of the retraining event that started the run, if any. Either must be inside the lake
+        (``Lake.inside``), and ``dataset_version`` must be ``v-<hex digest>``: anything else fails the task.
     """
 
     template_fields = ("spec", "dataset_version", "labelled_rows")
@@ -85,7 +90,9 @@ class SplitDatasetOperator(BaseOperator):
         self.log.info("Splitting dataset version %s (%s rows)", version, manifest["rows"])
         frame = read_table(lake, manifest, spec)
         labelled = self.labelled_rows or labelled_source(context)
-        if labelled:
+        if labelled:  # read only from the lake (a Param or an event could name any URI)
+            what = "Param 'labelled_rows'" if self.labelled_rows else "the retraining event's labelled_uri"
+            labelled = lake.inside(labelled, what)
             from conveyor.monitoring.labelled import with_labelled_rows
 
             frame, added = with_labelled_rows(frame, labelled, spec, lake.conn_id)

@@ -178,6 +178,7 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
         "model_version",
         "run_id",
         "scored_at",
+        "pipeline",
     ]
     frame = setup["frame"].sort_values("customer_id").reset_index(drop=True)
     expected = LoadedModel(churn_model["dir"]).predict_frame(frame)
@@ -185,6 +186,7 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
     assert list(rows["prediction"]) == list(expected["prediction"])
     np.testing.assert_allclose(rows[["proba_no", "proba_yes"]], expected[["proba_no", "proba_yes"]], rtol=1e-9)
     assert set(rows["model_version"]) == {"3"} and set(rows["run_id"]) == {RUN} and set(rows["model_name"]) == {"churn"}
+    assert set(rows["pipeline"]) == {"churn"}  # the table's rows are keyed by pipeline and run
     parquet = lake.predictions("churn", RUN)
     assert json.loads((parquet / "_SUCCESS.json").read_text())["rows"] == ROWS
     assert (lake.landing("churn", "inference", "d-1") / "_SCORED.json").exists()
@@ -278,3 +280,22 @@ def test_an_expired_credential_is_a_clear_retryable_error(setup):
     with pytest.raises(AwsCredentialsExpired, match="ExpiredTokenException.*refresh") as caught:
         operator(setup).execute(ctx())
     assert caught.value.retryable and not isinstance(caught.value, AirflowFailException)  # the task's retries apply
+
+
+def test_an_input_outside_the_lake_fails_before_any_job_or_file(setup):
+    """Issue 17 item 13: the transform job reads only what is inside the lake's bucket and prefix."""
+    lake = setup["lake"]
+    bucket = lake.root.removeprefix("s3://").split("/")[0]
+    for given, rule in (
+        ("s3://other-bucket/rows.csv", "host or bucket 'other-bucket' is not the lake's"),
+        (f"s3://{bucket}/elsewhere/rows.csv", "not below the lake's root"),
+        ("http://127.0.0.1:9/rows.csv", "http:// is not the lake's scheme"),
+        ("file:///etc/passwd", "file:// is not the lake's scheme"),
+    ):
+        with pytest.raises(AirflowFailException, match=f"^Param 'input': .* is refused: .*{rule}"):
+            operator(setup, input_uri=given).execute(ctx())
+    setup["hook"].create_transform_job.assert_not_called()
+    assert not (lake.predictions("churn", RUN) / "_transform").exists()
+    inside = lake.uri("landing", "churn", "inference", "d-1")
+    with pytest.raises(TaskDeferred):
+        operator(setup, input_uri=inside).execute(ctx())  # the lake's own drop, named by its URI

@@ -138,6 +138,41 @@ def test_a_deterministic_domain_error_fails_the_task_and_a_transient_one_is_retr
     assert not (lake.landing("churn", "feedback", "f1") / PROCESSED_MARKER).exists()
 
 
+def test_a_storage_failure_leaves_a_feedback_drop_in_landing_to_be_retried(lake, monkeypatch):
+    """An S3 503 while a good drop is read: the task is retried (not failed), the drop is not quarantined."""
+    from airflow.sdk import ObjectStoragePath
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    import conveyor.operators.monitor as monitor_operators
+    import conveyor.registry
+
+    champion = SimpleNamespace(version=1, tags={})
+    monkeypatch.setattr(conveyor.registry, "registry_hook", lambda spec: SimpleNamespace(champion=lambda n: champion))
+    monkeypatch.setattr(monitor_operators, "champion_metadata", lambda *a: SimpleNamespace(class_labels=["no", "yes"]))
+    store_observations(lake, ["C-1"])
+    write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])})
+    response = {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate."}}
+    slow_down = translate_boto_error(ClientError({**response, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Get"))
+    real = ObjectStoragePath.read_bytes
+
+    def read_bytes(self):
+        if self.name == "labels.csv":
+            raise slow_down
+        return real(self)
+
+    monkeypatch.setattr(ObjectStoragePath, "read_bytes", read_bytes)
+    with pytest.raises(OSError, match="Reduce your request rate") as caught:
+        ingest()
+    assert caught.value is slow_down and not isinstance(caught.value, AirflowFailException)
+    assert (lake.landing("churn", "feedback", "f1") / "labels.csv").exists()
+    assert not (lake.landing("churn", "feedback", "f1") / PROCESSED_MARKER).exists()
+    assert not lake.quarantine("churn", "feedback/f1").exists()
+
+    monkeypatch.setattr(ObjectStoragePath, "read_bytes", real)  # the store is back: the retry takes the drop
+    assert ingest()["accepted"] == 1 and not lake.quarantine("churn", "feedback/f1").exists()
+
+
 # --------------------------------------------------------------------------------- feedback
 
 
@@ -269,13 +304,14 @@ def test_an_incomplete_drop_waits_and_feedback_without_a_champion_is_skipped(lak
 
 
 def write_input(tmp_path: Path, name: str, frame: pd.DataFrame | None) -> str:
-    path = tmp_path / "inputs" / name
+    """An input file inside the test's lake (``tmp_path / "lake"``, the ``lake`` fixture's root); its URI."""
+    path = tmp_path / "lake" / "landing" / "churn" / "inputs" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     if frame is None:
         path.write_bytes(b"")
     else:
         frame.to_csv(path, index=False)
-    return str(path)
+    return path.as_uri()
 
 
 def check_input(uri: str, run_id: str = "manual__check") -> dict:
@@ -302,8 +338,52 @@ def test_an_input_with_a_renamed_column_or_no_rows_is_recorded_not_fatal(lake, c
     assert "batch has no rows" in check_input(header_only)["error"]
     empty = write_input(tmp_path, "empty.csv", None)
     assert check_input(empty)["error"].startswith(f"input {empty}: ")
-    missing = str(tmp_path / "nowhere")
+    missing = (tmp_path / "lake" / "nowhere").as_uri()
     assert "no CSV or Parquet file" in check_input(missing)["error"]
+
+
+@pytest.fixture
+def http_service():
+    """A local HTTP service that counts the requests it gets (what a worker must never be made to call)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"a,b\n1,2\n")
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def test_an_input_outside_the_lake_fails_the_task_before_anything_is_read(lake, tmp_path, http_service):
+    url, hits = http_service
+    outside = tmp_path / "outside.csv"
+    outside.write_text("tenure_months\n1\n")
+    for given, rule in (
+        (f"{url}/rows.csv", "http:// is not the lake's scheme"),
+        ("file:///etc", "not below the lake's root"),
+        (str(outside), "not below the lake's root"),
+        ("../../etc/passwd", "not below the lake's root"),
+        ("s3://other-bucket/rows.csv", "s3:// is not the lake's scheme"),
+    ):
+        with pytest.raises(AirflowFailException, match=f"^Param 'input': .* is refused: .*{rule}"):
+            CheckDriftOperator(task_id="drift", spec=SPEC, input_uri=given).execute(monitor_context())
+    assert hits == []  # the worker never called the service
+    assert not lake.monitor("churn", "checks").exists()  # and nothing was recorded
 
 
 @pytest.mark.slow
