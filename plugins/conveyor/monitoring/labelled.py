@@ -211,7 +211,7 @@ def _cast_rows(rows: pd.DataFrame, frame: pd.DataFrame, uri: str, spec: Pipeline
             numbers = pd.to_numeric(rows[column], errors="coerce")
             bad = numbers.isna() & rows[column].notna()
             reasons[bad & reasons.isna()] = f"rule 'dataset types': column {column!r} is not a number ({kind})"
-            filled = numbers.fillna(0) if pd.api.types.is_integer_dtype(kind) else numbers
+            filled = numbers.mask(bad, 0)  # those rows are rejected; a missing value stays missing
             try:
                 rows[column] = filled.astype(kind)
             except (TypeError, ValueError):  # e.g. 1.5 in an integer column: the suite's type check judges it
