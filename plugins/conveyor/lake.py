@@ -202,13 +202,15 @@ def write_atomic(path: ObjectStoragePath, payload: bytes) -> None:
 
 
 @contextlib.contextmanager
-def replacing(path: ObjectStoragePath) -> Iterator[BinaryIO]:
+def replacing(path: ObjectStoragePath, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary handle whose bytes replace the file at once when the block ends (:func:`write_atomic`'s rule).
 
     Nothing changes at ``path`` when the block raises: the local temporary file is removed; on an
     object store the handle is discarded before its one PUT.
 
     :param path: the file (parents created).
+    :param durable: flush the local file to disk before the rename (pointers and records); bulk
+        copies whose completion a later document records may skip it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.protocol not in _LOCAL:
@@ -228,8 +230,9 @@ def replacing(path: ObjectStoragePath) -> Iterator[BinaryIO]:
     try:
         with temporary.open("xb") as local:
             yield local
-            local.flush()
-            os.fsync(local.fileno())
+            if durable:
+                local.flush()
+                os.fsync(local.fileno())
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -324,7 +327,10 @@ def check_dataset_version(value: str, what: str) -> str:
 
 
 def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: int) -> tuple[str, int]:
-    """Stream a file to another place, hashing what was written.
+    """Stream a file to another place, hashing what was written; the copy appears whole or not at all.
+
+    (:func:`replacing`: a copy that fails half-way, e.g. the source's store failing, leaves ``dst``
+    as it was, never a truncated file or object.)
 
     :param src: the file to copy.
     :param dst: where to write it (parents created).
@@ -333,8 +339,7 @@ def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: i
     """
     digest = hashlib.sha256()
     size = 0
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with src.open("rb") as reader, dst.open("wb") as writer:
+    with src.open("rb") as reader, replacing(dst, durable=False) as writer:
         while chunk := reader.read(chunk_bytes):
             digest.update(chunk)
             size += len(chunk)
@@ -354,7 +359,7 @@ def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
     for path in sorted(local_dir.rglob("*")):
         if path.is_file():
             rel = path.relative_to(local_dir).as_posix()
-            with path.open("rb") as reader, replacing(target / rel) as writer:  # a reader never sees half a page
+            with path.open("rb") as reader, replacing(target / rel, durable=False) as writer:  # never half a page
                 while chunk := reader.read(1 << 20):
                     writer.write(chunk)
             names.append(rel)

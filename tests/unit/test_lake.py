@@ -138,7 +138,9 @@ def test_a_write_to_s3_is_one_object_and_a_failed_one_keeps_the_old(s3_lake):
 def client_error(status: int, code: str) -> Exception:
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get")
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get"
+    )
 
 
 def s3fs_error(status: int, code: str) -> OSError:
@@ -280,6 +282,55 @@ def test_a_dataset_version_is_v_and_the_hex_digest_ingest_gives():
     made = version_of([{"path": "customers.csv", "bytes": 3, "sha256": "ab"}])
     assert check_dataset_version(made, "Param 'dataset_version'") == made
     for bad in ("v-../x", "../../raw/other/v-0123456789abcdef0123", "v-0123456789ABCDEF0123", "v-", "latest", "v-12"):
-        with pytest.raises(LocationRefused, match=r"^Param 'dataset_version': .* is refused: a dataset version is 'v-'"):
+        with pytest.raises(
+            LocationRefused, match=r"^Param 'dataset_version': .* is refused: a dataset version is 'v-'"
+        ):
             check_dataset_version(bad, "Param 'dataset_version'")
     assert json.dumps(made).startswith('"v-')
+
+
+class _FailingReader:
+    """A source whose store fails after its first chunk (an S3 503 half-way through a GET)."""
+
+    def __init__(self, first: bytes):
+        self.first, self.reads = first, 0
+
+    def read(self, size: int) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            return self.first
+        raise OSError(errno.EIO, "connection reset half-way")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_copy_whose_source_fails_half_way_leaves_the_old_file(where, request, monkeypatch):
+    from airflow.sdk import ObjectStoragePath
+
+    from conveyor.lake import copy_verified
+
+    lake = request.getfixturevalue("lake" if where == "local" else "s3_lake")
+    source, target = lake.landing("churn", "d1", "customers.csv"), lake.models("churn", "run-1") / "model.tar.gz"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(b"new bytes " * 1000)
+    target.write_bytes(b"the old archive")
+    real_open = ObjectStoragePath.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if mode == "rb" and self.name == "customers.csv":
+            return _FailingReader(b"new bytes " * 10)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStoragePath, "open", open_)
+    with pytest.raises(OSError, match="half-way"):
+        copy_verified(source, target, 100)
+    monkeypatch.setattr(ObjectStoragePath, "open", real_open)
+    assert target.read_bytes() == b"the old archive"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.tar.gz"]
+    assert copy_verified(source, target, 100)[1] == 10_000 and target.read_bytes() == b"new bytes " * 1000
