@@ -228,7 +228,7 @@ class IngestFeedbackOperator(_SpecOperator):
             self.log.error("Feedback drop %s rejected (%s); kept in %s", drop, exc, where)
             counts["rejected_examples"].append({"id": None, "label": None, "rule": f"drop {drop}: {exc}"})
             return
-        accepted, rejected = feedback.check_rows(rows, classes, known, labelled)
+        accepted, rejected = feedback.check_rows(rows, classes, known, labelled, spec.monitor.feedback_duplicates)
         counts["received"] += len(rows)
         counts["accepted"] += len(accepted)
         for key, value in feedback.rule_counts(rejected).items():
@@ -290,7 +290,8 @@ class RetrainDecisionOperator(_SpecOperator):
         current: dict[str, Any] = {"metric": metric, "value": None, "labels": 0, "version": None}
         series: list[dict[str, Any]] = []
         triggers = [t for t in decisions.load_triggers(lake, spec.name) if t.get("run_id") != run_id]
-        rows = records.joined(records.load_observations(lake, spec.name), records.load_labels(lake, spec.name))
+        every = records.joined(records.load_observations(lake, spec.name), records.load_labels(lake, spec.name))
+        rows = labelled.current_labels(every, spec.monitor.feedback_duplicates)  # one label per id
         model: dict[str, Any] = {"name": spec.name, "version": None, "metric": metric, "baseline_metric": None}
         metadata = None
         if champion is not None:
@@ -304,7 +305,8 @@ class RetrainDecisionOperator(_SpecOperator):
         decision = decisions.decide(spec, checks, current, triggers, now) | {"run_id": run_id, "live": current}
         if decision["retrain"] and metadata is not None and len(rows) and spec.data.format != "images":
             # (image rows are statistics, not the images: image pipelines retrain on the latest dataset)
-            uri, count = labelled.save_labelled_rows(lake, spec, run_id, rows, metadata)
+            # every label: the split applies the duplicate policy and keeps conflicting ids aside, reported
+            uri, count = labelled.save_labelled_rows(lake, spec, run_id, every, metadata)
             decision |= {"labelled_uri": uri, "labelled_rows": count}
         decisions.save_decision(lake, spec.name, run_id, decision)
         report = self._report(lake, spec.name, run_id, model, checks, series, decision)

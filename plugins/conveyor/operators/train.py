@@ -95,12 +95,19 @@ class SplitDatasetOperator(BaseOperator):
             labelled = lake.inside(labelled, what)
             from conveyor.monitoring.labelled import with_labelled_rows
 
-            frame, added = with_labelled_rows(frame, labelled, spec, lake.conn_id)
-            self.log.info("Added %s newly labelled rows from %s (retraining)", added, labelled)
+            joined = with_labelled_rows(frame, labelled, spec, lake, context["run_id"])  # checks + suite first
+            frame, added = joined.rows, joined.summary()
+            self.log.info(
+                "Added %s newly labelled rows from %s (retraining); %s rejected (kept in %s)",
+                joined.added,
+                labelled,
+                joined.rejected,
+                joined.quarantine,
+            )
         record = write_split(lake, spec, version, context["run_id"], frame)
         result = {"dataset_version": version, "split_uri": record["uri"], "parts": record["parts"]}
         if labelled:
-            result["labelled"] = {"uri": labelled, "rows": added}
+            result["labelled"] = {"uri": labelled, **added}  # rows, rejected, superseded, quarantine, rules
         return result
 
 
