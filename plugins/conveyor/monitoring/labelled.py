@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from conveyor.errors import ConveyorError
-from conveyor.lake import Lake, safe_name, write_json
+from conveyor.lake import Lake, is_transient, safe_name, write_json
 from conveyor.monitoring.records import ID, read_parquet, write_parquet
 
 if TYPE_CHECKING:
@@ -183,6 +183,8 @@ def _read_rows(frame: pd.DataFrame, uri: str, spec: PipelineSpec, conn_id: str |
     try:
         rows = read_parquet(ObjectStoragePath(uri, conn_id=conn_id))
     except Exception as exc:  # noqa: BLE001 - any read failure is the file's
+        if is_transient(exc):
+            raise  # the store failed, not the file (an S3 5xx, a timeout): the task is retried
         raise LabelledRowsError(f"{uri}: labelled rows cannot be read ({type(exc).__name__}: {exc})") from None
     missing = [c for c in frame.columns if c not in rows.columns]
     if missing:

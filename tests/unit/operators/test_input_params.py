@@ -126,3 +126,39 @@ def test_a_dataset_version_must_be_v_and_a_hex_digest(lake, version):
 def test_a_well_formed_dataset_version_goes_on_to_the_lookup(lake):
     with pytest.raises(AirflowFailException, match="'v-0123456789abcdef0123' of 'churn' does not exist or was not"):
         split(dataset_version="v-0123456789abcdef0123").execute(context("manual__1"))
+
+
+def test_labelled_rows_the_store_fails_to_read_are_retried_and_a_bad_file_is_not(lake, monkeypatch):
+    """Issue 17 item 8: an S3 503 while the retraining run reads its labelled rows is not bad input."""
+    import pandas as pd
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    import conveyor.monitoring.labelled as labelled
+    from conveyor.operators.base import airflow_errors
+    from conveyor.spec import PipelineSpec
+
+    spec = PipelineSpec.model_validate(SPEC)
+    frame = pd.DataFrame({"customer_id": ["C1"], "tenure_months": [1], "churned": ["no"]})
+    uri = lake.uri("monitor", "churn", "retrain", "r1", "labelled.parquet")
+    response = {
+        "Error": {"Code": "ServiceUnavailable", "Message": "try again"},
+        "ResponseMetadata": {"HTTPStatusCode": 503},
+    }
+    unavailable = translate_boto_error(ClientError(response, "GetObject"))
+
+    def read_parquet(path):
+        raise unavailable
+
+    real = labelled.read_parquet
+    monkeypatch.setattr(labelled, "read_parquet", read_parquet)
+    with pytest.raises(OSError, match="try again") as caught, airflow_errors():
+        labelled.with_labelled_rows(frame, uri, spec, lake, "manual__1")
+    assert caught.value is unavailable  # propagates: Airflow retries the split
+
+    monkeypatch.setattr(labelled, "read_parquet", real)
+    path = lake.monitor("churn", "retrain", "r1", "labelled.parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not parquet")
+    with pytest.raises(AirflowFailException, match="labelled rows cannot be read"), airflow_errors():
+        labelled.with_labelled_rows(frame, uri, spec, lake, "manual__1")
