@@ -305,8 +305,9 @@ class RetrainDecisionOperator(_SpecOperator):
         decision = decisions.decide(spec, checks, current, triggers, now) | {"run_id": run_id, "live": current}
         if decision["retrain"] and metadata is not None and len(rows) and spec.data.format != "images":
             # (image rows are statistics, not the images: image pipelines retrain on the latest dataset)
-            # every label: the split applies the duplicate policy and keeps conflicting ids aside, reported
-            uri, count = labelled.save_labelled_rows(lake, spec, run_id, every, metadata)
+            # reject: every label, so the split keeps the conflicting ids aside with a report
+            saved = every if spec.monitor.feedback_duplicates == "reject" else rows
+            uri, count = labelled.save_labelled_rows(lake, spec, run_id, saved, metadata)
             decision |= {"labelled_uri": uri, "labelled_rows": count}
         decisions.save_decision(lake, spec.name, run_id, decision)
         report = self._report(lake, spec.name, run_id, model, checks, series, decision)
