@@ -34,10 +34,13 @@ def train_params(spec: PipelineSpec) -> dict[str, Any]:
     """The form a person fills in to train by hand."""
     from airflow.sdk import Param
 
+    from conveyor.lake import DATASET_VERSION
+
     params = {
         "dataset_version": Param(
             "",
             type=["null", "string"],
+            pattern=f"^({DATASET_VERSION.pattern})?$",  # the form refuses anything but v-<hex> (the operator too)
             title="Dataset version",
             description="Empty: the version that triggered the run, else the latest validated",
         ),

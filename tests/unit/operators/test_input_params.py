@@ -162,3 +162,17 @@ def test_labelled_rows_the_store_fails_to_read_are_retried_and_a_bad_file_is_not
     path.write_bytes(b"not parquet")
     with pytest.raises(AirflowFailException, match="labelled rows cannot be read"), airflow_errors():
         labelled.with_labelled_rows(frame, uri, spec, lake, "manual__1")
+
+
+def test_the_train_form_refuses_a_dataset_version_that_is_not_v_and_hex():
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from conveyor.factory.train import train_params
+    from conveyor.spec import PipelineSpec
+
+    param = train_params(PipelineSpec.model_validate(SPEC))["dataset_version"]
+    for accepted in ("", None, "v-0123456789abcdef0123"):
+        assert param.resolve(accepted) == accepted
+    for refused in ("v-../x", "../../raw/other/v-0123456789abcdef0123", "latest"):
+        with pytest.raises(ParamValidationError, match="does not match"):
+            param.resolve(refused)
