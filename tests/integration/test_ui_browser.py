@@ -373,9 +373,12 @@ def test_validation_report_opens_from_the_task_link(person, airflow_ui):
     person.shot("validate-task-extra-link")
     link.click()
     person.at(report)
-    person.until(lambda d: "Great Expectations" in d.title, "the Data Docs page")
-    person.says("Data Docs | conveyor")
+    person.until(lambda d: d.title == "Data validation | Conveyor", "the validation report's index")
+    person.says("Passed")
     person.shot("validation-report")
+    person.visible(By.XPATH, "//a[contains(@href, 'validations/')]").click()  # GX's page, read without JavaScript
+    person.says("Expectation Validation Result")
+    person.shot("validation-result")
 
     # The run's report index lists it too; a run that does not exist is a clear 404.
     person.open(report.removeprefix(airflow_ui.url).removesuffix("validation/"))
@@ -398,3 +401,78 @@ def test_report_viewer_asks_for_login_first(person, airflow_ui):
     person.login_if_asked()
     person.at(airflow_ui.url + page)
     person.says("has no run 'no-such-run'")
+
+
+INJECTED = "<script>document.title='pwned';window.conveyorPwned=1</script>"
+INJECTED_IMG = '"><img src=x onerror="document.title=\'pwned\';window.conveyorPwned=1">'
+
+
+def wait_for_failed_validation(server: Server) -> str:
+    """The ``churn__ingest`` run whose validate task failed: the one that took the rejected drop (the module's
+    only bad drop; whichever run's sensor was waiting takes it, a scheduled one or the one triggered here)."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    token = None
+    while time.monotonic() < deadline:
+        try:
+            token = token or server.token()
+            tis = get_json(f"{server.url}/api/v2/dags/churn__ingest/dagRuns/~/taskInstances", token)["task_instances"]
+        except (urllib.error.URLError, TimeoutError):
+            continue
+        for ti in tis:
+            if ti["task_id"] == "validate" and ti["state"] == "failed":
+                return ti["dag_run_id"]
+        time.sleep(2)
+    pytest.fail(f"no churn__ingest run failed validation within {RUN_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def not_run(driver) -> None:
+    """The page's own scripts did not run (title untouched, no flag); WebDriver's script is not the page's."""
+    assert driver.title != "pwned"
+    assert driver.execute_script("return window.conveyorPwned === undefined") is True
+
+
+def test_a_script_in_a_drop_does_not_run_in_its_validation_report(person, airflow_ui):
+    from selenium.webdriver.common.by import By
+
+    from conveyor.lake import Lake
+
+    lake = Lake(root=airflow_ui.lake_root.as_uri())
+    contract = [INJECTED if i % 3 == 0 else INJECTED_IMG if i % 3 == 1 else "one-year" for i in range(300)]
+    write_drop(lake, "drop-zz-injected", {"customers.csv": churn_csv(300, contract=contract)})
+    token = airflow_ui.token()
+    unpause = urllib.request.Request(
+        f"{airflow_ui.url}/api/v2/dags/churn__ingest",
+        data=json.dumps({"is_paused": False}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="PATCH",
+    )
+    urllib.request.urlopen(unpause, timeout=120).close()
+    get_json(f"{airflow_ui.url}/api/v2/dags/churn__ingest/dagRuns", token, data={"logical_date": None})
+    run_id = wait_for_failed_validation(airflow_ui)
+
+    report = f"/conveyor/reports/churn__ingest/{quote(run_id, safe='')}/validation/"
+    person.open(report)
+    person.login_if_asked()
+    person.until(lambda d: d.title == "Data validation | Conveyor", "the failed validation's report")
+    person.says("Failed")
+    person.says(INJECTED)  # the value is shown, as text
+    not_run(person.driver)
+    body = person.driver.find_element(By.TAG_NAME, "body")
+    assert body.value_of_css_property("font-family").startswith("system-ui")  # the shipped stylesheet loaded
+    person.shot("injected-validation-index")
+    person.visible(By.XPATH, "//a[contains(@href, 'validations/')]").click()
+    person.says("Sampled Unexpected Values")
+    person.says(INJECTED)
+    not_run(person.driver)
+    person.shot("injected-validation-result")
+
+    # Any HTML in the run's report folder is served under the sandboxing policy: its scripts never run.
+    raw = lake.reports("churn", run_id) / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "index.html").write_text(
+        f"<html><head><title>raw report</title></head><body>{INJECTED}{INJECTED_IMG}</body></html>"
+    )
+    person.open(report.replace("/validation/", "/raw/"))
+    person.until(lambda d: d.title == "raw report", "the raw page")
+    not_run(person.driver)
+    person.shot("raw-report-with-script")
