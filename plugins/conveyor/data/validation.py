@@ -234,7 +234,10 @@ def _count_attempt(lake: Lake, pipeline: str, version: str, run_id: str) -> int:
     from conveyor.lake import read_json
 
     path = lake.raw(pipeline, version) / ATTEMPTS
-    runs: list[str] = list(read_json(path).get("runs", [])) if path.exists() else []
+    try:
+        runs: list[str] = list(read_json(path).get("runs", [])) if path.exists() else []
+    except ValueError:  # a torn record (not JSON) counts afresh rather than failing every run
+        runs = []
     write_json(path, {"runs": [*runs, run_id]})
     return len(runs)
 

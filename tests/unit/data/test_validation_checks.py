@@ -282,3 +282,15 @@ def test_image_versions_are_capped_by_rows_not_by_the_bytes_of_their_images(lake
     few = {**spec, "validation": {**spec["validation"], "max_rows": 5}}
     with pytest.raises(AirflowFailException, match="31 rows, more than validation.max_rows 5"):
         ingest_and_validate("imgs2", pipeline="shapes", run_id="run-imgs2", spec=few)
+
+
+def test_a_torn_attempts_record_counts_afresh(lenient):
+    from conveyor.data.datasets import ingest_drop
+    from conveyor.data.validation import ATTEMPTS, validate_version
+    from conveyor.operators.base import pipeline_spec
+
+    spec = pipeline_spec(spec_with())
+    write_drop(lenient, "torn", {"c.csv": churn_csv(120)})
+    version = ingest_drop(lenient, spec, "torn", "run1")["version"]
+    (lenient.raw("churn", version) / ATTEMPTS).write_bytes(b'{"runs": ["a", ')
+    assert validate_version(lenient, spec, "torn", version, "run1")["rows"] == 120
