@@ -67,8 +67,8 @@ def store_observations(lake, ids: list[str], source_id: str = "b1") -> None:
     records.write_parquet(lake.monitor("churn", "observations", f"batch-{source_id}.parquet"), observed)
 
 
-def ingest(run_id: str = "scheduled__1") -> dict:
-    return IngestFeedbackOperator(task_id="feedback", spec=SPEC).execute(monitor_context(run_id))
+def ingest(run_id: str = "scheduled__1", spec: dict = SPEC) -> dict:
+    return IngestFeedbackOperator(task_id="feedback", spec=spec).execute(monitor_context(run_id))
 
 
 def csv(rows: list[tuple[str, str]], header: str = "id,label") -> bytes:
@@ -209,9 +209,10 @@ def test_a_good_drop_is_accepted_and_not_read_twice(lake, champion):
 
 @pytest.mark.slow
 def test_bad_rows_are_quarantined_with_their_rule_and_good_ones_kept(lake, champion):
+    first = {**SPEC, "monitor": {**SPEC["monitor"], "feedback_duplicates": "first"}}  # later labels are rejected
     store_observations(lake, [f"C-{n}" for n in range(10)])
     write_drop(lake, "feedback/f1", {"labels.csv": csv([("C-1", "yes")])})
-    ingest()
+    ingest(spec=first)
     rows = [("C-2", "no"), ("NOPE", "yes"), ("C-2", "yes"), ("C-3", "maybe"), ("C-1", "no"), ("C-4", "yes")]
     write_drop(
         lake,
@@ -221,7 +222,7 @@ def test_bad_rows_are_quarantined_with_their_rule_and_good_ones_kept(lake, champ
             "part-2.jsonl": "".join(json.dumps({"id": i, "label": label}) + "\n" for i, label in rows[3:]).encode(),
         },
     )
-    counts = ingest("scheduled__2")
+    counts = ingest("scheduled__2", spec=first)
     assert {k: counts[k] for k in ("drops", "received", "accepted", "unknown_ids", "duplicates", "out_of_set")} == {
         "drops": 1,
         "received": 6,
