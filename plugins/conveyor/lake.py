@@ -226,7 +226,7 @@ def replacing(path: ObjectStoragePath, durable: bool = True) -> Iterator[BinaryI
         handle.close()
         return
     target = Path(path.path)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    temporary = target.with_name(f".{target.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")  # within NAME_MAX
     try:
         with temporary.open("xb") as local:
             yield local

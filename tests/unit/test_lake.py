@@ -334,3 +334,11 @@ def test_a_copy_whose_source_fails_half_way_leaves_the_old_file(where, request, 
     assert target.read_bytes() == b"the old archive"
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.tar.gz"]
     assert copy_verified(source, target, 100)[1] == 10_000 and target.read_bytes() == b"new bytes " * 1000
+
+
+def test_a_long_name_is_written_atomically_too(lake):
+    """The temporary name stays within the file system's name limit (255 bytes) for any valid name."""
+    path = lake.monitor("churn", "checks", "batch-" + "r" * 240 + ".json")
+    write_json(path, {"ok": True})
+    write_json(path, {"ok": False})
+    assert read_json(path) == {"ok": False} and leftovers(Path(path.path).parent) == []
