@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import gc
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from conveyor import settings
 from conveyor.serving import endpoint_state
 from conveyor.serving.auth import AuthFailed, Verifier, endpoint_credentials
+from conveyor.serving.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_WAIT_MS, Batcher
 from conveyor.serving.capture import Capture
 from conveyor.serving.feedback import MAX_FEEDBACK_BYTES, feedback_route
 from conveyor.serving.http import (
@@ -73,6 +74,17 @@ from conveyor.serving.http import (
     read_body,
     too_large_message,
 )
+from conveyor.serving.models import (  # noqa: F401 - load_model and run_handlers kept importable from here
+    JSON_MEDIA,
+    ServedModel,
+    control_key,
+    handler_error,
+    load_model,
+    parse,
+    run_handlers,
+    serialiser,
+    utc_now,
+)
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -82,117 +94,7 @@ HEARTBEAT_EVERY_S = 2.0
 TARGET_HEADER = "x-conveyor-target"
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"  # boto3 returns it as InvokedProductionVariant
 INFERENCE_ID_HEADER = "x-amzn-sagemaker-inference-id"  # invoke_endpoint(InferenceId=...)
-JSON_MEDIA = "application/json"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="conveyor", AWS4-HMAC-SHA256'}
-REQUIRED_HANDLERS = ("model_fn", "predict_fn", "output_fn")
-
-
-def _now() -> str:
-    """The current UTC time, ISO 8601."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-# ------------------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """One loaded model version of a worker.
-
-    :param version: the version requests are answered as.
-    :param model_dir: the extracted archive it was loaded from.
-    :param loaded: the model and its handler module.
-    :param loaded_at: when loading finished (UTC, ISO 8601).
-    """
-
-    version: str
-    model_dir: str
-    loaded: Any
-    loaded_at: str
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.version, self.model_dir)
-
-    def ref(self) -> dict[str, str]:
-        return {"version": self.version, "model_dir": self.model_dir, "loaded_at": self.loaded_at}
-
-
-def _key(ref: dict[str, str] | None) -> tuple[str, str] | None:
-    """The identity of a control entry: (version, model_dir).
-
-    :param ref: ``{"version", "model_dir"}`` or None.
-    """
-    return None if ref is None else (ref["version"], ref["model_dir"])
-
-
-def load_model(version: str, model_dir: str) -> ServedModel:
-    """Load an extracted ``model.tar.gz`` through its ``code/inference.py`` (blocking; call in a thread).
-
-    :param version: the model version.
-    :param model_dir: the extracted archive.
-    """
-    from conveyor.model.artifacts import LoadedModel
-
-    loaded = LoadedModel(Path(model_dir))
-    missing = [name for name in REQUIRED_HANDLERS if not callable(getattr(loaded.handlers, name, None))]
-    parses = any(callable(getattr(loaded.handlers, name, None)) for name in ("parse_request", "input_fn"))
-    if not parses:
-        missing.append("input_fn")
-    if missing:
-        raise ValueError(f"{model_dir}/code/inference.py lacks the handlers {', '.join(missing)}")
-    return ServedModel(version=version, model_dir=model_dir, loaded=loaded, loaded_at=_now())
-
-
-def _media_of(handlers: Any, accept: str | None) -> str:
-    """The content type of a response body: the handlers' choice, else the Accept asked for.
-
-    :param handlers: the model's handler module.
-    :param accept: the request's ``Accept`` header.
-    """
-    choose = getattr(handlers, "choose_accept", None)
-    if callable(choose):
-        return choose(accept)
-    if accept and "," not in accept and "*" not in accept:
-        return accept.split(";")[0].strip()
-    return JSON_MEDIA
-
-
-def run_handlers(
-    served: ServedModel, body: bytes, content_type: str | None, accept: str | None
-) -> tuple[bytes | str, str]:
-    """Answer one request with the model's handlers (blocking; call in a thread): body and content type.
-
-    :param served: the model that answers.
-    :param body: the request body.
-    :param content_type: the request's ``Content-Type``.
-    :param accept: the request's ``Accept``.
-    """
-    handlers, model = served.loaded.handlers, served.loaded.model
-    parse = getattr(handlers, "parse_request", None)
-    data = parse(body, content_type, model) if callable(parse) else handlers.input_fn(body, content_type)
-    result = handlers.output_fn(handlers.predict_fn(data, model), accept)
-    if isinstance(result, tuple):  # SageMaker handlers may return (body, content_type)
-        return result[0], result[1]
-    return result, _media_of(handlers, accept)
-
-
-HANDLER_STATUS = {"UnsupportedContentType": 415, "RequestTooLarge": 413}  # a handler module's ValueErrors
-
-
-def _handler_status(error: BaseException, handlers: Any) -> int | None:
-    """The status of a handler error the module names: 415 ``UnsupportedContentType``, 413 ``RequestTooLarge``.
-
-    :param error: the exception raised by a handler.
-    :param handlers: the model's handler module.
-    """
-    for name, status in HANDLER_STATUS.items():
-        cls = getattr(handlers, name, None)
-        if isinstance(cls, type) and isinstance(error, cls):
-            return status
-        if any(base.__name__ == name for base in type(error).__mro__):
-            return status
-    return None
 
 
 # ------------------------------------------------------------------------------------- worker
@@ -204,13 +106,29 @@ class ModelWorker:
     ``live`` and ``candidate`` are only ever replaced whole (one reference assignment each), from
     the event loop; a request reads the reference it needs once, when it starts.
 
+    Each version held has its own :class:`~conveyor.serving.batching.Batcher` (requests for one
+    version are merged; a batch never mixes versions).
+
     :param name: the endpoint name.
     :param poll_interval: seconds between looks at ``control.json``.
+    :param max_batch_size: the most rows one merged predict takes.
+    :param max_batch_wait_ms: how long a batch may wait for more rows (0: start at once when idle).
     """
 
-    def __init__(self, name: str, poll_interval: float = POLL_INTERVAL_S):
+    def __init__(
+        self,
+        name: str,
+        poll_interval: float = POLL_INTERVAL_S,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS,
+    ):
         self.name = name
         self.poll_interval = poll_interval
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_ms = max_batch_wait_ms
+        self.limiter: anyio.CapacityLimiter | None = None
+        self.requests = 0
+        self._batchers: weakref.WeakKeyDictionary[ServedModel, Batcher] = weakref.WeakKeyDictionary()
         self.live: ServedModel | None = None
         self.candidate: ServedModel | None = None
         self.error: dict[str, str] | None = None
@@ -219,6 +137,24 @@ class ModelWorker:
         self._seen: tuple[int, int, int] | None = None
         self._task: asyncio.Task | None = None
         self._last_beat = 0.0
+
+    def batcher(self, model: ServedModel) -> Batcher:
+        """The batcher of one loaded version (made on its first request, dropped with the version).
+
+        :param model: the version a request took.
+        """
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            handlers, loaded = model.loaded.handlers, model.loaded.model
+            batcher = Batcher(
+                handlers, loaded, serialiser(model), self.max_batch_size, self.max_batch_wait_ms, self.limiter
+            )
+            self._batchers[model] = batcher
+        return batcher
+
+    def batch_stats(self) -> dict[str, dict[str, int]]:
+        """Per version held: predict calls, requests, rows and the largest batch so far."""
+        return {model.version: vars(batcher.stats).copy() for model, batcher in list(self._batchers.items())}
 
     # -- state files
 
@@ -231,8 +167,10 @@ class ModelWorker:
             "candidate": self.candidate.ref() if self.candidate else None,
             "loaded_at": self.loaded_at,
             "error": self.error,
+            "requests": self.requests,
+            "batches": self.batch_stats(),
             "serial": (self.control or {}).get("serial"),
-            "updated_at": _now(),
+            "updated_at": utc_now(),
         }
         try:
             path = endpoint_state.heartbeat_path(self.name, os.getpid())
@@ -314,7 +252,7 @@ class ModelWorker:
                 "model_dir": ref["model_dir"],
                 "role": role,
                 "message": message,
-                "at": _now(),
+                "at": utc_now(),
             }
             return None
         logger.info("endpoint %s: loaded version %s in %.2fs", self.name, ref["version"], time.monotonic() - started)
@@ -328,7 +266,7 @@ class ModelWorker:
 
         :param control: the control document.
         """
-        want_live, want_candidate = _key(control["live"]), _key(control["candidate"])
+        want_live, want_candidate = control_key(control["live"]), control_key(control["candidate"])
         dropped: list[ServedModel | None] = []
         if want_live != (self.live.key if self.live else None):
             if want_live is None:
@@ -357,6 +295,7 @@ class ModelWorker:
         unused = [old for old in dropped if old is not None and old is not self.live and old is not self.candidate]
         dropped.clear()
         if unused:
+            self.heartbeat()  # what is served now is on disk before the (slow) collection below
             logger.info("endpoint %s: dropped version(s) %s", self.name, ", ".join(old.version for old in unused))
             unused.clear()
             await anyio.to_thread.run_sync(gc.collect)  # free the old model once no request holds it
@@ -419,7 +358,7 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
     capture = Capture(config.capture_dir, config.capture_share, name) if config.capture_dir else None
     _configure_logging()
     verifier = Verifier(endpoint_credentials())
-    worker = ModelWorker(name, poll_interval)
+    worker = ModelWorker(name, poll_interval, config.max_batch_size, config.max_batch_wait_ms)
     served = Endpoint(name, worker, config.max_body_bytes, capture, config.feedback_dir, verifier)
     app = FastAPI(
         title=f"Conveyor endpoint {name}",
@@ -449,7 +388,7 @@ def _lifespan(served: Endpoint, concurrency: int) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.limiter = anyio.CapacityLimiter(concurrency)
+        app.state.limiter = served.worker.limiter = anyio.CapacityLimiter(concurrency)
         await served.worker.start()
         logger.info(
             "endpoint %s: worker %s serving (live: %s)",
@@ -553,21 +492,13 @@ async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) 
             return error_response(409, f"endpoint {name}: no candidate model is loaded")
         return error_response(503, f"endpoint {name}: no live model is loaded")
     content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
-    try:
-        answer, media = await anyio.to_thread.run_sync(
-            run_handlers, model, body, content_type, accept, limiter=request.app.state.limiter
-        )
+    worker.requests += 1
+    try:  # parsed on its own first: a malformed request is answered alone, before it joins a batch
+        data = await parse(model, body, content_type, request.app.state.limiter)
+        answer, media = await worker.batcher(model).submit(data, accept)
     except Exception as error:  # noqa: BLE001 - every failure becomes a response; the worker keeps serving
-        status = _handler_status(error, model.loaded.handlers)
-        if status is not None:
-            return error_response(status, str(error), model.version)
-        if isinstance(error, ValueError):
-            return error_response(400, str(error), model.version)
-        if isinstance(error, RecursionError):  # json.loads of a deeply nested body, in a model's own parser
-            return error_response(400, "the request nests arrays or objects too deeply to parse", model.version)
-        logger.exception("endpoint %s: version %s failed on a request", name, model.version)
-        message = f"the model failed on this request ({type(error).__name__}); see the server log"
-        return error_response(500, message, model.version, "ModelError")
+        return handler_error(error, model, name)
+    inference_id = request.headers.get(INFERENCE_ID_HEADER)
     capture = served.capture
     if capture is not None and target == "live" and capture.sampled():
         await anyio.to_thread.run_sync(
@@ -578,11 +509,12 @@ async def invoke(served: Endpoint, request: Request, endpoint_name: str | None) 
             body,
             answer,
             media,
-            request.headers.get(INFERENCE_ID_HEADER),
+            inference_id,
         )
-    return Response(
-        content=answer, media_type=media, headers={VERSION_HEADER: model.version, VARIANT_HEADER: model.version}
-    )
+    headers = {VERSION_HEADER: model.version, VARIANT_HEADER: model.version}
+    if inference_id is not None:
+        headers[INFERENCE_ID_HEADER] = inference_id  # each answer carries its own request's id
+    return Response(content=answer, media_type=media, headers=headers)
 
 
 def _configure_logging() -> None:
