@@ -14,6 +14,8 @@
 | ``CONVEYOR_ENDPOINT`` | model server worker | set by the endpoint process (the endpoint's name) |
 | ``CONVEYOR_MAX_BODY_BYTES`` | model server | ``6291456`` (6 MiB, SageMaker's limit) |
 | ``CONVEYOR_INFERENCE_CONCURRENCY`` | model server | ``1`` predictions at a time per worker |
+| ``CONVEYOR_MAX_BATCH_SIZE`` | model server | ``64`` rows in one merged predict (spec ``max_batch_size``) |
+| ``CONVEYOR_MAX_BATCH_WAIT_MS`` | model server | ``0``: a batch starts at once when idle (``max_batch_wait_ms``) |
 | ``CONVEYOR_CAPTURE_DIR`` | model server | none (no capture); set by deploy from the spec's ``capture_share`` |
 | ``CONVEYOR_CAPTURE_SHARE`` | model server | ``1.0`` of requests captured when capture is on |
 | ``CONVEYOR_FEEDBACK_DIR`` | model server | none (``POST /feedback`` answers 503); set by deploy for a local lake |
@@ -140,6 +142,8 @@ class ServerSettings:
     capture_share: float
     feedback_dir: Path | None
     max_header_bytes: int = MAX_HEADER_BYTES_DEFAULT
+    max_batch_size: int = 64
+    max_batch_wait_ms: float = 0.0
 
 
 def server_settings() -> ServerSettings:
@@ -154,6 +158,8 @@ def server_settings() -> ServerSettings:
         capture_share=env_number("CONVEYOR_CAPTURE_SHARE", 1.0, 0.0, 1.0),
         feedback_dir=Path(feedback) if feedback else None,
         max_header_bytes=int(env_number("CONVEYOR_MAX_HEADER_BYTES", MAX_HEADER_BYTES_DEFAULT, 1024)),
+        max_batch_size=int(env_number("CONVEYOR_MAX_BATCH_SIZE", 64, 1, 10_000)),
+        max_batch_wait_ms=env_number("CONVEYOR_MAX_BATCH_WAIT_MS", 0.0, 0.0, 1000.0),
     )
 
 

@@ -143,6 +143,10 @@ class EndpointSpec(_Strict):
     workers: int = Field(2, ge=1)
     port: int = Field(8090, ge=1, le=65535)
     capture_share: float = Field(0.0, ge=0.0, le=1.0)
+    # local server: requests waiting in a worker merged into one predict of at most max_batch_size
+    # rows; max_batch_wait_ms > 0 holds a batch that long for more rows (0: start at once when idle).
+    max_batch_size: int = Field(64, ge=1, le=10_000)
+    max_batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     # compute: sagemaker only (docs/aws.md): the blue/green update of an existing endpoint. Traffic
     # moves ALL_AT_ONCE, or CANARY (traffic_step_share first, the rest after wait_interval_seconds),
     # or LINEAR (traffic_step_share every wait_interval_seconds); the old fleet is kept

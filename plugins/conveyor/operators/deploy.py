@@ -219,7 +219,10 @@ class DeployEndpointOperator(BaseOperator):
             self.log.info("Using the endpoint service at %s (CONVEYOR_ENDPOINT_URL)", external)
             return external
         endpoint = spec.deploy.endpoint
-        env = {}
+        env = {  # adaptive micro-batching of each worker (serving/batching.py)
+            "CONVEYOR_MAX_BATCH_SIZE": str(endpoint.max_batch_size),
+            "CONVEYOR_MAX_BATCH_WAIT_MS": str(endpoint.max_batch_wait_ms),
+        }
         if lake.conn_id is None:  # the server writes feedback drops straight into the local lake
             env["CONVEYOR_FEEDBACK_DIR"] = str(lake.landing(spec.name, "feedback").path)
         if endpoint.capture_share > 0:
