@@ -36,7 +36,7 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: each load is its own version object (and batcher)
 class ServedModel:
     """One loaded model version of a worker.
 

@@ -1,8 +1,10 @@
 """Run a local endpoint as a detached background process: start, status, stop, ensure.
 
-The server is ``python -m uvicorn conveyor.serving.app:create_app --factory --workers N --http
-conveyor.serving.protocol:LimitedHttpToolsProtocol`` (httptools with a cap on request heads) in a
-new session (its own process group), logging to ``<endpoint folder>/server.log``;
+The server is ``python -m conveyor.serving.supervisor conveyor.serving.app:create_app --workers N
+--http conveyor.serving.protocol:LimitedHttpToolsProtocol`` (uvicorn with a cap on request heads,
+each worker on its own ``SO_REUSEPORT`` socket so connections spread evenly over the workers, see
+:mod:`conveyor.serving.supervisor`) in a new session (its own process group), logging to
+``<endpoint folder>/server.log``;
 ``server.json`` records its pid, host, port, workers and URL. With ``workers >= 2`` uvicorn's
 supervisor (0.54) starts a new worker when one dies (checked every 0.5 s, at worst after the
 health-check timeout, see ``HEALTHCHECK_TIMEOUT_S``); the new worker loads the live model before it
@@ -35,6 +37,7 @@ from conveyor.serving.auth import endpoint_credentials
 from conveyor.serving.endpoint_state import EndpointError, endpoint_dir, pid_alive, worker_states, write_json_atomic
 
 APP = "conveyor.serving.app:create_app"
+SUPERVISOR = "conveyor.serving.supervisor"  # uvicorn's supervisor, one SO_REUSEPORT socket per worker
 PROTOCOL = "conveyor.serving.protocol:LimitedHttpToolsProtocol"  # httptools with a cap on request heads
 # uvicorn's supervisor pings each worker every 0.5 s and kills one that does not answer within this
 # time (a busy worker answers from a thread, well under a second even while loading a model). It
@@ -189,7 +192,7 @@ def start_endpoint(
 
 
 def _command(host: str, port: int, workers: int) -> list[str]:
-    """The server's command line: uvicorn with the app factory and the head-limited protocol.
+    """The server's command line: the supervisor with the app factory and the head-limited protocol.
 
     :param host: the address to listen on.
     :param port: the TCP port.
@@ -198,16 +201,14 @@ def _command(host: str, port: int, workers: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "uvicorn",
+        SUPERVISOR,
         APP,
-        "--factory",
         "--workers",
         str(workers),
         "--host",
         host,
         "--port",
         str(port),
-        "--no-access-log",
         "--http",
         PROTOCOL,
         "--timeout-worker-healthcheck",
