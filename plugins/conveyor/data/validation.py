@@ -14,12 +14,11 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conveyor import settings
 from conveyor.errors import ConveyorError, ValidationFailed
 from conveyor.lake import Lake, remove_tree, upload_tree, write_json
-from conveyor.reports import data_docs
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
@@ -29,6 +28,17 @@ log = logging.getLogger(__name__)
 SITE = "conveyor"
 # BASIC: counts and a sample of unexpected values, without row indices of every unexpected value.
 RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 5}
+
+
+class DataDocs(Protocol):
+    """How Data Docs pages are configured and made safe (:mod:`conveyor.reports.data_docs`; the operator passes
+    it in, so this domain module builds no HTML of its own and never imports ``reports``)."""
+
+    def site_config(self, docs_dir: Path) -> Any: ...
+
+    def make_offline(self, docs_dir: Path, success: bool | None = None, failures: Any = ()) -> None: ...
+
+    def write_index(self, docs_dir: Path, success: bool | None = None, failures: Any = ()) -> Path: ...
 
 
 @dataclass
@@ -100,6 +110,7 @@ def validate_frame(
     run_name: str,
     docs_dir: Path | None = None,
     result_format: dict[str, Any] | None = None,
+    docs: DataDocs | None = None,
 ) -> ValidationOutcome:
     """Validate a pandas DataFrame against a suite, optionally rendering Data Docs.
 
@@ -109,7 +120,10 @@ def validate_frame(
     :param docs_dir: a local folder for the Data Docs site, or None for no HTML.
     :param result_format: GX's result format (default :data:`RESULT_FORMAT`); with ``COMPLETE`` a failed
         row-wise expectation's result row lists the frame index of every unexpected row (``unexpected_index``).
+    :param docs: renders the Data Docs site safely (required with ``docs_dir``).
     """
+    if docs_dir is not None and docs is None:
+        raise ValueError("validate_frame: docs_dir needs docs (conveyor.reports.data_docs) to render the pages safely")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
@@ -132,7 +146,7 @@ def validate_frame(
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     actions: list[Any] = []
     if docs_dir is not None:
-        context.add_data_docs_site(SITE, data_docs.site_config(docs_dir))  # data values escaped
+        context.add_data_docs_site(SITE, docs.site_config(docs_dir))  # type: ignore[union-attr]  # data values escaped
         actions.append(UpdateDataDocsAction(name="data_docs", site_names=[SITE]))
     name = suite["name"]
     try:
@@ -153,8 +167,8 @@ def validate_frame(
     run = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
     (validation,) = run.run_results.values()
     failed = [r for r in validation.results if not r.success]
-    if docs_dir is not None:  # no CDN scripts or styles, nothing active, an index readable without JavaScript
-        data_docs.make_offline(docs_dir, bool(run.success), [_describe(r) for r in failed])
+    if docs_dir is not None and docs is not None:  # no CDN scripts or styles, nothing active, an index without JS
+        docs.make_offline(docs_dir, bool(run.success), [_describe(r) for r in failed])
     return ValidationOutcome(
         success=bool(run.success),
         statistics=dict(validation.statistics),
@@ -166,7 +180,9 @@ def validate_frame(
 ATTEMPTS = "validation-attempts.json"
 
 
-def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, run_id: str) -> dict[str, Any] | None:
+def validate_version(
+    lake: Lake, spec: PipelineSpec, drop: str, version: str, run_id: str, docs: DataDocs
+) -> dict[str, Any] | None:
     """Run the implicit checks and the pipeline's suite on a dataset version, then publish it or quarantine its drop.
 
     Writes ``reports/<pipeline>/<run>/validation/`` (``result.json`` and GX Data Docs, entry
@@ -181,6 +197,7 @@ def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, ru
     :param drop: the drop the version came from.
     :param version: the dataset version to validate.
     :param run_id: the Airflow run (names the report folder).
+    :param docs: renders the Data Docs pages safely (:mod:`conveyor.reports.data_docs`).
     :return: ``{"version", "rows", "report", "statistics", "uri"}``, or None when the version was
         validated before (the drop is marked processed; there is nothing new to publish).
     :raises ValidationFailed: listing the failed checks and expectations, the report and the quarantine folder.
@@ -203,9 +220,9 @@ def validate_version(lake: Lake, spec: PipelineSpec, drop: str, version: str, ru
             f"(validation.max_attempts {spec.validation.max_attempts}; the task was killed, e.g. out of memory, "
             "or storage kept failing): see those runs' logs"
         )
-        outcome, report, report_uri = _rejected_unread(lake, spec, manifest, drop, run_id, suite, [reason])
+        outcome, report, report_uri = _rejected_unread(lake, spec, manifest, drop, run_id, suite, docs, [reason])
     else:
-        outcome, report, report_uri = _judge_version(lake, spec, manifest, drop, version, run_id, suite)
+        outcome, report, report_uri = _judge_version(lake, spec, manifest, drop, version, run_id, suite, docs)
     if not outcome.success:
         where = quarantine_drop(lake, spec.name, drop, run_id, report, spec.ingest.chunk_bytes)
         remove_tree(lake.raw(spec.name, version))
@@ -261,6 +278,7 @@ def _judge_version(
     version: str,
     run_id: str,
     suite: dict[str, Any],
+    docs: DataDocs,
 ) -> tuple[ValidationOutcome, dict[str, Any], str]:
     """Check a version (caps, implicit checks, the suite; for images each file), write the report;
     returns outcome, report, URI."""
@@ -269,7 +287,7 @@ def _judge_version(
 
     too_big = check_caps(manifest, spec)
     if too_big:
-        return _rejected_unread(lake, spec, manifest, drop, run_id, suite, too_big)
+        return _rejected_unread(lake, spec, manifest, drop, run_id, suite, docs, too_big)
     checks = CheckReport()
     if spec.data.format != "images":
         previous_version, previous = _previous_schema(lake, spec.name, version)
@@ -279,7 +297,7 @@ def _judge_version(
         frame = read_table(lake, manifest, spec)
     except (ValueError, TypeError, NotImplementedError) as exc:  # the data's fault (UnicodeDecodeError, Arrow, pandas)
         reason = f"rule 'readable table': {type(exc).__name__}: {exc}"
-        return _rejected_unread(lake, spec, manifest, drop, run_id, suite, [*checks.failures, reason], checks)
+        return _rejected_unread(lake, spec, manifest, drop, run_id, suite, docs, [*checks.failures, reason], checks)
     extra: dict[str, Any] = {}
     problems = list(checks.failures)
     if spec.data.format == "images":
@@ -294,8 +312,8 @@ def _judge_version(
         log.warning("Accepted (validation.allow_schema_drift): %s", line)
     report_dir = lake.reports(spec.name, run_id) / "validation"
     with tempfile.TemporaryDirectory(prefix="conveyor-docs-") as tmp:
-        outcome = validate_frame(frame, suite, run_name=f"{spec.name}-{version}", docs_dir=Path(tmp))
-        data_docs.write_index(Path(tmp), outcome.success and not problems, problems + outcome.failures)
+        outcome = validate_frame(frame, suite, run_name=f"{spec.name}-{version}", docs_dir=Path(tmp), docs=docs)
+        docs.write_index(Path(tmp), outcome.success and not problems, problems + outcome.failures)
         upload_tree(Path(tmp), report_dir)
     del frame
     if problems:
@@ -334,6 +352,7 @@ def _rejected_unread(
     drop: str,
     run_id: str,
     suite: dict[str, Any],
+    docs: DataDocs,
     failures: list[str],
     checks: Any = None,
 ) -> tuple[ValidationOutcome, dict[str, Any], str]:
@@ -344,7 +363,7 @@ def _rejected_unread(
     outcome = ValidationOutcome(success=False, statistics={}, failures=failures)
     report_dir = lake.reports(spec.name, run_id) / "validation"
     with tempfile.TemporaryDirectory(prefix="conveyor-docs-") as tmp:
-        data_docs.write_index(Path(tmp), False, failures)
+        docs.write_index(Path(tmp), False, failures)
         upload_tree(Path(tmp), report_dir)
     report = _report_head(spec, manifest, drop, run_id, suite) | {"suite_run": False}
     if checks is not None:

@@ -50,9 +50,10 @@ class ValidateDatasetOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.assets import dataset_asset
         from conveyor.data.validation import validate_version
+        from conveyor.reports import data_docs
 
         spec = pipeline_spec(self.spec)
-        published = validate_version(Lake.from_env(), spec, self.drop, self.version, context["run_id"])
+        published = validate_version(Lake.from_env(), spec, self.drop, self.version, context["run_id"], data_docs)
         if published is None:
             raise AirflowSkipException(f"Dataset version {self.version} was validated before: nothing new to publish")
         context["outlet_events"][dataset_asset(spec.name)].extra = {

@@ -227,13 +227,14 @@ def test_validate_version_raises_validation_failed_after_quarantining(lake):
     from conveyor.data.datasets import ingest_drop
     from conveyor.data.validation import validate_version
     from conveyor.operators.base import pipeline_spec
+    from conveyor.reports import data_docs
 
     spec = pipeline_spec(pipeline_spec_dict("churn"))
     files = {"customers.csv": churn_csv(200, churned=["maybe"] * 200)}
     write_drop(lake, "bad", files)
     version = ingest_drop(lake, spec, "bad", "run1")["version"]
     with pytest.raises(ValidationFailed, match="churned") as err:
-        validate_version(lake, spec, "bad", version, "run1")
+        validate_version(lake, spec, "bad", version, "run1", data_docs)
     assert not isinstance(err.value, AirflowFailException)
     assert err.value.report_uri == str(lake.reports("churn", "run1") / "validation" / "index.html")
     assert_quarantined(lake, "bad", files)

@@ -146,6 +146,7 @@ def test_a_version_with_a_binary_column_is_one_clean_rejection(lenient, monkeypa
     import conveyor.data.validation as validation
     from conveyor.data.validation import validate_version
     from conveyor.operators.base import pipeline_spec
+    from conveyor.reports import data_docs
 
     spec = pipeline_spec(spec_with(PARQUET))
     frame = churn_frame().assign(blob=[b"\xff\xfe\x00"] * 120)
@@ -155,7 +156,8 @@ def test_a_version_with_a_binary_column_is_one_clean_rejection(lenient, monkeypa
     real = validation.validate_frame
     monkeypatch.setattr(validation, "validate_frame", lambda *a, **k: calls.append(1) or real(*a, **k))
     with pytest.raises(ValidationFailed, match="rule 'no raw bytes': column 'blob' is binary") as err:
-        validate_version(lenient, spec, "blob", version, "run-blob")  # once: a rejection, not a retried error
+        # once: a rejection, not a retried error
+        validate_version(lenient, spec, "blob", version, "run-blob", data_docs)
     assert "quarantined at" in str(err.value) and len(calls) == 1
     assert (lenient.quarantine("churn", "blob") / "c.parquet").read_bytes() == files["c.parquet"]
     assert not lenient.raw("churn", version).exists()
@@ -237,6 +239,7 @@ def test_a_validation_that_never_finishes_is_rejected_not_retried_forever(lenien
     from conveyor.data.datasets import ingest_drop
     from conveyor.data.validation import validate_version
     from conveyor.operators.base import pipeline_spec
+    from conveyor.reports import data_docs
 
     spec = pipeline_spec(spec_with())
     write_drop(lenient, "oom", {"c.csv": churn_csv(120)})
@@ -248,9 +251,9 @@ def test_a_validation_that_never_finishes_is_rejected_not_retried_forever(lenien
     monkeypatch.setattr(validation, "validate_frame", killed)
     for attempt in range(3):
         with pytest.raises(MemoryError):
-            validate_version(lenient, spec, "oom", version, f"run{attempt}")
+            validate_version(lenient, spec, "oom", version, f"run{attempt}", data_docs)
     with pytest.raises(ValidationFailed, match="rule 'validation finishes': 3 earlier validation run"):
-        validate_version(lenient, spec, "oom", version, "run3")
+        validate_version(lenient, spec, "oom", version, "run3", data_docs)
     assert lenient.quarantine("churn", "oom").exists() and not lenient.raw("churn", version).exists()
 
 
@@ -288,9 +291,10 @@ def test_a_torn_attempts_record_counts_afresh(lenient):
     from conveyor.data.datasets import ingest_drop
     from conveyor.data.validation import ATTEMPTS, validate_version
     from conveyor.operators.base import pipeline_spec
+    from conveyor.reports import data_docs
 
     spec = pipeline_spec(spec_with())
     write_drop(lenient, "torn", {"c.csv": churn_csv(120)})
     version = ingest_drop(lenient, spec, "torn", "run1")["version"]
     (lenient.raw("churn", version) / ATTEMPTS).write_bytes(b'{"runs": ["a", ')
-    assert validate_version(lenient, spec, "torn", version, "run1")["rows"] == 120
+    assert validate_version(lenient, spec, "torn", version, "run1", data_docs)["rows"] == 120

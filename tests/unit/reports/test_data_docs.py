@@ -84,10 +84,11 @@ def assert_inert_and_local(page: str) -> None:
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory) -> Path:
     from conveyor.data.validation import validate_frame
+    from conveyor.reports import data_docs
 
     folder = tmp_path_factory.mktemp("docs")
     frame = pd.DataFrame({"plan": ["basic", SCRIPT, IMG, SCRIPT], f"n{SCRIPT}": [1, 2, 3, 4]})
-    outcome = validate_frame(frame, SUITE, run_name="evil-run", docs_dir=folder)
+    outcome = validate_frame(frame, SUITE, run_name="evil-run", docs_dir=folder, docs=data_docs)
     assert not outcome.success
     return folder
 

@@ -156,6 +156,7 @@ def test_validation_data_docs(tmp_path, payload):
     import pandas as pd
 
     from conveyor.data.validation import validate_frame
+    from conveyor.reports import data_docs
 
     suite = {
         "name": "escaping",
@@ -164,7 +165,7 @@ def test_validation_data_docs(tmp_path, payload):
             {"type": "expect_column_distinct_values_to_equal_set", "kwargs": {"column": "plan", "value_set": ["a"]}},
         ],
     }
-    validate_frame(pd.DataFrame({"plan": ["basic", payload]}), suite, "escaping-run", docs_dir=tmp_path)
+    validate_frame(pd.DataFrame({"plan": ["basic", payload]}), suite, "escaping-run", docs_dir=tmp_path, docs=data_docs)
     for path in tmp_path.rglob("*.html"):
         page = path.read_text()
         parser = Active()
