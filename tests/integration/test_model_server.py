@@ -7,6 +7,7 @@ bounded; the server is always stopped."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import os
@@ -68,18 +69,23 @@ def runtime(url: str, secret: str | None = None, key_id: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def endpoint(churn_model):
-    """The churn endpoint with 2 workers: started empty (its /ping recorded), then v1 staged and promoted."""
+def endpoint(churn_model, tmp_path_factory):
+    """The churn endpoint with 2 workers: started empty (its /ping recorded), then v1 staged and promoted.
+
+    Every live request is captured (``capture``), so tests can find the record of each inference id.
+    """
     port = free_port()
+    capture = tmp_path_factory.mktemp("capture")
+    env = {"CONVEYOR_MAX_BODY_BYTES": str(MAX_BODY), "CONVEYOR_CAPTURE_DIR": str(capture)}
     try:
-        status = ensure_endpoint(NAME, port, workers=2, timeout=120, env={"CONVEYOR_MAX_BODY_BYTES": str(MAX_BODY)})
+        status = ensure_endpoint(NAME, port, workers=2, timeout=120, env=env)
         ping_before = status["ping"]
         es.stage_candidate(NAME, "v1", churn_model["dir"])
         es.wait_for_workers(NAME, "v1", timeout=120)
         es.promote_candidate(NAME)
         url = status["url"]
         wait_until(lambda: all((w["live"] or {}).get("version") == "v1" for w in es.worker_states(NAME)), 30, "v1 live")
-        yield {"url": url, "ping_before": ping_before, "port": port}
+        yield {"url": url, "ping_before": ping_before, "port": port, "capture": capture}
     finally:
         stop_endpoint(NAME)
 
@@ -329,6 +335,143 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(endpoint, client, chu
 
     good = client.post("/invocations", content=row, headers=csv)
     assert good.status_code == 200 and len(good.json()["predictions"]) == 1
+
+
+def concurrently(url: str, jobs: list[tuple[bytes, dict[str, str]]], threads: int = 16) -> list[httpx.Response]:
+    """Send every (body, headers) job from ``threads`` client threads at once, each on its own connection."""
+    answers: list[httpx.Response | None] = [None] * len(jobs)
+    barrier = threading.Barrier(threads)
+
+    def run(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=60, headers=bearer()) as client:
+            client.get("/ping")
+            barrier.wait(timeout=60)
+            for index in range(offset, len(jobs), threads):
+                body, headers = jobs[index]
+                answers[index] = client.post("/invocations", content=body, headers=headers)
+
+    workers = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=TRAFFIC_LIMIT_S)
+    assert all(answer is not None for answer in answers), "a client thread did not finish"
+    return [answer for answer in answers if answer is not None]
+
+
+def batch_totals(version: str, requests: int = 0) -> dict[str, int]:
+    """Every worker's batch stats of ``version`` added up, from heartbeats written after this call
+    and counting at least ``requests`` of them."""
+    since = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+    def totals() -> dict[str, int] | None:
+        states = es.worker_states(NAME)
+        if len(states) < 2 or any(w["updated_at"] <= since for w in states):
+            return None
+        stats = [w.get("batches", {}).get(version) for w in states]
+        summed = {k: sum(s[k] for s in stats if s) for k in ("predicts", "requests", "rows")}
+        return summed if summed["requests"] >= requests else None
+
+    return wait_until(totals, 30, f"fresh heartbeats counting {requests} requests of {version}")
+
+
+def capture_records(folder: Path) -> dict[str, dict]:
+    """Captured records by inference id."""
+    records = {}
+    for path in folder.rglob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("inference_id"):
+                records[record["inference_id"]] = record
+    return records
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_answer_id_and_record(endpoint, churn_model, in_process):
+    version = live_version()
+    before = batch_totals(version, 0)
+    test = churn_model["test"].head(48).reset_index(drop=True)
+    expected = in_process.predict_frame(test)
+    jobs = [
+        (
+            csv_body(test.iloc[[i]], in_process.feature_names),
+            {"Content-Type": "text/csv", "X-Amzn-SageMaker-Inference-Id": f"merge-{i}"},
+        )
+        for i in range(len(test))
+    ]
+    answers = concurrently(endpoint["url"], jobs)
+    for i, answer in enumerate(answers):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Conveyor-Model-Version"] == version
+        assert answer.headers["x-amzn-sagemaker-inference-id"] == f"merge-{i}"
+        [record] = answer.json()["predictions"]
+        assert record["prediction"] == expected["prediction"][i]  # the single-request answer for its row
+        for label, p in record["probabilities"].items():
+            assert p == pytest.approx(expected[f"proba_{label}"][i], abs=1e-9)
+    after = batch_totals(version, before["requests"] + len(jobs))
+    predicts, requests = after["predicts"] - before["predicts"], after["requests"] - before["requests"]
+    print(f"\nmerged: {requests} requests in {predicts} predicts")
+    assert requests == len(jobs) and predicts < requests
+    assert all(w["requests"] > 0 for w in es.worker_states(NAME))  # the connections spread over both workers
+    records = wait_until(
+        lambda: (r := capture_records(endpoint["capture"])) and all(f"merge-{i}" in r for i in range(len(jobs))) and r,
+        30,
+        "a capture record per inference id",
+    )
+    for i, answer in enumerate(answers):
+        record = records[f"merge-{i}"]
+        assert record["version"] == version
+        assert record["request"]["body"]["data"] == jobs[i][0].decode()
+        assert json.loads(record["response"]["body"]["data"]) == answer.json()
+
+
+def test_a_malformed_request_among_concurrent_ones_gets_400_and_the_others_200(endpoint, churn_model, in_process):
+    test = churn_model["test"].head(24).reset_index(drop=True)
+    expected = in_process.predict_frame(test)
+    csv = {"Content-Type": "text/csv"}
+    jobs = [(csv_body(test.iloc[[i]], in_process.feature_names), csv) for i in range(len(test))]
+    bad = [3, 11, 17]
+    for i in bad:
+        values = jobs[i][0].decode().split(",")
+        values[in_process.feature_names.index("tenure_months")] = "not-a-number"
+        jobs[i] = (",".join(values).encode(), csv)
+    answers = concurrently(endpoint["url"], jobs, threads=12)
+    for i, answer in enumerate(answers):
+        if i in bad:
+            assert answer.status_code == 400 and "tenure_months" in answer.json()["error"]
+        else:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["predictions"][0]["prediction"] == expected["prediction"][i]
+
+
+def test_live_and_candidate_requests_never_share_a_batch(endpoint, churn_model, in_process, tmp_path_factory):
+    live = live_version()
+    candidate = f"{live}-candidate"
+    candidate_dir = artifacts.unpack(churn_model["archive"], tmp_path_factory.mktemp("isolation") / candidate)
+    es.stage_candidate(NAME, candidate, candidate_dir)
+    try:
+        es.wait_for_workers(NAME, candidate, timeout=90)
+        before = {v: batch_totals(v, 0) for v in (live, candidate)}
+        test = churn_model["test"].head(32).reset_index(drop=True)
+        targets = ["candidate" if i % 2 else "live" for i in range(len(test))]
+        jobs = [
+            (
+                csv_body(test.iloc[[i]], in_process.feature_names),
+                {"Content-Type": "text/csv", "X-Conveyor-Target": targets[i]},
+            )
+            for i in range(len(test))
+        ]
+        answers = concurrently(endpoint["url"], jobs)
+        for target, answer in zip(targets, answers, strict=True):
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["X-Conveyor-Model-Version"] == (candidate if target == "candidate" else live)
+        half = len(jobs) // 2
+        for version in (live, candidate):  # each version's batches counted exactly its own requests
+            after = batch_totals(version, before[version]["requests"] + half)
+            assert after["requests"] - before[version]["requests"] == half
+            assert after["rows"] - before[version]["rows"] == half
+    finally:
+        es.drop_candidate(NAME)
+        wait_until(lambda: all(w["candidate"] is None for w in es.worker_states(NAME)), 30, "the candidate dropped")
 
 
 def test_rollout_under_traffic_drops_no_request(endpoint, client, churn_model, in_process, tmp_path_factory):

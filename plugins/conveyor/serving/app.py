@@ -13,10 +13,14 @@ several). Each worker:
 
 Routes: ``GET /ping`` (200 with a live model, else 503); ``POST /invocations`` and
 ``POST /endpoints/{name}/invocations`` (what ``sagemaker-runtime`` ``invoke_endpoint`` calls).
-A request is parsed, predicted and serialised by the model's own handlers
-(``parse_request`` when the handler module has it, else ``input_fn``; ``predict_fn``;
-``output_fn``) in a worker thread, and answered in the ``Accept`` media type (JSON by default)
-with ``X-Conveyor-Model-Version`` naming the version that answered. ``X-Conveyor-Target:
+A request is parsed on its own by the model's handlers (``parse_request`` when the handler
+module has it, else ``input_fn``; a malformed one is answered 4xx there), then queued on the
+batcher of the version it took (:mod:`conveyor.serving.batching`): requests waiting for one
+version are merged into one predict (``predict_batch`` when the module has it, else one
+``predict_fn`` each) of at most ``CONVEYOR_MAX_BATCH_SIZE`` rows, run in a thread so the loop keeps
+accepting; each answer is serialised by ``output_fn`` with its own ``Accept`` (JSON by default),
+with ``X-Conveyor-Model-Version`` naming the version that answered and the request's
+``X-Amzn-SageMaker-Inference-Id`` echoed. ``X-Conveyor-Target:
 candidate`` asks the staged candidate (deploy smoke tests).
 
 Every route but ``/ping`` needs credentials (:mod:`conveyor.serving.auth`: an AWS SigV4 signature,
@@ -29,7 +33,8 @@ JSON nested too deeply to parse); 503 no model; 500 an unexpected error (``Model
 the worker keeps serving).
 
 Settings come from ``conveyor.settings.server_settings()`` (``CONVEYOR_ENDPOINT``,
-``CONVEYOR_MAX_BODY_BYTES``, ``CONVEYOR_INFERENCE_CONCURRENCY``, ``CONVEYOR_CAPTURE_DIR``,
+``CONVEYOR_MAX_BODY_BYTES``, ``CONVEYOR_INFERENCE_CONCURRENCY``, ``CONVEYOR_MAX_BATCH_SIZE``,
+``CONVEYOR_MAX_BATCH_WAIT_MS``, ``CONVEYOR_CAPTURE_DIR``,
 ``CONVEYOR_CAPTURE_SHARE``, ``CONVEYOR_FEEDBACK_DIR``, ``CONVEYOR_MAX_HEADER_BYTES``, the
 ``CONVEYOR_ENDPOINT_*`` credentials: see its table). Beside this module:
 :mod:`conveyor.serving.http` (request bodies, error answers), :mod:`conveyor.serving.capture`

@@ -348,3 +348,28 @@ def test_transform_fn_answers_a_whole_request_as_the_autogluon_container_calls_i
     assert [r["prediction"] for r in answer] == expected["prediction"].tolist()
     with pytest.raises(ValueError):
         inference.transform_fn(model, "1,2\n", "text/csv", "text/csv")
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def test_predict_batch_gives_each_request_what_predict_fn_alone_gives_it(model, requests):
+    with_ids = inference.parse_request(csv_body(requests.head(3), header=True), "text/csv", model)
+    without_ids = inference.parse_request(csv_body(requests.iloc[3:8][FEATURES]), "text/csv", model)
+    single = inference.parse_request(json.dumps(records(requests.iloc[[8]][FEATURES])), "application/json", model)
+    inputs = [with_ids, without_ids, single]
+    merged = inference.predict_batch(inputs, model)
+    assert [len(part) for part in merged] == [3, 5, 1]
+    for data, part in zip(inputs, merged, strict=True):
+        alone = inference.predict_fn(data, model)
+        assert list(part.columns) == list(alone.columns)  # the id column only where the request sent it
+        pd.testing.assert_frame_equal(part, alone, check_exact=False, atol=1e-12)
+        assert inference.output_fn(part, "application/json") == inference.output_fn(alone, "application/json")
+
+
+def test_converters_are_built_once_per_model_and_parse_like_before(model):
+    assert set(model.converters) == set(FEATURES)
+    column = model.converters["tenure_months"](["3", "", "7"], [1, 2, 3], "text/csv")
+    assert np.isnan(column[1]) and column[0] == 3.0
+    with pytest.raises(ValueError, match="feature 'tenure_months' takes a number; row 2 has 'x'"):
+        model.converters["tenure_months"](["3", "x"], [1, 2], "text/csv")
