@@ -15,6 +15,7 @@ a timeout, a store's 5xx) is not the input's fault: it propagates as it is, so t
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from conveyor.model.metadata import ModelMetadata
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
+SAMPLE_ROWS = 2048
+"""Rows read from the head of each file to measure its row width (bytes a row takes as pandas)."""
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
@@ -108,11 +111,30 @@ def checked_files(source: ObjectStoragePath, columns: Columns, chunk_rows: int) 
     :param chunk_rows: rows per chunk (sizes the CSV block read by the check).
     :raises BatchInputError: the input broke a rule (see the module docstring).
     """
-    files = input_files(source)
-    for file in files:
-        for _ in _read(file, columns, chunk_rows, check_only=True):
-            pass
-    return files
+    return [file for file, _ in measured_files(source, columns, chunk_rows)]
+
+
+def measured_files(
+    source: ObjectStoragePath, columns: Columns, chunk_rows: int
+) -> list[tuple[ObjectStoragePath, float]]:
+    """The data files of an input, each checked as :func:`checked_files` does, with its row width.
+
+    The width is the bytes a row of the required columns takes as a pandas frame (strings counted
+    deeply), measured on the file's first :data:`SAMPLE_ROWS` rows (0 for an empty file).
+
+    :param source: the input file or folder.
+    :param columns: the columns to read.
+    :param chunk_rows: rows per chunk (sizes the CSV block read by the check).
+    :raises BatchInputError: the input broke a rule (see the module docstring).
+    """
+    measured = []
+    for file in input_files(source):
+        width = 0.0
+        for sample in _read(file, columns, chunk_rows, check_only=True):
+            if sample.num_rows:
+                width = float(sample.to_pandas().memory_usage(deep=True, index=False).sum()) / sample.num_rows
+        measured.append((file, width))
+    return measured
 
 
 def file_chunks(file: ObjectStoragePath, columns: Columns, chunk_rows: int) -> Iterator[pa.Table]:
@@ -175,7 +197,8 @@ def _read(file: ObjectStoragePath, columns: Columns, chunk_rows: int, check_only
     :param file: the file.
     :param columns: the columns to read.
     :param chunk_rows: the wanted rows per batch.
-    :param check_only: stop after the checks (for CSV, after reading the first block).
+    :param check_only: stop after the checks and the first batch (at most :data:`SAMPLE_ROWS` rows
+        of Parquet, the first block of CSV), yielded as the file's sample.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -199,8 +222,11 @@ def _read(file: ObjectStoragePath, columns: Columns, chunk_rows: int, check_only
             if is_csv:
                 batches = _csv_batches(source, file.name, columns, int(row_bytes * chunk_rows * 1.05))
             else:
-                batches = pq.ParquetFile(source).iter_batches(batch_size=chunk_rows, columns=columns.required)
-            if not check_only:
+                size = min(chunk_rows, SAMPLE_ROWS) if check_only else chunk_rows
+                batches = pq.ParquetFile(source).iter_batches(batch_size=size, columns=columns.required)
+            if check_only:
+                yield from itertools.islice(batches, 1)
+            else:
                 yield from batches
         except (pa.ArrowException, OSError) as error:
             if is_transient(error):

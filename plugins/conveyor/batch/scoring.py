@@ -1,9 +1,14 @@
-"""The local batch transform: score a table in chunks in worker processes, into Parquet parts.
+"""The local batch transform: score a table in chunks on threads sharing one model, into Parquet parts.
 
 The input is read as :mod:`conveyor.batch.readers` says (CSV or Parquet files, only the model's
-columns). Chunks of ``chunk_rows`` rows go to ``workers`` spawned processes that each load the
-model once through its own ``code/inference.py``; at most ``2 × workers`` chunks are in flight, so
-memory stays bounded whatever the input size, and results are written in input order.
+columns), streamed: no file is ever held whole. The model is loaded once, in this process, through
+its own ``code/inference.py``, and ``workers`` threads score chunks with it (predict releases the
+GIL in its native part - LightGBM, XGBoost, CatBoost, torch - so the threads overlap one chunk's
+pandas work with another's native predict, and the model's memory is held once). Rows per chunk
+come from a memory budget (:func:`chunk_rows_for`: ``memory_bytes`` over the row width measured
+on each file's first rows, capped by ``chunk_rows``); at most ``2 × workers`` chunks are in
+flight, so peak memory is the model plus the budget whatever the input size, and results are
+written in input order.
 
 Each output row holds the input's id column (``row_number``, the 0-based input position, when the
 model has none), ``prediction``, one ``proba_<class>`` per class for classifiers, ``model_name``,
@@ -14,8 +19,6 @@ folder's layout (staged parts, ``_SUCCESS.json`` last) is :mod:`conveyor.batch.p
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor.batch.parts import BatchResult, fresh_staging, part_name, publish, remove, write_part
-from conveyor.batch.readers import BatchInputError, Columns, checked_files, file_chunks, lake_path
+from conveyor.batch.readers import BatchInputError, Columns, file_chunks, lake_path, measured_files
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -33,7 +36,10 @@ log = logging.getLogger(__name__)
 
 ROW_NUMBER = "row_number"
 PROBA_PREFIX = "proba_"
-_WORKER: dict[str, Any] = {}
+MEMORY_BYTES = 256 << 20
+"""The default bytes the chunks in flight may take together (besides the model)."""
+PREDICT_COPIES = 4
+"""A chunk in predict costs about this many times its input frame (feature copies, output)."""
 
 
 def utc(stamp: datetime) -> datetime:
@@ -56,6 +62,7 @@ def score_file(
     chunk_rows: int = 50_000,
     workers: int = 2,
     conn_id: str | None = None,
+    memory_bytes: int = MEMORY_BYTES,
 ) -> BatchResult:
     """Score a CSV or Parquet file (or a folder of them) and write Parquet parts and ``_SUCCESS.json``.
 
@@ -66,24 +73,30 @@ def score_file(
     :param model_name: the registered model's name (written on every row).
     :param model_version: the registered model's version (written on every row).
     :param scored_at: the run's one timestamp (naive means UTC), not a clock read per row.
-    :param chunk_rows: rows per chunk and per part file.
-    :param workers: worker processes, each holding the model once.
+    :param chunk_rows: the most rows per chunk and per part file (fewer when the budget says so).
+    :param workers: scoring threads, all sharing the one loaded model.
     :param conn_id: the Airflow connection for non-local ``source`` and ``out``.
+    :param memory_bytes: the bytes the chunks in flight may take together (sizes the chunks).
     :raises BatchInputError: the input broke a rule (see the module docstring).
     """
+    from conveyor.model.artifacts import LoadedModel
     from conveyor.model.metadata import read
 
-    if chunk_rows < 1 or workers < 1:
-        raise ValueError(f"chunk_rows and workers must be at least 1, got {chunk_rows} and {workers}")
+    if chunk_rows < 1 or workers < 1 or memory_bytes < 1:
+        raise ValueError(
+            f"chunk_rows, workers and memory_bytes must be at least 1, got {chunk_rows}, {workers}, {memory_bytes}"
+        )
     started = time.monotonic()
     columns = Columns.of(read(Path(model_dir)))
-    files = checked_files(lake_path(source, conn_id), columns, chunk_rows)  # every file, before any work starts
+    measured = measured_files(lake_path(source, conn_id), columns, chunk_rows)  # every file, before any work
+    files = [(file, chunk_rows_for(width, memory_bytes, 2 * workers, chunk_rows)) for file, width in measured]
     target = lake_path(out, conn_id)
     staging = fresh_staging(target)
     stamp = utc(scored_at)
     constants = {"model_name": model_name, "model_version": model_version, "run_id": run_id, "scored_at": stamp}
     try:
-        names, rows = _score(files, columns, Path(model_dir), staging, constants, chunk_rows, workers)
+        model = LoadedModel(Path(model_dir))
+        names, rows = _score(files, columns, model, staging, constants, workers)
         if rows == 0:
             raise BatchInputError(f"{source}: no rows to score (every input file is empty)")
         manifest = {
@@ -112,28 +125,25 @@ def score_file(
 
 
 def _score(
-    files: list[ObjectStoragePath],
+    files: list[tuple[ObjectStoragePath, int]],
     columns: Columns,
-    model_dir: Path,
+    model: Any,
     staging: ObjectStoragePath,
     constants: dict[str, Any],
-    chunk_rows: int,
     workers: int,
 ) -> tuple[list[str], int]:
-    """Feed chunks to a lazily started pool (bounded in flight) and write their results in order.
+    """Stream chunks to ``workers`` threads sharing one model (bounded in flight), write results in order.
 
-    :param files: the input files.
+    :param files: the input files, each with its rows per chunk (:func:`chunk_rows_for`).
     :param columns: the columns to read.
-    :param model_dir: the extracted model.
+    :param model: the loaded model (``LoadedModel``), shared by every thread.
     :param staging: where the parts go.
     :param constants: the run's columns (model, version, run id, timestamp).
-    :param chunk_rows: rows per chunk.
-    :param workers: worker processes.
+    :param workers: scoring threads.
     """
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-    pool: ProcessPoolExecutor | None = None
-    pending: deque[tuple[Any, ObjectStoragePath, int, int]] = deque()
+    pending: deque[tuple[Future[pa.Table], ObjectStoragePath, int, int]] = deque()
     names: list[str] = []
     state: dict[str, Any] = {"rows": 0, "schema": None, "clock": time.monotonic()}
 
@@ -165,93 +175,52 @@ def _score(
 
     context = {"id_column": columns.id_column, **constants}
     start = 0
-    restore_daemon = _allow_child_processes()
-    try:
-        for file in files:
-            first = 0
-            for chunk in file_chunks(file, columns, chunk_rows):
-                if pool is None:
-                    threads = max(1, (os.cpu_count() or 1) // workers)
-                    pool = ProcessPoolExecutor(
-                        max_workers=workers,
-                        mp_context=multiprocessing.get_context("spawn"),
-                        initializer=_start_worker,
-                        initargs=(str(model_dir), threads),
-                    )
-                pending.append((pool.submit(_score_chunk, _to_ipc(chunk), start, context), file, first, chunk.num_rows))
-                start, first = start + chunk.num_rows, first + chunk.num_rows
-                if len(pending) >= 2 * workers:
-                    write_next()
-        while pending:
-            write_next()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        restore_daemon()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="conveyor-score") as pool:
+        try:
+            for file, rows in files:
+                first = 0
+                for chunk in file_chunks(file, columns, rows):
+                    future = pool.submit(score_chunk, model, chunk, start, context)
+                    pending.append((future, file, first, chunk.num_rows))
+                    start, first = start + chunk.num_rows, first + chunk.num_rows
+                    if len(pending) >= 2 * workers:
+                        write_next()
+            while pending:
+                write_next()
+        finally:
+            for future, *_ in pending:
+                future.cancel()
     return names, state["rows"]
 
 
-def _allow_child_processes() -> Any:
-    """Let this process start the scoring processes wherever it runs; returns the undo.
+def chunk_rows_for(row_bytes: float, budget_bytes: int, in_flight: int, cap: int) -> int:
+    """Rows per chunk so that ``in_flight`` chunks, as predict sees them, fit in ``budget_bytes``.
 
-    Two things stand in the way inside Airflow's workers, and both are lifted only while the
-    scoring pool runs (it is always shut down and waited for):
+    A chunk costs its pandas frame (``row_bytes`` a row) times :data:`PREDICT_COPIES` (the copies a
+    predict makes while transforming features, plus the output); the result is at least 1 row and
+    at most ``cap``.
 
-    * a task process forked from a Celery prefork worker (CeleryExecutor) inherits billiard's pool
-      process as multiprocessing's current process: a daemon ("daemonic processes are not allowed
-      to have children") with billiard's authentication key, which the standard library refuses to
-      pickle for spawned children;
-    * a spawned child first re-runs its parent's ``__main__`` script: in a task process that is the
-      ``airflow`` command, whose import needs the metadata database settings Airflow keeps from task
-      processes. The scoring processes need nothing but this module, so the script is not offered.
+    :param row_bytes: bytes a row takes as a pandas frame (``conveyor.batch.readers.measured_files``).
+    :param budget_bytes: the bytes the chunks in flight may take together.
+    :param in_flight: the chunks held at once (read, being scored, waiting to be written).
+    :param cap: the most rows per chunk (the pipeline's ``deploy.batch.chunk_rows``).
     """
-    import sys
-    from multiprocessing import process as _process
-
-    process: Any = _process  # its private parts: _config, AuthenticationString
-    undo: list[Any] = []
-    current = process.current_process()
-    inherited = dict(current._config)
-    if inherited.get("daemon") or not isinstance(inherited.get("authkey"), process.AuthenticationString):
-        current._config.update(daemon=False, authkey=process.AuthenticationString(bytes(current.authkey)))
-        undo.append(lambda: (current._config.clear(), current._config.update(inherited)))
-    main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None)
-    if main is not None and script and getattr(main, "__spec__", None) is None:
-        del main.__file__
-        undo.append(lambda: setattr(main, "__file__", script))
-
-    def restore() -> None:
-        for step in reversed(undo):
-            step()
-
-    return restore
+    if budget_bytes < 1 or in_flight < 1 or cap < 1:
+        raise ValueError(f"budget_bytes, in_flight and cap must be at least 1, got {budget_bytes}, {in_flight}, {cap}")
+    per_row = max(float(row_bytes), 1.0) * PREDICT_COPIES * in_flight
+    return max(1, min(cap, int(budget_bytes // per_row)))
 
 
-def _start_worker(model_dir: str, threads: int) -> None:
-    """Worker initializer: load the model once for every chunk this process will score.
+def score_chunk(model: Any, chunk: pa.Table, start: int, context: dict[str, Any]) -> pa.Table:
+    """Score one chunk (in a scoring thread): the output columns, ready to write.
 
-    :param model_dir: the extracted model.
-    :param threads: the default native thread count, so workers do not oversubscribe the cores.
-    """
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, str(threads))
-    from conveyor.model.artifacts import LoadedModel
-
-    _WORKER["model"] = LoadedModel(Path(model_dir))
-
-
-def _score_chunk(payload: bytes, start: int, context: dict[str, Any]) -> pa.Table:
-    """Score one chunk in a worker: the output columns, ready to write.
-
-    :param payload: the chunk as an Arrow IPC stream.
+    :param model: the loaded model (``LoadedModel``).
+    :param chunk: the chunk's input columns.
     :param start: the 0-based input position of its first row (for ``row_number``).
     :param context: the id column and the run's constant columns.
     """
-    import pyarrow as pa
-
-    frame = pa.ipc.open_stream(payload).read_all().to_pandas()
-    return output_table(frame, _WORKER["model"].predict_frame(frame), start, context)
+    frame = chunk.to_pandas()
+    return output_table(frame, model.predict_frame(frame), start, context)
 
 
 def output_table(frame: Any, predicted: Any, start: int, context: dict[str, Any]) -> pa.Table:
@@ -288,16 +257,3 @@ def output_table(frame: Any, predicted: Any, start: int, context: dict[str, Any]
         table = table.append_column(name, pa.repeat(pa.scalar(context[name], pa.string()), n))
     stamp = pa.scalar(context["scored_at"], pa.timestamp("us", tz="UTC"))
     return table.append_column("scored_at", pa.repeat(stamp, n))
-
-
-def _to_ipc(table: pa.Table) -> bytes:
-    """A table as Arrow IPC bytes: only the rows of a slice travel (pickling a slice sends its whole buffers).
-
-    :param table: the chunk.
-    """
-    import pyarrow as pa
-
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()

@@ -1,7 +1,6 @@
-"""The local batch transform: scoring in worker processes, Parquet parts, SQL writes, the summary, bad input.
+"""The local batch transform: scoring on threads sharing one model, Parquet parts, SQL writes, the summary, bad input.
 
-Worker pools are slow to start on 2 cores (each worker imports AutoGluon), so only four runs start
-one; every bad-input case fails before a worker starts.
+Every bad-input case fails before the model is loaded.
 """
 
 from __future__ import annotations
@@ -215,11 +214,10 @@ def test_a_chunk_the_model_rejects_fails_the_run_without_output_and_a_rerun_work
 def test_a_model_without_id_column_numbers_the_rows(loaded, monkeypatch):
     import pyarrow as pa
 
-    monkeypatch.setitem(batch._WORKER, "model", loaded)
     frame = churn_frame(5, seed=4).drop(columns=["customer_id"])
     context = {"id_column": None, "model_name": "m", "model_version": "1", "run_id": "r", "scored_at": SCORED_AT}
 
-    table = batch._score_chunk(batch._to_ipc(pa.Table.from_pandas(frame)), 2000, context)
+    table = batch.score_chunk(loaded, pa.Table.from_pandas(frame), 2000, context)
 
     assert table.column_names[:2] == ["row_number", "prediction"]
     assert table.column("row_number").to_pylist() == [2000, 2001, 2002, 2003, 2004]
