@@ -65,6 +65,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                 manifest = self._prepare(spec, lake, work)
                 region = hook.conn_region_name
                 model = hosting.model_request(spec, self.model, region, run_id)
+                self._verify(spec, lake)
                 if hosting.ensure_model(hook, model):
                     self.log.info("Created SageMaker model %s", model["ModelName"])
                 request = hosting.transform_request(
@@ -143,6 +144,19 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             f"(/aws/sagemaker/TransformJobs, streams {job}/...). A run's job name is fixed: start a new run "
             "to score again"
         )
+
+    def _verify(self, spec: PipelineSpec, lake: Lake) -> None:
+        """Refuse to hand SageMaker an archive whose bytes are not the ones the registry recorded (the
+        transform job runs its ``code/inference.py``), before any model or job is created.
+
+        :param spec: the pipeline.
+        :param lake: the lake (its connection reads the archive).
+        :raises IntegrityError: the hashes differ, or none was recorded (unless unhashed versions are allowed).
+        """
+        from conveyor.model.artifacts import RegisteredArchive, archive_sha256
+
+        uri = self.model["model_uri"]
+        RegisteredArchive.of({"model_name": spec.name, **self.model}).verify(archive_sha256(uri, lake.conn_id), uri)
 
     @translate_errors
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ request's S3 input, answers written where the request says.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from unittest import mock
@@ -82,6 +83,7 @@ def setup(s3_lake, churn_model, moto_server, tmp_path, monkeypatch):
         "model_uri": s3_lake.uri("models", "churn", "train-7", "model.tar.gz"),
         "train_run": "train-7",
         "status": "Approved",
+        "sha256": hashlib.sha256(churn_model["archive"].read_bytes()).hexdigest(),
     }
     return {
         "lake": s3_lake,
@@ -299,3 +301,11 @@ def test_an_input_outside_the_lake_fails_before_any_job_or_file(setup):
     inside = lake.uri("landing", "churn", "inference", "d-1")
     with pytest.raises(TaskDeferred):
         operator(setup, input_uri=inside).execute(ctx())  # the lake's own drop, named by its URI
+
+
+def test_an_archive_whose_sha256_differs_from_the_registry_is_refused_before_any_model(setup):
+    setup["model"]["sha256"] = "0" * 64
+    with pytest.raises(AirflowFailException, match="sha256"):
+        operator(setup).execute(ctx())
+    setup["hook"].create_model.assert_not_called()
+    setup["hook"].create_transform_job.assert_not_called()
