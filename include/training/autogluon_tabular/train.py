@@ -40,10 +40,13 @@ import pandas as pd
 from baseline import build_baseline, categorical_baseline, numeric_baseline, prediction_baseline
 from conveyor_metadata import Feature, ModelMetadata, finite
 from data import TrainingInputError, log, prepare_data, read_channel
+from fit import INFER_LIMIT_BATCH_SIZE, build_plan, check_eval_metric, fit_predictor, refit_best, score_table
+from plan import Plan
 
 __all__ = [
     "TrainingInputError",
     "build_baseline",
+    "build_plan",
     "categorical_baseline",
     "get_args_parser",
     "main",
@@ -54,7 +57,6 @@ __all__ = [
 
 TRAINER = "autogluon_tabular"
 PROBLEM_TYPES = ("binary", "multiclass", "regression")
-INFER_LIMIT_BATCH_SIZE = 10_000
 
 
 # --------------------------------------------------------------------------------------- options
@@ -211,6 +213,13 @@ def add_model(parser: argparse.ArgumentParser, env: Any) -> None:
         help='AutoGluon hyperparameters as a JSON object, e.g. \'{"GBM": {}, "CAT": {}}\'; '
         "the presets' model set if unset",
     )
+    model.add_argument(
+        "--model-plan",
+        choices=("auto", "presets"),
+        default="auto",
+        help="auto: plan the models from rows, columns, classes, cores and the budget (plan.py); "
+        "presets: the presets' model set; ignored when --hyperparameters is given",
+    )
     model.add_argument("--id-column", default=None, help="row identifier column: dropped, never a feature")
     model.add_argument(
         "--refit-full",
@@ -251,134 +260,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------------------- model
-
-
-def _presets(text: str) -> str | list[str]:
-    """One preset name, or a list for a comma-separated value.
-
-    :param text: the ``--presets`` value.
-    """
-    names = _comma_list(text)
-    return names[0] if len(names) == 1 else names
-
-
-def _bags(presets: str | list[str]) -> bool:
-    """Whether these presets turn on bagging (then validation data needs ``use_bag_holdout``).
-
-    :param presets: the presets given to ``fit``.
-    """
-    from autogluon.tabular.configs.presets_configs import tabular_presets_alias, tabular_presets_dict
-
-    for name in [presets] if isinstance(presets, str) else presets:
-        config = tabular_presets_dict.get(tabular_presets_alias.get(name, name), {})
-        if config.get("auto_stack") or config.get("num_bag_folds"):
-            return True
-    return False
-
-
-def check_eval_metric(name: str | None, problem_type: str) -> None:
-    """Refuse a metric name AutoGluon does not know for this problem type.
-
-    :param name: the ``--eval-metric`` value.
-    :param problem_type: binary, multiclass or regression.
-    """
-    if name is None:
-        return
-    from autogluon.core.metrics import METRICS
-
-    if name not in METRICS[problem_type]:
-        known = ", ".join(sorted(METRICS[problem_type]))
-        raise TrainingInputError(f"eval metric '{name}' is not an AutoGluon {problem_type} metric (known: {known})")
-
-
-def fit_predictor(args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None, path: Path) -> Any:
-    """Fit a TabularPredictor in ``path`` with the options of the command line.
-
-    :param args: the parsed command line.
-    :param train: the training rows (label included).
-    :param validation: the validation rows, if any.
-    :param path: the predictor's working folder.
-    """
-    from autogluon.tabular import TabularPredictor
-
-    presets = _presets(args.presets)
-    predictor = TabularPredictor(
-        label=args.label,
-        problem_type=args.problem_type,
-        eval_metric=args.eval_metric,
-        path=str(path),
-        verbosity=args.verbosity,
-        learner_kwargs={"random_state": args.seed},
-    )
-    fit_kwargs: dict[str, Any] = {
-        "tuning_data": validation,
-        "time_limit": args.time_limit,
-        "presets": presets,
-        "excluded_model_types": args.excluded_model_types,
-        "num_gpus": args.num_gpus,
-    }
-    if args.hyperparameters is not None:
-        fit_kwargs["hyperparameters"] = args.hyperparameters
-    if args.infer_limit is not None:
-        fit_kwargs.update(infer_limit=args.infer_limit, infer_limit_batch_size=INFER_LIMIT_BATCH_SIZE)
-    if validation is not None and _bags(presets):
-        fit_kwargs["use_bag_holdout"] = True  # bagged fits refuse tuning_data without it
-    return predictor.fit(train, **fit_kwargs)
-
-
-def refit_best(predictor: Any) -> str:
-    """Refit the best model (and its ancestors) on train + validation and make it the served model.
-
-    :param predictor: the fitted predictor.
-    :return: the refit model's name.
-    """
-    best = predictor.model_best
-    if best in predictor.model_refit_map().values():
-        return best  # the presets already refit it
-    refit = predictor.refit_full(model="best", set_best_to_refit_full=True)
-    name = refit.get(best, best)
-    predictor.set_model_best(name, save_trainer=True)
-    return name
-
-
-def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame:
-    """The leaderboard, scored on the validation data when there is some (``score_validation``).
-
-    :param predictor: the fitted predictor.
-    :param validation: the validation rows, if any.
-    """
-    if validation is None:
-        board = predictor.leaderboard(silent=True)
-        board["score_validation"] = board["score_val"]
-    else:
-        board = predictor.leaderboard(validation, silent=True)
-        board = board.rename(
-            columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c
-        )
-    refits = set(predictor.model_refit_map().values())
-    board["trained_on_validation"] = board["model"].isin(refits)
-    return board
-
-
 # ------------------------------------------------------------------------------------------ main
 
 
 def train_and_clone(
-    args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None, work_dir: Path, final_dir: Path
+    args: argparse.Namespace,
+    data: tuple[pd.DataFrame, pd.DataFrame | None],
+    work_dir: Path,
+    final_dir: Path,
+    plan: Plan | None = None,
 ) -> tuple[Any, pd.DataFrame, str, str, Any, dict[str, Any] | None]:
     """Fit, score on validation, refit if asked, and write the deployment clone.
 
     :param args: the parsed command line.
-    :param train: the training rows (label included).
-    :param validation: the validation rows, if any.
+    :param data: the training rows (label included) and the validation rows, if any.
     :param work_dir: the predictor's working folder.
     :param final_dir: where the deployment clone goes.
+    :param plan: the model plan (None: ``--hyperparameters`` or the presets choose the models).
     :return: the predictor, the leaderboard, the served model, the scored model, its validation score, and
         the distribution of its validation predictions (:func:`prediction_baseline`; None without validation).
     """
-    started = time.time()
-    predictor = fit_predictor(args, train, validation, work_dir)
+    (train, validation), started = data, time.time()
+    predictor = fit_predictor(args, train, validation, work_dir, plan)
     fitted_best = predictor.model_best
     board = score_table(predictor, validation)
     scored_model = predictor.model_refit_map(inverse=True).get(fitted_best, fitted_best)
@@ -449,6 +352,9 @@ def run(args: argparse.Namespace) -> ModelMetadata:
     )
     train, validation = _read_data(args)
     check_eval_metric(args.eval_metric, args.problem_type)
+    plan = build_plan(args, train)
+    for line in plan.lines() if plan is not None else ["model plan: none (--hyperparameters or --model-plan presets)"]:
+        log(line)
 
     model_dir, output_dir = Path(args.model_dir).resolve(), Path(args.output_data_dir).resolve()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -460,7 +366,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
 
     try:
         predictor, board, best, scored_model, score, predictions = train_and_clone(
-            args, train, validation, work_dir, final_dir
+            args, (train, validation), work_dir, final_dir, plan
         )
     except BaseException:
         _reset_dir(work_dir)  # nothing half-written stays behind
@@ -473,9 +379,10 @@ def run(args: argparse.Namespace) -> ModelMetadata:
     fields = _metadata_fields(
         args, predictor, (train, validation), (best, scored_model, score, predictions), started, size_mb
     )
-    metadata = ModelMetadata(**fields)
+    extra = {"model_plan": plan.as_dict()} if plan is not None else {}  # written as a top-level key
+    metadata = ModelMetadata(**fields, extra=extra)
     conveyor_metadata.write_fields(metadata, model_dir / conveyor_metadata.FILENAME, fields)
-    write_reports(board, metadata, output_dir)
+    write_reports(board, metadata, output_dir, plan)
     log(f"wrote {model_dir / 'metadata.json'}, {output_dir / 'leaderboard.csv'}, {output_dir / 'fit_summary.json'}")
     return metadata
 
@@ -546,20 +453,23 @@ def _cell(value: Any) -> float | None:
     return finite(value) if pd.notna(value) else None
 
 
-def write_reports(board: pd.DataFrame, metadata: ModelMetadata, output_dir: Path) -> None:
-    """Write ``leaderboard.csv`` and a small ``fit_summary.json``.
+def write_reports(board: pd.DataFrame, metadata: ModelMetadata, output_dir: Path, plan: Plan | None = None) -> None:
+    """Write ``leaderboard.csv``, a small ``fit_summary.json`` and the model plan (``model_plan.json``).
 
     :param board: the leaderboard from :func:`score_table`.
     :param metadata: the metadata written next to the model.
     :param output_dir: the output data folder.
+    :param plan: the model plan (its per-model time limits go beside each model's fit time), or None.
     """
     board.to_csv(output_dir / "leaderboard.csv", index=False)
+    limits = {m.name: m.max_time_limit for m in plan.models} if plan is not None else {}
     models = [
         {
             "model": str(row["model"]),
             "score_validation": _cell(row["score_validation"]),
             "score_val": _cell(row["score_val"]),
             "fit_time": _cell(row["fit_time"]),
+            "time_limit": next((v for k, v in limits.items() if str(row["model"]).startswith(k)), None),
             "stack_level": int(row["stack_level"]),
             "trained_on_validation": bool(row["trained_on_validation"]),
         }
@@ -568,8 +478,10 @@ def write_reports(board: pd.DataFrame, metadata: ModelMetadata, output_dir: Path
     summary = {
         key: getattr(metadata, key)
         for key in ("best_model", "eval_metric", "validation_score", "validation_model", "rows", "training_seconds")
-    } | {"models": models}
+    } | {"models": models, "plan": plan.as_dict() if plan is not None else None}
     (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    if plan is not None:
+        (output_dir / "model_plan.json").write_text(json.dumps(plan.as_dict(), indent=2, allow_nan=False))
 
 
 def main(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
     from conveyor.spec import PipelineSpec
-    from conveyor.training.evaluate import Scored
+    from conveyor.training.evaluate import Importance, Scored
 
 _PLOTS = ("confusion_matrix", "roc_curve", "pr_curve", "residuals", "predicted_vs_actual", "feature_importance")
 _MAX_POINTS = 5000  # scatter plots draw a fixed sample of at most this many rows
@@ -43,6 +43,7 @@ def write_evaluation_report(
     title: str = "Evaluation",
     context: dict[str, Any] | None = None,
     extra_sections: list[tuple[str, str]] | None = None,
+    importance_info: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write ``metrics.json``, PNG plots and ``index.html`` into a folder; same inputs, same files.
 
@@ -58,6 +59,8 @@ def write_evaluation_report(
     :param title: the page's heading (escaped).
     :param context: facts shown above the metrics, e.g. model, version, dataset version, run id.
     :param extra_sections: (heading, already-safe HTML) sections appended to the page.
+    :param importance_info: how the importance was computed (``summary`` line and its settings: rows,
+        repeats, seconds, budget), written to ``metrics.json`` and shown above the importance table.
     :returns: ``{"html": path, "metrics": path, <plot name>: path, ...}`` as strings.
     :raises ValueError: as ``compute_metrics`` does for the same inputs.
     """
@@ -77,11 +80,14 @@ def write_evaluation_report(
     document = {**metrics, "context": context or {}}
     if importance:
         document["feature_importance"] = importance
+    if importance_info:
+        document["feature_importance_settings"] = importance_info
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
 
     html_path = out / "index.html"
-    page = _render_html(title, problem_type, metrics, context or {}, plots, importance, extra_sections or [])
+    note = str((importance_info or {}).get("summary") or "")
+    page = _render_html(title, problem_type, metrics, context or {}, plots, (importance, note), extra_sections or [])
     html_path.write_text(page, encoding="utf-8")
     return {"html": str(html_path), "metrics": str(metrics_path), **{name: str(path) for name, path in plots.items()}}
 
@@ -280,6 +286,7 @@ img { max-width: 100%; border: 1px solid #eee; }
 {% endfor %}{% endif %}
 {% if importance %}
 <h2>Feature importance</h2>
+{% if importance_note %}<p class="importance-note">{{ importance_note }}</p>{% endif %}
 <table>
 <tr><th>feature</th><th>importance</th></tr>
 {% for name, value in importance %}<tr><td>{{ name }}</td><td class="num">{{ value }}</td></tr>
@@ -306,12 +313,13 @@ def _render_html(
     metrics: dict[str, Any],
     context: dict[str, Any],
     plots: dict[str, Path],
-    importance: dict[str, float],
+    importance_and_note: tuple[dict[str, float], str],
     extra_sections: list[tuple[str, str]],
 ) -> str:
     from jinja2 import Environment
     from markupsafe import Markup
 
+    importance, importance_note = importance_and_note
     per_class = [
         (label, {key: _number(value) for key, value in row.items()})
         for label, row in (metrics.get("per_class") or {}).items()
@@ -334,13 +342,19 @@ def _render_html(
             per_class=per_class,
             plots=[(path.name, _CAPTIONS[name]) for name, path in plots.items()],
             importance=[(name, _number(value)) for name, value in _ranked(importance)],
+            importance_note=importance_note,
             extra_sections=[(heading, Markup(body)) for heading, body in extra_sections],
         )
     )
 
 
 def write_model_report(
-    out: Path, scored: Scored, spec: PipelineSpec, run_id: str, title: str, importance: dict[str, float] | None = None
+    out: Path,
+    scored: Scored,
+    spec: PipelineSpec,
+    run_id: str,
+    title: str,
+    importance: Importance | dict[str, float] | None = None,
 ) -> dict[str, str]:
     """The evaluate task's report of a scored model: predictions, metrics, plots and ``index.html``.
 
@@ -349,7 +363,8 @@ def write_model_report(
     :param spec: the pipeline.
     :param run_id: the run the test set belongs to.
     :param title: the page's title (after the pipeline's name).
-    :param importance: permutation importance per feature (tables), or None.
+    :param importance: permutation importance (``evaluate.Importance``: values, sample size, repeats and
+        time, shown on the page) or a plain feature -> importance dict, or None.
     """
     from conveyor.training.evaluate import save_predictions
 
@@ -369,6 +384,14 @@ def write_model_report(
         "best model": meta.best_model,
         "test rows": len(scored.test),
     }
+    plan = meta.extra.get("model_plan")
+    if isinstance(plan, dict) and plan.get("models"):
+        context["model plan"] = plan_summary(plan)
+    values: dict[str, float] | None = importance if importance is None or isinstance(importance, dict) else None
+    info = None
+    if importance is not None and not isinstance(importance, dict):
+        values, info = importance.values, {"summary": importance.summary(), **importance.settings()}
+        context["feature importance"] = importance.summary()
     return write_evaluation_report(
         out,
         scored.metrics,
@@ -378,11 +401,27 @@ def write_model_report(
         scored.proba,
         meta.class_labels,
         meta.positive_class,
-        feature_importance=importance or None,
+        feature_importance=values or None,
         title=f"{spec.name}: {title}",
         context=context,
         extra_sections=sections,
+        importance_info=info,
     )
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """The trainer's model plan in one line: the models in fit order with their sizes and time limits,
+    and why the others were left out (``metadata.json`` ``model_plan``, see the trainer's ``plan.py``).
+
+    :param plan: the plan as the trainer wrote it.
+    """
+    kept = ", ".join(
+        f"{m.get('key')} ({m.get('name')}, size {m.get('size')}, limit {m.get('max_time_limit')} s)"
+        for m in plan.get("models", [])
+    )
+    left = "; ".join(f"{key}: {why}" for key, why in (plan.get("left_out") or {}).items())
+    head = f"fit {plan.get('fit_time_limit')} s of a {plan.get('budget')} s budget: {kept}"
+    return head + (f"; left out {left}" if left else "")
 
 
 def misclassified_grid(test: Any, y_pred: Any, proba: Any, out: Path, limit: int = 16) -> str:

@@ -12,7 +12,16 @@ if TYPE_CHECKING:
     from conveyor.model.metadata import ModelMetadata
     from conveyor.spec import PipelineSpec
 
+# Permutation importance is bounded: it may take IMPORTANCE_SHARE of the model's training budget, on at
+# most IMPORTANCE_ROWS test rows, IMPORTANCE_REPEATS shuffles per feature (1 when fewer than
+# IMPORTANCE_MIN_ROWS rows fit with more); the rows are sized from the model's predict speed measured on
+# IMPORTANCE_PROBE_ROWS rows, and a time box stops it at the budget whatever the estimate said.
 IMPORTANCE_ROWS = 1000
+IMPORTANCE_MIN_ROWS = 200
+IMPORTANCE_REPEATS = 3
+IMPORTANCE_SHARE = 0.2
+IMPORTANCE_PROBE_ROWS = 200
+IMPORTANCE_MARGIN = 0.8  # the sample is sized to this share of the time left (per-call costs, metrics)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -34,20 +43,99 @@ def predictions(model: Any, frame: Any) -> tuple[Any, Any]:
     return scored["prediction"].to_numpy(), proba
 
 
-def permutation_importance(model: Any, frame: Any, spec: PipelineSpec, metric: str, seed: int = 0) -> dict[str, float]:
-    """How much the gate metric drops when each feature is shuffled (model-agnostic, on a sample).
+@dataclass
+class Importance:
+    """Permutation importance per feature, and what it cost (shown on the evaluation report).
+
+    :param values: feature -> mean drop of the metric when the feature is shuffled (features the time
+        box left out are absent).
+    :param rows: test rows it was computed on.
+    :param available_rows: test rows there were.
+    :param repeats: shuffles per feature.
+    :param seconds: how long it took (probe included).
+    :param budget_seconds: the time it was allowed.
+    :param rows_per_second: the model's predict speed measured on the probe.
+    :param features: features the model has.
+    """
+
+    values: dict[str, float]
+    rows: int
+    available_rows: int
+    repeats: int
+    seconds: float
+    budget_seconds: float
+    rows_per_second: float
+    features: int
+
+    def summary(self) -> str:
+        """One line a person reads: "permutation importance on N rows, K repeats, T s"."""
+        partial = (
+            f"; time box reached: {len(self.values)} of {self.features} features"
+            if len(self.values) < self.features
+            else ""
+        )
+        return (
+            f"permutation importance on {self.rows:,} of {self.available_rows:,} test rows, {self.repeats} "
+            f"repeat{'s' if self.repeats != 1 else ''}, {self.seconds:.1f} s (budget {self.budget_seconds:.1f} s "
+            f"= {IMPORTANCE_SHARE:.0%} of the training budget; model predicts {self.rows_per_second:,.0f} rows/s)"
+            f"{partial}"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The cost and settings as JSON (``metrics.json`` ``feature_importance_settings``)."""
+        fields = ("rows", "available_rows", "repeats", "seconds", "budget_seconds", "rows_per_second", "features")
+        return {name: getattr(self, name) for name in fields} | {"share_of_training_budget": IMPORTANCE_SHARE}
+
+
+def importance_budget(model: Any, spec: PipelineSpec) -> float:
+    """Seconds permutation importance may take: ``IMPORTANCE_SHARE`` of the model's training budget.
+
+    :param model: a ``LoadedModel`` (its metadata's ``time_limit`` hyperparameter, the run's budget).
+    :param spec: the pipeline (its trainer's ``time_limit`` when the metadata has none).
+    """
+    limit = (model.metadata.hyperparameters or {}).get("time_limit") or spec.trainer.time_limit
+    return IMPORTANCE_SHARE * float(limit)
+
+
+def importance_sample_size(rows_per_second: float, budget: float, features: int, available: int) -> tuple[int, int]:
+    """Rows and repeats that fit the budget: ``rows x (1 + features x repeats)`` predictions.
+
+    :param rows_per_second: the model's predict speed.
+    :param budget: seconds allowed for the scoring (after the probe).
+    :param features: features shuffled one by one.
+    :param available: test rows there are.
+    """
+    cap = min(available, IMPORTANCE_ROWS)
+    for repeats in (IMPORTANCE_REPEATS, 1):
+        rows = min(cap, int(budget * rows_per_second / (1 + features * repeats)))
+        if rows >= min(cap, IMPORTANCE_MIN_ROWS):
+            return rows, repeats
+    return max(1, min(cap, rows)), 1
+
+
+def permutation_importance(
+    model: Any, frame: Any, spec: PipelineSpec, metric: str, seed: int = 0, budget: float | None = None
+) -> Importance:
+    """How much the gate metric drops when each feature is shuffled (model-agnostic), within a time budget.
+
+    The rows are sized from the model's predict speed on a probe so that ``rows x (1 + features x
+    repeats)`` predictions fit the budget; a time box stops it at the budget whatever the estimate said.
 
     :param model: a ``LoadedModel``.
     :param frame: labelled rows.
     :param spec: the pipeline.
     :param metric: the metric to watch (higher is better after the sign flip).
     :param seed: the shuffle seed.
+    :param budget: seconds it may take (default: :func:`importance_budget`).
     """
+    import time
+
     import numpy as np
 
     from conveyor.model.metrics import HIGHER_IS_BETTER, compute_metrics
 
-    sample = frame.sample(min(len(frame), IMPORTANCE_ROWS), random_state=seed).reset_index(drop=True)
+    started = time.perf_counter()
+    budget = importance_budget(model, spec) if budget is None else budget
     classes = model.metadata.class_labels
     sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
 
@@ -63,16 +151,36 @@ def permutation_importance(model: Any, frame: Any, spec: PipelineSpec, metric: s
         ).get(metric)
         return None if value is None else sign * float(value)
 
+    probe = frame.sample(min(len(frame), IMPORTANCE_PROBE_ROWS), random_state=seed)
+    predictions(model, probe)
+    rate = len(probe) / max(time.perf_counter() - started, 1e-6)
+    features = list(model.feature_names)
+    left = IMPORTANCE_MARGIN * max(budget - (time.perf_counter() - started), 0.0)
+    rows, repeats = importance_sample_size(rate, left, len(features), len(frame))
+    sample = frame.sample(rows, random_state=seed).reset_index(drop=True)
+    values = _shuffled_drops(score, sample, features, repeats, np.random.default_rng(seed), started + budget)
+    seconds = round(time.perf_counter() - started, 2)
+    return Importance(values, rows, len(frame), repeats, seconds, round(budget, 1), round(rate, 1), len(features))
+
+
+def _shuffled_drops(score: Any, sample: Any, features: list[str], repeats: int, rng: Any, deadline: float) -> dict:
+    """Feature -> mean drop of ``score`` over ``repeats`` shuffles; stops at ``deadline`` (``perf_counter``)."""
+    import time
+
     base = score(sample)
     if base is None:
         return {}
-    rng = np.random.default_rng(seed)
-    importance = {}
-    for feature in model.feature_names:
-        shuffled = sample.copy()
-        shuffled[feature] = rng.permutation(shuffled[feature].to_numpy())
-        after = score(shuffled)
-        importance[feature] = round(base - after, 6) if after is not None else 0.0
+    importance: dict[str, float] = {}
+    for feature in features:
+        if time.perf_counter() >= deadline:
+            break
+        drops = []
+        for _ in range(repeats):
+            shuffled = sample.copy()
+            shuffled[feature] = rng.permutation(shuffled[feature].to_numpy())
+            after = score(shuffled)
+            drops.append(base - after if after is not None else 0.0)
+        importance[feature] = round(sum(drops) / len(drops), 6)
     return importance
 
 

@@ -311,3 +311,124 @@ def test_regression_report_plots_residuals(tmp_path):
     _assert_png(paths["predicted_vs_actual"])
     html = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert all(name in html for name in ("rmse", "mae", "r2", "mape", "mape ignores 1 row(s)"))
+
+
+# ------------------------------------------------------------------ bounded permutation importance
+
+
+class _TimedModel:
+    """A ``LoadedModel`` stand-in whose predictions cost ``seconds_per_row`` (a real sleep), counting rows.
+
+    It predicts "yes" when feature ``x0`` is positive, so shuffling ``x0`` costs accuracy and the others do not.
+    """
+
+    def __init__(self, seconds_per_row: float, features: int, time_limit: int = 10) -> None:
+        from types import SimpleNamespace
+
+        self.seconds_per_row = seconds_per_row
+        self.feature_names = [f"x{i}" for i in range(features)]
+        self.metadata = SimpleNamespace(
+            class_labels=["no", "yes"], positive_class="yes", hyperparameters={"time_limit": time_limit}
+        )
+        self.predicted_rows = 0
+        self.slow_after = None  # rows after which each prediction is 50x slower (the time box's test)
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        import time
+
+        slow = self.slow_after is not None and self.predicted_rows >= self.slow_after
+        time.sleep(len(frame) * self.seconds_per_row * (50 if slow else 1))
+        self.predicted_rows += len(frame)
+        p_yes = np.where(frame["x0"].to_numpy() > 0, 0.9, 0.1)
+        return pd.DataFrame(
+            {"prediction": np.where(p_yes > 0.5, "yes", "no"), "proba_no": 1 - p_yes, "proba_yes": p_yes}
+        )
+
+
+def _labelled(rows: int, features: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({f"x{i}": rng.normal(size=rows) for i in range(features)})
+    frame["churned"] = np.where(frame["x0"] > 0, "yes", "no")
+    return frame
+
+
+@pytest.fixture(scope="module")
+def churn_spec():
+    from conveyor.spec import get_spec
+
+    return get_spec("churn")  # binary, label "churned"
+
+
+def test_importance_of_a_big_frame_runs_on_a_sample_sized_from_the_predict_speed(churn_spec):
+    from conveyor.training.evaluate import IMPORTANCE_PROBE_ROWS, IMPORTANCE_ROWS, permutation_importance
+
+    model, frame = _TimedModel(seconds_per_row=2e-4, features=4), _labelled(50_000, 4)  # ~5,000 rows/s
+    result = permutation_importance(model, frame, churn_spec, "accuracy", budget=1.5)
+
+    assert result.available_rows == 50_000 and result.rows < IMPORTANCE_ROWS  # capped by the budget, not the frame
+    assert result.repeats in (1, 3) and result.features == 4
+    # Sized so that the sample once plus once per feature and repeat fit the budget at the probe's speed.
+    assert result.rows * (1 + 4 * result.repeats) <= result.budget_seconds * result.rows_per_second
+    # Every prediction counted: the probe, the sample, each feature done (in order) times its repeats.
+    done = len(result.values)
+    assert model.predicted_rows == IMPORTANCE_PROBE_ROWS + result.rows * (1 + done * result.repeats)
+    assert done >= 1 and list(result.values) == ["x0", "x1", "x2", "x3"][:done]
+    assert result.values["x0"] > 0.3 and all(result.values[f"x{i}"] == 0 for i in range(1, done))
+    assert f"permutation importance on {result.rows:,} of 50,000 test rows, {result.repeats} repeat" in result.summary()
+
+
+def test_importance_of_a_fast_model_is_capped_at_the_row_limit_with_repeats(churn_spec):
+    from conveyor.training.evaluate import (
+        IMPORTANCE_REPEATS,
+        IMPORTANCE_ROWS,
+        importance_budget,
+        permutation_importance,
+    )
+
+    model = _TimedModel(seconds_per_row=0.0, features=3, time_limit=90)
+    assert importance_budget(model, churn_spec) == pytest.approx(18.0)  # 20% of the model's training budget
+    result = permutation_importance(model, _labelled(20_000, 3), churn_spec, "accuracy")
+    assert (result.rows, result.repeats) == (IMPORTANCE_ROWS, IMPORTANCE_REPEATS)
+    assert result.budget_seconds == 18.0 and result.seconds < 18.0
+
+
+def test_importance_stops_at_its_time_box_when_the_model_slows_down(churn_spec):
+    from conveyor.training.evaluate import permutation_importance
+
+    model = _TimedModel(seconds_per_row=2e-5, features=6)
+    model.slow_after = 1000  # after the probe and the first scoring, every call is 50x slower than the probe said
+    result = permutation_importance(model, _labelled(5_000, 6), churn_spec, "accuracy", budget=0.5)
+    assert len(result.values) < 6
+    assert f"time box reached: {len(result.values)} of 6 features" in result.summary()
+
+
+def test_model_report_shows_the_importance_sample_and_the_model_plan(tmp_path, churn_spec):
+    from types import SimpleNamespace
+
+    from conveyor.reports.evaluation import write_model_report
+    from conveyor.training.evaluate import Importance
+
+    plan = {
+        "budget": 90.0,
+        "fit_time_limit": 72.0,
+        "models": [{"key": "GBM", "name": "LightGBM", "size": 507, "max_time_limit": 44.3}],
+        "left_out": {"CAT": "26 classes > 10: its multiclass fit is slow per class"},
+    }
+    meta = SimpleNamespace(
+        dataset_version="v-1",
+        code_version="c",
+        best_model="LightGBM",
+        class_labels=["neg", "pos"],
+        positive_class="pos",
+        extra={"model_plan": plan},
+    )
+    test = pd.DataFrame({"customer_id": range(10), "churned": B_TRUE})
+    scored = SimpleNamespace(metadata=meta, test=test, y_true=B_TRUE, y_pred=B_PRED, proba=B_PROBA, metrics=_binary())
+    importance = Importance({"age": 0.2}, 400, 5000, 3, 1.25, 18.0, 2500.0, 1)
+    write_model_report(tmp_path, scored, churn_spec, "run-1", "Challenger", importance)
+
+    html = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "permutation importance on 400 of 5,000 test rows, 3 repeats, 1.2 s (budget 18.0 s" in html
+    assert "GBM (LightGBM, size 507, limit 44.3 s)" in html and "left out CAT: 26 classes &gt; 10" in html
+    settings = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["feature_importance_settings"]
+    assert settings["rows"] == 400 and settings["repeats"] == 3 and settings["seconds"] == 1.25

@@ -438,3 +438,128 @@ def test_refit_full_is_a_bare_flag_or_a_value_as_sagemaker_passes_it(argv, expec
 def test_refit_full_refuses_a_value_that_is_not_a_boolean():
     with pytest.raises(SystemExit):
         parse("--label", "churned", "--problem-type", "binary", "--refit-full", "maybe")
+
+
+# ------------------------------------------------------------------------------ the model plan
+
+plan_py = load_script("include/training/autogluon_tabular/plan.py", "autogluon_tabular_plan")
+
+
+def test_plan_of_26_classes_on_20k_rows_keeps_every_model_within_its_limit_and_the_budget():
+    plan = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90)
+    assert plan.models[0].key == "GBM"  # the strongest fast model first
+    assert [m.key for m in plan.models] == ["GBM", "XT", "RF"]
+    assert set(plan.left_out) == {"CAT", "XGB"} and "26 classes > 10" in plan.left_out["CAT"]
+    for model in plan.models:
+        assert model.estimated_seconds <= model.max_time_limit <= plan.fit_time_limit
+    assert sum(m.max_time_limit for m in plan.models) <= plan.fit_time_limit + 0.1 < 90
+    gbm = plan.models[0]
+    assert gbm.size < plan_py.DEFAULT_SIZE["GBM"] and gbm.params["learning_rate"] == 0.1  # rounds cut to fit
+    # What the estimate says those rounds cost, one tree per class and round.
+    one_round = plan_py.estimate_seconds("GBM", 14_000, 16, 26, 2, 1)
+    assert gbm.size * one_round <= gbm.max_time_limit
+
+
+def test_plan_of_tiny_data_keeps_the_full_list_at_the_library_sizes():
+    plan = plan_py.plan_models(rows=300, columns=9, classes=2, cores=2, budget=60)
+    assert [m.key for m in plan.models] == list(plan_py.ORDER) and plan.left_out == {}
+    assert plan.models[0].params == {"num_boost_round": plan_py.DEFAULT_SIZE["GBM"]}  # defaults, lr untouched
+
+
+def test_plan_of_big_data_on_a_short_budget_keeps_lightgbm_alone_and_says_why():
+    plan = plan_py.plan_models(rows=200_000, columns=100, classes=2, cores=2, budget=90)
+    assert [m.key for m in plan.models] == ["GBM"]
+    assert all("at its smallest" in why for why in plan.left_out.values()) and len(plan.left_out) == 4
+
+
+def test_plan_order_is_the_priority_and_each_model_gets_its_time_limit():
+    plan = plan_py.plan_models(rows=5_000, columns=20, classes=3, cores=4, budget=120, excluded=["CAT", "NN_TORCH"])
+    assert plan.left_out["CAT"] == "excluded by --excluded-model-types"
+    hyperparameters = plan.hyperparameters()
+    assert list(hyperparameters) == [m.key for m in plan.models] == ["GBM", "XGB", "XT", "RF"]
+    priorities = [h["ag_args"]["priority"] for h in hyperparameters.values()]
+    assert priorities == sorted(priorities, reverse=True)
+    assert [h["ag_args_fit"]["max_time_limit"] for h in hyperparameters.values()] == [
+        m.max_time_limit for m in plan.models
+    ]
+    assert plan.lines()[0].startswith("model plan: 5000 rows x 20 columns, 3 classes, 4 cores, budget 120s")
+
+
+def test_plan_leaves_time_for_a_refit_and_multiplies_estimates_by_bagging_folds():
+    plain = plan_py.plan_models(rows=10_000, columns=10, classes=2, cores=2, budget=100)
+    refit = plan_py.plan_models(rows=10_000, columns=10, classes=2, cores=2, budget=100, refit_full=True)
+    assert refit.fit_time_limit == pytest.approx(plain.fit_time_limit * plan_py.REFIT_SHARE)
+    assert plan_py.estimate_seconds("RF", 1000, 10, 2, 2, 100, folds=8) == pytest.approx(
+        8 * plan_py.estimate_seconds("RF", 1000, 10, 2, 2, 100)
+    )
+
+
+@pytest.mark.parametrize("counts", [(0, 5, 2, 2, 60), (100, 5, 2, 0, 60), (100, 5, 2, 2, 0)])
+def test_plan_refuses_counts_that_are_not_positive(counts):
+    with pytest.raises(ValueError, match="must be > 0"):
+        plan_py.plan_models(*counts)
+
+
+def test_fit_gives_autogluon_the_plan_as_hyperparameters_and_time_limits(monkeypatch):
+    import autogluon.tabular
+
+    calls = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def fit(self, data, **kwargs):
+            calls["fit"] = kwargs
+            return self
+
+    monkeypatch.setattr(autogluon.tabular, "TabularPredictor", Recorder)
+    args = parse("--label", "y", "--problem-type", "multiclass", "--time-limit", "90")
+    frame = pd.DataFrame({f"x{i}": np.arange(20_000.0) for i in range(16)} | {"y": np.arange(20_000) % 26})
+    plan = train_py.build_plan(args, frame)
+    assert plan.shape["classes"] == 26 and plan.shape["rows"] == 20_000
+    train_py.fit_predictor(args, frame, None, Path("unused"), plan)
+    assert calls["fit"]["hyperparameters"] == plan.hyperparameters()
+    assert calls["fit"]["time_limit"] == plan.fit_time_limit == 72.0
+    assert all(h["ag_args_fit"]["max_time_limit"] <= 72.0 for h in calls["fit"]["hyperparameters"].values())
+    # --hyperparameters or --model-plan presets leave the models to the user or the presets.
+    assert (
+        train_py.build_plan(parse("--label", "y", "--problem-type", "binary", "--model-plan", "presets"), frame) is None
+    )
+
+
+@pytest.mark.slow
+def test_training_many_classes_on_a_small_budget_fits_the_planned_models_with_their_limits(tmp_path):
+    from sklearn.datasets import make_classification
+
+    features, labels = make_classification(
+        n_samples=780, n_features=6, n_informative=5, n_redundant=0, n_classes=26, n_clusters_per_class=1,
+        class_sep=2.0, random_state=0,
+    )  # fmt: skip
+    frame = pd.DataFrame(features, columns=[f"f{i}" for i in range(6)]).assign(letter=[chr(65 + v) for v in labels])
+    for part, rows in (("train", frame.iloc[:600]), ("validation", frame.iloc[600:])):
+        (tmp_path / part).mkdir()
+        rows.to_parquet(tmp_path / part / "part.parquet", index=False)
+    result = run_train(
+        {"train": tmp_path / "train", "validation": tmp_path / "validation"},
+        tmp_path / "model",
+        tmp_path / "output",
+        *("--label", "letter", "--problem-type", "multiclass", "--time-limit", "20", "--verbosity", "1"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[train.py] model plan: 600 rows x 6 columns, 26 classes" in result.stdout
+    plan = json.loads((tmp_path / "output" / "model_plan.json").read_text())
+    assert [m["key"] for m in plan["models"]][0] == "GBM" and set(plan["left_out"]) == {"CAT", "XGB"}
+    summary = json.loads((tmp_path / "output" / "fit_summary.json").read_text())
+    base = [m for m in summary["models"] if m["stack_level"] == 1]
+    assert len(base) > 1  # no single model ate the budget
+    limits = {m["name"]: m["max_time_limit"] for m in plan["models"]}
+    assert all(m["time_limit"] == limits[m["model"]] for m in base)
+    metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    assert metadata["model_plan"] == plan
+    # AutoGluon got each model's limit: the saved models carry it in their fit arguments.
+    from autogluon.tabular import TabularPredictor
+
+    predictor = TabularPredictor.load(str(tmp_path / "model" / "predictor"), require_py_version_match=False)
+    kept = [name for name in predictor.model_names() if name in limits]
+    assert kept and all(predictor._trainer.load_model(n).params_aux["max_time_limit"] == limits[n] for n in kept)

@@ -1,0 +1,230 @@
+"""The model plan of the AutoGluon tabular trainer: which models to fit, in which order, with which
+sizes and per-model time limits, from the data's shape, the cores and the time budget.
+
+A pure function (:func:`plan_models`) of rows, columns, classes, cores and budget; ``train.py``
+turns the plan into AutoGluon's ``hyperparameters`` dict (:meth:`Plan.hyperparameters`), logs it
+and writes it to ``model_plan.json`` and ``metadata.json`` (``extra.model_plan``) so a user sees why
+a model was fit, shrunk or left out.
+
+How it decides, in four rules a person can check by hand:
+
+1. **Order**: LightGBM (``GBM``) first: the strongest fast model on tables (what scikit-learn's
+   HistGradientBoosting is), then CatBoost, XGBoost, ExtraTrees, RandomForest.
+2. **Cost**: each model's fit time is estimated as ``(COST[model] x rows x columns + TREE_OVERHEAD) x
+   trees / cores x SAFETY``, where a boosting round of a multiclass problem grows one tree per class
+   (``trees = rounds x classes``). The constants were measured on 2 cores (see the README).
+3. **Shares**: the fit budget (``FIT_SHARE`` of the time budget, the rest is start-up, scoring and
+   saving) is split by ``WEIGHT`` among the models kept; a model's share is its
+   ``ag_args_fit.max_time_limit``. Boosting rounds and forest sizes are sized to fit the share
+   (LightGBM's learning rate goes from 0.05 to 0.1 when fewer than 2,000 rounds fit).
+4. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share, and
+   CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
+   deep trees per class and ate whole budgets), and any model type the user excluded.
+
+A sibling of ``train.py``, imported as a plain module; it imports nothing from Airflow or Conveyor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Core-seconds per (row x column x tree), measured with the libraries' defaults on 2 cores.
+COST = {"GBM": 2.0e-8, "CAT": 1.0e-7, "XGB": 2.0e-7, "XT": 2.5e-7, "RF": 6.0e-7}
+ORDER = ("GBM", "CAT", "XGB", "XT", "RF")
+WEIGHT = {"GBM": 4.0, "CAT": 2.0, "XGB": 1.5, "XT": 1.0, "RF": 1.5}
+NAMES = {"GBM": "LightGBM", "CAT": "CatBoost", "XGB": "XGBoost", "XT": "ExtraTrees", "RF": "RandomForest"}
+# Rounds / trees: the library default in AutoGluon (boosters stop early on validation) and the smallest
+# size worth fitting.
+DEFAULT_SIZE = {"GBM": 10_000, "CAT": 10_000, "XGB": 10_000, "XT": 300, "RF": 300}
+MIN_SIZE = {"GBM": 50, "CAT": 200, "XGB": 50, "XT": 50, "RF": 50}
+SIZE_PARAM = {
+    "GBM": "num_boost_round",
+    "CAT": "iterations",
+    "XGB": "n_estimators",
+    "XT": "n_estimators",
+    "RF": "n_estimators",
+}
+BOOSTERS = ("GBM", "CAT", "XGB")
+MAX_CLASSES_SLOW = 10  # CatBoost and XGBoost are left out above this many classes
+TREE_OVERHEAD = 2.0e-4  # core-seconds per tree whatever the data (small data: many fast rounds)
+SAFETY = 1.5  # estimates are multiplied by this (feature preprocessing, validation scoring, a loaded machine)
+FIT_SHARE = 0.8  # share of the time budget given to AutoGluon's fit
+REFIT_SHARE = 0.6  # share of the fit budget when the best model is refit on train + validation afterwards
+PRIORITY_TOP = 100
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """One model of the plan.
+
+    :param key: AutoGluon's model type key (``GBM``, ``CAT``, ``XGB``, ``XT``, ``RF``).
+    :param name: the readable name.
+    :param size: boosting rounds or trees it may grow.
+    :param params: the hyperparameters given to AutoGluon (size, learning rate).
+    :param estimated_seconds: the estimated fit time at ``size``.
+    :param max_time_limit: the per-model time limit AutoGluon enforces (``ag_args_fit.max_time_limit``).
+    :param reason: why this size.
+    """
+
+    key: str
+    name: str
+    size: int
+    params: dict[str, Any]
+    estimated_seconds: float
+    max_time_limit: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The models to fit (in order) and those left out, with the budget they were planned for.
+
+    :param budget: the time budget of the whole training, in seconds.
+    :param fit_time_limit: the ``time_limit`` given to AutoGluon's fit.
+    :param shape: rows, columns, classes, cores and bagging folds planned for.
+    :param models: the models kept, fitted first to last.
+    :param left_out: model key -> why it is left out.
+    """
+
+    budget: float
+    fit_time_limit: float
+    shape: dict[str, int]
+    models: list[PlannedModel]
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def hyperparameters(self) -> dict[str, dict[str, Any]]:
+        """AutoGluon's ``hyperparameters`` argument: each model with its size, priority and time limit."""
+        return {
+            model.key: model.params
+            | {
+                "ag_args": {"priority": PRIORITY_TOP - index},
+                "ag_args_fit": {"max_time_limit": model.max_time_limit},
+            }
+            for index, model in enumerate(self.models)
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON (``model_plan.json``, ``metadata.json`` ``extra.model_plan``)."""
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as the log lines a person reads."""
+        shape = self.shape
+        head = (
+            f"model plan: {shape['rows']} rows x {shape['columns']} columns, {shape['classes']} classes, "
+            f"{shape['cores']} cores, budget {self.budget:.0f}s (fit {self.fit_time_limit:.0f}s)"
+        )
+        kept = [
+            f"  {i + 1}. {m.key} ({m.name}) {SIZE_PARAM[m.key]}={m.size}: ~{m.estimated_seconds:.1f}s, "
+            f"limit {m.max_time_limit:.1f}s; {m.reason}"
+            for i, m in enumerate(self.models)
+        ]
+        dropped = [f"  left out {key}: {why}" for key, why in self.left_out.items()]
+        return [head, *kept, *dropped]
+
+
+def estimate_seconds(key: str, rows: int, columns: int, classes: int, cores: int, size: int, folds: int = 1) -> float:
+    """The estimated fit time of one model (see rule 2 of the module docstring).
+
+    :param key: the model type key.
+    :param rows: training rows.
+    :param columns: feature columns.
+    :param classes: classes (0 or 1 for regression, 2 for binary).
+    :param cores: CPU cores.
+    :param size: boosting rounds or trees.
+    :param folds: bagging folds (each fold fits the model once).
+    """
+    trees = size * (classes if key in BOOSTERS and classes > 2 else 1)
+    per_tree = COST[key] * rows * max(columns, 1) + TREE_OVERHEAD
+    return per_tree * trees / max(cores, 1) * SAFETY * max(folds, 1)
+
+
+def _size_for(key: str, seconds: float, shape: dict[str, int]) -> int:
+    """The largest size (rounds / trees, at most the default) whose estimate fits ``seconds``."""
+    one = estimate_seconds(key, shape["rows"], shape["columns"], shape["classes"], shape["cores"], 1, shape["folds"])
+    return min(DEFAULT_SIZE[key], int(seconds / one)) if one > 0 else DEFAULT_SIZE[key]
+
+
+def _candidates(classes: int, excluded: set[str]) -> tuple[list[str], dict[str, str]]:
+    """The model keys considered (in order) and those left out by rule (excluded, too many classes)."""
+    keep, left_out = [], {}
+    for key in ORDER:
+        if key in excluded:
+            left_out[key] = "excluded by --excluded-model-types"
+        elif key in ("CAT", "XGB") and classes > MAX_CLASSES_SLOW:
+            left_out[key] = f"{classes} classes > {MAX_CLASSES_SLOW}: its multiclass fit is slow per class"
+        else:
+            keep.append(key)
+    return keep, left_out
+
+
+def plan_models(
+    rows: int,
+    columns: int,
+    classes: int,
+    cores: int,
+    budget: float,
+    excluded: list[str] | tuple[str, ...] = (),
+    folds: int = 1,
+    refit_full: bool = False,
+) -> Plan:
+    """Plan the models to fit within ``budget`` (see the module docstring for the rules).
+
+    :param rows: training rows.
+    :param columns: feature columns.
+    :param classes: distinct classes of the label (0 for regression).
+    :param cores: CPU cores the fit may use.
+    :param budget: the training time budget in seconds (> 0).
+    :param excluded: AutoGluon model type keys never fitted.
+    :param folds: bagging folds of the presets (1 without bagging).
+    :param refit_full: whether the best model is refit on train + validation after the fit.
+    :raises ValueError: a count or the budget is not positive.
+    """
+    if rows <= 0 or columns <= 0 or cores <= 0 or not budget > 0 or folds <= 0:
+        raise ValueError(f"plan_models: rows, columns, cores, folds and budget must be > 0, got {locals()}")
+    shape = {"rows": rows, "columns": columns, "classes": classes, "cores": cores, "folds": folds}
+    fit_limit = budget * FIT_SHARE * (REFIT_SHARE if refit_full else 1.0)
+    keys, left_out = _candidates(classes, set(excluded))
+    while keys:
+        total = sum(WEIGHT[k] for k in keys)
+        shares = {k: fit_limit * WEIGHT[k] / total for k in keys}
+        too_big = [k for k in keys if _size_for(k, shares[k], shape) < MIN_SIZE[k]]
+        if not too_big:
+            break
+        key = too_big[-1]  # leave out the last (weakest) model that does not fit, then share again
+        smallest = estimate_seconds(key, rows, columns, classes, cores, MIN_SIZE[key], folds)
+        left_out[key] = (
+            f"needs ~{smallest:.0f}s at its smallest ({SIZE_PARAM[key]}={MIN_SIZE[key]}), "
+            f"more than its share of {shares[key]:.0f}s"
+        )
+        keys.remove(key)
+    if not keys:  # even one small LightGBM does not fit: fit it anyway with what there is, it stops on time
+        keys, shares = ["GBM"], {"GBM": fit_limit}
+        left_out.pop("GBM", None)
+    models = [_planned(key, shares[key], shape) for key in keys]
+    return Plan(budget=float(budget), fit_time_limit=round(fit_limit, 1), shape=shape, models=models, left_out=left_out)
+
+
+def _planned(key: str, share: float, shape: dict[str, int]) -> PlannedModel:
+    """One kept model, sized to its share."""
+    size = max(MIN_SIZE[key], _size_for(key, share, shape))
+    params: dict[str, Any] = {SIZE_PARAM[key]: size}
+    reason = "library default size fits its share" if size >= DEFAULT_SIZE[key] else "sized to fit its share"
+    if key == "GBM" and size < 2000:
+        params["learning_rate"] = 0.1  # fewer rounds: a larger step, as HistGradientBoosting's default
+        reason += "; learning_rate 0.1 (fewer rounds)"
+    if key in BOOSTERS:
+        reason += "; stops early on validation"
+    estimate = estimate_seconds(
+        key, shape["rows"], shape["columns"], shape["classes"], shape["cores"], size, shape["folds"]
+    )
+    return PlannedModel(
+        key=key,
+        name=NAMES[key],
+        size=size,
+        params=params,
+        estimated_seconds=round(estimate, 2),
+        max_time_limit=round(share, 1),
+        reason=reason,
+    )
