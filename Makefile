@@ -1,7 +1,7 @@
 # Conveyor: `make demo` (install + the main job on the embedded default), `make test`, `make test-fast`, `make lint`.
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.conveyor-installed
 STATE := $(CURDIR)/.state
@@ -16,7 +16,7 @@ export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := False
 export MLFLOW_ENABLE_TELEMETRY := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help install demo test test-fast lint format ui stop bench clean constraints browser secrets
 
@@ -26,34 +26,23 @@ help:
 	@echo "make test-fast  the unit tests that train, serve and run nothing heavy (-m 'not slow'; a few minutes)"
 	@echo "make lint       ruff (lint + format check) on the tree, mypy on plugins/"
 	@echo "make format     ruff's fixes and formatter applied to the tree"
-	@echo "make ui         start Airflow (api-server, scheduler, triggerer) on the project's DAGs"
-	@echo "make stop       stop the model endpoints make demo left running"
+	@echo "make ui         start Airflow (api-server, scheduler, triggerer, DAG processor) in the background; print the login"
+	@echo "make stop       stop Airflow and the model endpoints make demo or make ui left running"
 	@echo "make bench      run every benchmark in --quick mode"
 	@echo "make secrets    write .env for docker compose: .env.example with fresh secrets (never replaces one)"
 
 install: $(STAMP)
 
-# The virtual environment is (re)built when it is missing or older than a requirements file.
+# The virtual environment is (re)built when it is missing or older than a requirements file: with uv when the
+# package registry has it (same constraints, same versions), else pip; the log says which (plugins/conveyor/demo_install.py).
 $(STAMP): requirements.txt requirements-test.txt constraints.txt
-	@echo "==> Installing Conveyor's packages into $(VENV) (first run takes a few minutes)"
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade "pip>=25" 2>&1 | grep -v "^WARNING: Location" || true
-	@set -o pipefail; $(PY) -m pip install --progress-bar off -r requirements.txt -r requirements-test.txt \
-		-c constraints.txt > $(VENV)/pip-install.log 2>&1 \
-		|| { grep -E -A12 "^(ERROR|error)" $(VENV)/pip-install.log; echo "pip install failed: see $(VENV)/pip-install.log"; exit 1; }
-	@grep -E "^Successfully" $(VENV)/pip-install.log || true
-	@$(PY) -m pip check >/dev/null && $(PY) -c "import airflow, great_expectations, autogluon.tabular, mlflow" \
-		|| { echo "Install failed: see the messages above"; exit 1; }
+	@$(PYTHON) plugins/conveyor/demo_install.py --venv $(VENV) --python $(PYTHON)
 	@touch $(STAMP)
-	@echo "==> Packages ready"
 
-$(AIRFLOW_HOME)/airflow.db: $(STAMP)
-	@echo "==> Creating Airflow's metadata database (SQLite) in $(AIRFLOW_HOME)"
-	@mkdir -p $(AIRFLOW_HOME)
-	@$(VENV)/bin/airflow db migrate > $(STATE)/db-migrate.log 2>&1 || { tail -20 $(STATE)/db-migrate.log; exit 1; }
-
-demo: $(STAMP) $(AIRFLOW_HOME)/airflow.db
-	@$(PY) -m conveyor.cli demo
+# Airflow's scheduler, triggerer, DAG processor and api-server start in the background (as `make ui` starts them) and run
+# the pipeline; the demo writes drops, feedback and traffic and shows the runs. They keep running: `make stop`.
+demo: $(STAMP)
+	@$(PY) -m conveyor.cli demo $(DEMO_ARGS)
 
 stop:
 	@test -x $(PY) && $(PY) -m conveyor.cli stop || echo "Nothing to stop"
@@ -81,9 +70,9 @@ format: $(STAMP)
 	@$(PY) -m ruff check --fix . || true
 	@$(PY) -m ruff format .
 
-ui: $(STAMP) $(AIRFLOW_HOME)/airflow.db
-	@echo "==> Starting Airflow on http://localhost:8080 (the login is printed below and kept in $(AIRFLOW_HOME))"
-	@AIRFLOW__CORE__PARALLELISM=$${AIRFLOW__CORE__PARALLELISM:-4} $(VENV)/bin/airflow standalone
+# The same services the demo starts (conveyor.demo_airflow), in the background; prints the address and the login.
+ui: $(STAMP)
+	@$(PY) -m conveyor.cli ui
 
 # Debian's chromium and chromedriver for the browser tests (tests/integration/test_ui_browser.py).
 browser:
