@@ -80,6 +80,9 @@ def running_pid() -> int | None:
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists() and b"standalone" not in cmdline.read_bytes():
+        return None  # a stale pid file (after a reboot): that pid is another program now
     return pid
 
 

@@ -143,7 +143,8 @@ def test_a_nudge_that_starts_the_run_lets_the_step_go_on():
         api.appears_at = clock.now
 
     w = watcher(api, clock, lines)
-    assert w.wait("churn__batch_predict", {"scheduled__old"}, Limits(start_s=50, nudge_s=5), nudge=nudge).state == "success"
+    limits = Limits(start_s=50, nudge_s=5)
+    assert w.wait("churn__batch_predict", {"scheduled__old"}, limits, nudge=nudge).state == "success"
 
 
 def test_services_that_died_stop_the_demo_at_once():
@@ -162,3 +163,32 @@ def test_the_log_path_follows_airflows_default_template(monkeypatch, tmp_path):
     assert (
         task_log_path({**ti, "map_index": 0}) == tmp_path / "logs/dag_id=d/run_id=r/task_id=t/map_index=0/attempt=2.log"
     )
+
+
+def test_a_stale_pid_file_is_not_taken_for_running_services(monkeypatch, tmp_path):
+    import os
+
+    from conveyor.demo_airflow import pid_file, running_pid
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    pid_file().write_text(str(os.getpid()))  # alive, but pytest, not airflow standalone
+    assert running_pid() is None
+
+
+def test_stop_ends_the_whole_process_group_it_started(monkeypatch, tmp_path):
+    import subprocess
+
+    from conveyor.demo_airflow import pid_file, running_pid, stop_airflow
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    # A stand-in for `airflow standalone` and a child of it, in their own session as the demo starts them.
+    process = subprocess.Popen(["bash", "-c", "exec -a standalone bash -c 'sleep 60 & wait'"], start_new_session=True)
+    pid_file().write_text(str(process.pid))
+    deadline = 50
+    while running_pid() is None and deadline:  # until exec -a has renamed it
+        deadline -= 1
+        subprocess.run(["sleep", "0.1"], check=True)
+    assert running_pid() == process.pid
+    assert stop_airflow(grace_s=5) is True
+    assert process.poll() is not None and running_pid() is None and not pid_file().exists()
+    assert stop_airflow() is False  # nothing left to stop
