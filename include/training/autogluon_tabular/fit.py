@@ -157,14 +157,18 @@ def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame
     :param predictor: the fitted predictor.
     :param validation: the validation rows, if any.
     """
-    if validation is None:
+    refits = set(predictor.model_refit_map().values())
+    if validation is None or (not refits and predictor.problem_type != "binary"):
+        # Without a refit the fit already scored every model on the validation rows (its tuning data);
+        # binary is scored again: the decision threshold is calibrated after score_val.
         board = predictor.leaderboard(silent=True)
         board["score_validation"] = board["score_val"]
+        if validation is not None:
+            board["pred_time_validation"] = board["pred_time_val"]
     else:
         board = predictor.leaderboard(validation, silent=True)
         board = board.rename(
             columns=lambda c: c.replace("_test", "_validation") if c.startswith(("score_", "pred_time_")) else c
         )
-    refits = set(predictor.model_refit_map().values())
     board["trained_on_validation"] = board["model"].isin(refits)
     return board

@@ -17,7 +17,11 @@ How it decides, in four rules a person can check by hand:
    saving) is split by ``WEIGHT`` among the models kept; a model's share is its
    ``ag_args_fit.max_time_limit``. Boosting rounds and forest sizes are sized to fit the share
    (LightGBM's learning rate goes from 0.05 to 0.1 when fewer than 2,000 rounds fit).
-4. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share, and
+4. **Model size**: a forest stores a value per class in every leaf; its trees are capped so that
+   it holds at most ``FOREST_VALUES`` leaf values (``FOREST_LEAVES`` leaves a tree at most, about
+   half the rows), which bounds the artifact, its load time and its predict time.
+5. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
+   forest cap, and
    CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
    deep trees per class and ate whole budgets), and any model type the user excluded.
 
@@ -52,6 +56,9 @@ SAFETY = 1.5  # estimates are multiplied by this (feature preprocessing, validat
 FIT_SHARE = 0.8  # share of the time budget given to AutoGluon's fit
 REFIT_SHARE = 0.6  # share of the fit budget when the best model is refit on train + validation afterwards
 PRIORITY_TOP = 100
+FORESTS = ("XT", "RF")
+FOREST_LEAVES = 4000  # max_leaf_nodes of each forest tree
+FOREST_VALUES = 5_000_000  # leaf values a forest may hold (8 bytes each: about 40 MB)
 
 
 @dataclass(frozen=True)
@@ -143,17 +150,34 @@ def estimate_seconds(key: str, rows: int, columns: int, classes: int, cores: int
 def _size_for(key: str, seconds: float, shape: dict[str, int]) -> int:
     """The largest size (rounds / trees, at most the default) whose estimate fits ``seconds``."""
     one = estimate_seconds(key, shape["rows"], shape["columns"], shape["classes"], shape["cores"], 1, shape["folds"])
-    return min(DEFAULT_SIZE[key], int(seconds / one)) if one > 0 else DEFAULT_SIZE[key]
+    size = min(DEFAULT_SIZE[key], int(seconds / one)) if one > 0 else DEFAULT_SIZE[key]
+    return min(size, forest_cap(shape["rows"], shape["classes"])) if key in FORESTS else size
 
 
-def _candidates(classes: int, excluded: set[str]) -> tuple[list[str], dict[str, str]]:
-    """The model keys considered (in order) and those left out by rule (excluded, too many classes)."""
+def forest_cap(rows: int, classes: int) -> int:
+    """The most trees a forest may grow under ``FOREST_VALUES`` (rule 4 of the module docstring).
+
+    :param rows: training rows.
+    :param classes: classes (0 for regression: one value a leaf).
+    """
+    leaves = max(1, min(FOREST_LEAVES, rows // 2))
+    return FOREST_VALUES // (leaves * max(classes, 1))
+
+
+def _candidates(shape: dict[str, int], excluded: set[str]) -> tuple[list[str], dict[str, str]]:
+    """The model keys considered (in order) and those left out by rule (excluded, classes, forest size)."""
     keep, left_out = [], {}
+    classes = shape["classes"]
     for key in ORDER:
         if key in excluded:
             left_out[key] = "excluded by --excluded-model-types"
         elif key in ("CAT", "XGB") and classes > MAX_CLASSES_SLOW:
             left_out[key] = f"{classes} classes > {MAX_CLASSES_SLOW}: its multiclass fit is slow per class"
+        elif key in FORESTS and forest_cap(shape["rows"], classes) < MIN_SIZE[key]:
+            left_out[key] = (
+                f"{MIN_SIZE[key]} trees would hold more than {FOREST_VALUES:,} leaf values "
+                f"({max(classes, 1)} a leaf): too big to load and predict fast"
+            )
         else:
             keep.append(key)
     return keep, left_out
@@ -185,7 +209,7 @@ def plan_models(
         raise ValueError(f"plan_models: rows, columns, cores, folds and budget must be > 0, got {locals()}")
     shape = {"rows": rows, "columns": columns, "classes": classes, "cores": cores, "folds": folds}
     fit_limit = budget * FIT_SHARE * (REFIT_SHARE if refit_full else 1.0)
-    keys, left_out = _candidates(classes, set(excluded))
+    keys, left_out = _candidates(shape, set(excluded))
     while keys:
         total = sum(WEIGHT[k] for k in keys)
         shares = {k: fit_limit * WEIGHT[k] / total for k in keys}
@@ -211,6 +235,10 @@ def _planned(key: str, share: float, shape: dict[str, int]) -> PlannedModel:
     size = max(MIN_SIZE[key], _size_for(key, share, shape))
     params: dict[str, Any] = {SIZE_PARAM[key]: size}
     reason = "library default size fits its share" if size >= DEFAULT_SIZE[key] else "sized to fit its share"
+    if key in FORESTS:
+        params["max_leaf_nodes"] = FOREST_LEAVES
+        if size == forest_cap(shape["rows"], shape["classes"]):
+            reason = f"capped at {FOREST_VALUES:,} leaf values (model size)"
     if key == "GBM" and size < 2000:
         params["learning_rate"] = 0.1  # fewer rounds: a larger step, as HistGradientBoosting's default
         reason += "; learning_rate 0.1 (fewer rounds)"

@@ -448,8 +448,9 @@ plan_py = load_script("include/training/autogluon_tabular/plan.py", "autogluon_t
 def test_plan_of_26_classes_on_20k_rows_keeps_every_model_within_its_limit_and_the_budget():
     plan = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90)
     assert plan.models[0].key == "GBM"  # the strongest fast model first
-    assert [m.key for m in plan.models] == ["GBM", "XT", "RF"]
-    assert set(plan.left_out) == {"CAT", "XGB"} and "26 classes > 10" in plan.left_out["CAT"]
+    assert [m.key for m in plan.models] == ["GBM"]
+    assert set(plan.left_out) == {"CAT", "XGB", "XT", "RF"} and "26 classes > 10" in plan.left_out["CAT"]
+    assert "leaf values" in plan.left_out["XT"]  # 26 values a leaf: a forest too big to load and predict fast
     for model in plan.models:
         assert model.estimated_seconds <= model.max_time_limit <= plan.fit_time_limit
     assert sum(m.max_time_limit for m in plan.models) <= plan.fit_time_limit + 0.1 < 90
@@ -458,6 +459,16 @@ def test_plan_of_26_classes_on_20k_rows_keeps_every_model_within_its_limit_and_t
     # What the estimate says those rounds cost, one tree per class and round.
     one_round = plan_py.estimate_seconds("GBM", 14_000, 16, 26, 2, 1)
     assert gbm.size * one_round <= gbm.max_time_limit
+
+
+def test_plan_caps_forests_of_many_classes_by_leaf_values():
+    plan = plan_py.plan_models(rows=3500, columns=16, classes=26, cores=2, budget=30)
+    forests = {m.key: m for m in plan.models if m.key in ("XT", "RF")}
+    assert set(forests) == {"XT", "RF"}
+    for model in forests.values():
+        leaves = 3500 // 2  # a tree has at most about half the rows as leaves (below FOREST_LEAVES here)
+        assert model.size * leaves * 26 <= plan_py.FOREST_VALUES < (model.size + 1) * leaves * 26
+        assert model.params["max_leaf_nodes"] == plan_py.FOREST_LEAVES and "leaf values" in model.reason
 
 
 def test_plan_of_tiny_data_keeps_the_full_list_at_the_library_sizes():
