@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import sqlite3
@@ -36,9 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below Linux's ephemeral range (an ephemeral one may be handed to a client meanwhile)."""
+    for _ in range(200):
+        port = random.randint(20000, 29999)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("no free port between 20000 and 29999")
 
 
 def quick_include(clone: Path, port: int) -> Path:

@@ -13,6 +13,7 @@ with the DAG, the task and its log. Airflow keeps running afterwards (``make ui`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -359,7 +360,7 @@ def start_session(pipelines: list[str], stall_s: float) -> Session:
     dag_ids = [dag.dag_id for p in pipelines for dag in build_for(get_spec(p))]  # the family its spec builds
     deadline = time.monotonic() + 240
     for dag_id in dag_ids:
-        while (dag := api.dag(dag_id)) is None:
+        while (dag := s.watcher.poll(functools.partial(api.dag, dag_id))) is None:
             if time.monotonic() > deadline:
                 raise DemoError(f"the DAG processor has not stored {dag_id} after 240s: see {log_file()}")
             time.sleep(1)

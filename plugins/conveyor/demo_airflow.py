@@ -10,6 +10,7 @@ log path when the run fails or nothing moves for a bounded time: the demo never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,7 +118,7 @@ def start_airflow(show: Callable[[str], None], timeout_s: float = START_TIMEOUT_
     :param timeout_s: how long the services may take to become healthy.
     :return: the api-server's address and whether this call started the services.
     """
-    url, started = api_url(), False
+    url, log_from = api_url(), None
     if running_pid() is None:
         if port_in_use(api_port()):
             raise DemoError(
@@ -131,6 +132,7 @@ def start_airflow(show: Callable[[str], None], timeout_s: float = START_TIMEOUT_
             "AIRFLOW__API__BASE_URL": os.environ.get("AIRFLOW__API__BASE_URL", url),  # tasks reach the execution API
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
+        log_from = log_file().stat().st_size if log_file().exists() else 0
         with log_file().open("ab") as sink:
             process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "airflow"), "standalone"],
@@ -141,28 +143,54 @@ def start_airflow(show: Callable[[str], None], timeout_s: float = START_TIMEOUT_
                 start_new_session=True,  # its own process group: make stop ends all of it, Ctrl-C none of it
             )
         pid_file().write_text(str(process.pid))
-        started = True
         show(f"    services log    : {log_file()}")
-    wait_healthy(url, timeout_s)
+    wait_healthy(url, timeout_s, log_from)
     import httpx
 
-    httpx.get(f"{url}/execution/health", timeout=120)  # the api-server builds its execution API on first call
-    return url, started
+    with contextlib.suppress(httpx.HTTPError):  # the api-server builds its execution API on the first call
+        httpx.get(f"{url}/execution/health", timeout=120)
+    return url, log_from is not None
 
 
-def wait_healthy(url: str, timeout_s: float) -> None:
+def wait_healthy(url: str, timeout_s: float, log_from: int | None = None) -> None:
     """Wait until the api-server reports every component healthy; ``DemoError`` when it dies or times out.
 
     :param url: the api-server.
     :param timeout_s: the bound.
+    :param log_from: for services just started, where their output begins in the log: healthy then
+        also means our api-server said it is serving (another Airflow on the port is not ours).
     """
     deadline = time.monotonic() + timeout_s
-    while not healthy(url):
+    while True:
+        output = read_from(log_file(), log_from) if log_from is not None else ""
+        if "error while attempting to bind" in output:
+            raise DemoError(
+                f"an Airflow service could not listen on its port (in use; api-server {api_port()}, log servers "
+                "8793/8794 by default): stop what holds it, or set AIRFLOW__API__PORT, "
+                f"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT, AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT; see {log_file()}"
+            )
+        ours = log_from is None or f":{api_port()} (Press CTRL+C" in output
+        if ours and healthy(url):
+            return
         if running_pid() is None:
             raise DemoError(f"airflow standalone exited: see {log_file()}\n{tail(log_file())}")
         if time.monotonic() > deadline:
             raise DemoError(f"Airflow was not healthy after {timeout_s:.0f}s: see {log_file()}\n{tail(log_file())}")
         time.sleep(1)
+
+
+def read_from(path: Path, offset: int) -> str:
+    """A file's text from a byte offset (empty when it cannot be read).
+
+    :param path: the file.
+    :param offset: where to start.
+    """
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -379,7 +407,7 @@ class RunWatcher:
         """
         return {r["dag_run_id"] for r in self.api.runs(dag_id, limit=50) if r["state"] in RUN_TERMINAL}
 
-    def _poll(self, what: Callable[[], Any]) -> Any:
+    def poll(self, what: Callable[[], Any]) -> Any:
         """One API call; None when it failed for a moment (the step's bound still applies)."""
         import httpx
 
@@ -400,7 +428,7 @@ class RunWatcher:
         """
         started = self.clock()
         while True:
-            runs = self._poll(lambda: self.api.runs(dag_id)) or []
+            runs = self.poll(lambda: self.api.runs(dag_id)) or []
             new = sorted((r for r in runs if r["dag_run_id"] not in before), key=lambda r: r.get("run_after") or "")
             if new:
                 return new[0]
@@ -430,7 +458,7 @@ class RunWatcher:
         states: dict[str, tuple[str, int]] = {}
         changed = shown = started
         while True:
-            tis = self._poll(lambda: self.api.task_instances(dag_id, run_id))
+            tis = self.poll(lambda: self.api.task_instances(dag_id, run_id))
             now = self.clock()
             for ti in tis or []:
                 key = (ti.get("state") or "none", int(ti.get("try_number") or 0))
@@ -452,7 +480,7 @@ class RunWatcher:
             self.sleep(self.poll_s)
 
     def _run_state(self, dag_id: str, run_id: str) -> str | None:
-        runs = self._poll(lambda: self.api.runs(dag_id)) or []
+        runs = self.poll(lambda: self.api.runs(dag_id)) or []
         return next((r["state"] for r in runs if r["dag_run_id"] == run_id), None)
 
     def _show_task(self, ti: dict[str, Any]) -> None:

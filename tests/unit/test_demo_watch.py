@@ -192,3 +192,15 @@ def test_stop_ends_the_whole_process_group_it_started(monkeypatch, tmp_path):
     assert stop_airflow(grace_s=5) is True
     assert process.poll() is not None and running_pid() is None and not pid_file().exists()
     assert stop_airflow() is False  # nothing left to stop
+
+
+def test_services_that_cannot_bind_their_port_stop_the_start_at_once(monkeypatch, tmp_path):
+    from conveyor.demo_airflow import log_file, wait_healthy
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    log_file().write_text(
+        "old run | Uvicorn running on http://0.0.0.0:8080 (Press CTRL+C to quit)\n"
+        "api-server | [error] [Errno 98] error while attempting to bind on address ('0.0.0.0', 8080)\n"
+    )
+    with pytest.raises(DemoError, match="could not listen on its port"):
+        wait_healthy("http://localhost:1", timeout_s=60, log_from=0)
