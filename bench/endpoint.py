@@ -435,6 +435,21 @@ class OursServer:
             time.sleep(0.1)
         self.start_seconds = time.perf_counter() - started
 
+    def batch_stats(self) -> dict[str, Any]:
+        """Requests and predict calls of every worker (their heartbeats): how much the batcher merged."""
+        from conveyor.serving import endpoint_state
+
+        states = endpoint_state.worker_states(ENDPOINT)
+        stats = [(s.get("batches") or {}).get(VERSION) or {} for s in states]
+        requests, predicts = sum(x.get("requests", 0) for x in stats), sum(x.get("predicts", 0) for x in stats)
+        return {
+            "requests_by_worker": [s.get("requests", 0) for s in states],
+            "requests": requests,
+            "predicts": predicts,
+            "requests_per_predict": requests / predicts if predicts else float("nan"),
+            "largest_batch": max((x.get("largest", 0) for x in stats), default=0),
+        }
+
     def stop(self) -> None:
         from conveyor.serving import process
 
@@ -744,6 +759,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 + ", ".join(f"{n}: {ms:.1f}" for n, ms in batched.items())
             )
             rss = {server.label: tree_rss_bytes(server.pid) for server in servers}
+            time.sleep(2.5)  # one more heartbeat of every worker
+            batching = ours.batch_stats()
+            progress(f"ours batching (heartbeats): {batching}")
         finally:
             for server in servers:
                 with contextlib.suppress(Exception):
@@ -766,6 +784,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_ms": overhead,
         "overhead_over_handlers_ms": seq["ours"]["p50_ms"] - seq["handlers"]["p50_ms"],
         "p99_ms_c32": p99_32,
+        "ours_batching": batching,
+        # load-independent: MLflow's server CPU per request / ours (the machine is shared)
+        "server_cpu_per_request_ratio": {
+            c: levels["mlflow"][c]["server_cpu_ms_per_request"] / levels["ours"][c]["server_cpu_ms_per_request"]
+            for c in levels["ours"]
+            if levels["ours"][c].get("server_cpu_ms_per_request")
+        },
         "in_process_batched_ceiling_rps": ceiling_rps,
         "ours_of_ceiling": of_ceiling,
         "mlflow_overhead_ms": seq["mlflow"]["p50_ms"] - seq["predict_frame"]["p50_ms"],

@@ -101,9 +101,10 @@ def test_an_idle_batcher_starts_at_once_and_a_batch_takes_what_queued_up_to_the_
     assert max(handlers.predict_calls[:-1]) == 5  # a full batch of queued requests
 
 
-def test_max_batch_wait_ms_holds_an_idle_batch_for_more_rows():
+def test_max_batch_wait_ms_holds_an_idle_batch_for_more_rows_until_it_is_full():
     handlers = Handlers()
-    batcher = Batcher(handlers, {"factor": 2}, serialise, max_batch_size=64, max_batch_wait_ms=500)
+    # the second request fills the batch, which then starts without waiting out the rest of the second
+    batcher = Batcher(handlers, {"factor": 2}, serialise, max_batch_size=2, max_batch_wait_ms=1000)
 
     async def scenario() -> list:
         first = asyncio.ensure_future(batcher.submit([1.0], None))
