@@ -83,6 +83,8 @@ class Recorder:
         self.calls: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.polls: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.seconds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.origins: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.trace = False
         self.lock = threading.Lock()
 
     def flag(self, name: str) -> bool:
@@ -97,11 +99,21 @@ class Recorder:
             else:
                 self.calls[self.phase][f"{service}:{operation}"] += 1
                 self.seconds[self.phase]["aws_s"] += seconds
+                if self.trace:
+                    self.origins[self.phase][f"{service}:{operation} <- {origin()}"] += 1
 
     def timed(self, name: str, seconds: float) -> None:
         if self.phase is not None:
             with self.lock:
                 self.seconds[self.phase][name] += seconds
+
+
+def origin() -> str:
+    """The innermost Conveyor frames of the current call stack (``--trace``: where a call comes from)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_stack() if "/plugins/conveyor/" in f.filename]
+    return " < ".join(f"{Path(f.filename).stem}.{f.name}:{f.lineno}" for f in reversed(frames[-3:])) or "?"
 
 
 def instrument(recorder: Recorder) -> None:
@@ -223,6 +235,7 @@ def set_up(tmp: Path) -> tuple[Any, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,200 rows, 10 s budget, 2,000 rows to score")
+    parser.add_argument("--trace", action="store_true", help="print where in Conveyor each call is made")
     args = parser.parse_args()
     rows, budget, scored = (1200, 10, 2000) if args.quick else (5000, 30, 20000)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sagemaker-"))
@@ -236,6 +249,7 @@ def main() -> None:
     from sagemaker_pipeline import sagemaker_include
 
     recorder = Recorder()
+    recorder.trace = args.trace
     instrument(recorder)
     patch = pytest.MonkeyPatch()
     sagemaker_include(
@@ -328,6 +342,8 @@ def main() -> None:
         )
         for operation, count in f["by_operation"].items():
             print(f"          {count:4d}  {operation}", file=sys.stderr)
+        for where, count in sorted(recorder.origins[phase].items()):
+            print(f"          {count:4d}  {where}", file=sys.stderr)
         print(
             "          task seconds (Airflow's duration, deferred waits included): "
             + ", ".join(f"{task} {seconds}" for task, seconds in f["task_s"].items()),

@@ -212,7 +212,7 @@ def replacing(path: ObjectStoragePath, durable: bool = True) -> Iterator[BinaryI
     :param durable: flush the local file to disk before the rename (pointers and records); bulk
         copies whose completion a later document records may skip it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     if path.protocol not in _LOCAL:
         handle = path.open("wb")
         try:
@@ -347,22 +347,57 @@ def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: i
     return digest.hexdigest(), size
 
 
+def make_folder(path: ObjectStoragePath) -> None:
+    """Create a folder and its parents on a local lake; nothing on an object store.
+
+    An object store has no folders (a key's prefix exists once an object is under it), and
+    ``mkdir`` there costs requests for nothing (s3fs: a HeadBucket and more per call).
+
+    :param path: the folder.
+    """
+    if path.protocol in _LOCAL:
+        path.mkdir(parents=True, exist_ok=True)
+
+
 def remove_tree(path: ObjectStoragePath) -> None:
-    """Delete a folder (or prefix) and everything below it, if it exists."""
-    if path.exists():
-        path.fs.rm(path.path, recursive=True)
+    """Delete a folder (or prefix) and everything below it, if it exists.
+
+    On an object store one listing finds what to delete (no existence check first); nothing there is
+    not an error.
+    """
+    if path.protocol in _LOCAL:
+        if path.exists():
+            path.fs.rm(path.path, recursive=True)
+        return
+    try:
+        found = path.fs.find(path.path)  # one listing when there is something
+    except FileNotFoundError:
+        return
+    if found:
+        path.fs.rm(found)  # one bulk delete per thousand keys
 
 
 def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
-    """Copy a local folder (e.g. rendered HTML reports) into the lake; returns the relative names."""
+    """Copy a local folder (e.g. rendered HTML reports) into the lake; returns the relative names.
+
+    Each file appears whole or not at all. On an object store each file is one upload (a PUT, or a
+    multipart upload for a large one): no folder creation or existence checks.
+
+    :param local_dir: the folder to copy.
+    :param target: where its content goes.
+    """
     names = []
     for path in sorted(local_dir.rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(local_dir).as_posix()
+        if not path.is_file():
+            continue
+        rel = path.relative_to(local_dir).as_posix()
+        if target.protocol not in _LOCAL:
+            (target / rel).fs.put_file(str(path), (target / rel).path)
+        else:
             with path.open("rb") as reader, replacing(target / rel, durable=False) as writer:  # never half a page
                 while chunk := reader.read(1 << 20):
                     writer.write(chunk)
-            names.append(rel)
+        names.append(rel)
     return names
 
 

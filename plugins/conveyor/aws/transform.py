@@ -80,13 +80,13 @@ def prepare_input(
     import pyarrow.parquet as pq
 
     from conveyor.batch.readers import read_chunks
-    from conveyor.lake import remove_tree, write_json
+    from conveyor.lake import make_folder, remove_tree, write_json
 
     features = metadata.feature_names
     id_column = metadata.id_column
     remove_tree(work)
     for folder in (INPUT, IDS):
-        (work / folder).mkdir(parents=True, exist_ok=True)
+        make_folder(work / folder)
     parts: list[dict[str, Any]] = []
     for index, chunk in enumerate(read_chunks(source, metadata, chunk_rows, conn_id)):
         name = f"part-{index:05d}"
@@ -139,19 +139,20 @@ def read_answers(path: ObjectStoragePath, class_labels: list[Any] | None) -> pd.
 
     from conveyor.batch.scoring import PROBA_PREFIX
 
-    if not path.exists():
-        raise BatchInputError(f"{path}: the transform job wrote no output for this input file")
     records: list[dict[str, Any]] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue  # AssembleWith Line ends every mini-batch's answer with a line break
-            try:
-                records.extend(json.loads(line)["predictions"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BatchInputError(
-                    f"{path}: line {number} is not an application/json answer of code/inference.py ({exc!r})"
-                ) from None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()  # one GET
+    except FileNotFoundError:
+        raise BatchInputError(f"{path}: the transform job wrote no output for this input file") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue  # AssembleWith Line ends every mini-batch's answer with a line break
+        try:
+            records.extend(json.loads(line)["predictions"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BatchInputError(
+                f"{path}: line {number} is not an application/json answer of code/inference.py ({exc!r})"
+            ) from None
     out = pd.DataFrame({"prediction": [record.get("prediction") for record in records]})
     for label in class_labels or []:
         out[f"{PROBA_PREFIX}{label}"] = [

@@ -66,20 +66,36 @@ def completed_parts(out: str | Path | ObjectStoragePath, conn_id: str | None = N
     from conveyor.lake import read_json
 
     target = lake_path(out, conn_id)
-    if not (target / SUCCESS).exists():
-        raise FileNotFoundError(f"{target}: no {SUCCESS}: the batch run has not finished")
-    return [target / name for name in read_json(target / SUCCESS)["parts"]]
+    try:
+        manifest = read_json(target / SUCCESS)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{target}: no {SUCCESS}: the batch run has not finished") from None
+    return [target / name for name in manifest["parts"]]
 
 
 def fresh_staging(target: ObjectStoragePath) -> ObjectStoragePath:
     """The run's staging folder, emptied of an earlier attempt's parts and created.
 
+    On an object store nothing is asked of the store: a crashed attempt's leftovers there are never
+    published (:func:`publish` moves only this attempt's parts) and go with the staging folder.
+
     :param target: the run's output folder.
     """
+    from conveyor.lake import make_folder
+
     staging = target / STAGING
-    remove(staging)
-    staging.mkdir(parents=True, exist_ok=True)
+    if not _on_store(staging):
+        remove(staging)
+        make_folder(staging)
     return staging
+
+
+def _on_store(path: ObjectStoragePath) -> bool:
+    """Whether a path is on an object store (not the local disk).
+
+    :param path: the path.
+    """
+    return path.protocol not in ("file", "local", "")
 
 
 def write_part(folder: ObjectStoragePath, name: str, table: pa.Table) -> None:
@@ -142,15 +158,22 @@ def publish(target: ObjectStoragePath, staging: ObjectStoragePath, names: list[s
     """
     from conveyor.lake import write_json
 
-    if (target / SUCCESS).exists():
-        (target / SUCCESS).unlink()
-    for old in target.iterdir():
-        if old.is_file() and old.name.startswith("part-") and old.name.endswith(".parquet"):
-            old.unlink()
+    old = [item for item in target.iterdir() if item.name != STAGING]  # one listing
+    for item in old:
+        if item.name == SUCCESS:
+            item.unlink()  # first: the run's old parts are never read without it
+    for item in old:
+        if item.name.startswith("part-") and item.name.endswith(".parquet") and item.name not in names:
+            item.unlink()  # a new part of the same name replaces the old one as it moves in
     for name in names:
         source = staging / name
-        source.fs.mv(source.path, (target / name).path)
-    remove(staging)
+        if _on_store(source) and hasattr(source.fs, "_copy_basic"):  # s3fs: one CopyObject (parts are < 5 GB)
+            from fsspec.asyn import sync
+
+            sync(source.fs.loop, source.fs._copy_basic, source.path, (target / name).path)
+        else:
+            source.fs.mv(source.path, (target / name).path)
+    remove(staging)  # on an object store: one listing and one bulk delete
     write_json(target / SUCCESS, manifest)
 
 

@@ -16,6 +16,7 @@ a timeout, a store's 5xx) is not the input's fault: it propagates as it is, so t
 from __future__ import annotations
 
 import itertools
+import posixpath
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,9 +99,10 @@ def read_chunks(
     :raises BatchInputError: the input broke a rule (see the module docstring).
     """
     columns = Columns.of(metadata)
-    files = checked_files(lake_path(source, conn_id), columns, chunk_rows)
-    for file in files:
-        yield from file_chunks(file, columns, chunk_rows)
+    with local_copies():  # a remote file is fetched once for its check and its read
+        files = checked_files(lake_path(source, conn_id), columns, chunk_rows)
+        for file in files:
+            yield from file_chunks(file, columns, chunk_rows)
 
 
 def checked_files(source: ObjectStoragePath, columns: Columns, chunk_rows: int) -> list[ObjectStoragePath]:
@@ -153,14 +155,23 @@ def input_files(source: ObjectStoragePath) -> list[ObjectStoragePath]:
     :param source: the input.
     :raises BatchInputError: no such input, an empty folder, or a file of another type.
     """
-    if not source.exists():
-        raise BatchInputError(f"{source}: no such file or folder")
-    if source.is_dir():
-        files = sorted(
-            (p for p in source.iterdir() if p.is_file() and not p.name.startswith(("_", "."))), key=lambda p: p.name
-        )
-        if not files:
+    if source.protocol in ("file", "local", ""):
+        if not source.exists():
+            raise BatchInputError(f"{source}: no such file or folder")
+        is_dir = source.is_dir()
+        found = [(p.name, p.is_file()) for p in source.iterdir()] if is_dir else []
+    else:  # an object store: one HEAD for a file; a folder is told by its listing (no request per entry)
+        try:
+            is_dir = source.fs.info(source.path)["type"] == "directory"
+        except FileNotFoundError:
+            raise BatchInputError(f"{source}: no such file or folder") from None
+        entries = source.fs.ls(source.path, detail=True) if is_dir else []
+        found = [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "file") for e in entries]
+    if is_dir:
+        names = sorted(name for name, is_file in found if is_file and not name.startswith(("_", ".")))
+        if not names:
             raise BatchInputError(f"{source}: no rows to score (the folder holds no data files)")
+        files = [source / name for name in names]
     else:
         files = [source]
     for file in files:
@@ -170,9 +181,28 @@ def input_files(source: ObjectStoragePath) -> list[ObjectStoragePath]:
     return files
 
 
+_COPIES: list[tuple[str, dict[str, str]]] = []  # the innermost local_copies(): its folder and its copies
+
+
+@contextmanager
+def local_copies() -> Iterator[None]:
+    """Keep the local copies :func:`opened` makes of remote files until the block ends (fetch each once).
+
+    Without it every :func:`opened` of a remote file fetches it again (the check, then the read).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as scratch:
+        _COPIES.append((scratch, {}))
+        try:
+            yield
+        finally:
+            _COPIES.pop()
+
+
 @contextmanager
 def opened(file: ObjectStoragePath) -> Iterator[str]:
-    """A local path pyarrow can read: the file itself, or a temporary copy of a remote one.
+    """A local path pyarrow can read: the file itself, or a copy of a remote one (kept by :func:`local_copies`).
 
     :param file: the file.
     """
@@ -185,8 +215,16 @@ def opened(file: ObjectStoragePath) -> Iterator[str]:
 
     from conveyor.lake import copy_verified
 
-    with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as scratch:
-        local = Path(scratch) / file.name
+    if _COPIES:
+        scratch, copies = _COPIES[-1]
+        if str(file) not in copies:
+            local = Path(scratch) / f"{len(copies):05d}-{file.name}"
+            copy_verified(file, ObjectStoragePath(local.as_uri()), 1 << 20)
+            copies[str(file)] = str(local)
+        yield copies[str(file)]
+        return
+    with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as folder:
+        local = Path(folder) / file.name
         copy_verified(file, ObjectStoragePath(local.as_uri()), 1 << 20)
         yield str(local)
 

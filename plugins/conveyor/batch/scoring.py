@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor.batch.parts import BatchResult, fresh_staging, part_name, publish, remove, write_part
-from conveyor.batch.readers import BatchInputError, Columns, file_chunks, lake_path, measured_files
+from conveyor.batch.readers import BatchInputError, Columns, file_chunks, lake_path, local_copies, measured_files
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -88,30 +88,31 @@ def score_file(
         )
     started = time.monotonic()
     columns = Columns.of(read(Path(model_dir)))
-    measured = measured_files(lake_path(source, conn_id), columns, chunk_rows)  # every file, before any work
-    files = [(file, chunk_rows_for(width, memory_bytes, 2 * workers, chunk_rows)) for file, width in measured]
-    target = lake_path(out, conn_id)
-    staging = fresh_staging(target)
-    stamp = utc(scored_at)
-    constants = {"model_name": model_name, "model_version": model_version, "run_id": run_id, "scored_at": stamp}
-    try:
-        model = LoadedModel(Path(model_dir))
-        names, rows = _score(files, columns, model, staging, constants, workers)
-        if rows == 0:
-            raise BatchInputError(f"{source}: no rows to score (every input file is empty)")
-        manifest = {
-            "rows": rows,
-            "parts": names,
-            "model": model_name,
-            "version": model_version,
-            "run_id": run_id,
-            "scored_at": stamp.isoformat(),
-            "source": str(source),
-        }
-        publish(target, staging, names, manifest)
-    except BaseException:
-        remove(staging, quiet=True)
-        raise
+    with local_copies():  # a remote file is fetched once, for its check and its read
+        measured = measured_files(lake_path(source, conn_id), columns, chunk_rows)  # every file, before any work
+        files = [(file, chunk_rows_for(width, memory_bytes, 2 * workers, chunk_rows)) for file, width in measured]
+        target = lake_path(out, conn_id)
+        staging = fresh_staging(target)
+        stamp = utc(scored_at)
+        constants = {"model_name": model_name, "model_version": model_version, "run_id": run_id, "scored_at": stamp}
+        try:
+            model = LoadedModel(Path(model_dir))
+            names, rows = _score(files, columns, model, staging, constants, workers)
+            if rows == 0:
+                raise BatchInputError(f"{source}: no rows to score (every input file is empty)")
+            manifest = {
+                "rows": rows,
+                "parts": names,
+                "model": model_name,
+                "version": model_version,
+                "run_id": run_id,
+                "scored_at": stamp.isoformat(),
+                "source": str(source),
+            }
+            publish(target, staging, names, manifest)
+        except BaseException:
+            remove(staging, quiet=True)
+            raise
     seconds = time.monotonic() - started
     log.info(
         "scored %s rows into %s parts at %s in %.1fs (%.0f rows/s)",

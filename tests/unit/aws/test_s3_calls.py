@@ -1,0 +1,108 @@
+"""S3 requests of the SageMaker backend's lake writes, counted against moto: no folder requests, no checks
+before a write, a ceiling per step."""
+
+from __future__ import annotations
+
+import collections
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from conveyor.demo import churn_frame
+
+SCORED_AT = datetime(2026, 3, 1, tzinfo=UTC)
+SEQUENCE: list[str] = []  # the calls in order, for a failing assertion's message
+
+
+@pytest.fixture
+def s3_calls(monkeypatch):
+    """Every AWS API call made (botocore's and aiobotocore's, so s3fs counts), as ``service:Operation``."""
+    import aiobotocore.client
+    import botocore.client
+
+    calls: collections.Counter[str] = collections.Counter()
+    sync_call = botocore.client.BaseClient._make_api_call
+    async_call = aiobotocore.client.AioBaseClient._make_api_call
+
+    def make_api_call(client: Any, operation: str, params: Any) -> Any:
+        calls[f"{client.meta.service_model.service_name}:{operation}"] += 1
+        SEQUENCE.append(f"{operation} {params.get('Key') or params.get('Prefix') or ''}")
+        return sync_call(client, operation, params)
+
+    async def make_async_api_call(client: Any, operation: str, params: Any) -> Any:
+        calls[f"{client.meta.service_model.service_name}:{operation}"] += 1
+        SEQUENCE.append(f"{operation} {params.get('Key') or params.get('Prefix') or ''}")
+        return await async_call(client, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", make_api_call)
+    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", make_async_api_call)
+    return calls
+
+
+def test_lake_writes_on_s3_make_no_folder_requests(s3_lake, s3_calls, tmp_path):
+    from conveyor.lake import read_json, upload_tree, write_json
+
+    report = tmp_path / "report"
+    (report / "static").mkdir(parents=True)
+    for name in ("index.html", "result.json", "static/site.css"):
+        (report / name).write_text(name)
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+
+    write_json(s3_lake.path("raw", "churn", "LATEST.json"), {"version": "v-1"})
+    assert upload_tree(report, s3_lake.reports("churn", "run-1") / "validation") == [
+        "index.html",
+        "result.json",
+        "static/site.css",
+    ]
+
+    assert s3_calls == {"s3:PutObject": 4}  # one PUT a file: no HeadBucket, no listing, no HEAD first
+    assert read_json(s3_lake.path("raw", "churn", "LATEST.json")) == {"version": "v-1"}
+    assert (s3_lake.reports("churn", "run-1") / "validation" / "static" / "site.css").read_text() == "static/site.css"
+
+
+def test_the_transform_steps_lake_work_has_a_call_ceiling(churn_model, s3_lake, s3_calls):
+    from conveyor.aws.transform import INPUT, prepare_input
+    from conveyor.batch.parts import completed_parts, write_parts
+    from conveyor.batch.readers import read_chunks
+    from conveyor.batch.scoring import output_table
+    from conveyor.model.metadata import read
+
+    metadata = read(churn_model["dir"])
+    drop = s3_lake.landing("churn", "inference", "b1")
+    with (drop / "customers.parquet").open("wb") as handle:
+        churn_frame(2000, seed=5).drop(columns=["churned"]).to_parquet(handle, index=False)
+    work = s3_lake.predictions("churn", "run-1") / "_transform"
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+
+    manifest = prepare_input(s3_lake.uri("landing", "churn", "inference", "b1"), metadata, work, 1000, "lake_s3")
+    prepared = dict(s3_calls)
+    s3_calls.clear()
+    constants = {"model_name": "churn", "model_version": "1", "run_id": "run-1", "scored_at": SCORED_AT}
+    context = {**constants, "id_column": metadata.id_column}
+    frames = [chunk.to_pandas() for chunk in read_chunks(drop, metadata, 1000, "lake_s3")]
+    s3_calls.clear()
+    SEQUENCE.clear()
+    tables = iter(output_table(frame, _answers(frame), 0, context) for frame in frames)
+    result = write_parts(s3_lake.predictions("churn", "run-1"), tables, {"run_id": "run-1"}, conn_id="lake_s3")
+    written = dict(s3_calls)
+
+    assert manifest["rows"] == 2000 and [part["rows"] for part in manifest["parts"]] == [1000, 1000]
+    assert len(list((work / INPUT).iterdir())) == 2
+    assert result.rows == 2000 and len(completed_parts(s3_lake.predictions("churn", "run-1"))) == 2
+    for calls in (prepared, written):
+        assert "s3:HeadBucket" not in calls and "s3:CreateBucket" not in calls
+    # prepare: the drop found (HEAD, 2 listings) and fetched once (HEAD, GET) for its check and its read, the
+    # work folder cleared (1 listing), 2 CSV + 2 id files + the manifest (5 PUTs); it was 15 calls and more
+    assert sum(prepared.values()) <= 12, prepared
+    # write: 2 parts staged (PUT), one listing of the run, 2 server-side copies, the staging folder listed and
+    # deleted at once, _SUCCESS.json (PUT); it was 23 calls (mkdir, exists() and a move of 4 calls per part)
+    assert sum(written.values()) <= 8, "\n".join(SEQUENCE)
+
+
+def _answers(frame):
+    import pandas as pd
+
+    return pd.DataFrame({"prediction": ["no"] * len(frame), "proba_no": 0.9, "proba_yes": 0.1})
