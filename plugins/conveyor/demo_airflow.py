@@ -74,15 +74,21 @@ def login() -> tuple[str, str]:
     return user, users[user]
 
 
-def running_pid() -> int | None:
-    """The pid of the ``airflow standalone`` this AIRFLOW_HOME started, if it still runs."""
+def recorded_pid() -> int | None:
+    """The pid in this AIRFLOW_HOME's pid file if that process exists (whatever it runs)."""
     try:
         pid = int(pid_file().read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
+    return pid
+
+
+def running_pid() -> int | None:
+    """The pid of the ``airflow standalone`` this AIRFLOW_HOME started, if it still runs."""
+    pid = recorded_pid()
     cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists() and b"standalone" not in cmdline.read_bytes():
+    if pid is not None and cmdline.exists() and b"standalone" not in cmdline.read_bytes():
         return None  # a stale pid file (after a reboot): that pid is another program now
     return pid
 
@@ -172,7 +178,7 @@ def wait_healthy(url: str, timeout_s: float, log_from: int | None = None) -> Non
         ours = log_from is None or f":{api_port()} (Press CTRL+C" in output
         if ours and healthy(url):
             return
-        if running_pid() is None:
+        if recorded_pid() is None:  # not running_pid: just started, it may not have exec'd airflow yet
             raise DemoError(f"airflow standalone exited: see {log_file()}\n{tail(log_file())}")
         if time.monotonic() > deadline:
             raise DemoError(f"Airflow was not healthy after {timeout_s:.0f}s: see {log_file()}\n{tail(log_file())}")
