@@ -88,6 +88,7 @@ def fit_predictor(
     }
     if plan is not None:
         fit_kwargs["hyperparameters"] = plan.hyperparameters()
+        fit_kwargs["num_cpus"] = plan.shape["cores"]
     elif args.hyperparameters is not None:
         fit_kwargs["hyperparameters"] = args.hyperparameters
     if args.infer_limit is not None:
@@ -133,6 +134,7 @@ def build_plan(args: argparse.Namespace, train: pd.DataFrame) -> Plan | None:
         excluded=args.excluded_model_types,
         folds=BAG_FOLDS if _bags(presets) else 1,
         refit_full=args.refit_full,
+        load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
     )
 
 

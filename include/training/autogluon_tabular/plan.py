@@ -20,7 +20,10 @@ How it decides, in four rules a person can check by hand:
 4. **Model size**: a forest stores a value per class in every leaf; its trees are capped so that
    it holds at most ``FOREST_VALUES`` leaf values (``FOREST_LEAVES`` leaves a tree at most, about
    half the rows), which bounds the artifact, its load time and its predict time.
-5. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
+5. **Busy machine**: when the 1-minute load average is already at or above the cores, the fit uses
+   half of them (at least 1): OpenMP threads waiting for a core spin, and LightGBM measured 3x
+   slower with 2 threads than with 1 on a 2-core machine at load 8.
+6. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
    forest cap, and
    CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
    deep trees per class and ate whole budgets), and any model type the user excluded.
@@ -106,7 +109,7 @@ class Plan:
             model.key: model.params
             | {
                 "ag_args": {"priority": PRIORITY_TOP - index},
-                "ag_args_fit": {"max_time_limit": model.max_time_limit},
+                "ag_args_fit": {"max_time_limit": model.max_time_limit, "num_cpus": self.shape["cores"]},
             }
             for index, model in enumerate(self.models)
         }
@@ -120,7 +123,8 @@ class Plan:
         shape = self.shape
         head = (
             f"model plan: {shape['rows']} rows x {shape['columns']} columns, {shape['classes']} classes, "
-            f"{shape['cores']} cores, budget {self.budget:.0f}s (fit {self.fit_time_limit:.0f}s)"
+            f"{shape['cores']} cores (of {shape['machine_cores']}, load {shape['load_percent'] / 100:.1f}), "
+            f"budget {self.budget:.0f}s (fit {self.fit_time_limit:.0f}s)"
         )
         kept = [
             f"  {i + 1}. {m.key} ({m.name}) {SIZE_PARAM[m.key]}={m.size}: ~{m.estimated_seconds:.1f}s, "
@@ -192,6 +196,7 @@ def plan_models(
     excluded: list[str] | tuple[str, ...] = (),
     folds: int = 1,
     refit_full: bool = False,
+    load: float = 0.0,
 ) -> Plan:
     """Plan the models to fit within ``budget`` (see the module docstring for the rules).
 
@@ -203,11 +208,14 @@ def plan_models(
     :param excluded: AutoGluon model type keys never fitted.
     :param folds: bagging folds of the presets (1 without bagging).
     :param refit_full: whether the best model is refit on train + validation after the fit.
+    :param load: the machine's 1-minute load average before the fit (rule 5).
     :raises ValueError: a count or the budget is not positive.
     """
     if rows <= 0 or columns <= 0 or cores <= 0 or not budget > 0 or folds <= 0:
         raise ValueError(f"plan_models: rows, columns, cores, folds and budget must be > 0, got {locals()}")
-    shape = {"rows": rows, "columns": columns, "classes": classes, "cores": cores, "folds": folds}
+    usable = max(1, cores // 2) if load >= cores else cores
+    shape = {"rows": rows, "columns": columns, "classes": classes, "cores": usable, "folds": folds}
+    shape |= {"machine_cores": cores, "load_percent": round(100 * load)}
     fit_limit = budget * FIT_SHARE * (REFIT_SHARE if refit_full else 1.0)
     keys, left_out = _candidates(shape, set(excluded))
     while keys:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 IMPORTANCE_ROWS = 1000
 IMPORTANCE_MIN_ROWS = 200
 IMPORTANCE_REPEATS = 3
-IMPORTANCE_SHARE = 0.2
+IMPORTANCE_SHARE = 0.1
 IMPORTANCE_PROBE_ROWS = 200
 IMPORTANCE_MARGIN = 0.8  # the sample is sized to this share of the time left (per-call costs, metrics)
 
@@ -151,16 +151,36 @@ def permutation_importance(
         ).get(metric)
         return None if value is None else sign * float(value)
 
-    probe = frame.sample(min(len(frame), IMPORTANCE_PROBE_ROWS), random_state=seed)
-    predictions(model, probe)
-    rate = len(probe) / max(time.perf_counter() - started, 1e-6)
+    per_call, rate = _probe(model, frame, seed)
     features = list(model.feature_names)
     left = IMPORTANCE_MARGIN * max(budget - (time.perf_counter() - started), 0.0)
-    rows, repeats = importance_sample_size(rate, left, len(features), len(frame))
+    calls = 1 + len(features) * IMPORTANCE_REPEATS  # each call pays per_call before its rows
+    rows, repeats = importance_sample_size(rate, max(left - calls * per_call, 0.0), len(features), len(frame))
     sample = frame.sample(rows, random_state=seed).reset_index(drop=True)
     values = _shuffled_drops(score, sample, features, repeats, np.random.default_rng(seed), started + budget)
     seconds = round(time.perf_counter() - started, 2)
     return Importance(values, rows, len(frame), repeats, seconds, round(budget, 1), round(rate, 1), len(features))
+
+
+def _probe(model: Any, frame: Any, seed: int) -> tuple[float, float]:
+    """The model's cost of one predict call and its rows per second beyond it, from two timed calls.
+
+    A first call of a few rows warms the model up (not timed), then ``t(n) = per_call + n / rate`` is
+    solved from a call of ``IMPORTANCE_PROBE_ROWS // 10`` rows and one of ``IMPORTANCE_PROBE_ROWS``.
+    """
+    import time
+
+    probe = frame.sample(min(len(frame), IMPORTANCE_PROBE_ROWS), random_state=seed)
+    small = probe.iloc[: max(1, len(probe) // 10)]
+    predictions(model, small.iloc[:5])
+    timings = []
+    for part in (small, probe):
+        started = time.perf_counter()
+        predictions(model, part)
+        timings.append(time.perf_counter() - started)
+    extra_rows = len(probe) - len(small)
+    per_row = max((timings[1] - timings[0]) / extra_rows if extra_rows else timings[1] / len(probe), 1e-7)
+    return max(timings[0] - len(small) * per_row, 0.0), 1.0 / per_row
 
 
 def _shuffled_drops(score: Any, sample: Any, features: list[str], repeats: int, rng: Any, deadline: float) -> dict:

@@ -493,7 +493,19 @@ def test_plan_order_is_the_priority_and_each_model_gets_its_time_limit():
     assert [h["ag_args_fit"]["max_time_limit"] for h in hyperparameters.values()] == [
         m.max_time_limit for m in plan.models
     ]
-    assert plan.lines()[0].startswith("model plan: 5000 rows x 20 columns, 3 classes, 4 cores, budget 120s")
+    assert plan.lines()[0].startswith(
+        "model plan: 5000 rows x 20 columns, 3 classes, 4 cores (of 4, load 0.0), budget 120s"
+    )
+
+
+def test_plan_on_a_busy_machine_fits_with_half_the_cores():
+    idle = plan_py.plan_models(rows=5_000, columns=20, classes=3, cores=2, budget=60, load=1.5)
+    busy = plan_py.plan_models(rows=5_000, columns=20, classes=3, cores=2, budget=60, load=8.0)
+    assert idle.shape["cores"] == 2 and busy.shape["cores"] == 1 and busy.shape["machine_cores"] == 2
+    assert {h["ag_args_fit"]["num_cpus"] for h in busy.hyperparameters().values()} == {1}
+    assert busy.models[0].estimated_seconds == pytest.approx(2 * idle.models[0].estimated_seconds, rel=0.01) or (
+        busy.models[0].size < idle.models[0].size  # one core: twice the estimate, or fewer rounds to fit the share
+    )
 
 
 def test_plan_leaves_time_for_a_refit_and_multiplies_estimates_by_bagging_folds():
@@ -532,6 +544,7 @@ def test_fit_gives_autogluon_the_plan_as_hyperparameters_and_time_limits(monkeyp
     train_py.fit_predictor(args, frame, None, Path("unused"), plan)
     assert calls["fit"]["hyperparameters"] == plan.hyperparameters()
     assert calls["fit"]["time_limit"] == plan.fit_time_limit == 72.0
+    assert calls["fit"]["num_cpus"] == plan.shape["cores"]
     assert all(h["ag_args_fit"]["max_time_limit"] <= 72.0 for h in calls["fit"]["hyperparameters"].values())
     # --hyperparameters or --model-plan presets leave the models to the user or the presets.
     assert (
