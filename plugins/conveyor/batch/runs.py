@@ -55,8 +55,38 @@ def pending_inference_drop(lake: Lake, pipeline: str, marker: str) -> str | None
     from conveyor.data.drops import find_complete_drops
 
     root = lake.landing(pipeline, "inference")
+    if root.protocol not in ("file", "local", ""):
+        return _pending_on_store(root, marker)
     for drop in find_complete_drops(root, marker):
         if not (root / drop / SCORED_MARKER).exists():
+            return drop
+    return None
+
+
+def _pending_on_store(root: ObjectStoragePath, marker: str) -> str | None:
+    """:func:`pending_inference_drop` on an object store: one listing of every key below ``root``
+    instead of existence checks per drop and marker (the same rules as ``find_complete_drops``).
+
+    :param root: ``landing/<pipeline>/inference/``.
+    :param marker: the marker that makes a drop complete.
+    """
+    from conveyor.lake import PROCESSED_MARKER
+
+    try:
+        keys = root.fs.find(root.path)
+    except FileNotFoundError:
+        return None
+    base = root.path.rstrip("/") + "/"
+    held: dict[str, set[str]] = {}
+    for key in keys:
+        drop, _, rest = key[len(base) :].partition("/") if key.startswith(base) else ("", "", "")
+        if drop and rest:
+            held.setdefault(drop, set()).add(rest)
+    for drop in sorted(held):
+        names = held[drop]
+        if drop.startswith((".", "_")) or marker not in names or PROCESSED_MARKER in names:
+            continue
+        if SCORED_MARKER not in names:
             return drop
     return None
 

@@ -106,3 +106,21 @@ def _answers(frame):
     import pandas as pd
 
     return pd.DataFrame({"prediction": ["no"] * len(frame), "proba_no": 0.9, "proba_yes": 0.1})
+
+
+def test_the_pending_inference_drop_on_s3_takes_one_listing(s3_lake, s3_calls):
+    from conveyor.batch.runs import SCORED_MARKER, pending_inference_drop
+
+    root = s3_lake.landing("churn", "inference")
+    for drop, markers in {"b1": ["_SUCCESS", SCORED_MARKER], "b2": ["_SUCCESS"], "b3": [], "_x": ["_SUCCESS"]}.items():
+        (root / drop / "customers.csv").write_bytes(b"a\n1\n")
+        for marker in markers:
+            (root / drop / marker).write_bytes(b"{}")
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+
+    assert pending_inference_drop(s3_lake, "churn", "_SUCCESS") == "b2"  # b1 scored, b3 incomplete, _x hidden
+    assert s3_calls == {"s3:ListObjectsV2": 1}
+    (root / "b2" / SCORED_MARKER).write_bytes(b"{}")
+    s3_lake.path().fs.invalidate_cache()
+    assert pending_inference_drop(s3_lake, "churn", "_SUCCESS") is None
