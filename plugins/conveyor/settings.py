@@ -21,15 +21,15 @@
 | ``CONVEYOR_FEEDBACK_DIR`` | model server | none (``POST /feedback`` answers 503); set by deploy for a local lake |
 | ``CONVEYOR_ENDPOINT_ACCESS_KEY_ID`` | endpoint, clients | SigV4 key id; none: ``<state>/endpoint-credentials.json`` |
 | ``CONVEYOR_ENDPOINT_SECRET_ACCESS_KEY`` | endpoint, clients | its secret (20+ characters); none: as above |
-| ``CONVEYOR_ENDPOINT_TOKEN`` | endpoint, clients | the bearer token (20+ characters); none: as above (generated, 0600) |
+| ``CONVEYOR_ENDPOINT_TOKEN`` | endpoint, clients | bearer token (20+ characters); none: as above (0600) |
 | ``CONVEYOR_MAX_HEADER_BYTES`` | model server | ``16384``: request line + headers; more is answered 431 |
 | ``CONVEYOR_REQUEST_MAX_IMAGES`` | image inference | ``64`` images per request; more is answered 413 |
 | ``CONVEYOR_REQUEST_MAX_IMAGE_PIXELS`` | image inference | ``40000000`` pixels per image, read before decoding |
 | ``CONVEYOR_REQUEST_MAX_PIXELS`` | image inference | ``100000000`` pixels per request, all images together |
 | ``CONVEYOR_ALLOW_UNHASHED_MODELS`` | model loaders | ``false``: versions with no sha256 refused; ``true``: warned |
-| ``CONVEYOR_INGEST_MAX_ATTEMPTS`` | ingest | ``3`` tries of a drop that fails with an unclear error before it is quarantined |
-| ``CONVEYOR_MAX_DECOMPRESSED_BYTES`` | ingest, validation | ``2147483648`` (2 GiB) per compressed CSV file once inflated; more is refused |
-| ``CONVEYOR_MAX_IMAGE_PIXELS`` | ingest | ``89478485`` pixels per image (PIL's own limit); a larger image is a bad file |
+| ``CONVEYOR_INGEST_MAX_ATTEMPTS`` | ingest | ``3`` tries of a drop failing unclearly, then quarantine |
+| ``CONVEYOR_MAX_DECOMPRESSED_BYTES`` | ingest, validation | ``2147483648`` (2 GiB) per inflated CSV; more is refused |
+| ``CONVEYOR_MAX_IMAGE_PIXELS`` | ingest | ``89478485`` pixels per image (PIL's limit); more: a bad file |
 | ``CONVEYOR_MAX_MANIFEST_BYTES`` | ingest | ``67108864`` (64 MiB) for an image drop's ``manifest.csv`` |
 """
 

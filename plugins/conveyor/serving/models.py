@@ -136,7 +136,6 @@ def _handler_status(error: BaseException, handlers: Any) -> int | None:
     return None
 
 
-
 def parse_now(served: ServedModel, body: bytes, content_type: str | None) -> Any:
     """Parse one request body with the model's handlers (blocking).
 
