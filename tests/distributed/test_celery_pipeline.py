@@ -174,7 +174,12 @@ def test_manual_approval_approve_then_reject_through_the_rest_api(stack):
     def pending(run_id: str):
         return next((d for d in api.hitl_details("churn_manual__train", run_id) if not d["response_received"]), None)
 
-    request = api.wait("the approval request of the first run", lambda: pending(first), RUN_S)
+    def awaiting(run_id: str):
+        # The request is written just before the task instance turns awaiting_input: wait for both.
+        found = pending(run_id)
+        return found if found and found["task_instance"]["state"] == "awaiting_input" else None
+
+    request = api.wait("the approval request of the first run, awaiting input", lambda: awaiting(first), RUN_S)
     assert request["task_instance"]["task_id"] == "approve"
     assert request["task_instance"]["state"] == "awaiting_input"
     assert request["options"] == ["Approve", "Reject"]
