@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from conveyor import settings
 from conveyor.errors import SpecError
+from conveyor.training.tuning_spec import TuningSpec, tuning_problems
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -256,6 +257,8 @@ class PipelineSpec(_Strict):
     deploy: DeploySpec = DeploySpec()
     sagemaker: SageMakerSpec = SageMakerSpec()
     monitor: MonitorSpec = MonitorSpec()
+    # Optional trials of the trainer before the gate (conveyor.training.tuning_spec); none when unset.
+    tuning: TuningSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -275,7 +278,7 @@ class PipelineSpec(_Strict):
             raise ValueError(f"data.features must not contain the label {self.data.label!r}")
         if self.compute == "sagemaker" and not self.sagemaker.role_arn:
             raise ValueError("compute 'sagemaker' needs sagemaker.role_arn (the role training jobs run as)")
-        problems = _metric_problems(self)
+        problems = _metric_problems(self) + tuning_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
