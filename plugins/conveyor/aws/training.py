@@ -403,7 +403,13 @@ def job_failure(spec: PipelineSpec, description: dict[str, Any], lines: int, log
 
 
 def job_model(
-    spec: PipelineSpec, lake: Any, run_id: str, split: dict[str, Any], description: dict[str, Any], logger: Any
+    spec: PipelineSpec,
+    lake: Any,
+    run_id: str,
+    split: dict[str, Any],
+    description: dict[str, Any],
+    logger: Any,
+    **extra: Any,
 ) -> dict[str, Any]:
     """A completed job's model, repacked like the local backend's into the run's ``model.tar.gz``.
 
@@ -413,6 +419,7 @@ def job_model(
     :param split: the split task's result.
     :param description: the completed job's ``DescribeTrainingJob``.
     :param logger: the task log.
+    :param extra: more facts kept in the metadata (the tuning step's ``tuning``).
     :returns: the train task's result (``conveyor.training.publish.train_result``).
     :raises TrainedModelInvalid: the job wrote no model, or one without a valid ``metadata.json``.
     """
@@ -450,6 +457,7 @@ def job_model(
             training_job_arn=description.get("TrainingJobArn"),
             instance_type=(description.get("ResourceConfig") or {}).get("InstanceType"),
             billable_seconds=description.get("BillableTimeInSeconds"),
+            **extra,
         )
         target, size = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
         output = ObjectStoragePath(model_uri.rsplit("/", 1)[0] + "/output.tar.gz", conn_id=lake.conn_id)

@@ -103,6 +103,8 @@ def _train_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
     :param spec: the pipeline.
     :param spec_json: the validated spec every task of the DAG receives.
     """
+    if spec.tuning is not None:
+        return _tune_task(spec, spec_json)
     if spec.compute == "sagemaker":  # a SageMaker training job, deferred wait (operators/train_sagemaker.py)
         from conveyor.aws.training import wait_limit_seconds
         from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
@@ -125,6 +127,50 @@ def _train_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
         presets="{{ params.get('presets') }}",
         execution_timeout=timedelta(seconds=spec.trainer.time_limit * 3 + 900),
         **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),  # else the default queue
+    )
+
+
+def _tune_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
+    """The ``train`` task of a pipeline with ``tuning:``: trials, then the best one's model goes on.
+
+    Locally Optuna trials of the training script (``conveyor.training.tuning``); on SageMaker a
+    hyperparameter tuning job through the provider's operator (``operators/tune_sagemaker.py``).
+
+    :param spec: the pipeline (with its ``tuning`` block).
+    :param spec_json: the validated spec every task of the DAG receives.
+    """
+    assert spec.tuning is not None
+    budget = spec.tuning.budget or spec.trainer.time_limit
+    waves = -(-spec.tuning.trials // spec.tuning.parallel)
+    if spec.compute == "sagemaker":
+        from conveyor.aws.training import wait_limit_seconds
+        from conveyor.operators.tune_sagemaker import SageMakerTuneModelOperator
+
+        return SageMakerTuneModelOperator(
+            task_id="train",
+            spec=spec_json,
+            split=_xcom("split"),
+            time_limit="{{ params.time_limit }}",
+            presets="{{ params.get('presets') }}",
+            aws_conn_id=spec.sagemaker.aws_conn_id,
+            region_name=spec.sagemaker.region,
+            deferrable=True,
+            check_interval=spec.sagemaker.check_interval_seconds,
+            execution_timeout=timedelta(seconds=waves * wait_limit_seconds(spec) + 1800),
+        )
+    from conveyor.operators.train import TrainModelOperator
+    from conveyor.training.tuning import START_CUTOFF
+
+    trial = spec.tuning.trial_seconds(budget)
+    return TrainModelOperator(
+        task_id="train",
+        spec=spec_json,
+        split=_xcom("split"),
+        time_limit="{{ params.time_limit }}",
+        presets="{{ params.get('presets') }}",
+        # no trial starts after START_CUTOFF budgets; the last ones may take their own limit (1.5 x + 300 s)
+        execution_timeout=timedelta(seconds=int(budget * START_CUTOFF + trial * 1.5 + 300) + 900),
+        **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),
     )
 
 

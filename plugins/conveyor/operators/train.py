@@ -145,6 +145,17 @@ class TrainModelOperator(BaseOperator):
         if spec.compute != "local":
             raise AirflowFailException(f"compute {spec.compute!r} is not available in this deployment")
         time_limit = time_budget(spec, self.time_limit)
+        if spec.tuning is not None:  # trials first, the best one's model goes on (conveyor.training.tuning)
+            from conveyor.training.tuning import LocalTuning, tune_locally
+            from conveyor.training.tuning_tracking import TrialTracker
+
+            tracker = TrialTracker(spec, context["run_id"], try_number=getattr(context.get("ti"), "try_number", 1))
+            self._backend = LocalTuning(spec, self.log, tracker)
+            budget = spec.tuning.budget or time_limit
+            lake = Lake.from_env()
+            return tune_locally(
+                spec, lake, context["run_id"], self.split, budget, presets(spec, self.presets), self._backend
+            )
         self._backend = LocalTrainingBackend(self.log)
         return train_locally(
             spec, Lake.from_env(), context["run_id"], self.split, time_limit, presets(spec, self.presets), self._backend

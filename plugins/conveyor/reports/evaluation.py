@@ -376,6 +376,10 @@ def write_model_report(
         grid = misclassified_grid(scored.test, scored.y_pred, scored.proba, out)
         sections = [("Worst misclassified test images", grid)]
     meta = scored.metadata
+    if isinstance(meta.extra.get("tuning"), dict):  # the tuning step's trials (conveyor.reports.tuning)
+        from conveyor.reports.tuning import tuning_section
+
+        sections = [*(sections or []), ("Tuning trials", tuning_section(meta.extra["tuning"], out))]
     context = {
         "pipeline": spec.name,
         "run": run_id,

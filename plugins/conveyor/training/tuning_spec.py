@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
 
+SAGEMAKER_MAX_VALUES = 30  # values of one categorical range in a SageMaker tuning job
 MIN_TRIAL_SECONDS = 10  # a trial's share of the budget must be at least this (start-up alone takes seconds)
 
 # The ResNet script's tunable flags: kind, and the choices or the lower bound the script accepts
@@ -174,7 +175,7 @@ class TuningSpec(_Strict):
     # tpe: Optuna's TPE sampler locally, SageMaker's Bayesian strategy; random: random search on both.
     strategy: Literal["tpe", "random"] = "tpe"
     seed: int = 0
-    search_space: dict[str, Distribution] = Field(min_length=1, max_length=50)
+    search_space: dict[str, Distribution] = Field(min_length=1, max_length=30)  # SageMaker's most
 
     @model_validator(mode="after")
     def _parallel(self) -> TuningSpec:
@@ -192,6 +193,20 @@ class TuningSpec(_Strict):
     def goal(self) -> Literal["maximize", "minimize"]:
         """``maximize`` or ``minimize``: the direction, else the metric's own."""
         return self.direction or ("minimize" if self.metric in LOWER_IS_BETTER else "maximize")
+
+    def settings(self, budget: int) -> dict[str, Any]:
+        """The search's settings as the model's metadata keeps them (``tuning``), on every backend.
+
+        :param budget: seconds for all trials.
+        """
+        return {
+            "metric": self.metric,
+            "direction": self.goal,
+            "strategy": self.strategy,
+            "budget": budget,
+            "trial_seconds": self.trial_seconds(budget),
+            "parallel": self.parallel,
+        }
 
     def trial_seconds(self, budget: int) -> int:
         """Each trial's training budget: its share of ``budget`` (``budget x parallel / trials``).
@@ -262,6 +277,27 @@ def _range_problems(where: str, name: str, known: tuple[str, Any], dist: Any) ->
     return []
 
 
+def _sagemaker_problems(spec: PipelineSpec, tuning: TuningSpec) -> list[str]:
+    """What a SageMaker hyperparameter tuning job cannot take (``conveyor.aws.tuning``)."""
+    if spec.trainer.kind != "resnet":
+        return [
+            "field 'tuning': compute 'sagemaker' tunes the resnet trainer's flags only: AutoGluon's model "
+            "hyperparameters are one --hyperparameters JSON flag, which a SageMaker parameter range cannot reach into "
+            "(tune it with compute 'local')"
+        ]
+    problems = []
+    for name, dist in tuning.search_space.items():
+        count = len(dist.choices) if isinstance(dist, Categorical) else None
+        if not isinstance(dist, Categorical) and dist.step is not None:
+            count = int((dist.high - dist.low) / dist.step + 1e-9) + 1  # a stepped range goes as its values
+        if count is not None and count > SAGEMAKER_MAX_VALUES:
+            problems.append(
+                f"field 'tuning.search_space.{name}': {count} values: rule 'at most {SAGEMAKER_MAX_VALUES} "
+                "on SageMaker' (a categorical or stepped range)"
+            )
+    return problems
+
+
 def tuning_problems(spec: PipelineSpec) -> list[str]:
     """The ``tuning:`` block's problems across sections (none without the block).
 
@@ -299,6 +335,8 @@ def tuning_problems(spec: PipelineSpec) -> list[str]:
             f"field 'tuning.budget': {budget}s for {tuning.trials} trials, {tuning.parallel} at a time, is "
             f"{share:.1f}s per trial: rule 'budget x parallel / trials >= {MIN_TRIAL_SECONDS}s'"
         )
+    if spec.compute == "sagemaker":
+        problems += _sagemaker_problems(spec, tuning)
     if spec.compute == "sagemaker" and tuning.trial_seconds(budget) >= spec.sagemaker.max_run_seconds:
         problems.append(
             f"field 'tuning.budget': {tuning.trial_seconds(budget)}s per trial: rule "
