@@ -46,7 +46,11 @@ fit time is reported, their accuracy does not depend on it.
 
 The last line's ``ratio`` is the worst of the cases' ratios (``ratio_churn``, ``ratio_many_classes``).
 
-Usage: ``python bench/model_quality.py [--quick] [--case churn|many_classes|both] [--rows N] [--time-limit S]``.
+The suite (``--case suite``, the default) runs the pipeline against the same baselines on public data sets
+that ship inside installed packages: see ``bench/quality_suite.py`` and ``bench/quality_data.py``.
+
+Usage: ``python bench/model_quality.py [--quick] [--case suite|churn|many_classes|both] [--sets A,B]
+[--rows N] [--time-limit S]``.
 """
 
 from __future__ import annotations
@@ -323,7 +327,8 @@ def train_and_evaluate(spec: Any, record: dict[str, Any], time_limit: int) -> di
         "evaluate_seconds": evaluate_seconds,
         "metadata": metadata,
         "report": report,
-        "accuracy": evaluated["metrics"]["accuracy"],
+        "metrics": evaluated["metrics"],
+        "accuracy": evaluated["metrics"].get("accuracy"),
     }
 
 
@@ -396,10 +401,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{QUICK_ROWS:,} rows and {QUICK_LIMIT} s instead of {FULL_ROWS:,} rows and the spec's budget",
+        help=f"suite: 20 s budgets; churn: {QUICK_ROWS:,} rows and {QUICK_LIMIT} s instead of {FULL_ROWS:,} rows",
     )
     parser.add_argument("--rows", type=int, default=None, help="rows to generate (overrides --quick)")
-    parser.add_argument("--case", choices=("churn", "many_classes", "both"), default="both", help="what to run")
+    parser.add_argument(
+        "--case",
+        choices=("suite", "churn", "many_classes", "both"),
+        default="suite",
+        help="suite: the public data sets (quality_suite); churn / many_classes / both: the generated tables",
+    )
+    parser.add_argument(
+        "--sets", type=lambda text: [s for s in text.split(",") if s], default=None, help="suite: sets to run"
+    )
     parser.add_argument(
         "--time-limit", type=int, default=None, help="our training budget in seconds (overrides --quick)"
     )
@@ -408,6 +421,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the cases asked for and return the figures (the JSON line): ``ratio`` is the worst case's."""
+    if args.case == "suite":
+        from quality_suite import run_suite
+
+        return run_suite(args)
     figures: dict[str, Any] = churn_case(args) if args.case in ("churn", "both") else {"bench": "model_quality"}
     if args.case in ("many_classes", "both"):
         many = many_classes_case(args)

@@ -110,8 +110,23 @@ def build_baseline(train: pd.DataFrame, label: str, problem_type: str) -> Baseli
     return baseline
 
 
+def validation_predictions(predictor: Any, validation: pd.DataFrame, label: str, model: str) -> Any:
+    """A model's predictions of the validation rows: those the fit made when it scored them (AutoGluon keeps
+    them, ``predict_multi`` without data), predicted again only when they are not these rows.
+
+    :param predictor: the fitted predictor (its tuning data was ``validation``).
+    :param validation: the validation rows (label included; it is not used).
+    :param label: the label column.
+    :param model: the model that predicts.
+    """
+    cached = predictor.predict_multi(models=[model]).get(model)
+    if cached is not None and len(cached) == len(validation):
+        return cached
+    return predictor.predict(validation.drop(columns=[label]), model=model)
+
+
 def prediction_baseline(
-    predictor: Any, validation: pd.DataFrame, label: str, problem_type: str, model: str
+    predictor: Any, validation: pd.DataFrame, label: str, problem_type: str, model: str, predicted: Any = None
 ) -> dict[str, Any]:
     """The distribution of a model's predictions on the validation data (held out from its fit).
 
@@ -124,8 +139,10 @@ def prediction_baseline(
     :param label: the label column.
     :param problem_type: binary, multiclass or regression.
     :param model: the model that predicts (the one scored on validation, not a refit on it).
+    :param predicted: its predictions of the validation rows when already made (:func:`validation_predictions`).
     """
-    predicted = predictor.predict(validation.drop(columns=[label]), model=model)
+    if predicted is None:
+        predicted = predictor.predict(validation.drop(columns=[label]), model=model)
     if problem_type == "regression":
         return numeric_baseline(pd.Series(np.asarray(predicted, dtype="float64")))
     counts = pd.Series(np.asarray(predicted)).map(str).value_counts()

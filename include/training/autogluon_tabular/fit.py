@@ -114,12 +114,13 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def build_plan(args: argparse.Namespace, train: pd.DataFrame) -> Plan | None:
+def build_plan(args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None = None) -> Plan | None:
     """The model plan for this data and budget (None when ``--hyperparameters`` or ``--model-plan presets``
     leave the choice of models to the user or to AutoGluon's presets).
 
     :param args: the parsed command line.
     :param train: the training rows (label included, id column excluded).
+    :param validation: the validation rows (scored by the fit, and the test set taken to be as big), if any.
     """
     if args.hyperparameters is not None or args.model_plan == "presets":
         return None
@@ -135,6 +136,7 @@ def build_plan(args: argparse.Namespace, train: pd.DataFrame) -> Plan | None:
         folds=BAG_FOLDS if _bags(presets) else 1,
         refit_full=args.refit_full,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+        scored_rows=len(validation) if validation is not None else None,
     )
 
 
@@ -160,9 +162,11 @@ def score_table(predictor: Any, validation: pd.DataFrame | None) -> pd.DataFrame
     :param validation: the validation rows, if any.
     """
     refits = set(predictor.model_refit_map().values())
-    if validation is None or (not refits and predictor.problem_type != "binary"):
-        # Without a refit the fit already scored every model on the validation rows (its tuning data);
-        # binary is scored again: the decision threshold is calibrated after score_val.
+    # A binary metric of predicted classes depends on the decision threshold, calibrated after score_val.
+    threshold_bound = predictor.problem_type == "binary" and bool(getattr(predictor.eval_metric, "needs_pred", True))
+    if validation is None or (not refits and not threshold_bound):
+        # Without a refit the fit already scored every model on the validation rows (its tuning data); a
+        # metric of predicted classes of a binary model is scored again, at the calibrated threshold.
         board = predictor.leaderboard(silent=True)
         board["score_validation"] = board["score_val"]
         if validation is not None:

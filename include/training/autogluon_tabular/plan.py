@@ -20,10 +20,16 @@ How it decides, in four rules a person can check by hand:
 4. **Model size**: a forest stores a value per class in every leaf; its trees are capped so that
    it holds at most ``FOREST_VALUES`` leaf values (``FOREST_LEAVES`` leaves a tree at most, about
    half the rows), which bounds the artifact, its load time and its predict time.
-5. **Busy machine**: when the 1-minute load average is already at or above the cores, the fit uses
+5. **Scoring cost**: a fitted model is scored on the validation rows inside the fit, and on as many
+   test rows by the evaluate task; both cost ``PREDICT_COST[model] x scored rows x trees / cores x
+   SAFETY``. Each model's share pays for its validation scoring (its ``max_time_limit`` is the share
+   less that), and its size is capped so that scoring the validation and test rows takes at most its
+   weight's part of ``SCORING_SHARE`` of the budget: a many-class booster grows a tree per class and
+   round, and 10,000 trees predicted 150 rows/s, which made the evaluate task cost a third of training.
+6. **Busy machine**: when the 1-minute load average is already at or above the cores, the fit uses
    half of them (at least 1): OpenMP threads waiting for a core spin, and LightGBM measured 3x
    slower with 2 threads than with 1 on a 2-core machine at load 8.
-6. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
+7. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
    forest cap, and
    CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
    deep trees per class and ate whole budgets), and any model type the user excluded.
@@ -62,6 +68,11 @@ PRIORITY_TOP = 100
 FORESTS = ("XT", "RF")
 FOREST_LEAVES = 4000  # max_leaf_nodes of each forest tree
 FOREST_VALUES = 5_000_000  # leaf values a forest may hold (8 bytes each: about 40 MB)
+# Core-seconds per (scored row x tree), measured on 2 cores (LightGBM: 10,192 trees of 19 leaves predicted
+# 1,000 rows in 3.3 CPU-seconds); forests' deep trees cost more a tree, CatBoost's oblivious trees less.
+PREDICT_COST = {"GBM": 3.0e-7, "CAT": 1.0e-7, "XGB": 3.0e-7, "XT": 1.0e-6, "RF": 1.0e-6}
+SCORING_SHARE = 0.15  # share of the budget that scoring the validation rows and as many test rows may take
+VALIDATION_SHARE = 0.2  # validation rows per training row when there is no validation channel (AutoGluon's holdout)
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,10 @@ class PlannedModel:
     :param size: boosting rounds or trees it may grow.
     :param params: the hyperparameters given to AutoGluon (size, learning rate).
     :param estimated_seconds: the estimated fit time at ``size``.
-    :param max_time_limit: the per-model time limit AutoGluon enforces (``ag_args_fit.max_time_limit``).
+    :param max_time_limit: the per-model time limit AutoGluon enforces (``ag_args_fit.max_time_limit``): its
+        share of the fit less its estimated validation scoring.
     :param reason: why this size.
+    :param scoring_seconds: the estimated time to score the validation rows and as many test rows.
     """
 
     key: str
@@ -84,6 +97,7 @@ class PlannedModel:
     estimated_seconds: float
     max_time_limit: float
     reason: str
+    scoring_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,11 +138,12 @@ class Plan:
         head = (
             f"model plan: {shape['rows']} rows x {shape['columns']} columns, {shape['classes']} classes, "
             f"{shape['cores']} cores (of {shape['machine_cores']}, load {shape['load_percent'] / 100:.1f}), "
-            f"budget {self.budget:.0f}s (fit {self.fit_time_limit:.0f}s)"
+            f"budget {self.budget:.0f}s (fit {self.fit_time_limit:.0f}s), "
+            f"{shape['scored_rows']} validation rows scored"
         )
         kept = [
             f"  {i + 1}. {m.key} ({m.name}) {SIZE_PARAM[m.key]}={m.size}: ~{m.estimated_seconds:.1f}s, "
-            f"limit {m.max_time_limit:.1f}s; {m.reason}"
+            f"limit {m.max_time_limit:.1f}s, scoring ~{m.scoring_seconds:.1f}s; {m.reason}"
             for i, m in enumerate(self.models)
         ]
         dropped = [f"  left out {key}: {why}" for key, why in self.left_out.items()]
@@ -146,16 +161,58 @@ def estimate_seconds(key: str, rows: int, columns: int, classes: int, cores: int
     :param size: boosting rounds or trees.
     :param folds: bagging folds (each fold fits the model once).
     """
-    trees = size * (classes if key in BOOSTERS and classes > 2 else 1)
+    trees = trees_of(key, classes, size)
     per_tree = COST[key] * rows * max(columns, 1) + TREE_OVERHEAD
     return per_tree * trees / max(cores, 1) * SAFETY * max(folds, 1)
 
 
-def _size_for(key: str, seconds: float, shape: dict[str, int]) -> int:
-    """The largest size (rounds / trees, at most the default) whose estimate fits ``seconds``."""
-    one = estimate_seconds(key, shape["rows"], shape["columns"], shape["classes"], shape["cores"], 1, shape["folds"])
+def trees_of(key: str, classes: int, size: int) -> int:
+    """The trees a model of ``size`` holds: a booster grows one a class and round on a multiclass problem.
+
+    :param key: the model type key.
+    :param classes: classes (0 or 1 for regression, 2 for binary).
+    :param size: boosting rounds or trees.
+    """
+    return size * (classes if key in BOOSTERS and classes > 2 else 1)
+
+
+def predict_seconds(key: str, scored_rows: int, classes: int, cores: int, size: int, folds: int = 1) -> float:
+    """The estimated time to score ``scored_rows`` rows with one model (rule 5 of the module docstring).
+
+    :param key: the model type key.
+    :param scored_rows: rows scored.
+    :param classes: classes (0 or 1 for regression, 2 for binary).
+    :param cores: CPU cores.
+    :param size: boosting rounds or trees.
+    :param folds: bagging folds (each fold's model predicts).
+    """
+    trees = trees_of(key, classes, size)
+    return PREDICT_COST[key] * max(scored_rows, 0) * trees / max(cores, 1) * SAFETY * max(folds, 1)
+
+
+def _size_for(key: str, seconds: float, shape: dict[str, int], scoring: float | None = None) -> int:
+    """The largest size (rounds / trees, at most the default) whose fit and validation scoring fit ``seconds``,
+    and whose scoring of the validation and test rows fits ``scoring`` seconds (when given)."""
+    rows, columns, classes, cores, folds = (shape[k] for k in ("rows", "columns", "classes", "cores", "folds"))
+    scored = shape["scored_rows"]
+    one = estimate_seconds(key, rows, columns, classes, cores, 1, folds) + predict_seconds(
+        key, scored, classes, cores, 1, folds
+    )
     size = min(DEFAULT_SIZE[key], int(seconds / one)) if one > 0 else DEFAULT_SIZE[key]
-    return min(size, forest_cap(shape["rows"], shape["classes"])) if key in FORESTS else size
+    if scoring is not None:
+        size = min(size, scoring_cap(key, scoring, shape))
+    return min(size, forest_cap(rows, classes)) if key in FORESTS else size
+
+
+def scoring_cap(key: str, seconds: float, shape: dict[str, int]) -> int:
+    """The most rounds / trees whose scoring of the validation rows and as many test rows fits ``seconds``.
+
+    :param key: the model type key.
+    :param seconds: the scoring time this model may take.
+    :param shape: the plan's shape (``scored_rows``: validation rows; test rows are taken to be as many).
+    """
+    one = predict_seconds(key, 2 * shape["scored_rows"], shape["classes"], shape["cores"], 1, shape["folds"])
+    return int(seconds / one) if one > 0 else DEFAULT_SIZE[key]
 
 
 def forest_cap(rows: int, classes: int) -> int:
@@ -197,6 +254,7 @@ def plan_models(
     folds: int = 1,
     refit_full: bool = False,
     load: float = 0.0,
+    scored_rows: int | None = None,
 ) -> Plan:
     """Plan the models to fit within ``budget`` (see the module docstring for the rules).
 
@@ -208,7 +266,9 @@ def plan_models(
     :param excluded: AutoGluon model type keys never fitted.
     :param folds: bagging folds of the presets (1 without bagging).
     :param refit_full: whether the best model is refit on train + validation after the fit.
-    :param load: the machine's 1-minute load average before the fit (rule 5).
+    :param load: the machine's 1-minute load average before the fit (rule 6).
+    :param scored_rows: validation rows (the test set is taken to be as big); default: ``VALIDATION_SHARE``
+        of ``rows``, what AutoGluon holds out without a validation channel.
     :raises ValueError: a count or the budget is not positive.
     """
     if rows <= 0 or columns <= 0 or cores <= 0 or not budget > 0 or folds <= 0:
@@ -216,33 +276,43 @@ def plan_models(
     usable = max(1, cores // 2) if load >= cores else cores
     shape = {"rows": rows, "columns": columns, "classes": classes, "cores": usable, "folds": folds}
     shape |= {"machine_cores": cores, "load_percent": round(100 * load)}
+    shape["scored_rows"] = int(scored_rows) if scored_rows is not None else max(1, round(rows * VALIDATION_SHARE))
     fit_limit = budget * FIT_SHARE * (REFIT_SHARE if refit_full else 1.0)
     keys, left_out = _candidates(shape, set(excluded))
     while keys:
         total = sum(WEIGHT[k] for k in keys)
         shares = {k: fit_limit * WEIGHT[k] / total for k in keys}
-        too_big = [k for k in keys if _size_for(k, shares[k], shape) < MIN_SIZE[k]]
+        scoring = {k: budget * SCORING_SHARE * WEIGHT[k] / total for k in keys}
+        too_big = [k for k in keys if _size_for(k, shares[k], shape, scoring[k]) < MIN_SIZE[k]]
         if not too_big:
             break
         key = too_big[-1]  # leave out the last (weakest) model that does not fit, then share again
-        smallest = estimate_seconds(key, rows, columns, classes, cores, MIN_SIZE[key], folds)
-        left_out[key] = (
-            f"needs ~{smallest:.0f}s at its smallest ({SIZE_PARAM[key]}={MIN_SIZE[key]}), "
-            f"more than its share of {shares[key]:.0f}s"
-        )
+        smallest = estimate_seconds(key, rows, columns, classes, usable, MIN_SIZE[key], folds)
+        smallest += predict_seconds(key, shape["scored_rows"], classes, usable, MIN_SIZE[key], folds)
+        if _size_for(key, shares[key], shape) < MIN_SIZE[key]:
+            why = f"needs ~{smallest:.0f}s to fit and score validation at its smallest"
+            left_out[key] = why + f" ({SIZE_PARAM[key]}={MIN_SIZE[key]}), more than its share of {shares[key]:.0f}s"
+        else:
+            scored = predict_seconds(key, 2 * shape["scored_rows"], classes, usable, MIN_SIZE[key], folds)
+            left_out[key] = (
+                f"scoring validation and test rows would take ~{scored:.0f}s at its smallest "
+                f"({SIZE_PARAM[key]}={MIN_SIZE[key]}), more than its share of {scoring[key]:.0f}s"
+            )
         keys.remove(key)
     if not keys:  # even one small LightGBM does not fit: fit it anyway with what there is, it stops on time
-        keys, shares = ["GBM"], {"GBM": fit_limit}
+        keys, shares, scoring = ["GBM"], {"GBM": fit_limit}, {"GBM": budget * SCORING_SHARE}
         left_out.pop("GBM", None)
-    models = [_planned(key, shares[key], shape) for key in keys]
+    models = [_planned(key, shares[key], scoring[key], shape) for key in keys]
     return Plan(budget=float(budget), fit_time_limit=round(fit_limit, 1), shape=shape, models=models, left_out=left_out)
 
 
-def _planned(key: str, share: float, shape: dict[str, int]) -> PlannedModel:
-    """One kept model, sized to its share."""
-    size = max(MIN_SIZE[key], _size_for(key, share, shape))
+def _planned(key: str, share: float, scoring: float, shape: dict[str, int]) -> PlannedModel:
+    """One kept model, sized to its share of the fit and of the scoring time."""
+    size = max(MIN_SIZE[key], _size_for(key, share, shape, scoring))
     params: dict[str, Any] = {SIZE_PARAM[key]: size}
     reason = "library default size fits its share" if size >= DEFAULT_SIZE[key] else "sized to fit its share"
+    if size == scoring_cap(key, scoring, shape) and size < _size_for(key, share, shape):
+        reason = f"capped so that scoring {shape['scored_rows']:,} validation and as many test rows fits {scoring:.0f}s"
     if key in FORESTS:
         params["max_leaf_nodes"] = FOREST_LEAVES
         if size == forest_cap(shape["rows"], shape["classes"]):
@@ -252,15 +322,16 @@ def _planned(key: str, share: float, shape: dict[str, int]) -> PlannedModel:
         reason += "; learning_rate 0.1 (fewer rounds)"
     if key in BOOSTERS:
         reason += "; stops early on validation"
-    estimate = estimate_seconds(
-        key, shape["rows"], shape["columns"], shape["classes"], shape["cores"], size, shape["folds"]
-    )
+    rows, columns, classes, cores, folds = (shape[k] for k in ("rows", "columns", "classes", "cores", "folds"))
+    estimate = estimate_seconds(key, rows, columns, classes, cores, size, folds)
+    validation = predict_seconds(key, shape["scored_rows"], classes, cores, size, folds)
     return PlannedModel(
         key=key,
         name=NAMES[key],
         size=size,
         params=params,
         estimated_seconds=round(estimate, 2),
-        max_time_limit=round(share, 1),
+        max_time_limit=round(max(share - validation, estimate), 1),
         reason=reason,
+        scoring_seconds=round(2 * validation, 2),
     )

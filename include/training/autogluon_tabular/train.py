@@ -37,7 +37,13 @@ from typing import Any
 import conveyor_metadata
 import numpy as np
 import pandas as pd
-from baseline import build_baseline, categorical_baseline, numeric_baseline, prediction_baseline
+from baseline import (
+    build_baseline,
+    categorical_baseline,
+    numeric_baseline,
+    prediction_baseline,
+    validation_predictions,
+)
 from conveyor_metadata import Feature, ModelMetadata, finite
 from data import TrainingInputError, log, prepare_data, read_channel
 from fit import INFER_LIMIT_BATCH_SIZE, build_plan, check_eval_metric, fit_predictor, refit_best, score_table
@@ -53,6 +59,7 @@ __all__ = [
     "numeric_baseline",
     "prediction_baseline",
     "run",
+    "validation_predictions",
 ]
 
 TRAINER = "autogluon_tabular"
@@ -292,7 +299,8 @@ def train_and_clone(
     )
     predictions = None
     if validation is not None:  # before any refit: the scored model never saw these rows
-        predictions = prediction_baseline(predictor, validation, args.label, args.problem_type, scored_model)
+        predicted = validation_predictions(predictor, validation, args.label, scored_model)
+        predictions = prediction_baseline(predictor, validation, args.label, args.problem_type, scored_model, predicted)
     best = fitted_best
     if args.refit_full:
         best = refit_best(predictor)
@@ -352,7 +360,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
     )
     train, validation = _read_data(args)
     check_eval_metric(args.eval_metric, args.problem_type)
-    plan = build_plan(args, train)
+    plan = build_plan(args, train, validation)
     for line in plan.lines() if plan is not None else ["model plan: none (--hyperparameters or --model-plan presets)"]:
         log(line)
 

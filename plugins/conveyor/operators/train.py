@@ -189,7 +189,7 @@ class EvaluateModelOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.lake import upload_tree
         from conveyor.reports.evaluation import write_model_report
-        from conveyor.training.evaluate import permutation_importance, scalar_metrics, score_model
+        from conveyor.training.evaluate import bounded_importance, scalar_metrics, score_model
 
         spec = pipeline_spec(self.spec)
         lake = Lake.from_env()
@@ -199,7 +199,7 @@ class EvaluateModelOperator(BaseOperator):
             scored = score_model(lake, spec, run_id, self.model["model_uri"], Path(tmp))
             importance = None
             if spec.data.format != "images":
-                importance = permutation_importance(scored.model, scored.test, spec, spec.gate.metric)
+                importance = bounded_importance(scored, spec, spec.gate.metric)
             write_model_report(Path(tmp) / "report", scored, spec, run_id, "Challenger", importance)
             upload_tree(Path(tmp) / "report", report_dir)
         metrics = scalar_metrics(scored.metrics)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 _PLOTS = ("confusion_matrix", "roc_curve", "pr_curve", "residuals", "predicted_vs_actual", "feature_importance")
 _MAX_POINTS = 5000  # scatter plots draw a fixed sample of at most this many rows
-_MAX_ANNOTATED_CLASSES = 30
+_MAX_ANNOTATED_CLASSES = 15  # above, the per-class table carries the counts (676 labels cost seconds to draw)
 
 
 def write_evaluation_report(
@@ -396,6 +396,8 @@ def write_model_report(
     if importance is not None and not isinstance(importance, dict):
         values, info = importance.values, {"summary": importance.summary(), **importance.settings()}
         context["feature importance"] = importance.summary()
+    if getattr(scored, "timings", None):
+        context["evaluation cost"] = scored.cost()
     return write_evaluation_report(
         out,
         scored.metrics,

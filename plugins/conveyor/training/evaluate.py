@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,16 +12,20 @@ if TYPE_CHECKING:
     from conveyor.model.metadata import ModelMetadata
     from conveyor.spec import PipelineSpec
 
-# Permutation importance is bounded: it may take IMPORTANCE_SHARE of the model's training budget, on at
-# most IMPORTANCE_ROWS test rows, IMPORTANCE_REPEATS shuffles per feature (1 when fewer than
-# IMPORTANCE_MIN_ROWS rows fit with more); the rows are sized from the model's predict speed measured on
-# IMPORTANCE_PROBE_ROWS rows, and a time box stops it at the budget whatever the estimate said.
+# Permutation importance is bounded: it may take IMPORTANCE_SHARE of the model's training budget, and no
+# more than what is left of EVALUATE_SHARE of the model's training time once the model is loaded and the test
+# set scored (REPORT_SECONDS kept for the report); on at most IMPORTANCE_ROWS test rows, IMPORTANCE_REPEATS
+# shuffles per feature (1 when fewer than IMPORTANCE_MIN_ROWS rows fit with more); the rows are sized from
+# the model's predict speed (the test set's scoring and one small call, or a probe of IMPORTANCE_PROBE_ROWS
+# rows), and a time box stops it at the budget whatever the estimate said.
 IMPORTANCE_ROWS = 1000
 IMPORTANCE_MIN_ROWS = 200
 IMPORTANCE_REPEATS = 3
 IMPORTANCE_SHARE = 0.1
 IMPORTANCE_PROBE_ROWS = 200
 IMPORTANCE_MARGIN = 0.8  # the sample is sized to this share of the time left (per-call costs, metrics)
+EVALUATE_SHARE = 0.2  # the evaluate task's target: this share of the model's training time (issue: <= 25%)
+REPORT_SECONDS = 2.0  # kept for the report (plots, HTML) out of the evaluate share
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -69,6 +73,12 @@ class Importance:
 
     def summary(self) -> str:
         """One line a person reads: "permutation importance on N rows, K repeats, T s"."""
+        budget = (
+            f"budget {self.budget_seconds:.1f} s: at most {IMPORTANCE_SHARE:.0%} of the training budget and what "
+            f"is left of {EVALUATE_SHARE:.0%} of the training time"
+        )
+        if self.rows == 0:
+            return f"permutation importance skipped: no time left ({budget})"
         partial = (
             f"; time box reached: {len(self.values)} of {self.features} features"
             if len(self.values) < self.features
@@ -76,25 +86,34 @@ class Importance:
         )
         return (
             f"permutation importance on {self.rows:,} of {self.available_rows:,} test rows, {self.repeats} "
-            f"repeat{'s' if self.repeats != 1 else ''}, {self.seconds:.1f} s (budget {self.budget_seconds:.1f} s "
-            f"= {IMPORTANCE_SHARE:.0%} of the training budget; model predicts {self.rows_per_second:,.0f} rows/s)"
-            f"{partial}"
+            f"repeat{'s' if self.repeats != 1 else ''}, {self.seconds:.1f} s ({budget}; model predicts "
+            f"{self.rows_per_second:,.0f} rows/s){partial}"
         )
 
     def settings(self) -> dict[str, Any]:
         """The cost and settings as JSON (``metrics.json`` ``feature_importance_settings``)."""
         fields = ("rows", "available_rows", "repeats", "seconds", "budget_seconds", "rows_per_second", "features")
-        return {name: getattr(self, name) for name in fields} | {"share_of_training_budget": IMPORTANCE_SHARE}
+        return {name: getattr(self, name) for name in fields} | {
+            "share_of_training_budget": IMPORTANCE_SHARE,
+            "evaluate_share_of_training_time": EVALUATE_SHARE,
+        }
 
 
-def importance_budget(model: Any, spec: PipelineSpec) -> float:
-    """Seconds permutation importance may take: ``IMPORTANCE_SHARE`` of the model's training budget.
+def importance_budget(model: Any, spec: PipelineSpec, spent: float = 0.0) -> float:
+    """Seconds permutation importance may take: ``IMPORTANCE_SHARE`` of the model's training budget, and
+    at most what is left of ``EVALUATE_SHARE`` of its training time after ``spent`` (and ``REPORT_SECONDS``).
 
-    :param model: a ``LoadedModel`` (its metadata's ``time_limit`` hyperparameter, the run's budget).
+    :param model: a ``LoadedModel`` (its metadata's ``time_limit`` hyperparameter, the run's budget, and
+        ``training_seconds``, how long the training took).
     :param spec: the pipeline (its trainer's ``time_limit`` when the metadata has none).
+    :param spent: seconds the evaluation has taken so far (loading the model, scoring the test set).
     """
     limit = (model.metadata.hyperparameters or {}).get("time_limit") or spec.trainer.time_limit
-    return IMPORTANCE_SHARE * float(limit)
+    budget = IMPORTANCE_SHARE * float(limit)
+    trained = getattr(model.metadata, "training_seconds", None)
+    if trained:
+        budget = min(budget, EVALUATE_SHARE * float(trained) - spent - REPORT_SECONDS)
+    return max(budget, 0.0)
 
 
 def importance_sample_size(rows_per_second: float, budget: float, features: int, available: int) -> tuple[int, int]:
@@ -114,12 +133,18 @@ def importance_sample_size(rows_per_second: float, budget: float, features: int,
 
 
 def permutation_importance(
-    model: Any, frame: Any, spec: PipelineSpec, metric: str, seed: int = 0, budget: float | None = None
+    model: Any,
+    frame: Any,
+    spec: PipelineSpec,
+    metric: str,
+    seed: int = 0,
+    budget: float | None = None,
+    scored: tuple[Any, Any, float] | None = None,
 ) -> Importance:
     """How much the gate metric drops when each feature is shuffled (model-agnostic), within a time budget.
 
-    The rows are sized from the model's predict speed on a probe so that ``rows x (1 + features x
-    repeats)`` predictions fit the budget; a time box stops it at the budget whatever the estimate said.
+    The rows are sized from the model's predict speed so that ``rows x (1 + features x repeats)``
+    predictions fit the budget; a time box stops it at the budget whatever the estimate said.
 
     :param model: a ``LoadedModel``.
     :param frame: labelled rows.
@@ -127,6 +152,9 @@ def permutation_importance(
     :param metric: the metric to watch (higher is better after the sign flip).
     :param seed: the shuffle seed.
     :param budget: seconds it may take (default: :func:`importance_budget`).
+    :param scored: the model's predictions of ``frame`` already made (labels, probabilities) and how long
+        that call took: the sample's unshuffled score comes from them, and the speed from them and one
+        small call instead of a probe.
     """
     import time
 
@@ -139,8 +167,8 @@ def permutation_importance(
     classes = model.metadata.class_labels
     sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
 
-    def score(data: Any) -> float | None:
-        y_pred, proba = predictions(model, data)
+    def score(data: Any, predicted: tuple[Any, Any] | None = None) -> float | None:
+        y_pred, proba = predictions(model, data) if predicted is None else predicted
         value = compute_metrics(
             spec.data.problem_type,
             data[spec.data.label].to_numpy(),
@@ -151,43 +179,71 @@ def permutation_importance(
         ).get(metric)
         return None if value is None else sign * float(value)
 
-    per_call, rate = _probe(model, frame, seed)
+    timed = (len(frame), scored[2]) if scored is not None else None
+    per_call, rate = _probe(model, frame, seed, timed)
     features = list(model.feature_names)
     left = IMPORTANCE_MARGIN * max(budget - (time.perf_counter() - started), 0.0)
-    calls = 1 + len(features) * IMPORTANCE_REPEATS  # each call pays per_call before its rows
+    calls = (0 if scored is not None else 1) + len(features) * IMPORTANCE_REPEATS  # each call pays per_call
     rows, repeats = importance_sample_size(rate, max(left - calls * per_call, 0.0), len(features), len(frame))
-    sample = frame.sample(rows, random_state=seed).reset_index(drop=True)
-    values = _shuffled_drops(score, sample, features, repeats, np.random.default_rng(seed), started + budget)
+    positions = np.sort(np.random.default_rng(seed).choice(len(frame), rows, replace=False))
+    sample = frame.iloc[positions].reset_index(drop=True)
+    base = None
+    if scored is not None:
+        y_pred, proba = scored[0], scored[1]
+        base = score(sample, (np.asarray(y_pred)[positions], None if proba is None else proba.iloc[positions]))
+    drops = _shuffled_drops(score, sample, features, repeats, (np.random.default_rng(seed), started + budget), base)
     seconds = round(time.perf_counter() - started, 2)
-    return Importance(values, rows, len(frame), repeats, seconds, round(budget, 1), round(rate, 1), len(features))
+    return Importance(drops, rows, len(frame), repeats, seconds, round(budget, 1), round(rate, 1), len(features))
 
 
-def _probe(model: Any, frame: Any, seed: int) -> tuple[float, float]:
+def _probe(model: Any, frame: Any, seed: int, timed: tuple[int, float] | None = None) -> tuple[float, float]:
     """The model's cost of one predict call and its rows per second beyond it, from two timed calls.
 
-    A first call of a few rows warms the model up (not timed), then ``t(n) = per_call + n / rate`` is
-    solved from a call of ``IMPORTANCE_PROBE_ROWS // 10`` rows and one of ``IMPORTANCE_PROBE_ROWS``.
+    Without ``timed``, a first call of a few rows warms the model up (not timed), then ``t(n) = per_call +
+    n / rate`` is solved from a call of ``IMPORTANCE_PROBE_ROWS // 10`` rows and one of
+    ``IMPORTANCE_PROBE_ROWS``. With ``timed`` (rows, seconds of a call already made, which warmed the
+    model up), only the small call is made.
     """
     import time
 
     probe = frame.sample(min(len(frame), IMPORTANCE_PROBE_ROWS), random_state=seed)
     small = probe.iloc[: max(1, len(probe) // 10)]
-    predictions(model, small.iloc[:5])
-    timings = []
-    for part in (small, probe):
+    if timed is None:
+        predictions(model, small.iloc[:5])
+    started = time.perf_counter()
+    predictions(model, small)
+    small_seconds = time.perf_counter() - started
+    if timed is None:
         started = time.perf_counter()
-        predictions(model, part)
-        timings.append(time.perf_counter() - started)
-    extra_rows = len(probe) - len(small)
-    per_row = max((timings[1] - timings[0]) / extra_rows if extra_rows else timings[1] / len(probe), 1e-7)
-    return max(timings[0] - len(small) * per_row, 0.0), 1.0 / per_row
+        predictions(model, probe)
+        timed = (len(probe), time.perf_counter() - started)
+    return solve_speed((len(small), small_seconds), timed)
 
 
-def _shuffled_drops(score: Any, sample: Any, features: list[str], repeats: int, rng: Any, deadline: float) -> dict:
-    """Feature -> mean drop of ``score`` over ``repeats`` shuffles; stops at ``deadline`` (``perf_counter``)."""
+def solve_speed(small: tuple[int, float], big: tuple[int, float]) -> tuple[float, float]:
+    """Per-call seconds and rows per second from two timed predict calls, ``t(n) = per_call + n / rate``.
+
+    :param small: rows and seconds of the smaller call.
+    :param big: rows and seconds of the bigger call (when no bigger, all of its time is per row).
+    """
+    extra_rows = big[0] - small[0]
+    per_row = (big[1] - small[1]) / extra_rows if extra_rows > 0 else big[1] / max(big[0], 1)
+    per_row = max(per_row, 1e-7, big[1] / max(big[0], 1) / 100)  # a noisy small call: no more than 100x off
+    return max(small[1] - small[0] * per_row, 0.0), 1.0 / per_row
+
+
+def _shuffled_drops(
+    score: Any, sample: Any, features: list[str], repeats: int, box: tuple[Any, float], base: float | None = None
+) -> dict:
+    """Feature -> mean drop of ``score`` over ``repeats`` shuffles; stops at the deadline (``perf_counter``).
+
+    :param box: the random generator of the shuffles and the deadline.
+    :param base: the sample's unshuffled score when already known.
+    """
     import time
 
-    base = score(sample)
+    rng, deadline = box
+    base = score(sample) if base is None else base
     if base is None:
         return {}
     importance: dict[str, float] = {}
@@ -233,7 +289,11 @@ def save_predictions(path: Path, test: Any, spec: PipelineSpec, y_pred: Any, pro
 
 @dataclass
 class Scored:
-    """A model's answers on a run's test set, and the metrics computed from them."""
+    """A model's answers on a run's test set, the metrics computed from them, and what each step cost.
+
+    :param timings: seconds of each step so far: ``load`` (fetch, unpack, load), ``scoring`` (the test
+        set's predict call), then ``importance`` when :func:`bounded_importance` ran.
+    """
 
     model: Any
     test: Any
@@ -241,10 +301,25 @@ class Scored:
     y_pred: Any
     proba: Any
     metrics: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def metadata(self) -> ModelMetadata:
         return self.model.metadata
+
+    def cost(self) -> str:
+        """The evaluation's cost in one line (the report's context), against its share of the training time."""
+        steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.timings.items())
+        rows = len(self.test)
+        scoring = self.timings.get("scoring")
+        speed = f" ({rows:,} test rows at {rows / scoring:,.0f} rows/s)" if scoring else ""
+        trained = getattr(self.metadata, "training_seconds", None)
+        target = (
+            f"; target {EVALUATE_SHARE:.0%} of the {trained:.0f} s training = {EVALUATE_SHARE * trained:.1f} s"
+            if trained
+            else ""
+        )
+        return f"{steps}{speed}{target}"
 
 
 def score_model(
@@ -260,18 +335,44 @@ def score_model(
     :param registered: a registered model's ``RegisteredArchive`` (its archive is checked against the
         registry's sha256 before it is loaded); None for the model this run trained.
     """
+    import time
+
     from conveyor.data.splits import read_part
     from conveyor.model.artifacts import LoadedModel, fetch
     from conveyor.model.metrics import compute_metrics
 
+    started = time.perf_counter()
     model = LoadedModel(fetch(model_uri, workdir / "model", lake.conn_id, registered=registered))
     if spec.data.format == "images":
         test = read_image_part(lake, spec.name, run_id, "test", workdir / "test")
     else:
         test = read_part(lake, spec.name, run_id, "test")
+    loaded = time.perf_counter()
     y_true = test[spec.data.label].to_numpy()
     y_pred, proba = predictions(model, test)
+    timings = {"load": round(loaded - started, 2), "scoring": round(time.perf_counter() - loaded, 2)}
     metrics = compute_metrics(
         spec.data.problem_type, y_true, y_pred, proba, model.metadata.class_labels, model.metadata.positive_class
     )
-    return Scored(model, test, y_true, y_pred, proba, metrics)
+    return Scored(model, test, y_true, y_pred, proba, metrics, timings)
+
+
+def bounded_importance(scored: Scored, spec: PipelineSpec, metric: str) -> Importance:
+    """Permutation importance of a scored model within what is left of the evaluation's budget
+    (:func:`importance_budget` after loading and scoring), reusing the test set's predictions and their
+    timing; its seconds go on ``scored.timings``.
+
+    :param scored: what :func:`score_model` returned.
+    :param spec: the pipeline.
+    :param metric: the metric to watch.
+    """
+    spent = sum(scored.timings.values())
+    budget = importance_budget(scored.model, spec, spent)
+    if budget <= 0:
+        features = len(scored.model.feature_names)
+        scored.timings["importance"] = 0.0
+        return Importance({}, 0, len(scored.test), 0, 0.0, 0.0, 0.0, features)
+    timed = (scored.y_pred, scored.proba, scored.timings.get("scoring", 0.0))
+    importance = permutation_importance(scored.model, scored.test, spec, metric, budget=budget, scored=timed)
+    scored.timings["importance"] = importance.seconds
+    return importance

@@ -427,6 +427,24 @@ def test_prediction_baseline_is_the_share_of_each_class_or_a_numeric_summary():
     assert numeric["kind"] == "numeric" and numeric["mean"] == 3.0
 
 
+def test_validation_predictions_come_from_the_fit_and_are_predicted_again_only_for_other_rows():
+    class Cached(FakePredictor):
+        def __init__(self, cached):
+            super().__init__(["b"] * 5)
+            self.cached = cached
+
+        def predict_multi(self, models):
+            return {models[0]: self.cached}
+
+    rows = pd.DataFrame({"x": range(5), "y": ["a"] * 5})
+    fit_made = Cached(pd.Series(["a"] * 5))
+    assert list(train_py.validation_predictions(fit_made, rows, "y", "GBM")) == ["a"] * 5
+    assert fit_made.calls == []  # the fit's own predictions: no predict call
+    other_rows = Cached(pd.Series(["a"] * 3))  # not these rows (e.g. a bagged fit's holdout)
+    assert list(train_py.validation_predictions(other_rows, rows, "y", "GBM")) == ["b"] * 5
+    assert other_rows.calls == [(["x"], "GBM")]
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [((), False), (("--refit-full",), True), (("--refit-full", "True"), True), (("--refit-full", "false"), False)],
@@ -441,86 +459,6 @@ def test_refit_full_refuses_a_value_that_is_not_a_boolean():
 
 
 # ------------------------------------------------------------------------------ the model plan
-
-plan_py = load_script("include/training/autogluon_tabular/plan.py", "autogluon_tabular_plan")
-
-
-def test_plan_of_26_classes_on_20k_rows_keeps_every_model_within_its_limit_and_the_budget():
-    plan = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90)
-    assert plan.models[0].key == "GBM"  # the strongest fast model first
-    assert [m.key for m in plan.models] == ["GBM"]
-    assert set(plan.left_out) == {"CAT", "XGB", "XT", "RF"} and "26 classes > 10" in plan.left_out["CAT"]
-    assert "leaf values" in plan.left_out["XT"]  # 26 values a leaf: a forest too big to load and predict fast
-    for model in plan.models:
-        assert model.estimated_seconds <= model.max_time_limit <= plan.fit_time_limit
-    assert sum(m.max_time_limit for m in plan.models) <= plan.fit_time_limit + 0.1 < 90
-    gbm = plan.models[0]
-    assert gbm.size < plan_py.DEFAULT_SIZE["GBM"] and gbm.params["learning_rate"] == 0.1  # rounds cut to fit
-    # What the estimate says those rounds cost, one tree per class and round.
-    one_round = plan_py.estimate_seconds("GBM", 14_000, 16, 26, 2, 1)
-    assert gbm.size * one_round <= gbm.max_time_limit
-
-
-def test_plan_caps_forests_of_many_classes_by_leaf_values():
-    plan = plan_py.plan_models(rows=3500, columns=16, classes=26, cores=2, budget=30)
-    forests = {m.key: m for m in plan.models if m.key in ("XT", "RF")}
-    assert set(forests) == {"XT", "RF"}
-    for model in forests.values():
-        leaves = 3500 // 2  # a tree has at most about half the rows as leaves (below FOREST_LEAVES here)
-        assert model.size * leaves * 26 <= plan_py.FOREST_VALUES < (model.size + 1) * leaves * 26
-        assert model.params["max_leaf_nodes"] == plan_py.FOREST_LEAVES and "leaf values" in model.reason
-
-
-def test_plan_of_tiny_data_keeps_the_full_list_at_the_library_sizes():
-    plan = plan_py.plan_models(rows=300, columns=9, classes=2, cores=2, budget=60)
-    assert [m.key for m in plan.models] == list(plan_py.ORDER) and plan.left_out == {}
-    assert plan.models[0].params == {"num_boost_round": plan_py.DEFAULT_SIZE["GBM"]}  # defaults, lr untouched
-
-
-def test_plan_of_big_data_on_a_short_budget_keeps_lightgbm_alone_and_says_why():
-    plan = plan_py.plan_models(rows=200_000, columns=100, classes=2, cores=2, budget=90)
-    assert [m.key for m in plan.models] == ["GBM"]
-    assert all("at its smallest" in why for why in plan.left_out.values()) and len(plan.left_out) == 4
-
-
-def test_plan_order_is_the_priority_and_each_model_gets_its_time_limit():
-    plan = plan_py.plan_models(rows=5_000, columns=20, classes=3, cores=4, budget=120, excluded=["CAT", "NN_TORCH"])
-    assert plan.left_out["CAT"] == "excluded by --excluded-model-types"
-    hyperparameters = plan.hyperparameters()
-    assert list(hyperparameters) == [m.key for m in plan.models] == ["GBM", "XGB", "XT", "RF"]
-    priorities = [h["ag_args"]["priority"] for h in hyperparameters.values()]
-    assert priorities == sorted(priorities, reverse=True)
-    assert [h["ag_args_fit"]["max_time_limit"] for h in hyperparameters.values()] == [
-        m.max_time_limit for m in plan.models
-    ]
-    assert plan.lines()[0].startswith(
-        "model plan: 5000 rows x 20 columns, 3 classes, 4 cores (of 4, load 0.0), budget 120s"
-    )
-
-
-def test_plan_on_a_busy_machine_fits_with_half_the_cores():
-    idle = plan_py.plan_models(rows=5_000, columns=20, classes=3, cores=2, budget=60, load=1.5)
-    busy = plan_py.plan_models(rows=5_000, columns=20, classes=3, cores=2, budget=60, load=8.0)
-    assert idle.shape["cores"] == 2 and busy.shape["cores"] == 1 and busy.shape["machine_cores"] == 2
-    assert {h["ag_args_fit"]["num_cpus"] for h in busy.hyperparameters().values()} == {1}
-    assert busy.models[0].estimated_seconds == pytest.approx(2 * idle.models[0].estimated_seconds, rel=0.01) or (
-        busy.models[0].size < idle.models[0].size  # one core: twice the estimate, or fewer rounds to fit the share
-    )
-
-
-def test_plan_leaves_time_for_a_refit_and_multiplies_estimates_by_bagging_folds():
-    plain = plan_py.plan_models(rows=10_000, columns=10, classes=2, cores=2, budget=100)
-    refit = plan_py.plan_models(rows=10_000, columns=10, classes=2, cores=2, budget=100, refit_full=True)
-    assert refit.fit_time_limit == pytest.approx(plain.fit_time_limit * plan_py.REFIT_SHARE)
-    assert plan_py.estimate_seconds("RF", 1000, 10, 2, 2, 100, folds=8) == pytest.approx(
-        8 * plan_py.estimate_seconds("RF", 1000, 10, 2, 2, 100)
-    )
-
-
-@pytest.mark.parametrize("counts", [(0, 5, 2, 2, 60), (100, 5, 2, 0, 60), (100, 5, 2, 2, 0)])
-def test_plan_refuses_counts_that_are_not_positive(counts):
-    with pytest.raises(ValueError, match="must be > 0"):
-        plan_py.plan_models(*counts)
 
 
 def test_fit_gives_autogluon_the_plan_as_hyperparameters_and_time_limits(monkeypatch):
