@@ -33,6 +33,25 @@ if ! docker image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1; then
     docker import "$TARBALL" "$DEBIAN_IMAGE" >/dev/null
 fi
 
+# The Airflow stand-in's CPython 3.11 (3.11.5 or later: Debian's is 3.11.2): $STACK_PYTHON, else the first python3.11
+# on PATH whose version fits, packed without its site-packages and tests (docker/stack/airflow-base/python.tar.gz).
+pack_python() {
+    local candidate prefix tarball=docker/stack/airflow-base/python.tar.gz
+    [[ -s "$tarball" ]] && return 0
+    for candidate in ${STACK_PYTHON:-} $(type -ap python3.11 python3) /root/.pyenv/versions/3.11*/bin/python3.11; do
+        [[ -x "$candidate" ]] || continue
+        prefix=$("$candidate" -c 'import sys; v = sys.version_info
+print(sys.base_prefix if v[:2] == (3, 11) and v >= (3, 11, 5) else "")' 2>/dev/null || true)
+        [[ -n "$prefix" && -e "$prefix/lib/libpython3.11.so.1.0" ]] && break
+        prefix=""
+    done
+    [[ -n "$prefix" ]] || { echo "no shared CPython 3.11.5+ here (set STACK_PYTHON=/path/to/python3.11)" >&2; exit 1; }
+    echo "==> packing CPython from $prefix"
+    tar -C "$prefix" --exclude=./lib/python3.11/site-packages --exclude=./lib/python3.11/test \
+        --exclude='*/__pycache__' -czf "$tarball.tmp" bin/python3.11 bin/python3 lib include
+    mv "$tarball.tmp" "$tarball"
+}
+
 build() {  # build TAG FOLDER [--build-arg ...]
     local tag=$1 folder=$2
     shift 2
@@ -49,5 +68,6 @@ build() {  # build TAG FOLDER [--build-arg ...]
 build conveyor-local/postgres:15-bookworm docker/stack/postgres
 build conveyor-local/redis:7.0-bookworm docker/stack/redis
 build conveyor-local/s3:moto docker/stack/s3
+pack_python
 build conveyor-local/airflow:3.3.2-python3.11 docker/stack/airflow-base
 echo "==> base images ready"

@@ -34,7 +34,13 @@ if ((${#missing[@]})); then
         || skip "apt-get could not install ${missing[*]}"
 fi
 
-cleanup() { scripts/stack-docker.sh stop || true; }
+cleanup() {
+    if [[ "${CONVEYOR_STACK_KEEP:-}" == 1 ]]; then
+        echo "==> CONVEYOR_STACK_KEEP=1: the stack and its daemon are left running (scripts/stack-docker.sh stop)"
+    else
+        scripts/stack-docker.sh stop || true
+    fi
+}
 trap cleanup EXIT
 eval "$(scripts/stack-docker.sh env)"
 scripts/stack-docker.sh stop >/dev/null 2>&1 || true  # what a killed run left
@@ -62,7 +68,12 @@ scripts/stack-docker.sh stop
 
 scripts/stack-docker.sh start stack
 echo "==> tests/stack in the network namespace $NETNS"
+# CONVEYOR_STACK_COMMAND replaces the tests with another command in the namespace (bench/compose.py uses it).
 status=0
-nsenter --net="/var/run/netns/$NETNS" env CONVEYOR_STACK_DAEMON=1 \
-    "$PY" -m pytest tests/stack -x -p no:cacheprovider "$@" || status=$?
+if [[ -n "${CONVEYOR_STACK_COMMAND:-}" ]]; then
+    nsenter --net="/var/run/netns/$NETNS" env CONVEYOR_STACK_DAEMON=1 bash -c "$CONVEYOR_STACK_COMMAND" || status=$?
+else
+    nsenter --net="/var/run/netns/$NETNS" env CONVEYOR_STACK_DAEMON=1 \
+        "$PY" -m pytest tests/stack -x -p no:cacheprovider "$@" || status=$?
+fi
 exit $status
