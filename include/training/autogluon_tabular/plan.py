@@ -28,7 +28,11 @@ How it decides, in four rules a person can check by hand:
    round, and 10,000 trees predicted 150 rows/s, which made the evaluate task cost a third of training.
 6. **Busy machine**: when the 1-minute load average is already at or above the cores, the fit uses
    half of them (at least 1): OpenMP threads waiting for a core spin, and LightGBM measured 3x
-   slower with 2 threads than with 1 on a 2-core machine at load 8.
+   slower with 2 threads than with 1 on a 2-core machine at load 8. Its threads then get about
+   ``cores / (load + threads)`` of a core each (the scheduler shares the cores among the runnable
+   threads), and every estimate is divided by that share (``core_share_percent``), so the plan
+   shrinks instead of overrunning the budget. Each model also costs ``MODEL_SECONDS`` whatever its
+   size (its library's import, preprocessing, saving), paid out of its share.
 7. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
    forest cap, and
    CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
@@ -61,6 +65,7 @@ SIZE_PARAM = {
 BOOSTERS = ("GBM", "CAT", "XGB")
 MAX_CLASSES_SLOW = 10  # CatBoost and XGBoost are left out above this many classes
 TREE_OVERHEAD = 2.0e-4  # core-seconds per tree whatever the data (small data: many fast rounds)
+MODEL_SECONDS = 1.0  # core-seconds a model costs whatever its size (import, preprocessing, saving)
 SAFETY = 1.5  # estimates are multiplied by this (feature preprocessing, validation scoring, a loaded machine)
 FIT_SHARE = 0.8  # share of the time budget given to AutoGluon's fit
 REFIT_SHARE = 0.6  # share of the fit budget when the best model is refit on train + validation afterwards
@@ -137,7 +142,8 @@ class Plan:
         shape = self.shape
         head = (
             f"model plan: {shape['rows']} rows x {shape['columns']} columns, {shape['classes']} classes, "
-            f"{shape['cores']} cores (of {shape['machine_cores']}, load {shape['load_percent'] / 100:.1f}), "
+            f"{shape['cores']} cores (of {shape['machine_cores']}, load {shape['load_percent'] / 100:.1f}, "
+            f"{shape.get('core_share_percent', 100)}% of a core each), "
             f"budget {self.budget:.0f}s (fit {self.fit_time_limit:.0f}s), "
             f"{shape['scored_rows']} validation rows scored"
         )
@@ -163,7 +169,7 @@ def estimate_seconds(key: str, rows: int, columns: int, classes: int, cores: int
     """
     trees = trees_of(key, classes, size)
     per_tree = COST[key] * rows * max(columns, 1) + TREE_OVERHEAD
-    return per_tree * trees / max(cores, 1) * SAFETY * max(folds, 1)
+    return per_tree * trees / max(cores, 0.01) * SAFETY * max(folds, 1)
 
 
 def trees_of(key: str, classes: int, size: int) -> int:
@@ -187,14 +193,15 @@ def predict_seconds(key: str, scored_rows: int, classes: int, cores: int, size: 
     :param folds: bagging folds (each fold's model predicts).
     """
     trees = trees_of(key, classes, size)
-    return PREDICT_COST[key] * max(scored_rows, 0) * trees / max(cores, 1) * SAFETY * max(folds, 1)
+    return PREDICT_COST[key] * max(scored_rows, 0) * trees / max(cores, 0.01) * SAFETY * max(folds, 1)
 
 
 def _size_for(key: str, seconds: float, shape: dict[str, int], scoring: float | None = None) -> int:
     """The largest size (rounds / trees, at most the default) whose fit and validation scoring fit ``seconds``,
     and whose scoring of the validation and test rows fits ``scoring`` seconds (when given)."""
-    rows, columns, classes, cores, folds = (shape[k] for k in ("rows", "columns", "classes", "cores", "folds"))
-    scored = shape["scored_rows"]
+    rows, columns, classes, folds = (shape[k] for k in ("rows", "columns", "classes", "folds"))
+    scored, cores = shape["scored_rows"], effective_cores(shape)
+    seconds -= fixed_seconds(shape)
     one = estimate_seconds(key, rows, columns, classes, cores, 1, folds) + predict_seconds(
         key, scored, classes, cores, 1, folds
     )
@@ -204,6 +211,22 @@ def _size_for(key: str, seconds: float, shape: dict[str, int], scoring: float | 
     return min(size, forest_cap(rows, classes)) if key in FORESTS else size
 
 
+def effective_cores(shape: dict[str, int]) -> float:
+    """The cores the fit's threads really get: its threads x their share of a core (rule 6).
+
+    :param shape: the plan's shape (``cores``, ``core_share_percent``).
+    """
+    return shape["cores"] * shape.get("core_share_percent", 100) / 100
+
+
+def fixed_seconds(shape: dict[str, int]) -> float:
+    """What a model costs whatever its size (``MODEL_SECONDS`` at the cores' share), in seconds.
+
+    :param shape: the plan's shape.
+    """
+    return MODEL_SECONDS * SAFETY / max(effective_cores(shape) / shape["cores"], 0.01)
+
+
 def scoring_cap(key: str, seconds: float, shape: dict[str, int]) -> int:
     """The most rounds / trees whose scoring of the validation rows and as many test rows fits ``seconds``.
 
@@ -211,7 +234,7 @@ def scoring_cap(key: str, seconds: float, shape: dict[str, int]) -> int:
     :param seconds: the scoring time this model may take.
     :param shape: the plan's shape (``scored_rows``: validation rows; test rows are taken to be as many).
     """
-    one = predict_seconds(key, 2 * shape["scored_rows"], shape["classes"], shape["cores"], 1, shape["folds"])
+    one = predict_seconds(key, 2 * shape["scored_rows"], shape["classes"], effective_cores(shape), 1, shape["folds"])
     return int(seconds / one) if one > 0 else DEFAULT_SIZE[key]
 
 
@@ -276,6 +299,8 @@ def plan_models(
     usable = max(1, cores // 2) if load >= cores else cores
     shape = {"rows": rows, "columns": columns, "classes": classes, "cores": usable, "folds": folds}
     shape |= {"machine_cores": cores, "load_percent": round(100 * load)}
+    shape["core_share_percent"] = round(100 * min(1.0, cores / (load + usable))) if load >= cores else 100
+    speed = effective_cores(shape)
     shape["scored_rows"] = int(scored_rows) if scored_rows is not None else max(1, round(rows * VALIDATION_SHARE))
     fit_limit = budget * FIT_SHARE * (REFIT_SHARE if refit_full else 1.0)
     keys, left_out = _candidates(shape, set(excluded))
@@ -287,13 +312,13 @@ def plan_models(
         if not too_big:
             break
         key = too_big[-1]  # leave out the last (weakest) model that does not fit, then share again
-        smallest = estimate_seconds(key, rows, columns, classes, usable, MIN_SIZE[key], folds)
-        smallest += predict_seconds(key, shape["scored_rows"], classes, usable, MIN_SIZE[key], folds)
+        smallest = estimate_seconds(key, rows, columns, classes, speed, MIN_SIZE[key], folds) + fixed_seconds(shape)
+        smallest += predict_seconds(key, shape["scored_rows"], classes, speed, MIN_SIZE[key], folds)
         if _size_for(key, shares[key], shape) < MIN_SIZE[key]:
             why = f"needs ~{smallest:.0f}s to fit and score validation at its smallest"
             left_out[key] = why + f" ({SIZE_PARAM[key]}={MIN_SIZE[key]}), more than its share of {shares[key]:.0f}s"
         else:
-            scored = predict_seconds(key, 2 * shape["scored_rows"], classes, usable, MIN_SIZE[key], folds)
+            scored = predict_seconds(key, 2 * shape["scored_rows"], classes, speed, MIN_SIZE[key], folds)
             left_out[key] = (
                 f"scoring validation and test rows would take ~{scored:.0f}s at its smallest "
                 f"({SIZE_PARAM[key]}={MIN_SIZE[key]}), more than its share of {scoring[key]:.0f}s"
@@ -322,7 +347,8 @@ def _planned(key: str, share: float, scoring: float, shape: dict[str, int]) -> P
         reason += "; learning_rate 0.1 (fewer rounds)"
     if key in BOOSTERS:
         reason += "; stops early on validation"
-    rows, columns, classes, cores, folds = (shape[k] for k in ("rows", "columns", "classes", "cores", "folds"))
+    rows, columns, classes, folds = (shape[k] for k in ("rows", "columns", "classes", "folds"))
+    cores = effective_cores(shape)
     estimate = estimate_seconds(key, rows, columns, classes, cores, size, folds)
     validation = predict_seconds(key, shape["scored_rows"], classes, cores, size, folds)
     return PlannedModel(
@@ -331,7 +357,7 @@ def _planned(key: str, share: float, scoring: float, shape: dict[str, int]) -> P
         size=size,
         params=params,
         estimated_seconds=round(estimate, 2),
-        max_time_limit=round(max(share - validation, estimate), 1),
+        max_time_limit=round(min(share, max(share - validation - fixed_seconds(shape), estimate)), 1),
         reason=reason,
         scoring_seconds=round(2 * validation, 2),
     )

@@ -511,11 +511,12 @@ def test_training_many_classes_on_a_small_budget_fits_the_planned_models_with_th
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[train.py] model plan: 600 rows x 6 columns, 26 classes" in result.stdout
     plan = json.loads((tmp_path / "output" / "model_plan.json").read_text())
-    assert [m["key"] for m in plan["models"]][0] == "GBM" and set(plan["left_out"]) == {"CAT", "XGB"}
+    assert [m["key"] for m in plan["models"]][0] == "GBM" and {"CAT", "XGB"} <= set(plan["left_out"])
+    assert "26 classes > 10" in plan["left_out"]["CAT"]  # (a loaded machine may leave out the forests too)
     summary = json.loads((tmp_path / "output" / "fit_summary.json").read_text())
     base = [m for m in summary["models"] if m["stack_level"] == 1]
-    assert len(base) > 1  # no single model ate the budget
     limits = {m["name"]: m["max_time_limit"] for m in plan["models"]}
+    assert {m["model"] for m in base} == set(limits)  # every planned model was fit: none ate the others' time
     assert all(m["time_limit"] == limits[m["model"]] for m in base)
     metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
     assert metadata["model_plan"] == plan

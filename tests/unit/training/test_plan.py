@@ -59,7 +59,7 @@ def test_plan_order_is_the_priority_and_each_model_gets_its_time_limit():
         m.max_time_limit for m in plan.models
     ]
     assert plan.lines()[0].startswith(
-        "model plan: 5000 rows x 20 columns, 3 classes, 4 cores (of 4, load 0.0), budget 120s"
+        "model plan: 5000 rows x 20 columns, 3 classes, 4 cores (of 4, load 0.0, 100% of a core each), budget 120s"
     )
 
 
@@ -96,14 +96,18 @@ def test_many_class_booster_is_capped_so_scoring_validation_and_test_fits_its_sh
     gbm = plan.models[0]
     assert plan.shape["cores"] == 1 and plan.shape["scored_rows"] == 3000
     # The cap: validation + as many test rows, 26 trees a round, within SCORING_SHARE of the budget ...
-    one_round = plan_py.predict_seconds("GBM", 6000, 26, 1, 1)
+    cores = plan_py.effective_cores(plan.shape)  # load 3 on 2 cores: 1 thread, 2 / (3 + 1) of a core
+    assert plan.shape["core_share_percent"] == 50 and cores == 0.5
+    one_round = plan_py.predict_seconds("GBM", 6000, 26, cores, 1)
     assert gbm.size * one_round <= plan_py.SCORING_SHARE * 90 < (gbm.size + 1) * one_round
-    assert gbm.scoring_seconds == pytest.approx(plan_py.predict_seconds("GBM", 6000, 26, 1, gbm.size), abs=0.01)
+    assert gbm.scoring_seconds == pytest.approx(plan_py.predict_seconds("GBM", 6000, 26, cores, gbm.size), abs=0.01)
     assert "capped so that scoring 3,000 validation and as many test rows" in gbm.reason
     # ... which is fewer rounds than the fit time alone would allow.
     assert gbm.size < plan_py._size_for("GBM", plan.fit_time_limit, plan.shape)
     # Its time limit is its share less the validation scoring it pays for inside the fit.
-    assert gbm.max_time_limit == pytest.approx(plan.fit_time_limit - gbm.scoring_seconds / 2, abs=0.1)
+    fixed = plan_py.fixed_seconds(plan.shape)  # a model's fixed cost, at half a core: twice MODEL_SECONDS x SAFETY
+    assert fixed == pytest.approx(2 * plan_py.MODEL_SECONDS * plan_py.SAFETY)
+    assert gbm.max_time_limit == pytest.approx(plan.fit_time_limit - gbm.scoring_seconds / 2 - fixed, abs=0.1)
     assert "3000 validation rows scored" in plan.lines()[0] and "scoring ~" in plan.lines()[1]
 
 
@@ -138,3 +142,13 @@ def test_a_model_whose_smallest_size_scores_too_slowly_is_left_out_and_says_so()
     assert plan.left_out["XGB"].startswith("scoring validation and test rows would take ~2s at its smallest")
     plan = plan_py.plan_models(rows=2000, columns=5, classes=8, cores=1, budget=60, scored_rows=100_000)
     assert "to fit and score validation at its smallest" in plan.left_out["CAT"]
+
+
+def test_plan_on_a_loaded_machine_divides_its_estimates_by_the_share_of_a_core_it_gets():
+    idle = plan_py.plan_models(rows=124, columns=13, classes=3, cores=2, budget=20, load=0.5)
+    loaded = plan_py.plan_models(rows=124, columns=13, classes=3, cores=2, budget=20, load=10.0)
+    assert idle.shape["core_share_percent"] == 100 and loaded.shape["core_share_percent"] == round(100 * 2 / 11)
+    assert len(idle.models) == 5  # a small table on an idle machine: every model
+    # At a fifth of a core each model's fixed cost alone is ~8 s: only what fits 16 s of fit is kept.
+    assert [m.key for m in loaded.models] == ["GBM"] and len(loaded.left_out) == 4
+    assert sum(m.max_time_limit for m in loaded.models) <= loaded.fit_time_limit
