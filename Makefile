@@ -48,16 +48,19 @@ demo: $(STAMP)
 stop:
 	@test -x $(PY) && $(PY) -m conveyor.cli stop || echo "Nothing to stop"
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; each test file stays on one worker, so a file's fixtures are
+# built once). TEST_WORKERS=0 runs it in this process; TEST_WORKERS=auto uses one worker per core.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	@scripts/install-browser.sh || echo "==> chromium unavailable: the browser tests will be skipped"
-	@echo "==> Running the test suite"
-	@$(PY) -m pytest
+	@echo "==> Running the test suite on $(TEST_WORKERS) worker(s)"
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The fast lane: every test under tests/unit and tests/compose except those marked slow (they train a real model,
 # run a training script or serve a model). tests/e2e, integration and distributed are slow by folder (tests/conftest.py).
 test-fast: $(STAMP)
 	@echo "==> Running the fast tests (make test runs them all)"
-	@$(PY) -m pytest -m "not slow" tests/unit tests/compose
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests/unit tests/compose
 
 # docker-compose.yaml started for real (scripts/compose-test.sh: its own dockerd in a network namespace, images built
 # offline, tests/stack); one SKIP line where no engine can run. Needs root.
