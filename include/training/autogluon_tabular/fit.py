@@ -114,13 +114,16 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def build_plan(args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None = None) -> Plan | None:
+def build_plan(
+    args: argparse.Namespace, train: pd.DataFrame, validation: pd.DataFrame | None = None, spent: float = 0.0
+) -> Plan | None:
     """The model plan for this data and budget (None when ``--hyperparameters`` or ``--model-plan presets``
     leave the choice of models to the user or to AutoGluon's presets).
 
     :param args: the parsed command line.
     :param train: the training rows (label included, id column excluded).
     :param validation: the validation rows (scored by the fit, and the test set taken to be as big), if any.
+    :param spent: seconds of the budget already spent before the fit (reading, imports).
     """
     if args.hyperparameters is not None or args.model_plan == "presets":
         return None
@@ -137,6 +140,7 @@ def build_plan(args: argparse.Namespace, train: pd.DataFrame, validation: pd.Dat
         refit_full=args.refit_full,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
         scored_rows=len(validation) if validation is not None else None,
+        spent=spent,
     )
 
 

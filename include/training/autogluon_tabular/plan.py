@@ -32,7 +32,7 @@ How it decides, in four rules a person can check by hand:
    ``cores / (load + threads)`` of a core each (the scheduler shares the cores among the runnable
    threads), and every estimate is divided by that share (``core_share_percent``), so the plan
    shrinks instead of overrunning the budget. Each model also costs ``MODEL_SECONDS`` whatever its
-   size (its library's import, preprocessing, saving), paid out of its share.
+   size (its library's import, preprocessing, saving), paid out of its share (LightGBM's is the fit's own).
 7. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
    forest cap, and
    CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
@@ -67,7 +67,8 @@ MAX_CLASSES_SLOW = 10  # CatBoost and XGBoost are left out above this many class
 TREE_OVERHEAD = 2.0e-4  # core-seconds per tree whatever the data (small data: many fast rounds)
 MODEL_SECONDS = 1.0  # core-seconds a model costs whatever its size (import, preprocessing, saving)
 SAFETY = 1.5  # estimates are multiplied by this (feature preprocessing, validation scoring, a loaded machine)
-FIT_SHARE = 0.8  # share of the time budget given to AutoGluon's fit
+FIT_SHARE = 0.8  # share of the time budget given to AutoGluon's fit (less what start-up already spent)
+MIN_FIT_SHARE = 0.4  # the fit's share whatever start-up spent
 REFIT_SHARE = 0.6  # share of the fit budget when the best model is refit on train + validation afterwards
 PRIORITY_TOP = 100
 FORESTS = ("XT", "RF")
@@ -92,7 +93,8 @@ class PlannedModel:
     :param max_time_limit: the per-model time limit AutoGluon enforces (``ag_args_fit.max_time_limit``): its
         share of the fit less its estimated validation scoring.
     :param reason: why this size.
-    :param scoring_seconds: the estimated time to score the validation rows and as many test rows.
+    :param scoring_seconds: the estimated time to score the validation rows and as many test rows (at the
+        threads' full cores: the evaluate task runs later, at whatever load there is then).
     """
 
     key: str
@@ -201,7 +203,7 @@ def _size_for(key: str, seconds: float, shape: dict[str, int], scoring: float | 
     and whose scoring of the validation and test rows fits ``scoring`` seconds (when given)."""
     rows, columns, classes, folds = (shape[k] for k in ("rows", "columns", "classes", "folds"))
     scored, cores = shape["scored_rows"], effective_cores(shape)
-    seconds -= fixed_seconds(shape)
+    seconds -= fixed_seconds(shape, key)
     one = estimate_seconds(key, rows, columns, classes, cores, 1, folds) + predict_seconds(
         key, scored, classes, cores, 1, folds
     )
@@ -219,11 +221,15 @@ def effective_cores(shape: dict[str, int]) -> float:
     return shape["cores"] * shape.get("core_share_percent", 100) / 100
 
 
-def fixed_seconds(shape: dict[str, int]) -> float:
-    """What a model costs whatever its size (``MODEL_SECONDS`` at the cores' share), in seconds.
+def fixed_seconds(shape: dict[str, int], key: str) -> float:
+    """What a model costs whatever its size (``MODEL_SECONDS`` at the cores' share), in seconds; none for
+    LightGBM, always fit first: its fixed cost is the fit's own, left by ``FIT_SHARE``.
 
     :param shape: the plan's shape.
+    :param key: the model type key.
     """
+    if key == ORDER[0]:
+        return 0.0
     return MODEL_SECONDS * SAFETY / max(effective_cores(shape) / shape["cores"], 0.01)
 
 
@@ -234,7 +240,8 @@ def scoring_cap(key: str, seconds: float, shape: dict[str, int]) -> int:
     :param seconds: the scoring time this model may take.
     :param shape: the plan's shape (``scored_rows``: validation rows; test rows are taken to be as many).
     """
-    one = predict_seconds(key, 2 * shape["scored_rows"], shape["classes"], effective_cores(shape), 1, shape["folds"])
+    # At the threads' full cores: the evaluate task runs later, at whatever load there is then.
+    one = predict_seconds(key, 2 * shape["scored_rows"], shape["classes"], shape["cores"], 1, shape["folds"])
     return int(seconds / one) if one > 0 else DEFAULT_SIZE[key]
 
 
@@ -278,6 +285,7 @@ def plan_models(
     refit_full: bool = False,
     load: float = 0.0,
     scored_rows: int | None = None,
+    spent: float = 0.0,
 ) -> Plan:
     """Plan the models to fit within ``budget`` (see the module docstring for the rules).
 
@@ -292,6 +300,8 @@ def plan_models(
     :param load: the machine's 1-minute load average before the fit (rule 6).
     :param scored_rows: validation rows (the test set is taken to be as big); default: ``VALIDATION_SHARE``
         of ``rows``, what AutoGluon holds out without a validation channel.
+    :param spent: seconds of the budget already spent (reading the data, importing AutoGluon): the fit
+        gets ``FIT_SHARE`` of the budget less them (at least ``MIN_FIT_SHARE`` of it).
     :raises ValueError: a count or the budget is not positive.
     """
     if rows <= 0 or columns <= 0 or cores <= 0 or not budget > 0 or folds <= 0:
@@ -302,7 +312,7 @@ def plan_models(
     shape["core_share_percent"] = round(100 * min(1.0, cores / (load + usable))) if load >= cores else 100
     speed = effective_cores(shape)
     shape["scored_rows"] = int(scored_rows) if scored_rows is not None else max(1, round(rows * VALIDATION_SHARE))
-    fit_limit = budget * FIT_SHARE * (REFIT_SHARE if refit_full else 1.0)
+    fit_limit = max(budget * FIT_SHARE - spent, budget * MIN_FIT_SHARE) * (REFIT_SHARE if refit_full else 1.0)
     keys, left_out = _candidates(shape, set(excluded))
     while keys:
         total = sum(WEIGHT[k] for k in keys)
@@ -312,13 +322,15 @@ def plan_models(
         if not too_big:
             break
         key = too_big[-1]  # leave out the last (weakest) model that does not fit, then share again
-        smallest = estimate_seconds(key, rows, columns, classes, speed, MIN_SIZE[key], folds) + fixed_seconds(shape)
+        smallest = estimate_seconds(key, rows, columns, classes, speed, MIN_SIZE[key], folds) + fixed_seconds(
+            shape, key
+        )
         smallest += predict_seconds(key, shape["scored_rows"], classes, speed, MIN_SIZE[key], folds)
         if _size_for(key, shares[key], shape) < MIN_SIZE[key]:
             why = f"needs ~{smallest:.0f}s to fit and score validation at its smallest"
             left_out[key] = why + f" ({SIZE_PARAM[key]}={MIN_SIZE[key]}), more than its share of {shares[key]:.0f}s"
         else:
-            scored = predict_seconds(key, 2 * shape["scored_rows"], classes, speed, MIN_SIZE[key], folds)
+            scored = predict_seconds(key, 2 * shape["scored_rows"], classes, usable, MIN_SIZE[key], folds)
             left_out[key] = (
                 f"scoring validation and test rows would take ~{scored:.0f}s at its smallest "
                 f"({SIZE_PARAM[key]}={MIN_SIZE[key]}), more than its share of {scoring[key]:.0f}s"
@@ -357,7 +369,7 @@ def _planned(key: str, share: float, scoring: float, shape: dict[str, int]) -> P
         size=size,
         params=params,
         estimated_seconds=round(estimate, 2),
-        max_time_limit=round(min(share, max(share - validation - fixed_seconds(shape), estimate)), 1),
+        max_time_limit=round(min(share, max(share - validation - fixed_seconds(shape, key), estimate)), 1),
         reason=reason,
-        scoring_seconds=round(2 * validation, 2),
+        scoring_seconds=round(predict_seconds(key, 2 * shape["scored_rows"], classes, shape["cores"], size, folds), 2),
     )

@@ -92,23 +92,27 @@ def test_plan_refuses_counts_that_are_not_positive(counts):
 
 
 def test_many_class_booster_is_capped_so_scoring_validation_and_test_fits_its_share():
-    plan = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90, load=3.0, scored_rows=3000)
+    plan = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90, scored_rows=3000)
     gbm = plan.models[0]
-    assert plan.shape["cores"] == 1 and plan.shape["scored_rows"] == 3000
+    assert plan.shape["cores"] == 2 and plan.shape["scored_rows"] == 3000
     # The cap: validation + as many test rows, 26 trees a round, within SCORING_SHARE of the budget ...
-    cores = plan_py.effective_cores(plan.shape)  # load 3 on 2 cores: 1 thread, 2 / (3 + 1) of a core
-    assert plan.shape["core_share_percent"] == 50 and cores == 0.5
-    one_round = plan_py.predict_seconds("GBM", 6000, 26, cores, 1)
+    one_round = plan_py.predict_seconds("GBM", 6000, 26, 2, 1)
     assert gbm.size * one_round <= plan_py.SCORING_SHARE * 90 < (gbm.size + 1) * one_round
-    assert gbm.scoring_seconds == pytest.approx(plan_py.predict_seconds("GBM", 6000, 26, cores, gbm.size), abs=0.01)
+    assert gbm.scoring_seconds == pytest.approx(plan_py.predict_seconds("GBM", 6000, 26, 2, gbm.size), abs=0.01)
     assert "capped so that scoring 3,000 validation and as many test rows" in gbm.reason
     # ... which is fewer rounds than the fit time alone would allow.
     assert gbm.size < plan_py._size_for("GBM", plan.fit_time_limit, plan.shape)
     # Its time limit is its share less the validation scoring it pays for inside the fit.
-    fixed = plan_py.fixed_seconds(plan.shape)  # a model's fixed cost, at half a core: twice MODEL_SECONDS x SAFETY
-    assert fixed == pytest.approx(2 * plan_py.MODEL_SECONDS * plan_py.SAFETY)
-    assert gbm.max_time_limit == pytest.approx(plan.fit_time_limit - gbm.scoring_seconds / 2 - fixed, abs=0.1)
+    validation = plan_py.predict_seconds("GBM", 3000, 26, 2, gbm.size)
+    assert gbm.max_time_limit == pytest.approx(plan.fit_time_limit - validation, abs=0.1)
     assert "3000 validation rows scored" in plan.lines()[0] and "scoring ~" in plan.lines()[1]
+    # On a loaded machine the cap stays (the evaluate task runs later, at its own load); the fit shrinks.
+    loaded = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90, load=3.0, scored_rows=3000)
+    assert loaded.shape["core_share_percent"] == 50 and plan_py.effective_cores(loaded.shape) == 0.5
+    assert loaded.models[0].size <= plan_py.scoring_cap("GBM", plan_py.SCORING_SHARE * 90, loaded.shape)
+    # A model's fixed cost at half a core is twice MODEL_SECONDS x SAFETY; LightGBM's is the fit's own.
+    assert plan_py.fixed_seconds(loaded.shape, "XT") == pytest.approx(2 * plan_py.MODEL_SECONDS * plan_py.SAFETY)
+    assert plan_py.fixed_seconds(loaded.shape, "GBM") == 0.0
 
 
 def test_more_scored_rows_mean_fewer_rounds_and_binary_grows_one_tree_a_round():
@@ -152,3 +156,12 @@ def test_plan_on_a_loaded_machine_divides_its_estimates_by_the_share_of_a_core_i
     # At a fifth of a core each model's fixed cost alone is ~8 s: only what fits 16 s of fit is kept.
     assert [m.key for m in loaded.models] == ["GBM"] and len(loaded.left_out) == 4
     assert sum(m.max_time_limit for m in loaded.models) <= loaded.fit_time_limit
+    assert loaded.models[0].max_time_limit >= 0.9 * loaded.fit_time_limit  # all of it for LightGBM but its scoring
+
+
+def test_start_up_already_spent_comes_out_of_the_fit_share_down_to_a_floor():
+    fresh = plan_py.plan_models(rows=1000, columns=5, classes=2, cores=2, budget=100)
+    started = plan_py.plan_models(rows=1000, columns=5, classes=2, cores=2, budget=100, spent=12.5)
+    late = plan_py.plan_models(rows=1000, columns=5, classes=2, cores=2, budget=100, spent=90)
+    assert fresh.fit_time_limit == 100 * plan_py.FIT_SHARE and started.fit_time_limit == 100 * plan_py.FIT_SHARE - 12.5
+    assert late.fit_time_limit == 100 * plan_py.MIN_FIT_SHARE
