@@ -86,6 +86,7 @@ class Recorder:
         self.origins: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.trace = False
         self.lock = threading.Lock()
+        self.sync_origin = "?"  # --trace: where the blocked fsspec call came from (s3fs calls in its loop thread)
 
     def flag(self, name: str) -> bool:
         return getattr(self.local, name, False)
@@ -100,7 +101,9 @@ class Recorder:
                 self.calls[self.phase][f"{service}:{operation}"] += 1
                 self.seconds[self.phase]["aws_s"] += seconds
                 if self.trace:
-                    self.origins[self.phase][f"{service}:{operation} <- {origin()}"] += 1
+                    where = origin()
+                    where = self.sync_origin if where == "?" else where
+                    self.origins[self.phase][f"{service}:{operation} <- {where}"] += 1
 
     def timed(self, name: str, seconds: float) -> None:
         if self.phase is not None:
@@ -127,6 +130,8 @@ def instrument(recorder: Recorder) -> None:
     sync_call = botocore.client.BaseClient._make_api_call
 
     def make_api_call(client: Any, operation: str, params: Any) -> Any:
+        if getattr(client, sagemaker_emulator.CONTAINER_CLIENT, False):  # a container's (s3transfer's threads too)
+            return sync_call(client, operation, params)
         started = time.perf_counter()
         try:
             return sync_call(client, operation, params)
@@ -143,6 +148,19 @@ def instrument(recorder: Recorder) -> None:
             recorder.record(client.meta.service_model.service_name, operation, time.perf_counter() - started)
 
     botocore.client.BaseClient._make_api_call = make_api_call
+    import fsspec.asyn
+
+    blocking_sync = fsspec.asyn.sync
+
+    def sync(loop: Any, func: Any, *args: Any, **kwargs: Any) -> Any:  # s3fs: the caller blocks, its loop calls
+        if recorder.trace:
+            recorder.sync_origin = f"s3fs.{getattr(func, '__name__', '?')} < {origin()}"
+        return blocking_sync(loop, func, *args, **kwargs)
+
+    fsspec.asyn.sync = sync
+    import s3fs.core
+
+    s3fs.core.sync = sync  # its files' reads and writes
     aiobotocore.client.AioBaseClient._make_api_call = make_async_api_call
 
     run_trigger = InProcessTestSupervisor.run_trigger_in_process.__func__

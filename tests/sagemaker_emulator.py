@@ -68,6 +68,31 @@ def sagemaker_aws(moto_server, monkeypatch) -> str:
     return moto_server
 
 
+CONTAINER_CLIENT = "conveyor_container"
+"""The attribute that marks the boto3 clients of the emulated containers (their calls are SageMaker's, not
+Conveyor's: ``bench/sagemaker_requests.py`` and the call-budget tests leave them out, whatever thread makes them,
+s3transfer's included)."""
+
+
+def container_client(service: str, endpoint_url: str) -> Any:
+    """A boto3 client for an emulated container, marked with :data:`CONTAINER_CLIENT`.
+
+    :param service: the AWS service.
+    :param endpoint_url: moto's server.
+    """
+    import boto3
+
+    client = boto3.client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    setattr(client, CONTAINER_CLIENT, True)
+    return client
+
+
 def _split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
@@ -134,15 +159,7 @@ class TrainingEmulator:
             assert not thread.is_alive(), "an emulated training job did not end in time"
 
     def _client(self, service: str) -> Any:
-        import boto3
-
-        return boto3.client(
-            service,
-            endpoint_url=self.endpoint_url,
-            region_name=REGION,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        return container_client(service, self.endpoint_url)
 
     def _run_safely(self, job: Any) -> None:
         try:
@@ -383,7 +400,6 @@ class TransformEmulator:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> TransformEmulator:
         """Wrap moto's CreateTransformJob so every new job runs."""
-        import boto3
         from moto.sagemaker.models import SageMakerModelBackend
 
         original = SageMakerModelBackend.create_transform_job
@@ -398,13 +414,7 @@ class TransformEmulator:
                 "MaxPayloadInMB": kwargs.get("max_payload_in_mb"),
             }
             model_data_url = backend.describe_model(kwargs["model_name"]).primary_container["ModelDataUrl"]
-            s3 = boto3.client(
-                "s3",
-                endpoint_url=emulator.endpoint_url,
-                region_name=REGION,
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-            )
+            s3 = container_client("s3", emulator.endpoint_url)
             try:
                 run_transform_job(request, model_data_url, s3)
             except TransformFailed as exc:

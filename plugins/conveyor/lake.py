@@ -171,10 +171,29 @@ class Lake:
         return {host, *(f"{name.lower()}@{host}" for name in (user, self.conn_id) if name)}
 
 
+def read_bytes(path: ObjectStoragePath) -> bytes:
+    """A whole (small) file's bytes: one GET on an object store, with no HEAD before it.
+
+    (Opening a file on s3fs sends a HEAD for its size, then ranged GETs.)
+
+    :param path: the file.
+    :raises FileNotFoundError: there is no such file.
+    """
+    if path.protocol in _LOCAL:
+        return Path(path.path).read_bytes()
+    fs = path.fs
+    if hasattr(fs, "max_concurrency"):  # s3fs: else it asks the size first (a HEAD) to split large reads
+        return bytes(fs.cat_file(path.path, max_concurrency=1))
+    return bytes(fs.cat_file(path.path))
+
+
 def read_json(path: ObjectStoragePath) -> Any:
-    """Read a JSON document from the lake."""
-    with path.open("r", encoding="utf-8") as handle:
-        return json.load(handle)
+    """Read a JSON document from the lake (one GET on an object store).
+
+    :param path: the document.
+    :raises FileNotFoundError: there is no such document.
+    """
+    return json.loads(read_bytes(path).decode("utf-8"))
 
 
 def write_json(path: ObjectStoragePath, document: Any) -> None:
@@ -337,6 +356,12 @@ def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: i
     :param chunk_bytes: bytes per read, so memory stays bounded.
     :return: the sha256 and size of the bytes copied.
     """
+    if src.protocol not in _LOCAL and dst.protocol in _LOCAL:
+        return _download_verified(src, Path(dst.path), chunk_bytes)
+    if src.protocol in _LOCAL and dst.protocol not in _LOCAL:
+        found = file_sha256(Path(src.path), chunk_bytes)
+        dst.fs.put_file(src.path, dst.path)  # one PUT (multipart only past s3fs's chunk size): whole or nothing
+        return found
     digest = hashlib.sha256()
     size = 0
     with src.open("rb") as reader, replacing(dst, durable=False) as writer:
@@ -345,6 +370,57 @@ def copy_verified(src: ObjectStoragePath, dst: ObjectStoragePath, chunk_bytes: i
             size += len(chunk)
             writer.write(chunk)
     return digest.hexdigest(), size
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> tuple[str, int]:
+    """The sha256 and size of a local file, read in chunks.
+
+    :param path: the file.
+    :param chunk_bytes: bytes per read.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as reader:
+        while chunk := reader.read(chunk_bytes):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def sha256_of(path: ObjectStoragePath, chunk_bytes: int = 1 << 20) -> tuple[str, int]:
+    """The sha256 and size of a file in the lake; on an object store from one streamed GET (no HEAD first).
+
+    :param path: the file.
+    :param chunk_bytes: bytes per read.
+    :raises FileNotFoundError: there is no such file.
+    """
+    if path.protocol in _LOCAL:
+        return file_sha256(Path(path.path), chunk_bytes)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="conveyor-sha256-") as folder:
+        return _download_verified(path, Path(folder) / "object", chunk_bytes)
+
+
+def _download_verified(src: ObjectStoragePath, target: Path, chunk_bytes: int) -> tuple[str, int]:
+    """:func:`copy_verified` from an object store to a local file: one streamed GET (no HEAD first), written
+    under a hidden temporary name and renamed into place once whole.
+
+    :param src: the object.
+    :param target: the local file (parents created).
+    :param chunk_bytes: bytes per read while hashing.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        src.fs.get_file(src.path, str(temporary))
+        found = file_sha256(temporary, chunk_bytes)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return found
 
 
 def make_folder(path: ObjectStoragePath) -> None:
@@ -369,12 +445,31 @@ def remove_tree(path: ObjectStoragePath) -> None:
         if path.exists():
             path.fs.rm(path.path, recursive=True)
         return
-    try:
-        found = path.fs.find(path.path)  # one listing when there is something
-    except FileNotFoundError:
-        return
+    found = keys_below(path)
     if found:
         path.fs.rm(found)  # one bulk delete per thousand keys
+
+
+def keys_below(path: ObjectStoragePath, recursive: bool = True) -> list[str]:
+    """The objects below a prefix on an object store, from one listing (nothing there: an empty list).
+
+    s3fs's ``find`` and ``ls`` follow an empty listing with a HEAD and more listings to tell a
+    missing folder from an empty one; its ``_lsdir`` is the one listing alone.
+
+    :param path: the prefix.
+    :param recursive: every object below it; else its direct entries (objects and sub-prefixes).
+    :return: the entries' paths as the filesystem names them (``bucket/key``).
+    """
+    fs = path.fs
+    if not hasattr(fs, "_lsdir"):
+        try:
+            return list(fs.find(path.path) if recursive else fs.ls(path.path, detail=False))
+        except FileNotFoundError:
+            return []
+    from fsspec.asyn import sync
+
+    entries = sync(fs.loop, fs._lsdir, path.path.rstrip("/"), delimiter="" if recursive else "/")
+    return [entry["name"] for entry in entries if not recursive or entry.get("type") != "directory"]
 
 
 def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:

@@ -461,8 +461,11 @@ def job_model(
         )
         target, size = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
         output = ObjectStoragePath(model_uri.rsplit("/", 1)[0] + "/output.tar.gz", conn_id=lake.conn_id)
-        if output.exists():
+        try:  # one GET: a job without output files has none (no HEAD to ask first)
             copy_verified(output, ObjectStoragePath((scratch / "output.tar.gz").as_uri()), 1 << 20)
+        except FileNotFoundError:
+            pass
+        else:
             upload_tree(artifacts.unpack(scratch / "output.tar.gz", scratch / "output"), run_dir / "output")
         logger.info(
             "Model artifact: %s (%.1f MB) from training job %s (%.0fs)",

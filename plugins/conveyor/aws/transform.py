@@ -138,10 +138,11 @@ def read_answers(path: ObjectStoragePath, class_labels: list[Any] | None) -> pd.
     import pandas as pd
 
     from conveyor.batch.scoring import PROBA_PREFIX
+    from conveyor.lake import read_bytes
 
     records: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()  # one GET
+        lines = read_bytes(path).decode("utf-8").splitlines()  # one GET
     except FileNotFoundError:
         raise BatchInputError(f"{path}: the transform job wrote no output for this input file") from None
     for number, line in enumerate(lines, 1):
@@ -161,20 +162,24 @@ def read_answers(path: ObjectStoragePath, class_labels: list[Any] | None) -> pd.
     return out
 
 
-def load_output(work: ObjectStoragePath, context: dict[str, Any]) -> Iterator[pa.Table]:
+def load_output(
+    work: ObjectStoragePath, context: dict[str, Any], manifest: dict[str, Any] | None = None
+) -> Iterator[pa.Table]:
     """The output rows of a completed transform job, one table per input file, in input order.
 
     :param work: the run's ``_transform`` folder (its manifest says the parts and the model's columns).
     :param context: the run's constant columns for ``batch.scoring.output_table`` (model_name,
         model_version, run_id, scored_at); ``id_column`` is set here.
+    :param manifest: the manifest :func:`prepare_input` returned, when known (else read from ``work``).
     :raises BatchInputError: an output file is missing, unreadable, or has another row count than its input.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from conveyor.batch.scoring import output_table
-    from conveyor.lake import read_json
+    from conveyor.lake import read_bytes, read_json
 
-    manifest = read_json(work / IDS / MANIFEST)
+    manifest = manifest or read_json(work / IDS / MANIFEST)
     model = manifest["model"]
     id_column = model["id_column"]
     labels = model["class_labels"] if model["problem_type"] in ("binary", "multiclass") else None
@@ -187,8 +192,7 @@ def load_output(work: ObjectStoragePath, context: dict[str, Any]) -> Iterator[pa
                 f"{part['rows']} input rows: the output cannot be matched to the input"
             )
         if id_column:
-            with (work / IDS / f"{part['name']}.parquet").open("rb") as handle:
-                frame = pq.read_table(handle).to_pandas()
+            frame = pq.read_table(pa.BufferReader(read_bytes(work / IDS / f"{part['name']}.parquet"))).to_pandas()
         else:
             frame = answers.iloc[:, :0]
         yield output_table(frame, answers, start, {**context, "id_column": id_column})

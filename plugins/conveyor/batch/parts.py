@@ -130,6 +130,8 @@ def write_parts(
     """
     started = time.monotonic()
     target = lake_path(out, conn_id)
+    if _on_store(target) and not _old_output(target):  # one listing: a first run writes in place
+        return _write_in_place(target, tables, manifest, started)
     staging = fresh_staging(target)
     names: list[str] = []
     rows, schema = 0, None
@@ -144,6 +146,55 @@ def write_parts(
         publish(target, staging, names, {**manifest, "rows": rows, "parts": names})
     except BaseException:
         remove(staging, quiet=True)
+        raise
+    return BatchResult(str(target), [str(target / name) for name in names], rows, round(time.monotonic() - started, 3))
+
+
+def _old_output(target: ObjectStoragePath) -> list[str]:
+    """The names of an earlier output (parts, ``_SUCCESS.json``, a staging folder) directly in an output
+    folder on an object store, from one listing; other entries (the SageMaker transform's ``_transform/``)
+    are not output.
+
+    :param target: the run's output folder.
+    """
+    from conveyor.lake import keys_below
+
+    names = [key.rstrip("/").rsplit("/", 1)[-1] for key in keys_below(target, recursive=False)]
+    return [name for name in names if name in (SUCCESS, STAGING) or name.startswith("part-")]
+
+
+def _write_in_place(
+    target: ObjectStoragePath, tables: Iterator[pa.Table], manifest: dict[str, Any], started: float
+) -> BatchResult:
+    """:func:`write_parts` into an empty folder on an object store: each part one PUT in its place, then
+    ``_SUCCESS.json``; no staging, copies or deletes (readers go through ``_SUCCESS.json``, so parts
+    without it are never read). A failure deletes the parts written (nothing is left, as before).
+
+    :param target: the run's output folder (empty).
+    :param tables: the output rows, in input order.
+    :param manifest: ``_SUCCESS.json``'s content besides ``rows`` and ``parts``.
+    :param started: when the write began (``time.monotonic``).
+    """
+    from conveyor.lake import write_json
+
+    names: list[str] = []
+    rows, schema = 0, None
+    try:
+        for table in tables:
+            schema = schema or table.schema
+            names.append(part_name(len(names)))
+            write_part(target, names[-1], table.cast(schema))
+            rows += table.num_rows
+        if rows == 0:
+            raise BatchInputError(f"{target}: no rows to write")
+        write_json(target / SUCCESS, {**manifest, "rows": rows, "parts": names})
+    except BaseException:
+        written = [(target / name).path for name in names]
+        try:
+            if written:
+                target.fs.rm(written)
+        except Exception:
+            log.warning("could not remove the parts written to %s", target, exc_info=True)
         raise
     return BatchResult(str(target), [str(target / name) for name in names], rows, round(time.monotonic() - started, 3))
 

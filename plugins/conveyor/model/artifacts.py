@@ -144,14 +144,12 @@ def archive_sha256(model_uri: str, conn_id: str | None = None) -> str:
     :param conn_id: the Airflow connection of its object store.
     :raises ArchiveMissing: there is no file at that URI.
     """
-    digest = hashlib.sha256()
+    from conveyor.lake import sha256_of
+
     try:
-        with _object_path(model_uri, conn_id).open("rb") as reader:
-            while chunk := reader.read(1 << 20):
-                digest.update(chunk)
+        return sha256_of(_object_path(model_uri, conn_id))[0]  # one GET on an object store
     except FileNotFoundError:
         raise ArchiveMissing(f"no model archive at {model_uri}") from None
-    return digest.hexdigest()
 
 
 def checked_sha256(value: str, what: str) -> str:

@@ -72,9 +72,13 @@ def read_sidecar(model_uri: str, conn_id: str | None = None) -> ModelMetadata:
             return ObjectStoragePath(f"file://{uri}")
         return ObjectStoragePath(uri, conn_id=None if uri.startswith("file://") else conn_id)
 
+    from conveyor.lake import read_json
+
     side = path(sidecar_uri(model_uri))
-    if side.exists():
-        return ModelMetadata.from_dict(json.loads(side.read_text()), str(side))
+    try:
+        return ModelMetadata.from_dict(read_json(side), str(side))  # one GET on an object store
+    except FileNotFoundError:
+        pass
     with path(model_uri).open("rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
         for member in tar:  # metadata.json is packed first: only the first blocks are read
             if member.name == FILENAME:

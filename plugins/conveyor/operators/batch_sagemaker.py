@@ -77,7 +77,9 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                     str(self.model["version"]),
                     run_id,
                 )
-                hook.create_transform_job(request, wait_for_completion=False)
+                # The boto3 call itself: the hook's create_transform_job first checks the input prefix we
+                # have just written (HeadBucket, HEAD, a listing).
+                hook.conn.create_transform_job(**request)
                 self.log.info(
                     "Started transform job %s: %s rows in %s files of %s with %s (%s x %s)",
                     job,
@@ -107,6 +109,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                 region_name=spec.sagemaker.region,
             ),
             method_name="execute_complete",
+            kwargs={"manifest": manifest} if found is None else None,  # what loading needs, not read back
             timeout=timedelta(seconds=timeout + 10 * interval),
         )
 
@@ -159,13 +162,17 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         RegisteredArchive.of({"model_name": spec.name, **self.model}).verify(archive_sha256(uri, lake.conn_id), uri)
 
     @translate_errors
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+    def execute_complete(
+        self, context: Any, event: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None, **_: Any
+    ) -> dict[str, Any]:
         """Load a completed job's answers into the run's Parquet files and the predictions table.
 
-        The job's name derives from the run again (nothing depends on what the deferral carried).
+        The job's name derives from the run again; the input's manifest comes with the deferral (the
+        try that prepared the input), else from ``_transform/ids/_manifest.json``.
 
         :param context: the task context.
         :param event: the trigger's event (``status``: success, failed, stopped, timeout or error).
+        :param manifest: the manifest :meth:`_prepare` wrote, when this try wrote it.
         """
         from conveyor.aws import hosting
         from conveyor.aws.common import aws_errors
@@ -192,7 +199,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             if described["TransformJobStatus"] != "Completed":
                 raise AirflowFailException(self._failure(job, described))
         out = lake.predictions(spec.name, run_id)
-        manifest = read_json(out / WORK / IDS / MANIFEST)
+        manifest = manifest or read_json(out / WORK / IDS / MANIFEST)
         stamp = utc(run_timestamp(context))
         version = str(self.model["version"])
         constants = {"model_name": spec.name, "model_version": version, "run_id": run_id, "scored_at": stamp}
@@ -205,7 +212,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         )
         result = write_parts(
             out,
-            load_output(out / WORK, constants),
+            load_output(out / WORK, constants, manifest),
             {
                 "model": spec.name,
                 "version": version,

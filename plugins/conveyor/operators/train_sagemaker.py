@@ -94,8 +94,8 @@ class SageMakerTrainModelOperator(BaseOperator):
                 return None
             raise
 
-    def _start(self, spec: Any, hook: Any, name: str, context: Any) -> None:
-        """Create the run's training job (its ``sourcedir.tar.gz`` uploaded first)."""
+    def _start(self, spec: Any, hook: Any, name: str, context: Any) -> bool:
+        """Create the run's training job (its ``sourcedir.tar.gz`` uploaded first); False when it existed."""
         from botocore.exceptions import ClientError
 
         from conveyor.aws.common import aws_errors, error_code
@@ -130,6 +130,8 @@ class SageMakerTrainModelOperator(BaseOperator):
             if error_code(exc) != "ResourceInUse":
                 raise
             self.log.info("Training job %s already exists (started by a concurrent try): waiting for it", name)
+            return False
+        return True
 
     # ------------------------------------------------------------------------------ the task
 
@@ -141,13 +143,17 @@ class SageMakerTrainModelOperator(BaseOperator):
         hook = self._hook(spec)
         name = self.job_name(context)
         self._job = (hook, name)
-        description = self._describe(spec, hook, name)
+        # The job's name derives from the run: only a retry can meet an earlier try's job (a concurrent one is
+        # CreateTrainingJob's ResourceInUse), so a first try creates without asking first.
+        first_try = getattr(context.get("ti"), "try_number", None) == 1
+        description = None if first_try else self._describe(spec, hook, name)
         if description is not None:
             self.log.info(
                 "Training job %s of an earlier try is %s: not starting another", name, description["TrainingJobStatus"]
             )
+        elif self._start(spec, hook, name, context):
+            description = {"TrainingJobStatus": "InProgress"}  # just created: nothing to ask SageMaker yet
         else:
-            self._start(spec, hook, name, context)
             description = self._describe(spec, hook, name) or {"TrainingJobStatus": "InProgress"}
         if description["TrainingJobStatus"] in RUNNING:
             description = self._wait(spec, hook, name)

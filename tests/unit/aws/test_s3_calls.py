@@ -124,3 +124,35 @@ def test_the_pending_inference_drop_on_s3_takes_one_listing(s3_lake, s3_calls):
     (root / "b2" / SCORED_MARKER).write_bytes(b"{}")
     s3_lake.path().fs.invalidate_cache()
     assert pending_inference_drop(s3_lake, "churn", "_SUCCESS") is None
+
+
+def test_lake_reads_on_s3_are_one_get_each_and_a_missing_file_one_call(s3_lake, s3_calls, tmp_path):
+    from airflow.sdk import ObjectStoragePath
+
+    from conveyor.lake import copy_verified, keys_below, read_bytes, read_json, remove_tree, sha256_of, write_json
+
+    write_json(s3_lake.path("raw", "churn", "LATEST.json"), {"version": "v-1"})
+    (s3_lake.path("models", "churn", "r1", "model.tar.gz")).write_bytes(b"x" * 3000)
+    s3_lake.path().fs.invalidate_cache()
+    archive = s3_lake.path("models", "churn", "r1", "model.tar.gz")
+    s3_calls.clear()
+    SEQUENCE.clear()
+
+    assert read_json(s3_lake.path("raw", "churn", "LATEST.json")) == {"version": "v-1"}
+    assert read_bytes(archive) == b"x" * 3000
+    local = tmp_path / "copy" / "model.tar.gz"
+    digest, size = copy_verified(archive, ObjectStoragePath(local.as_uri()), 1024)
+    assert (digest, size) == sha256_of(archive) and size == 3000 and local.read_bytes() == b"x" * 3000
+    assert s3_calls == {"s3:GetObject": 4}, SEQUENCE  # no HEAD before a GET (s3fs's open() sends one)
+    assert not list(local.parent.glob(".*"))  # no temporary file left
+
+    s3_calls.clear()
+    with pytest.raises(FileNotFoundError):
+        read_json(s3_lake.path("raw", "churn", "missing.json"))
+    remove_tree(s3_lake.path("predictions", "churn", "nothing-here"))
+    assert keys_below(s3_lake.path("models", "churn"), recursive=False) == [archive.parent.path]
+    assert s3_calls == {"s3:GetObject": 1, "s3:ListObjectsV2": 2}  # one call each: no HEAD, no second listing
+
+    s3_calls.clear()
+    copy_verified(ObjectStoragePath(local.as_uri()), s3_lake.path("models", "churn", "r2", "model.tar.gz"), 1024)
+    assert s3_calls == {"s3:PutObject": 1}

@@ -129,8 +129,8 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
     hook.create_model.assert_called_once()
     model_name = hook.create_model.call_args.args[0]["ModelName"]
     assert model_name == Matches(r"churn-v3-[0-9a-f]{6}")
-    hook.create_transform_job.assert_called_once_with(
-        {
+    hook.conn.create_transform_job.assert_called_once_with(  # boto3's: no check of the input just written
+        **{
             "TransformJobName": Matches(r"churn-batch-[0-9a-f]{12}"),
             "ModelName": model_name,
             "BatchStrategy": "MultiRecord",
@@ -145,9 +145,8 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
             "TransformResources": {"InstanceType": "ml.c5.xlarge", "InstanceCount": 2},
             "Tags": TAGS,
         },
-        wait_for_completion=False,
     )
-    request = hook.create_transform_job.call_args.args[0]
+    request = hook.conn.create_transform_job.call_args.kwargs
     job = request["TransformJobName"]
     classpath, kwargs = event.trigger.serialize()
     assert classpath == "airflow.providers.amazon.aws.triggers.sagemaker.SageMakerTrigger"
@@ -159,7 +158,8 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
         "aws_conn_id": "aws_default",
     }
     assert SageMakerTrigger(**kwargs).serialize() == (classpath, kwargs)
-    assert event.method_name == "execute_complete" and not event.kwargs  # the job's name derives from the run
+    assert event.method_name == "execute_complete"  # the job's name derives from the run
+    assert event.kwargs["manifest"]["rows"] == ROWS  # what loading needs, carried (not read back)
 
     # Three input files of at most 1,000 headerless feature rows.
     inputs = sorted(p.name for p in (lake.predictions("churn", RUN) / "_transform" / "input").iterdir())
@@ -200,7 +200,7 @@ def test_transform_job_request_deferral_and_rows_loaded_once(setup, churn_model)
     hook.describe_transform_job.return_value = {"TransformJobName": job, "TransformJobStatus": "Completed"}
     again = operator(setup).execute(ctx())
     assert again["rows"] == ROWS
-    hook.create_transform_job.assert_called_once()
+    hook.conn.create_transform_job.assert_called_once()
     assert len(table_rows(setup)) == ROWS
     parts = sorted(p.name for p in parquet.iterdir() if p.name.startswith("part-"))
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -212,14 +212,14 @@ def test_a_retry_waits_for_the_job_in_progress(setup):
     hook.describe_transform_job.return_value = {"TransformJobStatus": "InProgress"}
     with pytest.raises(TaskDeferred):
         operator(setup).execute(ctx())
-    hook.create_transform_job.assert_not_called()
+    hook.conn.create_transform_job.assert_not_called()
     hook.create_model.assert_not_called()
 
 
 def test_a_failed_job_fails_the_task_with_its_reason(setup):
     hook = setup["hook"]
     start(setup)
-    job = hook.create_transform_job.call_args.args[0]["TransformJobName"]
+    job = hook.conn.create_transform_job.call_args.kwargs["TransformJobName"]
     hook.describe_transform_job.side_effect = None
     hook.describe_transform_job.return_value = {
         "TransformJobName": job,
@@ -230,14 +230,14 @@ def test_a_failed_job_fails_the_task_with_its_reason(setup):
         operator(setup).execute_complete(ctx(), {"status": "failed", "message": "x"})
     with pytest.raises(AirflowFailException, match="start a new run"):
         operator(setup).execute(ctx())  # the retry finds the failed job: no new one under the same name
-    hook.create_transform_job.assert_called_once()
+    hook.conn.create_transform_job.assert_called_once()
     with setup["engine"].connect() as conn:
         assert not sa.inspect(conn).has_table("churn_predictions")
 
 
 def test_answers_that_do_not_match_the_input_are_refused(setup):
     start(setup)
-    request = setup["hook"].create_transform_job.call_args.args[0]
+    request = setup["hook"].conn.create_transform_job.call_args.kwargs
     written = run_transform_job(request, setup["model"]["model_uri"], setup["s3"])
     bucket = setup["lake"].root.split("/")[2]
     body = setup["s3"].get_object(Bucket=bucket, Key=written[1])["Body"].read()
@@ -258,7 +258,7 @@ def test_a_line_break_in_a_value_is_refused_before_any_job(setup):
     with pytest.raises(AirflowFailException, match="row 6, column 'region' holds a line break") as caught:
         operator(setup).execute(ctx())
     assert isinstance(caught.value.__cause__, BatchInputError)
-    setup["hook"].create_transform_job.assert_not_called()
+    setup["hook"].conn.create_transform_job.assert_not_called()
 
 
 def test_nothing_to_score_skips(setup):
@@ -270,7 +270,7 @@ def test_nothing_to_score_skips(setup):
 def test_an_expired_credential_is_a_clear_retryable_error(setup):
     from conveyor.aws.common import AwsCredentialsExpired
 
-    setup["hook"].create_transform_job.side_effect = ClientError(
+    setup["hook"].conn.create_transform_job.side_effect = ClientError(
         {
             "Error": {
                 "Code": "ExpiredTokenException",
@@ -296,7 +296,7 @@ def test_an_input_outside_the_lake_fails_before_any_job_or_file(setup):
     ):
         with pytest.raises(AirflowFailException, match=f"^Param 'input': .* is refused: .*{rule}"):
             operator(setup, input_uri=given).execute(ctx())
-    setup["hook"].create_transform_job.assert_not_called()
+    setup["hook"].conn.create_transform_job.assert_not_called()
     assert not (lake.predictions("churn", RUN) / "_transform").exists()
     inside = lake.uri("landing", "churn", "inference", "d-1")
     with pytest.raises(TaskDeferred):
@@ -308,4 +308,4 @@ def test_an_archive_whose_sha256_differs_from_the_registry_is_refused_before_any
     with pytest.raises(AirflowFailException, match="sha256"):
         operator(setup).execute(ctx())
     setup["hook"].create_model.assert_not_called()
-    setup["hook"].create_transform_job.assert_not_called()
+    setup["hook"].conn.create_transform_job.assert_not_called()
