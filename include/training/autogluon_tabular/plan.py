@@ -33,7 +33,13 @@ How it decides, in four rules a person can check by hand:
    threads), and every estimate is divided by that share (``core_share_percent``), so the plan
    shrinks instead of overrunning the budget. Each model also costs ``MODEL_SECONDS`` whatever its
    size (its library's import, preprocessing, saving), paid out of its share (LightGBM's is the fit's own).
-7. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
+7. **Cheap models**: a linear model (``LR``: logistic / linear regression) and k-nearest neighbours
+   (``KNN``) win where trees do not (linear signals, pixels: scikit-learn's logistic regression beat
+   LightGBM on the 8x8 digits); they have no size, cost little on a small table, and are fitted right
+   after LightGBM with ``CHEAP_SHARE`` of the fit each (a limit of up to three times that if their estimate
+   needs it), when the table is at most ``CHEAP_CELLS[model]``
+   rows x columns (KNN also at most ``KNN_ROWS`` rows: it predicts by comparing with every row).
+8. **Left out**: a model whose smallest useful size (``MIN_SIZE``) does not fit its share or the
    forest cap, and
    CatBoost / XGBoost on more than ``MAX_CLASSES_SLOW`` classes (their multiclass fit grows
    deep trees per class and ate whole budgets), and any model type the user excluded.
@@ -71,6 +77,13 @@ FIT_SHARE = 0.8  # share of the time budget given to AutoGluon's fit (less what 
 MIN_FIT_SHARE = 0.4  # the fit's share whatever start-up spent
 REFIT_SHARE = 0.6  # share of the fit budget when the best model is refit on train + validation afterwards
 PRIORITY_TOP = 100
+CHEAP = ("LR", "KNN")
+CHEAP_NAMES = {"LR": "LinearModel", "KNN": "KNeighbors"}
+CHEAP_SHARE = 0.05  # of the fit, each
+CHEAP_CELLS = {"LR": 20_000_000, "KNN": 2_000_000}  # rows x columns at most
+KNN_ROWS = 50_000
+CHEAP_COST = {"LR": 5.0e-7, "KNN": 1.0e-7}  # core-seconds per row x column (x class for LR) to fit
+KNN_PREDICT_COST = 2.0e-9  # core-seconds per scored row x training row x column
 FORESTS = ("XT", "RF")
 FOREST_LEAVES = 4000  # max_leaf_nodes of each forest tree
 FOREST_VALUES = 5_000_000  # leaf values a forest may hold (8 bytes each: about 40 MB)
@@ -150,7 +163,7 @@ class Plan:
             f"{shape['scored_rows']} validation rows scored"
         )
         kept = [
-            f"  {i + 1}. {m.key} ({m.name}) {SIZE_PARAM[m.key]}={m.size}: ~{m.estimated_seconds:.1f}s, "
+            f"  {i + 1}. {m.key} ({m.name}) {SIZE_PARAM.get(m.key, 'models')}={m.size}: ~{m.estimated_seconds:.1f}s, "
             f"limit {m.max_time_limit:.1f}s, scoring ~{m.scoring_seconds:.1f}s; {m.reason}"
             for i, m in enumerate(self.models)
         ]
@@ -314,9 +327,11 @@ def plan_models(
     shape["scored_rows"] = int(scored_rows) if scored_rows is not None else max(1, round(rows * VALIDATION_SHARE))
     fit_limit = max(budget * FIT_SHARE - spent, budget * MIN_FIT_SHARE) * (REFIT_SHARE if refit_full else 1.0)
     keys, left_out = _candidates(shape, set(excluded))
+    cheap = _cheap_models(shape, set(excluded), fit_limit, left_out)
+    trees_limit, fit_limit = fit_limit * (1 - CHEAP_SHARE * len(cheap)), fit_limit
     while keys:
         total = sum(WEIGHT[k] for k in keys)
-        shares = {k: fit_limit * WEIGHT[k] / total for k in keys}
+        shares = {k: trees_limit * WEIGHT[k] / total for k in keys}
         scoring = {k: budget * SCORING_SHARE * WEIGHT[k] / total for k in keys}
         too_big = [k for k in keys if _size_for(k, shares[k], shape, scoring[k]) < MIN_SIZE[k]]
         if not too_big:
@@ -337,10 +352,41 @@ def plan_models(
             )
         keys.remove(key)
     if not keys:  # even one small LightGBM does not fit: fit it anyway with what there is, it stops on time
-        keys, shares, scoring = ["GBM"], {"GBM": fit_limit}, {"GBM": budget * SCORING_SHARE}
+        keys, shares, scoring = ["GBM"], {"GBM": trees_limit}, {"GBM": budget * SCORING_SHARE}
         left_out.pop("GBM", None)
     models = [_planned(key, shares[key], scoring[key], shape) for key in keys]
+    models[1:1] = cheap  # right after the first (LightGBM)
     return Plan(budget=float(budget), fit_time_limit=round(fit_limit, 1), shape=shape, models=models, left_out=left_out)
+
+
+def _cheap_models(
+    shape: dict[str, int], excluded: set[str], fit_limit: float, left_out: dict[str, str]
+) -> list[PlannedModel]:
+    """The cheap models kept (rule 7); those the table is too big for go to ``left_out``."""
+    rows, columns, classes = shape["rows"], shape["columns"], max(shape["classes"], 1)
+    cores, kept = effective_cores(shape), []
+    for key in CHEAP:
+        if key in excluded:
+            left_out[key] = "excluded by --excluded-model-types"
+        elif rows * columns > CHEAP_CELLS[key] or (key == "KNN" and rows > KNN_ROWS):
+            left_out[key] = f"{rows:,} rows x {columns} columns: too big for a cheap model"
+        else:
+            fit = CHEAP_COST[key] * rows * columns * (classes if key == "LR" else 1) / max(cores, 0.01) * SAFETY
+            scoring = KNN_PREDICT_COST * rows * columns * 2 * shape["scored_rows"] if key == "KNN" else 0.0
+            why = "linear signals" if key == "LR" else "neighbours in feature space (e.g. pixels)"
+            kept.append(
+                PlannedModel(
+                    key=key,
+                    name=CHEAP_NAMES[key],
+                    size=1,
+                    params={},
+                    estimated_seconds=round(fit, 2),
+                    max_time_limit=round(min(fit_limit * 3 * CHEAP_SHARE, max(fit_limit * CHEAP_SHARE, fit)), 1),
+                    reason=f"cheap on {rows:,} rows x {columns} columns: {why}",
+                    scoring_seconds=round(scoring * SAFETY / shape["cores"], 2),
+                )
+            )
+    return kept
 
 
 def _planned(key: str, share: float, scoring: float, shape: dict[str, int]) -> PlannedModel:
