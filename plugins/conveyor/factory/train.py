@@ -70,6 +70,18 @@ def _xcom(task_id: str) -> str:
     return f"{{{{ ti.xcom_pull(task_ids='{task_id}') }}}}"
 
 
+def _tuning_doc(spec: PipelineSpec) -> str:
+    """The train task's tuning line of the DAG's doc (empty without ``tuning:``)."""
+    tuning = spec.tuning
+    if tuning is None:
+        return ""
+    how = "a SageMaker hyperparameter tuning job" if spec.compute == "sagemaker" else "Optuna trials"
+    return (
+        f"\n   Tuned first: {tuning.trials} trials ({how}, {tuning.parallel} at a time) of "
+        f"{', '.join(tuning.search_space)}, {tuning.goal} validation `{tuning.metric}`; the best trial's model goes on."
+    )
+
+
 def train_doc(spec: PipelineSpec) -> str:
     """The train DAG's ``doc_md``: when it runs and what each task does, for this spec.
 
@@ -84,7 +96,7 @@ Runs on new validated data (the `{spec.name}.dataset` Asset), on its retrain sch
    `models/{spec.name}/<run>/split/`.
 2. **train** — `include/training/` script in SageMaker script mode, {
         "as a SageMaker training job" if spec.compute == "sagemaker" else "as a child process"
-    }; writes `models/{spec.name}/<run>/model.tar.gz`.
+    }; writes `models/{spec.name}/<run>/model.tar.gz`.{_tuning_doc(spec)}
 3. **evaluate** — test-set metrics and plots: `reports/{spec.name}/<run>/evaluation/index.html`.
 4. **gate** — thresholds {dict(spec.gate.thresholds)} and a gain of at least {spec.gate.min_improvement}
    in `{spec.gate.metric}` over the champion, both scored on this test set:
@@ -159,7 +171,7 @@ def _tune_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
             execution_timeout=timedelta(seconds=waves * wait_limit_seconds(spec) + 1800),
         )
     from conveyor.operators.train import TrainModelOperator
-    from conveyor.training.tuning import START_CUTOFF
+    from conveyor.training.tuning import start_cutoff
 
     trial = spec.tuning.trial_seconds(budget)
     return TrainModelOperator(
@@ -168,8 +180,8 @@ def _tune_task(spec: PipelineSpec, spec_json: str) -> BaseOperator:
         split=_xcom("split"),
         time_limit="{{ params.time_limit }}",
         presets="{{ params.get('presets') }}",
-        # no trial starts after START_CUTOFF budgets; the last ones may take their own limit (1.5 x + 300 s)
-        execution_timeout=timedelta(seconds=int(budget * START_CUTOFF + trial * 1.5 + 300) + 900),
+        # no trial starts after the cut-off; the last ones may take their own limit (1.5 x + 300 s)
+        execution_timeout=timedelta(seconds=int(start_cutoff(spec.tuning, budget) + trial * 1.5 + 300) + 900),
         **({"queue": settings.gpu_queue()} if spec.trainer.gpu else {}),
     )
 

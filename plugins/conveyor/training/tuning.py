@@ -6,8 +6,9 @@ hyperparameters drawn by Optuna from ``tuning.search_space`` and its share of th
 child process each). A trial's value is the metric its model scored on the validation channel
 (``metadata.json``'s ``validation_score``, in the metric's own sign). A trial that fails (the
 script exits non-zero, times out, or writes no valid model) is recorded as failed and the search
-goes on; the step fails only when every trial failed. No trial starts once 1.25 x the budget has
-passed (the rest are recorded as not run).
+goes on; the step fails only when every trial failed. No trial starts once 1.25 x the budget plus
+a start-up allowance per wave of trials (:func:`start_cutoff`) has passed: the rest are recorded as
+not run.
 
 Every trial is a child MLflow run (``mlflow.parentRunId``) of the Airflow run's MLflow run (the one
 the gate and the registry log to): its parameters, metric, duration and status. The best trial's
@@ -34,10 +35,12 @@ from conveyor.training.tuning_spec import LOWER_IS_BETTER, flag_name
 if TYPE_CHECKING:
     from conveyor.lake import Lake
     from conveyor.spec import PipelineSpec
+    from conveyor.training.tuning_spec import TuningSpec
 
 log = logging.getLogger(__name__)
 
-START_CUTOFF = 1.25  # no trial starts after this many budgets have passed
+START_CUTOFF = 1.25  # no trial starts after this many budgets (plus STARTUP_ALLOWANCE a wave) have passed
+STARTUP_ALLOWANCE = 60  # seconds a trial may spend outside its fit (a fresh interpreter, imports, packing)
 TRIAL_TAG = "conveyor_trial_of"  # a trial's MLflow tag: the Airflow run it belongs to (never RUN_TAG)
 
 
@@ -115,6 +118,19 @@ def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
         else:
             values[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return values
+
+
+def start_cutoff(tuning: TuningSpec, budget: int) -> float:
+    """Seconds into the search after which no trial starts: 1.25 budgets and a start-up allowance a wave.
+
+    Each trial pays a fresh interpreter and the trainer's imports before it fits (tens of seconds on a
+    loaded machine), which its share of the budget does not count.
+
+    :param tuning: the search.
+    :param budget: seconds for all trials.
+    """
+    waves = -(-tuning.trials // tuning.parallel)
+    return budget * START_CUTOFF + waves * STARTUP_ALLOWANCE
 
 
 class _TrialLog:
@@ -228,7 +244,7 @@ class LocalTuning:
             objective,
             n_trials=tuning.trials,
             n_jobs=tuning.parallel,
-            timeout=budget * START_CUTOFF,
+            timeout=start_cutoff(tuning, budget),
             catch=(TuningFailed,),
         )
         ran = {t.number for t in self.trials}

@@ -202,8 +202,28 @@ def test_tune_locally_publishes_the_best_trials_model(tmp_path, stand_in, lake, 
 def test_no_trial_starts_after_the_cutoff(tmp_path, stand_in, monkeypatch):
     spec = shapes_spec(trials=3, parallel=1, budget=30)
     monkeypatch.setattr(tuning, "START_CUTOFF", 0.0)  # the budget is spent before the first trial
+    monkeypatch.setattr(tuning, "STARTUP_ALLOWANCE", 0)
     search = LocalTuning(spec)
     trials = search.search(job_maker(spec, stand_in, tmp_path), 30)
     assert [t.status for t in trials] == ["not run"] * 3
     with pytest.raises(TuningFailed, match="trial 0: not run; trial 1: not run; trial 2: not run"):
         search.best()
+
+
+def test_the_train_dag_of_a_tuned_pipeline_runs_the_search_in_its_train_task():
+    from datetime import timedelta
+
+    from conveyor.factory.train import train_dag
+    from conveyor.operators.train import TrainModelOperator
+    from conveyor.operators.tune_sagemaker import SageMakerTuneModelOperator
+
+    spec = shapes_spec(trials=4, parallel=2, budget=40)
+    task = train_dag(spec).get_task("train")
+    assert isinstance(task, TrainModelOperator)
+    assert task.execution_timeout == timedelta(seconds=int(40 * 1.25 + 2 * 60 + 20 * 1.5 + 300) + 900)
+    document = spec.model_dump(mode="json")
+    document.update(compute="sagemaker", sagemaker={**document["sagemaker"], "role_arn": "arn:aws:iam::1:role/r"})
+    task = train_dag(PipelineSpec.model_validate(document)).get_task("train")
+    assert isinstance(task, SageMakerTuneModelOperator) and task.deferrable
+    assert task.aws_conn_id == "aws_default" and task.check_interval == 30
+    assert task.execution_timeout == timedelta(seconds=2 * 3600 + 1800)  # 2 waves of max_run_seconds
