@@ -61,11 +61,12 @@ def suite_spec(data: Any, time_limit: int) -> Any:
 
 
 def image_spec(time_limit: int) -> Any:
-    """The shapes pipeline (the project's image pipeline and its trainer defaults) with this budget."""
+    """The shapes pipeline (the project's image pipeline) with this budget and no hyperparameters: what a
+    new user's file for these images would hold; the trainer plans epochs, size and augmentation."""
     from conveyor.spec import PipelineSpec, get_spec
 
     document = get_spec(IMAGE_PIPELINE).model_dump(mode="json")
-    document["trainer"] |= {"time_limit": time_limit}
+    document["trainer"] |= {"time_limit": time_limit, "hyperparameters": {}}  # the trainer plans the rest
     document["gate"] |= {"metric": "accuracy", "thresholds": {}}
     return PipelineSpec.model_validate(document)
 
@@ -200,7 +201,7 @@ def image_case(limit: int) -> dict[str, Any]:
 
         spec = image_spec(limit)
         lake = Lake.from_env()
-        folder = Path(str(lake.raw(IMAGE_PIPELINE, "bench") / "data"))
+        folder = Path((lake.raw(IMAGE_PIPELINE, "bench") / "data").path)  # a local lake: its folder
         frame, pixels = quality_data.digit_images(folder)
         record = write_split(lake, spec, "bench", RUN_ID, frame)
         split = split_frame(frame[frame["decodes"]].reset_index(drop=True), spec, "bench")
