@@ -196,6 +196,17 @@ def read_json(path: ObjectStoragePath) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))
 
 
+def read_json_if_exists(path: ObjectStoragePath) -> Any | None:
+    """Read a JSON document from the lake, or None when there is none (one GET: no existence check first).
+
+    :param path: the document.
+    """
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+
+
 def write_json(path: ObjectStoragePath, document: Any) -> None:
     """Write a JSON document to the lake at once (:func:`write_atomic`: a reader sees the old or the new one).
 

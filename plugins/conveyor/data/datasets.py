@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from conveyor import settings
 from conveyor.errors import DropRejected, TransientError
-from conveyor.lake import Lake, copy_verified, read_json, write_json
+from conveyor.lake import Lake, copy_verified, read_json_if_exists, write_json
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -297,8 +297,7 @@ def load_manifest(lake: Lake, pipeline: str, version: str) -> dict[str, Any] | N
     :param pipeline: the pipeline's name.
     :param version: the dataset version.
     """
-    path = lake.raw(pipeline, version) / MANIFEST
-    return read_json(path) if path.exists() else None
+    return read_json_if_exists(lake.raw(pipeline, version) / MANIFEST)
 
 
 def is_validated(lake: Lake, pipeline: str, version: str) -> bool:
@@ -317,8 +316,8 @@ def latest_version(lake: Lake, pipeline: str) -> str | None:
     :param lake: the lake.
     :param pipeline: the pipeline's name.
     """
-    path = lake.raw(pipeline) / LATEST
-    return read_json(path)["version"] if path.exists() else None
+    latest = read_json_if_exists(lake.raw(pipeline) / LATEST)
+    return latest["version"] if latest is not None else None
 
 
 def read_table(lake: Lake, manifest: dict[str, Any], spec: PipelineSpec, columns: list[str] | None = None) -> Any:

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import ConveyorError
-from conveyor.lake import Lake, write_json
+from conveyor.lake import Lake, make_folder, write_json
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
@@ -133,7 +133,7 @@ def write_split(lake: Lake, spec: PipelineSpec, version: str, run_id: str, frame
         buffer = io.BytesIO()
         part.to_parquet(buffer, index=False)
         target = root / name / "data.parquet"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(target.parent)  # nothing on an object store (s3fs's mkdir is a HeadBucket)
         target.write_bytes(buffer.getvalue())
     summary = describe(parts, spec)
     record: dict[str, Any] = {

@@ -156,3 +156,16 @@ def test_lake_reads_on_s3_are_one_get_each_and_a_missing_file_one_call(s3_lake, 
     s3_calls.clear()
     copy_verified(ObjectStoragePath(local.as_uri()), s3_lake.path("models", "churn", "r2", "model.tar.gz"), 1024)
     assert s3_calls == {"s3:PutObject": 1}
+
+
+def test_dataset_pointers_on_s3_are_one_get_each_found_or_not(s3_lake, s3_calls):
+    from conveyor.data.datasets import latest_version, load_manifest
+    from conveyor.lake import write_json
+
+    write_json(s3_lake.raw("churn") / "LATEST.json", {"version": "v-0123456789abcdef0123"})
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+
+    assert latest_version(s3_lake, "churn") == "v-0123456789abcdef0123"
+    assert latest_version(s3_lake, "other") is None and load_manifest(s3_lake, "churn", "v-00000000") is None
+    assert s3_calls == {"s3:GetObject": 3}  # no exists() (a HEAD, and a listing when missing) before a read
