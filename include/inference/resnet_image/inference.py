@@ -4,7 +4,8 @@ Packed as ``code/inference.py`` in ``model.tar.gz`` next to ``model.pt`` and ``m
 (written by ``include/training/resnet_image/train.py``). The SageMaker PyTorch containers,
 Conveyor's model server and the local batch transform all call the same four handlers:
 
-- :func:`model_fn` rebuilds the architecture for the artifact's classes, loads ``model.pt`` on
+- :func:`model_fn` rebuilds the architecture for the artifact's classes (its depth, stem and width:
+  ``metadata.json``'s ``arch`` and ``hyperparameters``), loads ``model.pt`` on
   the GPU when there is one (else the CPU), in eval mode, and remembers the model so
   :func:`input_fn` (whose SageMaker signature has no model argument) can preprocess with its
   settings; a server holding several models calls :func:`parse_request` instead.
@@ -49,7 +50,9 @@ import torch
 import torchvision
 from conveyor_metadata import ModelMetadata
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
 from torchvision import transforms
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,9 @@ ANY_IMAGE = "application/x-image"
 IMAGE_TYPES = (JPEG, PNG, ANY_IMAGE)
 PROBA_PREFIX = "proba_"
 BATCH_SIZE = 32
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
+LAYOUTS = {"resnet10": (BasicBlock, [1, 1, 1, 1]), "resnet18": (BasicBlock, [2, 2, 2, 2])}
+LAYOUTS |= {"resnet34": (BasicBlock, [3, 4, 6, 3]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 INTERPOLATION = {
     "bilinear": transforms.InterpolationMode.BILINEAR,
     "bicubic": transforms.InterpolationMode.BICUBIC,
@@ -185,13 +190,44 @@ def model_fn(model_dir: str) -> ImageModel:
     if not metadata.class_labels or not metadata.preprocessing:
         raise ValueError("metadata.json: an image model needs class_labels and preprocessing")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = getattr(torchvision.models, arch)(weights=None, num_classes=len(metadata.class_labels))
+    hyperparameters = metadata.hyperparameters or {}
+    stem, width = hyperparameters.get("stem") or "imagenet", int(hyperparameters.get("width") or 64)
+    if stem not in ("imagenet", "small"):
+        raise ValueError(f"metadata.json: hyperparameters stem {stem!r} is not one of imagenet, small")
+    network = build_network(arch, len(metadata.class_labels), stem, width)
     network.load_state_dict(torch.load(root / "model.pt", map_location="cpu", weights_only=True))
     network.to(device).eval()
     model = ImageModel(network=network, metadata=metadata, device=device)
     _warm_up(model)
     _loaded = model
     return model
+
+
+def build_network(arch: str, num_classes: int, stem: str = "imagenet", width: int = 64) -> nn.Module:
+    """The trainer's network, untrained: torchvision's ResNet, or with the small-input stem (3x3
+    convolution, stride 1, no max-pool) and another first-stage width (as the trainer's ``network.py``).
+
+    :param arch: resnet10, resnet18, resnet34 or resnet50.
+    :param num_classes: the number of classes.
+    :param stem: ``imagenet`` or ``small``.
+    :param width: channels of the first stage.
+    """
+    if stem == "imagenet" and width == 64 and arch != "resnet10":
+        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    block, layers = LAYOUTS[arch]
+    network = ResNet(block, layers, num_classes=num_classes)
+    network.inplanes = width
+    small = stem == "small"
+    network.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if small else nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    network.bn1 = nn.BatchNorm2d(width)
+    if small:
+        network.maxpool = nn.Identity()
+    for index, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        setattr(
+            network, name, network._make_layer(block, width * 2**index, layers[index], stride=1 if index == 0 else 2)
+        )
+    network.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+    return network
 
 
 def input_fn(request_body: str | bytes, request_content_type: str | None) -> torch.Tensor:

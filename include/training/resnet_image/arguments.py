@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from data import MANIFEST
-from network import ARCHS
-from recipe import DEFAULT_LR
+from network import ARCHS, STEMS
 from utils import METRICS, boolean, number_type, resume_option
 
 
@@ -64,7 +63,25 @@ def add_paths(parser: argparse.ArgumentParser, env: Any) -> None:
 def add_model(parser: argparse.ArgumentParser) -> None:
     """The architecture, pretrained weights and image size."""
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", choices=ARCHS, default="resnet18", help="torchvision architecture")
+    model.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="ResNet depth; planned if unset: resnet10 for small inputs and under 5,000 images, else resnet18",
+    )
+    model.add_argument(
+        "--stem",
+        choices=("auto", *STEMS),
+        default="auto",
+        help="first layers: imagenet (7x7 stride-2 conv and max-pool) or small (3x3 stride-1 conv, no max-pool); "
+        "auto: small when --image-size is 64 or less and no pretrained weights",
+    )
+    model.add_argument(
+        "--width",
+        type=number_type(int, 4),
+        default=None,
+        help="channels of the first stage (64 is torchvision's); planned if unset: 64, or 16-32 for small inputs",
+    )
     model.add_argument(
         "--pretrained-weights",
         default=None,
@@ -75,32 +92,61 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--image-size",
         type=number_type(int, 32),
-        default=224,
-        help="training crop and evaluation crop in pixels (evaluation resizes to size*256/224 first)",
+        default=None,
+        help="training crop and evaluation crop in pixels (large inputs: evaluation resizes to size*256/224 "
+        "first); planned if unset: the images' own size when it is 64 px or less, else 224",
     )
 
 
 def add_optimisation(parser: argparse.ArgumentParser) -> None:
     """Epochs, batch, optimizer, LR schedule, loss, early stopping, budget."""
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=number_type(int, 1), default=15, help="epochs to train at most")
-    optim.add_argument("--batch-size", type=number_type(int, 1), default=32, help="images per batch and process")
+    optim.add_argument(
+        "--epochs",
+        type=number_type(int, 1),
+        default=None,
+        help="epochs to train at most; planned if unset: as many as the time limit holds (probed)",
+    )
+    optim.add_argument(
+        "--batch-size",
+        type=number_type(int, 1),
+        default=None,
+        help="images per batch and process; planned if unset: 32, or about 1/30 of the images (16-128) "
+        "for small inputs",
+    )
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="optimizer")
     optim.add_argument(
         "--lr",
         type=number_type(float, 0, low_open=True),
         default=None,
-        help=f"learning rate; {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adamw']} for adamw if unset",
+        help="learning rate; planned if unset: 0.01 for sgd, 0.001 for adamw (small inputs: 0.1, 0.002)",
     )
     optim.add_argument("--momentum", type=number_type(float, 0, 1, high_open=True), default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=number_type(float, 0), default=1e-4, help="weight decay")
+    flag(optim, "--nesterov", "Nesterov momentum (SGD); planned if unset: on for small inputs", None)
+    optim.add_argument(
+        "--weight-decay",
+        type=number_type(float, 0),
+        default=None,
+        help="weight decay; planned if unset: 1e-4, or 5e-4 for small inputs",
+    )
+    optim.add_argument(
+        "--norm-weight-decay",
+        type=number_type(float, 0),
+        default=None,
+        help="weight decay of BatchNorm weights and biases; planned if unset: --weight-decay, or 0 for small inputs",
+    )
     optim.add_argument("--lr-scheduler", choices=("cosine", "step"), default="cosine", help="LR schedule after warm-up")
-    optim.add_argument("--lr-warmup-epochs", type=number_type(int, 0), default=0, help="epochs of linear LR warm-up")
+    optim.add_argument(
+        "--lr-warmup-epochs",
+        type=number_type(int, 0),
+        default=None,
+        help="epochs of linear LR warm-up; planned if unset: 1 when there are 5 epochs or more, else 0",
+    )
     optim.add_argument(
         "--lr-warmup-decay",
         type=number_type(float, 0, 1, low_open=True),
-        default=0.01,
-        help="LR multiplier at the start of warm-up",
+        default=None,
+        help="LR multiplier at the start of warm-up; planned if unset: 0.01, or 0.1 for small inputs",
     )
     optim.add_argument("--lr-step-size", type=number_type(int, 1), default=10, help="epochs between LR steps (step)")
     optim.add_argument(
@@ -112,8 +158,22 @@ def add_optimisation(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--label-smoothing",
         type=number_type(float, 0, 1, high_open=True),
-        default=0.0,
-        help="label smoothing of the training loss",
+        default=None,
+        help="label smoothing of the training loss; planned if unset: 0.1 from scratch, 0 with pretrained weights",
+    )
+    optim.add_argument(
+        "--augment",
+        choices=("auto", "light", "strong"),
+        default="auto",
+        help="training augmentation: light (random crop; small inputs: padded crop) or strong (wider crops; small "
+        "inputs: plus a small rotation and scale); auto: strong for 15+ epochs and under 1,000 images per class",
+    )
+    optim.add_argument(
+        "--flip",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="random horizontal flips; auto: on, unless mirrored small images stop looking like their class "
+        "(digits, text)",
     )
     optim.add_argument(
         "--balance",
@@ -124,8 +184,9 @@ def add_optimisation(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--early-stopping-patience",
         type=number_type(int, 0),
-        default=5,
-        help="stop after this many epochs without a better validation score (0: never)",
+        default=None,
+        help="stop after this many epochs without a better validation score (0: never); planned if unset: "
+        "5, or 0 when the epochs are planned from the time limit",
     )
     optim.add_argument(
         "--gate-metric",
@@ -150,7 +211,24 @@ def add_optimisation(parser: argparse.ArgumentParser) -> None:
 def add_runtime(parser: argparse.ArgumentParser) -> None:
     """Workers, seed, precision, memory format, compile, resume, progress."""
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--workers", type=number_type(int, 0), default=2, help="DataLoader worker processes")
+    runtime.add_argument(
+        "--workers",
+        type=number_type(int, 0),
+        default=None,
+        help="DataLoader worker processes; planned if unset: 2, or 0 for small inputs on the CPU",
+    )
+    runtime.add_argument(
+        "--threads",
+        type=number_type(int, 1),
+        default=None,
+        help="CPU intra-op threads; planned if unset on the CPU: 1 when the machine is busy, else torch's default",
+    )
+    flag(
+        runtime,
+        "--sync-bn",
+        "SyncBatchNorm under DDP on CUDA; planned if unset: on when a process's batch is under 16 images",
+        None,
+    )
     runtime.add_argument("--seed", type=int, default=0, help="random seed")
     flag(runtime, "--deterministic", "deterministic algorithms (torch.use_deterministic_algorithms, cudnn flags)")
     runtime.add_argument(

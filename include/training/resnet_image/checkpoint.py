@@ -74,9 +74,11 @@ def _mismatch(checkpoint: Any, args: argparse.Namespace, class_to_idx: dict[str,
     if checkpoint.get("class_to_idx") != class_to_idx:
         return f"it was trained on other classes ({sorted(checkpoint.get('class_to_idx') or {})})"
     saved = checkpoint.get("args", {})
-    for key in ("arch", "optimizer", "freeze_backbone", "balance"):
-        if saved.get(key) != getattr(args, key):
-            return f"it was trained with --{key.replace('_', '-')} {saved.get(key)}, not {getattr(args, key)}"
+    before = {"stem": "imagenet", "width": 64}  # what checkpoints written before these options had
+    for key in ("arch", "stem", "width", "optimizer", "freeze_backbone", "balance"):
+        if saved.get(key, before.get(key)) != getattr(args, key):
+            value = saved.get(key, before.get(key))
+            return f"it was trained with --{key.replace('_', '-')} {value}, not {getattr(args, key)}"
     return None
 
 

@@ -1,5 +1,6 @@
-"""The network of the ResNet trainer: a torchvision ResNet, pretrained weights from a local file
-(never downloaded), a frozen backbone, the optimizer and the learning-rate schedule.
+"""The network of the ResNet trainer: a torchvision ResNet (or, for small inputs, the same ResNet with a
+small-input stem and a narrower width), pretrained weights from a local file (never downloaded), a
+frozen backbone, the optimizer and the learning-rate schedule.
 
 A sibling of ``train.py``, imported as a plain module; it imports nothing from Airflow or Conveyor.
 """
@@ -16,9 +17,19 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from utils import TrainingInputError, log
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
+STEMS = ("imagenet", "small")
+IMAGENET_WIDTH = 64  # torchvision's first-stage width (what pretrained weights have)
+# block and blocks per stage of each architecture (resnet10: one BasicBlock per stage, not in torchvision)
+LAYOUTS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet10": (BasicBlock, [1, 1, 1, 1]),
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
 WEIGHT_NAME = re.compile(r"(resnet\d+(_weights)?\.)?(imagenet1k_v\d+|default)|resnet\d+", re.IGNORECASE)
 # resnet variants by (bottleneck blocks?, blocks per stage), to name what a weights file holds.
 KNOWN_ARCHS = {
@@ -30,13 +41,55 @@ KNOWN_ARCHS = {
 }
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision ResNet with ``num_classes`` outputs (never downloads weights).
+def build_model(arch: str, num_classes: int, stem: str = "imagenet", width: int = IMAGENET_WIDTH) -> nn.Module:
+    """A randomly initialised ResNet with ``num_classes`` outputs (never downloads weights).
 
-    :param arch: resnet18, resnet34 or resnet50.
+    With the ImageNet stem and width 64 it is torchvision's model itself. The small-input stem (for
+    images of 64 px or less) is a 3x3 convolution with stride 1 and no max-pool, so a 32-px image
+    reaches the last stage at 4x4 instead of 1x1; ``width`` is the first stage's channels (the
+    stages have 1x, 2x, 4x and 8x). The state_dict keys are torchvision's either way.
+
+    :param arch: resnet10, resnet18, resnet34 or resnet50.
     :param num_classes: the number of classes.
+    :param stem: ``imagenet`` (7x7 stride-2 convolution, max-pool) or ``small``.
+    :param width: channels of the first stage.
     """
-    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if stem == "imagenet" and width == IMAGENET_WIDTH and arch != "resnet10":
+        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    block, layers = LAYOUTS[arch]
+    small = stem == "small"
+    model = ResNet(block, layers, num_classes=num_classes, zero_init_residual=small)
+    if small or width != IMAGENET_WIDTH:
+        model.inplanes = width
+        model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if small else nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        model.bn1 = nn.BatchNorm2d(width)
+        if small:
+            model.maxpool = nn.Identity()
+        for index, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+            stage = model._make_layer(block, width * 2**index, layers[index], stride=1 if index == 0 else 2)
+            setattr(model, name, stage)
+        model.fc = nn.Linear(width * 8 * getattr(block, "expansion", 1), num_classes)
+        _initialise(model, zero_residual=small)
+    return model
+
+
+def _initialise(model: nn.Module, zero_residual: bool) -> None:
+    """torchvision's ResNet initialisation, for layers replaced after construction.
+
+    :param model: the model.
+    :param zero_residual: whether each residual branch's last BatchNorm starts at zero.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
+    if zero_residual:
+        for module in model.modules():
+            last = getattr(module, "bn3", None) if isinstance(module, Bottleneck) else getattr(module, "bn2", None)
+            if isinstance(module, (BasicBlock, Bottleneck)) and last is not None:
+                nn.init.constant_(last.weight, 0)
 
 
 def resolve_weights(value: str) -> Path:
@@ -191,26 +244,43 @@ def freeze_backbone(model: nn.Module) -> None:
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the trainable parameters.
+    """SGD (momentum, Nesterov with ``--nesterov``) or AdamW over the trainable parameters.
+
+    ``--norm-weight-decay`` (when set) is the weight decay of BatchNorm weights and of biases, as in
+    torchvision's reference recipe; otherwise every parameter gets ``--weight-decay``.
 
     :param model: the model (frozen parameters are left out).
     :param args: the parsed command line.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    norm_decay = getattr(args, "norm_weight_decay", None)
+    groups: list[dict[str, Any]] = [{"params": [p for _, p in trainable]}]
+    if norm_decay is not None and norm_decay != args.weight_decay:
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim > 1]},
+            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": norm_decay},
+        ]
+        groups = [group for group in groups if group["params"]]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.SGD(
+            groups,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            nesterov=bool(getattr(args, "nesterov", False)) and args.momentum > 0,
+        )
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def lr_factor(epoch: int, args: argparse.Namespace) -> float:
-    """The LR multiplier of a 0-based epoch: linear warm-up, then cosine to 0 or steps.
+def lr_factor(epoch: float, args: argparse.Namespace) -> float:
+    """The LR multiplier at a 0-based epoch (a fraction within an epoch): linear warm-up, then cosine to 0 or steps.
 
-    :param epoch: the epoch.
+    :param epoch: the epoch, with the share of it done (2.5: half-way through the third).
     :param args: the parsed command line.
     """
-    warm = args.lr_warmup_epochs
+    warm, epochs = args.lr_warmup_epochs or 0, args.epochs or 1  # unset until the plan has the epochs
     if epoch < warm:
         return args.lr_warmup_decay + (1.0 - args.lr_warmup_decay) * epoch / warm
     if args.lr_scheduler == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warm) / max(1, args.epochs - warm)))
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warm) / max(1, epochs - warm)))
     return args.lr_gamma ** ((epoch - warm) // args.lr_step_size)

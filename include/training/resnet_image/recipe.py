@@ -20,12 +20,11 @@ from checkpoint import Progress, checkpoint_path, read_checkpoint, restore
 from conveyor_metadata import Baseline
 from data import EpochSampler, Item, ManifestImageDataset, class_weights, make_loader
 from network import build_model, build_optimizer, freeze_backbone, load_pretrained, lr_factor, resolve_weights
+from plan import wants_sync_bn
 from presets import eval_preprocessing, eval_transform, train_transform
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from utils import Runtime, TrainingInputError, amp_dtype_for, log
-
-DEFAULT_LR = {"sgd": 0.01, "adamw": 0.001}
 
 
 @dataclass
@@ -36,7 +35,7 @@ class Training:
     :param train_model: what trains (DDP-wrapped and/or compiled).
     :param eval_model: what evaluates (compiled, never DDP-wrapped).
     :param optimizer: the optimizer.
-    :param lr_scheduler: the LR schedule (warm-up, then cosine or steps).
+    :param lr_scheduler: the LR schedule (warm-up, then cosine or steps), stepped after every batch.
     :param scaler: the fp16 gradient scaler, or None.
     :param criterion: the training loss (class-weighted with ``--balance loss``).
     :param sampler: the training sampler (this process's shard of every epoch).
@@ -74,15 +73,14 @@ class Training:
 
 
 def check_options(args: argparse.Namespace) -> Path | None:
-    """Check the output folders, fill in the defaults that depend on other options; the weights file.
+    """Check the output folders, resolve the checkpoint folder; the weights file (``plan`` fills in the rest).
 
-    :param args: the parsed command line (``lr`` and ``checkpoint_dir`` are resolved in place).
+    :param args: the parsed command line (``checkpoint_dir`` is resolved in place).
     """
     if args.model_dir is None:
         raise TrainingInputError("model dir: none given (set SM_MODEL_DIR or pass --model-dir)")
     if args.output_data_dir is None:
         raise TrainingInputError("output data dir: none given (set SM_OUTPUT_DATA_DIR or pass --output-data-dir)")
-    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     args.checkpoint_dir = Path(args.checkpoint_dir or Path(args.output_data_dir) / "checkpoints")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts
@@ -135,7 +133,7 @@ def prepared_model(
     :param device: the training device.
     :param channels_last: whether to use channels_last memory format.
     """
-    model = build_model(args.arch, num_classes)
+    model = build_model(args.arch, num_classes, args.stem, args.width)
     if weights_path is not None:
         load_pretrained(model, weights_path, args.arch)
     if args.freeze_backbone:
@@ -170,10 +168,10 @@ def build_training(
     device, (amp_dtype, channels_last, compile_model) = runtime.device, precision
     class_to_idx = {label: i for i, label in enumerate(classes)}
     optimizer = build_optimizer(model, args)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, args))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    train_set = ManifestImageDataset(train_items, class_to_idx, train_transform(args.image_size))
-    preprocessing = eval_preprocessing(args.image_size)
+    small = args.stem == "small"
+    train_set = ManifestImageDataset(train_items, class_to_idx, train_transform(args.image_size, small=small))
+    preprocessing = eval_preprocessing(args.image_size, small=small)
     val_set = ManifestImageDataset(val_items, class_to_idx, eval_transform(preprocessing))
     weights = class_weights(train_set.targets, len(classes))
     loss_weight = torch.tensor(weights, dtype=torch.float32, device=device) if args.balance == "loss" else None
@@ -188,8 +186,13 @@ def build_training(
         sampler,
         drop_last=per_process > 1 and per_process % args.batch_size == 1,
     )  # BatchNorm needs 2
+    steps = max(1, len(train_loader))  # the LR follows the schedule step by step (epochs as fractions)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step / steps, args))
     val_shard = Subset(val_set, list(range(runtime.rank, len(val_set), runtime.world)))
     val_loader = make_loader(val_shard, args.batch_size, args.workers, device)
+    if wants_sync_bn(args, runtime):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log(f"SyncBatchNorm: {args.batch_size} images per process and batch")
     train_model: nn.Module = model
     if runtime.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -228,6 +231,8 @@ def resume(training: Training, args: argparse.Namespace) -> None:
     resume_from = checkpoint_path(args)
     checkpoint = read_checkpoint(resume_from, args, training.class_to_idx) if resume_from else None
     optimizer = training.optimizer
+    if checkpoint is not None and getattr(args, "epochs_planned", False):
+        args.epochs = int(checkpoint.get("args", {}).get("epochs") or args.epochs)  # the schedule it started
     if checkpoint is not None:
         progress = restore(checkpoint, training.model, optimizer, training.lr_scheduler, training.scaler)
         training.progress = progress
@@ -237,10 +242,11 @@ def resume(training: Training, args: argparse.Namespace) -> None:
             f"{progress.best_score:.4f} at epoch {progress.best_epoch}); "
             + (f"continuing at epoch {progress.epoch + 1} of {args.epochs}" if left else "nothing left to train")
         )
-    for group in optimizer.param_groups:  # the current flags rule, also after a resume
-        group.update(
-            initial_lr=args.lr, lr=args.lr * lr_factor(training.progress.epoch, args), weight_decay=args.weight_decay
-        )
+    norm_decay = getattr(args, "norm_weight_decay", None)
+    for index, group in enumerate(optimizer.param_groups):  # the current flags rule, also after a resume
+        decay = norm_decay if index == 1 and norm_decay is not None else args.weight_decay
+        group.update(initial_lr=args.lr, lr=args.lr * lr_factor(training.progress.epoch, args), weight_decay=decay)
         if args.optimizer == "sgd":
             group["momentum"] = args.momentum
+            group["nesterov"] = bool(args.nesterov) and args.momentum > 0
     training.lr_scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)

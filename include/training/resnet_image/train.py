@@ -19,7 +19,8 @@ Laid out as torchvision's reference classification recipe: this file holds the c
 :func:`main`, :func:`train_one_epoch`, :func:`evaluate` and the checkpoint dicts; its siblings,
 imported as plain modules from the script's folder, hold the rest: ``arguments`` (the command
 line), ``presets`` (preprocessing), ``data`` (manifests, datasets, sampler), ``network`` (model,
-weights, optimizer, LR schedule), ``recipe`` (what a run builds before the first epoch),
+weights, optimizer, LR schedule), ``plan`` (the options left unset, planned from the data, the
+device and the budget), ``recipe`` (what a run builds before the first epoch),
 ``checkpoint`` (progress, resuming), ``baseline`` (drift statistics) and ``utils`` (errors, logging,
 DDP, precision, files, metrics). ``metadata.json`` is a ``ModelMetadata`` of ``conveyor_metadata``.
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -43,13 +43,13 @@ from typing import Any
 import conveyor_metadata
 import torch
 import torch.distributed as dist
-import torchvision
 from arguments import get_args_parser
 from baseline import build_baseline, with_predictions
 from checkpoint import Progress, checkpoint_path, read_checkpoint
 from conveyor_metadata import Feature, ModelMetadata, finite
 from data import EpochSampler, Item, ManifestImageDataset, load_channels, load_rgb, make_loader, read_manifest
 from network import build_model, build_optimizer, load_pretrained, resolve_weights
+from plan import fit_epochs_to_budget, plan_epochs, plan_options
 from presets import eval_transform, train_transform
 from recipe import (
     Training,
@@ -71,6 +71,7 @@ from utils import (
     amp_dtype_for,
     clean_message,
     clock,
+    describe_device,
     epoch_summary,
     json_args,
     log,
@@ -80,6 +81,7 @@ from utils import (
     save_atomic,
     seed_everything,
     setup_runtime,
+    versions,
     write_json,
 )
 
@@ -212,6 +214,7 @@ def train_one_epoch(
     print_freq: int = 0,
     distributed: bool = False,
     log_fn: Callable[[str], None] = log,
+    lr_step: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """Train one epoch and print its progress line: loss, train metric, images/s, LR, ETA.
 
@@ -233,7 +236,9 @@ def train_one_epoch(
     :param print_freq: also print progress every N steps (0: never).
     :param distributed: whether to sum the figures over every process.
     :param log_fn: where progress lines go.
-    :return: loss, accuracy, balanced_accuracy, f1_macro, images, seconds, images_per_second, lr.
+    :param lr_step: called after every optimisation step (the per-step LR schedule), or None.
+    :return: loss, accuracy, balanced_accuracy, f1_macro, images, seconds, images_per_second, and lr: the
+        LR the epoch started with.
     """
     model.train()
     _keep_frozen_batchnorm_in_eval(model)
@@ -241,12 +246,14 @@ def train_one_epoch(
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     seen = 0
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    started = time.perf_counter()
+    started, start_lr = time.perf_counter(), float(optimizer.param_groups[0]["lr"])
     for step, (images, targets) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
         images, targets = _to_device(images, targets, device, channels_last)
         output, loss = _train_step(model, criterion, optimizer, images, targets, scaler, amp_dtype)
+        if lr_step is not None:
+            lr_step()
         loss_sum += loss.detach().double() * images.shape[0]
         _count(confusion, targets, output.detach(), num_classes)
         seen += images.shape[0]
@@ -259,7 +266,7 @@ def train_one_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    result = epoch_summary(loss_sum, confusion, seen, num_classes, seconds, optimizer, distributed)
+    result = epoch_summary(loss_sum, confusion, seen, num_classes, seconds, optimizer, distributed) | {"lr": start_lr}
     eta = f" | eta {clock(seconds * (epochs - epoch))}" if epochs is not None else ""
     total = f"/{epochs}" if epochs is not None else ""
     log_fn(
@@ -353,12 +360,12 @@ def _epoch(
             print_freq=args.print_freq,
             distributed=runtime.distributed,
             log_fn=log_fn,
+            lr_step=training.lr_scheduler.step,
         )
     except ImageDecodeError as error:
         raise ImageDecodeError(f"train channel: {clean_message(str(error))}") from None
     if not math.isfinite(train["loss"]):
         raise TrainingInputError(f"training diverged: the loss is {train['loss']} in epoch {epoch} (lower --lr)")
-    training.lr_scheduler.step()
     try:
         val = evaluate(
             training.eval_model,
@@ -432,6 +439,7 @@ def _train_epochs(
         training.sampler.set_epoch(progress.epoch)
         train, val = _epoch(training, args, runtime, log_fn)
         improved = progress.record(train, val, args.gate_metric, time.monotonic() - epoch_started)
+        fit_epochs_to_budget(args, progress.history, started, runtime)
         log_fn(
             f"epoch {progress.epoch}/{args.epochs} validation: loss {val['loss']:.4f} {args.gate_metric} "
             f"{val['score']:.4f} accuracy {val['accuracy']:.4f}"
@@ -462,14 +470,17 @@ def run(args: argparse.Namespace) -> ModelMetadata | None:
     seed_everything(args.seed, args.deterministic, device)
     precision = precision_for(args, device)
     train_items, val_items, classes = load_channels(args, runtime)
+    plan_options(args, train_items, classes, runtime, weights_path is not None)
     model_dir, output_dir = Path(args.model_dir), Path(args.output_data_dir)
     baseline = prepare_outputs(args, train_items, model_dir, output_dir) if runtime.is_main else None
     model = prepared_model(args, len(classes), weights_path, device, precision[1])
     training = build_training(args, runtime, precision, model, train_items, val_items, classes)
+    plan_epochs(training, args, runtime, started)
     resume(training, args)
     amp_dtype, channels_last, compile_model = precision
     log(
-        f"start: {args.arch}, {len(classes)} classes, {len(train_items)} training and {len(val_items)} validation "
+        f"start: {args.arch} ({args.stem} stem, width {args.width}), {len(classes)} classes, {len(train_items)} "
+        f"training and {len(val_items)} validation "
         f"images, device {device}{f' x{runtime.world} processes' if runtime.distributed else ''}, amp "
         f"{str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'}, channels_last {channels_last}, compile "
         f"{compile_model}, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, epochs {args.epochs}"
@@ -493,28 +504,6 @@ def run(args: argparse.Namespace) -> ModelMetadata | None:
             "seconds": time.monotonic() - started,
         },
     )
-
-
-def _versions() -> dict[str, str]:
-    """Versions of the libraries the artifact needs to load."""
-    import PIL
-
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _device(device: torch.device, processes: int) -> dict[str, Any]:
-    """What trained the model, for ``metadata.json``.
-
-    :param device: the training device.
-    :param processes: the number of processes.
-    """
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"type": device.type, "name": name, "processes": processes}
 
 
 def finish(
@@ -562,8 +551,8 @@ def finish(
         "hyperparameters": json_args(args),
         "rows": state["rows"],
         "training_seconds": round(state["seconds"], 1),
-        "device": _device(state["device"], state["world"]),
-        "versions": _versions(),
+        "device": describe_device(state["device"], state["world"]),
+        "versions": versions(),
         # best_row has no val_predicted in the history of a run resumed from an older checkpoint
         "baseline": with_predictions(
             state["baseline"], state["classes"], best_row.get("val_predicted"), progress.best_epoch

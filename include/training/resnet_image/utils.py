@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -238,6 +239,29 @@ def reduce_sum(tensors: list[torch.Tensor], distributed: bool) -> None:
     if distributed:
         for tensor in tensors:
             dist.all_reduce(tensor)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the artifact needs to load."""
+    import PIL
+    import torchvision
+
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def describe_device(device: torch.device, processes: int) -> dict[str, Any]:
+    """What trained the model, for ``metadata.json``.
+
+    :param device: the training device.
+    :param processes: the number of processes.
+    """
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"type": device.type, "name": name, "processes": processes}
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -30,7 +30,7 @@ MIN_TRIAL_SECONDS = 10  # a trial's share of the budget must be at least this (s
 # The ResNet script's tunable flags: kind, and the choices or the lower bound the script accepts
 # (tests/unit/training/test_tuning_spec.py checks this table against the script's own parser).
 RESNET_HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
-    "arch": ("choice", ("resnet18", "resnet34", "resnet50")),
+    "arch": ("choice", ("resnet10", "resnet18", "resnet34", "resnet50")),
     "freeze_backbone": ("choice", (True, False)),
     "image_size": ("int", 32),
     "epochs": ("int", 1),

@@ -21,7 +21,8 @@ from scripts import load_script, script_env
 PROJECT = Path(__file__).resolve().parents[3]
 TRAIN_PY = PROJECT / "include" / "training" / "resnet_image" / "train.py"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-TINY = ("--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0")
+# the ImageNet stem at 32 px (the small-input recipe has its own tests: test_resnet_recipe.py)
+TINY = ("--arch", "resnet18", "--stem", "imagenet", "--image-size", "32", "--batch-size", "8", "--workers", "0")
 
 
 train_py = load_script("include/training/resnet_image/train.py", "resnet_image_train")
@@ -97,7 +98,9 @@ def test_training_succeeds_and_streams_progress(trained):
     result = trained["result"]
     lines = [line for line in result.stdout.splitlines() if line.startswith("[train.py]")]
     text = "\n".join(lines)
-    assert "start: resnet18, 3 classes, 24 training and 9 validation images, device cpu" in text
+    assert (
+        "start: resnet18 (imagenet stem, width 64), 3 classes, 24 training and 9 validation images, device cpu" in text
+    )
     for epoch in (1, 2):
         train_line = next(line for line in lines if f"epoch {epoch}/2 train:" in line)
         for part in ("loss ", "balanced_accuracy ", "images/s", "| lr ", "| eta "):
@@ -439,7 +442,19 @@ def test_paths_and_flags_default_to_the_sagemaker_environment(monkeypatch):
     args = parse()
     assert args.train == Path("/opt/ml/input/data/train") and args.model_dir == Path("/opt/ml/model")
     assert args.validation is None and args.num_gpus == 4
-    assert (args.arch, args.image_size, args.workers, args.gate_metric) == ("resnet18", 224, 2, "balanced_accuracy")
+    assert args.gate_metric == "balanced_accuracy" and (args.stem, args.flip, args.augment) == ("auto",) * 3
+    planned = (
+        "arch",
+        "width",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "label_smoothing",
+        "workers",
+    )
+    assert all(getattr(args, name) is None for name in planned)  # planned from the data, device and budget
     assert args.freeze_backbone is False and args.channels_last is None and args.resume == "auto"
     flags = parse("--freeze-backbone", "--compile", "true", "--channels-last", "false", "--verify-images", "no")
     assert (flags.freeze_backbone, flags.compile, flags.channels_last, flags.verify_images) == (
