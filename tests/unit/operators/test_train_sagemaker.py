@@ -158,6 +158,17 @@ def test_the_exact_training_job_request_then_a_deferred_wait(run, tmp_path, monk
     assert getattr(importlib.import_module(module), name_)(**kwargs).serialize() == (classpath, kwargs)
 
 
+def test_a_first_try_creates_its_job_without_describing_it(run):
+    from types import SimpleNamespace
+
+    conn = mocked_conn()  # no answer to give: a DescribeTrainingJob would fail the test
+    ctx = {**context(run["run_id"]), "ti": SimpleNamespace(try_number=1)}
+    with patched(conn), pytest.raises(TaskDeferred):
+        operator(run).execute(ctx)
+    conn.create_training_job.assert_called_once()
+    conn.describe_training_job.assert_not_called()  # the wait is the trigger's; the job is only just created
+
+
 def test_a_retry_while_the_job_runs_waits_for_it_without_starting_another(run):
     conn = mocked_conn({"TrainingJobName": "x", "TrainingJobStatus": "InProgress"})
     op = operator(run)
