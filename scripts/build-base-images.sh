@@ -56,8 +56,8 @@ build() {  # build TAG FOLDER [--build-arg ...]
     local tag=$1 folder=$2
     shift 2
     echo "==> docker build $tag ($folder)"
-    # The project's constraints.txt pins what the stand-ins install with pip (copied in for the build only).
-    cp constraints.txt "$folder/constraints.txt"
+    # The project's constraints.txt pins what the Airflow stand-in installs with pip (copied in for the build only).
+    grep -q constraints.txt "$folder/Dockerfile" && cp constraints.txt "$folder/constraints.txt"
     local log="$CACHE/build-${tag//[\/:]/_}.log"
     docker build --network host --tag "$tag" --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" \
         --build-arg EXTRA_CA_CERTS="$EXTRA_CA_CERTS" "$@" "$folder" >"$log" 2>&1 \
@@ -67,7 +67,7 @@ build() {  # build TAG FOLDER [--build-arg ...]
 
 build conveyor-local/postgres:15-bookworm docker/stack/postgres
 build conveyor-local/redis:7.0-bookworm docker/stack/redis
-build conveyor-local/s3:moto docker/stack/s3
+build conveyor-local/s3:moto docker/stack/s3 --build-arg MOTO_VERSION="$(sed -n 's/^moto==//p' constraints.txt)"
 pack_python
 build conveyor-local/airflow:3.3.2-python3.11 docker/stack/airflow-base
 echo "==> base images ready"

@@ -44,7 +44,17 @@ def stack(compose_root):
         stack.healthy_after_s = stack.wait_healthy(max(60.0, HEALTHY_S - (time.monotonic() - started)))
         stack.up_to_healthy_s = time.monotonic() - started
         print(f"\ncompose stack: up -> all healthy in {stack.up_to_healthy_s:.0f}s")
+    except Exception:
+        print(f"\ncompose stack did not come up; not ready: {stack.not_ready()}\n{stack.logs(tail=60)}")
+        down(stack)
+        raise
+    try:
         yield stack
     finally:
-        if os.environ.get("CONVEYOR_STACK_KEEP") != "1":
-            stack.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        down(stack)
+
+
+def down(stack: ComposeStack) -> None:
+    """``down -v`` (unless CONVEYOR_STACK_KEEP=1 keeps the stack for a look)."""
+    if os.environ.get("CONVEYOR_STACK_KEEP") != "1":
+        stack.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
