@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 IMPORTANCE_ROWS = 1000
 IMPORTANCE_MIN_ROWS = 200
 IMPORTANCE_REPEATS = 3
+IMPORTANCE_FLOOR_ROWS = 50  # fewer rows than this fit the budget: importance is skipped (noise, not signal)
 IMPORTANCE_SHARE = 0.1
 IMPORTANCE_PROBE_ROWS = 200
 IMPORTANCE_MARGIN = 0.8  # the sample is sized to this share of the time left (per-call costs, metrics)
@@ -78,7 +79,10 @@ class Importance:
             f"is left of {EVALUATE_SHARE:.0%} of the training time"
         )
         if self.rows == 0:
-            return f"permutation importance skipped: no time left ({budget})"
+            return (
+                f"permutation importance skipped: the time left fits fewer than {IMPORTANCE_FLOOR_ROWS} test rows "
+                f"({budget})"
+            )
         partial = (
             f"; time box reached: {len(self.values)} of {self.features} features"
             if len(self.values) < self.features
@@ -185,6 +189,9 @@ def permutation_importance(
     left = IMPORTANCE_MARGIN * max(budget - (time.perf_counter() - started), 0.0)
     calls = (0 if scored is not None else 1) + len(features) * IMPORTANCE_REPEATS  # each call pays per_call
     rows, repeats = importance_sample_size(rate, max(left - calls * per_call, 0.0), len(features), len(frame))
+    if rows < min(IMPORTANCE_FLOOR_ROWS, len(frame)):  # a handful of rows says nothing: skip, and say so
+        seconds = round(time.perf_counter() - started, 2)
+        return Importance({}, 0, len(frame), 0, seconds, round(budget, 1), round(rate, 1), len(features))
     positions = np.sort(np.random.default_rng(seed).choice(len(frame), rows, replace=False))
     sample = frame.iloc[positions].reset_index(drop=True)
     base = None

@@ -118,5 +118,17 @@ def test_bounded_importance_is_skipped_when_loading_and_scoring_took_the_evaluat
     scored = Scored(model, test, test["churned"].to_numpy(), None, None, {}, {"load": 6.0, "scoring": 4.0})
     importance = bounded_importance(scored, churn_spec, "accuracy")
     assert model.calls == [] and importance.rows == 0 and importance.values == {}
-    assert importance.summary().startswith("permutation importance skipped: no time left (budget 0.0 s")
+    assert importance.summary().startswith("permutation importance skipped: the time left fits fewer than 50 test")
+    assert "(budget 0.0 s" in importance.summary()
     assert scored.timings["importance"] == 0.0
+
+
+def test_importance_is_skipped_when_its_budget_fits_only_a_handful_of_rows(churn_spec):
+    from conveyor.training.evaluate import IMPORTANCE_FLOOR_ROWS, permutation_importance, predictions
+
+    model, test = CountingModel(16), labelled(3000, 16)
+    y_pred, proba = predictions(model, test)
+    # The test set took 30 s to score (100 rows/s): 0.5 s of budget fits a row or two, not 50.
+    result = permutation_importance(model, test, churn_spec, "accuracy", budget=0.5, scored=(y_pred, proba, 30.0))
+    assert result.rows == 0 and result.values == {} and result.available_rows == 3000
+    assert f"fewer than {IMPORTANCE_FLOOR_ROWS} test rows" in result.summary()

@@ -118,8 +118,8 @@ def test_many_class_booster_is_capped_so_scoring_validation_and_test_fits_its_sh
     loaded = plan_py.plan_models(rows=14_000, columns=16, classes=26, cores=2, budget=90, load=3.0, scored_rows=3000)
     assert loaded.shape["core_share_percent"] == 50 and plan_py.effective_cores(loaded.shape) == 0.5
     assert loaded.models[0].size <= plan_py.scoring_cap("GBM", plan_py.SCORING_SHARE * 90, loaded.shape)
-    # A model's fixed cost at half a core is twice MODEL_SECONDS x SAFETY; LightGBM's is the fit's own.
-    assert plan_py.fixed_seconds(loaded.shape, "XT") == pytest.approx(2 * plan_py.MODEL_SECONDS * plan_py.SAFETY)
+    # A model's fixed cost at half a core is twice MODEL_SECONDS; LightGBM's is the fit's own.
+    assert plan_py.fixed_seconds(loaded.shape, "XT") == pytest.approx(2 * plan_py.MODEL_SECONDS)
     assert plan_py.fixed_seconds(loaded.shape, "GBM") == 0.0
 
 
@@ -163,10 +163,11 @@ def test_plan_on_a_loaded_machine_divides_its_estimates_by_the_share_of_a_core_i
     loaded = plan_py.plan_models(rows=124, columns=13, classes=3, cores=2, budget=20, load=10.0)
     assert idle.shape["core_share_percent"] == 100 and loaded.shape["core_share_percent"] == round(100 * 2 / 11)
     assert len(trees(idle)) >= 4  # a small table on an idle machine: (nearly) every model
-    # At a fifth of a core each model's fixed cost alone is ~8 s: only what fits 16 s of fit is kept.
-    assert trees(loaded) == ["GBM"] and set(loaded.left_out) == {"CAT", "XGB", "XT", "RF"}
+    # At a fifth of a core each model's fixed cost alone is ~2 s and its fit 5x longer: fewer models fit 16 s.
+    assert trees(loaded)[0] == "GBM" and len(trees(loaded)) < len(trees(idle))
+    assert loaded.left_out and all("at its smallest" in why for why in loaded.left_out.values())
     assert sum(m.max_time_limit for m in loaded.models) <= loaded.fit_time_limit
-    assert loaded.models[0].max_time_limit >= 0.85 * loaded.fit_time_limit  # all but its scoring and LR, KNN
+    assert loaded.models[0].max_time_limit > idle.models[0].max_time_limit  # fewer models: a bigger share each
 
 
 def test_start_up_already_spent_comes_out_of_the_fit_share_down_to_a_floor():
