@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conveyor.batch.readers import lake_path, opened
+from conveyor.batch.readers import lake_path, local_copies, opened
 from conveyor.batch.scoring import PROBA_PREFIX
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ def load_run(
     """
     from conveyor.batch.warehouse import warehouse_url, write_table
 
-    rows = write_table(warehouse_url(), table, result.parts, run_id, pipeline=pipeline, conn_id=conn_id)
-    return rows, summarize(result.parts, conn_id=conn_id)
+    with local_copies():  # a part on an object store is fetched once for the table and the summary (one GET)
+        rows = write_table(warehouse_url(), table, result.parts, run_id, pipeline=pipeline, conn_id=conn_id)
+        return rows, summarize(result.parts, conn_id=conn_id)
 
 
 def mark_scored(lake: Lake, pipeline: str, drop: str, run_id: str, rows: int) -> None:

@@ -169,3 +169,23 @@ def test_dataset_pointers_on_s3_are_one_get_each_found_or_not(s3_lake, s3_calls)
     assert latest_version(s3_lake, "churn") == "v-0123456789abcdef0123"
     assert latest_version(s3_lake, "other") is None and load_manifest(s3_lake, "churn", "v-00000000") is None
     assert s3_calls == {"s3:GetObject": 3}  # no exists() (a HEAD, and a listing when missing) before a read
+
+
+def test_a_runs_parts_on_s3_are_fetched_once_for_the_table_and_the_summary(s3_lake, s3_calls, tmp_path):
+    from conveyor.batch.parts import write_parts
+    from conveyor.batch.runs import load_run
+    from conveyor.batch.scoring import output_table
+
+    frame = churn_frame(300, seed=5).drop(columns=["churned"])
+    context = {"model_name": "churn", "model_version": "1", "run_id": "run-1", "scored_at": SCORED_AT}
+    tables = iter(
+        [output_table(frame.iloc[i : i + 100], _answers(frame.iloc[i : i + 100]), i, {**context, "id_column": None})]
+        for i in (0, 100, 200)
+    )
+    result = write_parts(s3_lake.predictions("churn", "run-1"), (t[0] for t in tables), {}, conn_id="lake_s3")
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+
+    rows, summary = load_run(result, table="churn_predictions", pipeline="churn", run_id="run-1", conn_id="lake_s3")
+    assert rows == 300 and summary["rows"] == 300
+    assert s3_calls == {"s3:GetObject": 3}  # one GET a part (it was a HEAD and a GET, three times over)
