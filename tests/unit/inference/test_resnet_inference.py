@@ -72,8 +72,9 @@ def model_dir(tmp_path_factory) -> Path:
         "SM_OUTPUT_DATA_DIR": str(root / "output"),
         "SM_NUM_GPUS": "0",
     }
+    flags = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0"]
     result = subprocess.run(
-        [sys.executable, str(TRAIN_PY), "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0"],
+        [sys.executable, str(TRAIN_PY), *flags],
         env=env,
         capture_output=True,
         text=True,
