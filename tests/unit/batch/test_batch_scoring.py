@@ -141,7 +141,8 @@ def test_csv_scores_like_the_model_and_a_rerun_replaces_its_output(churn_model, 
     counts = got["prediction"].value_counts()
     assert summary["rows"] == 5000
     assert {k: v["count"] for k, v in summary["predictions"].items()} == counts.to_dict()
-    assert summary["predictions"]["yes"]["share"] == pytest.approx(counts["yes"] / 5000)
+    # Every predicted class with its share (the quick model may predict one class only on a loaded machine).
+    assert {k: v["share"] for k, v in summary["predictions"].items()} == pytest.approx((counts / 5000).to_dict())
     assert summary["mean_probability"] == pytest.approx({"no": got["proba_no"].mean(), "yes": got["proba_yes"].mean()})
 
     # The same run again (another worker count): the same names and rows, no duplicates anywhere.
