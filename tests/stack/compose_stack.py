@@ -159,8 +159,9 @@ class ComposeStack:
         return waiting
 
     def services(self) -> list[str]:
-        """The services ``up`` starts (no profile)."""
-        return self.compose("config", "--services").stdout.split()
+        """The services ``up`` starts: those in no profile (v1's ``config --services`` lists every one)."""
+        resolved = yaml.safe_load(self.compose("config").stdout)["services"]
+        return sorted(name for name, service in resolved.items() if not service.get("profiles"))
 
     def wait_healthy(self, timeout: float) -> float:
         """Wait until every service is healthy and every one-shot done; the seconds it took.

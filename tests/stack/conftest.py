@@ -37,7 +37,8 @@ def compose_root() -> Path:
 @pytest.fixture(scope="module")
 def stack(compose_root):
     stack = ComposeStack(compose_root).prepare()
-    stack.compose("down", "-v", "--remove-orphans", check=False)
+    if os.environ.get("CONVEYOR_STACK_REUSE") != "1":  # 1: keep a stack a CONVEYOR_STACK_KEEP=1 run left up
+        stack.compose("down", "-v", "--remove-orphans", check=False)
     started = time.monotonic()
     try:
         stack.compose("up", "-d", timeout=HEALTHY_S)
