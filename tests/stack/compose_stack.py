@@ -96,9 +96,10 @@ class ComposeStack:
                 capture_output=True,
             )
         self.env = read_env(self.env_file)
-        if self.include.exists():
-            shutil.rmtree(self.include)
-        shutil.copytree(PROJECT / "include", self.include, ignore=shutil.ignore_patterns("__pycache__"))
+        # Written in place, never removed: running containers bind-mount this folder (a new one would not be theirs).
+        shutil.copytree(
+            PROJECT / "include", self.include, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+        )
         for extra in (self.include / "pipelines").glob("*.yaml"):
             extra.unlink()
         spec = small_pipeline("churn", port=8090, time_limit=self.time_limit, retry_delay=5.0)
