@@ -67,6 +67,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("slow")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_object_stores():
+    """Each test attaches its own object stores: Airflow caches one per connection id for the process, so a
+    store made under one test's connection (``lake_s3`` on moto, or with no connection at all) would serve the next."""
+    yield
+    store = sys.modules.get("airflow.sdk.io.store")
+    if store is not None:
+        store._STORE_CACHE.clear()
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated Airflow metadata database (SQLite) for tests that run DAGs."""

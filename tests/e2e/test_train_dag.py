@@ -102,7 +102,8 @@ def test_rejected_model_is_not_registered(airflow_db, lake, registry, dataset, t
     assert states(run)["gate"] == "skipped" and states(run)["register"] == "skipped"
     assert versions(registry) == []
     gate = json.loads((lake.reports("churn", run.run_id) / "gate" / "gate.json").read_text())
-    assert not gate["passed"] and "roc_auc" in gate["reasons"][0] and "0.999" in gate["reasons"][0]
+    # The raised floor is among the reasons (a 10 s model on a loaded machine may miss other floors too).
+    assert not gate["passed"] and any("roc_auc" in reason and "0.999" in reason for reason in gate["reasons"])
     (mlflow_run,) = registry.client.search_runs([registry.experiment_id("churn")])
     assert mlflow_run.data.tags["gate_decision"] == "rejected"
 
