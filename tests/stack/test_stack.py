@@ -179,5 +179,8 @@ def test_up_again_is_idempotent(stack):
     assert {name: c["Id"] for name, c in after.items() if name not in ONE_SHOTS} == before  # nothing recreated
     for name in ONE_SHOTS:
         assert after[name]["State"]["ExitCode"] == 0, stack.logs(name)
+    # airflow-init ran again on the state volume: the endpoint's credentials stay private (it refuses them otherwise).
+    credentials = "/opt/airflow/state/endpoint-credentials.json"
+    assert stack.exec("model-endpoint", "stat", "-c", "%a", credentials).strip() == "600"
     version, _ = invoke(stack)
     assert version == registry(stack).live_version("churn", "churn")
