@@ -134,20 +134,30 @@ def write_parts(
         return _write_in_place(target, tables, manifest, started)
     staging = fresh_staging(target)
     names: list[str] = []
-    rows, schema = 0, None
     try:
-        for table in tables:
-            schema = schema or table.schema
-            names.append(part_name(len(names)))
-            write_part(staging, names[-1], table.cast(schema))
-            rows += table.num_rows
-        if rows == 0:
-            raise BatchInputError(f"{target}: no rows to write")
+        rows = _write_tables(staging, tables, names, target)
         publish(target, staging, names, {**manifest, "rows": rows, "parts": names})
     except BaseException:
         remove(staging, quiet=True)
         raise
     return BatchResult(str(target), [str(target / name) for name in names], rows, round(time.monotonic() - started, 3))
+
+
+def _write_tables(folder: ObjectStoragePath, tables: Iterator[pa.Table], names: list[str], target: Any) -> int:
+    """Write each table as the next part in ``folder`` (one schema for all), appending each part's name to
+    ``names`` as it is written (so a caller's clean-up sees every part); returns the rows written.
+
+    :raises BatchInputError: no rows at all (``target`` names the output).
+    """
+    rows, schema = 0, None
+    for table in tables:
+        schema = schema or table.schema
+        names.append(part_name(len(names)))
+        write_part(folder, names[-1], table.cast(schema))
+        rows += table.num_rows
+    if rows == 0:
+        raise BatchInputError(f"{target}: no rows to write")
+    return rows
 
 
 def _old_output(target: ObjectStoragePath) -> list[str]:
@@ -178,15 +188,8 @@ def _write_in_place(
     from conveyor.lake import write_json
 
     names: list[str] = []
-    rows, schema = 0, None
     try:
-        for table in tables:
-            schema = schema or table.schema
-            names.append(part_name(len(names)))
-            write_part(target, names[-1], table.cast(schema))
-            rows += table.num_rows
-        if rows == 0:
-            raise BatchInputError(f"{target}: no rows to write")
+        rows = _write_tables(target, tables, names, target)
         write_json(target / SUCCESS, {**manifest, "rows": rows, "parts": names})
     except BaseException:
         written = [(target / name).path for name in names]
