@@ -38,26 +38,39 @@ def versions(registry) -> list:
     return registry.client.search_model_versions("name='churn'")
 
 
-def pipeline_variant(tmp_path, monkeypatch, old: str, new: str) -> None:
-    """Point Conveyor at a copy of include/ whose churn.yaml has one change."""
+def pipeline_variant(tmp_path, monkeypatch, *changes: tuple[str, str]) -> None:
+    """Point Conveyor at a copy of include/ whose churn.yaml has the given (old, new) changes."""
     include = tmp_path / "include"
     shutil.copytree(settings.include_dir(), include)
     spec = (include / "pipelines" / "churn.yaml").read_text()
-    assert old in spec
-    (include / "pipelines" / "churn.yaml").write_text(spec.replace(old, new))
+    for old, new in changes:
+        assert old in spec
+        spec = spec.replace(old, new)
+    (include / "pipelines" / "churn.yaml").write_text(spec)
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
+
+
+def gate_of(lake, run) -> dict:
+    return json.loads((lake.reports("churn", run.run_id) / "gate" / "gate.json").read_text())
 
 
 def test_train_twice_registers_gates_against_the_champion_and_promotes(
     airflow_db, lake, registry, dataset, tmp_path, monkeypatch
 ):
-    # Two short trainings can differ a little; let the second pass as long as it is within 0.5.
-    pipeline_variant(tmp_path, monkeypatch, "min_improvement: 0.0", "min_improvement: -0.5")
+    # Two short trainings can differ a little; let the second pass as long as it is within 0.5. This test is about
+    # the champion comparison, not the floors: a 15 s model on a loaded CI machine can miss balanced_accuracy 0.60
+    # (it may predict one class), so the floors are lowered to what any fitted model clears.
+    pipeline_variant(
+        tmp_path,
+        monkeypatch,
+        ("min_improvement: 0.0", "min_improvement: -0.5"),
+        ("thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}", "thresholds: {roc_auc: 0.0}"),
+    )
     dag = train_dag()
     first = dag.test(run_conf={"time_limit": 15})
     assert str(first.state) == "success", states(first)
     champion = registry.champion("churn")
-    assert champion is not None and str(champion.version) == "1"
+    assert champion is not None and str(champion.version) == "1", gate_of(lake, first)
     assert champion.tags["approval_status"] == "Approved"
     assert champion.tags["dataset_version"] == dataset and champion.tags["code_version"].startswith("c-")
     reports = lake.reports("churn", first.run_id)
@@ -88,7 +101,7 @@ def test_train_twice_registers_gates_against_the_champion_and_promotes(
 
     second = dag.test(run_conf={"time_limit": 15, "dataset_version": dataset})
     assert str(second.state) == "success", states(second)
-    gate = json.loads((lake.reports("churn", second.run_id) / "gate" / "gate.json").read_text())
+    gate = gate_of(lake, second)
     assert gate["champion_version"] == "1" and gate["champion"]["roc_auc"] > 0.6
     assert any("champion v1" in reason for reason in gate["reasons"])
     assert str(registry.champion("churn").version) == "2"
@@ -96,12 +109,12 @@ def test_train_twice_registers_gates_against_the_champion_and_promotes(
 
 
 def test_rejected_model_is_not_registered(airflow_db, lake, registry, dataset, tmp_path, monkeypatch):
-    pipeline_variant(tmp_path, monkeypatch, "roc_auc: 0.70", "roc_auc: 0.999")
+    pipeline_variant(tmp_path, monkeypatch, ("roc_auc: 0.70", "roc_auc: 0.999"))
     run = train_dag().test(run_conf={"time_limit": 10})
     assert str(run.state) == "success"  # on_reject: skip
     assert states(run)["gate"] == "skipped" and states(run)["register"] == "skipped"
     assert versions(registry) == []
-    gate = json.loads((lake.reports("churn", run.run_id) / "gate" / "gate.json").read_text())
+    gate = gate_of(lake, run)
     # The raised floor is among the reasons (a 10 s model on a loaded machine may miss other floors too).
     assert not gate["passed"] and any("roc_auc" in reason and "0.999" in reason for reason in gate["reasons"])
     (mlflow_run,) = registry.client.search_runs([registry.experiment_id("churn")])
