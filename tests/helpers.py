@@ -97,6 +97,7 @@ def private_churn(tmp_path: Any, monkeypatch: Any, replace: dict[str, str] | Non
     spec = include / "pipelines" / "churn.yaml"
     text = spec.read_text().replace("port: 8090", f"port: {port}")
     for old, new in (replace or {}).items():
+        assert old in text, f"churn.yaml no longer holds {old!r}"
         text = text.replace(old, new)
     spec.write_text(text)
     monkeypatch.setenv("CONVEYOR_INCLUDE_DIR", str(include))
