@@ -24,7 +24,6 @@ Like AWS (and unlike moto), a second job of the same name is refused with ``Reso
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from scripts import environment_snapshot
 
 REGION = "us-east-1"
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -209,7 +210,7 @@ class TrainingEmulator:
         user = {k: v for k, v in hps.items() if not k.startswith("sagemaker_")}
         args = [item for key in sorted(user) for item in (f"--{key}", local(user[key]))]
         channels = [c["ChannelName"] for c in job.input_data_config or []]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env = {k: v for k, v in environment_snapshot().items() if not k.startswith("AIRFLOW")}
         env.update({f"SM_CHANNEL_{name.upper()}": str(root / "input" / "data" / name) for name in channels})
         env.update(
             SM_MODEL_DIR=str(root / "model"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -60,11 +61,23 @@ def load_script(relative_path: str | Path, name: str) -> ModuleType:
     return module
 
 
+def environment_snapshot() -> dict[str, str]:
+    """A copy of ``os.environ`` taken from the emulator's thread while the task runner in the main thread
+    sets and removes variables (``__AIRFLOW_SUPERVISOR_FD``): a variable removed mid-copy is a KeyError, so
+    the copy is taken again."""
+    for _ in range(100):
+        try:
+            return dict(os.environ)
+        except KeyError:
+            time.sleep(0.01)
+    return dict(os.environ)
+
+
 def script_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """An environment for running a script as a child process: the contract folder first on ``PYTHONPATH``.
 
     :param env: the environment to start from (default: this process's).
     """
-    base = dict(os.environ if env is None else env)
+    base = environment_snapshot() if env is None else dict(env)
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CONTRACT), base.get("PYTHONPATH")]))
     return base

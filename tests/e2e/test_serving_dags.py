@@ -21,7 +21,7 @@ def served(airflow_db, lake, tmp_path, monkeypatch):
     from conveyor.registry.mlflow import MlflowRegistryHook
     from conveyor.serving.process import stop_endpoint
 
-    # A serving test: the gate's floors are lowered so that a 15 s model on a loaded machine always reaches the endpoint.
+    # A serving test: the gate floors are lowered so that a 15 s model on a loaded machine always reaches the endpoint.
     floors = {"thresholds: {roc_auc: 0.70, balanced_accuracy: 0.60}": "thresholds: {roc_auc: 0.60}"}
     port = private_churn(tmp_path, monkeypatch, floors)
     write_drop(lake, "d1", {"customers.csv": churn_csv(1200)})
