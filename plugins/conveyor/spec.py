@@ -108,7 +108,8 @@ class TrainerSpec(_Strict):
     excluded_model_types: list[str] = ["NN_TORCH", "FASTAI"]
     hyperparameters: dict[str, Any] = {}
     gpu: bool = False
-    refit_full: bool = False
+    # auto: the AutoGluon trainer refits the best model on train + validation when the fit left the time for it.
+    refit_full: bool | Literal["auto"] = "auto"
     infer_limit: float | None = None
     # ResNet only: a local file or URI of pretrained weights; never downloaded.
     pretrained_weights: str | None = None

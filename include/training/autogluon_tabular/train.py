@@ -46,7 +46,15 @@ from baseline import (
 )
 from conveyor_metadata import Feature, ModelMetadata, finite
 from data import TrainingInputError, log, prepare_data, read_channel
-from fit import INFER_LIMIT_BATCH_SIZE, build_plan, check_eval_metric, fit_predictor, refit_best, score_table
+from fit import (
+    INFER_LIMIT_BATCH_SIZE,
+    build_plan,
+    check_eval_metric,
+    fit_predictor,
+    refit_best,
+    refit_decision,
+    score_table,
+)
 from plan import Plan
 
 __all__ = [
@@ -152,6 +160,14 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
 
 
+def _refit_choice(text: str) -> bool | str:
+    """``--refit-full``'s value: auto, or a boolean (:func:`_flag`).
+
+    :param text: the option's value.
+    """
+    return "auto" if text.strip().lower() == "auto" else _flag(text)
+
+
 def add_paths(parser: argparse.ArgumentParser, env: Any) -> None:
     """The input channels and output folders (SageMaker environment defaults).
 
@@ -230,12 +246,13 @@ def add_model(parser: argparse.ArgumentParser, env: Any) -> None:
     model.add_argument("--id-column", default=None, help="row identifier column: dropped, never a feature")
     model.add_argument(
         "--refit-full",
-        type=_flag,
+        type=_refit_choice,
         nargs="?",
         const=True,
-        default=False,
-        help="refit the best model on train + validation and serve the refit model "
-        "(a bare flag, or true/false: SageMaker passes every hyperparameter a value)",
+        default="auto",
+        help="refit the best model on train + validation and serve the refit model: a bare flag or true, "
+        "false, or auto (the default: refit when the fit left the time for it; SageMaker passes every "
+        "hyperparameter a value)",
     )
     model.add_argument(
         "--infer-limit",
@@ -276,18 +293,22 @@ def train_and_clone(
     work_dir: Path,
     final_dir: Path,
     plan: Plan | None = None,
+    run_started: float | None = None,
 ) -> tuple[Any, pd.DataFrame, str, str, Any, dict[str, Any] | None]:
-    """Fit, score on validation, refit if asked, and write the deployment clone.
+    """Fit, score on validation, refit if asked (or, for auto, if the time is left), and write the
+    deployment clone.
 
     :param args: the parsed command line.
     :param data: the training rows (label included) and the validation rows, if any.
     :param work_dir: the predictor's working folder.
     :param final_dir: where the deployment clone goes.
     :param plan: the model plan (None: ``--hyperparameters`` or the presets choose the models).
+    :param run_started: when the run started (``time.time``; default: now), for the auto refit's budget.
     :return: the predictor, the leaderboard, the served model, the scored model, its validation score, and
         the distribution of its validation predictions (:func:`prediction_baseline`; None without validation).
     """
     (train, validation), started = data, time.time()
+    run_started = started if run_started is None else run_started
     predictor = fit_predictor(args, train, validation, work_dir, plan)
     fitted_best = predictor.model_best
     board = score_table(predictor, validation)
@@ -302,10 +323,14 @@ def train_and_clone(
         predicted = validation_predictions(predictor, validation, args.label, scored_model)
         predictions = prediction_baseline(predictor, validation, args.label, args.problem_type, scored_model, predicted)
     best = fitted_best
-    if args.refit_full:
+    rows = (len(train), len(validation) if validation is not None else 0)
+    refit, why = refit_decision(args.refit_full, board, fitted_best, rows, args.time_limit, time.time() - run_started)
+    if refit:
         best = refit_best(predictor)
         board = score_table(predictor, validation)
-        log(f"refit: {scored_model} refit on train + validation as {best}")
+        log(f"refit: {scored_model} refit on train + validation as {best} ({why})")
+    elif args.refit_full == "auto":
+        log(f"refit: none ({why})")
     predictor.clone_for_deployment(path=str(final_dir))
     return predictor, board, best, scored_model, score, predictions
 
@@ -376,7 +401,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
 
     try:
         predictor, board, best, scored_model, score, predictions = train_and_clone(
-            args, (train, validation), work_dir, final_dir, plan
+            args, (train, validation), work_dir, final_dir, plan, run_started=started
         )
     except BaseException:
         _reset_dir(work_dir)  # nothing half-written stays behind

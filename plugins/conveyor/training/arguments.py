@@ -76,8 +76,10 @@ def trainer_args(spec: PipelineSpec, time_limit: int, presets: str, num_gpus: in
         args += ["--hyperparameters", json.dumps(trainer.hyperparameters)]
     if spec.data.id_column:
         args += ["--id-column", spec.data.id_column]
-    if trainer.refit_full:
+    if trainer.refit_full is True:
         args.append("--refit-full")
+    elif trainer.refit_full is False:
+        args += ["--refit-full", "false"]  # the script's default is auto
     if trainer.infer_limit:
         args += ["--infer-limit", str(trainer.infer_limit)]
     return args

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,31 @@ def test_regression_without_validation_channel(tmp_path, churn):
     assert metadata["validation_score"] < 0  # AutoGluon's higher-is-better sign: -RMSE
     assert "monthly_charges" not in [f["name"] for f in metadata["features"]]
     assert metadata["rows"]["validation"] == 0
+    assert "refit: none (auto: no validation rows to add)" in result.stdout  # the default is auto
+
+
+def test_default_auto_refit_on_a_small_table_serves_the_refit_model(tmp_path, churn):
+    """300 rows, a 40-round LightGBM and a 30 s budget: the fit leaves the time, auto refits on train + validation."""
+    train, validation = tmp_path / "train", tmp_path / "validation"
+    train.mkdir()
+    validation.mkdir()
+    churn.iloc[:230].to_csv(train / "data.csv", index=False)
+    churn.iloc[230:].to_csv(validation / "data.csv", index=False)
+    flags = ("--label", "churned", "--problem-type", "binary", "--id-column", "customer_id", "--time-limit", "30")
+    result = run_train(
+        {"train": train, "validation": validation},
+        tmp_path / "model",
+        tmp_path / "output",
+        *flags,
+        "--hyperparameters",
+        TINY_GBM,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    refit = re.search(r"refit: (\S+) refit on train \+ validation as (\S+) \(auto: \1 fit in [0-9.]+s", result.stdout)
+    assert refit is not None, result.stdout[-3000:]
+    metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    assert metadata["best_model"] == refit[2] == refit[1] + "_FULL" and metadata["validation_model"] == refit[1]
+    assert metadata["hyperparameters"]["refit_full"] == "auto"
 
 
 # ---------------------------------------------------------------------- bad input, no training
@@ -447,10 +473,38 @@ def test_validation_predictions_come_from_the_fit_and_are_predicted_again_only_f
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
-    [((), False), (("--refit-full",), True), (("--refit-full", "True"), True), (("--refit-full", "false"), False)],
+    [
+        ((), "auto"),
+        (("--refit-full",), True),
+        (("--refit-full", "True"), True),
+        (("--refit-full", "false"), False),
+        (("--refit-full", "AUTO"), "auto"),
+    ],
 )
 def test_refit_full_is_a_bare_flag_or_a_value_as_sagemaker_passes_it(argv, expected):
-    assert parse("--label", "churned", "--problem-type", "binary", *argv).refit_full is expected
+    assert parse("--label", "churned", "--problem-type", "binary", *argv).refit_full == expected
+
+
+def refit_decision(choice, fit_time: float, elapsed: float, rows=(1000, 250), budget: float = 100.0):
+    fit_py = sys.modules["fit"]  # the sibling train.py imported
+    board = pd.DataFrame({"model": ["WeightedEnsemble_L2", "LightGBM"], "fit_time": [fit_time, fit_time - 1]})
+    return fit_py.refit_decision(choice, board, "WeightedEnsemble_L2", rows, budget, elapsed)
+
+
+def test_auto_refit_when_the_scaled_fit_time_fits_what_is_left_of_the_budget():
+    # 10 s fit x 1.25 (the validation rows) x 1.5 = 18.75 s; 100 s budget less 10% reserve less 40 s spent = 50 s.
+    refit, why = refit_decision("auto", fit_time=10.0, elapsed=40.0)
+    assert refit and "WeightedEnsemble_L2 fit in 10.0s" in why and "~18.8s" in why and "50.0s" in why
+    # The same model after 75 s of a 100 s budget: 15 s left < 18.75 s.
+    refit, why = refit_decision("auto", fit_time=10.0, elapsed=75.0)
+    assert not refit and "15.0s of the budget left" in why
+    refit, why = refit_decision("auto", fit_time=1.0, elapsed=1.0, rows=(1000, 0))
+    assert not refit and "no validation rows" in why
+
+
+def test_asked_refit_and_refused_refit_ignore_the_time_left():
+    assert refit_decision(True, fit_time=500.0, elapsed=99.0)[0] is True
+    assert refit_decision(False, fit_time=0.1, elapsed=0.0) == (False, "not asked (--refit-full false)")
 
 
 def test_refit_full_refuses_a_value_that_is_not_a_boolean():
