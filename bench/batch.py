@@ -6,7 +6,7 @@ input files: ``churn_frame(N)`` without its label, written once as one Parquet f
 csv``: one CSV file), at two sizes: 1,000,000 and 5,000,000 rows (``--quick``: 200,000 and
 1,000,000; ``--sizes`` to choose):
 
-* ours: ``conveyor.batch.scoring.score_file(source, model_dir, out, ..., chunk_rows=50,000, workers=2)``
+* ours: ``conveyor.batch.scoring.score_file(source, model_dir, out, ..., chunk_rows=100,000, workers=2)``
   (and again with ``workers=1`` at the small size): the model loaded once, chunks (rows from the
   memory budget) streamed from pyarrow to scoring threads that share it, written as Parquet parts
   with the id, prediction, probabilities and the run's constant columns, then ``_SUCCESS.json``;
@@ -58,7 +58,7 @@ if str(PLUGINS) not in sys.path:
 from _common import isolate, train_model  # noqa: E402
 
 FULL_SIZES, QUICK_SIZES = (1_000_000, 5_000_000), (200_000, 1_000_000)
-CHUNK_ROWS = 50_000
+CHUNK_ROWS = 100_000
 WORKERS = 2
 TARGET_RATIO = 1.0
 TARGET_GROWTH = 1.1
@@ -116,7 +116,9 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from conveyor.batch import scoring as batch
 
-    ObjectStoragePath(Path(args.source).resolve().as_uri())  # Airflow initialised before the clock, as in a task
+    # Airflow initialised before the clock, as in a task: the batch task has listed its drops (and so
+    # registered the providers' filesystems, ~1 s of imports) before it scores.
+    _ = ObjectStoragePath(Path(args.source).resolve().as_uri()).fs
 
     memory_after_imports = status_kib() or (0, 0)
     parts = PartClock()

@@ -105,10 +105,15 @@ def write_part(folder: ObjectStoragePath, name: str, table: pa.Table) -> None:
     :param name: the part's name (:func:`part_name`).
     :param table: its rows.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # Written into memory first, then handed to the file in one write: pyarrow writing through a Python
+    # file object makes one Python call per page (a 50,000-row part: 3x the time of the encoding itself).
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
     with (folder / name).open("wb") as handle:
-        pq.write_table(table, handle)
+        handle.write(sink.getvalue().to_pybytes())
 
 
 def write_parts(

@@ -59,7 +59,7 @@ def score_file(
     model_name: str,
     model_version: str,
     scored_at: datetime,
-    chunk_rows: int = 50_000,
+    chunk_rows: int = 100_000,
     workers: int = 2,
     conn_id: str | None = None,
     memory_bytes: int = MEMORY_BYTES,
