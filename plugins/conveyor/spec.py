@@ -166,7 +166,9 @@ class BatchSpec(_Scheduled):
     enabled: bool = False
     input: str | None = None
     table: str | None = None
-    chunk_rows: int = Field(100_000, ge=1)  # 50,000 made the local transform 0.97x the whole-frame predict at 5M rows, 100,000 1.05x
+    # Rows per chunk at most (local transform) and per input file (SageMaker): at 5M rows 50,000 made the local
+    # transform 0.97x the rows/s of one whole-frame predict, 100,000 1.05x (docs/benchmarks.md).
+    chunk_rows: int = Field(100_000, ge=1)
     workers: int = Field(2, ge=1)
     # compute: sagemaker only (docs/aws.md): the transform job's instances, the largest request
     # sent to the container (a mini-batch of CSV lines), and how long the run waits for the job.
