@@ -116,6 +116,13 @@ class SageMakerRegistryHook(BaseHook):
         self.inference_image_uri = inference_image_uri
         self.name_prefix = name_prefix
         self.realtime_instance_types = list(realtime_instance_types or [])
+        # What this hook learnt from SageMaker (one hook lives for one task step): group ARNs, package ARNs by
+        # (model, version), DescribeModelPackage answers by ARN (kept in step with this hook's own updates)
+        # and group tags. Saves the describe-before-update and list-before-describe round trips.
+        self._group_arns: dict[str, str] = {}
+        self._package_arns: dict[tuple[str, int], str] = {}
+        self._packages: dict[str, dict[str, Any]] = {}
+        self._tags: dict[str, dict[str, str]] = {}
 
     @classmethod
     def for_spec(cls, spec: PipelineSpec) -> SageMakerRegistryHook:
@@ -155,24 +162,37 @@ class SageMakerRegistryHook(BaseHook):
         """The ARN of a model's group, or None when it does not exist yet."""
         from botocore.exceptions import ClientError
 
+        if model_name in self._group_arns:
+            return self._group_arns[model_name]
         try:
             found = self._call("DescribeModelPackageGroup", ModelPackageGroupName=self.group(model_name))
         except ClientError as exc:
             if error_code(exc) == "ValidationException":  # what SageMaker answers for an unknown group
                 return None
             raise
+        self._group_arns[model_name] = found["ModelPackageGroupArn"]
         return found["ModelPackageGroupArn"]
 
     def ensure_group(self, model_name: str) -> str:
         """The ARN of a model's group, created if missing ("already exists": reused)."""
+        from botocore.exceptions import ClientError
+
         arn = self.group_arn(model_name)
         if arn is not None:
             return arn
         name = self.group(model_name)
-        with aws_errors("sagemaker:CreateModelPackageGroup", self.aws_conn_id):
-            self.hook.create_model_package_group(name, f"Conveyor pipeline {model_name}: registered model versions")
+        description = f"Conveyor pipeline {model_name}: registered model versions"
+        try:
+            created = self._call(
+                "CreateModelPackageGroup", ModelPackageGroupName=name, ModelPackageGroupDescription=description
+            )
+        except ClientError as exc:  # created meanwhile by a concurrent task: reused (the provider's rule)
+            if error_code(exc) != "ValidationException" or "already exists" not in str(exc):
+                raise
+            return self.group_arn(model_name) or ""
         self.log.info("Created model package group %s", name)
-        return self.group_arn(model_name) or ""
+        self._group_arns[model_name] = created["ModelPackageGroupArn"]
+        return created["ModelPackageGroupArn"]
 
     # -------------------------------------------------------------------------------- packages
 
@@ -188,13 +208,22 @@ class SageMakerRegistryHook(BaseHook):
             kwargs["ModelApprovalStatus"] = status
         while True:
             page = self._call("ListModelPackages", **kwargs)
-            yield from page.get("ModelPackageSummaryList") or []
+            for summary in page.get("ModelPackageSummaryList") or []:
+                if summary.get("ModelPackageVersion") and summary.get("ModelPackageArn"):
+                    self._package_arns[(model_name, int(summary["ModelPackageVersion"]))] = summary["ModelPackageArn"]
+                yield summary
             if not page.get("NextToken"):
                 return
             kwargs["NextToken"] = page["NextToken"]
 
     def _describe(self, model_name: str, arn: str) -> RegisteredVersion:
         found = self._call("DescribeModelPackage", ModelPackageName=arn)
+        self._packages[arn] = found
+        self._package_arns[(model_name, int(found["ModelPackageVersion"]))] = arn
+        return self._version_of(model_name, found)
+
+    def _version_of(self, model_name: str, found: dict[str, Any]) -> RegisteredVersion:
+        """A ``RegisteredVersion`` from a DescribeModelPackage answer (or what this hook sent to create one)."""
         tags = {str(k): str(v) for k, v in (found.get("CustomerMetadataProperties") or {}).items()}
         tags[STATUS_TAG] = found.get("ModelApprovalStatus") or PENDING
         containers = (found.get("InferenceSpecification") or {}).get("Containers") or [{}]
@@ -210,6 +239,8 @@ class SageMakerRegistryHook(BaseHook):
 
     def _arn(self, model_name: str, version: str) -> str:
         wanted = int(version)
+        if (model_name, wanted) in self._package_arns:
+            return self._package_arns[(model_name, wanted)]
         for summary in self._summaries(model_name):
             if int(summary.get("ModelPackageVersion") or 0) == wanted:
                 return summary["ModelPackageArn"]
@@ -288,11 +319,22 @@ class SageMakerRegistryHook(BaseHook):
                 "ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": metrics_s3}}
             }
         created = self._call("CreateModelPackage", **request)
-        version = self._describe(model_name, created["ModelPackageArn"])
+        version = self._created(model_name, created["ModelPackageArn"], request)
         self.log.info(
             "Registered %s version %s (%s) in model package group %s", model_name, version.version, version.arn, group
         )
         return version
+
+    def _created(self, model_name: str, arn: str, request: dict[str, Any]) -> RegisteredVersion:
+        """The version just created, from what was sent (its number is the ARN's last part); described when the
+        ARN does not end in a number."""
+        number = arn.rsplit("/", 1)[-1]
+        if not number.isdigit():
+            return self._describe(model_name, arn)
+        found = {**request, "ModelPackageArn": arn, "ModelPackageVersion": int(number)}
+        self._packages[arn] = found
+        self._package_arns[(model_name, int(number))] = arn
+        return self._version_of(model_name, found)
 
     def inference_specification(self, model_data_url: str) -> dict[str, Any]:
         """The package's serving container and what it accepts and answers.
@@ -327,7 +369,7 @@ class SageMakerRegistryHook(BaseHook):
         reason: str | None = None,
     ) -> None:
         """Update a package, sending its whole status and metadata (what is not sent may be lost)."""
-        current = self._call("DescribeModelPackage", ModelPackageName=arn)
+        current = self._packages.get(arn) or self._call("DescribeModelPackage", ModelPackageName=arn)
         old = dict(current.get("CustomerMetadataProperties") or {})
         metadata = {**old, **{k: _value(v) for k, v in (set_tags or {}).items()}}
         for key in remove:
@@ -344,6 +386,11 @@ class SageMakerRegistryHook(BaseHook):
         if reason:
             request["ApprovalDescription"] = reason[:1024]
         self._call("UpdateModelPackage", **request)
+        self._packages[arn] = {
+            **current,
+            "ModelApprovalStatus": request["ModelApprovalStatus"],
+            "CustomerMetadataProperties": metadata,
+        }
 
     def set_status(self, model_name: str, version: str, status: str) -> None:
         """Set a version's approval status.
@@ -358,13 +405,11 @@ class SageMakerRegistryHook(BaseHook):
     def promote(self, model_name: str, version: str) -> None:
         """Approve a version: the latest ``Approved`` package is the champion."""
         self.set_status(model_name, version, APPROVED)
-        champion = self.champion(model_name)
-        if champion is not None and champion.version != str(version):
+        approved = [int(summary.get("ModelPackageVersion") or 0) for summary in self._summaries(model_name, APPROVED)]
+        newest = max(approved, default=int(version))
+        if newest != int(version):
             self.log.warning(
-                "%s version %s approved, but the newer approved version %s stays champion",
-                model_name,
-                version,
-                champion.version,
+                "%s version %s approved, but the newer approved version %s stays champion", model_name, version, newest
             )
 
     def set_version_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
@@ -413,12 +458,15 @@ class SageMakerRegistryHook(BaseHook):
     # ------------------------------------------------------------------------------ deployment
 
     def _group_tags(self, group_arn: str) -> dict[str, str]:
+        if group_arn in self._tags:
+            return self._tags[group_arn]
         tags: dict[str, str] = {}
         kwargs: dict[str, Any] = {"ResourceArn": group_arn}
         while True:
             page = self._call("ListTags", **kwargs)
             tags.update({tag["Key"]: tag["Value"] for tag in page.get("Tags") or []})
             if not page.get("NextToken"):
+                self._tags[group_arn] = tags
                 return tags
             kwargs["NextToken"] = page["NextToken"]
 
@@ -447,6 +495,7 @@ class SageMakerRegistryHook(BaseHook):
         # add_tags replaces a key on AWS but appends on moto: delete it first on both.
         self._call("DeleteTags", ResourceArn=group_arn, TagKeys=[key])
         self._call("AddTags", ResourceArn=group_arn, Tags=[{"Key": key, "Value": str(version)}])
+        self._tags.setdefault(group_arn, {})[key] = str(version)
         return previous
 
 

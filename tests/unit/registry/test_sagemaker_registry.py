@@ -257,12 +257,40 @@ def test_exact_requests_at_the_hook_boundary():
     }
     assert len(request["ClientToken"]) == 36
     conn.create_model_package_group.assert_not_called()  # the group existed
+    # The hook knows what it created: no DescribeModelPackage after the create, nor before the update, and the
+    # update sends the metadata the package was created with.
+    conn.describe_model_package.assert_not_called()
     conn.update_model_package.assert_called_once_with(
         ModelPackageArn="arn:pkg/p-shapes/1",
         ModelApprovalStatus=APPROVED,
-        CustomerMetadataProperties={"conveyor_run_id": "r9", "x": "1"},
+        CustomerMetadataProperties=request["CustomerMetadataProperties"],
         ApprovalDescription="Approved by Conveyor",
     )
+
+
+def test_a_fresh_hook_describes_before_it_updates_and_keeps_the_other_metadata():
+    """What another task or person set on the package (here ``x``) is read and sent back with the new status."""
+    hook = SageMakerRegistryHook()
+    conn = mock.MagicMock()
+    conn.list_model_packages.return_value = {
+        "ModelPackageSummaryList": [{"ModelPackageArn": "arn:pkg/churn/2", "ModelPackageVersion": 2}]
+    }
+    conn.describe_model_package.return_value = {
+        "ModelPackageArn": "arn:pkg/churn/2",
+        "ModelPackageVersion": 2,
+        "ModelApprovalStatus": PENDING,
+        "CustomerMetadataProperties": {"conveyor_run_id": "r2", "x": "1"},
+    }
+    with mock.patch.object(type(hook.hook), "conn", conn):
+        hook.set_status("churn", "2", APPROVED)
+        hook.set_version_tags("churn", "2", {"live_on": "churn"})
+    conn.list_model_packages.assert_called_once()  # the ARN of version 2 is known after the first listing
+    conn.describe_model_package.assert_called_once_with(ModelPackageName="arn:pkg/churn/2")
+    assert conn.update_model_package.call_args_list[-1].kwargs == {
+        "ModelPackageArn": "arn:pkg/churn/2",
+        "ModelApprovalStatus": APPROVED,  # the status this hook set is kept
+        "CustomerMetadataProperties": {"conveyor_run_id": "r2", "x": "1", "live_on": "churn"},
+    }
 
 
 def test_expired_credentials_become_a_clear_retryable_error():
