@@ -61,6 +61,7 @@ def test_typo_field_names_file_and_field(tmp_path, churn):
         (lambda d: d["data"].update(format="xlsx"), "data.format"),
         (lambda d: d["trainer"].update(time_limit=-1), "trainer.time_limit"),
         (lambda d: d.update(approval="sometimes"), "approval"),
+        (lambda d: d["trainer"].update(refit_full="sometimes"), "trainer.refit_full"),
         (lambda d: d["data"].pop("label"), "data.label"),
         (lambda d: d["split"].update(test=0.9), "split.test"),
         (lambda d: d["data"]["csv"].update(delimiter=";;"), "data.csv.delimiter"),
@@ -70,6 +71,15 @@ def test_invalid_values_name_the_field(tmp_path, churn, change, field):
     change(churn)
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         load_spec(write(tmp_path, "churn", churn))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), (True, True), (False, False), (None, "auto")])
+def test_refit_full_is_auto_by_default_or_a_boolean(tmp_path, churn, value, expected):
+    if value is None:
+        churn["trainer"].pop("refit_full", None)
+    else:
+        churn["trainer"]["refit_full"] = value
+    assert load_spec(write(tmp_path, "churn", churn)).trainer.refit_full == expected
 
 
 def test_inconsistent_trainer_and_format(tmp_path, churn):

@@ -113,7 +113,7 @@ def write_part(folder: ObjectStoragePath, name: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     with (folder / name).open("wb") as handle:
-        handle.write(sink.getvalue().to_pybytes())
+        handle.write(memoryview(sink.getvalue()))  # the buffer itself, not a bytes copy of it
 
 
 def write_parts(
