@@ -483,11 +483,21 @@ def keys_below(path: ObjectStoragePath, recursive: bool = True) -> list[str]:
     return [entry["name"] for entry in entries if not recursive or entry.get("type") != "directory"]
 
 
+_UPLOADED: set[str] = set()  # what upload_tree wrote in this process (a task's own reports), see uploaded_here
+_UPLOADED_MAX = 4096
+
+
+def uploaded_here(path: ObjectStoragePath) -> bool:
+    """Whether :func:`upload_tree` wrote this file in this process (known to exist without asking the store)."""
+    return str(path) in _UPLOADED
+
+
 def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
     """Copy a local folder (e.g. rendered HTML reports) into the lake; returns the relative names.
 
     Each file appears whole or not at all. On an object store each file is one upload (a PUT, or a
-    multipart upload for a large one): no folder creation or existence checks.
+    multipart upload for a large one): no folder creation or existence checks. The files are
+    remembered for :func:`uploaded_here` (a task's report links then ask the store nothing).
 
     :param local_dir: the folder to copy.
     :param target: where its content goes.
@@ -504,6 +514,9 @@ def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
                 while chunk := reader.read(1 << 20):
                     writer.write(chunk)
         names.append(rel)
+    if len(_UPLOADED) > _UPLOADED_MAX:
+        _UPLOADED.clear()
+    _UPLOADED.update(str(target / rel) for rel in names)
     return names
 
 

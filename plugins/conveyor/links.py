@@ -4,6 +4,11 @@ A report lives in the lake (``reports/<pipeline>/<run>/<section>/index.html``), 
 cannot open directly on S3 or on the server's disk; the links point at Conveyor's report viewer
 (``conveyor.reports.viewer``, mounted by the ``conveyor`` Airflow plugin), which reads the lake
 and checks the person's Airflow permissions. A task that wrote no report gets no link.
+
+Airflow 3 computes the links on the worker when a try ends (and stores them in XCom). There the
+task's process knows what it uploaded (``conveyor.lake.uploaded_here``) and whether it ran the
+task (``RAN_HERE``, set by ``conveyor.operators.base.translate_errors``), so the lake is asked
+only where neither tells (a link computed in another process).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ if TYPE_CHECKING:
     from airflow.sdk.types import TaskInstanceKey
 
 VIEWER_PREFIX = "/conveyor"
+RAN_HERE = "_conveyor_ran_here"  # an operator attribute: its execute/execute_complete ran in this process
 
 
 def report_url(dag_id: str, run_id: str, section: str, base_url: str | None = None) -> str:
@@ -60,10 +66,12 @@ class ReportLink(BaseOperatorLink):
     section: ClassVar[str] = ""
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from conveyor.lake import Lake
+        from conveyor.lake import Lake, uploaded_here
 
-        pipeline = pipeline_of(operator)
-        if not (Lake.from_env().reports(pipeline, ti_key.run_id) / self.section / "index.html").exists():
+        page = Lake.from_env().reports(pipeline_of(operator), ti_key.run_id) / self.section / "index.html"
+        if uploaded_here(page):
+            return report_url(ti_key.dag_id, ti_key.run_id, self.section)
+        if getattr(operator, RAN_HERE, False) or not page.exists():  # this try wrote no report here / none there
             return ""
         return report_url(ti_key.dag_id, ti_key.run_id, self.section)
 

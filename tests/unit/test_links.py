@@ -51,6 +51,42 @@ def test_link_only_when_the_report_exists(lake, monkeypatch):
     assert GateReportLink().get_link(operator, ti_key=ti_key()) == ""  # another section: no report yet
 
 
+def test_a_report_this_process_uploaded_or_did_not_needs_no_lookup(lake, monkeypatch, tmp_path):
+    """On the worker (Airflow 3 computes links when a try ends) the lake is not asked: what this process
+    uploaded has a link; an operator that ran here and uploaded nothing has none."""
+    from conveyor.lake import upload_tree
+    from conveyor.links import RAN_HERE
+
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "index.html").write_text("<html></html>")
+    upload_tree(folder, lake.reports("churn", RUN) / "batch")
+    asked = []
+    monkeypatch.setattr(type(lake.reports("churn", RUN)), "exists", lambda self: asked.append(str(self)) or True)
+    ran = SimpleNamespace(pipeline="churn", **{RAN_HERE: True})
+    assert BatchReportLink().get_link(ran, ti_key=ti_key()) == report_url("churn__train", RUN, "batch")
+    assert MonitorReportLink().get_link(ran, ti_key=ti_key()) == ""  # ran here, wrote no monitor report
+    assert asked == []
+    elsewhere = SimpleNamespace(pipeline="churn")  # e.g. a link computed in another process: the lake says
+    assert MonitorReportLink().get_link(elsewhere, ti_key=ti_key()) == report_url("churn__train", RUN, "monitor")
+    assert len(asked) == 1
+
+
+def test_an_operator_method_marks_that_it_ran_here():
+    from conveyor.links import RAN_HERE
+    from conveyor.operators.base import translate_errors
+
+    class Task:
+        @translate_errors
+        def execute(self, context):
+            return context
+
+    task = Task()
+    assert not hasattr(task, RAN_HERE)
+    assert task.execute(1) == 1 and getattr(task, RAN_HERE) is True
+
+
 def test_the_pipeline_comes_from_the_operators_spec(lake, monkeypatch):
     from airflow.sdk import literal
 

@@ -459,7 +459,7 @@ def job_model(
             billable_seconds=description.get("BillableTimeInSeconds"),
             **extra,
         )
-        target, size = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
+        target, size, sha256 = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
         output = ObjectStoragePath(model_uri.rsplit("/", 1)[0] + "/output.tar.gz", conn_id=lake.conn_id)
         try:  # one GET: a job without output files has none (no HEAD to ask first)
             copy_verified(output, ObjectStoragePath((scratch / "output.tar.gz").as_uri()), 1 << 20)
@@ -474,7 +474,7 @@ def job_model(
             name,
             metadata.train_seconds,
         )
-    return train_result(str(target), metadata)
+    return train_result(str(target), metadata, sha256)
 
 
 def train_seconds(description: dict[str, Any]) -> float:

@@ -10,6 +10,7 @@ fails now, no retry); a ``TransientError`` or any other exception propagates so 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from airflow.sdk.exceptions import AirflowFailException
 
 from conveyor.errors import ConveyorError
+from conveyor.links import RAN_HERE
 
 if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
@@ -41,6 +43,9 @@ def translate_errors(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args:  # the operator: its report links then know this process ran it (conveyor.links)
+            with contextlib.suppress(AttributeError, TypeError):
+                object.__setattr__(args[0], RAN_HERE, True)
         with airflow_errors():
             return method(*args, **kwargs)
 

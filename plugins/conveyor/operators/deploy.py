@@ -61,9 +61,10 @@ def wait_for_model_dir(name: str, role: str, model_dir: Path, timeout: float, po
 class ResolveModelOperator(BaseOperator):
     """Find the registered version to use: a version number or an alias (``champion``).
 
-    Returns ``{"model_name", "version", "model_uri", "train_run", "status", "sha256"}`` (``sha256``:
-    the archive's hash the registry recorded, None for a version registered before hashes were;
-    every task that loads the model checks the archive against it). Refuses a version that is not
+    Returns ``{"model_name", "version", "model_uri", "train_run", "status", "sha256", "arn"}``
+    (``sha256``: the archive's hash the registry recorded, None for a version registered before
+    hashes were; every task that loads the model checks the archive against it; ``arn``: the
+    SageMaker model package, None on MLflow). Refuses a version that is not
     ``Approved``. When the run was started by an approval whose ``deploy`` flag is
     off, the task is skipped with everything after it.
 
@@ -121,6 +122,7 @@ class ResolveModelOperator(BaseOperator):
             "train_run": found.tags.get("conveyor_run_id"),
             "status": status,
             "sha256": found.tags.get(SHA256_TAG) or None,
+            "arn": getattr(found, "arn", None) or None,  # SageMaker's package (the deploy need not list it)
         }
 
 

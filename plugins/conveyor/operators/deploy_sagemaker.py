@@ -312,7 +312,9 @@ class SageMakerDeployEndpointOperator(BaseOperator):
 
         version = str(self.model["version"])
         endpoint = described["EndpointName"]
-        previous = registry_hook(spec, self.tracking_uri).record_deployment(spec.name, version, endpoint)
+        registry = registry_hook(spec, self.tracking_uri)
+        registry.remember({"model_name": spec.name, **self.model})
+        previous = registry.record_deployment(spec.name, version, endpoint)
         self.log.info(
             "Version %s of %s is live on SageMaker endpoint %s (%s); it replaced %s",
             version,

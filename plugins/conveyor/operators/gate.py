@@ -15,7 +15,7 @@ from conveyor.operators.base import pipeline_spec, translate_errors
 
 
 class GateModelOperator(BaseOperator):
-    """Apply the pipeline's gate and log the run (params, metrics, reports, decision) to MLflow.
+    """Apply the pipeline's gate and log the run (params, metrics, its report, decision) to MLflow.
 
     The champion (of the pipeline's registry: MLflow's ``champion`` alias or SageMaker's latest
     approved package) is re-scored on this run's test set so both models
@@ -67,7 +67,7 @@ class GateModelOperator(BaseOperator):
             report_uri = str(report_dir / "gate" / "index.html")
             self.log.info("%s", decision.summary)
             self.log.info("Gate report: %s", report_uri)
-            mlflow_run = self._track(tracking, spec, run_id, decision, report_dir, scratch)
+            mlflow_run = self._track(tracking, spec, run_id, decision, scratch / "gate")
         result = {
             "passed": decision.passed,
             "reasons": decision.reasons,
@@ -115,10 +115,11 @@ class GateModelOperator(BaseOperator):
             return None, str(champion.version)
         return scalar_metrics(scored.metrics), str(champion.version)
 
-    def _track(self, tracking: Any, spec: Any, run_id: str, decision: Any, report_dir: Any, scratch: Path) -> str:
-        """Log the run to MLflow tracking (params, test metrics, the decision, both reports); returns its id."""
-        from conveyor.lake import as_local_folder
+    def _track(self, tracking: Any, spec: Any, run_id: str, decision: Any, report: Path) -> str:
+        """Log the run to MLflow tracking (params, test metrics, the decision, the gate's report); returns its id.
 
+        The evaluate task logged the evaluation report to the same run (``reports/evaluation``).
+        """
         mlflow_run = tracking.ensure_run(spec.name, run_id, run_name=run_id, tags={"pipeline": spec.name})
         tracking.log_run(
             mlflow_run,
@@ -141,8 +142,5 @@ class GateModelOperator(BaseOperator):
                 "model_uri": self.model["model_uri"],
             },
         )
-        tracking.log_artifacts(
-            mlflow_run, as_local_folder(report_dir / "evaluation", scratch / "ev"), "reports/evaluation"
-        )
-        tracking.log_artifacts(mlflow_run, scratch / "gate", "reports/gate")
+        tracking.log_artifacts(mlflow_run, report, "reports/gate")
         return mlflow_run

@@ -53,7 +53,7 @@ class RegisterModelOperator(BaseOperator):
 
     @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
-        from conveyor.model.artifacts import archive_sha256
+        from conveyor.model.artifacts import archive_sha256, checked_sha256
         from conveyor.registry import registry_hook
         from conveyor.registry.mlflow import MlflowRegistryHook
 
@@ -63,7 +63,10 @@ class RegisterModelOperator(BaseOperator):
         metrics_uri = None
         if evaluation.get("report"):
             metrics_uri = str(lake.reports(spec.name, context["run_id"]) / "evaluation" / "metrics.json")
-        sha256 = archive_sha256(self.model["model_uri"], lake.conn_id)
+        if self.model.get("sha256"):  # hashed by the train task as it wrote the archive (no second read)
+            sha256 = checked_sha256(self.model["sha256"], f"the train task's sha256 of {self.model['model_uri']}")
+        else:  # a result from before the train task recorded it
+            sha256 = archive_sha256(self.model["model_uri"], lake.conn_id)
         version = registry_hook(spec, self.tracking_uri).register(
             spec.name,
             self.model["model_uri"],
@@ -95,6 +98,7 @@ class RegisterModelOperator(BaseOperator):
             "mlflow_run_id": self.gate["mlflow_run_id"],
             "model_uri": self.model["model_uri"],
             "sha256": sha256,
+            "arn": getattr(version, "arn", None) or None,  # SageMaker's package (the next tasks need not list it)
         }
 
 
@@ -121,7 +125,9 @@ class AutoApproveOperator(BaseOperator):
         from conveyor.registry.base import APPROVED
 
         name, version = self.registration["model_name"], self.registration["version"]
-        registry_hook(pipeline_spec(self.spec), self.tracking_uri).promote(name, version)
+        hook = registry_hook(pipeline_spec(self.spec), self.tracking_uri)
+        hook.remember(self.registration)
+        hook.promote(name, version)
         self.log.info("Approved %s version %s automatically; it is now the champion", name, version)
         return {"model_name": name, "version": version, "status": APPROVED, "approved_by": "auto"}
 
@@ -163,6 +169,7 @@ class ModelApprovalOperator(ApprovalOperator):
         registration = context["ti"].xcom_pull(task_ids=self.registration_task)
         name, version = registration["model_name"], registration["version"]
         hook = registry_hook(pipeline_spec(self.spec), self.tracking_uri)
+        hook.remember(registration)
         user = event.get("responded_by_user") or {}
         who = str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) else str(user)
         if result["chosen_options"][0] == self.APPROVE:

@@ -169,25 +169,29 @@ class TrainModelOperator(BaseOperator):
 class EvaluateModelOperator(BaseOperator):
     """Score the model on the run's test set: metrics, plots and an HTML report.
 
-    Writes ``reports/<pipeline>/<run>/evaluation/`` (``index.html``, ``metrics.json``, plots).
-    Returns ``{"metrics": {scalar metrics}, "report": uri}``.
+    Writes ``reports/<pipeline>/<run>/evaluation/`` (``index.html``, ``metrics.json``, plots) and
+    logs the same files to the run's MLflow run (``reports/evaluation``; the gate logs the rest
+    there), from here where they are on disk. Returns ``{"metrics": {scalar metrics}, "report": uri}``.
 
     :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory).
     :param model: the train task's result (templated XCom).
+    :param tracking_uri: the MLflow tracking URI (the default store when None).
     """
 
     template_fields = ("spec", "model")
     template_fields_renderers = {"spec": "json"}
     operator_extra_links = (EvaluationReportLink(),)
 
-    def __init__(self, *, spec: Any, model: Any, **kwargs: Any):
+    def __init__(self, *, spec: Any, model: Any, tracking_uri: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.spec = spec
         self.model = model
+        self.tracking_uri = tracking_uri
 
     @translate_errors
     def execute(self, context: Any) -> dict[str, Any]:
         from conveyor.lake import upload_tree
+        from conveyor.registry.mlflow import MlflowRegistryHook
         from conveyor.reports.evaluation import write_model_report
         from conveyor.training.evaluate import bounded_importance, scalar_metrics, score_model
 
@@ -202,6 +206,9 @@ class EvaluateModelOperator(BaseOperator):
                 importance = bounded_importance(scored, spec, spec.gate.metric)
             write_model_report(Path(tmp) / "report", scored, spec, run_id, "Challenger", importance)
             upload_tree(Path(tmp) / "report", report_dir)
+            tracking = MlflowRegistryHook(self.tracking_uri)  # experiment runs: MLflow tracking with either registry
+            mlflow_run = tracking.ensure_run(spec.name, run_id, run_name=run_id, tags={"pipeline": spec.name})
+            tracking.log_artifacts(mlflow_run, Path(tmp) / "report", "reports/evaluation")
         metrics = scalar_metrics(scored.metrics)
         self.log.info("Test metrics: %s", metrics)
         self.log.info("Evaluation report: %s", report_dir / "index.html")

@@ -15,6 +15,7 @@ care which one a pipeline uses:
 | | or alias (``champion``) |
 | ``record_deployment(model_name, version, endpoint)`` | records the live version; returns the one it replaced |
 | ``live_version(model_name, endpoint)`` | the version recorded as live on an endpoint |
+| ``remember(entry)`` | takes a version's ``arn`` from an earlier task's result (SageMaker; saves a listing) |
 
 ``register`` records the archive's sha256 (``model_sha256``: a version tag in MLflow, a customer
 metadata property in SageMaker); ``conveyor.model.artifacts.fetch`` refuses an archive whose bytes
@@ -130,3 +131,7 @@ class RegistryHook(Protocol):
     def record_deployment(self, model_name: str, version: str, endpoint: str) -> str | None: ...
 
     def live_version(self, model_name: str, endpoint: str) -> str | None: ...
+
+    def remember(self, entry: dict[str, Any]) -> None:
+        """Take what an earlier task of the run learnt of a version (its result: ``model_name``,
+        ``version``, ``arn``), so this hook need not ask the registry again; a no-op where nothing is saved."""

@@ -201,6 +201,9 @@ class MlflowRegistryHook(BaseHook):
         self._call("tag registered model", self.client.set_registered_model_tag, model_name, key, str(version))
         return previous
 
+    def remember(self, entry: dict[str, Any]) -> None:
+        """Nothing to keep: MLflow's versions are addressed by name and number (``RegistryHook.remember``)."""
+
     def live_version(self, model_name: str, endpoint: str) -> str | None:
         """The version the registry records as live on an endpoint."""
         model = self._call("read registered model", self.client.get_registered_model, model_name)

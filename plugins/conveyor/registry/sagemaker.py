@@ -61,6 +61,8 @@ LIVE_TAG = "conveyor:live_on:{endpoint}"
 METADATA_MAX_ENTRIES = 50
 METADATA_VALUE_MAX = 256
 _TAG_UNSAFE = re.compile(r"[^\w.:/=+\-@ ]")
+# arn:<partition>:sagemaker:<region>:<account>:model-package/<group>/<version>: its group's ARN follows from it
+_PACKAGE_ARN = re.compile(r"^(arn:[^:]+:sagemaker:[^:]*:[^:]*:)model-package/([^/]+)/\d+$")
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,20 @@ class SageMakerRegistryHook(BaseHook):
 
     # -------------------------------------------------------------------------------- packages
 
+    def _learn(self, model_name: str, version: Any, arn: str) -> None:
+        """Keep a package's ARN, and its group's ARN (the same prefix and group name, so no describe asks it)."""
+        if str(version).isdigit():
+            self._package_arns[(model_name, int(version))] = arn
+        matched = _PACKAGE_ARN.match(arn)
+        if matched and matched.group(2).lower() == self.group(model_name).lower():
+            self._group_arns.setdefault(model_name, f"{matched.group(1)}model-package-group/{matched.group(2)}")
+
+    def remember(self, entry: dict[str, Any]) -> None:
+        """Take a version's ARN from an earlier task's result (``model_name``, ``version``, ``arn``):
+        ARNs never change, so the version is not listed again to find it (``RegistryHook.remember``)."""
+        if entry.get("arn") and entry.get("model_name"):
+            self._learn(str(entry["model_name"]), entry.get("version"), str(entry["arn"]))
+
     def _summaries(self, model_name: str, status: str | None = None) -> Iterator[dict[str, Any]]:
         """The group's package summaries, newest first."""
         kwargs: dict[str, Any] = {
@@ -210,7 +226,7 @@ class SageMakerRegistryHook(BaseHook):
             page = self._call("ListModelPackages", **kwargs)
             for summary in page.get("ModelPackageSummaryList") or []:
                 if summary.get("ModelPackageVersion") and summary.get("ModelPackageArn"):
-                    self._package_arns[(model_name, int(summary["ModelPackageVersion"]))] = summary["ModelPackageArn"]
+                    self._learn(model_name, summary["ModelPackageVersion"], summary["ModelPackageArn"])
                 yield summary
             if not page.get("NextToken"):
                 return
@@ -219,7 +235,7 @@ class SageMakerRegistryHook(BaseHook):
     def _describe(self, model_name: str, arn: str) -> RegisteredVersion:
         found = self._call("DescribeModelPackage", ModelPackageName=arn)
         self._packages[arn] = found
-        self._package_arns[(model_name, int(found["ModelPackageVersion"]))] = arn
+        self._learn(model_name, found["ModelPackageVersion"], arn)
         return self._version_of(model_name, found)
 
     def _version_of(self, model_name: str, found: dict[str, Any]) -> RegisteredVersion:
@@ -333,7 +349,7 @@ class SageMakerRegistryHook(BaseHook):
             return self._describe(model_name, arn)
         found = {**request, "ModelPackageArn": arn, "ModelPackageVersion": int(number)}
         self._packages[arn] = found
-        self._package_arns[(model_name, int(number))] = arn
+        self._learn(model_name, number, arn)
         return self._version_of(model_name, found)
 
     def inference_specification(self, model_data_url: str) -> dict[str, Any]:
@@ -492,8 +508,8 @@ class SageMakerRegistryHook(BaseHook):
             except ModelVersionNotFound:
                 self.log.warning("%s version %s, live before, is no longer registered", model_name, previous)
         self._update(self._arn(model_name, version), set_tags={LIVE_ON: endpoint})
-        # add_tags replaces a key on AWS but appends on moto: delete it first on both.
-        self._call("DeleteTags", ResourceArn=group_arn, TagKeys=[key])
+        if previous is not None:  # add_tags replaces a key on AWS but appends on moto: delete it first on both
+            self._call("DeleteTags", ResourceArn=group_arn, TagKeys=[key])
         self._call("AddTags", ResourceArn=group_arn, Tags=[{"Key": key, "Value": str(version)}])
         self._tags.setdefault(group_arn, {})[key] = str(version)
         return previous

@@ -241,9 +241,9 @@ def train_locally(
         seconds = backend.run(job)
         trained = trained_metadata(job.model_dir, job.script.name)
         metadata = run_metadata(trained, spec, run_id, split, "local", round(seconds, 2))
-        target, size = publish(job.model_dir, metadata, spec.trainer.kind, run_dir, scratch)
+        target, size, sha256 = publish(job.model_dir, metadata, spec.trainer.kind, run_dir, scratch)
         upload_tree(job.output_dir, run_dir / "output")
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
         backend.logger.info("Model artifact: %s (%.1f MB)", target, size / 1e6)
-    return train_result(str(target), metadata)
+    return train_result(str(target), metadata, sha256)

@@ -83,7 +83,7 @@ def run_metadata(
 
 def publish(
     model_dir: Path, metadata: ModelMetadata, kind: str, run_dir: ObjectStoragePath, scratch: Path
-) -> tuple[ObjectStoragePath, int]:
+) -> tuple[ObjectStoragePath, int, str]:
     """Pack the model and put it in the lake: ``<run_dir>/model.tar.gz`` and its ``metadata.json`` sidecar.
 
     :param model_dir: the trained model folder.
@@ -91,7 +91,7 @@ def publish(
     :param kind: the trainer (picks the inference code packed as ``code/``).
     :param run_dir: the run's model folder in the lake (``models/<pipeline>/<run>``).
     :param scratch: a local scratch folder (the archive is built there).
-    :returns: the archive in the lake and its size in bytes.
+    :returns: the archive in the lake, its size in bytes and its sha256 (what the register task records).
     """
     from airflow.sdk import ObjectStoragePath
 
@@ -101,20 +101,23 @@ def publish(
 
     archive = artifacts.pack(model_dir, artifacts.inference_code(kind), metadata, scratch / "model.tar.gz")
     target = run_dir / "model.tar.gz"
-    lake.copy_verified(ObjectStoragePath(archive.as_uri()), target, 1 << 20)
+    sha256, size = lake.copy_verified(ObjectStoragePath(archive.as_uri()), target, 1 << 20)
     # The sidecar (``conveyor.model.metadata.sidecar_uri``) last: it never names an archive not yet there.
     (target.parent / FILENAME).write_text(metadata.dumps())
-    return target, archive.stat().st_size
+    return target, size, sha256
 
 
-def train_result(model_uri: str, metadata: ModelMetadata) -> dict[str, Any]:
+def train_result(model_uri: str, metadata: ModelMetadata, sha256: str) -> dict[str, Any]:
     """The train task's XCom result (the same on every backend).
 
     :param model_uri: the ``model.tar.gz`` in the lake.
     :param metadata: its full metadata.
+    :param sha256: the archive's sha256 as :func:`publish` wrote it (the register task records it
+        without reading the archive again).
     """
     return {
         "model_uri": model_uri,
+        "sha256": sha256,
         "code_version": metadata.code_version,
         "dataset_version": metadata.dataset_version,
         "best_model": metadata.best_model,

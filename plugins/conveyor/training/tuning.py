@@ -340,7 +340,7 @@ def tune_locally(
         trained = trained_metadata(model_dir, f"trial {best.number}")
         seconds = round(time.monotonic() - started, 2)
         metadata = run_metadata(trained, spec, run_id, split, "local", seconds, tuning=summary)
-        target, size = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
+        target, size, sha256 = publish(model_dir, metadata, spec.trainer.kind, run_dir, scratch)
         upload_tree(model_dir.parent / "output", run_dir / "output")
         if tuning.tracker is not None:
             tuning.tracker.record_best(summary)
@@ -354,7 +354,7 @@ def tune_locally(
             size / 1e6,
         )
         shutil.rmtree(scratch / "split", ignore_errors=True)
-    return {**train_result(str(target), metadata), "tuning": _xcom_summary(summary)}
+    return {**train_result(str(target), metadata, sha256), "tuning": _xcom_summary(summary)}
 
 
 def _xcom_summary(summary: dict[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,7 @@ def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
         "mlflow_run_id": gate["mlflow_run_id"],
         "model_uri": MODEL["model_uri"],
         "sha256": hashlib.sha256(b"the trained model").hexdigest(),
+        "arn": None,  # MLflow: no package ARN
     }
     version = store.hook.version("churn", "1")
     assert version.source == MODEL["model_uri"] and version.run_id == gate["mlflow_run_id"]
@@ -104,6 +105,22 @@ def test_register_creates_a_pending_version_tagged_with_its_provenance(store):
     }
     assert store.hook.client.get_run(gate["mlflow_run_id"]).info.status == "FINISHED"
     assert champion_version(store) is None
+
+
+def test_register_records_the_sha256_the_train_task_wrote_without_reading_the_archive(store, archive, monkeypatch):
+    trained = hashlib.sha256(b"the trained model").hexdigest()
+    monkeypatch.setitem(MODEL, "sha256", trained)
+    archive.write_bytes(b"swapped after training")  # never read: the train task's hash is recorded
+    result = register(store, "manual__1")
+    assert result["sha256"] == trained
+    assert store.hook.version("churn", result["version"]).tags[SHA256_TAG] == trained  # loaders refuse the swap
+
+
+def test_a_malformed_train_sha256_is_refused(store, monkeypatch):
+    monkeypatch.setitem(MODEL, "sha256", "not-a-hash")
+    with pytest.raises(AirflowFailException, match="the train task's sha256 of .*'not-a-hash' is not a sha256"):
+        register(store, "manual__1")
+    assert versions(store) == []
 
 
 def test_register_of_a_missing_archive_fails_without_a_version(store, archive):

@@ -126,6 +126,7 @@ def test_resolve_reads_the_pipelines_registry(setup):
         "train_run": "manual__1",
         "model_uri": setup["registry"].version("churn", "1").source,
         "sha256": hashlib.sha256(b"model of manual__1").hexdigest(),
+        "arn": setup["registry"].version("churn", "1").arn,  # the deploy's registry hook takes it (no listing)
     }
     assert resolved["model_uri"].startswith("s3://") and "@" not in resolved["model_uri"]
 

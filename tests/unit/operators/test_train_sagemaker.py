@@ -26,7 +26,15 @@ from conveyor.operators.train_sagemaker import SageMakerTrainModelOperator
 from helpers import context
 from sagemaker_emulator import ROLE_ARN, sagemaker_pipeline
 
-RESULT_KEYS = {"model_uri", "code_version", "dataset_version", "best_model", "validation_score", "train_seconds"}
+RESULT_KEYS = {
+    "model_uri",
+    "sha256",
+    "code_version",
+    "dataset_version",
+    "best_model",
+    "validation_score",
+    "train_seconds",
+}
 NOT_FOUND = ClientError(
     {"Error": {"Code": "ValidationException", "Message": "Could not find training job 'x'."}}, "DescribeTrainingJob"
 )
@@ -205,6 +213,9 @@ def test_train_on_the_emulated_container_then_a_retry_reuses_the_completed_job(r
     from conveyor.model.metadata import ModelMetadata, read, read_sidecar, sidecar_uri
 
     local = artifacts.fetch(result["model_uri"], tmp_path / "model", run["lake"].conn_id)
+    assert result["sha256"] == artifacts.archive_sha256(
+        result["model_uri"], run["lake"].conn_id
+    )  # what register records
     assert (local / "code" / "inference.py").exists() and (local / "code" / "conveyor_metadata.py").exists()
     with tarfile.open(tmp_path / "model.tar.gz") as tar:
         assert tar.getnames()[0] == "metadata.json"

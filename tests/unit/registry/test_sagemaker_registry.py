@@ -293,6 +293,50 @@ def test_a_fresh_hook_describes_before_it_updates_and_keeps_the_other_metadata()
     }
 
 
+def test_a_remembered_arn_saves_the_listing_and_names_the_group():
+    """A later task's hook takes the register task's ARN: no ListModelPackages to find the version, no
+    DescribeModelPackageGroup to find the group (its ARN follows from the package's)."""
+    hook = SageMakerRegistryHook(name_prefix="p-")
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package/p-churn/3"
+    conn = mock.MagicMock()
+    conn.describe_model_package.return_value = {
+        "ModelPackageArn": arn,
+        "ModelPackageVersion": 3,
+        "ModelApprovalStatus": APPROVED,
+        "CustomerMetadataProperties": {"conveyor_run_id": "r3"},
+    }
+    conn.list_tags.return_value = {"Tags": []}
+    with mock.patch.object(type(hook.hook), "conn", conn):
+        hook.remember({"model_name": "churn", "version": "3", "arn": arn})
+        assert hook.record_deployment("churn", "3", "churn") is None
+    conn.list_model_packages.assert_not_called()
+    conn.describe_model_package_group.assert_not_called()
+    group_arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package-group/p-churn"
+    conn.list_tags.assert_called_once_with(ResourceArn=group_arn)
+    conn.delete_tags.assert_not_called()  # no live tag to replace yet
+    conn.add_tags.assert_called_once_with(ResourceArn=group_arn, Tags=[{"Key": "conveyor:live_on:churn", "Value": "3"}])
+
+
+def test_an_arn_of_another_group_or_shape_is_not_taken_for_the_groups():
+    hook = SageMakerRegistryHook(name_prefix="p-")
+    hook.remember({"model_name": "churn", "version": "1", "arn": "arn:aws:sagemaker:r:1:model-package/other/1"})
+    hook.remember({"model_name": "churn", "version": "2", "arn": "arn:pkg/churn/2"})
+    hook.remember({"model_name": "churn", "version": "3", "arn": None})
+    assert hook._group_arns == {}
+    assert hook._package_arns == {
+        ("churn", 1): "arn:aws:sagemaker:r:1:model-package/other/1",
+        ("churn", 2): "arn:pkg/churn/2",
+    }
+
+
+def test_the_derived_group_arn_is_the_one_sagemaker_gives(hook):
+    first = register(hook, "r1")
+    derived = SageMakerRegistryHook(name_prefix=hook.name_prefix)
+    derived.remember({"model_name": "churn", "version": first.version, "arn": first.arn})
+    described = hook.hook.conn.describe_model_package_group(ModelPackageGroupName=hook.group("churn"))
+    assert derived.group_arn("churn") == described["ModelPackageGroupArn"]
+
+
 def test_expired_credentials_become_a_clear_retryable_error():
     hook = SageMakerRegistryHook()
     conn = mock.MagicMock()

@@ -568,8 +568,11 @@ def test_training_many_classes_on_a_small_budget_fits_the_planned_models_with_th
     assert [m["key"] for m in plan["models"]][0] == "GBM" and {"CAT", "XGB"} <= set(plan["left_out"])
     assert "26 classes > 10" in plan["left_out"]["CAT"]  # (a loaded machine may leave out the forests too)
     summary = json.loads((tmp_path / "output" / "fit_summary.json").read_text())
-    base = [m for m in summary["models"] if m["stack_level"] == 1]
     limits = {m["name"]: m["max_time_limit"] for m in plan["models"]}
+    # The automatic refit (trainer.refit_full: auto, when the budget leaves time) adds <model>_FULL copies.
+    refits = {m["model"] for m in summary["models"] if m["model"].endswith("_FULL") and m["stack_level"] == 1}
+    assert refits <= {f"{name}_FULL" for name in limits}
+    base = [m for m in summary["models"] if m["stack_level"] == 1 and m["model"] not in refits]
     assert {m["model"] for m in base} == set(limits)  # every planned model was fit: none ate the others' time
     assert all(m["time_limit"] == limits[m["model"]] for m in base)
     metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
@@ -578,5 +581,7 @@ def test_training_many_classes_on_a_small_budget_fits_the_planned_models_with_th
     from autogluon.tabular import TabularPredictor
 
     predictor = TabularPredictor.load(str(tmp_path / "model" / "predictor"), require_py_version_match=False)
-    kept = [name for name in predictor.model_names() if name in limits]
-    assert kept and all(predictor._trainer.load_model(n).params_aux["max_time_limit"] == limits[n] for n in kept)
+    kept = [name for name in predictor.model_names() if name.removesuffix("_FULL") in limits]  # refits: theirs
+    assert kept and all(
+        predictor._trainer.load_model(n).params_aux["max_time_limit"] == limits[n.removesuffix("_FULL")] for n in kept
+    )
