@@ -178,5 +178,7 @@ def read_part(lake: Lake, pipeline: str, run_id: str, part: str) -> Any:
     """
     import pandas as pd
 
-    with (lake.models(pipeline, run_id) / "split" / part / "data.parquet").open("rb") as handle:
-        return pd.read_parquet(handle)
+    from conveyor.lake import read_bytes
+
+    # Read whole (the frame is in memory anyway): one GET on an object store, no HEAD for the size first.
+    return pd.read_parquet(io.BytesIO(read_bytes(lake.models(pipeline, run_id) / "split" / part / "data.parquet")))

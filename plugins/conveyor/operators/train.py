@@ -33,10 +33,11 @@ def resolve_version(context: Any, requested: str | None, lake: Lake, pipeline: s
                 version = (event.extra or {}).get("version") or version
         if version:
             check_dataset_version(str(version), "the triggering dataset event's version")
-    version = version or latest_version(lake, pipeline)
+    latest = None if version else latest_version(lake, pipeline)  # written after the version's VALIDATED marker
+    version = version or latest
     if not version:
         raise AirflowFailException(f"pipeline {pipeline!r} has no validated dataset version yet: ingest a drop first")
-    if not is_validated(lake, pipeline, version):
+    if version != latest and not is_validated(lake, pipeline, version):
         raise AirflowFailException(f"dataset version {version!r} of {pipeline!r} does not exist or was not validated")
     return version
 

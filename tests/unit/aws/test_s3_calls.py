@@ -171,6 +171,21 @@ def test_dataset_pointers_on_s3_are_one_get_each_found_or_not(s3_lake, s3_calls)
     assert s3_calls == {"s3:GetObject": 3}  # no exists() (a HEAD, and a listing when missing) before a read
 
 
+def test_a_split_part_is_read_with_one_get(s3_lake, s3_calls):
+    import pandas as pd
+
+    from conveyor.data.splits import read_part
+
+    frame = churn_frame(50, seed=3)
+    (s3_lake.models("churn", "r1") / "split" / "test" / "data.parquet").write_bytes(frame.to_parquet(index=False))
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+    SEQUENCE.clear()
+
+    pd.testing.assert_frame_equal(read_part(s3_lake, "churn", "r1", "test"), frame)
+    assert s3_calls == {"s3:GetObject": 1}, SEQUENCE  # no HEAD for the size first
+
+
 def test_a_runs_parts_on_s3_are_fetched_once_for_the_table_and_the_summary(s3_lake, s3_calls, tmp_path):
     from conveyor.batch.parts import write_parts
     from conveyor.batch.runs import load_run
