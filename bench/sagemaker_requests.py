@@ -284,6 +284,7 @@ def main() -> None:
             },
         },
     )
+    sagemaker_emulator.refuse_duplicates(patch)  # creates of existing models/configurations refused, as on AWS
     training = sagemaker_emulator.TrainingEmulator(url).install(patch)
     sagemaker_emulator.TransformEmulator(url).install(patch)
     from conveyor.lake import Lake

@@ -62,10 +62,41 @@ def aws_connection(monkeypatch: pytest.MonkeyPatch, endpoint_url: str, conn_id: 
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(connection))
 
 
+def refuse_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto as SageMaker answers a create of a model or endpoint configuration that exists: refused
+    (``ValidationException``, "Cannot create already existing …"), where moto would replace it.
+
+    :param monkeypatch: the test's monkeypatch (moto's server runs in this process).
+    """
+    from moto.sagemaker.exceptions import ValidationError
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    def refusing(method: Any, registry: str, what: str, key: str) -> Any:
+        def create(self: Any, *args: Any, **kwargs: Any) -> Any:
+            name = kwargs.get(key, args[0] if args else None)
+            existing = getattr(self, registry).get(name)
+            if existing is not None:
+                arn = getattr(existing, "endpoint_config_arn", None) or existing.arn
+                raise ValidationError(message=f'Cannot create already existing {what} "{arn}".')
+            return method(self, *args, **kwargs)
+
+        return create
+
+    for name, registry, what, key in (
+        ("create_model", "_models", "model", "model_name"),
+        ("create_endpoint_config", "endpoint_configs", "endpoint configuration", "endpoint_config_name"),
+    ):
+        monkeypatch.setattr(
+            SageMakerModelBackend, name, refusing(getattr(SageMakerModelBackend, name), registry, what, key)
+        )
+
+
 @pytest.fixture
 def sagemaker_aws(moto_server, monkeypatch) -> str:
-    """The ``aws_default`` connection on moto's server; returns the endpoint URL."""
+    """The ``aws_default`` connection on moto's server (refusing duplicates as SageMaker does); returns
+    the endpoint URL."""
     aws_connection(monkeypatch, moto_server)
+    refuse_duplicates(monkeypatch)
     return moto_server
 
 

@@ -263,28 +263,50 @@ def describe_or_none(describe: Callable[[str], dict[str, Any]], name: str) -> di
         raise
 
 
+def is_duplicate(exc: Exception) -> bool:
+    """Whether an AWS error refuses a create because the named resource exists (SageMaker: ``Cannot create
+    already existing model …``).
+
+    :param exc: the exception of a create call.
+    """
+    from conveyor.aws.common import error_code, error_message
+
+    return error_code(exc) == "ValidationException" and "already exist" in error_message(exc).lower()
+
+
+def _create_unless_there(create: Callable[[dict[str, Any]], Any], request: dict[str, Any]) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        create(request)
+    except ClientError as exc:
+        if is_duplicate(exc):
+            return False
+        raise
+    return True
+
+
 def ensure_model(hook: SageMakerHook, request: dict[str, Any]) -> bool:
     """Create the SageMaker model unless it exists (its name carries its content); True when created.
+
+    One call: the create itself, SageMaker's "already existing" refusal meaning it is there (no
+    describe first).
 
     :param hook: the SageMaker hook.
     :param request: from :func:`model_request`.
     """
-    if describe_or_none(hook.describe_model, request["ModelName"]) is not None:
-        return False
-    hook.create_model(request)
-    return True
+    return _create_unless_there(hook.create_model, request)
 
 
 def ensure_endpoint_config(hook: SageMakerHook, request: dict[str, Any]) -> bool:
     """Create the endpoint configuration unless it exists (its name carries its content); True when created.
 
+    One call, as :func:`ensure_model`.
+
     :param hook: the SageMaker hook.
     :param request: from :func:`endpoint_config_request`.
     """
-    if describe_or_none(hook.describe_endpoint_config, request["EndpointConfigName"]) is not None:
-        return False
-    hook.create_endpoint_config(request)
-    return True
+    return _create_unless_there(hook.create_endpoint_config, request)
 
 
 def delete_quietly(log: Any, what: str, delete: Callable[..., Any], **kwargs: Any) -> bool:

@@ -89,6 +89,9 @@ def hook(tmp_path, monkeypatch):
     def creator(store: dict, kind: str, name_key: str, arn_key: str):
         def create(request: dict, **_) -> dict:
             arn = ARN.format(kind, request[name_key])
+            if request[name_key] in store:  # as SageMaker: a create never replaces
+                what = kind.replace("-", " ").replace("config", "configuration")
+                raise aws_error("ValidationException", f'Cannot create already existing {what} "{arn}".', "Create")
             store[request[name_key]] = {name_key: request[name_key], arn_key: arn}
             fake.tags[arn] = request.get("Tags", [])
             return {arn_key: arn}
@@ -322,7 +325,9 @@ def test_only_what_this_run_created_is_deleted(hook):
     hook.tags[hook.models[model_name]["ModelArn"]] = [{"Key": "conveyor:run-id", "Value": "manual__an-earlier-deploy"}]
     hook.configs.clear()
     deferred(operator())
-    hook.create_model.assert_not_called()
+    hook.create_model.assert_called_once()  # one call, refused: "already existing" (no describe first)
+    hook.describe_model.assert_not_called()
+    assert hook.tags[hook.models[model_name]["ModelArn"]][0]["Value"] == "manual__an-earlier-deploy"
     hook.create_endpoint_config.assert_called_once()
     hook.describe_endpoint.return_value = in_service("churn-v2-0a1b2c", FailureReason="rolled back")
     with pytest.raises(AirflowFailException, match="Deleted what this deploy created: endpoint configuration"):
