@@ -273,6 +273,26 @@ def predict_fn(data: Any, model: ImageModel) -> pd.DataFrame:
     return out
 
 
+def predict_batch(inputs: list[Any], model: ImageModel) -> list[pd.DataFrame]:
+    """Predict several parsed requests in one call (the model server's micro-batches): one frame each.
+
+    The requests' image tensors are joined and run through the network in chunks of ``BATCH_SIZE``,
+    then split back in order: each request gets what :func:`predict_fn` alone gives it (inputs that
+    are not parsed tensors are predicted one by one).
+
+    :param inputs: batches from :func:`parse_request`, one per request.
+    :param model: the model from :func:`model_fn`.
+    """
+    if not all(isinstance(data, torch.Tensor) for data in inputs):
+        return [predict_fn(data, model) for data in inputs]
+    out = predict_fn(torch.cat(inputs), model)
+    parts, start = [], 0
+    for data in inputs:
+        parts.append(out.iloc[start : start + len(data)].reset_index(drop=True))
+        start += len(data)
+    return parts
+
+
 def output_fn(prediction: pd.DataFrame, accept: str | None) -> str:
     """Serialise predictions; the body is returned and its content type is the accept chosen.
 

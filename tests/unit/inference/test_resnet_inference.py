@@ -189,6 +189,21 @@ def test_json_batch_of_base64(model, images):
     assert [float(v) for v in values[1:]] == pytest.approx(prediction.loc[0, PROBA].tolist())
 
 
+def test_predict_batch_gives_each_request_what_predict_fn_alone_gives_it(model, images):
+    one = inference.parse_request(images["png"], "image/png", model)
+    several = inference.input_fn(
+        json.dumps([base64.b64encode(images[f]).decode() for f in ("jpeg", "gif", "png")]), "application/json"
+    )
+    inputs = [one, several, inference.parse_request(images["jpeg"], "image/jpeg", model)]
+    merged = inference.predict_batch(inputs, model)
+    assert [len(part) for part in merged] == [1, 3, 1]
+    for data, part in zip(inputs, merged, strict=True):
+        alone = inference.predict_fn(data, model)
+        assert part["prediction"].tolist() == alone["prediction"].tolist()
+        # float32 convolutions of another batch size may differ in the last bits
+        pd.testing.assert_frame_equal(part, alone, check_exact=False, atol=1e-5)
+
+
 def test_json_accepts_a_data_uri_and_url_safe_base64(model, images):
     standard = base64.b64encode(images["png"]).decode()
     urlsafe = base64.urlsafe_b64encode(images["png"]).decode().rstrip("=")
