@@ -7,8 +7,9 @@ and checks the person's Airflow permissions. A task that wrote no report gets no
 
 Airflow 3 computes the links on the worker when a try ends (and stores them in XCom). There the
 task's process knows what it uploaded (``conveyor.lake.uploaded_here``) and whether it ran the
-task (``RAN_HERE``, set by ``conveyor.operators.base.translate_errors``), so the lake is asked
-only where neither tells (a link computed in another process).
+task (``RAN_HERE``, set by ``conveyor.operators.base.translate_errors``): a first try that ran
+here and uploaded nothing has no report. The lake is asked only where neither tells (a retry,
+whose earlier try may have written the report; a link computed in another process).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class ReportLink(BaseOperatorLink):
         page = Lake.from_env().reports(pipeline_of(operator), ti_key.run_id) / self.section / "index.html"
         if uploaded_here(page):
             return report_url(ti_key.dag_id, ti_key.run_id, self.section)
-        if getattr(operator, RAN_HERE, False) or not page.exists():  # this try wrote no report here / none there
+        first_try_here = getattr(operator, RAN_HERE, False) and int(getattr(ti_key, "try_number", 1) or 1) <= 1
+        if first_try_here or not page.exists():  # the run's first try wrote none (an earlier try may have)
             return ""
         return report_url(ti_key.dag_id, ti_key.run_id, self.section)
 
