@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import ConveyorError
 from conveyor.lake import is_transient
@@ -200,9 +200,25 @@ def local_copies() -> Iterator[None]:
             _COPIES.pop()
 
 
+def keep_local(file: ObjectStoragePath, data: Any) -> None:
+    """Keep the bytes just written to a remote file as its copy in the innermost :func:`local_copies`, so
+    reading it back in the block sends no GET (e.g. a run's Parquet parts, loaded into SQL next).
+
+    :param file: the remote file that was written (nothing is kept for a local one, or outside the block).
+    :param data: its whole content (bytes or a buffer).
+    """
+    if not _COPIES or file.protocol in ("file", "local", ""):
+        return
+    scratch, copies = _COPIES[-1]
+    local = Path(scratch) / f"{len(copies):05d}-{file.name}"
+    local.write_bytes(data)
+    copies[str(file)] = str(local)
+
+
 @contextmanager
 def opened(file: ObjectStoragePath) -> Iterator[str]:
-    """A local path pyarrow can read: the file itself, or a copy of a remote one (kept by :func:`local_copies`).
+    """A local path pyarrow can read: the file itself, or a copy of a remote one (kept by :func:`local_copies`;
+    a copy made in an outer block is used too).
 
     :param file: the file.
     """
@@ -215,6 +231,10 @@ def opened(file: ObjectStoragePath) -> Iterator[str]:
 
     from conveyor.lake import copy_verified
 
+    for _, kept in reversed(_COPIES):
+        if str(file) in kept:
+            yield kept[str(file)]
+            return
     if _COPIES:
         scratch, copies = _COPIES[-1]
         if str(file) not in copies:

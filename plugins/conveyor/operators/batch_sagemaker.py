@@ -178,6 +178,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         from conveyor.aws.common import aws_errors
         from conveyor.aws.transform import IDS, MANIFEST, WORK, load_output
         from conveyor.batch.parts import write_parts
+        from conveyor.batch.readers import local_copies
         from conveyor.batch.runs import predictions_table, run_timestamp
         from conveyor.batch.scoring import utc
         from conveyor.lake import read_json
@@ -210,25 +211,26 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             out,
             predictions_table(spec),
         )
-        result = write_parts(
-            out,
-            load_output(out / WORK, constants, manifest),
-            {
-                "model": spec.name,
-                "version": version,
-                "run_id": run_id,
-                "scored_at": str(stamp),
-                "source": manifest["source"],
-                "transform_job": job,
-            },
-            conn_id=lake.conn_id,
-        )
-        return self.finish(
-            context,
-            spec=spec,
-            lake=lake,
-            source=manifest["source"],
-            drop=manifest.get("drop"),
-            result=result,
-            details={"transform_job": job},
-        )
+        with local_copies():  # the parts written are kept on disk for the SQL load and the summary (no GETs)
+            result = write_parts(
+                out,
+                load_output(out / WORK, constants, manifest),
+                {
+                    "model": spec.name,
+                    "version": version,
+                    "run_id": run_id,
+                    "scored_at": str(stamp),
+                    "source": manifest["source"],
+                    "transform_job": job,
+                },
+                conn_id=lake.conn_id,
+            )
+            return self.finish(
+                context,
+                spec=spec,
+                lake=lake,
+                source=manifest["source"],
+                drop=manifest.get("drop"),
+                result=result,
+                details={"transform_job": job},
+            )

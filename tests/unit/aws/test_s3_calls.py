@@ -204,3 +204,33 @@ def test_a_runs_parts_on_s3_are_fetched_once_for_the_table_and_the_summary(s3_la
     rows, summary = load_run(result, table="churn_predictions", pipeline="churn", run_id="run-1", conn_id="lake_s3")
     assert rows == 300 and summary["rows"] == 300
     assert s3_calls == {"s3:GetObject": 3}  # one GET a part (it was a HEAD and a GET, three times over)
+
+
+def test_parts_written_inside_local_copies_are_loaded_with_no_get(s3_lake, s3_calls, tmp_path):
+    """The SageMaker batch writes its parts and loads them into SQL in one local_copies() block: the bytes
+    written are read back from disk, the store is asked nothing, and the rows are the same."""
+    import pyarrow.parquet as pq
+
+    from conveyor.batch.parts import write_parts
+    from conveyor.batch.readers import local_copies
+    from conveyor.batch.runs import load_run
+    from conveyor.batch.scoring import output_table
+
+    frame = churn_frame(200, seed=6).drop(columns=["churned"])
+    context = {"model_name": "churn", "model_version": "1", "run_id": "run-2", "scored_at": SCORED_AT}
+    tables = [
+        output_table(frame.iloc[i : i + 100], _answers(frame.iloc[i : i + 100]), i, {**context, "id_column": None})
+        for i in (0, 100)
+    ]
+    s3_calls.clear()
+    SEQUENCE.clear()
+    with local_copies():
+        result = write_parts(s3_lake.predictions("churn", "run-2"), iter(tables), {}, conn_id="lake_s3")
+        rows, summary = load_run(result, table="churn_predictions", pipeline="churn", run_id="run-2", conn_id="lake_s3")
+    assert rows == 200 and summary["rows"] == 200
+    assert "s3:GetObject" not in s3_calls and "s3:HeadObject" not in s3_calls, SEQUENCE
+    for part, table in zip(result.parts, tables, strict=True):  # what is in the store is what was loaded
+        from airflow.sdk import ObjectStoragePath
+
+        with ObjectStoragePath(part, conn_id="lake_s3").open("rb") as handle:
+            assert pq.read_table(handle).num_rows == table.num_rows
