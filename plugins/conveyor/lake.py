@@ -514,9 +514,9 @@ def upload_tree(local_dir: Path, target: ObjectStoragePath) -> list[str]:
                 while chunk := reader.read(1 << 20):
                     writer.write(chunk)
         names.append(rel)
-    if len(_UPLOADED) > _UPLOADED_MAX:
-        _UPLOADED.clear()
-    _UPLOADED.update(str(target / rel) for rel in names)
+        if len(_UPLOADED) > _UPLOADED_MAX:
+            _UPLOADED.clear()
+        _UPLOADED.add(str(target / rel))  # as each file is up (a try failing half-way still links its page)
     return names
 
 

@@ -117,7 +117,7 @@ def write_part(folder: ObjectStoragePath, name: str, table: pa.Table) -> None:
     encoded = memoryview(sink.getvalue())  # the buffer itself, not a bytes copy of it
     with (folder / name).open("wb") as handle:
         handle.write(encoded)
-    keep_local(folder / name, encoded)  # read back from disk, not the store, inside a local_copies() block
+    keep_local(folder / name, encoded)  # read back from disk, not the store, in a local_copies(keep_writes=True)
 
 
 def write_parts(
@@ -228,6 +228,8 @@ def publish(target: ObjectStoragePath, staging: ObjectStoragePath, names: list[s
     for item in old:
         if item.name.startswith("part-") and item.name.endswith(".parquet") and item.name not in names:
             item.unlink()  # a new part of the same name replaces the old one as it moves in
+    from conveyor.batch.readers import kept_as
+
     for name in names:
         source = staging / name
         if _on_store(source) and hasattr(source.fs, "_copy_basic"):  # s3fs: one CopyObject (parts are < 5 GB)
@@ -236,6 +238,7 @@ def publish(target: ObjectStoragePath, staging: ObjectStoragePath, names: list[s
             sync(source.fs.loop, source.fs._copy_basic, source.path, (target / name).path)
         else:
             source.fs.mv(source.path, (target / name).path)
+        kept_as(source, target / name)
     remove(staging)  # on an object store: one listing and one bulk delete
     write_json(target / SUCCESS, manifest)
 

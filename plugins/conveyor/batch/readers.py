@@ -181,19 +181,23 @@ def input_files(source: ObjectStoragePath) -> list[ObjectStoragePath]:
     return files
 
 
-_COPIES: list[tuple[str, dict[str, str]]] = []  # the innermost local_copies(): its folder and its copies
+# The open local_copies() blocks, innermost last: their folder, their copies, and whether they keep writes.
+_COPIES: list[tuple[str, dict[str, str], bool]] = []
 
 
 @contextmanager
-def local_copies() -> Iterator[None]:
+def local_copies(keep_writes: bool = False) -> Iterator[None]:
     """Keep the local copies :func:`opened` makes of remote files until the block ends (fetch each once).
 
     Without it every :func:`opened` of a remote file fetches it again (the check, then the read).
+
+    :param keep_writes: also keep what :func:`keep_local` is handed (files this block writes and reads
+        back, e.g. a run's parts loaded into SQL next); off, nothing written is copied to disk.
     """
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="conveyor-batch-") as scratch:
-        _COPIES.append((scratch, {}))
+        _COPIES.append((scratch, {}, keep_writes))
         try:
             yield
         finally:
@@ -201,18 +205,31 @@ def local_copies() -> Iterator[None]:
 
 
 def keep_local(file: ObjectStoragePath, data: Any) -> None:
-    """Keep the bytes just written to a remote file as its copy in the innermost :func:`local_copies`, so
-    reading it back in the block sends no GET (e.g. a run's Parquet parts, loaded into SQL next).
+    """Keep the bytes just written to a remote file as its copy in the innermost ``local_copies(keep_writes=True)``
+    block, so reading it back there sends no GET (e.g. a run's Parquet parts, loaded into SQL next).
 
-    :param file: the remote file that was written (nothing is kept for a local one, or outside the block).
+    :param file: the remote file that was written (nothing is kept for a local one, or outside such a block).
     :param data: its whole content (bytes or a buffer).
     """
-    if not _COPIES or file.protocol in ("file", "local", ""):
+    if file.protocol in ("file", "local", ""):
         return
-    scratch, copies = _COPIES[-1]
-    local = Path(scratch) / f"{len(copies):05d}-{file.name}"
-    local.write_bytes(data)
-    copies[str(file)] = str(local)
+    for scratch, copies, keep in reversed(_COPIES):
+        if keep:
+            local = Path(scratch) / f"{len(copies):05d}-{file.name}"
+            local.write_bytes(data)
+            copies[str(file)] = str(local)
+            return
+
+
+def kept_as(old: ObjectStoragePath, new: ObjectStoragePath) -> None:
+    """A kept copy now stands for the file it was moved to (a staged part published under its final name).
+
+    :param old: where the file was written.
+    :param new: where it is now.
+    """
+    for _, copies, _ in _COPIES:
+        if str(old) in copies:
+            copies[str(new)] = copies.pop(str(old))
 
 
 @contextmanager
@@ -231,12 +248,12 @@ def opened(file: ObjectStoragePath) -> Iterator[str]:
 
     from conveyor.lake import copy_verified
 
-    for _, kept in reversed(_COPIES):
+    for _, kept, _ in reversed(_COPIES):
         if str(file) in kept:
             yield kept[str(file)]
             return
     if _COPIES:
-        scratch, copies = _COPIES[-1]
+        scratch, copies, _ = _COPIES[-1]
         if str(file) not in copies:
             local = Path(scratch) / f"{len(copies):05d}-{file.name}"
             copy_verified(file, ObjectStoragePath(local.as_uri()), 1 << 20)

@@ -211,7 +211,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             out,
             predictions_table(spec),
         )
-        with local_copies():  # the parts written are kept on disk for the SQL load and the summary (no GETs)
+        with local_copies(keep_writes=True):  # the parts written stay on disk for the SQL load and summary (no GET)
             result = write_parts(
                 out,
                 load_output(out / WORK, constants, manifest),

@@ -34,6 +34,8 @@ def resolve_version(context: Any, requested: str | None, lake: Lake, pipeline: s
         if version:
             check_dataset_version(str(version), "the triggering dataset event's version")
     latest = None if version else latest_version(lake, pipeline)  # written after the version's VALIDATED marker
+    if latest:
+        check_dataset_version(str(latest), f"the version {pipeline}'s LATEST.json names")
     version = version or latest
     if not version:
         raise AirflowFailException(f"pipeline {pipeline!r} has no validated dataset version yet: ingest a drop first")

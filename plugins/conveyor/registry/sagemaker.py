@@ -62,7 +62,7 @@ METADATA_MAX_ENTRIES = 50
 METADATA_VALUE_MAX = 256
 _TAG_UNSAFE = re.compile(r"[^\w.:/=+\-@ ]")
 # arn:<partition>:sagemaker:<region>:<account>:model-package/<group>/<version>: its group's ARN follows from it
-_PACKAGE_ARN = re.compile(r"^(arn:[^:]+:sagemaker:[^:]*:[^:]*:)model-package/([^/]+)/\d+$")
+_PACKAGE_ARN = re.compile(r"^(arn:[^:]+:sagemaker:[^:]*:[^:]*:)model-package/([^/]+)/(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -208,9 +208,20 @@ class SageMakerRegistryHook(BaseHook):
 
     def remember(self, entry: dict[str, Any]) -> None:
         """Take a version's ARN from an earlier task's result (``model_name``, ``version``, ``arn``):
-        ARNs never change, so the version is not listed again to find it (``RegistryHook.remember``)."""
-        if entry.get("arn") and entry.get("model_name"):
-            self._learn(str(entry["model_name"]), entry.get("version"), str(entry["arn"]))
+        ARNs never change, so the version is not listed again to find it (``RegistryHook.remember``).
+
+        Only an ARN of this model's group that ends in that version number is taken; anything else is
+        left for a listing to find.
+        """
+        name, arn = str(entry.get("model_name") or ""), str(entry.get("arn") or "")
+        matched = _PACKAGE_ARN.match(arn)
+        if (
+            name
+            and matched
+            and matched.group(2).lower() == self.group(name).lower()
+            and str(entry.get("version")) == matched.group(3)
+        ):
+            self._learn(name, matched.group(3), arn)
 
     def _summaries(self, model_name: str, status: str | None = None) -> Iterator[dict[str, Any]]:
         """The group's package summaries, newest first."""

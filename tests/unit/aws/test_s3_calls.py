@@ -224,7 +224,7 @@ def test_parts_written_inside_local_copies_are_loaded_with_no_get(s3_lake, s3_ca
     ]
     s3_calls.clear()
     SEQUENCE.clear()
-    with local_copies():
+    with local_copies(keep_writes=True):
         result = write_parts(s3_lake.predictions("churn", "run-2"), iter(tables), {}, conn_id="lake_s3")
         rows, summary = load_run(result, table="churn_predictions", pipeline="churn", run_id="run-2", conn_id="lake_s3")
     assert rows == 200 and summary["rows"] == 200
@@ -234,3 +234,17 @@ def test_parts_written_inside_local_copies_are_loaded_with_no_get(s3_lake, s3_ca
 
         with ObjectStoragePath(part, conn_id="lake_s3").open("rb") as handle:
             assert pq.read_table(handle).num_rows == table.num_rows
+
+    # A retry over an old output stages its parts and publishes them: the kept copies follow them.
+    s3_calls.clear()
+    with local_copies(keep_writes=True):
+        again = write_parts(s3_lake.predictions("churn", "run-2"), iter(tables[:1]), {}, conn_id="lake_s3")
+        rows, _ = load_run(again, table="churn_predictions", pipeline="churn", run_id="run-2", conn_id="lake_s3")
+    assert rows == 100 and "s3:GetObject" not in s3_calls, SEQUENCE
+
+    # Without keep_writes (the local batch's block for its input) nothing written is copied to disk.
+    s3_calls.clear()
+    with local_copies():
+        third = write_parts(s3_lake.predictions("churn", "run-2"), iter(tables), {}, conn_id="lake_s3")
+        load_run(third, table="churn_predictions", pipeline="churn", run_id="run-2", conn_id="lake_s3")
+    assert s3_calls["s3:GetObject"] == 2  # each part fetched once for the table and the summary

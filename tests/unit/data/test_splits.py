@@ -284,6 +284,15 @@ def test_operator_refuses_an_unvalidated_version(versions):
         shutil.rmtree(target.path)
 
 
+def test_operator_refuses_a_malformed_version_in_latest(lake):
+    from conveyor.lake import write_json
+
+    write_json(lake.raw("churn") / "LATEST.json", {"version": "../../elsewhere"})
+    with pytest.raises(AirflowFailException, match="LATEST.json"):
+        split_op().execute(context("op_bad_latest"))
+    assert not (lake.models("churn", "op_bad_latest") / "split").exists()
+
+
 def test_operator_fails_when_nothing_was_ingested(lake):
     with pytest.raises(AirflowFailException, match="no validated dataset version yet"):
         split_op().execute(context("op_nothing"))
