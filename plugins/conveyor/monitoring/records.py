@@ -321,12 +321,14 @@ def image_request_stats(body: bytes, content_type: str | None, handlers: Any) ->
 
     :param body: the request body (image bytes, or JSON with base64 images).
     :param content_type: its content type.
-    :param handlers: the model's ``code/inference.py`` module (``decode``, ``_json_images``).
+    :param handlers: the model's ``code/inference.py`` module (``decode``, and ``json_images``; ``_json_images``
+        in models packed before the request rules moved to ``image_requests.py``).
     """
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "application/json":
+        images = getattr(handlers, "json_images", None) or handlers._json_images
         limits = getattr(handlers, "RequestLimits", None)  # models packed since issue 17 cap the images per request
-        payloads = handlers._json_images(body, limits.from_env().max_images) if limits else handlers._json_images(body)
+        payloads = images(body, limits.from_env().max_images) if limits else images(body)
     else:
         payloads = [(media or "image", body)]
     return pd.DataFrame([image_stats(handlers.decode(data, where)) for where, data in payloads])
