@@ -284,7 +284,7 @@ def main() -> None:
             },
         },
     )
-    sagemaker_emulator.refuse_duplicates(patch)  # creates of existing models/configurations refused, as on AWS
+    sagemaker_emulator.as_sagemaker(patch)  # creates of what exists refused, updates keep what they omit, as on AWS
     training = sagemaker_emulator.TrainingEmulator(url).install(patch)
     sagemaker_emulator.TransformEmulator(url).install(patch)
     from conveyor.lake import Lake

@@ -91,12 +91,60 @@ def refuse_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
 
+def keep_what_an_update_omits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto as SageMaker keeps what an UpdateModelPackage does not name (its status, approval description
+    and metadata), where moto would set each to nothing.
+
+    :param monkeypatch: the test's monkeypatch (moto's server runs in this process).
+    """
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    update = SageMakerModelBackend.update_model_package
+
+    def keeping(
+        self: Any,
+        model_package_arn: str,
+        model_approval_status: str | None,
+        approval_description: str | None,
+        customer_metadata_properties: dict[str, str] | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        package = self.model_packages.get(self.model_package_name_mapping.get(model_package_arn, model_package_arn))
+        if package is not None:
+            model_approval_status = model_approval_status or package.model_approval_status
+            approval_description = approval_description or package.approval_description
+            if customer_metadata_properties is None:
+                customer_metadata_properties = package.customer_metadata_properties
+        return update(
+            self,
+            model_package_arn,
+            model_approval_status,
+            approval_description,
+            customer_metadata_properties,
+            *args,
+            **kwargs,
+        )
+
+    monkeypatch.setattr(SageMakerModelBackend, "update_model_package", keeping)
+
+
+def as_sagemaker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto's SageMaker made to answer as SageMaker does where Conveyor relies on it: creates of what
+    exists refused (:func:`refuse_duplicates`), updates keeping what they omit (:func:`keep_what_an_update_omits`).
+
+    :param monkeypatch: the test's monkeypatch (moto's server runs in this process).
+    """
+    refuse_duplicates(monkeypatch)
+    keep_what_an_update_omits(monkeypatch)
+
+
 @pytest.fixture
 def sagemaker_aws(moto_server, monkeypatch) -> str:
-    """The ``aws_default`` connection on moto's server (refusing duplicates as SageMaker does); returns
-    the endpoint URL."""
+    """The ``aws_default`` connection on moto's server (answering as SageMaker does, :func:`as_sagemaker`);
+    returns the endpoint URL."""
     aws_connection(monkeypatch, moto_server)
-    refuse_duplicates(monkeypatch)
+    as_sagemaker(monkeypatch)
     return moto_server
 
 

@@ -187,6 +187,23 @@ def read_bytes(path: ObjectStoragePath) -> bytes:
     return bytes(fs.cat_file(path.path))
 
 
+def open_sized(path: ObjectStoragePath, size: int | None) -> Any:
+    """Open a lake file for reading whose size is known (a manifest's ``bytes``): on s3fs no HEAD asks it
+    first, the reads are ranged GETs. Only for immutable files (a dataset version's copy): a size that is
+    wrong would cut or overrun the reads.
+
+    :param path: the file.
+    :param size: its size in bytes (None: asked, as ``path.open`` does).
+    """
+    if size is None or path.protocol in _LOCAL or not hasattr(path.fs, "max_concurrency"):
+        return path.open("rb")
+    handle = path.open("rb", size=int(size))
+    raw = getattr(handle, "_obj", handle)  # s3fs's file under Airflow's lineage wrapper
+    if getattr(raw, "_details", "") is None:  # its reads ask the details (a HEAD) for an ETag to compare: none
+        raw.details = {"name": path.path, "size": int(size), "type": "file"}
+    return handle
+
+
 def read_json(path: ObjectStoragePath) -> Any:
     """Read a JSON document from the lake (one GET on an object store).
 

@@ -55,4 +55,5 @@ def test_two_trials_the_best_is_registered_and_every_trial_is_a_child_run(airflo
     report = lake.reports("churn", run.run_id) / "evaluation"
     page = (report / "index.html").read_text()
     assert "<h2>Tuning trials</h2>" in page and page.count("GBM.num_leaves=") == 2
-    assert (report / "tuning_trials.png").exists()
+    assert '<img src="data:image/png;base64,' in page.split("<h2>Tuning trials</h2>")[1]  # its plot inlined
+    assert not (report / "tuning_trials.png").exists()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from conveyor import settings
 from conveyor.errors import DropRejected, TransientError
-from conveyor.lake import Lake, copy_verified, read_json_if_exists, write_json
+from conveyor.lake import Lake, copy_verified, open_sized, read_json_if_exists, write_json
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -339,7 +339,7 @@ def read_table(lake: Lake, manifest: dict[str, Any], spec: PipelineSpec, columns
     cap = settings.ingest_settings().max_decompressed_bytes
     frames = []
     for entry in manifest["files"]:
-        with (base / entry["path"]).open("rb") as handle:
+        with open_sized(base / entry["path"], entry.get("bytes")) as handle:  # immutable: no HEAD for its size
             if manifest["format"] == "csv":
                 frames.append(
                     pd.read_csv(

@@ -15,7 +15,8 @@ class RegisterModelOperator(BaseOperator):
     """Make the model a new version of the pipeline's registered model, ``PendingManualApproval``.
 
     The registry is the pipeline's (``registry: mlflow`` or ``sagemaker``). A retry of the same run
-    returns the version it registered before (no duplicates).
+    returns the version it registered before (no duplicates); the first try does not look for one on
+    SageMaker (its create is idempotent by the run's token).
     The archive's sha256 is read from the lake and recorded with the version (``model_sha256``):
     deploy, batch, monitor and the gate refuse an archive whose bytes differ.
     Returns ``{"model_name", "version", "mlflow_run_id", "model_uri", "sha256"}``.
@@ -82,6 +83,7 @@ class RegisterModelOperator(BaseOperator):
             metrics=evaluation.get("metrics"),
             metrics_uri=metrics_uri,
             sha256=sha256,
+            first_try=getattr(context.get("ti"), "try_number", None) == 1,  # no earlier attempt to find
         )
         MlflowRegistryHook(self.tracking_uri).finish_run(self.gate["mlflow_run_id"])
         self.log.info(

@@ -114,6 +114,7 @@ class RegistryHook(Protocol):
         metrics: dict[str, float] | None = None,
         metrics_uri: str | None = None,
         sha256: str | None = None,
+        first_try: bool = False,
     ) -> Any: ...
 
     def set_status(self, model_name: str, version: str, status: str) -> None: ...

@@ -121,6 +121,7 @@ class MlflowRegistryHook(BaseHook):
         metrics: dict[str, float] | None = None,
         metrics_uri: str | None = None,
         sha256: str | None = None,
+        first_try: bool = False,
     ) -> Any:
         """Register a model version (status ``PendingManualApproval``); a retry returns the same one.
 
@@ -135,6 +136,8 @@ class MlflowRegistryHook(BaseHook):
         :param metrics: unused (the MLflow run has them).
         :param metrics_uri: unused (the MLflow run has it).
         :param sha256: the archive's sha256 (read from ``source`` through the lake's connection when None).
+        :param first_try: unused: MLflow's create has no idempotency token, so an earlier version of
+            ``run_id`` is always looked for.
         :raises ArchiveMissing: no archive at ``source``.
         :raises IntegrityError: a retry names an archive whose bytes differ from the version's record.
         """

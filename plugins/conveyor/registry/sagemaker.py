@@ -12,11 +12,12 @@ an endpoint is a tag of the group (``conveyor:live_on:<endpoint>``) and ``live_o
 package's metadata.
 
 A registration is found again by the key in its description (``[registration <run_id>]``), so a
-retry returns the package it created before. Every update sends the package's whole metadata and
-status (UpdateModelPackage replaces what it is given; moto, which the tests use, even replaces
-what it is not given). Calls go through the Amazon provider's ``SageMakerHook`` (its ``conn`` is
-the boto3 client): ``SageMakerRegisterModelVersionOperator`` hard-codes ``text/csv`` and nothing
-in the provider changes an approval status.
+retry returns the package it created before. An update names only what it changes (SageMaker keeps
+the rest; the tests' moto is made to, ``tests/sagemaker_emulator.py``): a status alone, or the
+package's whole metadata (UpdateModelPackage may replace the map it is given). Calls go through the
+Amazon provider's ``SageMakerHook`` (its ``conn`` is the boto3 client):
+``SageMakerRegisterModelVersionOperator`` hard-codes ``text/csv`` and nothing in the provider changes
+an approval status.
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ class SageMakerRegistryHook(BaseHook):
         metrics: dict[str, float] | None = None,
         metrics_uri: str | None = None,
         sha256: str | None = None,
+        first_try: bool = False,
     ) -> RegisteredVersion:
         """A new model package (``PendingManualApproval``); a retry with the same key returns the same one.
 
@@ -307,13 +309,16 @@ class SageMakerRegistryHook(BaseHook):
         :param metrics_uri: the evaluation's ``metrics.json`` (``ModelMetrics``), on S3.
         :param sha256: the archive's sha256 (read from ``source`` through the lake's connection when None),
             recorded as the ``model_sha256`` metadata property; loaders refuse an archive that differs.
+        :param first_try: the registering task's first try, so no earlier attempt made a package with this key:
+            the group is not listed to find one (``CreateModelPackage``'s ``ClientToken``, derived from the
+            key, still answers a repeat with the package it made).
         :raises ArchiveMissing: no archive at ``source``.
         :raises IntegrityError: a retry names an archive whose bytes differ from the package's record.
         """
         model_data_url = plain_s3_uri(source)  # refused before anything is written when not on S3
         metrics_s3 = plain_s3_uri(metrics_uri) if metrics_uri else None
         digest = registered_sha256(model_name, source, sha256)
-        existing = self.find_version(model_name, run_id)
+        existing = None if first_try else self.find_version(model_name, run_id)
         if existing is not None:
             check_retry(model_name, existing, source, digest)
             self.log.info("%s version %s was registered by this run before: reused", model_name, existing.version)
@@ -395,29 +400,33 @@ class SageMakerRegistryHook(BaseHook):
         remove: tuple[str, ...] = (),
         reason: str | None = None,
     ) -> None:
-        """Update a package, sending its whole status and metadata (what is not sent may be lost)."""
-        current = self._packages.get(arn) or self._call("DescribeModelPackage", ModelPackageName=arn)
-        old = dict(current.get("CustomerMetadataProperties") or {})
-        metadata = {**old, **{k: _value(v) for k, v in (set_tags or {}).items()}}
-        for key in remove:
-            metadata.pop(key, None)
-        request: dict[str, Any] = {
-            "ModelPackageArn": arn,
-            "ModelApprovalStatus": status or current.get("ModelApprovalStatus") or PENDING,
-        }
-        if metadata:
-            request["CustomerMetadataProperties"] = metadata
-        dropped = [key for key in remove if key in old]
-        if dropped:
-            request["CustomerMetadataPropertiesToRemove"] = dropped
+        """Update a package: a new status is sent alone, a metadata change with the package's whole metadata.
+
+        SageMaker keeps what an update does not name, so a status change needs no describe first. The
+        metadata map is sent whole (read first unless this hook knows it): UpdateModelPackage may
+        replace the map it is given.
+        """
+        request: dict[str, Any] = {"ModelPackageArn": arn}
+        if status:
+            request["ModelApprovalStatus"] = status
         if reason:
             request["ApprovalDescription"] = reason[:1024]
+        known = self._packages.get(arn)
+        if set_tags or remove:
+            current = known or self._call("DescribeModelPackage", ModelPackageName=arn)
+            old = dict(current.get("CustomerMetadataProperties") or {})
+            metadata = {**old, **{k: _value(v) for k, v in (set_tags or {}).items()}}
+            for key in remove:
+                metadata.pop(key, None)
+            if metadata:
+                request["CustomerMetadataProperties"] = metadata
+            dropped = [key for key in remove if key in old]
+            if dropped:
+                request["CustomerMetadataPropertiesToRemove"] = dropped
+            known = {**current, "CustomerMetadataProperties": metadata}
         self._call("UpdateModelPackage", **request)
-        self._packages[arn] = {
-            **current,
-            "ModelApprovalStatus": request["ModelApprovalStatus"],
-            "CustomerMetadataProperties": metadata,
-        }
+        if known is not None:
+            self._packages[arn] = {**known, **({"ModelApprovalStatus": status} if status else {})}
 
     def set_status(self, model_name: str, version: str, status: str) -> None:
         """Set a version's approval status.

@@ -1,7 +1,7 @@
 """Evaluation of a model on its held-out test set: metrics, plots and a report a person reads.
 
-``write_evaluation_report`` writes the metrics (``conveyor.model.metrics``), with PNG plots and a
-readable ``index.html``, into a folder.
+``write_evaluation_report`` writes the metrics (``conveyor.model.metrics``) and a readable
+``index.html`` that holds its plots (PNG ``data:`` URIs: one self-contained page) into a folder.
 Importing this module is cheap: numpy, pandas, scikit-learn, matplotlib and jinja2 are imported by
 the functions that use them.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor.model.metrics import HIGHER_IS_BETTER, Classes, check_problem_type, classes_of, vectors
+from conveyor.reports.plots import embed_images
 from conveyor.reports.plots import figure as _figure
 from conveyor.reports.plots import save as _save
 
@@ -45,7 +46,7 @@ def write_evaluation_report(
     extra_sections: list[tuple[str, str]] | None = None,
     importance_info: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write ``metrics.json``, PNG plots and ``index.html`` into a folder; same inputs, same files.
+    """Write ``metrics.json`` and ``index.html`` (its PNG plots inlined) into a folder; same inputs, same files.
 
     :param out_dir: the report folder (created; files of an earlier run are replaced).
     :param metrics: what ``compute_metrics`` returned for these inputs.
@@ -58,10 +59,12 @@ def write_evaluation_report(
     :param feature_importance: importance per feature (non-finite values are left out), or None.
     :param title: the page's heading (escaped).
     :param context: facts shown above the metrics, e.g. model, version, dataset version, run id.
-    :param extra_sections: (heading, already-safe HTML) sections appended to the page.
+    :param extra_sections: (heading, already-safe HTML) sections appended to the page; their
+        ``src="<name>.png"`` images of files in the folder are inlined too.
     :param importance_info: how the importance was computed (``summary`` line and its settings: rows,
         repeats, seconds, budget), written to ``metrics.json`` and shown above the importance table.
-    :returns: ``{"html": path, "metrics": path, <plot name>: path, ...}`` as strings.
+    :returns: ``{"html": path, "metrics": path, <plot name>: "<html path>#<plot name>", ...}`` as strings
+        (each plot is the page's ``<figure>`` of that id).
     :raises ValueError: as ``compute_metrics`` does for the same inputs.
     """
     check_problem_type(problem_type)
@@ -88,8 +91,8 @@ def write_evaluation_report(
     html_path = out / "index.html"
     note = str((importance_info or {}).get("summary") or "")
     page = _render_html(title, problem_type, metrics, context or {}, plots, (importance, note), extra_sections or [])
-    html_path.write_text(page, encoding="utf-8")
-    return {"html": str(html_path), "metrics": str(metrics_path), **{name: str(path) for name, path in plots.items()}}
+    html_path.write_text(embed_images(page, out), encoding="utf-8")
+    return {"html": str(html_path), "metrics": str(metrics_path), **{name: f"{html_path}#{name}" for name in plots}}
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -281,8 +284,8 @@ img { max-width: 100%; border: 1px solid #eee; }
 {% endif %}
 {% if plots %}
 <h2>Plots</h2>
-{% for file, caption in plots %}
-<figure><img src="{{ file }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>
+{% for name, file, caption in plots %}
+<figure id="{{ name }}"><img src="{{ file }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>
 {% endfor %}{% endif %}
 {% if importance %}
 <h2>Feature importance</h2>
@@ -340,7 +343,7 @@ def _render_html(
             ],
             notes=metrics.get("notes") or [],
             per_class=per_class,
-            plots=[(path.name, _CAPTIONS[name]) for name, path in plots.items()],
+            plots=[(name, path.name, _CAPTIONS[name]) for name, path in plots.items()],
             importance=[(name, _number(value)) for name, value in _ranked(importance)],
             importance_note=importance_note,
             extra_sections=[(heading, Markup(body)) for heading, body in extra_sections],

@@ -48,6 +48,32 @@ def save(drawn: Any, path: Path) -> Path:
     return path
 
 
+def embed_images(page: str, folder: Path) -> str:
+    """A page with the PNG files it shows from ``folder`` inlined as ``data:`` URIs (the viewer's policy
+    allows them), those files removed: one self-contained file, one upload, readable wherever it is opened
+    (the lake's viewer, MLflow's artifact view, a download).
+
+    :param page: the page's HTML, whose images are ``src="<name>.png"`` of files in ``folder``.
+    :param folder: the report folder.
+    """
+    import base64
+    import re
+
+    embedded: set[Path] = set()
+
+    def inline(match: re.Match[str]) -> str:
+        path = folder / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        embedded.add(path)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode("ascii")}"'
+
+    page = re.sub(r'src="([\w.\-]+\.png)"', inline, page)
+    for path in embedded:
+        path.unlink()
+    return page
+
+
 def plain(text: Any, limit: int | None = None) -> str:
     """Text for matplotlib: ``$`` escaped (a label never turns into broken mathtext), cut to ``limit`` characters.
 

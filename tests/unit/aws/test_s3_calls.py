@@ -186,6 +186,26 @@ def test_a_split_part_is_read_with_one_get(s3_lake, s3_calls):
     assert s3_calls == {"s3:GetObject": 1}, SEQUENCE  # no HEAD for the size first
 
 
+@pytest.mark.parametrize("size_known", [True, False])
+def test_a_dataset_versions_file_on_s3_is_read_with_its_manifests_size(s3_lake, s3_calls, size_known):
+    import pandas as pd
+
+    from conveyor.data.datasets import read_table
+
+    frame = churn_frame(40, seed=4)
+    body = frame.to_parquet(index=False)
+    (s3_lake.raw("churn", "v-1") / "data" / "customers.parquet").write_bytes(body)
+    entry = {"path": "customers.parquet", **({"bytes": len(body)} if size_known else {})}
+    manifest = {"pipeline": "churn", "version": "v-1", "format": "parquet", "files": [entry]}
+    s3_lake.path().fs.invalidate_cache()
+    s3_calls.clear()
+    SEQUENCE.clear()
+
+    pd.testing.assert_frame_equal(read_table(s3_lake, manifest, None), frame)
+    # the copy is immutable and its manifest has its size: no HEAD to ask it (an older manifest: one HEAD)
+    assert s3_calls == ({"s3:GetObject": 1} if size_known else {"s3:HeadObject": 1, "s3:GetObject": 1}), SEQUENCE
+
+
 def test_a_runs_parts_on_s3_are_fetched_once_for_the_table_and_the_summary(s3_lake, s3_calls, tmp_path):
     from conveyor.batch.parts import write_parts
     from conveyor.batch.runs import load_run

@@ -257,19 +257,52 @@ def test_exact_requests_at_the_hook_boundary():
     }
     assert len(request["ClientToken"]) == 36
     conn.create_model_package_group.assert_not_called()  # the group existed
-    # The hook knows what it created: no DescribeModelPackage after the create, nor before the update, and the
-    # update sends the metadata the package was created with.
+    # No DescribeModelPackage after the create (the hook knows what it sent), nor before the update: a new status
+    # is sent alone (SageMaker keeps the metadata an update does not name).
     conn.describe_model_package.assert_not_called()
     conn.update_model_package.assert_called_once_with(
-        ModelPackageArn="arn:pkg/p-shapes/1",
-        ModelApprovalStatus=APPROVED,
-        CustomerMetadataProperties=request["CustomerMetadataProperties"],
-        ApprovalDescription="Approved by Conveyor",
+        ModelPackageArn="arn:pkg/p-shapes/1", ModelApprovalStatus=APPROVED, ApprovalDescription="Approved by Conveyor"
     )
 
 
-def test_a_fresh_hook_describes_before_it_updates_and_keeps_the_other_metadata():
-    """What another task or person set on the package (here ``x``) is read and sent back with the new status."""
+def test_a_first_try_registers_without_listing_and_a_retry_finds_its_package():
+    """The register task's first try cannot meet a package of its own: no ListModelPackages before the
+    create (whose ClientToken, the same for a repeat, is idempotent); a retry lists and reuses what it finds."""
+    hook = SageMakerRegistryHook(inference_image_uri="img:serve")
+    conn = mock.MagicMock()
+    conn.describe_model_package_group.return_value = {"ModelPackageGroupArn": "arn:group/churn"}
+    conn.create_model_package.return_value = {"ModelPackageArn": "arn:pkg/churn/1"}
+    with mock.patch.object(type(hook.hook), "conn", conn):
+        first = hook.register(
+            "churn", "s3://b/m.tar.gz", "mlflow-1", {"conveyor_run_id": "r1"}, sha256="ab" * 32, first_try=True
+        )
+    conn.list_model_packages.assert_not_called()
+    token = conn.create_model_package.call_args.kwargs["ClientToken"]
+    retry = SageMakerRegistryHook(inference_image_uri="img:serve")
+    conn.list_model_packages.return_value = {
+        "ModelPackageSummaryList": [
+            {
+                "ModelPackageArn": "arn:pkg/churn/1",
+                "ModelPackageVersion": 1,
+                "ModelPackageDescription": "churn model of Airflow run r1 [registration mlflow-1]",
+            }
+        ]
+    }
+    conn.describe_model_package.return_value = {
+        "ModelPackageArn": "arn:pkg/churn/1",
+        "ModelPackageVersion": 1,
+        "CustomerMetadataProperties": {SHA256_TAG: "ab" * 32},
+    }
+    with mock.patch.object(type(retry.hook), "conn", conn):
+        again = retry.register("churn", "s3://b/m.tar.gz", "mlflow-1", {"conveyor_run_id": "r1"}, sha256="ab" * 32)
+    conn.list_model_packages.assert_called_once()
+    assert conn.create_model_package.call_count == 1 and first.version == again.version == "1"
+    assert len(token) == 36
+
+
+def test_a_fresh_hook_sends_a_status_alone_and_describes_before_it_changes_metadata():
+    """A status change names nothing else; a metadata change reads the package first and sends back what
+    another task or person set on it (here ``x``), and no status (SageMaker keeps the one set before)."""
     hook = SageMakerRegistryHook()
     conn = mock.MagicMock()
     conn.list_model_packages.return_value = {
@@ -286,11 +319,17 @@ def test_a_fresh_hook_describes_before_it_updates_and_keeps_the_other_metadata()
         hook.set_version_tags("churn", "2", {"live_on": "churn"})
     conn.list_model_packages.assert_called_once()  # the ARN of version 2 is known after the first listing
     conn.describe_model_package.assert_called_once_with(ModelPackageName="arn:pkg/churn/2")
-    assert conn.update_model_package.call_args_list[-1].kwargs == {
-        "ModelPackageArn": "arn:pkg/churn/2",
-        "ModelApprovalStatus": APPROVED,  # the status this hook set is kept
-        "CustomerMetadataProperties": {"conveyor_run_id": "r2", "x": "1", "live_on": "churn"},
-    }
+    assert [call.kwargs for call in conn.update_model_package.call_args_list] == [
+        {
+            "ModelPackageArn": "arn:pkg/churn/2",
+            "ModelApprovalStatus": APPROVED,
+            "ApprovalDescription": "Approved by Conveyor",
+        },
+        {
+            "ModelPackageArn": "arn:pkg/churn/2",
+            "CustomerMetadataProperties": {"conveyor_run_id": "r2", "x": "1", "live_on": "churn"},
+        },
+    ]
 
 
 def test_a_remembered_arn_saves_the_listing_and_names_the_group():

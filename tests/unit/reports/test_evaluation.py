@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -256,9 +257,17 @@ def test_lower_is_better_for_errors_and_losses():
 # ------------------------------------------------------------------------------------ report
 
 
-def _assert_png(path: str) -> None:
-    with open(path, "rb") as handle:
-        assert handle.read(8) == PNG_MAGIC
+def _assert_png(reference: str) -> None:
+    """A plot is the page's ``<figure id=name>``, its PNG inlined as a ``data:`` URI (no file beside the page)."""
+    import base64
+    import re
+
+    page, name = reference.split("#")
+    html = Path(page).read_text(encoding="utf-8")
+    found = re.search(rf'<figure id="{name}"><img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert found, f"no inlined {name} in {page}"
+    assert base64.b64decode(found.group(1))[:8] == PNG_MAGIC
+    assert not (Path(page).parent / f"{name}.png").exists()
 
 
 def test_binary_report_writes_plots_json_and_an_escaped_page(tmp_path):
@@ -277,16 +286,16 @@ def test_binary_report_writes_plots_json_and_an_escaped_page(tmp_path):
     )
     assert set(paths) == {"html", "metrics", "confusion_matrix", "roc_curve", "pr_curve", "feature_importance"}
     for name in ("confusion_matrix", "roc_curve", "pr_curve", "feature_importance"):
-        assert paths[name] == str(out / f"{name}.png")
+        assert paths[name] == f"{out / 'index.html'}#{name}"
         _assert_png(paths[name])
+    assert sorted(path.name for path in out.iterdir()) == ["index.html", "metrics.json"]  # one page, one document
 
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;zip&lt;/b&gt;" in html and "manual__&lt;x&gt;" in html
     for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "mcc", "log_loss", "churn"):
         assert name in html
-    for name in ("confusion_matrix", "roc_curve", "pr_curve", "feature_importance"):
-        assert f'<img src="{name}.png"' in html
+    assert 'src="' not in html.replace('src="data:image/png;base64,', "")  # nothing the page must fetch
     assert "<h2>Misclassified</h2>\n<div class='grid'>ok</div>" in html
 
     document = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
