@@ -64,11 +64,12 @@ def aws_connection(monkeypatch: pytest.MonkeyPatch, endpoint_url: str, conn_id: 
 
 def refuse_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
     """moto as SageMaker answers a create of a model or endpoint configuration that exists: refused
-    (``ValidationException``, "Cannot create already existing …"), where moto would replace it.
+    (``ValidationException``, "Cannot create already existing …"), and of a transform job of a name
+    taken (``ResourceInUse``), where moto would replace it.
 
     :param monkeypatch: the test's monkeypatch (moto's server runs in this process).
     """
-    from moto.sagemaker.exceptions import ValidationError
+    from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
     from moto.sagemaker.models import SageMakerModelBackend
 
     def refusing(method: Any, registry: str, what: str, key: str) -> Any:
@@ -89,6 +90,18 @@ def refuse_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(
             SageMakerModelBackend, name, refusing(getattr(SageMakerModelBackend, name), registry, what, key)
         )
+    create_transform_job = SageMakerModelBackend.create_transform_job
+
+    def unique_transform_job(self: Any, **kwargs: Any) -> Any:  # a job's name is unique: ResourceInUse
+        existing = self.transform_jobs.get(kwargs.get("transform_job_name"))
+        if existing is not None:
+            raise ResourceInUseException(
+                message=f"Job name must be unique within an AWS account and region, and a job with this name "
+                f"already exists ({existing.arn})"
+            )
+        return create_transform_job(self, **kwargs)
+
+    monkeypatch.setattr(SageMakerModelBackend, "create_transform_job", unique_transform_job)
 
 
 def keep_what_an_update_omits(monkeypatch: pytest.MonkeyPatch) -> None:

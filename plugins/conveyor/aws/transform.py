@@ -42,21 +42,6 @@ CONTENT_TYPE = "text/csv"
 ACCEPT = "application/json"
 
 
-def read_metadata(model_uri: str, conn_id: str | None) -> ModelMetadata:
-    """The model's metadata, from the ``metadata.json`` sidecar beside its ``model.tar.gz`` (no download).
-
-    :param model_uri: the archive's URI.
-    :param conn_id: the Airflow connection of a non-local archive.
-    :raises BatchInputError: the model has no readable metadata (not a Conveyor model.tar.gz).
-    """
-    from conveyor.model.metadata import MetadataError, read_sidecar
-
-    try:
-        return read_sidecar(model_uri, conn_id)
-    except MetadataError as exc:
-        raise BatchInputError(f"{exc} (not a Conveyor model.tar.gz)") from exc
-
-
 def prepare_input(
     source: str,
     metadata: ModelMetadata,
@@ -64,6 +49,7 @@ def prepare_input(
     chunk_rows: int,
     conn_id: str | None,
     extra: dict[str, Any] | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Write the transform's input files and id files for a source; replaces an earlier attempt's.
 
@@ -73,6 +59,8 @@ def prepare_input(
     :param chunk_rows: rows per input file.
     :param conn_id: the Airflow connection of the lake.
     :param extra: more for the manifest (e.g. the drop), read back by a retry.
+    :param fresh: no earlier attempt can have written here (the task's first try): nothing is listed to
+        clear (a job reads every file under ``input/``, so a retry clears an earlier attempt's first).
     :return: the manifest: ``{"parts": [{"name", "rows"}], "rows", "source", "model"}`` and ``extra``;
         ``model`` holds what loading needs of ``metadata.json`` (problem type, id column, classes).
     :raises BatchInputError: the source broke a rule (unreadable, missing columns, no rows, line breaks).
@@ -84,7 +72,8 @@ def prepare_input(
 
     features = metadata.feature_names
     id_column = metadata.id_column
-    remove_tree(work)
+    if not fresh:
+        remove_tree(work)
     for folder in (INPUT, IDS):
         make_folder(work / folder)
     parts: list[dict[str, Any]] = []

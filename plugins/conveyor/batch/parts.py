@@ -125,6 +125,7 @@ def write_parts(
     tables: Iterator[pa.Table],
     manifest: dict[str, Any],
     conn_id: str | None = None,
+    fresh: bool = False,
 ) -> BatchResult:
     """Write output tables as the run's parts and ``_SUCCESS.json``, with ``score_file``'s layout and rules.
 
@@ -135,11 +136,13 @@ def write_parts(
     :param tables: the output rows (``conveyor.batch.scoring.output_table``), in input order.
     :param manifest: ``_SUCCESS.json``'s content besides ``rows`` and ``parts``.
     :param conn_id: the Airflow connection for a non-local ``out``.
+    :param fresh: the caller knows the folder holds no earlier output (the first try of its run's task):
+        on an object store it is not listed to find out.
     :raises BatchInputError: there were no rows to write (or a table's rows broke a rule).
     """
     started = time.monotonic()
     target = lake_path(out, conn_id)
-    if _on_store(target) and not _old_output(target):  # one listing: a first run writes in place
+    if _on_store(target) and (fresh or not _old_output(target)):  # (one listing): a first run writes in place
         return _write_in_place(target, tables, manifest, started)
     staging = fresh_staging(target)
     names: list[str] = []

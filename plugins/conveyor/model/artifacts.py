@@ -152,6 +152,39 @@ def archive_sha256(model_uri: str, conn_id: str | None = None) -> str:
         raise ArchiveMissing(f"no model archive at {model_uri}") from None
 
 
+def verified_metadata(model_uri: str, registered: RegisteredArchive, conn_id: str | None = None) -> ModelMetadata:
+    """The metadata of an archive whose bytes are the registered ones, from one read of it: its sha256 is
+    checked against the registry's record, then its own ``metadata.json`` is read (no sidecar GET, and
+    the metadata is the verified archive's).
+
+    :param model_uri: the ``model.tar.gz`` URI (``file://``, ``s3://`` or a local path).
+    :param registered: what the registry recorded of it.
+    :param conn_id: the Airflow connection of its object store.
+    :raises ArchiveMissing: there is no file at that URI.
+    :raises IntegrityError: its sha256 is not the recorded one.
+    :raises MetadataError: it holds no valid ``metadata.json``.
+    """
+    import tempfile
+
+    from airflow.sdk import ObjectStoragePath
+
+    from conveyor.lake import copy_verified
+    from conveyor.model.metadata import FILENAME, MetadataError, packed
+
+    with tempfile.TemporaryDirectory(prefix="conveyor-archive-") as folder:
+        local = Path(folder) / "model.tar.gz"
+        try:
+            digest, _ = copy_verified(_object_path(model_uri, conn_id), ObjectStoragePath(local.as_uri()), 1 << 20)
+        except FileNotFoundError:
+            raise ArchiveMissing(f"no model archive at {model_uri}") from None
+        registered.verify(digest, model_uri)
+        with local.open("rb") as raw:
+            found = packed(raw, model_uri)
+    if found is None:
+        raise MetadataError(f"{model_uri}: no {FILENAME} inside it")
+    return found
+
+
 def checked_sha256(value: str, what: str) -> str:
     """A sha256 as 64 lower-case hex digits.
 

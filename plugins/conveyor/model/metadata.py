@@ -62,9 +62,6 @@ def read_sidecar(model_uri: str, conn_id: str | None = None) -> ModelMetadata:
     :param model_uri: the ``model.tar.gz`` URI (``file://``, ``s3://`` or a local path).
     :param conn_id: the lake's connection, for object stores.
     """
-    import json
-    import tarfile
-
     from airflow.sdk import ObjectStoragePath
 
     def path(uri: str) -> Any:
@@ -79,11 +76,28 @@ def read_sidecar(model_uri: str, conn_id: str | None = None) -> ModelMetadata:
         return ModelMetadata.from_dict(read_json(side), str(side))  # one GET on an object store
     except FileNotFoundError:
         pass
-    with path(model_uri).open("rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
-        for member in tar:  # metadata.json is packed first: only the first blocks are read
+    with path(model_uri).open("rb") as raw:
+        found = packed(raw, model_uri)
+    if found is None:
+        raise MetadataError(f"{model_uri}: no {FILENAME} beside it or inside it")
+    return found
+
+
+def packed(raw: Any, source: str) -> ModelMetadata | None:
+    """The ``metadata.json`` inside a ``model.tar.gz`` stream (packed first: only its first blocks are read),
+    or None when it has none.
+
+    :param raw: the archive's bytes, as a binary stream.
+    :param source: the archive's URI (named in errors).
+    """
+    import json
+    import tarfile
+
+    with tarfile.open(fileobj=raw, mode="r|gz") as tar:
+        for member in tar:
             if member.name == FILENAME:
                 handle = tar.extractfile(member)
                 if handle is None:
-                    break
-                return ModelMetadata.from_dict(json.loads(handle.read()), f"{model_uri}!{FILENAME}")
-    raise MetadataError(f"{model_uri}: no {FILENAME} beside it or inside it")
+                    return None
+                return ModelMetadata.from_dict(json.loads(handle.read()), f"{source}!{FILENAME}")
+    return None

@@ -16,6 +16,7 @@ from conveyor.operators.batch import BaseBatchPredictOperator
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
+    from conveyor.model.metadata import ModelMetadata
     from conveyor.spec import PipelineSpec
 
 
@@ -59,13 +60,15 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         run_id = context["run_id"]
         job = hosting.transform_job_name(spec, run_id)
         work = lake.predictions(spec.name, run_id) / WORK
+        # The job's name derives from the run: only a retry can meet an earlier try's job, so a first try
+        # neither asks for one nor clears an earlier try's input (a run id used before fails at the create).
+        first_try = getattr(context.get("ti"), "try_number", None) == 1
         with aws_errors(f"batch transform {job} of {spec.name}", conn_id):
-            found = hosting.describe_or_none(hook.describe_transform_job, job)
+            found = None if first_try else hosting.describe_or_none(hook.describe_transform_job, job)
             if found is None:
-                manifest = self._prepare(spec, lake, work)
+                manifest = self._prepare(spec, lake, work, self._verified(spec, lake), first_try)
                 region = hook.conn_region_name
                 model = hosting.model_request(spec, self.model, region, run_id)
-                self._verify(spec, lake)
                 if hosting.ensure_model(hook, model):
                     self.log.info("Created SageMaker model %s", model["ModelName"])
                 request = hosting.transform_request(
@@ -77,9 +80,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                     str(self.model["version"]),
                     run_id,
                 )
-                # The boto3 call itself: the hook's create_transform_job first checks the input prefix we
-                # have just written (HeadBucket, HEAD, a listing).
-                hook.conn.create_transform_job(**request)
+                self._create(hook, request, job, run_id, first_try)
                 self.log.info(
                     "Started transform job %s: %s rows in %s files of %s with %s (%s x %s)",
                     job,
@@ -113,26 +114,53 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             timeout=timedelta(seconds=timeout + 10 * interval),
         )
 
-    def _prepare(self, spec: PipelineSpec, lake: Lake, work: ObjectStoragePath) -> dict[str, Any]:
+    def _prepare(
+        self, spec: PipelineSpec, lake: Lake, work: ObjectStoragePath, metadata: ModelMetadata, fresh: bool
+    ) -> dict[str, Any]:
         """Find the input and write the job's input files (before any job exists).
 
         :param spec: the pipeline.
         :param lake: the lake (on S3).
         :param work: the run's ``_transform`` folder.
+        :param metadata: the model's metadata (from its verified archive).
+        :param fresh: the task's first try (no earlier input to clear).
         """
         from conveyor.aws.common import plain_s3_uri
-        from conveyor.aws.transform import prepare_input, read_metadata
+        from conveyor.aws.transform import prepare_input
         from conveyor.batch.readers import BatchInputError
 
         plain_s3_uri(work)  # the lake must be on S3: SageMaker reads and writes only S3
         source, drop = self.batch_input(spec, lake)
-        metadata = read_metadata(self.model["model_uri"], lake.conn_id)
         if metadata.problem_type == "image_classification":
             raise BatchInputError(
                 f"{spec.name}: batch predictions score tables; an image model has no SageMaker batch path here"
             )
         self.log.info("Preparing %s for the transform job under %s", source, work)
-        return prepare_input(source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop})
+        return prepare_input(
+            source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop}, fresh=fresh
+        )
+
+    def _create(self, hook: Any, request: dict[str, Any], job: str, run_id: str, first_try: bool) -> None:
+        """``CreateTransformJob`` (the boto3 call itself: the hook's ``create_transform_job`` first checks the
+        input prefix just written, with a HeadBucket, a HEAD and a listing).
+
+        :raises AirflowFailException: a first try meets a job of this name: the run id was used before
+            (a run deleted and triggered again), and its job is not this run's to load.
+        """
+        from botocore.exceptions import ClientError
+
+        from conveyor.aws.common import error_code
+
+        try:
+            hook.conn.create_transform_job(**request)
+        except ClientError as exc:
+            if not first_try or error_code(exc) != "ResourceInUse":
+                raise
+            raise AirflowFailException(
+                f"transform job {job} exists already, though this is the task's first try: the run id {run_id!r} "
+                "was used before (a run deleted and triggered again?) and that job is not this run's to load; "
+                "start a new run to score"
+            ) from exc
 
     @staticmethod
     def _failure(job: str, described: dict[str, Any]) -> str:
@@ -148,18 +176,25 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             "to score again"
         )
 
-    def _verify(self, spec: PipelineSpec, lake: Lake) -> None:
-        """Refuse to hand SageMaker an archive whose bytes are not the ones the registry recorded (the
-        transform job runs its ``code/inference.py``), before any model or job is created.
+    def _verified(self, spec: PipelineSpec, lake: Lake) -> ModelMetadata:
+        """The model's metadata, from its archive once its bytes are checked: SageMaker is never handed an
+        archive whose bytes are not the ones the registry recorded (the transform job runs its
+        ``code/inference.py``); nothing is written or created before.
 
         :param spec: the pipeline.
         :param lake: the lake (its connection reads the archive).
         :raises IntegrityError: the hashes differ, or none was recorded (unless unhashed versions are allowed).
+        :raises BatchInputError: the archive holds no valid ``metadata.json`` (not a Conveyor model.tar.gz).
         """
-        from conveyor.model.artifacts import RegisteredArchive, archive_sha256
+        from conveyor.batch.readers import BatchInputError
+        from conveyor.model.artifacts import RegisteredArchive, verified_metadata
+        from conveyor.model.metadata import MetadataError
 
-        uri = self.model["model_uri"]
-        RegisteredArchive.of({"model_name": spec.name, **self.model}).verify(archive_sha256(uri, lake.conn_id), uri)
+        registered = RegisteredArchive.of({"model_name": spec.name, **self.model})
+        try:
+            return verified_metadata(self.model["model_uri"], registered, lake.conn_id)
+        except MetadataError as exc:
+            raise BatchInputError(f"{exc} (not a Conveyor model.tar.gz)") from exc
 
     @translate_errors
     def execute_complete(
@@ -224,6 +259,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                     "transform_job": job,
                 },
                 conn_id=lake.conn_id,
+                fresh=getattr(context.get("ti"), "try_number", None) == 1,  # this try made the job: no parts yet
             )
             return self.finish(
                 context,

@@ -309,3 +309,48 @@ def test_an_archive_whose_sha256_differs_from_the_registry_is_refused_before_any
         operator(setup).execute(ctx())
     setup["hook"].create_model.assert_not_called()
     setup["hook"].conn.create_transform_job.assert_not_called()
+    assert not (setup["lake"].predictions("churn", RUN) / "_transform").exists()  # nor any input written
+
+
+def first_try() -> dict:
+    from types import SimpleNamespace
+
+    return {**ctx(), "ti": SimpleNamespace(try_number=1)}
+
+
+def test_a_first_try_starts_its_job_without_asking_for_one_or_clearing_input(setup, monkeypatch):
+    """The job's name derives from the run: only a retry can meet an earlier try's job or input, so the first
+    try neither describes the job nor lists the work folder to clear it, nor lists the output folder."""
+    import conveyor.batch.parts
+    import conveyor.lake
+
+    listed: list[str] = []
+    keys_below = conveyor.lake.keys_below
+    monkeypatch.setattr(
+        conveyor.lake, "keys_below", lambda path, **kw: listed.append(str(path)) or keys_below(path, **kw)
+    )
+    hook = setup["hook"]
+    with pytest.raises(TaskDeferred):
+        operator(setup).execute(first_try())
+    hook.describe_transform_job.assert_not_called()
+    request = hook.conn.create_transform_job.call_args.kwargs
+    run_transform_job(request, setup["model"]["model_uri"], setup["s3"])
+    monkeypatch.setattr(conveyor.batch.parts, "_old_output", lambda target: pytest.fail("listed the output"))
+    result = operator(setup).execute_complete(first_try(), {"status": "success"})
+    assert result["rows"] == ROWS and len(table_rows(setup)) == ROWS
+    assert not [path for path in listed if "/predictions/" in path]  # neither _transform/ nor the run's folder
+
+
+def test_a_first_try_meeting_a_job_of_its_name_fails_without_loading_it(setup):
+    """A run id used before (a run deleted and triggered again): its job is not this run's to load."""
+    hook = setup["hook"]
+    hook.conn.create_transform_job.side_effect = ClientError(
+        {"Error": {"Code": "ResourceInUse", "Message": "Job name must be unique ... already exists"}},
+        "CreateTransformJob",
+    )
+    with pytest.raises(AirflowFailException, match="exists already, though this is the task's first try.*start a new"):
+        operator(setup).execute(first_try())
+    hook.describe_transform_job.assert_not_called()
+    assert not (setup["lake"].predictions("churn", RUN) / "_SUCCESS.json").exists()
+    with pytest.raises(ClientError, match="ResourceInUse"):  # a retry's collision is not this rule's
+        operator(setup).execute(ctx())
