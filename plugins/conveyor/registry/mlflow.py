@@ -166,8 +166,8 @@ class MlflowRegistryHook(BaseHook):
         check_status(status)
         self._call("tag model version", self.client.set_model_version_tag, model_name, version, STATUS_TAG, status)
 
-    def promote(self, model_name: str, version: str) -> None:
-        """Approve a version and point ``champion`` at it."""
+    def promote(self, model_name: str, version: str, newest: bool = False) -> None:
+        """Approve a version and point ``champion`` at it (``newest`` is unused: the alias names it either way)."""
         self.set_status(model_name, version, APPROVED)
         self._call("move alias", self.client.set_registered_model_alias, model_name, CHAMPION, version)
 

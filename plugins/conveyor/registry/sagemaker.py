@@ -438,9 +438,18 @@ class SageMakerRegistryHook(BaseHook):
         check_status(status)
         self._update(self._arn(model_name, version), status=status, reason=f"{status} by Conveyor")
 
-    def promote(self, model_name: str, version: str) -> None:
-        """Approve a version: the latest ``Approved`` package is the champion."""
+    def promote(self, model_name: str, version: str, newest: bool = False) -> None:
+        """Approve a version: the latest ``Approved`` package is the champion.
+
+        :param model_name: the registered model (pipeline).
+        :param version: the version number.
+        :param newest: the caller knows no newer version is approved (the automatic approval of the version its
+            run just registered: a pipeline's train runs never overlap), so none is listed to warn that it stays
+            champion.
+        """
         self.set_status(model_name, version, APPROVED)
+        if newest:
+            return
         approved = [int(summary.get("ModelPackageVersion") or 0) for summary in self._summaries(model_name, APPROVED)]
         newest = max(approved, default=int(version))
         if newest != int(version):

@@ -314,7 +314,7 @@ def test_a_registry_error_fails_the_task_with_it_as_the_cause(store, monkeypatch
         op.execute(context("manual__1"))
 
     class Broken(MlflowRegistryHook):
-        def promote(self, model_name: str, version: str) -> None:
+        def promote(self, model_name: str, version: str, newest: bool = False) -> None:
             self.set_status(model_name, version, "Approve")
 
     monkeypatch.setattr(mlflow_registry, "MlflowRegistryHook", Broken)

@@ -161,6 +161,33 @@ def test_resolve_by_number_and_alias(hook):
         hook.resolve("churn", "staging")
 
 
+def test_approving_an_older_version_warns_that_the_newer_stays_champion(hook):
+    for run in ("r1", "r2"):
+        register(hook, run)
+    hook.promote("churn", "2")
+    log = mock.MagicMock()
+    with mock.patch.object(type(hook), "log", new_callable=mock.PropertyMock, return_value=log):
+        hook.promote("churn", "1")
+    message, *values = log.warning.call_args.args
+    assert message % tuple(values) == "churn version 1 approved, but the newer approved version 2 stays champion"
+    assert hook.champion("churn").version == "2"
+
+
+def test_an_approval_known_to_be_the_newest_lists_nothing():
+    """The automatic approval of the version its run just registered: one UpdateModelPackage, no listing."""
+    hook = SageMakerRegistryHook()
+    conn = mock.MagicMock()
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package/churn/4"
+    with mock.patch.object(type(hook.hook), "conn", conn):
+        hook.remember({"model_name": "churn", "version": "4", "arn": arn})
+        hook.promote("churn", "4", newest=True)
+    conn.list_model_packages.assert_not_called()
+    conn.describe_model_package.assert_not_called()
+    conn.update_model_package.assert_called_once_with(
+        ModelPackageArn=arn, ModelApprovalStatus=APPROVED, ApprovalDescription="Approved by Conveyor"
+    )
+
+
 def test_version_tags_are_added_without_losing_status_or_metadata(hook):
     register(hook, "r1")
     hook.promote("churn", "1")
