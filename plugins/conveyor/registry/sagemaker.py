@@ -451,10 +451,10 @@ class SageMakerRegistryHook(BaseHook):
         if newest:
             return
         approved = [int(summary.get("ModelPackageVersion") or 0) for summary in self._summaries(model_name, APPROVED)]
-        newest = max(approved, default=int(version))
-        if newest != int(version):
+        latest = max(approved, default=int(version))
+        if latest != int(version):
             self.log.warning(
-                "%s version %s approved, but the newer approved version %s stays champion", model_name, version, newest
+                "%s version %s approved, but the newer approved version %s stays champion", model_name, version, latest
             )
 
     def set_version_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
