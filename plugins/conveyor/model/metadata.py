@@ -90,14 +90,22 @@ def packed(raw: Any, source: str) -> ModelMetadata | None:
     :param raw: the archive's bytes, as a binary stream.
     :param source: the archive's URI (named in errors).
     """
+    import gzip
     import json
     import tarfile
+    import zlib
 
-    with tarfile.open(fileobj=raw, mode="r|gz") as tar:
-        for member in tar:
-            if member.name == FILENAME:
-                handle = tar.extractfile(member)
-                if handle is None:
-                    return None
-                return ModelMetadata.from_dict(json.loads(handle.read()), f"{source}!{FILENAME}")
-    return None
+    try:
+        with tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            for member in tar:
+                if member.name == FILENAME:
+                    handle = tar.extractfile(member)
+                    if handle is None:
+                        return None
+                    document = json.loads(handle.read())
+                    break
+            else:
+                return None
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, ValueError) as exc:  # not gzip, cut, not JSON
+        raise MetadataError(f"{source}: not a model.tar.gz with a readable {FILENAME} ({exc})") from exc
+    return ModelMetadata.from_dict(document, f"{source}!{FILENAME}")

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from conveyor.spec import PipelineSpec
 
 
+CREATED_BY_THIS_CALL = timedelta(minutes=5)
+"""How long before a create a job of its name may have been created and still be that create's own (botocore
+resends a request after a timeout; clocks differ by seconds): a job of an earlier run is hours or days old."""
+
+
 class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
     """Score an input with a SageMaker batch transform job into ``predictions/<pipeline>/<run>/`` and a SQL table.
 
@@ -66,7 +71,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         with aws_errors(f"batch transform {job} of {spec.name}", conn_id):
             found = None if first_try else hosting.describe_or_none(hook.describe_transform_job, job)
             if found is None:
-                manifest = self._prepare(spec, lake, work, self._verified(spec, lake), first_try)
+                manifest = self._prepare(spec, lake, work, first_try)
                 region = hook.conn_region_name
                 model = hosting.model_request(spec, self.model, region, run_id)
                 if hosting.ensure_model(hook, model):
@@ -114,15 +119,13 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             timeout=timedelta(seconds=timeout + 10 * interval),
         )
 
-    def _prepare(
-        self, spec: PipelineSpec, lake: Lake, work: ObjectStoragePath, metadata: ModelMetadata, fresh: bool
-    ) -> dict[str, Any]:
-        """Find the input and write the job's input files (before any job exists).
+    def _prepare(self, spec: PipelineSpec, lake: Lake, work: ObjectStoragePath, fresh: bool) -> dict[str, Any]:
+        """Find the input (or skip), check the model's archive, then write the job's input files (before any job
+        exists).
 
         :param spec: the pipeline.
         :param lake: the lake (on S3).
         :param work: the run's ``_transform`` folder.
-        :param metadata: the model's metadata (from its verified archive).
         :param fresh: the task's first try (no earlier input to clear).
         """
         from conveyor.aws.common import plain_s3_uri
@@ -130,7 +133,8 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         from conveyor.batch.readers import BatchInputError
 
         plain_s3_uri(work)  # the lake must be on S3: SageMaker reads and writes only S3
-        source, drop = self.batch_input(spec, lake)
+        source, drop = self.batch_input(spec, lake)  # nothing to score: skipped before the archive is read
+        metadata = self._verified(spec, lake)
         if metadata.problem_type == "image_classification":
             raise BatchInputError(
                 f"{spec.name}: batch predictions score tables; an image model has no SageMaker batch path here"
@@ -144,22 +148,36 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         """``CreateTransformJob`` (the boto3 call itself: the hook's ``create_transform_job`` first checks the
         input prefix just written, with a HeadBucket, a HEAD and a listing).
 
-        :raises AirflowFailException: a first try meets a job of this name: the run id was used before
+        A job of this name met by a first try is this call's own when SageMaker created it moments ago (botocore
+        resent the request after a timeout or a 5xx): it is waited for. An older one is a run id used before.
+
+        :raises AirflowFailException: a first try meets an older job of this name: the run id was used before
             (a run deleted and triggered again), and its job is not this run's to load.
         """
+        from datetime import UTC, datetime
+
         from botocore.exceptions import ClientError
 
-        from conveyor.aws.common import error_code
+        from conveyor.aws import hosting
+        from conveyor.aws.common import error_code, error_message
 
+        started = datetime.now(UTC)
         try:
             hook.conn.create_transform_job(**request)
         except ClientError as exc:
-            if not first_try or error_code(exc) != "ResourceInUse":
+            taken = error_code(exc) == "ResourceInUse" or (
+                error_code(exc) == "ValidationException" and "already exists" in error_message(exc)
+            )
+            if not first_try or not taken:
                 raise
+            created = (hosting.describe_or_none(hook.describe_transform_job, job) or {}).get("CreationTime")
+            if isinstance(created, datetime) and created >= started - CREATED_BY_THIS_CALL:
+                self.log.info("Transform job %s was created by this request (sent again by botocore)", job)
+                return
             raise AirflowFailException(
-                f"transform job {job} exists already, though this is the task's first try: the run id {run_id!r} "
-                "was used before (a run deleted and triggered again?) and that job is not this run's to load; "
-                "start a new run to score"
+                f"transform job {job} exists already (created {created}), though this is the task's first try: "
+                f"the run id {run_id!r} was used before (a run deleted and triggered again?) and that job is not "
+                "this run's to load; start a new run to score"
             ) from exc
 
     @staticmethod

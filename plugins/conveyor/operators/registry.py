@@ -129,9 +129,9 @@ class AutoApproveOperator(BaseOperator):
         name, version = self.registration["model_name"], self.registration["version"]
         hook = registry_hook(pipeline_spec(self.spec), self.tracking_uri)
         hook.remember(self.registration)
-        # Registered by this run moments ago, and the pipeline's train runs never overlap (max_active_runs 1):
-        # no newer version can be approved, so none is looked for.
-        hook.promote(name, version, newest=True)
+        # Registered by this run moments ago, and the pipeline's train runs never overlap (max_active_runs 1): on
+        # the first try no newer version can be approved, so none is looked for (a cleared task, later, looks).
+        hook.promote(name, version, newest=getattr(context.get("ti"), "try_number", None) == 1)
         self.log.info("Approved %s version %s automatically; it is now the champion", name, version)
         return {"model_name": name, "version": version, "status": APPROVED, "approved_by": "auto"}
 

@@ -172,9 +172,10 @@ class TrainModelOperator(BaseOperator):
 class EvaluateModelOperator(BaseOperator):
     """Score the model on the run's test set: metrics, plots and an HTML report.
 
-    Writes ``reports/<pipeline>/<run>/evaluation/`` (``index.html``, ``metrics.json``, plots) and
-    logs the same files to the run's MLflow run (``reports/evaluation``; the gate logs the rest
-    there), from here where they are on disk. Returns ``{"metrics": {scalar metrics}, "report": uri}``.
+    Writes ``reports/<pipeline>/<run>/evaluation/`` (``index.html`` with its plots inlined, ``metrics.json``,
+    ``predictions.parquet``) and logs the same files to the run's MLflow run (``reports/evaluation``; the
+    gate logs the rest there), from here where they are on disk. Returns ``{"metrics": {scalar metrics},
+    "report": uri}``.
 
     :param spec: the validated pipeline spec (``PipelineSpec`` as JSON, from the factory).
     :param model: the train task's result (templated XCom).

@@ -232,3 +232,39 @@ def test_the_monitor_refuses_to_load_a_changed_archive(tmp_path):
     with pytest.raises(IntegrityError, match="churn version 2"):
         models.loaded("2")
     assert not (tmp_path / "scratch" / "v2").exists()
+
+
+# --- verified_metadata (the SageMaker batch: one read for the check and the metadata) ----------------
+
+
+def test_verified_metadata_is_the_checked_archives_own(churn_model, tmp_path):
+    from conveyor.model.artifacts import verified_metadata
+    from conveyor.model.metadata import read
+
+    archive = churn_model["archive"]
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    found = verified_metadata(archive.as_uri(), RegisteredArchive("churn", "3", sha))
+    assert found.feature_names == read(churn_model["dir"]).feature_names and found.feature_names
+    with pytest.raises(IntegrityError):
+        verified_metadata(archive.as_uri(), RegisteredArchive("churn", "3", "0" * 64))
+
+
+def test_verified_metadata_names_an_archive_that_is_not_a_model(tmp_path):
+    from conveyor.model.artifacts import ArchiveMissing, verified_metadata
+    from conveyor.model.metadata import MetadataError
+
+    def checked(path: Path) -> RegisteredArchive:
+        return RegisteredArchive("churn", "3", hashlib.sha256(path.read_bytes()).hexdigest())
+
+    text = tmp_path / "notes.tar.gz"
+    text.write_bytes(b"not a gzip stream at all")
+    with pytest.raises(MetadataError, match="notes.tar.gz: not a model.tar.gz with a readable metadata.json"):
+        verified_metadata(text.as_uri(), checked(text))
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz") as tar:
+        info = tarfile.TarInfo("code/inference.py")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(MetadataError, match="empty.tar.gz: no metadata.json inside it"):
+        verified_metadata(empty.as_uri(), checked(empty))
+    with pytest.raises(ArchiveMissing, match="no model archive at"):
+        verified_metadata((tmp_path / "gone.tar.gz").as_uri(), RegisteredArchive("churn", "3", "0" * 64))

@@ -261,8 +261,11 @@ def test_a_line_break_in_a_value_is_refused_before_any_job(setup):
     setup["hook"].conn.create_transform_job.assert_not_called()
 
 
-def test_nothing_to_score_skips(setup):
+def test_nothing_to_score_skips_before_the_archive_is_read(setup, monkeypatch):
+    import conveyor.model.artifacts
+
     (setup["lake"].landing("churn", "inference", "d-1") / "_SCORED.json").write_bytes(b"{}")
+    monkeypatch.setattr(conveyor.model.artifacts, "verified_metadata", lambda *a, **k: pytest.fail("read the archive"))
     with pytest.raises(AirflowSkipException, match="no complete, unscored drop"):
         operator(setup).execute(ctx())
 
@@ -348,9 +351,35 @@ def test_a_first_try_meeting_a_job_of_its_name_fails_without_loading_it(setup):
         {"Error": {"Code": "ResourceInUse", "Message": "Job name must be unique ... already exists"}},
         "CreateTransformJob",
     )
-    with pytest.raises(AirflowFailException, match="exists already, though this is the task's first try.*start a new"):
+    with pytest.raises(AirflowFailException, match="exists already .*though this is the task's first try.*start a new"):
         operator(setup).execute(first_try())
-    hook.describe_transform_job.assert_not_called()
+    hook.describe_transform_job.assert_called_once()  # asked only once the create was refused: how old is it?
     assert not (setup["lake"].predictions("churn", RUN) / "_SUCCESS.json").exists()
     with pytest.raises(ClientError, match="ResourceInUse"):  # a retry's collision is not this rule's
         operator(setup).execute(ctx())
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        ("ResourceInUse", "Job name must be unique ... already exists"),
+        (
+            "ValidationException",
+            "Job name must be unique within an AWS account and region, and a job with this name already exists",
+        ),
+    ],
+)
+def test_a_first_try_whose_create_was_resent_waits_for_its_own_job(setup, code, message):
+    """botocore resent the create after a timeout: the job SageMaker made moments ago is this try's own."""
+    hook = setup["hook"]
+    hook.conn.create_transform_job.side_effect = ClientError({"Error": {"Code": code, "Message": message}}, "Create")
+    hook.describe_transform_job.side_effect = None
+    hook.describe_transform_job.return_value = {
+        "TransformJobStatus": "InProgress",
+        "CreationTime": datetime.now(UTC),
+    }
+    with pytest.raises(TaskDeferred):
+        operator(setup).execute(first_try())
+    hook.describe_transform_job.return_value["CreationTime"] = datetime(2026, 1, 1, tzinfo=UTC)  # an old run's
+    with pytest.raises(AirflowFailException, match="exists already \\(created 2026-01-01"):
+        operator(setup).execute(first_try())
