@@ -18,6 +18,9 @@ runs ``train.py`` in script mode, the transform job runs the model's ``code/infe
 * calls the emulated containers make (a training job uploading its model, a transform job
   reading its input) are SageMaker's, left out.
 
+A deferred task resumes with the kwargs it deferred with, as under Airflow's triggerer
+(``dag.test()`` alone would drop them: :func:`keep_deferral_kwargs`).
+
 **Time** per DAG run (wall clock of ``dag.test()``):
 
 * ``wait_s``: inside the deferred waits (the training job runs then) and inside the emulated
@@ -195,6 +198,42 @@ def instrument(recorder: Recorder) -> None:
         return train(self, job)
 
     sagemaker_emulator.TrainingEmulator._run = run_training
+    keep_deferral_kwargs()
+
+
+def keep_deferral_kwargs() -> None:
+    """Resume deferred tasks with the kwargs they deferred with, as Airflow's triggerer does.
+
+    ``dag.test()`` resumes a deferred task with the trigger's event alone (``next_kwargs = {"event": ...}``),
+    dropping what the task passed to ``defer(kwargs=...)``; the triggerer stores the event beside them
+    (``airflow.models.trigger``: the stored next_kwargs plus ``event``). Without this, the SageMaker batch
+    would read back under ``dag.test()`` the input manifest it hands over in production (one GET counted
+    that a deployment never makes).
+    """
+    import sqlalchemy
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.sdk.execution_time import supervisor
+    from airflow.sdk.execution_time.comms import DeferTask
+
+    deferred: dict[str, dict[str, Any]] = {}
+    run_task = supervisor.run_task_in_process
+
+    def run_task_in_process(*args: Any, **kwargs: Any) -> Any:
+        result = run_task(*args, **kwargs)
+        ti = kwargs.get("ti", args[0] if args else None)
+        if isinstance(result.msg, DeferTask) and isinstance(result.msg.next_kwargs, dict) and ti is not None:
+            deferred[str(ti.id)] = result.msg.next_kwargs  # serde-encoded key by key, like the event beside it
+        return result
+
+    supervisor.run_task_in_process = run_task_in_process
+
+    def with_kwargs(target: Any, value: Any, _old: Any, _initiator: Any) -> Any:
+        kept = deferred.pop(str(target.id), None)
+        if kept and isinstance(value, dict) and set(value) == {"event"}:
+            return {**kept, **value}
+        return value
+
+    sqlalchemy.event.listen(TaskInstance.next_kwargs, "set", with_kwargs, retval=True)
 
 
 def set_up(tmp: Path) -> tuple[Any, str]:
