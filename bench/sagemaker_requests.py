@@ -228,7 +228,7 @@ def keep_deferral_kwargs() -> None:
     supervisor.run_task_in_process = run_task_in_process
 
     def with_kwargs(target: Any, value: Any, _old: Any, _initiator: Any) -> Any:
-        kept = deferred.pop(str(target.id), None)
+        kept = deferred.get(str(target.id))  # (the deferral's own record sets them first: not popped there)
         if kept and isinstance(value, dict) and set(value) == {"event"}:
             return {**kept, **value}
         return value
