@@ -2,8 +2,8 @@
 
 ``write_monitor_report`` turns the JSON-like results of a monitor run (``conveyor.monitoring.drift`` reports per
 checked source, the history of past checks, the live metric per day, feedback label counts and the
-retrain decision) into ``index.html`` with PNG plots beside it, and ``monitor.json`` holding every
-input (NaN and infinities as null). Importing this module is cheap: matplotlib and jinja2 are
+retrain decision) into ``index.html``, its PNG plots inlined (one self-contained page), and ``monitor.json``
+holding every input (NaN and infinities as null). Importing this module is cheap: matplotlib and jinja2 are
 imported by the functions that use them.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.model.metadata import OTHER  # the baseline's bucket of values it does not list
-from conveyor.reports.plots import plain, save, stacked
+from conveyor.reports.plots import embed_images, plain, save, stacked
 
 MAX_PLOTTED_CATEGORIES = 30
 MAX_HISTORY_ROWS = 100
@@ -68,9 +68,10 @@ def write_monitor_report(
     labels: dict,
     decision: dict,
 ) -> Path:
-    """Render out_dir/index.html (+ PNG plots + monitor.json with all inputs) and return the index path.
+    """Render out_dir/index.html (its PNG plots inlined; ``monitor.json`` with all inputs and the plots' names)
+    and return the index path.
 
-    :param out_dir: the report folder (created; plots of an earlier render are replaced).
+    :param out_dir: the report folder (created; plot files of an earlier render are removed).
     :param pipeline: the pipeline's name.
     :param model: ``name``, ``version``, ``metric`` (the gate metric) and ``baseline_metric`` (its test score).
     :param sources: this run's drift checks: ``source``, ``id``, ``rows``, ``report`` (or None) and ``error``.
@@ -109,6 +110,7 @@ def write_monitor_report(
 
     plots = [f for s in sections for f in [*(row["plot"] for row in s["rows"]), s["prediction_plot"]] if f]
     plots += [path.name for path in (history_plot, live_plot) if path]
+    plots = [Path(name).stem for name in plots]  # the page's data-plot names (the files are inlined, then gone)
     (out / "monitor.json").write_text(
         json.dumps(data | {"verdict": verdict, "plots": plots}, indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
@@ -129,7 +131,7 @@ def write_monitor_report(
         rejected=[(False, [_text(e.get(k)) for k in ("id", "label", "rule")]) for e in rejected],
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    index.write_text(embed_images(page, out), encoding="utf-8")  # one self-contained page: one upload
     return index
 
 

@@ -55,6 +55,7 @@ def embed_images(page: str, folder: Path) -> str:
 
     :param page: the page's HTML, whose images are ``src="<name>.png"`` of files in ``folder``.
     :param folder: the report folder.
+    :returns: the page; each inlined image keeps its name as ``data-plot="<name>"``.
     """
     import base64
     import re
@@ -66,7 +67,8 @@ def embed_images(page: str, folder: Path) -> str:
         if not path.is_file():
             return match.group(0)
         embedded.add(path)
-        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode("ascii")}"'
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{encoded}" data-plot="{path.stem}"'
 
     page = re.sub(r'src="([\w.\-]+\.png)"', inline, page)
     for path in embedded:

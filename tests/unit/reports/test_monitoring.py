@@ -138,6 +138,15 @@ LABELS = {
 MODEL = {"name": "churn", "version": "3", "metric": "accuracy", "baseline_metric": 0.9}
 
 
+def drawn(page: str) -> dict[str, bytes]:
+    """The plots a page holds, inlined (``data-plot`` names them): name -> PNG bytes."""
+    import base64
+    import re
+
+    found = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)" data-plot="([\w.\-]+)"', page)
+    return {name: base64.b64decode(encoded) for encoded, name in found}
+
+
 def render(
     out: Path,
     sources: list[dict],
@@ -202,16 +211,17 @@ def test_full_report(tmp_path, batch_report, capture_report, bad_batch_error):
     assert index == out / "index.html"
 
     # one plot per drifted feature, none for the others; a prediction plot per source that has predictions
-    assert sorted(p.name for p in out.glob("drift_s1_*.png")) == ["drift_s1_1_income.png", "drift_s1_2_plan.png"]
-    assert [p.name for p in out.glob("drift_s2_*.png")] == ["drift_s2_1_version.png"]
-    assert not list(out.glob("drift_s3_*.png"))
+    plots = drawn(page)
+    assert sorted(n for n in plots if n.startswith("drift_s1_")) == ["drift_s1_1_income", "drift_s1_2_plan"]
+    assert [n for n in plots if n.startswith("drift_s2_")] == ["drift_s2_1_version"]
+    assert not [n for n in plots if n.startswith("drift_s3_")]
     drifted = drifted_with_shares(batch_report) + drifted_with_shares(capture_report)
-    assert len(list(out.glob("drift_*.png"))) == len(drifted) == 3
+    assert len([n for n in plots if n.startswith("drift_")]) == len(drifted) == 3
     expected_plots = {"prediction_s1.png", "prediction_s2.png", "history.png", "live_metric.png"}
-    assert expected_plots <= {p.name for p in out.glob("*.png")} and not (out / "prediction_s3.png").exists()
-    for png in out.glob("*.png"):
-        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 2_000
-        assert f'src="{png.name}"' in page
+    assert {f"{n}.png" for n in plots} >= expected_plots and "prediction_s3" not in plots
+    for png in plots.values():
+        assert png[:8] == PNG_MAGIC and len(png) > 2_000
+    assert not list(out.glob("*.png"))  # inlined: the page is the one file to upload and read
 
     # header and verdict
     assert "Monitoring: churn" in page and "version <strong>3</strong>" in page
@@ -252,7 +262,7 @@ def test_full_report(tmp_path, batch_report, capture_report, bad_batch_error):
     assert document["history"][-1]["max_psi"] is None and document["history"][-1]["drifted"] is True
     assert document["history"][-1]["prediction_psi"] == 3.2
     assert document["live"] == LIVE and document["labels"] == LABELS and document["model"] == MODEL
-    assert document["verdict"] == "Retrain triggered" and set(expected_plots) <= set(document["plots"])
+    assert document["verdict"] == "Retrain triggered" and {f"{n}.png" for n in document["plots"]} >= expected_plots
 
 
 def test_html_from_data_is_escaped(tmp_path, batch_report):
@@ -268,7 +278,7 @@ def test_html_from_data_is_escaped(tmp_path, batch_report):
     for raw in (EVIL, "<i>run</i>", "<img src=x", "<b>bold</b>", "<b>x</b>"):
         assert raw not in page
     assert str(escape(EVIL)) in page and "&lt;i&gt;run&lt;/i&gt;" in page and "a &amp; b" in page
-    assert "<td>&lt;b&gt;x&lt;/b&gt;</td>" in page and (tmp_path / "drift_s1_1__b_x_b_.png").exists()
+    assert "<td>&lt;b&gt;x&lt;/b&gt;</td>" in page and "drift_s1_1__b_x_b_" in drawn(page)
     assert "<script" not in page
 
 
@@ -286,7 +296,7 @@ def test_empty_inputs_render_cleanly(tmp_path):
     assert "No batch or captured traffic was checked" in page and "No monitoring history yet." in page
     assert "No live metric yet" in page and "No feedback labels received yet." in page
     assert "Last trigger: never" in page
-    assert not list(index.parent.glob("*.png"))
+    assert not list(index.parent.glob("*.png")) and not drawn(page)
     document = no_nan((index.parent / "monitor.json").read_text(encoding="utf-8"))
     assert document["sources"] == [] and document["history"] == [] and document["plots"] == []
 
@@ -309,14 +319,16 @@ def test_error_only_and_missing_report(tmp_path):
     )
     assert "<strong>This data could not be checked:</strong> batch has no rows" in page
     assert "No drift report for this source." in page
-    assert not list(tmp_path.glob("drift_*.png")) and not list(tmp_path.glob("prediction_*.png"))
-    assert not (tmp_path / "live_metric.png").exists()  # a day without a value is tabled, not plotted
+    assert not [n for n in drawn(page) if n.startswith(("drift_", "prediction_"))]
+    assert "live_metric" not in drawn(page)  # a day without a value is tabled, not plotted
 
 
 def test_suppressed_verdict_and_stale_plots_removed(tmp_path, batch_report, classifier):
     out = tmp_path / "r"
-    render(out, [{"source": "batch", "id": "run_a", "rows": 1000, "report": batch_report, "error": None}])
-    assert len(list(out.glob("drift_*.png"))) == 2
+    (out / "drift_s1_9_old.png").parent.mkdir(parents=True, exist_ok=True)
+    (out / "drift_s1_9_old.png").write_bytes(b"a plot file of an earlier render")
+    _, first = render(out, [{"source": "batch", "id": "run_a", "rows": 1000, "report": batch_report, "error": None}])
+    assert len([n for n in drawn(first) if n.startswith("drift_")]) == 2 and not list(out.glob("*.png"))
     calm = drift_report(classifier, frame(500, seed=9).drop(columns="churned"))
     assert not calm["drifted"]
     decision = {
@@ -331,7 +343,7 @@ def test_suppressed_verdict_and_stale_plots_removed(tmp_path, batch_report, clas
         out, [{"source": "batch", "id": "run_b", "rows": 500, "report": calm, "error": None}], decision=decision
     )
     assert '<p class="verdict suppressed">Retrain suppressed by cool-down until 2024-05-05T06:00:00+00:00</p>' in page
-    assert not list(out.glob("drift_*.png")) and not (out / "prediction_s1.png").exists()
+    assert not [n for n in drawn(page) if n.startswith("drift_")] and "prediction_s1" not in drawn(page)
     assert "0 of 3 features drifted" in page and "no drift" in page
 
 
@@ -362,10 +374,10 @@ def test_image_report_channel_means_are_tabled_not_plotted(tmp_path):
     report = image_drift(baseline, stats(300, 0.25, 0.6), predictions=["cat"] * 250 + ["dog"] * 50)
     assert report["drifted_features"] == ["brightness", "mean_red"]
     _, page = render(tmp_path, [{"source": "batch", "id": "img_run", "rows": 300, "report": report, "error": None}])
-    assert [p.name for p in tmp_path.glob("drift_*.png")] == ["drift_s1_1_brightness.png"]
+    assert [n for n in drawn(page) if n.startswith("drift_")] == ["drift_s1_1_brightness"]
     assert f"mean moved {report['features']['mean_red']['mean_shift_std']:+.2f} pixel std" in page
     assert str(escape(report["features"]["mean_red"]["reasons"][0])) in page
-    assert (tmp_path / "prediction_s1.png").exists()
+    assert "prediction_s1" in drawn(page)
 
 
 def test_bin_labels():
@@ -403,7 +415,7 @@ def test_history_with_times_that_are_not_iso_is_plotted_by_position(tmp_path):
         },
     ]
     _, page = render(tmp_path, [], hist=records, live=[], labels={})
-    assert (tmp_path / "history.png").read_bytes()[:8] == PNG_MAGIC
+    assert drawn(page)["history"][:8] == PNG_MAGIC
     assert "f9 (+2 more)" in page and "f10" not in page
 
 
@@ -420,7 +432,7 @@ def test_many_categories_are_cut_to_the_largest(tmp_path):
     report = drift_report(metadata, pd.DataFrame({"city": values}))
     assert report["features"]["city"]["drifted"] and len(report["features"]["city"]["categories"]) == 46
     _, page = render(tmp_path, [{"source": "capture", "id": "w", "rows": len(values), "report": report, "error": None}])
-    assert (tmp_path / "drift_s1_1_city.png").read_bytes()[:8] == PNG_MAGIC and "new_town (14.3%)" in page
+    assert drawn(page)["drift_s1_1_city"][:8] == PNG_MAGIC and "new_town (14.3%)" in page
 
 
 def test_the_plotting_helper_draws_on_an_agg_canvas_without_pyplot(tmp_path):
