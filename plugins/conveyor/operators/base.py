@@ -63,3 +63,14 @@ def pipeline_spec(spec: PipelineSpec | dict[str, Any]) -> PipelineSpec:
     if isinstance(spec, PipelineSpec):
         return spec
     return PipelineSpec.model_validate(spec)
+
+
+def first_try(context: Any) -> bool:
+    """Whether this is the task instance's first try of its run (Airflow numbers tries from 1; a retry or a
+    cleared task runs as a later one, a resumed deferral keeps its number): nothing an earlier try of this task
+    would have written or started can exist. False when the context has no task instance (a test calling
+    ``execute`` directly), so the callers then look for what an earlier try left.
+
+    :param context: the task context.
+    """
+    return getattr(context.get("ti"), "try_number", None) == 1

@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from conveyor.aws.hosting import TransformStillRunning
 from conveyor.lake import Lake
-from conveyor.operators.base import pipeline_spec, translate_errors
+from conveyor.operators.base import first_try, pipeline_spec, translate_errors
 from conveyor.operators.batch import BaseBatchPredictOperator
 
 if TYPE_CHECKING:
@@ -67,11 +67,11 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
         work = lake.predictions(spec.name, run_id) / WORK
         # The job's name derives from the run: only a retry can meet an earlier try's job, so a first try
         # neither asks for one nor clears an earlier try's input (a run id used before fails at the create).
-        first_try = getattr(context.get("ti"), "try_number", None) == 1
+        first = first_try(context)
         with aws_errors(f"batch transform {job} of {spec.name}", conn_id):
-            found = None if first_try else hosting.describe_or_none(hook.describe_transform_job, job)
+            found = None if first else hosting.describe_or_none(hook.describe_transform_job, job)
             if found is None:
-                manifest = self._prepare(spec, lake, work, first_try)
+                manifest = self._prepare(spec, lake, work, first)
                 region = hook.conn_region_name
                 model = hosting.model_request(spec, self.model, region, run_id)
                 if hosting.ensure_model(hook, model):
@@ -85,7 +85,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                     str(self.model["version"]),
                     run_id,
                 )
-                self._create(hook, request, job, run_id, first_try)
+                self._create(hook, request, job, run_id, first)
                 self.log.info(
                     "Started transform job %s: %s rows in %s files of %s with %s (%s x %s)",
                     job,
@@ -144,7 +144,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             source, metadata, work, spec.deploy.batch.chunk_rows, lake.conn_id, {"drop": drop}, fresh=fresh
         )
 
-    def _create(self, hook: Any, request: dict[str, Any], job: str, run_id: str, first_try: bool) -> None:
+    def _create(self, hook: Any, request: dict[str, Any], job: str, run_id: str, first: bool) -> None:
         """``CreateTransformJob`` (the boto3 call itself: the hook's ``create_transform_job`` first checks the
         input prefix just written, with a HeadBucket, a HEAD and a listing).
 
@@ -168,7 +168,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
             taken = error_code(exc) == "ResourceInUse" or (
                 error_code(exc) == "ValidationException" and "already exists" in error_message(exc)
             )
-            if not first_try or not taken:
+            if not first or not taken:
                 raise
             created = (hosting.describe_or_none(hook.describe_transform_job, job) or {}).get("CreationTime")
             if isinstance(created, datetime) and created >= started - CREATED_BY_THIS_CALL:
@@ -277,7 +277,7 @@ class SageMakerBatchPredictOperator(BaseBatchPredictOperator):
                     "transform_job": job,
                 },
                 conn_id=lake.conn_id,
-                fresh=getattr(context.get("ti"), "try_number", None) == 1,  # this try made the job: no parts yet
+                fresh=first_try(context),  # this try made the job: no parts yet
             )
             return self.finish(
                 context,

@@ -8,7 +8,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseOperator
 
 from conveyor.lake import Lake
-from conveyor.operators.base import pipeline_spec, translate_errors
+from conveyor.operators.base import first_try, pipeline_spec, translate_errors
 
 
 class RegisterModelOperator(BaseOperator):
@@ -83,7 +83,7 @@ class RegisterModelOperator(BaseOperator):
             metrics=evaluation.get("metrics"),
             metrics_uri=metrics_uri,
             sha256=sha256,
-            first_try=getattr(context.get("ti"), "try_number", None) == 1,  # no earlier attempt to find
+            first_try=first_try(context),  # no earlier attempt to find
         )
         MlflowRegistryHook(self.tracking_uri).finish_run(self.gate["mlflow_run_id"])
         self.log.info(
@@ -131,7 +131,7 @@ class AutoApproveOperator(BaseOperator):
         hook.remember(self.registration)
         # Registered by this run moments ago, and the pipeline's train runs never overlap (max_active_runs 1): on
         # the first try no newer version can be approved, so none is looked for (a cleared task, later, looks).
-        hook.promote(name, version, newest=getattr(context.get("ti"), "try_number", None) == 1)
+        hook.promote(name, version, newest=first_try(context))
         self.log.info("Approved %s version %s automatically; it is now the champion", name, version)
         return {"model_name": name, "version": version, "status": APPROVED, "approved_by": "auto"}
 

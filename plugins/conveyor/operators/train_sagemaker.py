@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from conveyor.lake import Lake
-from conveyor.operators.base import pipeline_spec, translate_errors
+from conveyor.operators.base import first_try, pipeline_spec, translate_errors
 
 
 class SageMakerTrainModelOperator(BaseOperator):
@@ -145,8 +145,8 @@ class SageMakerTrainModelOperator(BaseOperator):
         self._job = (hook, name)
         # The job's name derives from the run: only a retry can meet an earlier try's job (a concurrent one is
         # CreateTrainingJob's ResourceInUse), so a first try creates without asking first.
-        first_try = getattr(context.get("ti"), "try_number", None) == 1
-        description = None if first_try else self._describe(spec, hook, name)
+        first = first_try(context)
+        description = None if first else self._describe(spec, hook, name)
         if description is not None:
             self.log.info(
                 "Training job %s of an earlier try is %s: not starting another", name, description["TrainingJobStatus"]
