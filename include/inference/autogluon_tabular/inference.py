@@ -119,12 +119,16 @@ def predict_fn(data: pd.DataFrame, model: TabularModel) -> pd.DataFrame:
     :param data: the rows from :func:`input_fn` (feature columns, maybe the id column).
     :param model: the model from :func:`model_fn`.
     """
-    missing = [name for name in model.features if name not in data.columns]
-    if missing:
-        raise ValueError(f"predict_fn: the data lacks features: {_names(missing)}")
-    features = data[model.features]
+    columns = data.columns.tolist()
+    if columns != model.features:  # parse_request's frames are already the features in order: no copy then
+        missing = [name for name in model.features if name not in data.columns]
+        if missing:
+            raise ValueError(f"predict_fn: the data lacks features: {_names(missing)}")
+    features = data if columns == model.features else data[model.features]
     predictor = model.predictor
-    out = pd.DataFrame(index=range(len(data)))
+    out: dict[str, Any] = {}  # the answer's columns, made into one frame at the end (not column by column)
+    if model.id_column is not None and model.id_column in columns:
+        out[model.id_column] = data[model.id_column].to_numpy()
     if model.class_labels is None:
         out["prediction"] = np.asarray(predictor.predict(features, as_pandas=False))
     else:
@@ -132,9 +136,9 @@ def predict_fn(data: pd.DataFrame, model: TabularModel) -> pd.DataFrame:
         out["prediction"] = np.asarray(predictor.predict_from_proba(proba))
         for label in model.class_labels:
             out[f"{PROBA_PREFIX}{label}"] = proba[label].to_numpy(dtype="float64")
-    if model.id_column is not None and model.id_column in data.columns:
-        out.insert(0, model.id_column, data[model.id_column].to_numpy())
-    return out
+    if len(out) != 1 + len(model.class_labels or []) + (model.id_column in columns):
+        raise ValueError(f"predict_fn: the id column {model.id_column!r} has the name of an output column")
+    return pd.DataFrame(out, index=pd.RangeIndex(len(data)))
 
 
 def predict_batch(inputs: list[pd.DataFrame], model: TabularModel) -> list[pd.DataFrame]:

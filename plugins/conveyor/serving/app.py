@@ -12,7 +12,8 @@ several). Each worker:
   failed load is retried only when ``control.json`` changes again.
 
 Routes: ``GET /ping`` (200 with a live model, else 503); ``POST /invocations`` and
-``POST /endpoints/{name}/invocations`` (what ``sagemaker-runtime`` ``invoke_endpoint`` calls).
+``POST /endpoints/{name}/invocations`` (what ``sagemaker-runtime`` ``invoke_endpoint`` calls; answered by
+:class:`FrontDoor` ahead of FastAPI's routing, the hot path).
 A request is parsed on its own by the model's handlers (``parse_request`` when the handler
 module has it, else ``input_fn``; a malformed one is answered 4xx there), then queued on the
 batcher of the version it took (:mod:`conveyor.serving.batching`): requests waiting for one
@@ -329,15 +330,37 @@ class Endpoint:
     verifier: Verifier
 
 
-class HeaderLimit:
-    """ASGI middleware: 431 for a request line and headers over the limit (the protocol checks it first).
+def invocation_path(path: str) -> tuple[bool, str | None]:
+    """Whether a path is an invocations path, and the endpoint it names (None for ``/invocations``).
+
+    :param path: the request path (decoded).
+    """
+    if path == "/invocations":
+        return True, None
+    if path.startswith("/endpoints/") and path.endswith("/invocations"):
+        name = path[len("/endpoints/") : -len("/invocations")]
+        if name and "/" not in name:
+            return True, name
+    return False, None
+
+
+class FrontDoor:
+    """ASGI middleware (inside Starlette's error handler): the head limit, then invocations answered here.
+
+    A request line and headers over the limit get 431. ``POST /invocations`` and ``POST
+    /endpoints/{name}/invocations``, nearly all of an endpoint's traffic, go straight to
+    :func:`invoke` (which answers every failure itself), past FastAPI's router, exception middleware
+    and dependency machinery: a fifth of a millisecond per request, a tenth of the one-row overhead
+    ``bench/endpoint.py`` measures. Another method there gets 405; other paths go on to the routes.
 
     :param app: the app.
+    :param served: the endpoint.
     :param limit: the largest head, in bytes.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, served: Endpoint, limit: int):
         self.app = app
+        self.served = served
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -345,6 +368,15 @@ class HeaderLimit:
             target = scope.get("raw_path", b"") + b"?" + scope.get("query_string", b"")
             if head_size(target, scope["headers"]) > self.limit:
                 await error_response(431, too_large_message(self.limit))(scope, receive, send)
+                return
+            hit, name = invocation_path(scope["path"])
+            if hit:
+                if scope["method"] == "POST":
+                    response = await invoke(self.served, Request(scope, receive), name)
+                else:
+                    message = f"{scope['method']} is not allowed on {scope['path']}: invocations are POST"
+                    response = error_response(405, message, headers={"Allow": "POST"})
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -372,7 +404,7 @@ def create_app(name: str | None = None, *, poll_interval: float = POLL_INTERVAL_
         redoc_url=None,
         openapi_url=None,
     )
-    app.add_middleware(HeaderLimit, limit=config.max_header_bytes)
+    app.add_middleware(FrontDoor, served=served, limit=config.max_header_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
@@ -410,7 +442,7 @@ def _lifespan(served: Endpoint, concurrency: int) -> Any:
 
 
 def _add_routes(app: FastAPI, served: Endpoint) -> None:
-    """``GET /ping``, ``POST /invocations``, ``POST /endpoints/{name}/invocations`` and ``POST /feedback``.
+    """``GET /ping`` and ``POST /feedback`` (the invocations are :class:`FrontDoor`'s).
 
     :param app: the app.
     :param served: the endpoint.
@@ -422,14 +454,6 @@ def _add_routes(app: FastAPI, served: Endpoint) -> None:
         if live is None:
             return error_response(503, f"endpoint {served.name}: no live model is loaded")
         return Response(status_code=200, headers={VERSION_HEADER: live.version})
-
-    @app.post("/invocations")
-    async def invocations(request: Request) -> Response:
-        return await invoke(served, request, None)
-
-    @app.post("/endpoints/{endpoint_name}/invocations")
-    async def endpoint_invocations(endpoint_name: str, request: Request) -> Response:
-        return await invoke(served, request, endpoint_name)
 
     @app.post("/feedback")
     async def post_feedback(request: Request) -> Response:

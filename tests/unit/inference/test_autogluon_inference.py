@@ -4,6 +4,7 @@ errors bad requests get."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -311,6 +312,24 @@ def test_accept_chooses_the_output_format(model, requests):
 def test_predict_fn_refuses_data_without_the_features(model, requests):
     with pytest.raises(ValueError, match="predict_fn: the data lacks features: region"):
         inference.predict_fn(requests.drop(columns=["region"]), model)
+
+
+def test_predict_fn_takes_any_column_order_and_leaves_the_frame_alone(model, requests):
+    exact = requests[FEATURES].reset_index(drop=True)
+    shuffled = requests[["customer_id", *reversed(FEATURES)]].assign(extra=1).set_index(exact.index + 100)
+    before = shuffled.copy()
+    plain, reordered = inference.predict_fn(exact, model), inference.predict_fn(shuffled, model)
+    pd.testing.assert_frame_equal(reordered.drop(columns=["customer_id"]), plain)
+    assert reordered.columns[0] == "customer_id" and reordered.index.equals(pd.RangeIndex(len(requests)))
+    assert reordered["customer_id"].tolist() == requests["customer_id"].tolist()
+    pd.testing.assert_frame_equal(shuffled, before)  # the input is not changed
+
+
+def test_predict_fn_refuses_an_id_column_named_like_an_output(model, requests):
+    clash = copy.copy(model)
+    object.__setattr__(clash, "id_column", "prediction")
+    with pytest.raises(ValueError, match="the id column 'prediction' has the name of an output column"):
+        inference.predict_fn(requests[FEATURES].assign(prediction="x"), clash)
 
 
 def test_input_fn_needs_a_loaded_model(monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conveyor.serving import endpoint_state as es
-from conveyor.serving.app import DEFAULT_MAX_BODY_BYTES, create_app
+from conveyor.serving.app import DEFAULT_MAX_BODY_BYTES, create_app, invocation_path
 from conveyor.serving.auth import endpoint_credentials
 from helpers import wait_until
 
@@ -307,11 +307,37 @@ def test_limits_auth_and_the_error_shape_in_process(state, tmp_path, monkeypatch
         missing = client.get("/nothing-here")
         assert (missing.status_code, missing.headers["x-amzn-ErrorType"]) == (404, "ValidationError")
         assert missing.json()["message"] == "Not Found"
-        assert client.get("/invocations").status_code == 405
+        for path in ("/invocations", "/endpoints/ep/invocations"):
+            wrong = client.get(path)
+            assert (wrong.status_code, wrong.headers["Allow"], wrong.headers["x-amzn-ErrorType"]) == (
+                405,
+                "POST",
+                "ValidationError",
+            )
+            assert wrong.json()["message"] == f"GET is not allowed on {path}: invocations are POST"
+        assert client.post("/endpoints/ep/invocations", content=b"[1]", headers=json_type).status_code == 200
+        other = client.post("/endpoints/other/invocations", content=b"[1]", headers=json_type)
+        assert other.status_code == 404 and "'other' is not served here" in other.json()["message"]
+        assert client.post("/invocations/", content=b"[1]", headers=json_type).status_code == 404
         anonymous = client.post("/invocations", content=b"1", headers={"Authorization": ""})
         assert anonymous.status_code == 401 and "WWW-Authenticate" in anonymous.headers
         assert client.get("/ping", headers={"Authorization": ""}).status_code == 200
         assert client.get("/openapi.json").status_code == 404  # no route list for anonymous callers
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/invocations", (True, None)),
+        ("/endpoints/churn/invocations", (True, "churn")),
+        ("/endpoints//invocations", (False, None)),
+        ("/endpoints/a/b/invocations", (False, None)),
+        ("/invocations/", (False, None)),
+        ("/ping", (False, None)),
+    ],
+)
+def test_invocation_paths_are_recognised_exactly(path, expected):
+    assert invocation_path(path) == expected
 
 
 def test_the_default_body_limit_is_six_mib(state, tmp_path):
