@@ -369,7 +369,7 @@ def batch_totals(version: str, requests: int = 0) -> dict[str, int]:
         if len(states) < 2 or any(w["updated_at"] <= since for w in states):
             return None
         stats = [w.get("batches", {}).get(version) for w in states]
-        summed = {k: sum(s[k] for s in stats if s) for k in ("predicts", "requests", "rows")}
+        summed = {k: sum(s.get(k, 0) for s in stats if s) for k in ("predicts", "requests", "rows", "inline")}
         return summed if summed["requests"] >= requests else None
 
     return wait_until(totals, 30, f"fresh heartbeats counting {requests} requests of {version}")
@@ -422,6 +422,28 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_answer_id_and_reco
         assert record["version"] == version
         assert record["request"]["body"]["data"] == jobs[i][0].decode()
         assert json.loads(record["response"]["body"]["data"]) == answer.json()
+
+
+def test_one_request_at_a_time_is_predicted_inline_with_the_same_answers(endpoint, churn_model, in_process):
+    version = live_version()
+    before = batch_totals(version, 0)
+    test = churn_model["test"].head(8).reset_index(drop=True)
+    expected = in_process.predict_frame(test)
+    with httpx.Client(base_url=endpoint["url"], timeout=30, headers=bearer()) as client:  # one connection: one worker
+        for i in range(len(test)):
+            answer = client.post(
+                "/invocations",
+                content=csv_body(test.iloc[[i]], in_process.feature_names),
+                headers={"Content-Type": "text/csv"},
+            )
+            assert answer.status_code == 200 and answer.headers["X-Conveyor-Model-Version"] == version
+            [record] = answer.json()["predictions"]
+            assert record["prediction"] == expected["prediction"][i]
+            for label, p in record["probabilities"].items():
+                assert p == pytest.approx(expected[f"proba_{label}"][i], abs=1e-9)
+    after = batch_totals(version, before["requests"] + len(test))
+    # the worker's first request of this version times the model in a thread; the rest skip the hand-off
+    assert after["inline"] - before["inline"] >= len(test) - 1
 
 
 def test_a_malformed_request_among_concurrent_ones_gets_400_and_the_others_200(endpoint, churn_model, in_process):

@@ -91,6 +91,7 @@ from conveyor.serving.models import (  # noqa: F401 - load_model and run_handler
     serialiser,
     utc_now,
 )
+from conveyor.serving.protocol import requests_in_flight
 
 logger = logging.getLogger("conveyor.serving")
 
@@ -153,7 +154,13 @@ class ModelWorker:
         if batcher is None:
             handlers, loaded = model.loaded.handlers, model.loaded.model
             batcher = Batcher(
-                handlers, loaded, serialiser(model), self.max_batch_size, self.max_batch_wait_ms, self.limiter
+                handlers,
+                loaded,
+                serialiser(model),
+                self.max_batch_size,
+                self.max_batch_wait_ms,
+                self.limiter,
+                alone=_alone,
             )
             self._batchers[model] = batcher
         return batcher
@@ -305,6 +312,11 @@ class ModelWorker:
             logger.info("endpoint %s: dropped version(s) %s", self.name, ", ".join(old.version for old in unused))
             unused.clear()
             await anyio.to_thread.run_sync(gc.collect)  # free the old model once no request holds it
+
+
+def _alone() -> bool:
+    """Whether the request asking is the only one this worker process has started and not answered."""
+    return requests_in_flight() == 1
 
 
 # ------------------------------------------------------------------------------------- the app

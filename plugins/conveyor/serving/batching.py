@@ -17,6 +17,13 @@ member's answer is serialised with its own ``Accept``. A batch never mixes versi
 belongs to one version, so the rollout and rollback guarantee (each request answered wholly by the
 version it took when it started) is unchanged.
 
+A request alone on its worker (no other request started and unanswered there, as uvicorn counts them:
+:func:`conveyor.serving.protocol.requests_in_flight`), of at most ``INLINE_MAX_ROWS`` rows, for a version
+whose recent one-request predicts took at most ``INLINE_MAX_MS``, is predicted on the event loop
+itself: nothing could share its batch, and the two thread hand-offs (about 0.4 ms of a one-row
+request on 2 cores, ``bench/endpoint.py``) are saved. Anything else, and every slow model, goes to a
+thread as above, so the loop is never held longer than that bound.
+
 Nothing here imports Airflow: the server workers import this module.
 """
 
@@ -37,6 +44,9 @@ logger = logging.getLogger("conveyor.serving")
 
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_BATCH_WAIT_MS = 0.0
+INLINE_MAX_ROWS = 16  # a request alone on an idle worker may be predicted on the loop up to this many rows
+INLINE_MAX_MS = 10.0  # ... when the version's recent one-request predicts took at most this long
+SMOOTHING = 0.2  # weight of the newest one-request predict time in the running average
 
 
 def row_count(data: Any) -> int:
@@ -57,24 +67,25 @@ class Pending:
     :param data: the parsed request.
     :param accept: its ``Accept`` header (each answer is serialised as its request asked).
     :param rows: its row count.
-    :param future: resolved with ``(body, media)`` or the exception of this request alone.
+    :param future: resolved with ``(body, media)`` or the exception of this request alone (None: predicted inline).
     """
 
     data: Any
     accept: str | None
     rows: int
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future | None = field(repr=False)
     queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class BatchStats:
-    """What a batcher did: predict calls, requests and rows answered, the largest batch."""
+    """What a batcher did: predict calls, requests and rows answered, the largest batch, requests predicted inline."""
 
     predicts: int = 0
     requests: int = 0
     rows: int = 0
     largest: int = 0
+    inline: int = 0
 
 
 class Batcher:
@@ -86,6 +97,7 @@ class Batcher:
     :param max_batch_size: the most rows one merged predict takes.
     :param max_batch_wait_ms: how long a batch may wait after its oldest request for more rows.
     :param limiter: bounds the predicts this worker runs at once (all versions together).
+    :param alone: whether the request asking is the only one its worker has in flight (None: never inline).
     """
 
     def __init__(
@@ -96,6 +108,7 @@ class Batcher:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS,
         limiter: anyio.CapacityLimiter | None = None,
+        alone: Callable[[], bool] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -105,6 +118,8 @@ class Batcher:
         self.max_rows = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
         self.limiter = limiter
+        self.alone = alone
+        self.single_ms: float | None = None  # running average of one-request predicts of at most INLINE_MAX_ROWS
         batch = getattr(handlers, "predict_batch", None)
         self.predict_batch: Callable[[list[Any], Any], list[Any]] | None = batch if callable(batch) else None
         self.stats = BatchStats()
@@ -120,8 +135,16 @@ class Batcher:
         :param accept: its ``Accept`` header.
         :raises Exception: what predicting or serialising this request raised.
         """
+        rows = row_count(data)
+        if self._may_inline(rows):
+            self.stats.inline += 1
+            [result] = self._run([Pending(data, accept, rows, None)])
+            if isinstance(result, BaseException):
+                raise result
+            return result
         loop = asyncio.get_running_loop()
-        pending = Pending(data, accept, row_count(data), loop.create_future())
+        future = loop.create_future()
+        pending = Pending(data, accept, rows, future)
         self._queue.append(pending)
         self._queued_rows += pending.rows
         if self._queued_rows >= self.max_rows:
@@ -129,7 +152,22 @@ class Batcher:
         if not self._running:
             self._running = True
             loop.create_task(self._drain())
-        return await pending.future
+        return await future
+
+    def _may_inline(self, rows: int) -> bool:
+        """Whether a request is predicted on the loop: small, its version idle and quick, its worker otherwise idle.
+
+        :param rows: the request's rows.
+        """
+        return (
+            rows <= INLINE_MAX_ROWS
+            and not self._running
+            and not self._queue
+            and self.single_ms is not None
+            and self.single_ms <= INLINE_MAX_MS
+            and self.alone is not None
+            and self.alone()
+        )
 
     async def _drain(self) -> None:
         """Run batches until the queue is empty (one task per version while it has work)."""
@@ -177,7 +215,11 @@ class Batcher:
 
         :param batch: the requests.
         """
+        started = time.perf_counter()
         predictions = self._predict([member.data for member in batch])
+        if len(batch) == 1 and batch[0].rows <= INLINE_MAX_ROWS:
+            took = (time.perf_counter() - started) * 1000
+            self.single_ms = took if self.single_ms is None else self.single_ms + SMOOTHING * (took - self.single_ms)
         out: list[Any] = []
         for member, prediction in zip(batch, predictions, strict=True):
             if isinstance(prediction, BaseException):
@@ -223,7 +265,7 @@ def _resolve(batch: list[Pending], results: list[Any]) -> None:
     :param results: one (body, media) or exception per request.
     """
     for member, result in zip(batch, results, strict=True):
-        if member.future.done():
+        if member.future is None or member.future.done():
             continue
         if isinstance(result, BaseException):
             member.future.set_exception(result)

@@ -9,6 +9,11 @@ the complete head exactly (request line + every header) before the app sees the 
 the app checks the same limit again (:class:`conveyor.serving.app` middleware), for a server started
 without it.
 
+:func:`requests_in_flight` tells the batcher how many requests this worker process has started and
+not yet answered (uvicorn's request tasks, counted from the moment a request's head is parsed), so a
+request alone on an idle worker can be predicted on the event loop without a thread hand-off
+(:mod:`conveyor.serving.batching`).
+
 Nothing here imports Airflow: the server workers import this module.
 """
 
@@ -35,6 +40,19 @@ def _max_header_bytes() -> int:
     return settings.server_settings().max_header_bytes
 
 
+_server_state: Any = None  # this worker's uvicorn ServerState, kept by the first connection
+
+
+def requests_in_flight() -> int | None:
+    """Requests this worker process has started and not finished; None when no connection came through this protocol.
+
+    uvicorn adds a request's task to ``ServerState.tasks`` as soon as its head is parsed and removes it
+    when the task ends (answered, failed or its client gone), so requests whose handlers have not run
+    yet count too.
+    """
+    return None if _server_state is None else len(_server_state.tasks)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that answers 431 to a request head over ``max_header_bytes``.
 
@@ -44,6 +62,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        global _server_state
+        _server_state = self.server_state  # one per worker process, shared by its connections
         self.max_header_bytes = _max_header_bytes()
         self._awaiting_head = True
         self._head_bytes = 0

@@ -16,7 +16,13 @@ import pytest
 import yaml
 
 from conveyor.errors import SpecError
-from conveyor.serving.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_WAIT_MS, Batcher
+from conveyor.serving.batching import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_WAIT_MS,
+    INLINE_MAX_MS,
+    INLINE_MAX_ROWS,
+    Batcher,
+)
 from conveyor.spec import load_spec
 
 PIPELINES = Path(__file__).resolve().parents[3] / "include" / "pipelines"
@@ -139,6 +145,71 @@ def test_handlers_without_predict_batch_predict_each_request_on_its_own():
     answers = asyncio.run(submit_all(batcher, [[1.0], [2.0], [3.0]]))
     assert [json.loads(body)["predictions"] for body, _ in answers] == [[3.0], [6.0], [9.0]]
     assert handlers.predict_calls == [1, 1, 1]
+
+
+class ThreadRecorder(Handlers):
+    """Handlers that record the thread each predict_fn runs on."""
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__(batch=True, seconds=seconds)
+        self.threads: list[int] = []
+
+    def predict_fn(self, data: list[float], model: dict) -> list[float]:
+        self.threads.append(threading.get_ident())
+        return super().predict_fn(data, model)
+
+
+def test_a_request_alone_on_an_idle_worker_is_predicted_on_the_loop_once_the_model_is_known_quick():
+    handlers = ThreadRecorder()
+    alone = [True]
+    batcher = Batcher(handlers, {"factor": 2}, serialise, alone=lambda: alone[0])
+
+    async def scenario() -> tuple[int, list]:
+        loop_thread = threading.get_ident()
+        answers = [await batcher.submit([float(i)], None) for i in range(3)]  # the first one times the model
+        alone[0] = False
+        answers.append(await batcher.submit([5.0], None))  # another request in flight: a thread
+        alone[0] = True
+        answers.append(await batcher.submit([1.0] * (INLINE_MAX_ROWS + 1), None))  # too many rows: a thread
+        try:
+            await batcher.submit([13.0], None)
+        except ValueError as error:  # its own error, raised to it alone
+            answers.append(error)
+        return loop_thread, answers
+
+    loop_thread, answers = asyncio.run(scenario())
+    assert [json.loads(body)["predictions"] for body, _ in answers[:4]] == [[0.0], [2.0], [4.0], [10.0]]
+    assert isinstance(answers[5], ValueError) and "thirteen" in str(answers[5])
+    on_loop = [thread == loop_thread for thread in handlers.threads]
+    assert on_loop == [False, True, True, False, False, True]
+    assert batcher.stats.inline == 3 and batcher.stats.requests == 6
+    assert batcher.single_ms is not None and batcher.single_ms < INLINE_MAX_MS
+
+
+def test_a_slow_model_or_an_unknown_worker_never_holds_the_loop():
+    slow = ThreadRecorder(seconds=(INLINE_MAX_MS + 10) / 1000)
+    unknown = ThreadRecorder()
+
+    async def scenario() -> int:
+        for handlers, alone in ((slow, lambda: True), (unknown, None)):
+            batcher = Batcher(handlers, {"factor": 2}, serialise, alone=alone)
+            for value in (1.0, 2.0, 3.0):
+                await batcher.submit([value], None)
+            assert batcher.stats.inline == 0
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert loop_thread not in slow.threads + unknown.threads
+
+
+def test_requests_in_flight_are_uvicorns_request_tasks(monkeypatch):
+    from conveyor.serving import protocol
+
+    monkeypatch.setattr(protocol, "_server_state", None)
+    assert protocol.requests_in_flight() is None  # no connection through the protocol (e.g. a TestClient)
+    state = types.SimpleNamespace(tasks={object(), object()})
+    monkeypatch.setattr(protocol, "_server_state", state)
+    assert protocol.requests_in_flight() == 2
 
 
 def test_a_batcher_refuses_bad_bounds():
