@@ -28,7 +28,9 @@ Load, bounded in count and time (every block also stops after ``--level-timeout`
   its own new keep-alive connection (``httpx.Client``), so each block draws a new spread of
   connections over the two workers. Requests/s = requests / summed block time; latencies pooled.
 
-Before timing, the in-process paths and both servers must agree on 20 rows (same prediction,
+The bench's own objects are frozen out of its garbage collector before timing (``gc.freeze``: a full
+collection of this process, which holds a model too, paused every client thread for about 200 ms, in
+either server's block). Before timing, the in-process paths and both servers must agree on 20 rows (same prediction,
 probabilities within 1e-9). Also reported: the servers' CPU time per request (all their processes)
 and the busiest process's share of it per block (0.5: both workers equally busy), the client's CPU
 time, ``GET /ping`` at concurrency 1 (the HTTP round trip without model work), server start-up time
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import importlib
 import io
 import json
@@ -705,6 +708,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 run_block(server, bodies[server.label], 4, WARMUP_REQUESTS, 60)
             ping = {server.label: ping_latency(server, PING_REQUESTS) for server in servers}
             progress("GET /ping c=1 p50: " + ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in ping.items()))
+            # This process holds a model too: its full collections paused all 32 client threads for ~200 ms at once,
+            # a stall in whichever server's block it hit. Frozen, the clients measure the servers, not their own GC.
+            gc.collect()
+            gc.freeze()
 
             progress(f"concurrency 1: {total} rounds of predict_frame, handlers, ours, MLflow, request by request")
             senders = [Sender(server, bodies[server.label]) for server in servers]

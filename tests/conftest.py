@@ -11,6 +11,7 @@ serves a model says ``slow`` itself. ``make test-fast`` runs ``-m "not slow"`` o
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -75,6 +76,7 @@ def _fresh_object_stores():
     store = sys.modules.get("airflow.sdk.io.store")
     if store is not None:
         store._STORE_CACHE.clear()
+    gc.unfreeze()  # an in-process model server froze what was alive at its load (serving/app.py): not the next test's
 
 
 @pytest.fixture(scope="session")

@@ -239,6 +239,28 @@ def test_app_loads_promotes_and_routes_to_the_candidate(state, tmp_path):
     assert es.worker_states("ep") == []  # the heartbeat goes with the worker
 
 
+def test_loaded_models_are_frozen_out_of_the_collector_and_a_dropped_one_is_still_freed(state, tmp_path):
+    import gc
+    import weakref
+
+    v1, v2 = make_model(tmp_path / "v1", factor=2), make_model(tmp_path / "v2", factor=3)
+    es.stage_candidate("ep", "v1", v1)
+    es.promote_candidate("ep")
+    app = create_app("ep", poll_interval=0.02)
+    try:
+        with client_for(app) as client:
+            assert gc.get_freeze_count() > 0  # the load froze what was alive
+            old = weakref.ref(app.state.worker.live.loaded.handlers.predict_fn)  # in a cycle with its module's globals
+            client.post("/invocations", content=b"1", headers={"Content-Type": "text/csv"})  # v1's batcher too
+            es.stage_candidate("ep", "v2", v2)
+            es.promote_candidate("ep")
+            wait_until(lambda: client.get("/ping").headers.get("X-Conveyor-Model-Version") == "v2", what="v2 live")
+            wait_until(lambda: old() is None, what="v1 collected though it was frozen")
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_a_broken_candidate_is_reported_and_dropped(state, tmp_path):
     v1 = make_model(tmp_path / "v1")
     broken = make_model(tmp_path / "broken", fail="predictor files are missing")
